@@ -1,0 +1,358 @@
+"""Command line: ``main(argv) -> exit code``.
+
+    python -m agent --role node --config FILE      the node daemon
+    python -m agent trigger --config FILE PROMPT   one orchestration
+    python -m agent status --config FILE           the roster
+
+Exit codes: 0 answered; 1 execution failed; 2 usage or config error; 3 no device can run
+it; 4 timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.errors import AgentError, BrokerUnavailable, ConfigError, PromptTooLarge
+
+log = logging.getLogger("agent")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DEVICE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+CONNECT_TIMEOUT_S = 3.0
+PATH_LABELS = {"local-npu": "NPU - Local", "peer-npu": "NPU - Peer", "peer-cpu": "CPU - Peer",
+               "local-cpu": "CPU - Local"}
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    d: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("-c", "--config", metavar="FILE", default=d,
+                        help="YAML config (see configs/); default: built-in defaults")
+    parser.add_argument("--broker", metavar="HOST:PORT", default=d,
+                        help="override broker.host/port (also AGENT_BROKER_HOST/PORT)")
+    parser.add_argument("--device-id", metavar="ID", default=d,
+                        help="override device_id (also AGENT_DEVICE_ID)")
+    parser.add_argument("-v", "--verbose", action="count", default=d if suppress else 0,
+                        help="more logging (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent",
+        description="Run LLM prompts across a fleet of edge devices: this device's NPU if it is "
+                    "free, else an MQTT auction among peers (free NPU first, then a LinUCB "
+                    "latency model).",
+        epilog="Exit codes: 0 answered, 1 execution failed, 2 usage or config error, "
+               "3 no device can run it, 4 timed out.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--role", choices=["node"],
+                        help="run as the node daemon (same as the 'node' command)")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run the node daemon (presence, metrics, bids, execution)",
+                          description="Run the node daemon until SIGINT/SIGTERM.")
+    _common(node, suppress=True)
+
+    trig = sub.add_parser("trigger", help="run one prompt on the best device and print the answer",
+                          description="Run one prompt: this device's NPU if free, else auction it "
+                                      "to the fleet. Streams the answer to stdout.")
+    _common(trig, suppress=True)
+    trig.add_argument("prompt", nargs="?", metavar="PROMPT",
+                      help="the prompt; '-' or omitted reads it from stdin")
+    trig.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
+    trig.add_argument("--json", action="store_true",
+                      help="print one JSON object (rid, winner, path, text, bids, roster, "
+                           "auction_ms, total_ms, timings, attempts) instead of streaming")
+    trig.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                      help="most tokens to generate (default 256)")
+    trig.add_argument("--need", choices=["any", "npu"], default="any",
+                      help="'npu' runs only on an NPU, never on a CPU (default any)")
+    trig.add_argument("--bid-timeout", type=float, metavar="S",
+                      help="override auction.bid_timeout_s for this run")
+    trig.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    status = sub.add_parser("status", help="show every device the broker knows: online, NPU, load",
+                            description="Show the roster from the retained availability and metrics topics.")
+    _common(status, suppress=True)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    command = args.command or ("node" if args.role == "node" else None)
+    if command is None:
+        parser.print_help(err)
+        return EXIT_USAGE
+    _setup_logging(args.verbose or 0, daemon=command == "node")
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    if command == "node":
+        return _node(cfg, err)
+    if command == "trigger":
+        return _trigger(cfg, args, out, err)
+    return _status(cfg, args, out, err)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    flags: dict[str, Any] = {"device_id": args.device_id}
+    if args.broker:
+        host, sep, port = args.broker.rpartition(":")
+        if not sep or not host:
+            raise ConfigError("--broker", [f"--broker: expected HOST:PORT, got {args.broker!r}"])
+        flags.update(host=host, port=port)
+    return load_config(args.config, flags=flags)
+
+
+def _setup_logging(verbosity: int, *, daemon: bool) -> None:
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO if (verbosity or daemon) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("agent.bus.paho").setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------- node
+
+
+def _node(cfg: Config, err: TextIO) -> int:
+    from agent.node import Node
+
+    node = Node(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        node.start()
+        while not stop.wait(3600):
+            pass
+    except AgentError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+    finally:
+        node.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- trigger
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as fh:
+            return fh.read()
+    if args.prompt is None or args.prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ValueError("no prompt: pass it as an argument, with --prompt-file, or on stdin")
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from dataclasses import replace
+
+    from agent.linucb import ArmStore
+    from agent.metrics import HostSampler, snapshot
+    from agent.orchestrator import Orchestrator
+
+    try:
+        prompt = _read_prompt(args)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    if not prompt.strip():
+        print("error: the prompt is empty", file=err)
+        return EXIT_USAGE
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=err)
+        return EXIT_USAGE
+    if args.bid_timeout is not None:
+        if args.bid_timeout <= 0:
+            print("error: --bid-timeout must be > 0", file=err)
+            return EXIT_USAGE
+        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
+
+    npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
+    cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
+    fleets: list[Any] = []
+    sampler: list[HostSampler] = []
+
+    def connect() -> Any:
+        fleet = _connect_fleet(cfg)
+        fleets.append(fleet)
+        return fleet
+
+    def local_snapshot() -> Any:
+        sampler.append(HostSampler())
+        return snapshot(sampler[0].sample(), has_npu=npu_exec is not None, npu_free=False,
+                        cpu_slots=cfg.cpu.slots if cpu_exec else 0, queue_depth=0, recent={})
+
+    streaming = not args.json
+
+    def on_decision(o: Any) -> None:
+        if streaming:
+            label = PATH_LABELS.get(o.path, o.path)
+            if o.path in ("peer-cpu", "local-cpu") and o.score is not None:
+                label += f", LinUCB score {o.score:.3f}"
+            print(f"✓ Winner: {o.winner} ({label})", file=out, flush=True)
+
+    def on_token(text: str) -> None:
+        if streaming:
+            out.write(text)
+            out.flush()
+
+    def on_progress(message: str) -> None:
+        if not args.quiet:
+            print(f"… {message}", file=err, flush=True)
+
+    orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                        arms=ArmStore(cfg.state_dir, cfg.auction.linucb.lambda_),
+                        local_snapshot=local_snapshot, on_token=on_token, on_decision=on_decision,
+                        on_progress=on_progress)
+    try:
+        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need)
+    except PromptTooLarge as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=err)
+        return 130
+    finally:
+        for fleet in fleets:
+            fleet.bus.stop()
+
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=err)
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False), file=out)
+    else:
+        if result.text and not result.text.endswith("\n"):
+            out.write("\n")
+        if result.ok:
+            auction = (f"; auction {result.auction_ms:.1f} ms, {len(result.bids)} bid(s) from "
+                       f"{len(result.roster)} peer(s) online" if result.path != "local-npu" else "")
+            print(f"answered by {result.winner} ({result.path}) in {result.total_ms:.0f} ms{auction}",
+                  file=err)
+    if not result.ok:
+        print(f"✗ {result.error}", file=err)
+    return result.exit_code
+
+
+def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
+    from agent.executors import build_executor
+
+    section = cfg.npu if mode == "npu" else cfg.cpu
+    executor = build_executor(section.executor, name=cfg.device_id)
+    problem = executor.check()
+    if problem:
+        print(f"warning: {mode} executor unusable here: {problem}", file=err)
+        return None
+    return executor
+
+
+def _connect_fleet(cfg: Config) -> Any:
+    from agent.bus import Bus, new_nonce
+    from agent.orchestrator import Fleet
+    from agent.roster import Roster
+    from agent.topics import Topics
+
+    topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
+    nonce = new_nonce()
+    bus = Bus(f"{cfg.device_id}-trigger-{nonce}", cfg.broker, persistent=False, name="trigger")
+    roster = Roster(topics, cfg.device_id)
+    bus.subscribe(topics.all_availability(), roster.handle)
+    bus.set_sync_topic(topics.sync(cfg.device_id, nonce))
+    bus.connect(CONNECT_TIMEOUT_S)
+    if not bus.barrier(CONNECT_TIMEOUT_S):
+        log.warning("the broker did not echo our sync message; the roster may be incomplete")
+    return Fleet(bus, roster)
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import time
+
+    from agent.messages import Metrics
+    from agent.errors import MessageError
+    from agent.topics import Topics
+
+    topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
+    metrics: dict[str, Metrics] = {}
+
+    try:
+        fleet = _connect_fleet(cfg)
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+
+    def on_metrics(msg: Any) -> None:
+        parsed = topics.parse(msg.topic)
+        try:
+            m = Metrics.from_payload(msg.payload, cfg.max_payload_bytes)
+        except MessageError as exc:
+            log.warning("bad metrics on %s: %s", msg.topic, exc)
+            return
+        if parsed and parsed.device == m.device:
+            metrics[m.device] = m
+
+    try:
+        fleet.bus.subscribe(topics.all_metrics(), on_metrics)
+        fleet.bus.barrier(CONNECT_TIMEOUT_S)
+        known = fleet.roster.known()
+    finally:
+        fleet.bus.stop()
+    now = time.time()
+    rows = []
+    for dev in sorted(set(known) | set(metrics)):
+        m = metrics.get(dev)
+        s = m.snapshot if m else None
+        rows.append({
+            "device": dev, "online": known.get(dev, False),
+            "npu": None if s is None or not s.has_npu else ("free" if s.npu_free else "busy"),
+            "cpu_slots": s.cpu_slots if s else None, "cpu_percent": s.cpu_percent if s else None,
+            "mem_available_mb": s.mem_available_mb if s else None,
+            "queue_depth": s.queue_depth if s else None,
+            "last_latency_ms": m.last_latency_ms if m else None,
+            "metrics_age_s": round(now - m.ts, 1) if m else None,
+        })
+    if args.json:
+        print(json.dumps({"devices": rows}), file=out)
+        return EXIT_OK
+    if not rows:
+        print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
+              f" (prefix {cfg.topic_prefix!r})", file=out)
+        return EXIT_OK
+    header = f"{'DEVICE':<20} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} {'LAST MS':>8} {'AGE S':>6}"
+    print(header, file=out)
+    for r in rows:
+        def fmt(v: Any, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+        print(f"{r['device']:<20} {'online' if r['online'] else 'offline':<8} {r['npu'] or '-':<5} "
+              f"{fmt(r['cpu_percent'], '.0f'):>5} {fmt(r['mem_available_mb'], '.0f'):>8} "
+              f"{fmt(r['queue_depth'], 'd'):>5} {fmt(r['last_latency_ms'], '.0f'):>8} "
+              f"{fmt(r['metrics_age_s'], '.0f'):>6}", file=out)
+    return EXIT_OK

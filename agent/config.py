@@ -1,0 +1,464 @@
+"""Configuration: YAML parsed once into frozen dataclasses.
+
+Every key is optional except ``device_id``; unknown keys are errors. Parsing never stops
+at the first problem: it walks the whole document and raises one ``ConfigError`` listing
+every problem as ``path.to.key: message``. Precedence, lowest first: built-in defaults,
+the file, environment (``AGENT_BROKER_HOST``, ``AGENT_BROKER_PORT``, ``AGENT_DEVICE_ID``,
+``AGENT_STATE_DIR``), command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# MQTT topic levels must not contain wildcards; a prefix is a run of whole levels.
+TOPIC_PREFIX_RE = re.compile(r"^([A-Za-z0-9_.-]+/)*$")
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+EXECUTOR_KINDS = ("genie", "command", "openai", "sim")
+CHAT_TEMPLATES = ("raw", "llama3", "chatml")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password_file: str | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    keepalive_s: int = 5
+    # How long the broker keeps a node's session (subscriptions, queued QoS 1 messages)
+    # after it disconnects: long enough to ride out a reboot, short enough to forget a
+    # device that was retired.
+    session_expiry_s: int = 3600
+
+
+@dataclass(frozen=True)
+class SimExecutorConfig:
+    """Synthetic device: latency = base_ms + ms_per_token x generated tokens (+ jitter)."""
+
+    kind: str = "sim"
+    base_ms: float = 50.0
+    ms_per_token: float = 5.0
+    jitter_ms: float = 0.0
+    text: str | None = None  # fixed answer; None echoes the prompt
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CommandExecutorConfig:
+    """Any CLI; ``{prompt}`` in argv is replaced by the prompt as one argument."""
+
+    kind: str = "command"
+    argv: tuple[str, ...] = ("llama-cli", "-p", "{prompt}")
+    prompt_via: str = "arg"  # "arg" or "stdin"
+    timeout_s: float = 600.0
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class GenieExecutorConfig:
+    kind: str = "genie"
+    command: str = "genie-t2t-run"
+    config: str | None = None
+    library_path: str | None = None       # LD_LIBRARY_PATH for the bundle
+    adsp_library_path: str | None = None  # ADSP_LIBRARY_PATH for the DSP skeletons
+    chat_template: str = "raw"
+    profile: bool = True
+    timeout_s: float = 600.0
+    retries: int = 1
+
+
+@dataclass(frozen=True)
+class OpenAIExecutorConfig:
+    kind: str = "openai"
+    base_url: str = "http://127.0.0.1:8080/v1"
+    model: str = "default"
+    api_key_file: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 600.0
+
+
+ExecutorConfig = SimExecutorConfig | CommandExecutorConfig | GenieExecutorConfig | OpenAIExecutorConfig
+
+
+@dataclass(frozen=True)
+class NPUConfig:
+    enabled: bool = False
+    executor: ExecutorConfig = field(default_factory=GenieExecutorConfig)
+
+
+@dataclass(frozen=True)
+class CPUConfig:
+    enabled: bool = True
+    slots: int = 1
+    max_queue: int = 16
+    executor: ExecutorConfig = field(default_factory=CommandExecutorConfig)
+
+
+@dataclass(frozen=True)
+class LinUCBConfig:
+    alpha: float = 0.2
+    lambda_: float = 1.0
+    # Latency (s) a failure or timeout counts as, and the most any observation counts.
+    latency_cap_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class AuctionConfig:
+    bid_timeout_s: float = 30.0
+    # A winner that has not said accepted/declined by then is passed over for the runner-up.
+    accept_timeout_s: float = 3.0
+    # Wall-clock budget of one job once dispatched; also the exec message expiry.
+    job_timeout_s: float = 600.0
+    linucb: LinUCBConfig = field(default_factory=LinUCBConfig)
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = True
+    discovery_prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class Config:
+    device_id: str
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    topic_prefix: str = ""
+    state_dir: Path = Path("~/.local/state/edge-agent").expanduser()
+    metrics_interval_s: float = 10.0
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    npu: NPUConfig = field(default_factory=NPUConfig)
+    cpu: CPUConfig = field(default_factory=CPUConfig)
+    auction: AuctionConfig = field(default_factory=AuctionConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    source: str = "<defaults>"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Section:
+    """Reads one mapping of the document, recording problems instead of raising."""
+
+    def __init__(self, data: Any, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            self.problem(None, f"must be a mapping, got {_type_name(data)}")
+            data = {}
+        self.data = data
+
+    def problem(self, key: str | None, message: str) -> None:
+        where = self.key_path(key) if key else (self.path or "<top>")
+        self.problems.append(f"{where}: {message}")
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def sub(self, key: str) -> _Section:
+        return _Section(self.raw(key), self.key_path(key), self.problems)
+
+    def string(self, key: str, default: str | None, *, pattern: re.Pattern[str] | None = None,
+               choices: tuple[str, ...] | None = None, required: bool = False,
+               hint: str = "") -> str | None:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                self.problem(key, "is required")
+            return default
+        if not isinstance(value, str):
+            self.problem(key, f"must be a string, got {_type_name(value)}")
+            return default
+        if choices is not None and value not in choices:
+            self.problem(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        if pattern is not None and not pattern.match(value):
+            self.problem(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
+            return default
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float | None = None,
+               maximum: float | None = None, integer: bool = False,
+               exclusive_min: bool = False) -> Any:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                integer and not isinstance(value, int)):
+            self.problem(key, f"must be {'an integer' if integer else 'a number'}, got {_type_name(value)}")
+            return default
+        if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+            self.problem(key, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value}")
+            return default
+        if maximum is not None and value > maximum:
+            self.problem(key, f"must be <= {maximum}, got {value}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problem(key, f"must be true or false, got {_type_name(value)}")
+            return default
+        return value
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.problem(str(key), "unknown key")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _parse_tls(s: _Section) -> TLSConfig:
+    tls = TLSConfig(
+        ca_file=s.string("ca_file", None),
+        cert_file=s.string("cert_file", None),
+        key_file=s.string("key_file", None),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        s.problem(None, "cert_file and key_file go together")
+    s.finish()
+    return tls
+
+
+def _parse_broker(s: _Section) -> BrokerConfig:
+    cfg = BrokerConfig(
+        host=s.string("host", "127.0.0.1") or "127.0.0.1",
+        port=s.number("port", 1883, minimum=1, maximum=65535, integer=True),
+        username=s.string("username", None),
+        password_file=s.string("password_file", None),
+        tls=_parse_tls(s.sub("tls")),
+        keepalive_s=s.number("keepalive_s", 5, minimum=1, maximum=65535, integer=True),
+        session_expiry_s=s.number("session_expiry_s", 3600, minimum=0, integer=True),
+    )
+    if cfg.password_file is not None and cfg.username is None:
+        s.problem("password_file", "needs username")
+    s.finish()
+    return cfg
+
+
+def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> ExecutorConfig:
+    """One executor section; fields a running executor needs are required only when active."""
+    kind = s.string("kind", default_kind, choices=EXECUTOR_KINDS) or default_kind
+    timeout = dict(minimum=0, exclusive_min=True)
+    cfg: ExecutorConfig
+    if kind == "sim":
+        text = s.raw("text")
+        if text is not None and not isinstance(text, str):
+            s.problem("text", f"must be a string, got {_type_name(text)}")
+            text = None
+        cfg = SimExecutorConfig(
+            base_ms=float(s.number("base_ms", 50.0, minimum=0)),
+            ms_per_token=float(s.number("ms_per_token", 5.0, minimum=0)),
+            jitter_ms=float(s.number("jitter_ms", 0.0, minimum=0)),
+            text=text,
+            seed=s.number("seed", 0, minimum=0, integer=True),
+        )
+    elif kind == "command":
+        argv = s.raw("argv")
+        if argv is None:
+            argv = list(CommandExecutorConfig.argv)
+        elif not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            s.problem("argv", "must be a non-empty list of strings")
+            argv = list(CommandExecutorConfig.argv)
+        prompt_via = s.string("prompt_via", "arg", choices=("arg", "stdin")) or "arg"
+        if prompt_via == "arg" and not any("{prompt}" in a for a in argv):
+            s.problem("argv", 'needs a "{prompt}" argument when prompt_via is arg')
+        env = s.raw("env") or {}
+        if not (isinstance(env, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in env.items())):
+            s.problem("env", "must be a mapping of strings to strings")
+            env = {}
+        cfg = CommandExecutorConfig(
+            argv=tuple(argv), prompt_via=prompt_via,
+            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+            env=tuple(sorted(env.items())), cwd=s.string("cwd", None),
+        )
+    elif kind == "genie":
+        cfg = GenieExecutorConfig(
+            command=s.string("command", "genie-t2t-run") or "genie-t2t-run",
+            config=s.string("config", None, required=active),
+            library_path=s.string("library_path", None),
+            adsp_library_path=s.string("adsp_library_path", None),
+            chat_template=s.string("chat_template", "raw", choices=CHAT_TEMPLATES) or "raw",
+            profile=s.boolean("profile", True),
+            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+            retries=s.number("retries", 1, minimum=0, maximum=5, integer=True),
+        )
+    else:
+        cfg = OpenAIExecutorConfig(
+            base_url=s.string("base_url", OpenAIExecutorConfig.base_url,
+                              pattern=re.compile(r"^https?://"), hint="must start with http:// or https://")
+            or OpenAIExecutorConfig.base_url,
+            model=s.string("model", "default") or "default",
+            api_key_file=s.string("api_key_file", None),
+            api_key_env=s.string("api_key_env", None),
+            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+        )
+    s.finish()
+    return cfg
+
+
+def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, Any]) -> Config:
+    problems: list[str] = []
+    top = _Section(data, "", problems)
+
+    device_id = top.string("device_id", None, pattern=DEVICE_ID_RE, hint="use 1-64 of A-Z a-z 0-9 _ -")
+    broker = _parse_broker(top.sub("broker"))
+    topic_prefix = top.string("topic_prefix", "", pattern=TOPIC_PREFIX_RE,
+                              hint="whole topic levels ending in '/', no wildcards") or ""
+    state_dir = top.string("state_dir", None)
+    metrics_interval_s = float(top.number("metrics_interval_s", 10.0, minimum=0.1))
+    max_payload = top.number("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES, minimum=4096,
+                             maximum=256 * 1024 * 1024, integer=True)
+
+    npu_s = top.sub("npu")
+    npu_enabled = npu_s.boolean("enabled", False)
+    npu = NPUConfig(enabled=npu_enabled,
+                    executor=_parse_executor(npu_s.sub("executor"), "genie", active=npu_enabled))
+    npu_s.finish()
+
+    cpu_s = top.sub("cpu")
+    cpu_enabled = cpu_s.boolean("enabled", True)
+    cpu = CPUConfig(enabled=cpu_enabled,
+                    slots=cpu_s.number("slots", 1, minimum=1, maximum=64, integer=True),
+                    max_queue=cpu_s.number("max_queue", 16, minimum=0, integer=True),
+                    executor=_parse_executor(cpu_s.sub("executor"), "command", active=cpu_enabled))
+    cpu_s.finish()
+
+    auction_s = top.sub("auction")
+    lin_s = auction_s.sub("linucb")
+    linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 0.2, minimum=0)),
+                          lambda_=float(lin_s.number("lambda", 1.0, minimum=0, exclusive_min=True)),
+                          latency_cap_s=float(lin_s.number("latency_cap_s", 120.0, minimum=0,
+                                                           exclusive_min=True)))
+    lin_s.finish()
+    auction = AuctionConfig(
+        bid_timeout_s=float(auction_s.number("bid_timeout_s", 30.0, minimum=0, exclusive_min=True)),
+        accept_timeout_s=float(auction_s.number("accept_timeout_s", 3.0, minimum=0, exclusive_min=True)),
+        job_timeout_s=float(auction_s.number("job_timeout_s", 600.0, minimum=0, exclusive_min=True)),
+        linucb=linucb,
+    )
+    auction_s.finish()
+
+    ha_s = top.sub("homeassistant")
+    ha = HomeAssistantConfig(
+        enabled=ha_s.boolean("enabled", True),
+        discovery_prefix=ha_s.string("discovery_prefix", "homeassistant",
+                                     pattern=re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"),
+                                     hint="topic levels without wildcards") or "homeassistant",
+    )
+    ha_s.finish()
+    top.finish()
+
+    # Environment, then flags, override the file.
+    overrides: dict[str, Any] = {}
+    for var, key in (("AGENT_BROKER_HOST", "host"), ("AGENT_BROKER_PORT", "port"),
+                     ("AGENT_DEVICE_ID", "device_id"), ("AGENT_STATE_DIR", "state_dir")):
+        if env.get(var):
+            overrides[key] = (env[var], var)
+    for key, value in flags.items():
+        if value is not None:
+            overrides[key] = (value, f"--{key.replace('_', '-')}")
+
+    if "host" in overrides:
+        broker = replace(broker, host=overrides["host"][0])
+    if "port" in overrides:
+        value, origin = overrides["port"]
+        try:
+            port = int(value)
+            if not 1 <= port <= 65535:
+                raise ValueError
+            broker = replace(broker, port=port)
+        except ValueError:
+            problems.append(f"{origin}: port must be an integer 1-65535, got {value!r}")
+    if "device_id" in overrides:
+        value, origin = overrides["device_id"]
+        if DEVICE_ID_RE.match(value):
+            device_id = value
+        else:
+            problems.append(f"{origin}: device id {value!r} is not valid: use 1-64 of A-Z a-z 0-9 _ -")
+    if "state_dir" in overrides:
+        state_dir = overrides["state_dir"][0]
+
+    if device_id is None and not any("device_id" in p for p in problems):
+        problems.append("device_id: is required (or set AGENT_DEVICE_ID / --device-id)")
+    if problems:
+        raise ConfigError(source, problems)
+
+    resolved_state = Path(state_dir).expanduser() if state_dir else Config.state_dir
+    assert device_id is not None
+    return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
+                  state_dir=resolved_state, metrics_interval_s=metrics_interval_s,
+                  max_payload_bytes=max_payload, npu=npu, cpu=cpu, auction=auction,
+                  homeassistant=ha, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,
+                flags: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate a config file (or defaults when path is None); raise ConfigError."""
+    import yaml
+
+    env = os.environ if env is None else env
+    flags = flags or {}
+    if path is None:
+        return _parse({}, "<defaults>", env, flags)
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, [f"<file>: {source} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [f"<file>: cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"<yaml>: {where}{problem}"]) from None
+    return _parse(data, source, env, flags)
+
+
+def parse_config(data: Any, *, source: str = "<dict>", env: Mapping[str, str] | None = None,
+                 flags: Mapping[str, Any] | None = None) -> Config:
+    """Validate an already-loaded document (used by tests and embedders)."""
+    return _parse(data, source, {} if env is None else env, flags or {})

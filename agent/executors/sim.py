@@ -1,0 +1,72 @@
+"""A simulated device, for the demo, the tests, the benchmarks and the scheduler simulator.
+
+Latency model (documented, deterministic for a given seed):
+
+    init     = base_ms                         (model load + prefill, paid once)
+    per token = ms_per_token + U(0, jitter_ms)
+    total    = base_ms + Σ per-token delays    over the generated tokens
+
+The answer is ``text`` from the config, or the prompt echoed back, cut to
+``max_new_tokens`` whitespace-separated tokens. Everything it produces is labelled as
+simulated in logs and status.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+
+from agent.config import SimExecutorConfig
+from agent.errors import ExecutionTimeout, ExecutorError
+from agent.executors import OnToken, Params, Result, estimate_tokens
+from agent.messages import Timings
+
+_TOKEN_RE = re.compile(r"\s*\S+")
+
+
+class SimExecutor:
+    simulated = True
+
+    def __init__(self, cfg: SimExecutorConfig, *, name: str):
+        self.cfg = cfg
+        self.name = f"{name}:sim"
+        self._rng = random.Random(cfg.seed)
+        self._rng_lock = threading.Lock()
+
+    def check(self) -> str | None:
+        return None
+
+    def run(self, prompt: str, params: Params, on_token: OnToken,
+            cancel: threading.Event | None = None) -> Result:
+        cancel = cancel or threading.Event()
+        start = time.monotonic()
+        deadline = start + params.timeout_s
+        tokens = _TOKEN_RE.findall(self.cfg.text if self.cfg.text is not None else prompt)
+        tokens = tokens[:params.max_new_tokens] or ["…"]
+        with self._rng_lock:
+            delays = [(self.cfg.ms_per_token + self._rng.uniform(0, self.cfg.jitter_ms)) / 1000
+                      for _ in tokens]
+
+        def wait(seconds: float, produced: str) -> None:
+            remaining = deadline - time.monotonic()
+            if cancel.wait(min(seconds, max(remaining, 0.0))):
+                raise ExecutorError(self.name, "cancelled", partial_text=produced)
+            if time.monotonic() >= deadline and seconds > remaining:
+                raise ExecutionTimeout(self.name, params.timeout_s, partial_text=produced)
+
+        wait(self.cfg.base_ms / 1000, "")
+        init_done = time.monotonic()
+        produced: list[str] = []
+        for token, delay in zip(tokens, delays):
+            wait(delay, "".join(produced))
+            produced.append(token)
+            on_token(token)
+        end = time.monotonic()
+        text = "".join(produced)
+        return Result(text=text,
+                      timings=Timings(init_ms=(init_done - start) * 1000, prefill_ms=0.0,
+                                      decode_ms=(end - init_done) * 1000,
+                                      total_ms=(end - start) * 1000),
+                      prompt_tokens=estimate_tokens(prompt), generated_tokens=len(produced))

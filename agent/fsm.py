@@ -1,0 +1,85 @@
+"""State machines as tables: ``{(state, event): next_state}``.
+
+Every transition the orchestrator or a node makes goes through ``Machine.fire``; a pair
+that is not in the table raises ``IllegalTransition`` naming both, so a protocol bug shows
+up as an error at the line that caused it instead of as a hang later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class IllegalTransition(RuntimeError):
+    def __init__(self, machine: str, state: str, event: str):
+        self.machine, self.state, self.event = machine, state, event
+        super().__init__(f"{machine}: event {event!r} is not allowed in state {state!r}")
+
+
+# One orchestration. "closed" is the decision point: the ranking is walked from there.
+AUCTION: Mapping[tuple[str, str], str] = {
+    ("start", "local_npu"): "running_local",
+    ("start", "open"): "collecting",
+    ("start", "broker_down"): "closed",
+    ("collecting", "bid"): "collecting",
+    ("collecting", "roster_complete"): "closed",
+    ("collecting", "timeout"): "closed",
+    ("closed", "dispatch"): "dispatched",
+    ("closed", "run_local"): "running_local",
+    ("closed", "no_candidate"): "failed",
+    ("dispatched", "accepted"): "running",
+    ("dispatched", "token"): "streaming",
+    ("dispatched", "done"): "done",
+    ("dispatched", "error"): "failed",
+    ("dispatched", "declined"): "closed",
+    ("dispatched", "accept_timeout"): "closed",
+    ("dispatched", "winner_offline"): "closed",
+    ("running", "accepted"): "running",       # a redelivered accept
+    ("running", "token"): "streaming",
+    ("running", "done"): "done",
+    ("running", "error"): "failed",
+    ("running", "winner_offline"): "closed",  # nothing streamed yet: fail over
+    ("running", "timeout"): "failed",
+    ("streaming", "token"): "streaming",
+    ("streaming", "done"): "done",
+    ("streaming", "error"): "failed",
+    ("streaming", "winner_offline"): "failed",  # partial text: report, never re-run
+    ("streaming", "timeout"): "failed",
+    ("running_local", "done"): "done",
+    ("running_local", "error"): "failed",
+}
+
+# One job on a node.
+JOB: Mapping[tuple[str, str], str] = {
+    ("new", "accept"): "queued",
+    ("new", "decline"): "declined",
+    ("queued", "start"): "running",
+    ("queued", "expire"): "failed",
+    ("running", "finish"): "done",
+    ("running", "fail"): "failed",
+}
+
+
+def states(table: Mapping[tuple[str, str], str]) -> set[str]:
+    return {s for s, _ in table} | set(table.values())
+
+
+def events(table: Mapping[tuple[str, str], str]) -> set[str]:
+    return {e for _, e in table}
+
+
+class Machine:
+    def __init__(self, name: str, table: Mapping[tuple[str, str], str], state: str):
+        if state not in states(table):
+            raise ValueError(f"{name}: unknown state {state!r}")
+        self.name, self.table, self.state = name, table, state
+
+    def fire(self, event: str) -> str:
+        try:
+            self.state = self.table[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(self.name, self.state, event) from None
+        return self.state
+
+    def can(self, event: str) -> bool:
+        return (self.state, event) in self.table

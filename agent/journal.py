@@ -1,0 +1,85 @@
+"""Completed request ids, remembered on disk so a redelivered job is never run twice.
+
+An append-only JSON-lines file under ``state_dir``: one line per finished rid with the
+final result event to send again. Entries older than the TTL are forgotten; the file is
+rewritten (temp file + rename) when it holds twice as many lines as live entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 24 * 3600
+
+
+class Journal:
+    def __init__(self, state_dir: Path, ttl_s: float = DEFAULT_TTL_S,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(state_dir) / "completed.jsonl"
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._lines = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        cutoff = self._clock() - self.ttl_s
+        bad = 0
+        for line in lines:
+            try:
+                obj = json.loads(line)
+                rid, ts, payload = obj["rid"], float(obj["ts"]), obj["result"].encode("utf-8")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                bad += 1  # a torn last line after a crash; the rest is intact
+                continue
+            if ts >= cutoff:
+                self._entries[rid] = (ts, payload)
+        self._lines = len(lines)
+        if bad:
+            log.warning("journal %s: skipped %d unreadable line(s)", self.path, bad)
+
+    def get(self, rid: str) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(rid)
+        return entry[1] if entry else None
+
+    def record(self, rid: str, result_payload: bytes) -> None:
+        now = self._clock()
+        line = json.dumps({"rid": rid, "ts": now, "result": result_payload.decode("utf-8")},
+                          separators=(",", ":")) + "\n"
+        with self._lock:
+            self._entries[rid] = (now, result_payload)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._lines += 1
+            if self._lines > 2 * len(self._entries) + 64:
+                self._compact(now)
+
+    def _compact(self, now: float) -> None:
+        cutoff = now - self.ttl_s
+        self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for rid, (ts, payload) in self._entries.items():
+                fh.write(json.dumps({"rid": rid, "ts": ts, "result": payload.decode("utf-8")},
+                                    separators=(",", ":")) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._lines = len(self._entries)

@@ -1,0 +1,415 @@
+"""Wire messages: small frozen dataclasses, JSON in UTF-8, schema version ``v``.
+
+``from_payload`` validates types, ranges and sizes and raises only ``MessageError``; a
+receiver logs that one line and carries on. Every id also travels in the payload so that
+MQTT 3.1.1 clients, which have no response topic or correlation data, can take part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from agent.errors import MessageError
+from agent.topics import ID_RE
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_BYTES = 256 * 1024
+MODES = ("npu", "cpu")
+NEEDS = ("any", "npu")
+RESULT_TYPES = ("accepted", "declined", "token", "done", "error")
+MAX_TOKENS = 1_000_000
+
+
+def decode_json(payload: bytes, kind: str, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """Bytes -> JSON object with the right schema version, or MessageError."""
+    if len(payload) > max_bytes:
+        raise MessageError(kind, None, f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MessageError(kind, None, "payload is not UTF-8") from None
+    except ValueError as exc:
+        raise MessageError(kind, None, f"payload is not JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise MessageError(kind, None, f"payload must be a JSON object, got {type(obj).__name__}")
+    v = obj.get("v")
+    if v != SCHEMA_VERSION:
+        raise MessageError(kind, "v", f"unsupported schema version {v!r} (this build speaks {SCHEMA_VERSION})")
+    return obj
+
+
+def encode_json(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+class _Fields:
+    """Typed access to a decoded object; every failure is a MessageError naming the field."""
+
+    def __init__(self, obj: Mapping[str, Any], kind: str):
+        self.obj = obj
+        self.kind = kind
+
+    def fail(self, name: str, reason: str) -> MessageError:
+        return MessageError(self.kind, name, reason)
+
+    def get(self, name: str, types: type | tuple[type, ...], *, optional: bool = False) -> Any:
+        if name not in self.obj or self.obj[name] is None:
+            if optional:
+                return None
+            raise self.fail(name, "is missing")
+        value = self.obj[name]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise self.fail(name, f"must be {_names(types)}, got a boolean")
+        if not isinstance(value, types):
+            raise self.fail(name, f"must be {_names(types)}, got {type(value).__name__}")
+        return value
+
+    def id(self, name: str) -> str:
+        value = self.get(name, str)
+        if not ID_RE.match(value):
+            raise self.fail(name, f"{value[:80]!r} is not a valid id")
+        return value
+
+    def text(self, name: str, max_len: int, *, optional: bool = False) -> str | None:
+        value = self.get(name, str, optional=optional)
+        if value is not None and len(value) > max_len:
+            raise self.fail(name, f"longer than {max_len} characters")
+        return value
+
+    def number(self, name: str, lo: float, hi: float, *, optional: bool = False) -> float | None:
+        value = self.get(name, (int, float), optional=optional)
+        if value is None:
+            return None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise self.fail(name, f"must be between {lo} and {hi}, got {value}")
+        return float(value)
+
+    def integer(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
+        value = self.get(name, int, optional=optional)
+        if value is not None and not lo <= value <= hi:
+            raise self.fail(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.get(name, str)
+        if value not in choices:
+            raise self.fail(name, f"must be one of {', '.join(choices)}, got {value[:40]!r}")
+        return value
+
+    def boolean(self, name: str) -> bool:
+        return bool(self.get(name, bool))
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+                        dict: "an object", list: "a list"}.get(t, t.__name__) for t in ts)
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Recent latencies of one mode on one device, advertised in bids and metrics."""
+
+    n: int
+    p50_ms: float
+    ms_per_token: float | None = None
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str, name: str) -> LatencySummary:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, name, "must be an object")
+        f = _Fields(obj, f"{kind}.{name}")
+        return cls(n=f.integer("n", 0, 2**31) or 0, p50_ms=f.number("p50_ms", 0, 1e9) or 0.0,
+                   ms_per_token=f.number("ms_per_token", 0, 1e9, optional=True))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A device's live state: what it advertises in metrics and bids."""
+
+    has_npu: bool
+    npu_free: bool
+    cpu_slots: int          # 0: this device runs nothing on the CPU
+    cpu_percent: float
+    mem_available_mb: float
+    load1: float
+    queue_depth: int
+    temperature_c: float | None = None
+    on_battery: bool = False
+    recent: Mapping[str, LatencySummary] = field(default_factory=dict)
+
+    def to_obj(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj["recent"] = {mode: asdict(s) for mode, s in self.recent.items()}
+        return obj
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Snapshot:
+        recent_obj = f.get("recent", dict, optional=True) or {}
+        recent = {}
+        for mode, summary in recent_obj.items():
+            if mode not in MODES:
+                raise f.fail("recent", f"unknown mode {mode[:20]!r}")
+            recent[mode] = LatencySummary.from_obj(summary, f.kind, f"recent.{mode}")
+        return cls(
+            has_npu=f.boolean("has_npu"),
+            npu_free=f.boolean("npu_free"),
+            cpu_slots=f.integer("cpu_slots", 0, 1024) or 0,
+            cpu_percent=f.number("cpu_percent", 0, 100 * 1024) or 0.0,
+            mem_available_mb=f.number("mem_available_mb", 0, 1e9) or 0.0,
+            load1=f.number("load1", 0, 1e6) or 0.0,
+            queue_depth=f.integer("queue_depth", 0, 1_000_000) or 0,
+            temperature_c=f.number("temperature_c", -100, 300, optional=True),
+            on_battery=f.boolean("on_battery"),
+            recent=recent,
+        )
+
+
+# ------------------------------------------------------------------------- auction
+
+
+@dataclass(frozen=True)
+class BidRequest:
+    KIND: ClassVar[str] = "bid_request"
+    rid: str
+    origin: str
+    deadline: float          # unix time; a node ignores the request after it
+    prompt_tokens: int
+    max_new_tokens: int
+    need: str = "any"
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> BidRequest:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls(rid=f.id("rid"), origin=f.id("origin"), deadline=f.number("deadline", 0, 1e11) or 0.0,
+                   prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
+                   max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
+                   need=f.choice("need", NEEDS))
+
+
+@dataclass(frozen=True)
+class Bid:
+    KIND: ClassVar[str] = "bid"
+    rid: str
+    device: str
+    claim: str               # token the node honours once for this rid
+    snapshot: Snapshot
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device,
+                            "claim": self.claim, **self.snapshot.to_obj()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls(rid=f.id("rid"), device=f.id("device"), claim=f.text("claim", 128) or "",
+                   snapshot=Snapshot.from_fields(f))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    KIND: ClassVar[str] = "metrics"
+    device: str
+    ts: float
+    snapshot: Snapshot
+    last_latency_ms: float | None = None
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, "device": self.device, "ts": self.ts,
+                            "last_latency_ms": self.last_latency_ms, **self.snapshot.to_obj()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Metrics:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls(device=f.id("device"), ts=f.number("ts", 0, 1e11) or 0.0,
+                   snapshot=Snapshot.from_fields(f),
+                   last_latency_ms=f.number("last_latency_ms", 0, 1e9, optional=True))
+
+
+# ------------------------------------------------------------------------- execution
+
+
+@dataclass(frozen=True)
+class Job:
+    KIND: ClassVar[str] = "job"
+    rid: str
+    origin: str
+    mode: str                # npu | cpu
+    claim: str
+    prompt: str
+    max_new_tokens: int
+    deadline: float          # unix time by which the answer must be in
+    accept_by: float         # unix time after which the node must not start it
+    reply_to: str            # the result topic stem, for clients that cannot derive it
+    temperature: float | None = None
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls(rid=f.id("rid"), origin=f.id("origin"), mode=f.choice("mode", MODES),
+                   claim=f.text("claim", 128) or "", prompt=f.text("prompt", max_bytes) or "",
+                   max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
+                   deadline=f.number("deadline", 0, 1e11) or 0.0,
+                   accept_by=f.number("accept_by", 0, 1e11) or 0.0,
+                   reply_to=f.text("reply_to", 512) or "",
+                   temperature=f.number("temperature", 0, 10, optional=True))
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float = 0.0
+    init_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str) -> Timings:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, "timings", "must be an object")
+        f = _Fields(obj, f"{kind}.timings")
+        return cls(**{k: f.number(k, 0, 1e10, optional=True) or 0.0
+                      for k in ("queue_ms", "init_ms", "prefill_ms", "decode_ms", "total_ms")})
+
+
+@dataclass(frozen=True)
+class Accepted:
+    rid: str
+    device: str
+    mode: str
+    queue_position: int = 0
+    type: ClassVar[str] = "accepted"
+
+
+@dataclass(frozen=True)
+class Declined:
+    rid: str
+    device: str
+    reason: str
+    type: ClassVar[str] = "declined"
+
+
+@dataclass(frozen=True)
+class Token:
+    rid: str
+    device: str
+    seq: int
+    text: str
+    type: ClassVar[str] = "token"
+
+
+@dataclass(frozen=True)
+class Done:
+    rid: str
+    device: str
+    text: str
+    timings: Timings
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    type: ClassVar[str] = "done"
+
+
+@dataclass(frozen=True)
+class Error:
+    rid: str
+    device: str
+    reason: str
+    exit_code: int | None = None
+    partial_text: str = ""
+    type: ClassVar[str] = "error"
+
+
+ResultEvent = Accepted | Declined | Token | Done | Error
+
+
+def encode_result(event: ResultEvent) -> bytes:
+    obj: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event.type, **asdict(event)}
+    return encode_json(obj)
+
+
+def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultEvent:
+    kind = "result"
+    f = _Fields(decode_json(payload, kind, max_bytes), kind)
+    typ = f.choice("type", RESULT_TYPES)
+    rid, device = f.id("rid"), f.id("device")
+    if typ == "accepted":
+        return Accepted(rid, device, f.choice("mode", MODES),
+                        f.integer("queue_position", 0, 1_000_000, optional=True) or 0)
+    if typ == "declined":
+        return Declined(rid, device, f.text("reason", 200) or "")
+    if typ == "token":
+        return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "")
+    if typ == "done":
+        return Done(rid, device, f.text("text", max_bytes) or "",
+                    Timings.from_obj(f.get("timings", dict), kind),
+                    f.integer("prompt_tokens", 0, MAX_TOKENS, optional=True) or 0,
+                    f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0)
+    return Error(rid, device, f.text("reason", 4096) or "",
+                 f.integer("exit_code", -1024, 1024, optional=True),
+                 f.text("partial_text", max_bytes, optional=True) or "")
+
+
+# ------------------------------------------------------------------------- triggers
+
+
+@dataclass(frozen=True)
+class TriggerRequest:
+    """A prompt sent to ``agent/<dev>/trigger``: plain text, or JSON with a ``prompt``."""
+
+    KIND: ClassVar[str] = "trigger"
+    prompt: str
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TriggerRequest:
+        if len(payload) > max_bytes:
+            raise MessageError(cls.KIND, None, f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageError(cls.KIND, None, "payload is not UTF-8") from None
+        stripped = text.strip()
+        if stripped.startswith("{"):
+            try:
+                obj = json.loads(stripped)
+            except ValueError as exc:
+                raise MessageError(cls.KIND, None, f"looks like JSON but is not ({exc})") from None
+            f = _Fields(obj, cls.KIND)
+            prompt = f.text("prompt", max_bytes) or ""
+            unknown = set(obj) - {"prompt", "max_new_tokens", "v"}
+            if unknown:
+                raise MessageError(cls.KIND, sorted(unknown)[0], "unknown field")
+            max_new = f.integer("max_new_tokens", 1, MAX_TOKENS, optional=True)
+        else:
+            prompt, max_new = text, None
+        if not prompt.strip():
+            raise MessageError(cls.KIND, "prompt", "is empty")
+        return cls(prompt=prompt, max_new_tokens=max_new)
+
+
+@dataclass(frozen=True)
+class LastResult:
+    rid: str
+    device: str
+    winner: str | None
+    path: str | None
+    ok: bool
+    text: str
+    error: str | None
+    total_ms: float
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, **asdict(self)})

@@ -1,0 +1,174 @@
+"""The working fleet end to end, against a real broker started by a fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+from agent.messages import BidRequest, Job
+from tests.support.broker import REPO, free_port
+from tests.support.fleet import Env, hold_npu_in_other_process, sim
+
+
+def test_own_free_npu_runs_locally_without_touching_the_broker(env: Env) -> None:
+    hub = env.config("hub", npu=sim(base_ms=5))
+    with env.spy("#") as spy:
+        code, out, _, err = env.trigger(hub, "summarise the plan")
+        assert code == 0, err
+        assert out is not None
+        assert (out["path"], out["winner"]) == ("local-npu", "hub")
+        assert out["text"] == "summarise the plan"
+        assert not [t for t in spy.topics_seen() if "bid/request" in t]
+    # Not even a connection: the broker never saw a trigger client.
+    if env.broker.kind == "mosquitto":
+        assert not [line for line in env.broker.log_lines if "hub-trigger-" in line]
+
+
+def test_busy_own_npu_goes_to_a_peer_with_a_free_npu(env: Env) -> None:
+    hub = env.config("hub", npu=sim(base_ms=5))
+    peer = env.config("npu-peer", npu=sim(base_ms=5))
+    holder = hold_npu_in_other_process(env.tmp / "state" / "hub")
+    try:
+        with env.node(peer):
+            code, out, _, err = env.trigger(hub, "route me")
+    finally:
+        holder.communicate("")
+    assert code == 0, err
+    assert out is not None
+    assert (out["path"], out["winner"]) == ("peer-npu", "npu-peer")
+    assert out["attempts"] == [{"device": "npu-peer", "outcome": "done"}]
+
+
+def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
+    # Names chosen so that alphabetical tie-breaking favours the slow peer.
+    hub = env.config("hub")
+    slow = env.config("aa-slow", cpu=sim(base_ms=60, ms_per_token=4, jitter_ms=4, seed=1))
+    fast = env.config("zz-fast", cpu=sim(base_ms=5, ms_per_token=0.5, jitter_ms=4, seed=2))
+    winners = []
+    with env.node(slow), env.node(fast):
+        for i in range(20):
+            code, out, _, err = env.trigger(hub, f"question {i}: how fast are you today?")
+            assert code == 0, err
+            assert out is not None and out["path"] == "peer-cpu"
+            winners.append(out["winner"])
+    late = Counter(winners[8:])
+    assert set(winners) == {"aa-slow", "zz-fast"}, "both arms should have been explored"
+    assert late["zz-fast"] >= 10, f"after warm-up the fast peer should win most jobs: {winners}"
+
+
+def test_auction_closes_on_the_roster_not_the_timeout(env: Env) -> None:
+    hub = env.config("hub", auction={"bid_timeout_s": 20})
+    peers = [env.config(f"peer-{i}", cpu=sim(base_ms=1, ms_per_token=0)) for i in range(3)]
+    with env.node(peers[0]), env.node(peers[1]), env.node(peers[2]):
+        code, out, _, err = env.trigger(hub, "quick one")
+    assert code == 0, err
+    assert out is not None
+    assert out["roster"] == ["peer-0", "peer-1", "peer-2"]
+    assert len(out["bids"]) == 3
+    assert out["auction_ms"] < 1000, out["auction_ms"]
+
+
+def test_peer_whose_will_fired_is_not_waited_for(env: Env) -> None:
+    hub = env.config("hub", auction={"bid_timeout_s": 20})
+    alive = env.config("alive", cpu=sim(base_ms=1))
+    doomed = env.config("doomed", cpu=sim(base_ms=1))
+    with env.spy(env.topics.availability("doomed")) as spy, env.node(alive):
+        with env.node_process(doomed) as proc:
+            proc.kill()
+            spy.wait_for(lambda m: m.payload == b"offline", what="doomed's Will")
+        code, out, _, err = env.trigger(hub, "who is there?")
+    assert code == 0, err
+    assert out is not None
+    assert out["roster"] == ["alive"]
+    assert out["winner"] == "alive"
+    assert out["auction_ms"] < 5000
+
+
+def test_peer_dying_mid_auction_shrinks_the_roster(env: Env) -> None:
+    hub = env.config("hub", auction={"bid_timeout_s": 20})
+    alive = env.config("alive", cpu=sim(base_ms=1))
+    mute = subprocess.Popen([sys.executable, "-m", "tests.support.mute_peer", env.broker.host,
+                             str(env.broker.port), env.prefix, "mute"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert mute.stdout is not None and mute.stdout.readline().strip() == "ready"
+        with env.node(alive):
+            code, out, _, err = env.trigger(hub, "anyone?")
+    finally:
+        mute.kill()
+        mute.communicate()
+    assert code == 0, err
+    assert out is not None
+    assert out["roster"] == ["alive", "mute"], "the mute peer was online when the auction opened"
+    assert [b["device"] for b in out["bids"]] == ["alive"]
+    assert out["auction_ms"] < 10_000, "closed by the Will, not by the 20 s bid timeout"
+
+
+def test_unreachable_broker_still_answers_locally(env: Env) -> None:
+    hub = env.config("hub", cpu=sim(base_ms=1), broker={"port": free_port()})
+    code, out, _, err = env.trigger(hub, "offline question")
+    assert code == 0, err
+    assert out is not None
+    assert (out["path"], out["winner"]) == ("local-cpu", "hub")
+    assert out["text"] == "offline question"
+    assert any("not reachable" in w for w in out["warnings"])
+    assert "not reachable" in err
+
+
+def test_unreachable_broker_and_nothing_local_exits_3(env: Env) -> None:
+    hub = env.config("hub", broker={"port": free_port()})
+    code, out, _, err = env.trigger(hub, "nobody can run this")
+    assert code == 3
+    assert out is not None and out["path"] is None
+    assert "not reachable" in err
+
+
+def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -> None:
+    caplog.set_level("INFO", logger="agent.node")
+    hub = env.config("hub")
+    worker = env.config("worker", cpu=sim(base_ms=1))
+    t = env.topics
+    valid_request = BidRequest("r1", "hub", 1e10, 3, 8).to_payload()
+    stale_request = BidRequest("r2", "hub", 1.0, 3, 8).to_payload()  # deadline in 1970
+    stale_job = Job("r3", "hub", "cpu", "claim", "x", 8, deadline=1.0, accept_by=1.0,
+                    reply_to="exec/result/r3").to_payload()
+    garbage = [
+        (t.bid_request("g1"), b"\xff\xfe not utf-8"),
+        (t.bid_request("g2"), b"{not json"),
+        (t.bid_request("g3"), json.dumps({"v": 1, "rid": "g3", "origin": 5}).encode()),
+        (t.bid_request("g4"), b"[" + b"1," * 200_000 + b"1]"),  # oversized
+        (t.bid_request("g5"), valid_request.replace(b'"v":1', b'"v":99')),
+        (t.bid_request("r2"), stale_request),
+        (t.exec("worker"), b"\x00\x01\x02"),
+        (t.exec("worker"), json.dumps({"v": 1, "rid": "j1", "mode": "gpu"}).encode()),
+        (t.exec("worker"), stale_job),
+    ]
+    with env.node(worker), env.spy(f"{env.prefix}exec/result/#") as results:
+        for topic, payload in garbage:
+            results.publish(topic, payload)
+        code, out, _, err = env.trigger(hub, "still there?")
+        assert code == 0, err
+        assert out is not None and out["winner"] == "worker" and out["text"] == "still there?"
+        assert not [m for m in results.seen if b'"j1"' in m.payload or b'"r3"' in m.payload]
+    dropped = [r for r in caplog.records if r.name == "agent.node" and
+               str(r.msg).startswith(("dropped", "ignored"))]
+    assert len(dropped) == len(garbage), "\n".join(r.getMessage() for r in dropped)
+
+
+def test_broken_config_exits_2_listing_every_problem(env: Env, capsys) -> None:
+    from agent.cli import main
+    bad = env.tmp / "bad.yaml"
+    bad.write_text(
+        "device_id: 'not ok!'\n"
+        "broker: {port: 'eighteen', colour: blue}\n"
+        "cpu: {slots: 0, executor: {kind: quantum}}\n"
+        "auction: {bid_timeout_s: -1}\n"
+        "surprise: true\n")
+    code = main(["trigger", "--config", str(bad), "hello"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for needle in ("device_id:", "broker.port:", "broker.colour: unknown key", "cpu.slots:",
+                   "cpu.executor.kind:", "auction.bid_timeout_s:", "surprise: unknown key"):
+        assert needle in err, f"{needle!r} missing from:\n{err}"
