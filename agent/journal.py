@@ -68,12 +68,13 @@ class Journal:
                 fh.flush()
                 os.fsync(fh.fileno())
             self._lines += 1
+            if self._lines % 64 == 0:
+                cutoff = now - self.ttl_s
+                self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
             if self._lines > 2 * len(self._entries) + 64:
-                self._compact(now)
+                self._compact()
 
-    def _compact(self, now: float) -> None:
-        cutoff = now - self.ttl_s
-        self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
+    def _compact(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
             for rid, (ts, payload) in self._entries.items():

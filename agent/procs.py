@@ -101,7 +101,9 @@ def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], N
     finally:
         proc.stdout.close()
         returncode = proc.wait()
-        err_thread.join(timeout=1)
+        err_thread.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
     stderr_tail = b"".join(tail)[-TAIL_BYTES:].decode("utf-8", "replace").strip()
     elapsed = time.monotonic() - start
     if timer_fired.is_set():

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from agent.config import CommandExecutorConfig, SimExecutorConfig, parse_config
+from agent.errors import CommandFailed, ExecutableNotFound, ExecutionTimeout
+from agent.executors import Params, build_executor
+
+
+def collect():
+    parts: list[str] = []
+    return parts, parts.append
+
+
+def test_sim_follows_its_latency_model() -> None:
+    ex = build_executor(SimExecutorConfig(base_ms=30, ms_per_token=5), name="d")
+    parts, on_token = collect()
+    r = ex.run("one two three four", Params(max_new_tokens=3), on_token)
+    assert r.text == "one two three" == "".join(parts)
+    assert r.generated_tokens == 3
+    assert r.timings.init_ms >= 30 and r.timings.decode_ms >= 15
+    assert r.timings.total_ms >= r.timings.init_ms + r.timings.decode_ms - 1
+
+
+def test_sim_fixed_text_and_timeout() -> None:
+    ex = build_executor(SimExecutorConfig(base_ms=0, ms_per_token=50, text="a b c d e f"), name="d")
+    parts, on_token = collect()
+    with pytest.raises(ExecutionTimeout) as info:
+        ex.run("ignored", Params(timeout_s=0.12), on_token)
+    assert info.value.partial_text == "".join(parts) and 1 <= len(parts) < 6
+
+
+def test_command_gets_the_prompt_as_one_argument_never_a_shell(tmp_path) -> None:
+    prompt = "it's $(rm -rf /) `whoami`; echo pwned | cat > x"
+    ex = build_executor(CommandExecutorConfig(argv=("printf", "%s", "{prompt}")), name="d")
+    parts, on_token = collect()
+    r = ex.run(prompt, Params(), on_token)
+    assert r.text == prompt == "".join(parts)
+
+
+def test_command_prompt_on_stdin() -> None:
+    ex = build_executor(CommandExecutorConfig(argv=("tr", "a-z", "A-Z"), prompt_via="stdin"), name="d")
+    parts, on_token = collect()
+    assert ex.run("hello ünï", Params(), on_token).text == "HELLO üNï"
+
+
+def test_command_streams_before_it_exits(tmp_path) -> None:
+    """The child only finishes after we react to its first chunk: no streaming, no answer."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    ex = build_executor(CommandExecutorConfig(
+        argv=("sh", "-c", f'printf first; read line < {fifo}; printf " second"', "{prompt}")), name="d")
+    parts: list[str] = []
+
+    def on_token(text: str) -> None:
+        parts.append(text)
+        if len(parts) == 1:
+            threading.Thread(target=fifo.write_text, args=("go\n",), daemon=True).start()
+
+    r = ex.run("x", Params(timeout_s=10), on_token)
+    assert parts[0] == "first" and r.text == "first second"
+
+
+def test_command_missing_binary_is_named() -> None:
+    ex = build_executor(CommandExecutorConfig(argv=("no-such-llm-binary", "{prompt}")), name="d")
+    assert "no-such-llm-binary" in (ex.check() or "")
+    with pytest.raises(ExecutableNotFound, match="no-such-llm-binary"):
+        ex.run("x", Params(), lambda t: None)
+
+
+def test_command_failure_carries_code_and_stderr_tail() -> None:
+    ex = build_executor(CommandExecutorConfig(
+        argv=("sh", "-c", 'echo partial; echo "model file missing" >&2; exit 3', "{prompt}")), name="d")
+    with pytest.raises(CommandFailed) as info:
+        ex.run("x", Params(), lambda t: None)
+    assert info.value.returncode == 3
+    assert "model file missing" in info.value.output_tail
+    assert info.value.partial_text == "partial\n"
+
+
+def test_command_timeout_kills_the_whole_process_group(tmp_path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    script = f'sleep 60 & echo $! > {pidfile}; printf started; wait'
+    ex = build_executor(CommandExecutorConfig(argv=("sh", "-c", script, "{prompt}"), timeout_s=0.5), name="d")
+    with pytest.raises(ExecutionTimeout) as info:
+        ex.run("x", Params(), lambda t: None)
+    assert info.value.partial_text == "started"
+    grandchild = int(pidfile.read_text())
+    # The grandchild (not just the shell) is gone: signal 0 fails, or it is a zombie.
+    try:
+        os.kill(grandchild, 0)
+        with open(f"/proc/{grandchild}/status") as fh:
+            assert "zombie" in fh.read()
+    except ProcessLookupError:
+        pass
+
+
+def test_genie_and_openai_kinds_say_they_are_unavailable_rather_than_pretend() -> None:
+    cfg = parse_config({"device_id": "x", "npu": {"enabled": True, "executor": {"kind": "genie", "config": "c.json"}}})
+    ex = build_executor(cfg.npu.executor, name="x")
+    assert ex.check() is not None

@@ -1,0 +1,65 @@
+"""The on-device state shared by the node and trigger: NPU lock and completed-rid journal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.journal import Journal
+from agent.npulock import NpuLock
+from tests.support.fleet import hold_npu_in_other_process
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_npu_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    lock = NpuLock(tmp_path)
+    assert lock.is_free()
+    claim = lock.try_claim("job-1")
+    assert claim is not None and not lock.is_free()
+    assert lock.try_claim("job-2") is None
+    claim.release()
+    assert lock.is_free()
+    with lock.try_claim("job-3") as again:
+        assert again is not None and again.held
+    assert lock.is_free()
+
+
+def test_npu_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> None:
+    lock = NpuLock(tmp_path)
+    holder = hold_npu_in_other_process(tmp_path)
+    assert not lock.is_free() and lock.try_claim() is None
+    holder.kill()
+    holder.communicate()
+    assert lock.is_free(), "the kernel drops a dead holder's flock"
+
+
+def test_journal_remembers_across_restarts_and_forgets_after_ttl(tmp_path: Path) -> None:
+    now = [1000.0]
+    j = Journal(tmp_path, ttl_s=100, clock=lambda: now[0])
+    j.record("r1", b'{"type":"done"}')
+    assert Journal(tmp_path, ttl_s=100, clock=lambda: now[0]).get("r1") == b'{"type":"done"}'
+    now[0] = 1200.0
+    assert Journal(tmp_path, ttl_s=100, clock=lambda: now[0]).get("r1") is None
+
+
+def test_journal_survives_a_torn_last_line(tmp_path: Path, caplog) -> None:
+    j = Journal(tmp_path)
+    j.record("r1", b"{}")
+    with open(tmp_path / "completed.jsonl", "a") as fh:
+        fh.write('{"rid": "r2", "ts": 1')
+    again = Journal(tmp_path)
+    assert again.get("r1") == b"{}" and again.get("r2") is None
+    assert "unreadable" in caplog.text
+
+
+def test_journal_compacts(tmp_path: Path) -> None:
+    now = [0.0]
+    j = Journal(tmp_path, ttl_s=10, clock=lambda: now[0])
+    for i in range(300):
+        now[0] = float(i)
+        j.record(f"r{i}", b"{}")
+    lines = (tmp_path / "completed.jsonl").read_text().splitlines()
+    assert len(lines) < 100
+    assert Journal(tmp_path, ttl_s=10, clock=lambda: now[0]).get("r299") == b"{}"
