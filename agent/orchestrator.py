@@ -241,7 +241,7 @@ class Orchestrator:
         now = self.wall()
         decision = select(offers, state.arms, prompt_tokens=estimate_tokens(prompt),
                           max_new_tokens=max_new, alpha=lin.alpha, lam=lin.lambda_,
-                          exploring=set(state.exploring))
+                          exploring=set(state.exploring), need=need)
         scores = {c.device: c.score for c in decision.ranking if c.mode == "cpu"}
         out.bids = [_bid_summary(b, scores.get(b.device)) for b in sorted(bids.values(), key=lambda b: b.device)]
 

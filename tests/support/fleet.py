@@ -120,9 +120,12 @@ class Spy:
         nonce = new_nonce()
         self.bus = Bus(f"spy-{nonce}", _broker_cfg(env), persistent=False, name="spy")
         self.bus.subscribe(topic_filter, self._record)
-        self.bus.set_sync_topic(f"{env.prefix}spy/{nonce}")
+        self._sync_topic = f"{env.prefix}spy/{nonce}"
+        self.bus.set_sync_topic(self._sync_topic)
 
     def _record(self, msg: Message) -> None:
+        if msg.topic == self._sync_topic:
+            return  # our own barrier round trips
         with self._lock:
             self.seen.append(msg)
         self.messages.put(msg)
