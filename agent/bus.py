@@ -97,6 +97,7 @@ class Bus:
         self.name = name
         self._on_connect_cb = on_connect
         self._connected = threading.Event()
+        self._connack = threading.Event()  # any CONNACK, success or refusal
         self._lock = threading.Lock()
         self._exact: dict[str, list[Subscription]] = {}
         self._wild = MQTTMatcher()
@@ -153,8 +154,9 @@ class Bus:
             raise BrokerUnavailable(self.broker.host, self.broker.port, _describe(exc)) from None
         self._client.loop_start()
         self._started = True
-        if not self._connected.wait(timeout):
-            reason = self._last_error
+        self._connack.wait(timeout)
+        if not self._connected.is_set():
+            reason = self._last_error if self._connack.is_set() else f"no answer within {timeout:g} s"
             self.stop()
             raise BrokerUnavailable(self.broker.host, self.broker.port, reason)
 
@@ -227,6 +229,10 @@ class Bus:
                 props.CorrelationData = correlation_data
         self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
+    @property
+    def sync_topic(self) -> str | None:
+        return self._sync_topic
+
     def set_sync_topic(self, topic: str) -> None:
         """Use ``topic`` (one only this client reads) for ``barrier`` round trips."""
         self._sync_topic = topic
@@ -256,6 +262,7 @@ class Bus:
         if reason.is_failure:
             self._last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.name, self._last_error)
+            self._connack.set()
             return
         with self._lock:
             filters = [(f, subs[0].qos) for f, subs in {**self._exact, **self._wild_filters}.items() if subs]
@@ -264,6 +271,7 @@ class Bus:
         log.info("%s: connected to %s:%d as %s (session %s)", self.name, self.broker.host,
                  self.broker.port, self.client_id, "resumed" if flags.session_present else "new")
         self._connected.set()
+        self._connack.set()
         if self._on_connect_cb is not None:
             self._inbox.put(("connect", bool(flags.session_present)))
 

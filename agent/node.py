@@ -123,6 +123,7 @@ class Node:
     def stop(self) -> None:
         """Clean shutdown: cancel running work, publish offline, disconnect."""
         self._stop.set()
+        self._metrics_due.set()
         with self._lock:
             for run in self._runs.values():
                 run.cancel.set()
@@ -173,6 +174,8 @@ class Node:
         self.bus.publish(self.topics.metrics(self.me), msg.to_payload(), retain=True)
 
     def _metrics_loop(self) -> None:
+        """Publish metrics every interval, at once after a job changes state, and when
+        another process on this device takes or frees the NPU (seen by polling)."""
         next_at = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
@@ -182,7 +185,8 @@ class Node:
                 self._metrics_due.clear()
                 self._publish_metrics()
                 next_at = now + self.cfg.metrics_interval_s
-            self._stop.wait(NPU_POLL_S)
+            self._metrics_due.wait(min(NPU_POLL_S, max(next_at - now, 0.0)) if self.npu_exec else
+                                   max(next_at - time.monotonic(), 0.01))
 
     # ---------------------------------------------------------------- bids
     def _on_bid_request(self, msg: Message) -> None:

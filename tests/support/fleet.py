@@ -76,12 +76,15 @@ class Env:
     # ------------------------------------------------------------------ spying
     @contextmanager
     def spy(self, topic_filter: str = "#") -> Iterator[Spy]:
-        spy = Spy(self, topic_filter)
+        nonce = new_nonce()
+        bus = Bus(f"spy-{nonce}", _broker_cfg(self), persistent=False, name="spy")
+        bus.set_sync_topic(f"{self.prefix}spy/{nonce}")
+        bus.connect(WAIT_S)
+        spy = Spy(bus, topic_filter)
         try:
-            spy.start()
             yield spy
         finally:
-            spy.stop()
+            bus.stop()
 
     # ------------------------------------------------------------------ nodes
     @contextmanager
@@ -111,31 +114,22 @@ class Env:
 
 
 class Spy:
-    """A plain MQTT client that records every message on a filter."""
+    """Records every message a connected bus receives on a filter."""
 
-    def __init__(self, env: Env, topic_filter: str):
+    def __init__(self, bus: Bus, topic_filter: str):
         self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.seen: list[Message] = []
         self._lock = threading.Lock()
-        nonce = new_nonce()
-        self.bus = Bus(f"spy-{nonce}", _broker_cfg(env), persistent=False, name="spy")
-        self.bus.subscribe(topic_filter, self._record)
-        self._sync_topic = f"{env.prefix}spy/{nonce}"
-        self.bus.set_sync_topic(self._sync_topic)
+        self.bus = bus
+        bus.subscribe(topic_filter, self._record)
+        assert bus.barrier(WAIT_S), "the broker did not answer"
 
     def _record(self, msg: Message) -> None:
-        if msg.topic == self._sync_topic:
+        if msg.topic == self.bus.sync_topic:
             return  # our own barrier round trips
         with self._lock:
             self.seen.append(msg)
         self.messages.put(msg)
-
-    def start(self) -> None:
-        self.bus.connect(WAIT_S)
-        assert self.bus.barrier(WAIT_S)
-
-    def stop(self) -> None:
-        self.bus.stop()
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.bus.publish(topic, payload, **kw)

@@ -1,0 +1,104 @@
+"""A throwaway local Mosquitto for the demo, the benchmarks and the tests.
+
+It starts ``mosquitto`` from ``mosquitto/dev.conf`` on a port of our choosing, with its
+persistence file in a directory of our own, and waits for the broker to say it is
+running (no sleeps, no connection polling). ``restart()`` keeps the port and the
+persistence directory, so sessions and queued messages survive it as in production.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_CONF = REPO / "mosquitto" / "dev.conf"
+
+
+class MosquittoNotAvailable(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalMosquitto:
+    def __init__(self, workdir: Path, *, port: int | None = None, conf: Path = DEV_CONF,
+                 extra_conf: str = ""):
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.conf = conf
+        self.extra_conf = extra_conf
+        self.log_lines: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        text = self.conf.read_text()
+        text = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", text, flags=re.M)
+        text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M)
+        # "mosquitto version … running", which start() waits for, is an information line.
+        text = text.replace("log_type notice", "log_type notice\nlog_type information")
+        # Started as root, mosquitto would switch to the "mosquitto" user and could not
+        # write its persistence file into our directory.
+        return f"{text}\nuser {getpass.getuser()}\n{self.extra_conf}\n"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if shutil.which("mosquitto") is None:
+            raise MosquittoNotAvailable("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        self.proc = proc
+        ready = threading.Event()
+
+        def read_log() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                self.log_lines.append(line)
+                if "mosquitto version" in line and " running" in line:
+                    ready.set()
+            ready.set()  # it exited: start() reports that
+
+        threading.Thread(target=read_log, daemon=True, name="mosquitto-log").start()
+        if not ready.wait(timeout) or proc.poll() is not None:
+            tail = "\n".join(self.log_lines[-10:])
+            self.stop()
+            raise MosquittoNotAvailable(f"mosquitto did not start on port {self.port}:\n{tail}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> LocalMosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

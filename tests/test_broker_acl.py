@@ -1,0 +1,99 @@
+"""The production ACL really stops one device from speaking for another.
+
+A private Mosquitto is started with mosquitto/edge-agent.acl and a password file made
+here; then device "alice" tries to act as "bob" on every topic that carries identity.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.bus import Bus
+from agent.config import BrokerConfig
+from agent.devbroker import REPO, LocalMosquitto
+from agent.errors import BrokerUnavailable
+from agent.topics import Topics
+from tests.support.fleet import Spy
+
+pytestmark = pytest.mark.skipif(not shutil.which("mosquitto") or not shutil.which("mosquitto_passwd"),
+                                reason="needs the mosquitto and mosquitto_passwd binaries")
+USERS = {"alice": "a-secret", "bob": "b-secret", "homeassistant": "h-secret"}
+T = Topics()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto]:
+    work = tmp_path_factory.mktemp("secured")
+    passwd = work / "passwd"
+    for i, (user, password) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
+                       check=True, capture_output=True)
+    passwd.chmod(0o600)
+    acl = REPO / "mosquitto" / "edge-agent.acl"
+    broker = LocalMosquitto(work, extra_conf=(
+        f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def client(broker: LocalMosquitto, user: str, tmp: Path, *, password: str | None = None) -> Bus:
+    pw = tmp / f"{user}.pw"
+    pw.write_text(password if password is not None else USERS[user])
+    cfg = BrokerConfig(host=broker.host, port=broker.port, username=user, password_file=str(pw))
+    bus = Bus(f"{user}-test", cfg, persistent=False, name=user)
+    bus.set_sync_topic(T.sync(user, "acl"))
+    bus.connect(5)
+    return bus
+
+
+def test_anonymous_and_wrong_password_are_refused(secured: LocalMosquitto, tmp_path: Path) -> None:
+    anon = Bus("anon", BrokerConfig(host=secured.host, port=secured.port), persistent=False)
+    with pytest.raises(BrokerUnavailable, match="refused|not authorized|disconnected"):
+        anon.connect(3)
+    with pytest.raises(BrokerUnavailable):
+        client(secured, "alice", tmp_path, password="guess")
+
+
+def test_a_device_cannot_speak_for_another(secured: LocalMosquitto, tmp_path: Path) -> None:
+    alice = client(secured, "alice", tmp_path)
+    bob = client(secured, "bob", tmp_path)
+    ha = client(secured, "homeassistant", tmp_path)
+    try:
+        watch = Spy(ha, "#")
+        spoofs = [T.bid_reply("r1", "bob"), T.exec_result("r1", "bob"), T.availability("bob"),
+                  T.metrics("bob"), T.ha_config("bob")]
+        for topic in spoofs:
+            alice.publish(topic, b"spoof")
+        honest = [T.bid_reply("r1", "alice"), T.exec_result("r1", "alice"), T.availability("alice")]
+        for topic in honest:
+            alice.publish(topic, b"honest")
+        assert alice.barrier(5)
+        for topic in honest:
+            watch.wait_for(lambda m, t=topic: m.topic == t, what=topic)
+        assert ha.barrier(5)
+        got = {m.topic for m in watch.seen if m.payload == b"spoof"}
+        assert got == set(), f"spoofed messages got through: {got}"
+    finally:
+        for bus in (alice, bob, ha):
+            bus.stop()
+
+
+def test_a_device_reads_only_its_own_jobs(secured: LocalMosquitto, tmp_path: Path) -> None:
+    alice = client(secured, "alice", tmp_path)
+    bob = client(secured, "bob", tmp_path)
+    try:
+        snoop = Spy(alice, T.exec("bob"))
+        own = Spy(bob, T.exec("bob"))
+        alice.publish(T.exec("bob"), b"job for bob")  # orchestrators may send to anyone
+        own.wait_for(lambda m: m.payload == b"job for bob", what="bob's job")
+        assert alice.barrier(5)
+        assert not snoop.seen, "alice read bob's job queue"
+    finally:
+        alice.stop()
+        bob.stop()
