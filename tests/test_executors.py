@@ -103,7 +103,8 @@ def test_command_timeout_kills_the_whole_process_group(tmp_path) -> None:
         os.close(fd)
 
 
-def test_genie_and_openai_kinds_say_they_are_unavailable_rather_than_pretend() -> None:
-    cfg = parse_config({"device_id": "x", "npu": {"enabled": True, "executor": {"kind": "genie", "config": "c.json"}}})
-    ex = build_executor(cfg.npu.executor, name="x")
-    assert ex.check() is not None
+def test_command_max_new_tokens_stops_the_process() -> None:
+    ex = build_executor(CommandExecutorConfig(argv=("sh", "-c", "yes word", "{prompt}")), name="d")
+    r = ex.run("x", Params(max_new_tokens=20, timeout_s=10), lambda t: None)
+    assert 18 <= r.generated_tokens <= 21, "cut at the budget, even from one 64 KiB chunk"
+    assert r.timings.total_ms < 5000, "stopped the process, did not wait for the timeout"

@@ -9,6 +9,7 @@ can refuse to bid for work it cannot do.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,9 +45,12 @@ class Executor(Protocol):
             cancel: threading.Event | None = None) -> Result: ...
 
 
+_BYTES_PER_TOKEN = 4
+
+
 def estimate_tokens(text: str) -> int:
-    """A tokenizer-free estimate (~4 bytes a token for English), for features and sims."""
-    return max(1, (len(text.encode("utf-8")) + 3) // 4) if text else 0
+    """A tokenizer-free estimate (~4 bytes a token for English), for features and limits."""
+    return max(1, (len(text.encode("utf-8")) + 3) // _BYTES_PER_TOKEN) if text else 0
 
 
 def build_executor(cfg: ExecutorConfig, *, name: str) -> Executor:
@@ -57,22 +61,52 @@ def build_executor(cfg: ExecutorConfig, *, name: str) -> Executor:
     if isinstance(cfg, CommandExecutorConfig):
         from agent.executors.command import CommandExecutor
         return CommandExecutor(cfg, name=name)
-    if isinstance(cfg, (GenieExecutorConfig, OpenAIExecutorConfig)):
-        return _Unavailable(cfg.kind, name)
+    if isinstance(cfg, GenieExecutorConfig):
+        from agent.executors.genie import GenieExecutor
+        return GenieExecutor(cfg, name=name)
+    if isinstance(cfg, OpenAIExecutorConfig):
+        from agent.executors.openai import OpenAIExecutor
+        return OpenAIExecutor(cfg, name=name)
     raise TypeError(f"unknown executor config {cfg!r}")
 
 
-class _Unavailable:
-    """A kind this build validates in config but cannot run yet: it says so, never pretends."""
+class Stream:
+    """What an executor has produced so far: the pieces, when the first came, and a stop
+    signal raised when the token budget is spent (or the caller cancels)."""
 
-    def __init__(self, kind: str, name: str):
-        self.name = f"{name}:{kind}"
-        self.kind = kind
+    def __init__(self, on_token: OnToken, max_new_tokens: int, cancel: threading.Event | None):
+        self.parts: list[str] = []
+        self.first_at: float | None = None
+        self.stop = threading.Event()
+        self.at_limit = False
+        self._on_token = on_token
+        self._budget = max_new_tokens
+        self._produced = 0
+        if cancel is not None:
+            threading.Thread(target=self._relay, args=(cancel,), daemon=True, name="cancel-relay").start()
 
-    def check(self) -> str | None:
-        return f"executor kind {self.kind!r} is not available in this version of edge-agent"
+    def _relay(self, cancel: threading.Event) -> None:
+        while not self.stop.is_set():
+            if cancel.wait(0.1):
+                self.stop.set()
 
-    def run(self, prompt: str, params: Params, on_token: OnToken,
-            cancel: threading.Event | None = None) -> Result:
-        from agent.errors import ExecutorError
-        raise ExecutorError(self.name, self.check() or "")
+    def emit(self, text: str) -> None:
+        if not text or self.at_limit:
+            return
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        left = self._budget - self._produced
+        if estimate_tokens(text) >= left:
+            text = text[:left * _BYTES_PER_TOKEN]  # a hard cap, even for a 64 KiB chunk
+            self.at_limit = True
+            self.stop.set()
+        self.parts.append(text)
+        self._on_token(text)
+        self._produced += estimate_tokens(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def close(self) -> None:
+        self.stop.set()

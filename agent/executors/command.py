@@ -15,7 +15,8 @@ import time
 
 from agent import procs
 from agent.config import CommandExecutorConfig
-from agent.executors import OnToken, Params, Result, estimate_tokens
+from agent.errors import ExecutorError
+from agent.executors import OnToken, Params, Result, Stream, estimate_tokens
 from agent.messages import Timings
 
 
@@ -37,31 +38,23 @@ class CommandExecutor:
     def run(self, prompt: str, params: Params, on_token: OnToken,
             cancel: threading.Event | None = None) -> Result:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        parts: list[str] = []
-        first_at: list[float] = []
-
-        def on_stdout(chunk: bytes) -> None:
-            text = decoder.decode(chunk)
-            if text:
-                if not first_at:
-                    first_at.append(time.monotonic())
-                parts.append(text)
-                on_token(text)
-
+        stream = Stream(on_token, params.max_new_tokens, cancel)
         env = {**os.environ, **dict(self.cfg.env)} if self.cfg.env else None
         start = time.monotonic()
-        procs.stream(self.name, self.argv(prompt), on_stdout=on_stdout,
-                     stdin=prompt.encode("utf-8") if self.cfg.prompt_via == "stdin" else None,
-                     env=env, cwd=self.cfg.cwd, timeout_s=min(params.timeout_s, self.cfg.timeout_s),
-                     cancel=cancel, partial=lambda: "".join(parts))
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            parts.append(tail)
-            on_token(tail)
+        try:
+            procs.stream(self.name, self.argv(prompt), on_stdout=lambda b: stream.emit(decoder.decode(b)),
+                         stdin=prompt.encode("utf-8") if self.cfg.prompt_via == "stdin" else None,
+                         env=env, cwd=self.cfg.cwd, timeout_s=min(params.timeout_s, self.cfg.timeout_s),
+                         cancel=stream.stop, partial=lambda: stream.text)
+        except ExecutorError as exc:
+            if not (stream.at_limit and exc.reason == "cancelled"):
+                raise  # stopped at max_new_tokens is a complete, truncated answer
+        finally:
+            stream.close()
+        stream.emit(decoder.decode(b"", final=True))
         end = time.monotonic()
-        text = "".join(parts)
-        first = first_at[0] if first_at else end
-        return Result(text=text,
+        first = stream.first_at or end
+        return Result(text=stream.text,
                       timings=Timings(init_ms=(first - start) * 1000, decode_ms=(end - first) * 1000,
                                       total_ms=(end - start) * 1000),
-                      prompt_tokens=estimate_tokens(prompt), generated_tokens=estimate_tokens(text))
+                      prompt_tokens=estimate_tokens(prompt), generated_tokens=estimate_tokens(stream.text))

@@ -1,0 +1,153 @@
+"""Any OpenAI-compatible server (llama.cpp ``llama-server``, Ollama, vLLM), streamed.
+
+``POST {base_url}/chat/completions`` with ``"stream": true``; the answer arrives as
+server-sent events (``data: {json}`` lines, ended by ``data: [DONE]``), each carrying a
+``choices[0].delta.content`` piece. Time to the first piece is reported as
+``prefill_ms``, the rest as ``decode_ms``. The standard library's HTTP client is enough:
+one request per job, read line by line, no connection pool to manage.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from agent.config import OpenAIExecutorConfig
+from agent.errors import ExecutionTimeout, ExecutorError
+from agent.executors import OnToken, Params, Result, estimate_tokens
+from agent.messages import Timings
+
+_BODY_TAIL = 300
+
+
+class OpenAIExecutor:
+    def __init__(self, cfg: OpenAIExecutorConfig, *, name: str):
+        self.cfg = cfg
+        self.name = f"{name}:openai"
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+
+    def check(self) -> str | None:
+        try:
+            self._api_key()
+        except ExecutorError as exc:
+            return exc.reason
+        return None
+
+    def _api_key(self) -> str | None:
+        if self.cfg.api_key_file:
+            try:
+                with open(self.cfg.api_key_file, encoding="utf-8") as fh:
+                    return fh.read().strip()
+            except OSError as exc:
+                raise ExecutorError(self.name, f"cannot read api_key_file {self.cfg.api_key_file}: "
+                                               f"{exc.strerror or exc}") from None
+        if self.cfg.api_key_env:
+            key = os.environ.get(self.cfg.api_key_env)
+            if not key:
+                raise ExecutorError(self.name, f"environment variable {self.cfg.api_key_env} is not set")
+            return key
+        return None
+
+    def run(self, prompt: str, params: Params, on_token: OnToken,
+            cancel: threading.Event | None = None) -> Result:
+        start = time.monotonic()
+        deadline = start + min(params.timeout_s, self.cfg.timeout_s)
+        body: dict[str, Any] = {"model": self.cfg.model, "stream": True,
+                                "messages": [{"role": "user", "content": prompt}],
+                                "max_tokens": params.max_new_tokens}
+        if params.temperature is not None:
+            body["temperature"] = params.temperature
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
+                                         method="POST")
+        parts: list[str] = []
+        first_at: float | None = None
+        usage: dict[str, Any] = {}
+        finished = False
+        try:
+            with urllib.request.urlopen(request, timeout=max(0.1, deadline - time.monotonic())) as resp:
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise ExecutorError(self.name, "cancelled", partial_text="".join(parts))
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts))
+                    _set_read_timeout(resp, remaining)
+                    line = resp.readline()
+                    if not line:
+                        break
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue  # comments, event:/id: fields, keep-alives
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        finished = True
+                        break
+                    piece, chunk_usage = self._parse_event(data, parts)
+                    usage.update(chunk_usage)
+                    if piece:
+                        if first_at is None:
+                            first_at = time.monotonic()
+                        parts.append(piece)
+                        on_token(piece)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[-_BODY_TAIL:].decode("utf-8", "replace").strip()
+            raise ExecutorError(self.name, f"{self.url} answered HTTP {exc.code} {exc.reason}"
+                                           + (f": {detail}" if detail else "")) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts)) from None
+            raise ExecutorError(self.name, f"cannot reach {self.url}: {getattr(reason, 'strerror', None) or reason}") from None
+        except (socket.timeout, TimeoutError):
+            raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts)) from None
+        except (http.client.HTTPException, ConnectionError, OSError) as exc:
+            raise ExecutorError(self.name, f"connection to {self.url} dropped mid-stream ({exc or type(exc).__name__})",
+                                partial_text="".join(parts)) from None
+        if not finished:
+            raise ExecutorError(self.name, f"{self.url} closed the stream before [DONE]",
+                                partial_text="".join(parts))
+        end = time.monotonic()
+        text = "".join(parts)
+        first = first_at or end
+        return Result(text=text,
+                      timings=Timings(prefill_ms=(first - start) * 1000, decode_ms=(end - first) * 1000,
+                                      total_ms=(end - start) * 1000),
+                      prompt_tokens=int(usage.get("prompt_tokens") or estimate_tokens(prompt)),
+                      generated_tokens=int(usage.get("completion_tokens") or len(parts)))
+
+    def _parse_event(self, data: bytes, parts: list[str]) -> tuple[str, dict[str, Any]]:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise ExecutorError(self.name, f"{self.url} sent an event that is not JSON: {data[:120]!r}",
+                                partial_text="".join(parts)) from None
+        if not isinstance(event, dict):
+            return "", {}
+        if "error" in event:
+            raise ExecutorError(self.name, f"{self.url} reported an error: {json.dumps(event['error'])[:300]}",
+                                partial_text="".join(parts))
+        usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+        choices = event.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return "", usage
+        delta = choices[0].get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        return (content if isinstance(content, str) else ""), usage
+
+
+def _set_read_timeout(resp: Any, seconds: float) -> None:
+    """Bound the next read by what is left of the job's time."""
+    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(max(0.05, seconds))
