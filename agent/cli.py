@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'npu' runs only on an NPU, never on a CPU (default any)")
     trig.add_argument("--bid-timeout", type=float, metavar="S",
                       help="override auction.bid_timeout_s for this run")
+    trig.add_argument("--dry-run", action="store_true",
+                      help="hold the auction and show who would win, and the ranking; run nothing")
     trig.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
     status = sub.add_parser("status", help="show every device the broker knows: online, NPU, load",
@@ -173,7 +175,6 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import replace
 
-    from agent.linucb import ArmStore
     from agent.metrics import HostSampler, snapshot
     from agent.orchestrator import Orchestrator
 
@@ -228,11 +229,12 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
             print(f"… {message}", file=err, flush=True)
 
     orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        arms=ArmStore(cfg.state_dir, cfg.auction.linucb.lambda_),
+                        arms=lambda: _arm_store(cfg),
                         local_snapshot=local_snapshot, on_token=on_token, on_decision=on_decision,
                         on_progress=on_progress)
     try:
-        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need)
+        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need,
+                          dry_run=args.dry_run)
     except PromptTooLarge as exc:
         print(f"error: {exc}", file=err)
         return EXIT_USAGE
@@ -247,6 +249,13 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
         print(f"warning: {warning}", file=err)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False), file=out)
+    elif args.dry_run:
+        if result.winner:
+            print(f"✓ Winner would be: {result.winner} ({PATH_LABELS.get(result.path or '', result.path)})",
+                  file=out)
+        for i, c in enumerate(result.ranking, 1):
+            score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
+            print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=out)
     else:
         if result.text and not result.text.endswith("\n"):
             out.write("\n")
@@ -258,6 +267,11 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     if not result.ok:
         print(f"✗ {result.error}", file=err)
     return result.exit_code
+
+
+def _arm_store(cfg: Config) -> Any:
+    from agent.linucb import ArmStore  # numpy: imported only when an auction decides
+    return ArmStore(cfg.state_dir, cfg.auction.linucb.lambda_)
 
 
 def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
@@ -285,9 +299,7 @@ def _connect_fleet(cfg: Config) -> Any:
     bus.subscribe(topics.all_availability(), roster.handle)
     bus.set_sync_topic(topics.sync(cfg.device_id, nonce))
     bus.connect(CONNECT_TIMEOUT_S)
-    if not bus.barrier(CONNECT_TIMEOUT_S):
-        log.warning("the broker did not echo our sync message; the roster may be incomplete")
-    return Fleet(bus, roster)
+    return Fleet(bus, roster)  # the orchestrator syncs it once its own subscriptions are made
 
 
 # ---------------------------------------------------------------------------- status
@@ -321,7 +333,7 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
 
     try:
         fleet.bus.subscribe(topics.all_metrics(), on_metrics)
-        fleet.bus.barrier(CONNECT_TIMEOUT_S)
+        fleet.sync()
         known = fleet.roster.known()
     finally:
         fleet.bus.stop()

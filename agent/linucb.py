@@ -94,6 +94,9 @@ class ArmStore:
         self._lock_path = Path(state_dir) / "arms.lock"
         self.lam = lam
         self._clock = clock
+        # Parsed state, valid while the file's identity (inode, size, mtime) is unchanged:
+        # a decision then costs one stat() instead of a JSON parse.
+        self._cache: tuple[tuple[int, int, int], StoreState] | None = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -134,11 +137,23 @@ class ArmStore:
     # file format ------------------------------------------------------------------------
     def _read(self) -> StoreState:
         try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return StoreState({}, {}, {})
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._cache is not None and self._cache[0] == key:
+            cached = self._cache[1]
+            now = self._clock()
+            return StoreState(dict(cached.arms), dict(cached.trained),
+                              {d: v for d, v in cached.exploring.items() if v[1] > now})
+        try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return StoreState({}, {}, {})
         try:
-            return self._decode(json.loads(raw))
+            state = self._decode(json.loads(raw))
+            self._cache = (key, state)
+            return StoreState(dict(state.arms), dict(state.trained), dict(state.exploring))
         except (ValueError, TypeError, KeyError, np.linalg.LinAlgError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             os.replace(self.path, aside)
@@ -181,3 +196,6 @@ class ArmStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        st = os.stat(self.path)
+        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns),
+                       StoreState(dict(state.arms), dict(trained), dict(state.exploring)))

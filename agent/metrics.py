@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Sensors read sysfs files; re-read them at most this often.
 _SENSOR_TTL_S = 5.0
 _CPU_MIN_INTERVAL_S = 0.5
+# A bid must be cheap (it is answered on the network thread); memory and load do not
+# change meaningfully faster than this, so a sample is reused for this long.
+_SAMPLE_TTL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,14 @@ class HostSampler:
         self._sensors_at = -1e9
         self._temperature: float | None = None
         self._on_battery = False
+        self._last: HostSample | None = None
+        self._last_at = -1e9
 
     def sample(self) -> HostSample:
         now = self._clock()
         with self._lock:
+            if self._last is not None and now - self._last_at < _SAMPLE_TTL_S:
+                return self._last
             if now - self._cpu_at >= _CPU_MIN_INTERVAL_S:
                 self._cpu = psutil.cpu_percent(None)
                 self._cpu_at = now
@@ -62,9 +69,11 @@ class HostSampler:
             load1 = os.getloadavg()[0]
         except OSError:
             load1 = 0.0
-        return HostSample(cpu_percent=cpu,
-                          mem_available_mb=psutil.virtual_memory().available / 2**20,
-                          load1=load1, temperature_c=temperature, on_battery=on_battery)
+        sample = HostSample(cpu_percent=cpu, mem_available_mb=psutil.virtual_memory().available / 2**20,
+                            load1=load1, temperature_c=temperature, on_battery=on_battery)
+        with self._lock:
+            self._last, self._last_at = sample, now
+        return sample
 
 
 def _read_sensors() -> tuple[float | None, bool]:

@@ -97,3 +97,19 @@ def test_node_without_device_id_is_a_config_error(argv: list[str], monkeypatch) 
     monkeypatch.delenv("AGENT_DEVICE_ID", raising=False)
     code, _, err = run(*argv)
     assert code == 2 and "device_id" in err
+
+
+def test_dry_run_shows_the_ranking_and_runs_nothing(env: Env) -> None:
+    hub = env.config("hub")
+    slow = env.config("slow", cpu=sim(base_ms=1))
+    fast = env.config("fast", npu=sim(base_ms=1))
+    with env.node(slow), env.node(fast), env.spy(f"{env.prefix}exec/#") as spy:
+        code, out, err = run("trigger", "--config", str(hub), "--json", "--dry-run", "x")
+        assert code == 0, err
+        obj = json.loads(out)
+        assert obj["dry_run"] and obj["winner"] == "fast" and obj["path"] == "peer-npu"
+        assert sorted(b["device"] for b in obj["bids"]) == ["fast", "slow"]
+        assert [(c["device"], c["mode"]) for c in obj["ranking"]] == [("fast", "npu"), ("slow", "cpu")]
+        assert obj["text"] == "" and spy.topics_seen() == [], "nothing was dispatched"
+        code, out, _ = run("trigger", "--config", str(hub), "--dry-run", "x")
+        assert code == 0 and out.splitlines()[0] == "✓ Winner would be: fast (NPU - Peer)"

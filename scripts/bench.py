@@ -1,0 +1,443 @@
+"""Benchmarks: orchestration cost against the MQTT floor, measured in one run.
+
+    scripts/bench [--quick] [--out FILE]
+
+Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measures:
+
+1. floor     raw paho request/reply (MQTT 5, QoS 1, TCP_NODELAY), one requester and N
+             responder processes that answer from paho's network thread: time until all
+             N replies are in.
+2. auction   the real thing: N node daemons (sim executors), this process as the
+             orchestrator: call for bids -> roster complete, and the decision after it.
+3. dispatch  trigger -> done with a 0 ms sim executor, against two floor round trips.
+4. local NPU run() -> executor start in-process; `python -m agent trigger` wall time to
+             executor start; import time of the CLI module.
+5. node      idle CPU and RSS of one node daemon, and RSS after a few hundred jobs.
+6. concurrency  K orchestrators at once against the N=8 fleet: auctions/s and p95.
+
+Every ratio is against a baseline measured in the same run. Targets (DESIGN.md, issue #5)
+are printed beside the numbers; a miss is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from agent.bus import Bus, Message, new_nonce  # noqa: E402
+from agent.cli import _connect_fleet  # noqa: E402
+from agent.config import BrokerConfig, Config, load_config  # noqa: E402
+from agent.devbroker import LocalMosquitto  # noqa: E402
+from agent.executors import Params, Result  # noqa: E402
+from agent.linucb import ArmStore  # noqa: E402
+from agent.messages import Snapshot, Timings  # noqa: E402
+from agent.orchestrator import Orchestrator  # noqa: E402
+from agent.topics import Topics  # noqa: E402
+
+TARGETS = {"auction_ratio": 1.5, "local_npu_ms": 1.0, "cli_to_exec_ms": 300.0, "idle_cpu_pct": 1.0,
+           "idle_rss_mb": 60.0}
+
+
+@dataclass
+class Dist:
+    p50: float
+    p95: float
+    n: int
+
+    @classmethod
+    def of(cls, xs: Sequence[float]) -> Dist:
+        s = sorted(xs)
+        return cls(p50=statistics.median(s), p95=s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))], n=len(s))
+
+    def json(self) -> dict[str, float]:
+        return {"p50": round(self.p50, 3), "p95": round(self.p95, 3), "n": self.n}
+
+
+def log(msg: str) -> None:
+    print(f"  … {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- 1. floor
+
+class FloorRequester:
+    def __init__(self, port: int, prefix: str):
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, threading.Event, list[int]]] = {}
+        ready = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-req-{new_nonce()}", protocol=mqtt.MQTTv5)
+        c.on_socket_open = lambda cl, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}rep/+/+", qos=1)
+        c.on_subscribe = lambda *a: ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", port, 30)
+        c.loop_start()
+        assert ready.wait(10)
+        self.client = c
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        rid = msg.topic.split("/")[-2]
+        with self._lock:
+            entry = self._pending.get(rid)
+        if entry:
+            want, event, got = entry
+            got[0] += 1
+            if got[0] >= want:
+                event.set()
+
+    def round_trip(self, n: int) -> float:
+        rid = new_nonce()
+        event = threading.Event()
+        with self._lock:
+            self._pending[rid] = (n, event, [0])
+        t0 = time.perf_counter()
+        self.client.publish(f"{self.prefix}req/{rid}", b"r" * 200, qos=1)
+        if not event.wait(10):
+            raise RuntimeError(f"floor: only part of {n} replies in 10 s")
+        dt = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            del self._pending[rid]
+        return dt
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def measure_floor(port: int, n: int, iters: int, warmup: int) -> Dist:
+    prefix = f"floor/{new_nonce()}/"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "bench_responder.py"), "127.0.0.1",
+                               str(port), prefix, f"r{i}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for i in range(n)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        req = FloorRequester(port, prefix)
+        try:
+            for _ in range(warmup):
+                req.round_trip(n)
+            return Dist.of([req.round_trip(n) for _ in range(iters)])
+        finally:
+            req.close()
+    finally:
+        for p in procs:
+            p.communicate("")
+
+
+# ----------------------------------------------------------------------------- fleet helpers
+
+class Fleet:
+    """N real node daemons with 0 ms sim executors, under one topic prefix."""
+
+    def __init__(self, port: int, workdir: Path, n: int):
+        self.port, self.workdir, self.n = port, workdir, n
+        self.prefix = f"bench/{new_nonce()}/"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def config(self, device: str, **extra: Any) -> Path:
+        doc: dict[str, Any] = {"device_id": device, "broker": {"host": "127.0.0.1", "port": self.port},
+                               "topic_prefix": self.prefix, "state_dir": str(self.workdir / "state" / device),
+                               "metrics_interval_s": 10, "homeassistant": {"enabled": False},
+                               "npu": {"enabled": False},
+                               "cpu": {"enabled": True, "slots": 2,
+                                       "executor": {"kind": "sim", "base_ms": 0, "ms_per_token": 0}}}
+        doc.update(extra)
+        path = self.workdir / f"{device}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def start(self) -> None:
+        topics = Topics(self.prefix)
+        names = [f"node-{i:02d}" for i in range(self.n)]
+        online = {d: threading.Event() for d in names}
+
+        def on_avail(msg: Message) -> None:
+            parsed = topics.parse(msg.topic)
+            if parsed and parsed.device in online and msg.payload == b"online":
+                online[parsed.device].set()
+
+        watcher = Bus(f"bench-watch-{new_nonce()}", BrokerConfig(port=self.port), persistent=False)
+        watcher.subscribe(topics.all_availability(), on_avail)
+        watcher.connect(5)
+        for d in names:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "agent", "--role", "node", "--config",
+                                                str(self.config(d))], cwd=REPO, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+        for d, ev in online.items():
+            if not ev.wait(60):
+                raise RuntimeError(f"{d} did not come online")
+        watcher.stop()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=15)
+        self.procs = []
+
+
+def hub_config(fleet: Fleet, name: str = "hub") -> Config:
+    return load_config(fleet.config(name, cpu={"enabled": False}, auction={"bid_timeout_s": 10}), env={})
+
+
+def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestrator:
+    idle = Snapshot(has_npu=npu_exec is not None, npu_free=False, cpu_slots=0, cpu_percent=0.0,
+                    mem_available_mb=8000.0, load1=0.0, queue_depth=0)
+    return Orchestrator(cfg, connect=lambda: connected, npu_exec=npu_exec, cpu_exec=None,
+                        arms=lambda: ArmStore(cfg.state_dir, 1.0), local_snapshot=lambda: idle,
+                        keep_warm=True)
+
+
+# ----------------------------------------------------------------------------- 2+3. auction, dispatch
+
+def measure_auction(fleet: Fleet, iters: int, warmup: int) -> dict[str, Dist]:
+    cfg = hub_config(fleet)
+    connected = _connect_fleet(cfg)
+    try:
+        orch = orchestrator(cfg, connected)
+        auction, decide, total = [], [], []
+        # The auction alone (dry runs: bids, then the LinUCB decision, nothing executed), so
+        # that it is compared with the floor on equal terms; then whole runs for dispatch.
+        for dry in (True, False):
+            for i in range(warmup + iters):
+                out = orch.run("benchmark prompt", max_new_tokens=1, dry_run=dry)
+                if not out.ok or len(out.bids) != fleet.n:
+                    raise RuntimeError(f"bad run: ok={out.ok} bids={len(out.bids)}/{fleet.n} {out.error}")
+                if i >= warmup and dry:
+                    auction.append(out.auction_ms)
+                    decide.append(out.decide_ms)
+                elif i >= warmup:
+                    total.append(out.total_ms)
+        return {"auction": Dist.of(auction), "decide": Dist.of(decide), "dispatch": Dist.of(total)}
+    finally:
+        connected.bus.stop()
+
+
+def measure_concurrency(fleet: Fleet, k: int, runs: int) -> dict[str, Any]:
+    cfgs = [hub_config(fleet, f"hub-{k}-{j}") for j in range(k)]
+    fleets = [_connect_fleet(c) for c in cfgs]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(k + 1)
+    errors: list[str] = []
+
+    def worker(cfg: Config, connected: Any) -> None:
+        orch = orchestrator(cfg, connected)
+        barrier.wait()
+        for _ in range(runs):
+            out = orch.run("concurrent prompt", max_new_tokens=1)
+            with lock:
+                (latencies.append(out.total_ms) if out.ok else errors.append(str(out.error)))
+
+    threads = [threading.Thread(target=worker, args=(c, f), name=f"bench-k{j}") for j, (c, f) in
+               enumerate(zip(cfgs, fleets))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for f in fleets:
+        f.bus.stop()
+    return {"k": k, "runs": k * runs, "errors": len(errors), "auctions_per_s": round(k * runs / wall, 1),
+            "latency": Dist.of(latencies).json() if latencies else None}
+
+
+# ----------------------------------------------------------------------------- 4. local NPU
+
+class StartProbe:
+    """An executor that only records when it was started."""
+
+    name = "probe"
+
+    def __init__(self) -> None:
+        self.started_at = 0.0
+
+    def check(self) -> None:
+        return None
+
+    def run(self, prompt: str, params: Params, on_token: Callable[[str], None], cancel: Any = None) -> Result:
+        self.started_at = time.perf_counter()
+        return Result("ok", Timings(), 1, 1)
+
+
+def measure_local_npu(workdir: Path, iters: int) -> Dist:
+    cfg = load_config(None, env={}, flags={"device_id": "npu-bench"})
+    from dataclasses import replace
+    cfg = replace(cfg, state_dir=workdir / "npu-bench")
+    probe = StartProbe()
+    orch = orchestrator(cfg, None, npu_exec=probe)
+    samples = []
+    for _ in range(iters + 20):
+        t0 = time.perf_counter()
+        out = orch.run("local", max_new_tokens=1)
+        assert out.path == "local-npu"
+        samples.append((probe.started_at - t0) * 1000)
+    return Dist.of(samples[20:])
+
+
+def measure_cli(workdir: Path, iters: int) -> dict[str, Any]:
+    stamp = workdir / "exec-start"
+    cfg = workdir / "cli-npu.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "device_id": "cli-bench", "state_dir": str(workdir / "cli-bench"), "broker": {"port": 1},
+        "npu": {"enabled": True, "executor": {"kind": "command",
+                                              "argv": ["sh", "-c", f"date +%s.%N > {stamp}", "{prompt}"]}},
+        "cpu": {"enabled": False}}))
+    to_exec = []
+    for _ in range(iters):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "agent", "trigger", "--config", str(cfg), "-q", "x"], cwd=REPO,
+                       check=True, capture_output=True)
+        to_exec.append((float(stamp.read_text()) - t0) * 1000)
+
+    def wall(code: str) -> float:
+        runs = []
+        for _ in range(max(5, iters)):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+            runs.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(runs)
+
+    bare = wall("pass")
+    return {"to_exec": Dist.of(to_exec), "import_ms": round(wall("import agent.cli") - bare, 1),
+            "interpreter_ms": round(bare, 1)}
+
+
+# ----------------------------------------------------------------------------- 5. node cost
+
+def measure_node(fleet: Fleet, window_s: float, jobs: int) -> dict[str, float]:
+    proc = psutil.Process(fleet.procs[0].pid)
+    c0 = proc.cpu_times()
+    time.sleep(window_s)  # the measurement window itself: an idle node, watched
+    c1 = proc.cpu_times()
+    idle_cpu = (c1.user + c1.system - c0.user - c0.system) / window_s * 100
+    rss0 = proc.memory_info().rss / 2**20
+    cfg = hub_config(fleet, "hub-node")
+    connected = _connect_fleet(cfg)
+    try:
+        orch = orchestrator(cfg, connected)
+        for _ in range(jobs):
+            orch.run("job for the node", max_new_tokens=4)
+    finally:
+        connected.bus.stop()
+    rss1 = proc.memory_info().rss / 2**20
+    return {"idle_cpu_pct": round(idle_cpu, 2), "rss_mb": round(rss0, 1), "rss_after_jobs_mb": round(rss1, 1),
+            "jobs": jobs}
+
+
+# ----------------------------------------------------------------------------- report
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small N, few iterations: a smoke run (~30 s)")
+    ap.add_argument("--out", default="bench-results.json", help="where to write the JSON (default %(default)s)")
+    args = ap.parse_args()
+    sizes = [1, 4] if args.quick else [1, 8, 32]
+    iters, warmup = (30, 5) if args.quick else (300, 30)
+    ks = [1, 4] if args.quick else [1, 8, 32]
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                           "platform": platform.platform(), "quick": args.quick},
+                               "floor": {}, "auction": {}, "decide": {}, "dispatch": {}}
+    broker = LocalMosquitto(workdir / "mosquitto")
+    broker.start()
+    try:
+        for n in sizes:
+            log(f"floor, N={n}")
+            results["floor"][n] = measure_floor(broker.port, n, iters, warmup).json()
+            log(f"auction with {n} node daemons")
+            fleet = Fleet(broker.port, workdir / f"fleet{n}", n)
+            (workdir / f"fleet{n}").mkdir()
+            fleet.start()
+            try:
+                for key, dist in measure_auction(fleet, iters, warmup).items():
+                    results[key][n] = dist.json()
+                if n == sizes[0]:
+                    log("node cost (idle window, then jobs)")
+                    results["node"] = measure_node(fleet, 2.0 if args.quick else 10.0, 50 if args.quick else 300)
+                if n == sizes[min(1, len(sizes) - 1)]:
+                    results["concurrency"] = []
+                    for k in ks:
+                        log(f"concurrency K={k} against N={n}")
+                        results["concurrency"].append(measure_concurrency(fleet, k, 10 if args.quick else 60))
+            finally:
+                fleet.stop()
+        log("local NPU path")
+        results["local_npu_ms"] = measure_local_npu(workdir, iters).json()
+        results["cli"] = {k: (v.json() if isinstance(v, Dist) else v)
+                          for k, v in measure_cli(workdir, 5 if args.quick else 15).items()}
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    ratios = {}
+    for n in sizes:
+        f, a, d = results["floor"][n]["p50"], results["auction"][n]["p50"], results["dispatch"][n]["p50"]
+        ratios[n] = {"auction_over_floor": round(a / f, 2), "dispatch_over_2_floors": round(d / (2 * f), 2)}
+    results["ratios"] = ratios
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results, sizes)
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def print_table(r: dict[str, Any], sizes: list[int]) -> None:
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    print(f"\nedge-agent benchmark  (python {r['machine']['python']}, {r['machine']['cpus']} cpus"
+          f"{', quick' if r['machine']['quick'] else ''})\n")
+    print(f"{'N':>3} | {'floor p50/p95 ms':>17} | {'auction p50/p95 ms':>19} | {'ratio':>5} | "
+          f"{'decide p50 ms':>13} | {'dispatch p50/p95 ms':>20} | {'/2 floors':>9}")
+    for n in sizes:
+        f, a, d, dec = r["floor"][n], r["auction"][n], r["dispatch"][n], r["decide"][n]
+        ratio = r["ratios"][n]["auction_over_floor"]
+        print(f"{n:>3} | {f['p50']:>8.3f}/{f['p95']:<8.3f} | {a['p50']:>9.3f}/{a['p95']:<9.3f} | {ratio:>5.2f} | "
+              f"{dec['p50']:>13.3f} | {d['p50']:>10.3f}/{d['p95']:<9.3f} | {r['ratios'][n]['dispatch_over_2_floors']:>9.2f}")
+    worst = max(v["auction_over_floor"] for v in r["ratios"].values())
+    print(f"\nauction/floor, worst N: {worst:.2f}  (target <= {TARGETS['auction_ratio']}: {mark(worst <= TARGETS['auction_ratio'])})")
+    ln = r["local_npu_ms"]
+    print(f"local NPU, run() -> executor start: p50 {ln['p50']:.3f} ms, p95 {ln['p95']:.3f} ms "
+          f"(target <= {TARGETS['local_npu_ms']} ms: {mark(ln['p50'] <= TARGETS['local_npu_ms'])})")
+    cli = r["cli"]
+    print(f"CLI `python -m agent trigger` -> executor start: p50 {cli['to_exec']['p50']:.0f} ms "
+          f"(target <= {TARGETS['cli_to_exec_ms']:.0f} ms: {mark(cli['to_exec']['p50'] <= TARGETS['cli_to_exec_ms'])}); "
+          f"import agent.cli {cli['import_ms']:.0f} ms on top of a {cli['interpreter_ms']:.0f} ms interpreter start")
+    node = r["node"]
+    print(f"node idle: {node['idle_cpu_pct']:.2f}% of a core (target <= {TARGETS['idle_cpu_pct']}%: "
+          f"{mark(node['idle_cpu_pct'] <= TARGETS['idle_cpu_pct'])}), RSS {node['rss_mb']:.1f} MB "
+          f"(target <= {TARGETS['idle_rss_mb']:.0f}: {mark(node['rss_mb'] <= TARGETS['idle_rss_mb'])}); "
+          f"after {node['jobs']} jobs {node['rss_after_jobs_mb']:.1f} MB")
+    print("\nconcurrency (K orchestrators at once):")
+    for c in r["concurrency"]:
+        lat = c["latency"] or {"p50": float("nan"), "p95": float("nan")}
+        print(f"  K={c['k']:>2}: {c['auctions_per_s']:>7.1f} auctions/s, p50 {lat['p50']:.2f} ms, "
+              f"p95 {lat['p95']:.2f} ms, errors {c['errors']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
