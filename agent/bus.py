@@ -102,6 +102,7 @@ class Bus:
         self._on_connect_cb = on_connect
         self._connected = threading.Event()
         self._connack = threading.Event()  # any CONNACK, success or refusal
+        self.epoch = 0  # successful connects so far: a change means we were cut off meanwhile
         self._lock = threading.Lock()
         self._exact: dict[str, list[Subscription]] = {}
         self._wild = MQTTMatcher()
@@ -171,8 +172,12 @@ class Bus:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def stop(self, final: Iterable[tuple[str, bytes, bool]] = (), timeout: float = 2.0) -> None:
-        """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
+    def stop(self, final: Iterable[tuple[str, bytes, bool]] = (), timeout: float = 2.0, *,
+             end_session: bool = False) -> None:
+        """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly.
+
+        ``end_session`` tells the broker to drop our persistent session now rather than keep
+        it for its expiry interval (a finished trigger has nothing more to receive)."""
         if self._started:
             self._started = False  # from here on a disconnect is ours, not a lost broker
             infos = []
@@ -185,7 +190,11 @@ class Bus:
                     info.wait_for_publish(max(0.0, deadline - time.monotonic()))
                 except (RuntimeError, ValueError):
                     pass
-            self._client.disconnect()
+            props = None
+            if end_session and self.persistent:
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
             self._client.loop_stop()
         self._connected.clear()
         self._stop_dispatcher()
@@ -280,6 +289,7 @@ class Bus:
             client.subscribe(filters)
         log.info("%s: connected to %s:%d as %s (session %s)", self.name, self.broker.host,
                  self.broker.port, self.client_id, "resumed" if flags.session_present else "new")
+        self.epoch += 1
         self._connected.set()
         self._connack.set()
         if self._on_connect_cb is not None:

@@ -243,7 +243,7 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
         return 130
     finally:
         for fleet in fleets:
-            fleet.bus.stop()
+            fleet.bus.stop(end_session=True)
 
     for warning in result.warnings:
         print(f"warning: {warning}", file=err)
@@ -287,6 +287,8 @@ def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
 
 
 def _connect_fleet(cfg: Config) -> Any:
+    from dataclasses import replace
+
     from agent.bus import Bus, new_nonce
     from agent.orchestrator import Fleet
     from agent.roster import Roster
@@ -294,7 +296,11 @@ def _connect_fleet(cfg: Config) -> Any:
 
     topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
     nonce = new_nonce()
-    bus = Bus(f"{cfg.device_id}-trigger-{nonce}", cfg.broker, persistent=False, name="trigger")
+    # A persistent session as long as a job can live: if the broker restarts mid-job, it
+    # keeps the results queued for us while we reconnect. stop(end_session=True) drops it.
+    lifetime = int(cfg.auction.bid_timeout_s + cfg.auction.job_timeout_s) + 60
+    bus = Bus(f"{cfg.device_id}-trigger-{nonce}", replace(cfg.broker, session_expiry_s=lifetime),
+              persistent=True, name="trigger")
     roster = Roster(topics, cfg.device_id)
     bus.subscribe(topics.all_availability(), roster.handle)
     bus.set_sync_topic(topics.sync(cfg.device_id, nonce))
@@ -336,7 +342,7 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         fleet.sync()
         known = fleet.roster.known()
     finally:
-        fleet.bus.stop()
+        fleet.bus.stop(end_session=True)
     now = time.time()
     rows = []
     for dev in sorted(set(known) | set(metrics)):

@@ -262,7 +262,11 @@ class Job:
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
-        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls.from_obj(decode_json(payload, cls.KIND, max_bytes), max_bytes)
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
+        f = _Fields(obj, cls.KIND)
         return cls(rid=f.id("rid"), origin=f.id("origin"), mode=f.choice("mode", MODES),
                    claim=f.text("claim", 128) or "", prompt=f.text("prompt", max_bytes) or "",
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
@@ -270,6 +274,30 @@ class Job:
                    accept_by=f.number("accept_by", 0, 1e11) or 0.0,
                    reply_to=f.text("reply_to", 512) or "",
                    temperature=f.number("temperature", 0, 10, optional=True))
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Sent on ``exec/<dev>`` when an orchestrator abandons a job it sent there (no accept
+    in time, or the device went offline): a queued copy must never start, a running one
+    stops, and a late-arriving copy is declined."""
+
+    KIND: ClassVar[str] = "cancel"
+    rid: str
+    origin: str
+    reason: str = ""
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, "type": "cancel", **asdict(self)})
+
+
+def decode_exec(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job | Cancel:
+    """A message on exec/<dev>: a job (no "type", or "job") or a cancel."""
+    obj = decode_json(payload, Job.KIND, max_bytes)
+    if obj.get("type", "job") == "cancel":
+        f = _Fields(obj, Cancel.KIND)
+        return Cancel(rid=f.id("rid"), origin=f.id("origin"), reason=f.text("reason", 200, optional=True) or "")
+    return Job.from_obj(obj, max_bytes)
 
 
 @dataclass(frozen=True)

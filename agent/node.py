@@ -35,8 +35,9 @@ from agent.errors import AgentError, ExecutionTimeout, ExecutorError, MessageErr
 from agent.executors import Executor, Params, Result, build_executor
 from agent.fsm import JOB, Machine
 from agent.journal import Journal
-from agent.messages import (Accepted, Bid, BidRequest, Declined, Done, Error, Job, LastResult,
-                            Metrics, ResultEvent, Snapshot, Token, TriggerRequest, encode_result)
+from agent.messages import (Accepted, Bid, BidRequest, Cancel, Declined, Done, Error, Job, LastResult,
+                            Metrics, ResultEvent, Snapshot, Token, TriggerRequest, decode_exec,
+                            encode_result)
 from agent.metrics import HostSampler, LatencyWindow, snapshot
 from agent.npulock import NpuClaim, NpuLock
 from agent.roster import Roster
@@ -80,6 +81,7 @@ class Node:
         self._claim_seq = itertools.count(1)
         self._offers: OrderedDict[str, str] = OrderedDict()
         self._declines: OrderedDict[str, bytes] = OrderedDict()
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._runs: dict[str, JobRun] = {}
         self._cpu_queue: queue.Queue[JobRun | None] = queue.Queue()
         self._cpu_busy = 0
@@ -226,9 +228,12 @@ class Node:
 
     def _on_job(self, msg: Message) -> None:
         try:
-            job = Job.from_payload(msg.payload, self.cfg.max_payload_bytes)
+            job = decode_exec(msg.payload, self.cfg.max_payload_bytes)
         except MessageError as exc:
             log.warning("dropped job on %s: %s", msg.topic, exc)
+            return
+        if isinstance(job, Cancel):
+            self._on_cancel(job)
             return
         now = self.wall()
         with self._lock:
@@ -246,6 +251,10 @@ class Node:
             if job.rid in self._declines:
                 self.bus.publish(self.topics.exec_result(job.rid, self.me), self._declines[job.rid])
                 return
+            if job.rid in self._cancelled:
+                self._remember_decline(job.rid, self._send(Declined(job.rid, self.me, "cancelled")))
+                log.info("declined job %s: its orchestrator cancelled it before it arrived", job.rid)
+                return
             if job.deadline < now or job.accept_by < now:
                 log.info("ignored job %s from %s: too late to start (accept_by passed)", job.rid, job.origin)
                 return
@@ -253,10 +262,7 @@ class Node:
             reason = self._admit(run)
             if reason is not None:
                 run.fsm.fire("decline")
-                payload = self._send(Declined(job.rid, self.me, reason))
-                self._declines[job.rid] = payload
-                while len(self._declines) > DECLINES_KEPT:
-                    self._declines.popitem(last=False)
+                self._remember_decline(job.rid, self._send(Declined(job.rid, self.me, reason)))
                 log.info("declined job %s from %s: %s", job.rid, job.origin, reason)
                 return
             run.fsm.fire("accept")
@@ -270,6 +276,23 @@ class Node:
         else:
             self._cpu_queue.put(run)
         self._metrics_due.set()
+
+    def _remember_decline(self, rid: str, payload: bytes) -> None:
+        """Called under the lock: a redelivered copy gets the same answer."""
+        self._declines[rid] = payload
+        while len(self._declines) > DECLINES_KEPT:
+            self._declines.popitem(last=False)
+
+    def _on_cancel(self, cancel: Cancel) -> None:
+        with self._lock:
+            self._cancelled[cancel.rid] = self.wall()
+            while len(self._cancelled) > DECLINES_KEPT:
+                self._cancelled.popitem(last=False)
+            run = self._runs.get(cancel.rid)
+            if run is not None:
+                run.cancel.set()  # a queued copy never starts; a running one is stopped
+        log.info("job %s cancelled by %s (%s)%s", cancel.rid, cancel.origin, cancel.reason or "no reason",
+                 "; stopping it" if run is not None else "")
 
     def _admit(self, run: JobRun) -> str | None:
         """Claim what the bid promised, or say why not (called under the lock)."""
@@ -320,7 +343,8 @@ class Node:
             with self._lock:
                 run.fsm.fire("start")
             params = Params(max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                            timeout_s=remaining)
+                            timeout_s=remaining, rid=job.rid,
+                            hold_fds=(run.claim.fd,) if run.claim is not None else ())
             result = executor.run(job.prompt, params,
                                   lambda text: self._send(Token(job.rid, self.me, next(seq), text)),
                                   run.cancel)

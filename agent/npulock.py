@@ -30,6 +30,12 @@ class NpuClaim:
     def held(self) -> bool:
         return self._fd is not None
 
+    @property
+    def fd(self) -> int:
+        """The locked descriptor; a child that inherits it keeps the NPU marked busy."""
+        assert self._fd is not None, "released"
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

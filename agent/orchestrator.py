@@ -36,7 +36,7 @@ from agent.errors import (AgentError, BrokerUnavailable, ExecutionTimeout, Execu
                           MessageError, PromptTooLarge)
 from agent.executors import Executor, Params, estimate_tokens
 from agent.fsm import AUCTION, Machine
-from agent.messages import (Accepted, Bid, BidRequest, Declined, Done, Error,
+from agent.messages import (Accepted, Bid, BidRequest, Cancel, Declined, Done, Error,
                             Job, Snapshot, Timings, Token, decode_result)
 from agent.npulock import NpuLock
 from agent.topics import Topics
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DEVICE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 PATHS = ("local-npu", "peer-npu", "peer-cpu", "local-cpu")
 PROGRESS_EVERY_S = 1.0
+STEADY_CHECK_S = 0.5  # one broker round trip takes < 1 ms; a broker going away, no answer
 
 
 @dataclass
@@ -129,6 +130,7 @@ class _Bids:
         self._expected: set[str] | None = None
         self._open = True
         self.complete = threading.Event()
+        self.wake = threading.Event()  # complete, or something for the orchestrator to look at
 
     def add(self, msg: Any) -> None:
         bid = self._decode(msg)
@@ -155,6 +157,10 @@ class _Bids:
     def _check(self) -> None:
         if self._expected is not None and self._expected <= self._bids.keys():
             self.complete.set()
+            self.wake.set()
+
+    def poke(self) -> None:
+        self.wake.set()
 
     def missing(self) -> list[str]:
         with self._lock:
@@ -296,26 +302,35 @@ class Orchestrator:
         fleet.sync()  # one round trip covers the retained roster and our new subscriptions
         reserved = used[-1]
         events = reserved.events
+        epoch = fleet.bus.epoch
 
         def on_roster(dev: str, up: bool) -> None:
-            if not up:
-                reserved.bids.drop(dev)
             events.put(("roster", dev, up))
+            reserved.bids.poke()
 
         stop_listening = fleet.roster.listen(on_roster)
         try:
-            bids = self._auction(fleet, reserved, prompt, max_new, need, out, fsm)
+            bids = self._auction(fleet, reserved, epoch, prompt, max_new, need, out, fsm)
             offers = [_offer_from_bid(b) for b in bids.values()]
             if me_offer.snapshot.cpu_slots:
                 offers.append(me_offer)
-            self._decide_and_dispatch((fleet, events), offers, bids, prompt, max_new, need,
+            self._decide_and_dispatch((fleet, events, epoch), offers, bids, prompt, max_new, need,
                                       params, out, fsm)
         finally:
             stop_listening()
 
     # ------------------------------------------------------------------ auction
-    def _auction(self, fleet: Fleet, reserved: _Reserved, prompt: str, max_new: int, need: str,
-                 out: Outcome, fsm: Machine) -> dict[str, Bid]:
+    def _steady(self, fleet: Fleet, epoch: int) -> bool:
+        """Is our own link to the broker sound, as it was when this run began?
+
+        A Will alone is ambiguous: on shutdown Mosquitto delivers every client's Will to the
+        clients still connected. One round trip on the same connection tells a dead peer
+        (act now) from a broker that is going away (every node will come back)."""
+        return (fleet.bus.connected and fleet.bus.epoch == epoch
+                and fleet.bus.barrier(STEADY_CHECK_S) and fleet.bus.epoch == epoch)
+
+    def _auction(self, fleet: Fleet, reserved: _Reserved, epoch: int, prompt: str, max_new: int,
+                 need: str, out: Outcome, fsm: Machine) -> dict[str, Bid]:
         fsm.fire("open")
         window = self.cfg.auction.bid_timeout_s
         opened = self.clock()
@@ -327,19 +342,31 @@ class Orchestrator:
                           expiry_s=window, response_topic=self.topics.bid_replies(out.rid)[:-2],
                           correlation_data=out.rid.encode())
         deadline = opened + window
+        next_progress = opened + PROGRESS_EVERY_S
         while True:
-            now = self.clock()
-            if collector.complete.wait(max(0.0, min(deadline, now + PROGRESS_EVERY_S) - now)):
+            if collector.complete.is_set():
                 closing = "roster_complete"
                 break
-            if self.clock() >= deadline:
+            now = self.clock()
+            if now >= deadline:
                 closing = "timeout"
                 out.warnings.append(f"bid window of {window:g} s closed without bids from "
                                     f"{', '.join(collector.missing())}")
                 break
-            have, want = collector.progress()
-            self.on_progress(f"waiting for bids: {have} of {want} in, missing "
-                             f"{', '.join(collector.missing())} ({deadline - self.clock():.0f} s left)")
+            if now >= next_progress:
+                have, want = collector.progress()
+                self.on_progress(f"waiting for bids: {have} of {want} in, missing "
+                                 f"{', '.join(collector.missing())} ({deadline - now:.0f} s left)")
+                next_progress = now + PROGRESS_EVERY_S
+            collector.wake.wait(max(0.0, min(deadline, next_progress) - now))
+            collector.wake.clear()
+            while True:  # roster changes: a peer whose Will fired is not waited for
+                try:
+                    event = reserved.events.get_nowait()
+                except queue.Empty:
+                    break
+                if event[0] == "roster" and not event[2] and self._steady(fleet, epoch):
+                    collector.drop(event[1])
         bids = collector.close()
         out.auction_ms = (self.clock() - opened) * 1000
         for _ in bids:
@@ -360,7 +387,7 @@ class Orchestrator:
         return bid
 
     # ------------------------------------------------------------------ decide + dispatch
-    def _decide_and_dispatch(self, wire: tuple[Fleet, queue.SimpleQueue[tuple[Any, ...]]] | None,
+    def _decide_and_dispatch(self, wire: tuple[Fleet, queue.SimpleQueue[tuple[Any, ...]], int] | None,
                              offers: list[Any], bids: dict[str, Bid], prompt: str, max_new: int,
                              need: str, params: Params, out: Outcome, fsm: Machine) -> None:
         from agent.selection import select  # numpy: only the auction path pays for it
@@ -402,7 +429,7 @@ class Orchestrator:
                 assert wire is not None
                 fsm.fire("dispatch")
                 began = self.clock()
-                verdict = self._dispatch(wire[0], wire[1], choice, bids[choice.device].claim,
+                verdict = self._dispatch(wire[0], wire[1], wire[2], choice, bids[choice.device].claim,
                                          prompt, params, out, fsm)
                 if verdict == "next":
                     continue
@@ -417,7 +444,7 @@ class Orchestrator:
         out.error = ("no device can run this job" + (f" (tried {tried})" if tried else
                      " (no peer bid and this device has no usable executor)"))
 
-    def _dispatch(self, fleet: Fleet, events: queue.SimpleQueue[tuple[Any, ...]], choice: Any,
+    def _dispatch(self, fleet: Fleet, events: queue.SimpleQueue[tuple[Any, ...]], epoch: int, choice: Any,
                   claim: str, prompt: str, params: Params, out: Outcome, fsm: Machine) -> str:
         """Send the job to a peer and see it through; "next" means try the runner-up."""
         auction = self.cfg.auction
@@ -437,14 +464,34 @@ class Orchestrator:
         job_deadline = sent_at + auction.job_timeout_s
         streamed: dict[int, str] = {}
         next_progress = sent_at + PROGRESS_EVERY_S
+        # When the winner goes offline: if our connection stayed up, it died, and we act at
+        # once. If we were cut off too (a broker restart makes every node look offline for a
+        # moment), it gets accept_timeout_s to come back and carry on with the job.
+        gone_until: float | None = None
         while True:
             now = self.clock()
             waiting_accept = fsm.state == "dispatched"
             deadline = accept_deadline if waiting_accept else job_deadline
-            if now >= deadline:
+            if gone_until is not None and now >= gone_until:
+                fsm.fire("winner_offline")
+                if fsm.state == "closed":
+                    out.attempts.append({"device": choice.device, "outcome": "went offline"})
+                    # If it was only a network blink, its session still holds the job:
+                    # this cancel, queued behind it, keeps it from running a second time.
+                    self._cancel(fleet, choice.device, out.rid, "went offline; failed over")
+                    return "next"
+                out.attempts.append({"device": choice.device, "outcome": "went offline while streaming"})
+                out.exit_code, out.text = EXIT_FAILED, _joined(streamed)
+                out.error = f"{choice.device} went offline after streaming part of the answer"
+                self._cancel(fleet, choice.device, out.rid, "went offline while streaming")
+                return "done"
+            if gone_until is not None:
+                deadline = min(job_deadline, gone_until)  # the grace replaces the accept deadline
+            elif now >= deadline:
                 if waiting_accept:
                     fsm.fire("accept_timeout")
                     out.attempts.append({"device": choice.device, "outcome": "no answer"})
+                    self._cancel(fleet, choice.device, out.rid, "no accept in time")
                     return "next"
                 fsm.fire("timeout")
                 out.attempts.append({"device": choice.device, "outcome": "timed out"})
@@ -455,25 +502,27 @@ class Orchestrator:
                 self.on_progress(f"waiting for {choice.device} ({fsm.state}, {len(streamed)} chunks)")
                 next_progress = now + PROGRESS_EVERY_S
             try:
-                event = events.get(timeout=min(deadline, next_progress) - now)
+                event = events.get(timeout=max(0.0, min(deadline, next_progress) - now))
             except queue.Empty:
                 continue
             if event[0] == "roster":
-                if event[1] == choice.device and not event[2]:
-                    fsm.fire("winner_offline")
-                    if fsm.state == "closed":
-                        out.attempts.append({"device": choice.device, "outcome": "went offline"})
-                        return "next"
-                    out.attempts.append({"device": choice.device, "outcome": "went offline while streaming"})
-                    out.exit_code, out.text = EXIT_FAILED, _joined(streamed)
-                    out.error = f"{choice.device} went offline after streaming part of the answer"
-                    return "done"
+                _, device, up = event
+                if device == choice.device:
+                    if up:
+                        gone_until = None  # it is back
+                    elif gone_until is None and self._steady(fleet, epoch):
+                        gone_until = self.clock()  # it died: act now
+                    elif gone_until is None:
+                        gone_until = self.clock() + auction.accept_timeout_s
+                        self.on_progress(f"{choice.device} looks offline after our reconnect; "
+                                         f"giving it {auction.accept_timeout_s:g} s to come back")
                 continue
             if event[0] != "result":
                 continue  # a late bid
             ev = self._decode_result(event[1], out.rid)
             if ev is None or ev.device != choice.device:
                 continue
+            gone_until = None  # whatever the roster says, it is talking to us
             if isinstance(ev, Declined):
                 if fsm.state != "dispatched":
                     continue
@@ -514,6 +563,10 @@ class Orchestrator:
                 out.text = ev.partial_text or _joined(streamed)
                 out.error = f"{choice.device}: {ev.reason}"
                 return "done"
+
+    def _cancel(self, fleet: Fleet, device: str, rid: str, reason: str) -> None:
+        fleet.bus.publish(self.topics.exec(device), Cancel(rid, self.me, reason).to_payload(), qos=1,
+                          expiry_s=self.cfg.auction.job_timeout_s)
 
     def _decode_result(self, msg: Any, rid: str) -> Any:
         parsed = self.topics.parse(msg.topic)

@@ -47,14 +47,14 @@ def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], N
            stdin: bytes | None = None, env: Mapping[str, str] | None = None,
            cwd: str | None = None, timeout_s: float = 600.0,
            cancel: threading.Event | None = None, check: bool = True,
-           partial: Callable[[], str] = lambda: "") -> Finished:
+           partial: Callable[[], str] = lambda: "", pass_fds: tuple[int, ...] = ()) -> Finished:
     """Run argv, feeding stdout chunks to ``on_stdout``; raise typed errors on failure."""
     argv = [resolve(executor, argv[0]), *argv[1:]]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env) if env else None,
-                                cwd=cwd, start_new_session=True, bufsize=0)
+                                cwd=cwd, start_new_session=True, bufsize=0, pass_fds=pass_fds)
     except OSError as exc:
         raise ExecutorError(executor, f"cannot start {argv[0]}: {exc.strerror or exc}") from None
 

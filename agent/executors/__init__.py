@@ -26,6 +26,9 @@ class Params:
     max_new_tokens: int = 256
     temperature: float | None = None
     timeout_s: float = 600.0
+    rid: str = ""                      # exported to child processes as AGENT_RID
+    hold_fds: tuple[int, ...] = ()     # inherited by the child: the NPU lock stays held
+                                       # for as long as the process using the NPU lives
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,13 @@ class CommandExecutor:
             cancel: threading.Event | None = None) -> Result:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stream = Stream(on_token, params.max_new_tokens, cancel)
-        env = {**os.environ, **dict(self.cfg.env)} if self.cfg.env else None
+        env = {**os.environ, **dict(self.cfg.env), **({"AGENT_RID": params.rid} if params.rid else {})}
         start = time.monotonic()
         try:
             procs.stream(self.name, self.argv(prompt), on_stdout=lambda b: stream.emit(decoder.decode(b)),
                          stdin=prompt.encode("utf-8") if self.cfg.prompt_via == "stdin" else None,
                          env=env, cwd=self.cfg.cwd, timeout_s=min(params.timeout_s, self.cfg.timeout_s),
-                         cancel=stream.stop, partial=lambda: stream.text)
+                         cancel=stream.stop, partial=lambda: stream.text, pass_fds=params.hold_fds)
         except ExecutorError as exc:
             if not (stream.at_limit and exc.reason == "cancelled"):
                 raise  # stopped at max_new_tokens is a complete, truncated answer

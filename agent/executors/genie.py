@@ -260,8 +260,10 @@ class GenieExecutor:
             return "npu.executor.config is not set"
         return None
 
-    def env(self) -> dict[str, str]:
+    def env(self, rid: str = "") -> dict[str, str]:
         env = dict(os.environ)
+        if rid:
+            env["AGENT_RID"] = rid
         if self.cfg.library_path:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 p for p in (self.cfg.library_path, env.get("LD_LIBRARY_PATH")) if p)
@@ -320,8 +322,8 @@ class GenieExecutor:
         argv = self.argv(str(prompt_file), str(profile_file) if profile_file else None)
         try:
             procs.stream(self.name, argv, on_stdout=lambda chunk: stream.emit(output.feed(chunk)),
-                         env=self.env(), timeout_s=min(remaining, self.cfg.timeout_s), cancel=stream.stop,
-                         partial=lambda: stream.text)
+                         env=self.env(params.rid), timeout_s=min(remaining, self.cfg.timeout_s),
+                         cancel=stream.stop, partial=lambda: stream.text, pass_fds=params.hold_fds)
         except ExecutorError as exc:
             if stream.at_limit and exc.reason == "cancelled":
                 return  # we stopped it at max_new_tokens: a complete, truncated answer

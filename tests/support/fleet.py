@@ -197,6 +197,28 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=WAIT_S)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen, its connection stays open (a node that is away)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Stop (SIGTERM) and start again with the same config and state_dir."""
+        self.stop()
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -215,6 +237,27 @@ def _live_online(msg: Message) -> bool:
 def _broker_cfg(env: Env) -> Any:
     from agent.config import BrokerConfig
     return BrokerConfig(host=env.broker.host, port=env.broker.port, keepalive_s=5)
+
+
+JOB = Path(__file__).parent / "job.py"
+
+
+def job(log: Path, mode: str = "quick", gate: Path | None = None) -> dict[str, Any]:
+    """A `command` executor running the stand-in model tests/support/job.py."""
+    argv = [sys.executable, str(JOB), str(log), mode]
+    if gate is not None:
+        argv.append(str(gate))
+    return {"kind": "command", "argv": [*argv, "{prompt}"]}
+
+
+def executions(log: Path) -> dict[str, dict[str, int]]:
+    """{rid: {"start": n, "done": n}} from a job.py log."""
+    counts: dict[str, dict[str, int]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            what, rid, *_ = line.split()
+            counts.setdefault(rid, {"start": 0, "done": 0})[what] += 1
+    return counts
 
 
 def hold_npu_in_other_process(state_dir: Path) -> subprocess.Popen[str]:
