@@ -203,7 +203,8 @@ def test_winner_killed_before_any_token_fails_over_under_the_same_rid(env: Env) 
                                {"device": "zz-second", "outcome": "done"}]
     assert len(cancels) == 1, "the abandoned copy was cancelled"
     assert list(executions(second_log)) == [out["rid"]], "same rid on the runner-up"
-    assert executions(first_log)[out["rid"]]["done"] == 0
+    # Killed right after "accepted": its model may or may not have started, never finished.
+    assert executions(first_log).get(out["rid"], {"done": 0})["done"] == 0
 
 
 def test_winner_killed_after_streaming_reports_the_partial_text(env: Env) -> None:
