@@ -161,6 +161,8 @@ class Node:
     def _on_ha_status(self, msg: Message) -> None:
         if msg.payload == b"online":
             self._announce()
+        elif msg.payload != b"offline":
+            log.warning("ignoring Home Assistant status %r (want online/offline)", msg.payload[:40])
 
     def snapshot(self) -> Snapshot:
         npu_free = self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
