@@ -46,7 +46,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.bus import Bus, Message, new_nonce  # noqa: E402
+from agent.bus import Bus, new_nonce  # noqa: E402
 from agent.cli import _connect_fleet  # noqa: E402
 from agent.config import BrokerConfig, Config, load_config  # noqa: E402
 from agent.devbroker import LocalMosquitto  # noqa: E402
@@ -54,6 +54,7 @@ from agent.executors import Params, Result  # noqa: E402
 from agent.linucb import ArmStore  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
+from agent.roster import ArrivalWatch  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 
 TARGETS = {"auction_ratio": 1.5, "local_npu_ms": 1.0, "cli_to_exec_ms": 300.0, "idle_cpu_pct": 1.0,
@@ -169,24 +170,17 @@ class Fleet:
         return path
 
     def start(self) -> None:
-        topics = Topics(self.prefix)
         names = [f"node-{i:02d}" for i in range(self.n)]
-        online = {d: threading.Event() for d in names}
-
-        def on_avail(msg: Message) -> None:
-            parsed = topics.parse(msg.topic)
-            if parsed and parsed.device in online and msg.payload == b"online":
-                online[parsed.device].set()
-
         watcher = Bus(f"bench-watch-{new_nonce()}", BrokerConfig(port=self.port), persistent=False)
-        watcher.subscribe(topics.all_availability(), on_avail)
+        arrivals = ArrivalWatch(watcher, Topics(self.prefix))
         watcher.connect(5)
         for d in names:
+            arrivals.expect(d)
             self.procs.append(subprocess.Popen([sys.executable, "-m", "agent", "--role", "node", "--config",
                                                 str(self.config(d))], cwd=REPO, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL))
-        for d, ev in online.items():
-            if not ev.wait(60):
+        for d in names:
+            if not arrivals.wait(d, 60):
                 raise RuntimeError(f"{d} did not come online")
         watcher.stop()
 

@@ -20,16 +20,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus import Bus, Message, new_nonce  # noqa: E402
+from agent.bus import Bus, new_nonce  # noqa: E402
 from agent.config import BrokerConfig  # noqa: E402
 from agent.devbroker import LocalMosquitto  # noqa: E402
 from agent.npulock import NpuLock  # noqa: E402
+from agent.roster import ArrivalWatch  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 
 FLEET = ["board-npu", "laptop", "phone"]
@@ -55,27 +55,20 @@ class Demo:
     def start_fleet(self) -> None:
         banner(f"Mosquitto on 127.0.0.1:{self.broker.port} (mosquitto/dev.conf, private data dir)")
         self.broker.start()
-        online = {d: threading.Event() for d in FLEET}
-        topics = Topics()
-
-        def on_availability(msg: Message) -> None:
-            parsed = topics.parse(msg.topic)
-            if parsed and parsed.device in online and msg.payload == b"online":
-                online[parsed.device].set()
-
         watcher = Bus(f"demo-{new_nonce()}", BrokerConfig(port=self.broker.port), persistent=False, name="demo")
-        watcher.subscribe(topics.all_availability(), on_availability)
+        arrivals = ArrivalWatch(watcher, Topics())
         watcher.connect(5)
         banner("Starting the fleet: " + ", ".join(FLEET))
         for device in FLEET:
+            arrivals.expect(device)
             log = open(self.workdir / f"{device}.log", "wb")
             cmd = [sys.executable, "-m", "agent", "--role", "node", "--config", f"configs/fleet/{device}.yaml"]
             print(f"{DIM}$ {shlex.join(['python', *cmd[1:]])} &   (log: {log.name}){RESET}")
             self.nodes.append(subprocess.Popen(cmd, cwd=REPO, env=self.env(device), stdout=log,
                                                stderr=subprocess.STDOUT))
             log.close()
-        for device, event in online.items():
-            if not event.wait(20):
+        for device in FLEET:
+            if not arrivals.wait(device, 20):
                 raise SystemExit(f"{device} did not come online; see {self.workdir / (device + '.log')}")
         watcher.stop()
         print("all three devices online")

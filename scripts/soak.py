@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from agent.bus import Bus, Message, new_nonce  # noqa: E402
+from agent.bus import Bus, new_nonce  # noqa: E402
 from agent.cli import main as cli  # noqa: E402
 from agent.config import BrokerConfig  # noqa: E402
 from agent.devbroker import LocalMosquitto  # noqa: E402
+from agent.roster import ArrivalWatch  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 
 JOB = REPO / "tests" / "support" / "job.py"
@@ -47,12 +48,12 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self.max_rss_mb = 0.0
 
-    def start(self, online: threading.Event) -> None:
-        online.clear()
+    def start(self, arrivals: ArrivalWatch) -> None:
+        arrivals.expect(self.name)
         with open(self.log.with_suffix(".out"), "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--role", "node", "--config",
                                           str(self.config)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        if not online.wait(30):
+        if not arrivals.wait(self.name, 30):
             raise RuntimeError(f"{self.name} did not come online")
 
     def sample_rss(self) -> None:
@@ -91,20 +92,12 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
         path.write_text(yaml.safe_dump(doc))
         return path
 
-    online: dict[str, threading.Event] = {}
-
-    def on_avail(msg: Message) -> None:
-        parsed = topics.parse(msg.topic)
-        if parsed and parsed.device in online and msg.payload == b"online" and not msg.retain:
-            online[parsed.device].set()
-
     watcher = Bus(f"soak-watch-{new_nonce()}", BrokerConfig(port=port), persistent=False)
-    watcher.subscribe(topics.all_availability(), on_avail)
+    arrivals = ArrivalWatch(watcher, topics)
     watcher.connect(5)
     fleet = [Node(f"node-{i}", config(f"node-{i}"), log) for i in range(nodes)]
     for n in fleet:
-        online[n.name] = threading.Event()
-        n.start(online[n.name])
+        n.start(arrivals)
     hub = config("hub", cpu={"enabled": False},
                  auction={"bid_timeout_s": 5, "accept_timeout_s": 1, "job_timeout_s": 20})
 
@@ -119,7 +112,7 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
             kills[0] += 1
             if stop.wait(rng.uniform(0.1, 1.0)):
                 break
-            victim.start(online[victim.name])
+            victim.start(arrivals)
 
     codes: Counter[int] = Counter()
     reasons: Counter[str] = Counter()

@@ -110,18 +110,27 @@ def test_cancel_keeps_a_queued_copy_from_ever_starting(env: Env) -> None:
 
 # --------------------------------------------------------------------- 2. queued while away
 
-def test_node_frozen_during_the_auction_bids_and_runs_when_it_returns(env: Env) -> None:
+def frozen_auction(env: Env, prompt: str, while_frozen: Callable[[], None] = lambda: None
+                   ) -> tuple[int, dict[str, Any] | None, str, Path]:
+    """The only peer is frozen (SIGSTOP) when the auction opens; once the auction is seen
+    waiting for it, `while_frozen` runs, then the peer is thawed."""
     log = env.tmp / "runs.log"
     hub = env.config("hub", auction={"bid_timeout_s": 20})
     node = env.config("sleepy", cpu=job(log, "quick"), broker={"keepalive_s": 10})
     with env.node_process(node) as proc:
         proc.pause()
         try:
-            bg = Background(env, hub, "wake up")
+            bg = Background(env, hub, prompt)
             assert bg.progress.wait(WAIT_S), "the auction should be waiting for the frozen node"
+            while_frozen()
         finally:
             proc.resume()
         code, out, err = bg.result()
+    return code, out, err, log
+
+
+def test_node_frozen_during_the_auction_bids_and_runs_when_it_returns(env: Env) -> None:
+    code, out, err, log = frozen_auction(env, "wake up")
     assert code == 0, err
     assert out is not None and out["winner"] == "sleepy" and out["text"].strip() == "wake up"
     assert out["auction_ms"] >= 1000, "it waited for the node instead of giving up on it"
@@ -184,44 +193,42 @@ def test_racing_orchestrators_never_share_the_npu_and_nobody_waits_on_it(env: En
 
 # --------------------------------------------------------------------- 4. failover
 
-def test_winner_killed_before_any_token_fails_over_under_the_same_rid(env: Env) -> None:
-    first_log, second_log = env.tmp / "first.log", env.tmp / "second.log"
+def kill_the_winner(env: Env, mode: str, kill_when: str) -> tuple[int, dict[str, Any], list[Message]]:
+    """Two CPU peers; "aa-first" wins (alphabetical order decides between two untrained
+    arms), runs a model in `mode`, and is SIGKILLed when it sends its first `kill_when`
+    event. Returns the trigger's exit code and JSON, and what was said on exec/#."""
     hub = env.config("hub")
-    # Alphabetical order decides between two untrained arms: "aa-first" wins the auction.
-    first = env.config("aa-first", cpu=job(first_log, "hold", env.tmp / "never"))
-    second = env.config("zz-second", cpu=job(second_log, "quick"))
+    first = env.config("aa-first", cpu=job(env.tmp / "first.log", mode, env.tmp / "never"))
+    second = env.config("zz-second", cpu=job(env.tmp / "second.log", "quick"))
     with env.node_process(second), env.node_process(first) as doomed, \
             env.spy(f"{env.prefix}exec/#") as spy:
-        bg = Background(env, hub, "fail me over")
-        spy.wait_for(result_of("accepted", "aa-first"), what="aa-first accepted")
+        bg = Background(env, hub, "the prompt")
+        spy.wait_for(result_of(kill_when, "aa-first"), what=f"{kill_when} from aa-first")
         doomed.kill()
         code, out, err = bg.result()
-        cancels = [m for m in spy.seen if m.topic == env.topics.exec("aa-first") and b'"cancel"' in m.payload]
-    assert code == 0, err
-    assert out is not None and out["winner"] == "zz-second" and out["text"].strip() == "fail me over"
+        assert out is not None, err
+        return code, out, list(spy.seen)
+
+
+def test_winner_killed_before_any_token_fails_over_under_the_same_rid(env: Env) -> None:
+    code, out, said = kill_the_winner(env, "hold", kill_when="accepted")
+    assert code == 0, out
+    assert out["winner"] == "zz-second" and out["text"].strip() == "the prompt"
     assert out["attempts"] == [{"device": "aa-first", "outcome": "went offline"},
                                {"device": "zz-second", "outcome": "done"}]
+    cancels = [m for m in said if m.topic == env.topics.exec("aa-first") and b'"cancel"' in m.payload]
     assert len(cancels) == 1, "the abandoned copy was cancelled"
-    assert list(executions(second_log)) == [out["rid"]], "same rid on the runner-up"
+    assert list(executions(env.tmp / "second.log")) == [out["rid"]], "same rid on the runner-up"
     # Killed right after "accepted": its model may or may not have started, never finished.
-    assert executions(first_log).get(out["rid"], {"done": 0})["done"] == 0
+    assert executions(env.tmp / "first.log").get(out["rid"], {"done": 0})["done"] == 0
 
 
 def test_winner_killed_after_streaming_reports_the_partial_text(env: Env) -> None:
-    first_log, second_log = env.tmp / "first.log", env.tmp / "second.log"
-    hub = env.config("hub")
-    first = env.config("aa-first", cpu=job(first_log, "token-then-hold", env.tmp / "never"))
-    second = env.config("zz-second", cpu=job(second_log, "quick"))
-    with env.node_process(second), env.node_process(first) as doomed, \
-            env.spy(f"{env.prefix}exec/result/#") as spy:
-        bg = Background(env, hub, "stream then die")
-        spy.wait_for(result_of("token", "aa-first"), what="a token from aa-first")
-        doomed.kill()
-        code, out, err = bg.result()
+    code, out, _ = kill_the_winner(env, "token-then-hold", kill_when="token")
     assert code == 1
-    assert out is not None and out["ok"] is False and out["text"] == "partial "
+    assert out["ok"] is False and out["text"] == "partial "
     assert "went offline after streaming" in out["error"]
-    assert executions(second_log) == {}, "never run a second time"
+    assert executions(env.tmp / "second.log") == {}, "never run a second time"
 
 
 # --------------------------------------------------------------------- 5. broker restart
@@ -254,18 +261,7 @@ def test_broker_restart_during_a_job(restartable: Env) -> None:
 
 def test_broker_restart_during_an_auction(restartable: Env) -> None:
     env = restartable
-    log = env.tmp / "runs.log"
-    hub = env.config("hub", auction={"bid_timeout_s": 20})
-    node = env.config("sleepy", cpu=job(log, "quick"), broker={"keepalive_s": 10})
-    with env.node_process(node) as proc:
-        proc.pause()
-        try:
-            bg = Background(env, hub, "auction across a restart")
-            assert bg.progress.wait(WAIT_S)
-            env.broker.restart()
-        finally:
-            proc.resume()
-        code, out, err = bg.result()
+    code, out, err, log = frozen_auction(env, "auction across a restart", env.broker.restart)
     assert code == 0, err
     assert out is not None and out["winner"] == "sleepy"
     assert [v for v in executions(log).values()] == [{"start": 1, "done": 1}]
