@@ -22,7 +22,7 @@ from agent.cli import main
 from agent.messages import Bid, BidRequest, Job, decode_result
 from agent.npulock import NpuLock
 from tests.support.broker import REPO
-from tests.support.fleet import WAIT_S, Env, executions, job, sim
+from tests.support.fleet import WAIT_S, Env, Gate, executions, job
 
 
 class Background:
@@ -66,7 +66,7 @@ def result_of(kind: str, device: str | None = None) -> Callable[[Message], bool]
 # --------------------------------------------------------------------- 1. exactly once
 
 def test_redelivered_job_runs_once_even_across_a_node_restart(env: Env) -> None:
-    log, gate = env.tmp / "runs.log", env.tmp / "gate"
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
     node = env.config("worker", cpu=job(log, "hold", gate))
     t = env.topics
     with env.node_process(node) as proc, env.spy(f"{env.prefix}#") as spy:
@@ -78,7 +78,7 @@ def test_redelivered_job_runs_once_even_across_a_node_restart(env: Env) -> None:
         spy.wait_for(result_of("accepted"), what="accepted")
         spy.publish(t.exec("worker"), job_msg)  # a duplicate while it runs: attaches
         spy.wait_for(lambda m: len([x for x in spy.seen if result_of("accepted")(x)]) == 2, what="second accepted")
-        gate.touch()
+        gate.release()
         done = spy.wait_for(result_of("done"), what="done")
         spy.publish(t.exec("worker"), job_msg)  # after it finished: the recorded result
         spy.wait_for(lambda m: len([x for x in spy.seen if result_of("done")(x)]) == 2, what="recorded done")
@@ -160,10 +160,9 @@ def test_a_call_for_bids_that_expired_while_away_is_never_acted_on(env: Env) -> 
 # --------------------------------------------------------------------- 3. race-free NPU
 
 def test_racing_orchestrators_never_share_the_npu_and_nobody_waits_on_it(env: Env) -> None:
-    npu_log, cpu_log, gate = env.tmp / "npu.log", env.tmp / "cpu.log", env.tmp / "gate"
+    npu_log, cpu_log, gate = env.tmp / "npu.log", env.tmp / "cpu.log", Gate(env.tmp / "gate")
     peer = env.config("npu-peer", npu=job(npu_log, "hold", gate), cpu=None)
-    backup = env.config("cpu-peer", cpu=job(cpu_log, "quick"), cpu_slots=8)
-    backup.write_text(backup.read_text().replace("cpu_slots: 8\n", "") .replace("  enabled: true\n", "  enabled: true\n  slots: 8\n", 1))
+    backup = env.config("cpu-peer", cpu=job(cpu_log, "quick"), slots=8)
     hubs = [env.config(f"hub-{i}") for i in range(5)]
     with env.node_process(peer), env.node_process(backup):
         procs = [subprocess.Popen([sys.executable, "-m", "agent", "trigger", "--config", str(h), "--json", "-q",
@@ -180,7 +179,7 @@ def test_racing_orchestrators_never_share_the_npu_and_nobody_waits_on_it(env: En
                 pass
         on_npu = [p for p in procs if p.pid not in results]
         assert len(on_npu) == 1, f"exactly one trigger holds the NPU: {results}"
-        gate.touch()
+        gate.release()
         out, err = on_npu[0].communicate(timeout=30)
         results[on_npu[0].pid] = (on_npu[0].returncode, json.loads(out), err)
     assert all(code == 0 for code, _, _ in results.values()), results
@@ -198,7 +197,7 @@ def kill_the_winner(env: Env, mode: str, kill_when: str) -> tuple[int, dict[str,
     arms), runs a model in `mode`, and is SIGKILLed when it sends its first `kill_when`
     event. Returns the trigger's exit code and JSON, and what was said on exec/#."""
     hub = env.config("hub")
-    first = env.config("aa-first", cpu=job(env.tmp / "first.log", mode, env.tmp / "never"))
+    first = env.config("aa-first", cpu=job(env.tmp / "first.log", mode, Gate(env.tmp / "never")))
     second = env.config("zz-second", cpu=job(env.tmp / "second.log", "quick"))
     with env.node_process(second), env.node_process(first) as doomed, \
             env.spy(f"{env.prefix}exec/#") as spy:
@@ -242,7 +241,7 @@ def restartable(env: Env) -> Env:
 
 def test_broker_restart_during_a_job(restartable: Env) -> None:
     env = restartable
-    log, gate = env.tmp / "runs.log", env.tmp / "gate"
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
     hub = env.config("hub")
     node = env.config("worker", cpu=job(log, "hold", gate))
     with env.node_process(node):
@@ -250,7 +249,7 @@ def test_broker_restart_during_a_job(restartable: Env) -> None:
             bg = Background(env, hub, "survive the restart")
             spy.wait_for(result_of("accepted"), what="accepted")
         env.broker.restart()
-        gate.touch()
+        gate.release()
         code, out, err = bg.result()
         assert code == 0, err
         assert out is not None and out["text"].strip() == "survive the restart"

@@ -49,7 +49,7 @@ class Env:
         return Topics(self.prefix)
 
     def config(self, device_id: str, *, npu: dict[str, Any] | None = None,
-               cpu: dict[str, Any] | None = None, **extra: Any) -> Path:
+               cpu: dict[str, Any] | None = None, slots: int = 1, **extra: Any) -> Path:
         """Write a config file for a device and return its path."""
         doc: dict[str, Any] = {
             "device_id": device_id,
@@ -59,7 +59,7 @@ class Env:
             "metrics_interval_s": 30,
             "homeassistant": {"enabled": False},
             "npu": {"enabled": npu is not None, **({"executor": npu} if npu else {})},
-            "cpu": {"enabled": cpu is not None, **({"executor": cpu} if cpu else {})},
+            "cpu": {"enabled": cpu is not None, "slots": slots, **({"executor": cpu} if cpu else {})},
         }
         for key, value in extra.items():
             if isinstance(value, dict) and isinstance(doc.get(key), dict):
@@ -242,11 +242,30 @@ def _broker_cfg(env: Env) -> Any:
 JOB = Path(__file__).parent / "job.py"
 
 
-def job(log: Path, mode: str = "quick", gate: Path | None = None) -> dict[str, Any]:
+class Gate:
+    """A FIFO a stand-in model blocks on until the test releases it (no polling)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        os.mkfifo(path)
+        self._fd: int | None = None
+
+    def release(self) -> None:
+        # Opened read-write, a FIFO never blocks; the byte waits there for the model.
+        self._fd = os.open(self.path, os.O_RDWR)
+        os.write(self._fd, b"go")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def job(log: Path, mode: str = "quick", gate: Gate | None = None) -> dict[str, Any]:
     """A `command` executor running the stand-in model tests/support/job.py."""
     argv = [sys.executable, str(JOB), str(log), mode]
     if gate is not None:
-        argv.append(str(gate))
+        argv.append(str(gate.path))
     return {"kind": "command", "argv": [*argv, "{prompt}"]}
 
 

@@ -10,8 +10,9 @@ from the agent), so a test can count executions per request. Modes:
     token-then-hold   one token, then hold until GATE exists
     crash             one token, then exit 3
 
-It exits on its own when orphaned (its agent was killed), as a model process would when
-its output pipe breaks, so tests leave nothing running behind.
+GATE is a FIFO (tests/support/fleet.Gate): holding is a blocking read on it, released by
+the test writing one byte. The kernel kills this process when the agent thread that
+started it dies (PR_SET_PDEATHSIG), so a test that kills a node leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -31,18 +32,25 @@ def note(log: str, what: str) -> None:
         os.close(fd)
 
 
-def hold(gate: Path, parent: int) -> None:
-    while not gate.exists():
-        if os.getppid() != parent:
-            sys.exit(0)  # orphaned: the agent that ran us is gone
-        time.sleep(0.01)  # a stand-in model, waiting to be released by the test
+def die_with_parent() -> None:
+    import ctypes
+    import signal
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the signal was armed: we were reparented
+        sys.exit(0)
+
+
+def hold(gate: Path) -> None:
+    with open(gate, "rb") as fifo:
+        fifo.read(1)  # blocks until the test releases the gate
 
 
 def main() -> int:
     log, mode = sys.argv[1], sys.argv[2]
     gate = Path(sys.argv[3]) if len(sys.argv) > 4 else Path("/nonexistent-gate")
     prompt = sys.argv[-1]
-    parent = os.getppid()
+    die_with_parent()
     note(log, "start")
     if mode in ("token-then-hold", "crash"):
         sys.stdout.write("partial ")
@@ -50,7 +58,7 @@ def main() -> int:
         if mode == "crash":
             return 3
     if mode in ("hold", "token-then-hold"):
-        hold(gate, parent)
+        hold(gate)
     for word in prompt.split():
         sys.stdout.write(word + " ")
         sys.stdout.flush()
