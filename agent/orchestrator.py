@@ -429,8 +429,9 @@ class Orchestrator:
                 assert wire is not None
                 fsm.fire("dispatch")
                 began = self.clock()
+                last = choice is decision.ranking[-1]
                 verdict = self._dispatch(wire[0], wire[1], wire[2], choice, bids[choice.device].claim,
-                                         prompt, params, out, fsm)
+                                         prompt, params, out, fsm, last=last)
                 if verdict == "next":
                     continue
             self._answered(out)
@@ -445,8 +446,12 @@ class Orchestrator:
                      " (no peer bid and this device has no usable executor)"))
 
     def _dispatch(self, fleet: Fleet, events: queue.SimpleQueue[tuple[Any, ...]], epoch: int, choice: Any,
-                  claim: str, prompt: str, params: Params, out: Outcome, fsm: Machine) -> str:
-        """Send the job to a peer and see it through; "next" means try the runner-up."""
+                  claim: str, prompt: str, params: Params, out: Outcome, fsm: Machine, *,
+                  last: bool) -> str:
+        """Send the job to a peer and see it through; "next" means try the runner-up.
+
+        ``last``: there is no runner-up, so a winner that drops off the network is waited
+        for (accept_timeout_s) rather than abandoned for nothing."""
         auction = self.cfg.auction
         sent_at = self.clock()
         wall_now = self.wall()
@@ -464,9 +469,10 @@ class Orchestrator:
         job_deadline = sent_at + auction.job_timeout_s
         streamed: dict[int, str] = {}
         next_progress = sent_at + PROGRESS_EVERY_S
-        # When the winner goes offline: if our connection stayed up, it died, and we act at
-        # once. If we were cut off too (a broker restart makes every node look offline for a
-        # moment), it gets accept_timeout_s to come back and carry on with the job.
+        # When the winner goes offline: if our connection stayed up and there is a runner-up,
+        # we act at once. If we were cut off too (a broker restart makes every node look
+        # offline for a moment), or there is nowhere else to go, it gets accept_timeout_s to
+        # come back and carry on: its session kept the job.
         gone_until: float | None = None
         while True:
             now = self.clock()
@@ -510,12 +516,12 @@ class Orchestrator:
                 if device == choice.device:
                     if up:
                         gone_until = None  # it is back
-                    elif gone_until is None and self._steady(fleet, epoch):
-                        gone_until = self.clock()  # it died: act now
+                    elif gone_until is None and not last and self._steady(fleet, epoch):
+                        gone_until = self.clock()  # it died, and someone else can run it
                     elif gone_until is None:
                         gone_until = self.clock() + auction.accept_timeout_s
-                        self.on_progress(f"{choice.device} looks offline after our reconnect; "
-                                         f"giving it {auction.accept_timeout_s:g} s to come back")
+                        self.on_progress(f"{choice.device} went offline; giving it "
+                                         f"{auction.accept_timeout_s:g} s to come back")
                 continue
             if event[0] != "result":
                 continue  # a late bid

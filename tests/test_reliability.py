@@ -307,3 +307,26 @@ def test_crashing_executor_frees_the_npu_and_the_node_keeps_serving(env: Env) ->
         assert n.npu_lock.is_free()
         code, out, _, _ = env.trigger(hub, "again")
         assert code == 1 and out is not None and out["path"] == "peer-npu", "the NPU was offered again"
+
+
+# --------------------------------------------------------------------- connection cut
+
+def test_a_cut_connection_mid_job_loses_nothing(env: Env) -> None:
+    from tests.support.proxy import CuttableProxy
+
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    hub = env.config("hub", auction={"accept_timeout_s": 8})
+    with CuttableProxy(env.broker.host, env.broker.port) as proxy:
+        node = env.config("worker", cpu=job(log, "hold", gate), broker={"port": proxy.port})
+        with env.node_process(node), env.spy(env.topics.availability("worker")) as avail:
+            with env.spy(f"{env.prefix}exec/result/#") as spy:
+                bg = Background(env, hub, "across the blink")
+                spy.wait_for(result_of("accepted"), what="accepted")
+            proxy.cut()  # the node's Will fires; it reconnects and resumes its session
+            avail.wait_for(lambda m: m.payload == b"offline", what="the Will")
+            gate.release()  # it finishes while reconnecting: its done is queued, not lost
+            code, out, err = bg.result()
+            avail.wait_for(lambda m: m.payload == b"online" and not m.retain, what="back online")
+    assert code == 0, err
+    assert out is not None and out["winner"] == "worker" and out["text"].strip() == "across the blink"
+    assert [v for v in executions(log).values()] == [{"start": 1, "done": 1}]
