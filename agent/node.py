@@ -80,7 +80,7 @@ class Node:
         self._epoch = f"{int(wall())}-{os.getpid()}-{new_nonce()}"
         self._claim_seq = itertools.count(1)
         self._offers: OrderedDict[str, str] = OrderedDict()
-        self._declines: OrderedDict[str, bytes] = OrderedDict()
+        self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._runs: dict[str, JobRun] = {}
         self._cpu_queue: queue.Queue[JobRun | None] = queue.Queue()
@@ -250,11 +250,11 @@ class Node:
                 if run.accepted:
                     self.bus.publish(self.topics.exec_result(job.rid, self.me), run.accepted)
                 return
-            if job.rid in self._declines:
-                self.bus.publish(self.topics.exec_result(job.rid, self.me), self._declines[job.rid])
+            if (job.rid, job.mode) in self._declines:
+                self.bus.publish(self.topics.exec_result(job.rid, self.me), self._declines[(job.rid, job.mode)])
                 return
             if job.rid in self._cancelled:
-                self._remember_decline(job.rid, self._send(Declined(job.rid, self.me, "cancelled")))
+                self._remember_decline(job, self._send(Declined(job.rid, self.me, "cancelled")))
                 log.info("declined job %s: its orchestrator cancelled it before it arrived", job.rid)
                 return
             if job.deadline < now or job.accept_by < now:
@@ -264,7 +264,7 @@ class Node:
             reason = self._admit(run)
             if reason is not None:
                 run.fsm.fire("decline")
-                self._remember_decline(job.rid, self._send(Declined(job.rid, self.me, reason)))
+                self._remember_decline(job, self._send(Declined(job.rid, self.me, reason)))
                 log.info("declined job %s from %s: %s", job.rid, job.origin, reason)
                 return
             run.fsm.fire("accept")
@@ -279,9 +279,10 @@ class Node:
             self._cpu_queue.put(run)
         self._metrics_due.set()
 
-    def _remember_decline(self, rid: str, payload: bytes) -> None:
-        """Called under the lock: a redelivered copy gets the same answer."""
-        self._declines[rid] = payload
+    def _remember_decline(self, job: Job, payload: bytes) -> None:
+        """Called under the lock: a redelivered copy gets the same answer. Keyed by mode too:
+        a device that declined the NPU may still be asked to run the same job on its CPU."""
+        self._declines[(job.rid, job.mode)] = payload
         while len(self._declines) > DECLINES_KEPT:
             self._declines.popitem(last=False)
 

@@ -330,3 +330,26 @@ def test_a_cut_connection_mid_job_loses_nothing(env: Env) -> None:
     assert code == 0, err
     assert out is not None and out["winner"] == "worker" and out["text"].strip() == "across the blink"
     assert [v for v in executions(log).values()] == [{"start": 1, "done": 1}]
+
+
+def test_a_device_that_declines_the_npu_can_still_take_the_job_on_its_cpu(env: Env) -> None:
+    from tests.support.fleet import hold_npu_in_other_process
+
+    log = env.tmp / "runs.log"
+    node = env.config("both", npu=job(log, "quick"), cpu=job(log, "quick"))
+    t = env.topics
+    with env.node(node), env.spy(f"{env.prefix}#") as spy:
+        spy.publish(t.bid_request("r5"), BidRequest("r5", "hub", time.time() + 30, 3, 8).to_payload())
+        bid = Bid.from_payload(spy.wait_for(lambda m: m.topic == t.bid_reply("r5", "both"), what="bid").payload)
+        assert bid.snapshot.npu_free
+        holder = hold_npu_in_other_process(env.tmp / "state" / "both")  # taken between bid and job
+        try:
+            for mode in ("npu", "cpu"):
+                spy.publish(t.exec("both"), Job("r5", "hub", mode, bid.claim, "on the cpu", 8, time.time() + 60,
+                                                time.time() + 5, "exec/result/r5").to_payload())
+            done = spy.wait_for(result_of("done"), what="done on the CPU")
+        finally:
+            holder.communicate("")
+    declined = [decode_result(m.payload) for m in spy.seen if result_of("declined")(m)]
+    assert [d.reason for d in declined] == ["npu_busy"]
+    assert decode_result(done.payload).text.strip() == "on the cpu"
