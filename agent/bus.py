@@ -122,6 +122,7 @@ class Bus:
         client.on_socket_open = _set_nodelay
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         if broker.username:
             client.username_pw_set(broker.username, _read_password(broker))
@@ -294,6 +295,12 @@ class Bus:
         self._connack.set()
         if self._on_connect_cb is not None:
             self._inbox.put(("connect", bool(flags.session_present)))
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        # paho retries with exponential backoff (1 s up to reconnect_max_s): one line each.
+        self._last_error = "connection failed"
+        log.warning("%s: cannot reach the broker at %s:%d; retrying", self.name, self.broker.host,
+                    self.broker.port)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object,
                            flags: mqtt.DisconnectFlags, reason: mqtt.ReasonCode,

@@ -46,6 +46,7 @@ from agent.topics import Topics
 log = logging.getLogger(__name__)
 
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
+DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
 OFFERS_KEPT = 4096        # outstanding claims remembered (bounded against floods)
 DECLINES_KEPT = 4096
 
@@ -185,14 +186,20 @@ class Node:
         next_at = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            npu_changed = (self.npu_exec is not None and self._last_npu_free is not None
-                           and self._last_npu_free != (not self._npu_busy_here and self.npu_lock.is_free()))
-            if self.bus.connected and (now >= next_at or npu_changed or self._metrics_due.is_set()):
-                self._metrics_due.clear()
-                self._publish_metrics()
-                next_at = now + self.cfg.metrics_interval_s
-            self._metrics_due.wait(min(NPU_POLL_S, max(next_at - now, 0.0)) if self.npu_exec else
-                                   max(next_at - time.monotonic(), 0.01))
+            if self.bus.connected:
+                npu_changed = (self.npu_exec is not None and self._last_npu_free is not None
+                               and self._last_npu_free != (not self._npu_busy_here and self.npu_lock.is_free()))
+                if now >= next_at or npu_changed or self._metrics_due.is_set():
+                    self._metrics_due.clear()
+                    self._publish_metrics()
+                    next_at = now + self.cfg.metrics_interval_s
+                timeout = next_at - now
+            else:
+                self._metrics_due.clear()  # the next connect publishes fresh metrics anyway
+                timeout = DISCONNECTED_POLL_S
+            if self.npu_exec is not None:
+                timeout = min(timeout, NPU_POLL_S)
+            self._metrics_due.wait(max(timeout, 0.0))
 
     # ---------------------------------------------------------------- bids
     def _on_bid_request(self, msg: Message) -> None:
@@ -342,6 +349,8 @@ class Node:
             if remaining <= 0 or run.cancel.is_set():
                 with self._lock:
                     run.fsm.fire("expire")
+                if run.cancel.is_set():
+                    raise ExecutorError(executor.name, "cancelled before it started")
                 raise ExecutionTimeout(executor.name, 0.0)
             with self._lock:
                 run.fsm.fire("start")
