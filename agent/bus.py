@@ -319,13 +319,15 @@ class Bus:
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
         )
-        queued = False
+        # Matched once, here: the dispatcher runs the handlers subscribed when it arrived.
+        queued = []
         for sub in self._matching(message.topic):
             if sub.inline:
                 self._run(sub.handler, message)
-            elif not queued:
-                self._inbox.put(message)
-                queued = True
+            else:
+                queued.append(sub.handler)
+        if queued:
+            self._inbox.put((message, queued))
 
     def _matching(self, topic: str) -> list[Subscription]:
         with self._lock:
@@ -359,13 +361,12 @@ class Bus:
             item = self._inbox.get()
             if item is _STOP:
                 return
-            if isinstance(item, tuple):
-                self._run(self._on_connect_cb, item[1])  # type: ignore[arg-type]
+            what, arg = item  # type: ignore[misc]
+            if what == "connect":
+                self._run(self._on_connect_cb, arg)
                 continue
-            assert isinstance(item, Message)
-            for sub in self._matching(item.topic):
-                if not sub.inline:
-                    self._run(sub.handler, item)
+            for handler in arg:
+                self._run(handler, what)
 
     def _run(self, fn: Callable[..., None] | None, arg: object) -> None:
         if fn is None:

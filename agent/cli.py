@@ -198,16 +198,14 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
     cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
     fleets: list[Any] = []
-    sampler: list[HostSampler] = []
 
     def connect() -> Any:
         fleet = _connect_fleet(cfg)
         fleets.append(fleet)
         return fleet
 
-    def local_snapshot() -> Any:
-        sampler.append(HostSampler())
-        return snapshot(sampler[0].sample(), has_npu=npu_exec is not None, npu_free=False,
+    def local_snapshot() -> Any:  # once per run, and only when there is an auction
+        return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False,
                         cpu_slots=cfg.cpu.slots if cpu_exec else 0, queue_depth=0, recent={})
 
     streaming = not args.json
@@ -271,18 +269,16 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
 
 def _arm_store(cfg: Config) -> Any:
     from agent.linucb import ArmStore  # numpy: imported only when an auction decides
-    return ArmStore(cfg.state_dir, cfg.auction.linucb.lambda_)
+    return ArmStore.for_config(cfg)
 
 
 def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
-    from agent.executors import build_executor
+    from agent.executors import usable
 
     section = cfg.npu if mode == "npu" else cfg.cpu
-    executor = build_executor(section.executor, name=cfg.device_id)
-    problem = executor.check()
+    executor, problem = usable(section.executor, name=cfg.device_id)
     if problem:
         print(f"warning: {mode} executor unusable here: {problem}", file=err)
-        return None
     return executor
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,11 @@ class ArmStore:
         # Parsed state, valid while the file's identity (inode, size, mtime) is unchanged:
         # a decision then costs one stat() instead of a JSON parse.
         self._cache: tuple[tuple[int, int, int], StoreState] | None = None
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> ArmStore:
+        """The store of the device a config describes."""
+        return cls(cfg.state_dir, cfg.auction.linucb.lambda_)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -27,12 +27,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from agent.bus import Bus, Message, Will, new_nonce
 from agent.config import Config
 from agent.errors import AgentError, ExecutionTimeout, ExecutorError, MessageError
-from agent.executors import Executor, Params, Result, build_executor
+from agent.executors import Executor, Params, Result, usable
 from agent.fsm import JOB, Machine
 from agent.journal import Journal
 from agent.messages import (Accepted, Bid, BidRequest, Cancel, Declined, Done, Error, Job, LastResult,
@@ -40,10 +40,13 @@ from agent.messages import (Accepted, Bid, BidRequest, Cancel, Declined, Done, E
                             encode_result)
 from agent.metrics import HostSampler, LatencyWindow, snapshot
 from agent.npulock import NpuClaim, NpuLock
+from agent.orchestrator import Fleet
 from agent.roster import Roster
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
@@ -91,15 +94,13 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._last_npu_free: bool | None = None
         self._metrics_due = threading.Event()
-        self._fleet: Any = None
+        self._fleet = Fleet(self.bus, self.roster)  # shared by HA/MQTT triggers; synced once
 
     def _executor(self, mode: str) -> Executor | None:
         section = self.cfg.npu if mode == "npu" else self.cfg.cpu
-        executor = build_executor(section.executor, name=self.me)
-        problem = executor.check()
+        executor, problem = usable(section.executor, name=self.me)
         if problem:
             log.warning("%s executor unusable, not offering %s: %s", mode, mode.upper(), problem)
-            return None
         return executor
 
     @property
@@ -221,9 +222,7 @@ class Node:
             claim = self._offers.get(req.rid)
             if claim is None:
                 claim = f"{self._epoch}.{next(self._claim_seq)}"
-                self._offers[req.rid] = claim
-                while len(self._offers) > OFFERS_KEPT:
-                    self._offers.popitem(last=False)
+                _remember(self._offers, req.rid, claim, OFFERS_KEPT)
         bid = Bid(rid=req.rid, device=self.me, claim=claim, snapshot=self.snapshot())
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction.
@@ -289,15 +288,11 @@ class Node:
     def _remember_decline(self, job: Job, payload: bytes) -> None:
         """Called under the lock: a redelivered copy gets the same answer. Keyed by mode too:
         a device that declined the NPU may still be asked to run the same job on its CPU."""
-        self._declines[(job.rid, job.mode)] = payload
-        while len(self._declines) > DECLINES_KEPT:
-            self._declines.popitem(last=False)
+        _remember(self._declines, (job.rid, job.mode), payload)
 
     def _on_cancel(self, cancel: Cancel) -> None:
         with self._lock:
-            self._cancelled[cancel.rid] = self.wall()
-            while len(self._cancelled) > DECLINES_KEPT:
-                self._cancelled.popitem(last=False)
+            _remember(self._cancelled, cancel.rid, self.wall())
             run = self._runs.get(cancel.rid)
             if run is not None:
                 run.cancel.set()  # a queued copy never starts; a running one is stopped
@@ -406,14 +401,11 @@ class Node:
 
     def _orchestrate(self, req: TriggerRequest) -> None:
         from agent.linucb import ArmStore
-        from agent.orchestrator import Fleet, Orchestrator
+        from agent.orchestrator import Orchestrator
 
-        if self._fleet is None:
-            self._fleet = Fleet(self.bus, self.roster)  # shared; synced by the first trigger
-        fleet = self._fleet
-        orch = Orchestrator(self.cfg, connect=lambda: fleet,
+        orch = Orchestrator(self.cfg, connect=lambda: self._fleet,
                             npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
-                            arms=lambda: ArmStore(self.cfg.state_dir, self.cfg.auction.linucb.lambda_),
+                            arms=lambda: ArmStore.for_config(self.cfg),
                             local_snapshot=self._local_offer_snapshot)
         try:
             out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256)
@@ -433,6 +425,13 @@ class Node:
         snap = self.snapshot()
         from dataclasses import replace
         return replace(snap, npu_free=False)  # the NPU was tried first, before any auction
+
+
+def _remember(table: OrderedDict[K, V], key: K, value: V, keep: int = DECLINES_KEPT) -> None:
+    """Insert into a bounded memory (oldest forgotten first): floods cannot grow it."""
+    table[key] = value
+    while len(table) > keep:
+        table.popitem(last=False)
 
 
 def _describe(executor: Executor | None, slots: int | None = None) -> str:

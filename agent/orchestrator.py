@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config import Config
 from agent.errors import (AgentError, BrokerUnavailable, ExecutionTimeout, ExecutorError,
@@ -103,6 +103,14 @@ class Fleet:
             if not self.bus.barrier(self.SYNC_TIMEOUT_S):
                 log.warning("the broker did not echo our sync message; the roster may be incomplete")
             self._synced = True
+
+
+class _Wire(NamedTuple):
+    """The connection one run dispatches over."""
+
+    fleet: Fleet
+    events: queue.SimpleQueue[tuple[Any, ...]]
+    epoch: int  # the bus's connection count when the run began (see _steady)
 
 
 @dataclass
@@ -314,7 +322,7 @@ class Orchestrator:
             offers = [_offer_from_bid(b) for b in bids.values()]
             if me_offer.snapshot.cpu_slots:
                 offers.append(me_offer)
-            self._decide_and_dispatch((fleet, events, epoch), offers, bids, prompt, max_new, need,
+            self._decide_and_dispatch(_Wire(fleet, events, epoch), offers, bids, prompt, max_new, need,
                                       params, out, fsm)
         finally:
             stop_listening()
@@ -387,7 +395,7 @@ class Orchestrator:
         return bid
 
     # ------------------------------------------------------------------ decide + dispatch
-    def _decide_and_dispatch(self, wire: tuple[Fleet, queue.SimpleQueue[tuple[Any, ...]], int] | None,
+    def _decide_and_dispatch(self, wire: _Wire | None,
                              offers: list[Any], bids: dict[str, Bid], prompt: str, max_new: int,
                              need: str, params: Params, out: Outcome, fsm: Machine) -> None:
         from agent.selection import select  # numpy: only the auction path pays for it
@@ -430,8 +438,8 @@ class Orchestrator:
                 fsm.fire("dispatch")
                 began = self.clock()
                 last = choice is decision.ranking[-1]
-                verdict = self._dispatch(wire[0], wire[1], wire[2], choice, bids[choice.device].claim,
-                                         prompt, params, out, fsm, last=last)
+                verdict = self._dispatch(wire, choice, bids[choice.device].claim, prompt, params, out, fsm,
+                                         last=last)
                 if verdict == "next":
                     continue
             self._answered(out)
@@ -445,13 +453,13 @@ class Orchestrator:
         out.error = ("no device can run this job" + (f" (tried {tried})" if tried else
                      " (no peer bid and this device has no usable executor)"))
 
-    def _dispatch(self, fleet: Fleet, events: queue.SimpleQueue[tuple[Any, ...]], epoch: int, choice: Any,
-                  claim: str, prompt: str, params: Params, out: Outcome, fsm: Machine, *,
-                  last: bool) -> str:
+    def _dispatch(self, wire: _Wire, choice: Any, claim: str, prompt: str, params: Params, out: Outcome,
+                  fsm: Machine, *, last: bool) -> str:
         """Send the job to a peer and see it through; "next" means try the runner-up.
 
         ``last``: there is no runner-up, so a winner that drops off the network is waited
         for (accept_timeout_s) rather than abandoned for nothing."""
+        fleet, events, epoch = wire
         auction = self.cfg.auction
         sent_at = self.clock()
         wall_now = self.wall()

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TAIL_BYTES = 4096
 _KILL_GRACE_S = 2.0
+_WATCHDOG_TICK_S = 0.05  # how soon a timeout or a stop request reaches the child
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,13 @@ def resolve(executor: str, command: str) -> str:
 def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], None],
            stdin: bytes | None = None, env: Mapping[str, str] | None = None,
            cwd: str | None = None, timeout_s: float = 600.0,
-           cancel: threading.Event | None = None, check: bool = True,
+           stop: Callable[[], str | None] = lambda: None, check: bool = True,
            partial: Callable[[], str] = lambda: "", pass_fds: tuple[int, ...] = ()) -> Finished:
-    """Run argv, feeding stdout chunks to ``on_stdout``; raise typed errors on failure."""
+    """Run argv, feeding stdout chunks to ``on_stdout``; raise typed errors on failure.
+
+    ``stop()`` is polled while the child runs: None goes on; "cancel" kills it and raises
+    (the caller gave up); "enough" kills it and returns normally (the answer is complete,
+    e.g. max_new_tokens reached)."""
     argv = [resolve(executor, argv[0]), *argv[1:]]
     start = time.monotonic()
     try:
@@ -75,16 +80,19 @@ def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], N
         threading.Thread(target=_feed, args=(proc, stdin), name=f"{executor}-stdin", daemon=True).start()
 
     timer_fired = threading.Event()
+    stopped: list[str] = []
     deadline = start + timeout_s
 
     def watchdog() -> None:
         while proc.poll() is None:
-            if cancel is not None and cancel.is_set():
+            why = stop()
+            if why is not None:
+                stopped.append(why)
                 break
             if time.monotonic() >= deadline:
                 timer_fired.set()
                 break
-            time.sleep(0.05)  # a watchdog's tick, not synchronisation
+            time.sleep(_WATCHDOG_TICK_S)
         else:
             return
         _kill_group(proc)
@@ -108,7 +116,9 @@ def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], N
     elapsed = time.monotonic() - start
     if timer_fired.is_set():
         raise ExecutionTimeout(executor, timeout_s, partial_text=partial())
-    if cancel is not None and cancel.is_set():
+    if stopped == ["enough"]:
+        return Finished(0, stderr_tail, elapsed)
+    if stopped:
         raise ExecutorError(executor, "cancelled", partial_text=partial())
     if check and returncode != 0:
         raise CommandFailed(executor, argv, returncode, stderr_tail, partial_text=partial())

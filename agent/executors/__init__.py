@@ -73,25 +73,33 @@ def build_executor(cfg: ExecutorConfig, *, name: str) -> Executor:
     raise TypeError(f"unknown executor config {cfg!r}")
 
 
+def usable(cfg: ExecutorConfig, *, name: str) -> tuple[Executor | None, str | None]:
+    """The executor a section describes, or None and why it cannot run here at all."""
+    executor = build_executor(cfg, name=name)
+    problem = executor.check()
+    return (None, problem) if problem else (executor, None)
+
+
 class Stream:
-    """What an executor has produced so far: the pieces, when the first came, and a stop
-    signal raised when the token budget is spent (or the caller cancels)."""
+    """What an executor has produced so far: the pieces, when the first came, and whether
+    it should stop (token budget spent, or the caller cancelled)."""
 
     def __init__(self, on_token: OnToken, max_new_tokens: int, cancel: threading.Event | None):
         self.parts: list[str] = []
         self.first_at: float | None = None
-        self.stop = threading.Event()
         self.at_limit = False
+        self._cancel = cancel
         self._on_token = on_token
         self._budget = max_new_tokens
         self._produced = 0
-        if cancel is not None:
-            threading.Thread(target=self._relay, args=(cancel,), daemon=True, name="cancel-relay").start()
 
-    def _relay(self, cancel: threading.Event) -> None:
-        while not self.stop.is_set():
-            if cancel.wait(0.1):
-                self.stop.set()
+    def stop_reason(self) -> str | None:
+        """For procs.stream: "enough" once the budget is spent, "cancel" if the caller gave up."""
+        if self.at_limit:
+            return "enough"
+        if self._cancel is not None and self._cancel.is_set():
+            return "cancel"
+        return None
 
     def emit(self, text: str) -> None:
         if not text or self.at_limit:
@@ -102,7 +110,6 @@ class Stream:
         if estimate_tokens(text) >= left:
             text = text[:left * _BYTES_PER_TOKEN]  # a hard cap, even for a 64 KiB chunk
             self.at_limit = True
-            self.stop.set()
         self.parts.append(text)
         self._on_token(text)
         self._produced += estimate_tokens(text)
@@ -110,6 +117,3 @@ class Stream:
     @property
     def text(self) -> str:
         return "".join(self.parts)
-
-    def close(self) -> None:
-        self.stop.set()

@@ -15,7 +15,6 @@ import time
 
 from agent import procs
 from agent.config import CommandExecutorConfig
-from agent.errors import ExecutorError
 from agent.executors import OnToken, Params, Result, Stream, estimate_tokens
 from agent.messages import Timings
 
@@ -41,16 +40,10 @@ class CommandExecutor:
         stream = Stream(on_token, params.max_new_tokens, cancel)
         env = {**os.environ, **dict(self.cfg.env), **({"AGENT_RID": params.rid} if params.rid else {})}
         start = time.monotonic()
-        try:
-            procs.stream(self.name, self.argv(prompt), on_stdout=lambda b: stream.emit(decoder.decode(b)),
-                         stdin=prompt.encode("utf-8") if self.cfg.prompt_via == "stdin" else None,
-                         env=env, cwd=self.cfg.cwd, timeout_s=min(params.timeout_s, self.cfg.timeout_s),
-                         cancel=stream.stop, partial=lambda: stream.text, pass_fds=params.hold_fds)
-        except ExecutorError as exc:
-            if not (stream.at_limit and exc.reason == "cancelled"):
-                raise  # stopped at max_new_tokens is a complete, truncated answer
-        finally:
-            stream.close()
+        procs.stream(self.name, self.argv(prompt), on_stdout=lambda b: stream.emit(decoder.decode(b)),
+                     stdin=prompt.encode("utf-8") if self.cfg.prompt_via == "stdin" else None,
+                     env=env, cwd=self.cfg.cwd, timeout_s=min(params.timeout_s, self.cfg.timeout_s),
+                     stop=stream.stop_reason, partial=lambda: stream.text, pass_fds=params.hold_fds)
         stream.emit(decoder.decode(b"", final=True))
         end = time.monotonic()
         first = stream.first_at or end

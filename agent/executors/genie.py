@@ -320,16 +320,11 @@ class GenieExecutor:
               profile_file: Path | None, params: Params, start: float) -> None:
         remaining = params.timeout_s - (time.monotonic() - start)
         argv = self.argv(str(prompt_file), str(profile_file) if profile_file else None)
-        try:
-            procs.stream(self.name, argv, on_stdout=lambda chunk: stream.emit(output.feed(chunk)),
-                         env=self.env(params.rid), timeout_s=min(remaining, self.cfg.timeout_s),
-                         cancel=stream.stop, partial=lambda: stream.text, pass_fds=params.hold_fds)
-        except ExecutorError as exc:
-            if stream.at_limit and exc.reason == "cancelled":
-                return  # we stopped it at max_new_tokens: a complete, truncated answer
-            raise
-        finally:
-            stream.close()
+        procs.stream(self.name, argv, on_stdout=lambda chunk: stream.emit(output.feed(chunk)),
+                     env=self.env(params.rid), timeout_s=min(remaining, self.cfg.timeout_s),
+                     stop=stream.stop_reason, partial=lambda: stream.text, pass_fds=params.hold_fds)
+        if stream.at_limit:
+            return  # stopped at max_new_tokens: a complete, truncated answer
         stream.emit(output.close())
         if not output.started:
             tail = output.preamble.decode("utf-8", "replace")[-500:]
