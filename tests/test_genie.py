@@ -155,8 +155,9 @@ def test_output_without_begin_is_an_error(tmp_path: Path) -> None:
 
 def test_max_new_tokens_stops_the_process(tmp_path: Path) -> None:
     words = " ".join(f"w{i}" for i in range(200))
-    result, _ = run(stand_in(tmp_path, answer=words, delay_ms=5), "x", max_new_tokens=5)
+    result, parts = run(stand_in(tmp_path, answer=words, delay_ms=5), "x", max_new_tokens=5)
     assert 0 < len(result.text.split()) < 20
+    assert result.text == "".join(parts), "the answer is what was streamed, capped"
 
 
 def test_missing_binary_is_named(tmp_path: Path) -> None:

@@ -305,7 +305,8 @@ class GenieExecutor:
             if profile_file is not None:
                 kpis = merge_profile(kpis, _load_json(profile_file))
         end = time.monotonic()
-        text = output.text
+        # Stopped at max_new_tokens, the parser may already hold more than the cap allowed.
+        text = stream.text if stream.at_limit else output.text
         init_ms = (kpis.init_us or 0) / 1000
         prefill_ms = (kpis.prompt_us or 0) / 1000
         decode_ms = (kpis.gen_us / 1000) if kpis.gen_us is not None else (
