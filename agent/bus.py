@@ -27,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
 from agent.errors import BrokerUnavailable
@@ -51,7 +53,7 @@ class _DropShutdownRace(logging.Filter):
 _paho_log = logging.getLogger("agent.bus.paho")
 _paho_log.addFilter(_DropShutdownRace())
 
-_STOP = object()
+_STOP = None  # on the dispatcher's queue: the dispatcher exits
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Message:
 
 
 Handler = Callable[[Message], None]
+# The dispatcher's queue: a message and the handlers it matched, a (re)connect (with
+# session_present), or _STOP.
+_Item = tuple[Message, list[Handler]] | tuple[bool, None] | None
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class Subscription:
 class Bus:
     """One MQTT connection with topic dispatch, owned by a node or an orchestrator."""
 
-    def __init__(self, client_id: str, broker: BrokerConfig, *, persistent: bool,
+    def __init__(self, client_id: str, broker: BrokerConfig, *, persistent: bool, sync_topic: str,
                  will: Will | None = None, name: str = "bus",
                  on_connect: Callable[[bool], None] | None = None,
                  reconnect_max_s: int = 30):
@@ -107,9 +112,9 @@ class Bus:
         self._exact: dict[str, list[Subscription]] = {}
         self._wild = MQTTMatcher()
         self._wild_filters: dict[str, list[Subscription]] = {}
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._barriers: dict[bytes, threading.Event] = {}
-        self._sync_topic: str | None = None
+        self.sync_topic = sync_topic  # only this client reads it: barrier() round trips
         self._dispatcher: threading.Thread | None = None
         self._started = False
         self._last_error = "no connection attempt yet"
@@ -119,7 +124,7 @@ class Bus:
         client.enable_logger(_paho_log)
         client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
         client.max_queued_messages_set(10_000)
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = set_nodelay
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_connect_fail = self._handle_connect_fail
@@ -132,6 +137,7 @@ class Bus:
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client = client
+        self.subscribe(sync_topic, self._handle_sync)
 
     # lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -249,28 +255,17 @@ class Bus:
                 props.CorrelationData = correlation_data
         self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
-    @property
-    def sync_topic(self) -> str | None:
-        return self._sync_topic
-
-    def set_sync_topic(self, topic: str) -> None:
-        """Use ``topic`` (one only this client reads) for ``barrier`` round trips."""
-        self._sync_topic = topic
-        self.subscribe(topic, self._handle_sync)
-
     def barrier(self, timeout: float) -> bool:
         """Round-trip one QoS 1 message through the broker.
 
         The broker sends a client its messages in order, so once this returns True every
         retained message of the subscriptions made before the call has been dispatched.
         """
-        if self._sync_topic is None:
-            raise RuntimeError("barrier() needs set_sync_topic() first")
         token = secrets.token_bytes(8)
         done = threading.Event()
         with self._lock:
             self._barriers[token] = done
-        self.publish(self._sync_topic, token, qos=1)
+        self.publish(self.sync_topic, token, qos=1)
         ok = done.wait(timeout)
         with self._lock:
             self._barriers.pop(token, None)
@@ -278,7 +273,7 @@ class Bus:
 
     # paho callbacks (network thread: decode and queue only) ----------------------------
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
-                        reason: mqtt.ReasonCode, properties: Properties | None) -> None:
+                        reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
             self._last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.name, self._last_error)
@@ -294,7 +289,7 @@ class Bus:
         self._connected.set()
         self._connack.set()
         if self._on_connect_cb is not None:
-            self._inbox.put(("connect", bool(flags.session_present)))
+            self._inbox.put((bool(flags.session_present), None))
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         # paho retries with exponential backoff (1 s up to reconnect_max_s): one line each.
@@ -303,7 +298,7 @@ class Bus:
                     self.broker.port)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object,
-                           flags: mqtt.DisconnectFlags, reason: mqtt.ReasonCode,
+                           flags: mqtt.DisconnectFlags, reason: ReasonCode,
                            properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
@@ -314,7 +309,7 @@ class Bus:
     def _handle_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         message = Message(
-            topic=msg.topic, payload=msg.payload, qos=msg.qos, retain=bool(msg.retain),
+            topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos, retain=bool(msg.retain),
             dup=bool(msg.dup),
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
@@ -361,11 +356,11 @@ class Bus:
             item = self._inbox.get()
             if item is _STOP:
                 return
-            what, arg = item  # type: ignore[misc]
-            if what == "connect":
-                self._run(self._on_connect_cb, arg)
+            what, handlers = item
+            if handlers is None:
+                self._run(self._on_connect_cb, what)  # a connect: what is session_present
                 continue
-            for handler in arg:
+            for handler in handlers:
                 self._run(handler, what)
 
     def _run(self, fn: Callable[..., None] | None, arg: object) -> None:
@@ -377,7 +372,8 @@ class Bus:
             log.exception("%s: handler %r failed on %r", self.name, fn, getattr(arg, "topic", arg))
 
 
-def _set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+def set_nodelay(client: mqtt.Client, userdata: object, sock: Any) -> None:
+    """paho on_socket_open hook: Nagle off (see the module docstring)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket)

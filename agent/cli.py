@@ -4,8 +4,9 @@
     python -m agent trigger --config FILE PROMPT   one orchestration
     python -m agent status --config FILE           the roster
 
-Exit codes: 0 answered; 1 execution failed; 2 usage or config error; 3 no device can run
-it; 4 timed out.
+Every ``AgentError`` becomes its documented exit code and a one-line message (see
+``agent.errors.ExitCode``); anything else is a bug, reported in one line with a hint to
+run with ``-v`` for the traceback, and exit code 70.
 """
 
 from __future__ import annotations
@@ -13,22 +14,45 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from agent import __version__
 from agent.config import Config, load_config
-from agent.errors import AgentError, BrokerUnavailable, ConfigError, PromptTooLarge
+from agent.errors import AgentError, ExitCode, UsageError
 
 log = logging.getLogger("agent")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DEVICE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
-CONNECT_TIMEOUT_S = 3.0
 PATH_LABELS = {"local-npu": "NPU - Local", "peer-npu": "NPU - Peer", "peer-cpu": "CPU - Peer",
                "local-cpu": "CPU - Local"}
+EXIT_CODES_HELP = ("Exit codes: 0 answered, 1 execution failed, 2 usage or config error, 3 no device can "
+                   "run it, 4 timed out, 5 broker not reachable (status), 70 internal error, "
+                   "130/143 interrupted (SIGINT/SIGTERM).")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -49,8 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run LLM prompts across a fleet of edge devices: this device's NPU if it is "
                     "free, else an MQTT auction among peers (free NPU first, then a LinUCB "
                     "latency model).",
-        epilog="Exit codes: 0 answered, 1 execution failed, 2 usage or config error, "
-               "3 no device can run it, 4 timed out.")
+        epilog=EXIT_CODES_HELP)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--role", choices=["node"],
                         help="run as the node daemon (same as the 'node' command)")
@@ -63,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trig = sub.add_parser("trigger", help="run one prompt on the best device and print the answer",
                           description="Run one prompt: this device's NPU if free, else auction it "
-                                      "to the fleet. Streams the answer to stdout.")
+                                      "to the fleet. Streams the answer to stdout.", epilog=EXIT_CODES_HELP)
     _common(trig, suppress=True)
     trig.add_argument("prompt", nargs="?", metavar="PROMPT",
                       help="the prompt; '-' or omitted reads it from stdin")
@@ -71,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     trig.add_argument("--json", action="store_true",
                       help="print one JSON object (rid, winner, path, text, bids, roster, "
                            "auction_ms, total_ms, timings, attempts) instead of streaming")
-    trig.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+    trig.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                       help="most tokens to generate (default 256)")
     trig.add_argument("--need", choices=["any", "npu"], default="any",
                       help="'npu' runs only on an NPU, never on a CPU (default any)")
-    trig.add_argument("--bid-timeout", type=float, metavar="S",
+    trig.add_argument("--bid-timeout", type=_positive_float, metavar="S",
                       help="override auction.bid_timeout_s for this run")
     trig.add_argument("--dry-run", action="store_true",
                       help="hold the auction and show who would win, and the ranking; run nothing")
@@ -100,18 +123,29 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     command = args.command or ("node" if args.role == "node" else None)
     if command is None:
         parser.print_help(err)
-        return EXIT_USAGE
-    _setup_logging(args.verbose or 0, daemon=command == "node")
+        return ExitCode.USAGE
+    verbosity = args.verbose or 0
+    _setup_logging(verbosity, daemon=command == "node")
     try:
         cfg = _load(args)
-    except ConfigError as exc:
+        if command == "node":
+            return _node(cfg)
+        if command == "trigger":
+            return _trigger(cfg, args, out, err)
+        return _status(cfg, args, out, err)
+    except AgentError as exc:
         print(f"error: {exc}", file=err)
-        return EXIT_USAGE
-    if command == "node":
-        return _node(cfg, err)
-    if command == "trigger":
-        return _trigger(cfg, args, out, err)
-    return _status(cfg, args, out, err)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=err)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        print(f"internal error: {type(exc).__name__}: {exc}", file=err)
+        if verbosity:
+            traceback.print_exc(file=err)
+        else:
+            print("run again with -v to see the traceback, and please report it", file=err)
+        return ExitCode.INTERNAL
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -119,7 +153,7 @@ def _load(args: argparse.Namespace) -> Config:
     if args.broker:
         host, sep, port = args.broker.rpartition(":")
         if not sep or not host:
-            raise ConfigError("--broker", [f"--broker: expected HOST:PORT, got {args.broker!r}"])
+            raise UsageError(f"--broker: expected HOST:PORT, got {args.broker!r}")
         flags.update(host=host, port=port)
     return load_config(args.config, flags=flags)
 
@@ -133,7 +167,7 @@ def _setup_logging(verbosity: int, *, daemon: bool) -> None:
 # ---------------------------------------------------------------------------- node
 
 
-def _node(cfg: Config, err: TextIO) -> int:
+def _node(cfg: Config) -> int:
     from agent.node import Node
 
     node = Node(cfg)
@@ -148,59 +182,56 @@ def _node(cfg: Config, err: TextIO) -> int:
         node.start()
         while not stop.wait(3600):
             pass
-    except AgentError as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_FAILED
     finally:
         node.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------- trigger
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as fh:
-            return fh.read()
-    if args.prompt is None or args.prompt == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise ValueError("no prompt: pass it as an argument, with --prompt-file, or on stdin")
-        return sys.stdin.read()
-    return args.prompt
+    """The prompt from the argument, --prompt-file or stdin; UsageError if it is unusable."""
+    try:
+        if args.prompt_file:
+            with open(args.prompt_file, "rb") as fh:
+                prompt = fh.read().decode("utf-8")
+        elif args.prompt is None or args.prompt == "-":
+            if sys.stdin is None or sys.stdin.isatty():
+                raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on stdin")
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            prompt = args.prompt
+        prompt.encode("utf-8")  # an argument with undecodable bytes carries lone surrogates
+    except OSError as exc:
+        raise UsageError(f"cannot read the prompt: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise UsageError("the prompt is not valid UTF-8 text") from None
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    return prompt
 
 
 def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import replace
 
+    from agent.fleet import Fleet
     from agent.metrics import HostSampler, snapshot
     from agent.orchestrator import Orchestrator
+    from agent.outcome import Decided
 
-    try:
-        prompt = _read_prompt(args)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_USAGE
-    if not prompt.strip():
-        print("error: the prompt is empty", file=err)
-        return EXIT_USAGE
-    if args.max_new_tokens < 1:
-        print("error: --max-new-tokens must be at least 1", file=err)
-        return EXIT_USAGE
+    prompt = _read_prompt(args)
     if args.bid_timeout is not None:
-        if args.bid_timeout <= 0:
-            print("error: --bid-timeout must be > 0", file=err)
-            return EXIT_USAGE
         cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
 
     npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
     cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
-    fleets: list[Any] = []
+    fleets: list[Fleet] = []
 
-    def connect() -> Any:
-        fleet = _connect_fleet(cfg)
+    def connect() -> Fleet:
+        fleet = Fleet.open(cfg)
         fleets.append(fleet)
         return fleet
 
@@ -210,12 +241,12 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
 
     streaming = not args.json
 
-    def on_decision(o: Any) -> None:
+    def on_decision(d: Decided) -> None:
         if streaming:
-            label = PATH_LABELS.get(o.path, o.path)
-            if o.path in ("peer-cpu", "local-cpu") and o.score is not None:
-                label += f", LinUCB score {o.score:.3f}"
-            print(f"✓ Winner: {o.winner} ({label})", file=out, flush=True)
+            label = PATH_LABELS.get(d.path, d.path)
+            if d.path in ("peer-cpu", "local-cpu") and d.score is not None:
+                label += f", LinUCB score {d.score:.3f}"
+            print(f"✓ Winner: {d.winner} ({label})", file=out, flush=True)
 
     def on_token(text: str) -> None:
         if streaming:
@@ -227,21 +258,13 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
             print(f"… {message}", file=err, flush=True)
 
     orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        arms=lambda: _arm_store(cfg),
-                        local_snapshot=local_snapshot, on_token=on_token, on_decision=on_decision,
-                        on_progress=on_progress)
+                        arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=on_token,
+                        on_decision=on_decision, on_progress=on_progress)
     try:
-        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need,
-                          dry_run=args.dry_run)
-    except PromptTooLarge as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=err)
-        return 130
+        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run)
     finally:
         for fleet in fleets:
-            fleet.bus.stop(end_session=True)
+            fleet.close()
 
     for warning in result.warnings:
         print(f"warning: {warning}", file=err)
@@ -282,55 +305,24 @@ def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
     return executor
 
 
-def _connect_fleet(cfg: Config) -> Any:
-    from dataclasses import replace
-
-    from agent.bus import Bus, new_nonce
-    from agent.orchestrator import Fleet
-    from agent.roster import Roster
-    from agent.topics import Topics
-
-    topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
-    nonce = new_nonce()
-    # A persistent session as long as a job can live: if the broker restarts mid-job, it
-    # keeps the results queued for us while we reconnect. stop(end_session=True) drops it.
-    lifetime = int(cfg.auction.bid_timeout_s + cfg.auction.job_timeout_s) + 60
-    bus = Bus(f"{cfg.device_id}-trigger-{nonce}", replace(cfg.broker, session_expiry_s=lifetime),
-              persistent=True, name="trigger")
-    roster = Roster(topics, cfg.device_id)
-    bus.subscribe(topics.all_availability(), roster.handle)
-    bus.set_sync_topic(topics.sync(cfg.device_id, nonce))
-    bus.connect(CONNECT_TIMEOUT_S)
-    return Fleet(bus, roster)  # the orchestrator syncs it once its own subscriptions are made
-
-
 # ---------------------------------------------------------------------------- status
 
 
 def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import time
 
-    from agent.messages import Metrics
-    from agent.errors import MessageError
-    from agent.topics import Topics
+    from agent.fleet import Fleet
+    from agent.messages import Metrics, decoded
 
-    topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
+    fleet = Fleet.open(cfg, role="status")
+    topics = fleet.topics
     metrics: dict[str, Metrics] = {}
-
-    try:
-        fleet = _connect_fleet(cfg)
-    except BrokerUnavailable as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_FAILED
 
     def on_metrics(msg: Any) -> None:
         parsed = topics.parse(msg.topic)
-        try:
-            m = Metrics.from_payload(msg.payload, cfg.max_payload_bytes)
-        except MessageError as exc:
-            log.warning("bad metrics on %s: %s", msg.topic, exc)
-            return
-        if parsed and parsed.device == m.device:
+        m = decoded(msg.topic, msg.payload, lambda p: Metrics.from_payload(p, cfg.max_payload_bytes),
+                    what="metrics", logger=log, matches=lambda m: parsed is not None and parsed.device == m.device)
+        if m is not None:
             metrics[m.device] = m
 
     try:
@@ -338,7 +330,7 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         fleet.sync()
         known = fleet.roster.known()
     finally:
-        fleet.bus.stop(end_session=True)
+        fleet.close()
     now = time.time()
     rows = []
     for dev in sorted(set(known) | set(metrics)):
@@ -355,12 +347,13 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
         })
     if args.json:
         print(json.dumps({"devices": rows}), file=out)
-        return EXIT_OK
+        return ExitCode.OK
     if not rows:
         print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
               f" (prefix {cfg.topic_prefix!r})", file=out)
-        return EXIT_OK
-    header = f"{'DEVICE':<20} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} {'LAST MS':>8} {'AGE S':>6}"
+        return ExitCode.OK
+    header = (f"{'DEVICE':<20} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} "
+              f"{'LAST MS':>8} {'AGE S':>6}")
     print(header, file=out)
     for r in rows:
         def fmt(v: Any, spec: str) -> str:
@@ -369,4 +362,4 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
               f"{fmt(r['cpu_percent'], '.0f'):>5} {fmt(r['mem_available_mb'], '.0f'):>8} "
               f"{fmt(r['queue_depth'], 'd'):>5} {fmt(r['last_latency_ms'], '.0f'):>8} "
               f"{fmt(r['metrics_age_s'], '.0f'):>6}", file=out)
-    return EXIT_OK
+    return ExitCode.OK

@@ -9,6 +9,7 @@ the file, environment (``AGENT_BROKER_HOST``, ``AGENT_BROKER_PORT``, ``AGENT_DEV
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.messages import DEFAULT_MAX_BYTES
+from agent.topics import ID_HINT, ID_RE, is_id
 
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Bigger than any sensible setting, small enough to stay exact as a float.
+MAX_NUMBER = 1e12
 # MQTT topic levels must not contain wildcards; a prefix is a run of whole levels.
-TOPIC_PREFIX_RE = re.compile(r"^([A-Za-z0-9_.-]+/)*$")
-DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+TOPIC_PREFIX_RE = re.compile(r"([A-Za-z0-9_.-]+/)*")
 EXECUTOR_KINDS = ("genie", "command", "openai", "sim")
 CHAT_TEMPLATES = ("raw", "llama3", "chatml")
 
@@ -146,7 +149,7 @@ class Config:
     topic_prefix: str = ""
     state_dir: Path = Path("~/.local/state/edge-agent").expanduser()
     metrics_interval_s: float = 10.0
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_payload_bytes: int = DEFAULT_MAX_BYTES
     npu: NPUConfig = field(default_factory=NPUConfig)
     cpu: CPUConfig = field(default_factory=CPUConfig)
     auction: AuctionConfig = field(default_factory=AuctionConfig)
@@ -202,7 +205,7 @@ class _Section:
         if choices is not None and value not in choices:
             self.problem(key, f"must be one of {', '.join(choices)}; got {value!r}")
             return default
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             self.problem(key, f"{value!r} is not valid{': ' + hint if hint else ''}")
             return default
         return value
@@ -217,6 +220,13 @@ class _Section:
                 integer and not isinstance(value, int)):
             self.problem(key, f"must be {'an integer' if integer else 'a number'}, got {_type_name(value)}")
             return default
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer with hundreds of digits
+            finite = False
+        if not finite or abs(value) > MAX_NUMBER:
+            self.problem(key, f"must be a finite number no larger than {MAX_NUMBER:g}")
+            return default
         if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
             self.problem(key, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value}")
             return default
@@ -224,6 +234,10 @@ class _Section:
             self.problem(key, f"must be <= {maximum}, got {value}")
             return default
         return value
+
+    def seconds(self, key: str, default: float, *, maximum: float | None = None) -> float:
+        """A duration: a finite number of seconds > 0."""
+        return float(self.number(key, default, minimum=0, exclusive_min=True, maximum=maximum))
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key)
@@ -267,7 +281,7 @@ def _parse_broker(s: _Section) -> BrokerConfig:
         password_file=s.string("password_file", None),
         tls=_parse_tls(s.sub("tls")),
         keepalive_s=s.number("keepalive_s", 5, minimum=1, maximum=65535, integer=True),
-        session_expiry_s=s.number("session_expiry_s", 3600, minimum=0, integer=True),
+        session_expiry_s=s.number("session_expiry_s", 3600, minimum=0, maximum=2**32 - 1, integer=True),
     )
     if cfg.password_file is not None and cfg.username is None:
         s.problem("password_file", "needs username")
@@ -278,7 +292,6 @@ def _parse_broker(s: _Section) -> BrokerConfig:
 def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> ExecutorConfig:
     """One executor section; fields a running executor needs are required only when active."""
     kind = s.string("kind", default_kind, choices=EXECUTOR_KINDS) or default_kind
-    timeout = dict(minimum=0, exclusive_min=True)
     cfg: ExecutorConfig
     if kind == "sim":
         text = s.raw("text")
@@ -309,7 +322,7 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
             env = {}
         cfg = CommandExecutorConfig(
             argv=tuple(argv), prompt_via=prompt_via,
-            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+            timeout_s=s.seconds("timeout_s", 600.0),
             env=tuple(sorted(env.items())), cwd=s.string("cwd", None),
         )
     elif kind == "genie":
@@ -320,18 +333,18 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
             adsp_library_path=s.string("adsp_library_path", None),
             chat_template=s.string("chat_template", "raw", choices=CHAT_TEMPLATES) or "raw",
             profile=s.boolean("profile", True),
-            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+            timeout_s=s.seconds("timeout_s", 600.0),
             retries=s.number("retries", 1, minimum=0, maximum=5, integer=True),
         )
     else:
         cfg = OpenAIExecutorConfig(
             base_url=s.string("base_url", OpenAIExecutorConfig.base_url,
-                              pattern=re.compile(r"^https?://"), hint="must start with http:// or https://")
+                              pattern=re.compile(r"https?://.+"), hint="must start with http:// or https://")
             or OpenAIExecutorConfig.base_url,
             model=s.string("model", "default") or "default",
             api_key_file=s.string("api_key_file", None),
             api_key_env=s.string("api_key_env", None),
-            timeout_s=float(s.number("timeout_s", 600.0, **timeout)),
+            timeout_s=s.seconds("timeout_s", 600.0),
         )
     s.finish()
     return cfg
@@ -341,13 +354,13 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     problems: list[str] = []
     top = _Section(data, "", problems)
 
-    device_id = top.string("device_id", None, pattern=DEVICE_ID_RE, hint="use 1-64 of A-Z a-z 0-9 _ -")
+    device_id = top.string("device_id", None, pattern=ID_RE, hint=ID_HINT)
     broker = _parse_broker(top.sub("broker"))
     topic_prefix = top.string("topic_prefix", "", pattern=TOPIC_PREFIX_RE,
                               hint="whole topic levels ending in '/', no wildcards") or ""
     state_dir = top.string("state_dir", None)
     metrics_interval_s = float(top.number("metrics_interval_s", 10.0, minimum=0.1))
-    max_payload = top.number("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES, minimum=4096,
+    max_payload = top.number("max_payload_bytes", DEFAULT_MAX_BYTES, minimum=4096,
                              maximum=256 * 1024 * 1024, integer=True)
 
     npu_s = top.sub("npu")
@@ -368,13 +381,12 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     lin_s = auction_s.sub("linucb")
     linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 0.2, minimum=0)),
                           lambda_=float(lin_s.number("lambda", 1.0, minimum=0, exclusive_min=True)),
-                          latency_cap_s=float(lin_s.number("latency_cap_s", 120.0, minimum=0,
-                                                           exclusive_min=True)))
+                          latency_cap_s=lin_s.seconds("latency_cap_s", 120.0))
     lin_s.finish()
     auction = AuctionConfig(
-        bid_timeout_s=float(auction_s.number("bid_timeout_s", 30.0, minimum=0, exclusive_min=True)),
-        accept_timeout_s=float(auction_s.number("accept_timeout_s", 3.0, minimum=0, exclusive_min=True)),
-        job_timeout_s=float(auction_s.number("job_timeout_s", 600.0, minimum=0, exclusive_min=True)),
+        bid_timeout_s=auction_s.seconds("bid_timeout_s", 30.0),
+        accept_timeout_s=auction_s.seconds("accept_timeout_s", 3.0),
+        job_timeout_s=auction_s.seconds("job_timeout_s", 600.0),
         linucb=linucb,
     )
     auction_s.finish()
@@ -383,7 +395,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     ha = HomeAssistantConfig(
         enabled=ha_s.boolean("enabled", True),
         discovery_prefix=ha_s.string("discovery_prefix", "homeassistant",
-                                     pattern=re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"),
+                                     pattern=re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
                                      hint="topic levels without wildcards") or "homeassistant",
     )
     ha_s.finish()
@@ -412,10 +424,10 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
             problems.append(f"{origin}: port must be an integer 1-65535, got {value!r}")
     if "device_id" in overrides:
         value, origin = overrides["device_id"]
-        if DEVICE_ID_RE.match(value):
+        if is_id(value):
             device_id = value
         else:
-            problems.append(f"{origin}: device id {value!r} is not valid: use 1-64 of A-Z a-z 0-9 _ -")
+            problems.append(f"{origin}: device id {value!r} is not valid: {ID_HINT}")
     if "state_dir" in overrides:
         state_dir = overrides["state_dir"][0]
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agent.errors import IllegalTransition
 
-class IllegalTransition(RuntimeError):
-    def __init__(self, machine: str, state: str, event: str):
-        self.machine, self.state, self.event = machine, state, event
-        super().__init__(f"{machine}: event {event!r} is not allowed in state {state!r}")
+__all__ = ["ATTEMPT", "IllegalTransition", "JOB", "Machine", "ORCHESTRATION", "events", "states"]
 
-
-# One orchestration. "closed" is the decision point: the ranking is walked from there.
-AUCTION: Mapping[tuple[str, str], str] = {
+# One orchestration. "closed" is the decision point: the ranking is walked from there,
+# one ATTEMPT per peer tried; an attempt that passes comes back to "closed".
+ORCHESTRATION: Mapping[tuple[str, str], str] = {
     ("start", "local_npu"): "running_local",
     ("start", "open"): "collecting",
     ("start", "broker_down"): "closed",
@@ -27,26 +25,33 @@ AUCTION: Mapping[tuple[str, str], str] = {
     ("closed", "dispatch"): "dispatched",
     ("closed", "run_local"): "running_local",
     ("closed", "no_candidate"): "failed",
+    ("dispatched", "passed"): "closed",       # declined, silent or gone: the runner-up
+    ("dispatched", "answered"): "done",
+    ("dispatched", "failed"): "failed",
+    ("running_local", "done"): "done",
+    ("running_local", "error"): "failed",
+}
+
+# One job sent to one peer, as its orchestrator sees it.
+ATTEMPT: Mapping[tuple[str, str], str] = {
     ("dispatched", "accepted"): "running",
     ("dispatched", "token"): "streaming",
     ("dispatched", "done"): "done",
     ("dispatched", "error"): "failed",
-    ("dispatched", "declined"): "closed",
-    ("dispatched", "accept_timeout"): "closed",
-    ("dispatched", "winner_offline"): "closed",
+    ("dispatched", "declined"): "passed",
+    ("dispatched", "accept_timeout"): "passed",
+    ("dispatched", "winner_offline"): "passed",
     ("running", "accepted"): "running",       # a redelivered accept
     ("running", "token"): "streaming",
     ("running", "done"): "done",
     ("running", "error"): "failed",
-    ("running", "winner_offline"): "closed",  # nothing streamed yet: fail over
+    ("running", "winner_offline"): "passed",  # nothing streamed yet: fail over
     ("running", "timeout"): "failed",
     ("streaming", "token"): "streaming",
     ("streaming", "done"): "done",
     ("streaming", "error"): "failed",
     ("streaming", "winner_offline"): "failed",  # partial text: report, never re-run
     ("streaming", "timeout"): "failed",
-    ("running_local", "done"): "done",
-    ("running_local", "error"): "failed",
 }
 
 # One job on a node.

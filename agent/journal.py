@@ -2,18 +2,20 @@
 
 An append-only JSON-lines file under ``state_dir``: one line per finished rid with the
 final result event to send again. Entries older than the TTL are forgotten; the file is
-rewritten (temp file + rename) when it holds twice as many lines as live entries.
+rewritten (``statefiles.atomic_write``) when it holds twice as many lines as live entries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from agent.errors import StateError
+from agent.statefiles import append_line, atomic_write, describe
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,11 @@ class Journal:
 
     def _load(self) -> None:
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            lines = self.path.read_bytes().decode("utf-8", "replace").splitlines()
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise StateError(self.path, f"cannot read: {describe(exc)}") from None
         cutoff = self._clock() - self.ttl_s
         bad = 0
         for line in lines:
@@ -57,16 +61,11 @@ class Journal:
         return entry[1] if entry else None
 
     def record(self, rid: str, result_payload: bytes) -> None:
+        """Remember a finished rid's final event; StateError if it cannot be written."""
         now = self._clock()
-        line = json.dumps({"rid": rid, "ts": now, "result": result_payload.decode("utf-8")},
-                          separators=(",", ":")) + "\n"
         with self._lock:
             self._entries[rid] = (now, result_payload)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_line(self.path, _line(rid, now, result_payload))
             self._lines += 1
             if self._lines % 64 == 0:
                 cutoff = now - self.ttl_s
@@ -75,12 +74,11 @@ class Journal:
                 self._compact()
 
     def _compact(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rid, (ts, payload) in self._entries.items():
-                fh.write(json.dumps({"rid": rid, "ts": ts, "result": payload.decode("utf-8")},
-                                    separators=(",", ":")) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, b"".join(_line(rid, ts, payload)
+                                         for rid, (ts, payload) in self._entries.items()))
         self._lines = len(self._entries)
+
+
+def _line(rid: str, ts: float, payload: bytes) -> bytes:
+    return (json.dumps({"rid": rid, "ts": ts, "result": payload.decode("utf-8")},
+                       separators=(",", ":")) + "\n").encode("utf-8")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from agent.messages import Snapshot
+from agent.statefiles import atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ def features(snapshot: Snapshot, prompt_tokens: int, max_new_tokens: int) -> np.
         1.0 - min(snapshot.mem_available_mb / MEM_COMFORT_MB, 1.0),
         min(max(temp_f, 0.0), 1.0),
     ], dtype=np.float64)
+
+
+def training_target(ok: bool, seconds: float, cap: float) -> float:
+    """What one job teaches its arm: the latency seen, capped; a failure counts as the cap
+    (a device that fails must look slow, never fast)."""
+    return min(seconds, cap) if ok else cap
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,8 @@ class ArmStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        ensure_dir(self.path.parent)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -160,7 +167,7 @@ class ArmStore:
             state = self._decode(json.loads(raw))
             self._cache = (key, state)
             return StoreState(dict(state.arms), dict(state.trained), dict(state.exploring))
-        except (ValueError, TypeError, KeyError, np.linalg.LinAlgError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, np.linalg.LinAlgError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             os.replace(self.path, aside)
             log.error("arm store %s is unusable (%s); moved it to %s and started a fresh one",
@@ -191,17 +198,7 @@ class ArmStore:
                         for dev, arm in sorted(state.arms.items())},
                "trained": trained,
                "exploring": {dev: list(v) for dev, v in state.exploring.items()}}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.path, json.dumps(obj).encode("utf-8"))
         st = os.stat(self.path)
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns),
                        StoreState(dict(state.arms), dict(trained), dict(state.exploring)))

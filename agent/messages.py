@@ -8,13 +8,16 @@ MQTT 3.1.1 clients, which have no response topic or correlation data, can take p
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from agent.errors import MessageError
-from agent.topics import ID_RE
+from agent.errors import ERROR_KINDS, MessageError
+from agent.topics import is_id
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 1024
@@ -32,14 +35,33 @@ def decode_json(payload: bytes, kind: str, max_bytes: int = DEFAULT_MAX_BYTES) -
         obj = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
         raise MessageError(kind, None, "payload is not UTF-8") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise MessageError(kind, None, f"payload is not JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise MessageError(kind, None, "payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise MessageError(kind, None, f"payload must be a JSON object, got {type(obj).__name__}")
     v = obj.get("v")
-    if v != SCHEMA_VERSION:
+    if type(v) is not int or v != SCHEMA_VERSION:
         raise MessageError(kind, "v", f"unsupported schema version {v!r} (this build speaks {SCHEMA_VERSION})")
     return obj
+
+
+def decoded(topic: str, payload: bytes, decode: Callable[[bytes], T], *, what: str,
+            logger: logging.Logger, matches: Callable[[T], bool] = lambda _: True) -> T | None:
+    """Decode a received message, or log one line and return None.
+
+    ``matches`` checks the decoded ids against the topic it came on: a message whose
+    payload names another device or request than its topic is garbage too."""
+    try:
+        value = decode(payload)
+    except MessageError as exc:
+        logger.warning("dropped %s on %s: %s", what, topic, exc)
+        return None
+    if not matches(value):
+        logger.warning("dropped %s on %s: the ids in it do not match the topic", what, topic)
+        return None
+    return value
 
 
 def encode_json(obj: Mapping[str, Any]) -> bytes:
@@ -69,33 +91,43 @@ class _Fields:
         return value
 
     def id(self, name: str) -> str:
-        value = self.get(name, str)
-        if not ID_RE.match(value):
+        value: str = self.get(name, str)
+        if not is_id(value):
             raise self.fail(name, f"{value[:80]!r} is not a valid id")
         return value
 
     def text(self, name: str, max_len: int, *, optional: bool = False) -> str | None:
-        value = self.get(name, str, optional=optional)
-        if value is not None and len(value) > max_len:
+        value: str | None = self.get(name, str, optional=optional)
+        if value is None:
+            return None
+        if len(value) > max_len:
             raise self.fail(name, f"longer than {max_len} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"); UTF-8 cannot
+            raise self.fail(name, "is not valid Unicode text (a lone surrogate)") from None
         return value
 
     def number(self, name: str, lo: float, hi: float, *, optional: bool = False) -> float | None:
         value = self.get(name, (int, float), optional=optional)
         if value is None:
             return None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise self.fail(name, f"must be between {lo} and {hi}, got {value}")
+        try:
+            ok = math.isfinite(value) and lo <= value <= hi
+        except OverflowError:  # an integer with hundreds of digits
+            ok = False
+        if not ok:
+            raise self.fail(name, f"must be between {lo} and {hi}, got {str(value)[:40]}")
         return float(value)
 
     def integer(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
-        value = self.get(name, int, optional=optional)
+        value: int | None = self.get(name, int, optional=optional)
         if value is not None and not lo <= value <= hi:
-            raise self.fail(name, f"must be between {lo} and {hi}, got {value}")
+            raise self.fail(name, f"must be between {lo} and {hi}, got {str(value)[:40]}")
         return value
 
     def choice(self, name: str, choices: tuple[str, ...]) -> str:
-        value = self.get(name, str)
+        value: str = self.get(name, str)
         if value not in choices:
             raise self.fail(name, f"must be one of {', '.join(choices)}, got {value[:40]!r}")
         return value
@@ -359,7 +391,8 @@ class Error:
     rid: str
     device: str
     reason: str
-    exit_code: int | None = None
+    kind: str = "failed"            # one of errors.ERROR_KINDS: what happened, for machines
+    exit_code: int | None = None    # the executor's process exit code, if it had one
     partial_text: str = ""
     type: ClassVar[str] = "error"
 
@@ -389,7 +422,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
                     Timings.from_obj(f.get("timings", dict), kind),
                     f.integer("prompt_tokens", 0, MAX_TOKENS, optional=True) or 0,
                     f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0)
-    return Error(rid, device, f.text("reason", 4096) or "",
+    kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
+    return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),
                  f.text("partial_text", max_bytes, optional=True) or "")
 

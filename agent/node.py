@@ -1,19 +1,17 @@
 """The node daemon: presence, metrics, bids, execution, HA discovery, MQTT triggers.
 
 Theory of operation. The bus dispatcher thread runs the handlers below; each one decodes
-and validates, decides, and either publishes a small reply at once (a bid, a decline) or
-hands work to a worker thread (the NPU worker, one thread per CPU slot, an orchestration
-thread per trigger). Garbage never crashes the node and is never executed: one log line.
+and validates (garbage gets one log line and is never executed), asks a pure part what to
+do, and either publishes a small reply at once (a bid, a decline, a replayed result) or
+hands work to a worker (the NPU thread, the CPU gate's slot threads, an orchestration
+thread per trigger).
 
-Exactly-once execution under at-least-once delivery. Every job is keyed by its ``rid``.
-A redelivered job for a rid that is queued or running gets ``accepted`` again (the stream
-continues); one that finished gets its recorded ``done``/``error`` again, from memory or
-from the on-disk journal after a restart; one that was declined gets the same decline.
-
-Confirm on accept. A bid is an offer with a claim token. A job must present the claim
-this process issued for that rid (so a restarted node declines stale work) and arrive
-before its ``accept_by``; an NPU job also needs the NPU ``flock`` now, or it is declined
-with ``npu_busy`` and the orchestrator moves to the runner-up.
+- Bids: the ledger issues a claim per rid; the bid carries it with a live snapshot.
+- Jobs: ``JobLedger.receive`` decides (exactly-once under at-least-once delivery); an
+  admitted job then claims what its bid promised — the NPU ``flock``, or a place in the
+  CPU gate — or is declined with the reason, and the orchestrator moves on.
+- Execution: tokens are streamed as result events; the final event is written to the
+  on-disk journal before the run is forgotten, so a redelivered copy is answered from it.
 """
 
 from __future__ import annotations
@@ -21,47 +19,44 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import replace
 
 from agent.bus import Bus, Message, Will, new_nonce
 from agent.config import Config
-from agent.errors import AgentError, ExecutionTimeout, ExecutorError, MessageError
+from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError
 from agent.executors import Executor, Params, Result, usable
-from agent.fsm import JOB, Machine
+from agent.fleet import Fleet
+from agent.gate import Gate
 from agent.journal import Journal
-from agent.messages import (Accepted, Bid, BidRequest, Cancel, Declined, Done, Error, Job, LastResult,
-                            Metrics, ResultEvent, Snapshot, Token, TriggerRequest, decode_exec,
-                            encode_result)
+from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay, Run
+from agent.messages import (
+    Bid,
+    BidRequest,
+    Cancel,
+    Done,
+    Error,
+    Job,
+    LastResult,
+    Metrics,
+    ResultEvent,
+    Snapshot,
+    Token,
+    TriggerRequest,
+    decode_exec,
+    decoded,
+    encode_result,
+)
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.npulock import NpuClaim, NpuLock
-from agent.orchestrator import Fleet
-from agent.roster import Roster
+from agent.npulock import NpuLock
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
-K = TypeVar("K")
-V = TypeVar("V")
 
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
-OFFERS_KEPT = 4096        # outstanding claims remembered (bounded against floods)
-DECLINES_KEPT = 4096
-
-
-@dataclass
-class JobRun:
-    job: Job
-    fsm: Machine
-    received: float
-    claim: NpuClaim | None = None
-    accepted: bytes = b""
-    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class Node:
@@ -76,25 +71,18 @@ class Node:
         self.journal = Journal(cfg.state_dir)
         self.sampler = HostSampler()
         self.latency = LatencyWindow()
-        self.roster = Roster(self.topics, self.me)
+        self.ledger = JobLedger(self.me, f"{int(wall())}-{os.getpid()}-{new_nonce()}",
+                                recorded=self.journal.get, encode=encode_result)
         self.bus = Bus(self.me, cfg.broker, persistent=True, name=f"node-{self.me}",
-                       will=Will(self.topics.availability(self.me), b"offline"),
-                       on_connect=self._on_connect)
-        self._lock = threading.Lock()
-        self._epoch = f"{int(wall())}-{os.getpid()}-{new_nonce()}"
-        self._claim_seq = itertools.count(1)
-        self._offers: OrderedDict[str, str] = OrderedDict()
-        self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._cancelled: OrderedDict[str, float] = OrderedDict()
-        self._runs: dict[str, JobRun] = {}
-        self._cpu_queue: queue.Queue[JobRun | None] = queue.Queue()
-        self._cpu_busy = 0
+                       sync_topic=self.topics.sync(self.me, new_nonce()),
+                       will=Will(self.topics.availability(self.me), b"offline"), on_connect=self._on_connect)
+        self.fleet = Fleet(self.bus, self.topics, self.me)  # shared by HA/MQTT triggers; synced once
+        self.gate: Gate[Run] = Gate(cfg.cpu.slots if self.cpu_exec else 0, cfg.cpu.max_queue, self._execute)
         self._npu_busy_here = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_npu_free: bool | None = None
         self._metrics_due = threading.Event()
-        self._fleet = Fleet(self.bus, self.roster)  # shared by HA/MQTT triggers; synced once
 
     def _executor(self, mode: str) -> Executor | None:
         section = self.cfg.npu if mode == "npu" else self.cfg.cpu
@@ -110,31 +98,25 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         t = self.topics
-        self.bus.subscribe(t.all_availability(), self.roster.handle)
         self.bus.subscribe(t.all_bid_requests(), self._on_bid_request, inline=True)
         self.bus.subscribe(t.exec(self.me), self._on_job)
         self.bus.subscribe(t.trigger(self.me), self._on_trigger)
-        self.bus.set_sync_topic(t.sync(self.me, new_nonce()))
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self._on_ha_status)
-        slots = self.cfg.cpu.slots if self.cpu_exec else 0
-        for i in range(slots):
-            self._spawn(self._cpu_worker, f"cpu-slot-{i}")
+        self.gate.start()
         self._spawn(self._metrics_loop, "node-metrics")
         self.bus.start()
         log.info("node %s starting: NPU %s, CPU %s, broker %s:%d, prefix %r", self.me,
-                 _describe(self.npu_exec), _describe(self.cpu_exec, slots),
+                 _describe(self.npu_exec), _describe(self.cpu_exec, self.gate.slots),
                  self.cfg.broker.host, self.cfg.broker.port, self.cfg.topic_prefix)
 
     def stop(self) -> None:
         """Clean shutdown: cancel running work, publish offline, disconnect."""
         self._stop.set()
         self._metrics_due.set()
-        with self._lock:
-            for run in self._runs.values():
-                run.cancel.set()
-        for _ in self._threads:
-            self._cpu_queue.put(None)
+        for run in self.ledger.running():
+            run.cancel.set()
+        self.gate.stop()
         self.bus.stop(final=[(self.topics.availability(self.me), b"offline", True)])
         for thread in self._threads:
             thread.join(timeout=5)
@@ -166,13 +148,12 @@ class Node:
         elif msg.payload != b"offline":
             log.warning("ignoring Home Assistant status %r (want online/offline)", msg.payload[:40])
 
+    def _npu_free(self) -> bool:
+        return self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
+
     def snapshot(self) -> Snapshot:
-        npu_free = self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
-        with self._lock:
-            depth = self._cpu_queue.qsize() + self._cpu_busy
-        return snapshot(self.sampler.sample(), has_npu=self.npu_exec is not None, npu_free=npu_free,
-                        cpu_slots=self.cfg.cpu.slots if self.cpu_exec else 0, queue_depth=depth,
-                        recent=self.latency.summary())
+        return snapshot(self.sampler.sample(), has_npu=self.npu_exec is not None, npu_free=self._npu_free(),
+                        cpu_slots=self.gate.slots, queue_depth=self.gate.depth, recent=self.latency.summary())
 
     def _publish_metrics(self) -> None:
         snap = self.snapshot()
@@ -189,7 +170,7 @@ class Node:
             now = time.monotonic()
             if self.bus.connected:
                 npu_changed = (self.npu_exec is not None and self._last_npu_free is not None
-                               and self._last_npu_free != (not self._npu_busy_here and self.npu_lock.is_free()))
+                               and self._last_npu_free != self._npu_free())
                 if now >= next_at or npu_changed or self._metrics_due.is_set():
                     self._metrics_due.clear()
                     self._publish_metrics()
@@ -204,26 +185,18 @@ class Node:
 
     # ---------------------------------------------------------------- bids
     def _on_bid_request(self, msg: Message) -> None:
-        try:
-            req = BidRequest.from_payload(msg.payload, self.cfg.max_payload_bytes)
-        except MessageError as exc:
-            log.warning("dropped call for bids on %s: %s", msg.topic, exc)
-            return
         parsed = self.topics.parse(msg.topic)
-        if parsed is None or parsed.rid != req.rid:
-            log.warning("dropped call for bids on %s: rid in payload does not match the topic", msg.topic)
+        req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
+                      what="call for bids", logger=log,
+                      matches=lambda r: parsed is not None and parsed.rid == r.rid)
+        if req is None:
             return
         if req.origin == self.me:
             return  # our own orchestration counts this device itself, without the network
         if req.deadline < self.wall():
             log.info("ignored call for bids %s: its deadline has passed", req.rid)
             return
-        with self._lock:
-            claim = self._offers.get(req.rid)
-            if claim is None:
-                claim = f"{self._epoch}.{next(self._claim_seq)}"
-                _remember(self._offers, req.rid, claim, OFFERS_KEPT)
-        bid = Bid(rid=req.rid, device=self.me, claim=claim, snapshot=self.snapshot())
+        bid = Bid(rid=req.rid, device=self.me, claim=self.ledger.offer(req.rid), snapshot=self.snapshot())
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction.
         self.bus.publish(self.topics.bid_reply(req.rid, self.me), bid.to_payload())
@@ -235,203 +208,143 @@ class Node:
         return payload
 
     def _on_job(self, msg: Message) -> None:
-        try:
-            job = decode_exec(msg.payload, self.cfg.max_payload_bytes)
-        except MessageError as exc:
-            log.warning("dropped job on %s: %s", msg.topic, exc)
+        item = decoded(msg.topic, msg.payload, lambda p: decode_exec(p, self.cfg.max_payload_bytes),
+                       what="job", logger=log)
+        if item is None:
             return
-        if isinstance(job, Cancel):
-            self._on_cancel(job)
+        if isinstance(item, Cancel):
+            self._on_cancel(item)
             return
-        now = self.wall()
-        with self._lock:
-            recorded = self.journal.get(job.rid)
-            if recorded is not None:
-                log.info("job %s was already run; sending its result again", job.rid)
-                self.bus.publish(self.topics.exec_result(job.rid, self.me), recorded)
-                return
-            run = self._runs.get(job.rid)
-            if run is not None:
-                log.info("job %s redelivered while %s; attaching", job.rid, run.fsm.state)
-                if run.accepted:
-                    self.bus.publish(self.topics.exec_result(job.rid, self.me), run.accepted)
-                return
-            if (job.rid, job.mode) in self._declines:
-                self.bus.publish(self.topics.exec_result(job.rid, self.me), self._declines[(job.rid, job.mode)])
-                return
-            if job.rid in self._cancelled:
-                self._remember_decline(job, self._send(Declined(job.rid, self.me, "cancelled")))
-                log.info("declined job %s: its orchestrator cancelled it before it arrived", job.rid)
-                return
-            if job.deadline < now or job.accept_by < now:
-                log.info("ignored job %s from %s: too late to start (accept_by passed)", job.rid, job.origin)
-                return
-            run = JobRun(job=job, fsm=Machine(f"job {job.rid}", JOB, "new"), received=time.monotonic())
-            reason = self._admit(run)
-            if reason is not None:
-                run.fsm.fire("decline")
-                self._remember_decline(job, self._send(Declined(job.rid, self.me, reason)))
-                log.info("declined job %s from %s: %s", job.rid, job.origin, reason)
-                return
-            run.fsm.fire("accept")
-            self._offers.pop(job.rid, None)  # a claim is honoured once
-            self._runs[job.rid] = run
-            position = self._cpu_queue.qsize() + self._cpu_busy if job.mode == "cpu" else 0
-            run.accepted = self._send(Accepted(job.rid, self.me, job.mode, queue_position=position))
-        log.info("accepted %s job %s from %s", job.mode, job.rid, job.origin)
+        job = item
+        verdict = self.ledger.receive(job, self.wall())
+        if isinstance(verdict, Replay):
+            log.info("job %s was seen before; sending its recorded answer again", job.rid)
+            self.bus.publish(self.topics.exec_result(job.rid, self.me), verdict.payload)
+        elif isinstance(verdict, Attach):
+            log.info("job %s redelivered while it runs; attaching", job.rid)
+            self._send(verdict.accepted)
+        elif isinstance(verdict, Decline):
+            self._send(verdict.event)
+            log.info("declined job %s from %s: %s", job.rid, job.origin, verdict.event.reason)
+        elif isinstance(verdict, Ignore):
+            log.info("ignored job %s from %s: %s", job.rid, job.origin, verdict.reason)
+        else:
+            assert isinstance(verdict, Admit)
+            self._admit(job)
+
+    def _admit(self, job: Job) -> None:
+        """Claim what the bid promised and queue the job, or decline it with the reason."""
+        received = time.monotonic()
         if job.mode == "npu":
+            claim = self.npu_lock.try_claim(owner=job.rid) if self.npu_exec is not None else None
+            if claim is None:
+                self._decline(job, "no_npu" if self.npu_exec is None else "npu_busy")
+                return
+            self._npu_busy_here = True
+            run = self.ledger.accept(job, received, queue_position=0, resource=claim)
+            self._send(run.accepted)
             threading.Thread(target=self._execute, args=(run,), name=f"npu-{job.rid[:8]}", daemon=True).start()
         else:
-            self._cpu_queue.put(run)
+            if self.cpu_exec is None or not self.gate.has_room():
+                self._decline(job, "no_cpu" if self.cpu_exec is None else "queue_full")
+                return
+            # Only this thread queues, so the room checked above is still there.
+            run = self.ledger.accept(job, received, queue_position=self.gate.depth)
+            self._send(run.accepted)  # before a slot can start it and stream
+            self.gate.offer(run)
+        log.info("accepted %s job %s from %s", job.mode, job.rid, job.origin)
         self._metrics_due.set()
 
-    def _remember_decline(self, job: Job, payload: bytes) -> None:
-        """Called under the lock: a redelivered copy gets the same answer. Keyed by mode too:
-        a device that declined the NPU may still be asked to run the same job on its CPU."""
-        _remember(self._declines, (job.rid, job.mode), payload)
+    def _decline(self, job: Job, reason: str) -> None:
+        self._send(self.ledger.decline(job, reason))
+        log.info("declined job %s from %s: %s", job.rid, job.origin, reason)
 
     def _on_cancel(self, cancel: Cancel) -> None:
-        with self._lock:
-            _remember(self._cancelled, cancel.rid, self.wall())
-            run = self._runs.get(cancel.rid)
-            if run is not None:
-                run.cancel.set()  # a queued copy never starts; a running one is stopped
+        run = self.ledger.cancel(cancel, self.wall())
         log.info("job %s cancelled by %s (%s)%s", cancel.rid, cancel.origin, cancel.reason or "no reason",
                  "; stopping it" if run is not None else "")
 
-    def _admit(self, run: JobRun) -> str | None:
-        """Claim what the bid promised, or say why not (called under the lock)."""
-        job = run.job
-        if self._offers.get(job.rid) != job.claim:
-            return "stale_claim"
-        if job.mode == "npu":
-            if self.npu_exec is None:
-                return "no_npu"
-            claim = self.npu_lock.try_claim(owner=job.rid)
-            if claim is None:
-                return "npu_busy"
-            run.claim = claim
-            self._npu_busy_here = True
-            return None
-        if self.cpu_exec is None:
-            return "no_cpu"
-        if self._cpu_queue.qsize() + self._cpu_busy >= self.cfg.cpu.slots + self.cfg.cpu.max_queue:
-            return "queue_full"
-        return None
-
-    def _cpu_worker(self) -> None:
-        while True:
-            run = self._cpu_queue.get()
-            if run is None:
-                return
-            with self._lock:
-                self._cpu_busy += 1
-            try:
-                self._execute(run)
-            finally:
-                with self._lock:
-                    self._cpu_busy -= 1
-
-    def _execute(self, run: JobRun) -> None:
+    def _execute(self, run: Run) -> None:
         job = run.job
         executor = self.npu_exec if job.mode == "npu" else self.cpu_exec
         assert executor is not None
         seq = itertools.count()
-        started = time.monotonic()
-        queue_ms = (started - run.received) * 1000
+        queue_ms = (time.monotonic() - run.received) * 1000
+        ok = False
         try:
             remaining = job.deadline - self.wall()
-            if remaining <= 0 or run.cancel.is_set():
-                with self._lock:
-                    run.fsm.fire("expire")
-                if run.cancel.is_set():
-                    raise ExecutorError(executor.name, "cancelled before it started")
+            if remaining <= 0:
+                self.ledger.expire(run)
                 raise ExecutionTimeout(executor.name, 0.0)
-            with self._lock:
-                run.fsm.fire("start")
+            if not self.ledger.start(run):
+                raise Cancelled(executor.name, "cancelled before it started")
             params = Params(max_new_tokens=job.max_new_tokens, temperature=job.temperature,
                             timeout_s=remaining, rid=job.rid,
-                            hold_fds=(run.claim.fd,) if run.claim is not None else ())
-            result = executor.run(job.prompt, params,
-                                  lambda text: self._send(Token(job.rid, self.me, next(seq), text)),
-                                  run.cancel)
-            final = self._done(run, result, queue_ms)
+                            hold_fds=(run.resource.fd,) if run.resource is not None else ())
+
+            def on_token(text: str) -> None:
+                self._send(Token(job.rid, self.me, next(seq), text))
+
+            final = self._done(run, executor.run(job.prompt, params, on_token, run.cancel), queue_ms)
+            ok = True
         except ExecutorError as exc:
             final = self._failed(run, exc)
         except Exception as exc:  # an executor bug: report it, keep the node alive
             log.exception("job %s: executor crashed", job.rid)
             final = self._failed(run, ExecutorError(executor.name, f"internal error: {exc}"))
         finally:
-            if run.claim is not None:
-                run.claim.release()
+            if run.resource is not None:
+                run.resource.release()
                 self._npu_busy_here = False
-        with self._lock:
-            self._runs.pop(job.rid, None)
-        self.journal.record(job.rid, final)
+        try:
+            self.journal.record(job.rid, final)
+        except AgentError as exc:
+            log.error("job %s: %s; a redelivered copy will be declined, not replayed", job.rid, exc)
+        self.ledger.finish(run, ok)
         self._metrics_due.set()
 
-    def _done(self, run: JobRun, result: Result, queue_ms: float) -> bytes:
+    def _done(self, run: Run, result: Result, queue_ms: float) -> bytes:
         job = run.job
-        with self._lock:
-            run.fsm.fire("finish")
         t = result.timings
-        timings = type(t)(queue_ms=queue_ms, init_ms=t.init_ms, prefill_ms=t.prefill_ms,
-                          decode_ms=t.decode_ms, total_ms=t.total_ms + queue_ms)
+        timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
         return self._send(Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
                                result.generated_tokens))
 
-    def _failed(self, run: JobRun, exc: ExecutorError) -> bytes:
-        with self._lock:
-            if run.fsm.can("fail"):
-                run.fsm.fire("fail")
+    def _failed(self, run: Run, exc: ExecutorError) -> bytes:
         log.warning("job %s failed: %s", run.job.rid, exc)
-        return self._send(Error(run.job.rid, self.me, exc.reason,
+        return self._send(Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
                                 exit_code=getattr(exc, "returncode", None), partial_text=exc.partial_text))
 
     # ---------------------------------------------------------------- triggers (HA, mosquitto_pub)
     def _on_trigger(self, msg: Message) -> None:
-        try:
-            req = TriggerRequest.from_payload(msg.payload, self.cfg.max_payload_bytes)
-        except MessageError as exc:
-            log.warning("dropped trigger on %s: %s", msg.topic, exc)
-            return
-        threading.Thread(target=self._orchestrate, args=(req,), name="orchestrate", daemon=True).start()
+        req = decoded(msg.topic, msg.payload, lambda p: TriggerRequest.from_payload(p, self.cfg.max_payload_bytes),
+                      what="trigger", logger=log)
+        if req is not None:
+            threading.Thread(target=self._orchestrate, args=(req,), name="orchestrate", daemon=True).start()
 
     def _orchestrate(self, req: TriggerRequest) -> None:
         from agent.linucb import ArmStore
         from agent.orchestrator import Orchestrator
 
-        orch = Orchestrator(self.cfg, connect=lambda: self._fleet,
-                            npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
-                            arms=lambda: ArmStore.for_config(self.cfg),
-                            local_snapshot=self._local_offer_snapshot)
+        orch = Orchestrator(self.cfg, connect=lambda: self.fleet, npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
+                            arms=lambda: ArmStore.for_config(self.cfg), local_snapshot=self._local_offer_snapshot)
         try:
             out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256)
         except AgentError as exc:
             log.warning("trigger refused: %s", exc)
-            self.bus.publish(self.topics.last_result(self.me), LastResult(
-                rid="-", device=self.me, winner=None, path=None, ok=False, text="", error=str(exc),
-                total_ms=0.0).to_payload(), retain=True)
-            return
-        log.info("trigger %s: %s via %s in %.0f ms", out.rid, "answered" if out.ok else "failed",
-                 out.path, out.total_ms)
-        self.bus.publish(self.topics.last_result(self.me), LastResult(
-            rid=out.rid, device=self.me, winner=out.winner, path=out.path, ok=out.ok, text=out.text,
-            error=out.error, total_ms=round(out.total_ms, 1)).to_payload(), retain=True)
+            last = LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="", error=str(exc),
+                              total_ms=0.0)
+        else:
+            log.info("trigger %s: %s via %s in %.0f ms", out.rid, "answered" if out.ok else "failed",
+                     out.path, out.total_ms)
+            last = LastResult(rid=out.rid, device=self.me, winner=out.winner, path=out.path, ok=out.ok,
+                              text=out.text, error=out.error, total_ms=round(out.total_ms, 1))
+        self.bus.publish(self.topics.last_result(self.me), last.to_payload(), retain=True)
 
     def _local_offer_snapshot(self) -> Snapshot:
-        snap = self.snapshot()
-        from dataclasses import replace
-        return replace(snap, npu_free=False)  # the NPU was tried first, before any auction
-
-
-def _remember(table: OrderedDict[K, V], key: K, value: V, keep: int = DECLINES_KEPT) -> None:
-    """Insert into a bounded memory (oldest forgotten first): floods cannot grow it."""
-    table[key] = value
-    while len(table) > keep:
-        table.popitem(last=False)
+        return replace(self.snapshot(), npu_free=False)  # the NPU was tried first, before any auction
 
 
 def _describe(executor: Executor | None, slots: int | None = None) -> str:

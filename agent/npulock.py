@@ -15,6 +15,9 @@ import os
 import time
 from pathlib import Path
 
+from agent.errors import StateError
+from agent.statefiles import describe, ensure_dir
+
 _PROBE_RETRIES = 3
 _PROBE_RETRY_S = 0.001
 
@@ -57,8 +60,11 @@ class NpuLock:
         self.path = Path(state_dir) / "npu.lock"
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        ensure_dir(self.path.parent)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(self.path, f"cannot open the lock file: {describe(exc)}") from None
 
     def try_claim(self, owner: str = "") -> NpuClaim | None:
         """Take the NPU if it is free, without waiting on a job; None if it is busy."""

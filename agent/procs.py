@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.errors import CommandFailed, ExecutableNotFound, ExecutionTimeout, ExecutorError
+from agent.errors import Cancelled, CommandFailed, ExecutableNotFound, ExecutionTimeout, ExecutorError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def stream(executor: str, argv: Sequence[str], *, on_stdout: Callable[[bytes], N
     if stopped == ["enough"]:
         return Finished(0, stderr_tail, elapsed)
     if stopped:
-        raise ExecutorError(executor, "cancelled", partial_text=partial())
+        raise Cancelled(executor, partial_text=partial())
     if check and returncode != 0:
         raise CommandFailed(executor, argv, returncode, stderr_tail, partial_text=partial())
     return Finished(returncode, stderr_tail, elapsed)

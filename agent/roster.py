@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from agent.bus import Message
 from agent.topics import Topics
@@ -67,30 +66,3 @@ class Roster:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
         return remove
-
-
-class ArrivalWatch:
-    """Waits for devices to announce ``online`` live (not a retained value from the past):
-    what a launcher (the demo, the benchmarks, the soak) needs after starting a node."""
-
-    def __init__(self, bus: Any, topics: Topics):
-        self._topics = topics
-        self._lock = threading.Lock()
-        self._events: dict[str, threading.Event] = {}
-        bus.subscribe(topics.all_availability(), self._handle)
-
-    def _event(self, device: str) -> threading.Event:
-        with self._lock:
-            return self._events.setdefault(device, threading.Event())
-
-    def _handle(self, msg: Message) -> None:
-        parsed = self._topics.parse(msg.topic)
-        if parsed and parsed.device and msg.payload == b"online" and not msg.retain:
-            self._event(parsed.device).set()
-
-    def expect(self, device: str) -> None:
-        """Call before starting the device: forget any earlier arrival."""
-        self._event(device).clear()
-
-    def wait(self, device: str, timeout: float) -> bool:
-        return self._event(device).wait(timeout)

@@ -22,7 +22,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Device ids, request ids and nonces: one topic level each, safe on every broker tested.
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_HINT = "use 1-64 of A-Z a-z 0-9 _ -"
+
+
+def is_id(value: object) -> bool:
+    """A whole string of 1-64 id characters (``fullmatch``: no trailing newline slips by)."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -60,13 +67,21 @@ class Topics:
         return f"{self.prefix}bid/request/{_id(rid)}"
 
     def bid_reply(self, rid: str, dev: str) -> str:
-        return f"{self.prefix}bid/reply/{_id(rid)}/{_id(dev)}"
+        return f"{self.bid_reply_stem(rid)}/{_id(dev)}"
 
     def exec(self, dev: str) -> str:
         return f"{self.prefix}exec/{_id(dev)}"
 
     def exec_result(self, rid: str, dev: str) -> str:
-        return f"{self.prefix}exec/result/{_id(rid)}/{_id(dev)}"
+        return f"{self.exec_result_stem(rid)}/{_id(dev)}"
+
+    def exec_result_stem(self, rid: str) -> str:
+        """Where the results of ``rid`` live, without the device level (a job's reply_to)."""
+        return f"{self.prefix}exec/result/{_id(rid)}"
+
+    def bid_reply_stem(self, rid: str) -> str:
+        """Where the bids for ``rid`` live, without the device level (a call's response topic)."""
+        return f"{self.prefix}bid/reply/{_id(rid)}"
 
     def ha_config(self, dev: str) -> str:
         return f"{self.discovery_prefix}/device/{_id(dev)}/config"
@@ -85,10 +100,10 @@ class Topics:
         return f"{self.prefix}bid/request/+"
 
     def bid_replies(self, rid: str) -> str:
-        return f"{self.prefix}bid/reply/{_id(rid)}/+"
+        return f"{self.bid_reply_stem(rid)}/+"
 
     def exec_results(self, rid: str) -> str:
-        return f"{self.prefix}exec/result/{_id(rid)}/+"
+        return f"{self.exec_result_stem(rid)}/+"
 
     # parsing ----------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic | None:
@@ -100,25 +115,25 @@ class Topics:
         levels = topic[len(self.prefix):].split("/")
         match levels:
             case ["agent", dev, ("availability" | "metrics" | "trigger" | "last_result") as kind]:
-                return ParsedTopic(kind, device=dev) if ID_RE.match(dev) else None
+                return ParsedTopic(kind, device=dev) if is_id(dev) else None
             case ["agent", dev, "sync", nonce]:
                 return ParsedTopic("sync", device=dev) if _ids(dev, nonce) else None
             case ["bid", "request", rid]:
-                return ParsedTopic("bid_request", rid=rid) if ID_RE.match(rid) else None
+                return ParsedTopic("bid_request", rid=rid) if is_id(rid) else None
             case ["bid", "reply", rid, dev]:
                 return ParsedTopic("bid_reply", device=dev, rid=rid) if _ids(rid, dev) else None
             case ["exec", "result", rid, dev]:
                 return ParsedTopic("exec_result", device=dev, rid=rid) if _ids(rid, dev) else None
             case ["exec", dev]:
-                return ParsedTopic("exec", device=dev) if ID_RE.match(dev) else None
+                return ParsedTopic("exec", device=dev) if is_id(dev) else None
         return None
 
 
 def _id(value: str) -> str:
-    if not ID_RE.match(value):
+    if not is_id(value):
         raise ValueError(f"not a valid topic id: {value!r}")
     return value
 
 
 def _ids(*values: str) -> bool:
-    return all(ID_RE.match(v) for v in values)
+    return all(is_id(v) for v in values)

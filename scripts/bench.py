@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,16 +45,15 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.bus import Bus, new_nonce  # noqa: E402
-from agent.cli import _connect_fleet  # noqa: E402
-from agent.config import BrokerConfig, Config, load_config  # noqa: E402
-from agent.devbroker import LocalMosquitto  # noqa: E402
+from agent.bus import new_nonce, set_nodelay  # noqa: E402
+from agent.config import Config, load_config  # noqa: E402
 from agent.executors import Params, Result  # noqa: E402
+from agent.fleet import Fleet  # noqa: E402
 from agent.linucb import ArmStore  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
-from agent.roster import ArrivalWatch  # noqa: E402
-from agent.topics import Topics  # noqa: E402
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402
+from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 
 TARGETS = {"auction_ratio": 1.5, "local_npu_ms": 1.0, "cli_to_exec_ms": 300.0, "idle_cpu_pct": 1.0,
            "idle_rss_mb": 60.0}
@@ -89,7 +87,7 @@ class FloorRequester:
         self._pending: dict[str, tuple[int, threading.Event, list[int]]] = {}
         ready = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-req-{new_nonce()}", protocol=mqtt.MQTTv5)
-        c.on_socket_open = lambda cl, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_socket_open = set_nodelay
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}rep/+/+", qos=1)
         c.on_subscribe = lambda *a: ready.set()
         c.on_message = self._on_message
@@ -149,51 +147,40 @@ def measure_floor(port: int, n: int, iters: int, warmup: int) -> Dist:
 
 # ----------------------------------------------------------------------------- fleet helpers
 
-class Fleet:
+SIM_0MS = {"kind": "sim", "base_ms": 0, "ms_per_token": 0}
+
+
+class NodeFleet:
     """N real node daemons with 0 ms sim executors, under one topic prefix."""
 
     def __init__(self, port: int, workdir: Path, n: int):
         self.port, self.workdir, self.n = port, workdir, n
         self.prefix = f"bench/{new_nonce()}/"
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.nodes: list[NodeProcess] = []
 
-    def config(self, device: str, **extra: Any) -> Path:
-        doc: dict[str, Any] = {"device_id": device, "broker": {"host": "127.0.0.1", "port": self.port},
-                               "topic_prefix": self.prefix, "state_dir": str(self.workdir / "state" / device),
-                               "metrics_interval_s": 10, "homeassistant": {"enabled": False},
-                               "npu": {"enabled": False},
-                               "cpu": {"enabled": True, "slots": 2,
-                                       "executor": {"kind": "sim", "base_ms": 0, "ms_per_token": 0}}}
-        doc.update(extra)
-        path = self.workdir / f"{device}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
+    def config(self, device: str, *, cpu: dict[str, Any] | None = SIM_0MS, **extra: Any) -> Path:
+        doc = node_doc(device, port=self.port, prefix=self.prefix, state_dir=self.workdir / "state" / device,
+                       cpu=cpu, slots=2, metrics_interval_s=10, broker={"keepalive_s": 5}, **extra)
+        return write_config(self.workdir / f"{device}.yaml", doc)
 
     def start(self) -> None:
-        names = [f"node-{i:02d}" for i in range(self.n)]
-        watcher = Bus(f"bench-watch-{new_nonce()}", BrokerConfig(port=self.port), persistent=False)
-        arrivals = ArrivalWatch(watcher, Topics(self.prefix))
-        watcher.connect(5)
-        for d in names:
-            arrivals.expect(d)
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "agent", "--role", "node", "--config",
-                                                str(self.config(d))], cwd=REPO, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL))
-        for d in names:
-            if not arrivals.wait(d, 60):
-                raise RuntimeError(f"{d} did not come online")
-        watcher.stop()
+        arrivals = ArrivalWatch("127.0.0.1", self.port, self.prefix)
+        try:
+            self.nodes = [NodeProcess(self.config(d), d, arrivals=arrivals, log=Path(os.devnull))
+                          for d in (f"node-{i:02d}" for i in range(self.n))]
+            for node in self.nodes:
+                node.start(timeout=60)
+        finally:
+            arrivals.close()
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(timeout=15)
-        self.procs = []
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
 
 
-def hub_config(fleet: Fleet, name: str = "hub") -> Config:
-    return load_config(fleet.config(name, cpu={"enabled": False}, auction={"bid_timeout_s": 10}), env={})
+def hub_config(fleet: NodeFleet, name: str = "hub") -> Config:
+    return load_config(fleet.config(name, cpu=None, auction={"bid_timeout_s": 10}), env={})
 
 
 def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestrator:
@@ -206,9 +193,9 @@ def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestra
 
 # ----------------------------------------------------------------------------- 2+3. auction, dispatch
 
-def measure_auction(fleet: Fleet, iters: int, warmup: int) -> dict[str, Dist]:
+def measure_auction(fleet: NodeFleet, iters: int, warmup: int) -> dict[str, Dist]:
     cfg = hub_config(fleet)
-    connected = _connect_fleet(cfg)
+    connected = Fleet.open(cfg)
     try:
         orch = orchestrator(cfg, connected)
         auction, decide, total = [], [], []
@@ -226,12 +213,12 @@ def measure_auction(fleet: Fleet, iters: int, warmup: int) -> dict[str, Dist]:
                     total.append(out.total_ms)
         return {"auction": Dist.of(auction), "decide": Dist.of(decide), "dispatch": Dist.of(total)}
     finally:
-        connected.bus.stop()
+        connected.close()
 
 
-def measure_concurrency(fleet: Fleet, k: int, runs: int) -> dict[str, Any]:
+def measure_concurrency(fleet: NodeFleet, k: int, runs: int) -> dict[str, Any]:
     cfgs = [hub_config(fleet, f"hub-{k}-{j}") for j in range(k)]
-    fleets = [_connect_fleet(c) for c in cfgs]
+    fleets = [Fleet.open(c) for c in cfgs]
     latencies: list[float] = []
     lock = threading.Lock()
     barrier = threading.Barrier(k + 1)
@@ -246,7 +233,7 @@ def measure_concurrency(fleet: Fleet, k: int, runs: int) -> dict[str, Any]:
                 (latencies.append(out.total_ms) if out.ok else errors.append(str(out.error)))
 
     threads = [threading.Thread(target=worker, args=(c, f), name=f"bench-k{j}") for j, (c, f) in
-               enumerate(zip(cfgs, fleets))]
+               enumerate(zip(cfgs, fleets, strict=True))]
     for t in threads:
         t.start()
     barrier.wait()
@@ -255,7 +242,7 @@ def measure_concurrency(fleet: Fleet, k: int, runs: int) -> dict[str, Any]:
         t.join()
     wall = time.perf_counter() - t0
     for f in fleets:
-        f.bus.stop()
+        f.close()
     return {"k": k, "runs": k * runs, "errors": len(errors), "auctions_per_s": round(k * runs / wall, 1),
             "latency": Dist.of(latencies).json() if latencies else None}
 
@@ -323,21 +310,21 @@ def measure_cli(workdir: Path, iters: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- 5. node cost
 
-def measure_node(fleet: Fleet, window_s: float, jobs: int) -> dict[str, float]:
-    proc = psutil.Process(fleet.procs[0].pid)
+def measure_node(fleet: NodeFleet, window_s: float, jobs: int) -> dict[str, float]:
+    proc = psutil.Process(fleet.nodes[0].pid)
     c0 = proc.cpu_times()
     time.sleep(window_s)  # the measurement window itself: an idle node, watched
     c1 = proc.cpu_times()
     idle_cpu = (c1.user + c1.system - c0.user - c0.system) / window_s * 100
     rss0 = proc.memory_info().rss / 2**20
     cfg = hub_config(fleet, "hub-node")
-    connected = _connect_fleet(cfg)
+    connected = Fleet.open(cfg)
     try:
         orch = orchestrator(cfg, connected)
         for _ in range(jobs):
             orch.run("job for the node", max_new_tokens=4)
     finally:
-        connected.bus.stop()
+        connected.close()
     rss1 = proc.memory_info().rss / 2**20
     return {"idle_cpu_pct": round(idle_cpu, 2), "rss_mb": round(rss0, 1), "rss_after_jobs_mb": round(rss1, 1),
             "jobs": jobs}
@@ -364,7 +351,7 @@ def main() -> int:
             log(f"floor, N={n}")
             results["floor"][n] = measure_floor(broker.port, n, iters, warmup).json()
             log(f"auction with {n} node daemons")
-            fleet = Fleet(broker.port, workdir / f"fleet{n}", n)
+            fleet = NodeFleet(broker.port, workdir / f"fleet{n}", n)
             (workdir / f"fleet{n}").mkdir()
             fleet.start()
             try:
@@ -410,16 +397,19 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
     for n in sizes:
         f, a, d, dec = r["floor"][n], r["auction"][n], r["dispatch"][n], r["decide"][n]
         ratio = r["ratios"][n]["auction_over_floor"]
+        over2 = r["ratios"][n]["dispatch_over_2_floors"]
         print(f"{n:>3} | {f['p50']:>8.3f}/{f['p95']:<8.3f} | {a['p50']:>9.3f}/{a['p95']:<9.3f} | {ratio:>5.2f} | "
-              f"{dec['p50']:>13.3f} | {d['p50']:>10.3f}/{d['p95']:<9.3f} | {r['ratios'][n]['dispatch_over_2_floors']:>9.2f}")
+              f"{dec['p50']:>13.3f} | {d['p50']:>10.3f}/{d['p95']:<9.3f} | {over2:>9.2f}")
     worst = max(v["auction_over_floor"] for v in r["ratios"].values())
-    print(f"\nauction/floor, worst N: {worst:.2f}  (target <= {TARGETS['auction_ratio']}: {mark(worst <= TARGETS['auction_ratio'])})")
+    target = TARGETS["auction_ratio"]
+    print(f"\nauction/floor, worst N: {worst:.2f}  (target <= {target}: {mark(worst <= target)})")
     ln = r["local_npu_ms"]
     print(f"local NPU, run() -> executor start: p50 {ln['p50']:.3f} ms, p95 {ln['p95']:.3f} ms "
           f"(target <= {TARGETS['local_npu_ms']} ms: {mark(ln['p50'] <= TARGETS['local_npu_ms'])})")
     cli = r["cli"]
+    cli_target = TARGETS["cli_to_exec_ms"]
     print(f"CLI `python -m agent trigger` -> executor start: p50 {cli['to_exec']['p50']:.0f} ms "
-          f"(target <= {TARGETS['cli_to_exec_ms']:.0f} ms: {mark(cli['to_exec']['p50'] <= TARGETS['cli_to_exec_ms'])}); "
+          f"(target <= {cli_target:.0f} ms: {mark(cli['to_exec']['p50'] <= cli_target)}); "
           f"import agent.cli {cli['import_ms']:.0f} ms on top of a {cli['interpreter_ms']:.0f} ms interpreter start")
     node = r["node"]
     print(f"node idle: {node['idle_cpu_pct']:.2f}% of a core (target <= {TARGETS['idle_cpu_pct']}%: "

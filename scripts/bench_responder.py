@@ -9,12 +9,13 @@ nothing else. Prints "ready" once subscribed.
 
 from __future__ import annotations
 
-import socket
 import sys
 import threading
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.bus import set_nodelay
 
 BID_SIZED = b"x" * 420  # a real bid is ~400-450 bytes of JSON
 
@@ -23,7 +24,7 @@ def main() -> None:
     host, port, prefix, name = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     ready = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-{name}", protocol=mqtt.MQTTv5)
-    client.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.on_socket_open = set_nodelay
 
     def on_connect(c: mqtt.Client, u: object, f: object, rc: object, p: object) -> None:
         c.subscribe(f"{prefix}req/+", qos=1)

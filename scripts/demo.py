@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,12 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.bus import Bus, new_nonce  # noqa: E402
-from agent.config import BrokerConfig  # noqa: E402
-from agent.devbroker import LocalMosquitto  # noqa: E402
 from agent.npulock import NpuLock  # noqa: E402
-from agent.roster import ArrivalWatch  # noqa: E402
-from agent.topics import Topics  # noqa: E402
+from tests.support.launch import ArrivalWatch, NodeProcess  # noqa: E402
+from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 
 FLEET = ["board-npu", "laptop", "phone"]
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
@@ -45,7 +41,7 @@ class Demo:
         self.workdir = workdir
         self.rounds = rounds
         self.broker = LocalMosquitto(workdir / "mosquitto")
-        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.nodes: list[NodeProcess] = []
 
     def env(self, device: str) -> dict[str, str]:
         return {**os.environ, "AGENT_BROKER_HOST": self.broker.host,
@@ -55,22 +51,19 @@ class Demo:
     def start_fleet(self) -> None:
         banner(f"Mosquitto on 127.0.0.1:{self.broker.port} (mosquitto/dev.conf, private data dir)")
         self.broker.start()
-        watcher = Bus(f"demo-{new_nonce()}", BrokerConfig(port=self.broker.port), persistent=False, name="demo")
-        arrivals = ArrivalWatch(watcher, Topics())
-        watcher.connect(5)
+        arrivals = ArrivalWatch(self.broker.host, self.broker.port)
         banner("Starting the fleet: " + ", ".join(FLEET))
-        for device in FLEET:
-            arrivals.expect(device)
-            log = open(self.workdir / f"{device}.log", "wb")
-            cmd = [sys.executable, "-m", "agent", "--role", "node", "--config", f"configs/fleet/{device}.yaml"]
-            print(f"{DIM}$ {shlex.join(['python', *cmd[1:]])} &   (log: {log.name}){RESET}")
-            self.nodes.append(subprocess.Popen(cmd, cwd=REPO, env=self.env(device), stdout=log,
-                                               stderr=subprocess.STDOUT))
-            log.close()
-        for device in FLEET:
-            if not arrivals.wait(device, 20):
-                raise SystemExit(f"{device} did not come online; see {self.workdir / (device + '.log')}")
-        watcher.stop()
+        try:
+            for device in FLEET:
+                config = REPO / "configs" / "fleet" / f"{device}.yaml"
+                node = NodeProcess(config, device, arrivals=arrivals, log=self.workdir / f"{device}.log",
+                                   env=self.env(device))
+                print(f"{DIM}$ python -m agent --role node --config configs/fleet/{device}.yaml &   "
+                      f"(log: {node.log}){RESET}")
+                node.start(timeout=20)
+                self.nodes.append(node)
+        finally:
+            arrivals.close()
         print("all three devices online")
 
     def trigger(self, device: str, prompt: str, *extra: str) -> int:
@@ -101,14 +94,8 @@ class Demo:
         return 1 if failures else 0
 
     def stop(self) -> None:
-        for proc in self.nodes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.nodes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for node in self.nodes:
+            node.stop(timeout=10)
         self.broker.stop()
 
 

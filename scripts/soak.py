@@ -17,14 +17,11 @@ import argparse
 import io
 import json
 import random
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -32,50 +29,61 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
-import yaml  # noqa: E402
 
-from agent.bus import Bus, new_nonce  # noqa: E402
+from agent.bus import Bus, Message, new_nonce  # noqa: E402
 from agent.cli import main as cli  # noqa: E402
 from agent.config import BrokerConfig  # noqa: E402
-from agent.devbroker import LocalMosquitto  # noqa: E402
-from agent.roster import ArrivalWatch  # noqa: E402
+from agent.errors import ExitCode  # noqa: E402
+from agent.messages import Done, decode_result  # noqa: E402
 from agent.topics import Topics  # noqa: E402
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402
+from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 
 JOB = REPO / "tests" / "support" / "job.py"
-TYPED_FAILURES = {1: "execution failed", 3: "no device", 4: "timed out"}
-DELIVERED_RE = re.compile(r"job ([0-9a-f]{32}) done in ")
+TYPED_FAILURES: dict[int, str] = {ExitCode.FAILED: "execution failed", ExitCode.NO_DEVICE: "no device",
+                                  ExitCode.TIMEOUT: "timed out"}
 
 
-class Node:
-    def __init__(self, name: str, config: Path, out: Path):
-        self.name, self.config, self.out = name, config, out
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.max_rss_mb = 0.0
+class Deliveries:
+    """Every ``done`` event published in the fleet, seen by a client of our own: a result
+    is delivered once per distinct payload (a journal replay re-sends the same bytes)."""
 
-    def start(self, arrivals: ArrivalWatch) -> None:
-        arrivals.expect(self.name)
-        with open(self.out, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--role", "node", "--config",
-                                          str(self.config)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        if not arrivals.wait(self.name, 30):
-            raise RuntimeError(f"{self.name} did not come online")
+    def __init__(self, port: int, topics: Topics):
+        self._lock = threading.Lock()
+        self.done: defaultdict[str, set[bytes]] = defaultdict(set)
+        self._topics = topics
+        self.bus = Bus(f"soak-results-{new_nonce()}", BrokerConfig(port=port), persistent=False,
+                       name="soak-results", sync_topic=topics.sync("soak", new_nonce()))
+        self.bus.subscribe(f"{topics.prefix}exec/result/#", self._record)
+        self.bus.connect(5)
+
+    def _record(self, msg: Message) -> None:
+        try:
+            event = decode_result(msg.payload)
+        except Exception:
+            return
+        if isinstance(event, Done):
+            with self._lock:
+                self.done[event.rid].add(msg.payload)
+
+    def close(self) -> dict[str, int]:
+        self.bus.barrier(10)
+        self.bus.stop()
+        with self._lock:
+            return {rid: len(payloads) for rid, payloads in self.done.items()}
+
+
+class Node(NodeProcess):
+    """A soak node: its peak memory is sampled before every kill and at the end."""
+
+    max_rss_mb = 0.0
 
     def sample_rss(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.running:
             try:
-                self.max_rss_mb = max(self.max_rss_mb, psutil.Process(self.proc.pid).memory_info().rss / 2**20)
+                self.max_rss_mb = max(self.max_rss_mb, psutil.Process(self.pid).memory_info().rss / 2**20)
             except psutil.Error:
                 pass
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
 
 
 def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdir: Path,
@@ -84,26 +92,19 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
     prefix = f"soak/{new_nonce()}/"
     topics = Topics(prefix)
     log = workdir / "executions.log"
+    model = {"kind": "command", "argv": [sys.executable, str(JOB), str(log), "quick", "{prompt}"]}
 
     def config(name: str, **extra: Any) -> Path:
-        doc = {"device_id": name, "broker": {"port": port, "keepalive_s": 2}, "topic_prefix": prefix,
-               "state_dir": str(workdir / "state" / name), "homeassistant": {"enabled": False},
-               "npu": {"enabled": False}, "metrics_interval_s": 30,
-               "cpu": {"enabled": True, "slots": 2, "executor": {
-                   "kind": "command", "argv": [sys.executable, str(JOB), str(log), "quick", "{prompt}"]}}}
-        doc.update(extra)
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
+        doc = node_doc(name, port=port, prefix=prefix, state_dir=workdir / "state" / name, **extra)
+        return write_config(workdir / f"{name}.yaml", doc)
 
-    watcher = Bus(f"soak-watch-{new_nonce()}", BrokerConfig(port=port), persistent=False)
-    arrivals = ArrivalWatch(watcher, topics)
-    watcher.connect(5)
-    fleet = [Node(f"node-{i}", config(f"node-{i}"), workdir / f"node-{i}.out") for i in range(nodes)]
+    arrivals = ArrivalWatch("127.0.0.1", port, prefix)
+    deliveries = Deliveries(port, topics)
+    fleet = [Node(config(f"node-{i}", cpu=model, slots=2), f"node-{i}", arrivals=arrivals,
+                  log=workdir / f"node-{i}.out") for i in range(nodes)]
     for n in fleet:
-        n.start(arrivals)
-    hub = config("hub", cpu={"enabled": False},
-                 auction={"bid_timeout_s": 5, "accept_timeout_s": 1, "job_timeout_s": 20})
+        n.start()
+    hub = config("hub", auction={"bid_timeout_s": 5, "accept_timeout_s": 1, "job_timeout_s": 20})
 
     stop = threading.Event()
     kills = [0]
@@ -116,7 +117,7 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
             kills[0] += 1
             if stop.wait(rng.uniform(0.1, 1.0)):
                 break
-            victim.start(arrivals)
+            victim.start()
 
     codes: Counter[int] = Counter()
     reasons: Counter[str] = Counter()
@@ -145,7 +146,8 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
         for n in fleet:
             n.sample_rss()
             n.stop()
-        watcher.stop()
+        arrivals.close()
+        delivered = deliveries.close()
 
     done: Counter[str] = Counter()
     starts: Counter[str] = Counter()
@@ -153,21 +155,16 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
         for line in log.read_text().splitlines():
             what, rid, *_ = line.split()
             (done if what == "done" else starts)[rid] += 1
-    # A result counts as delivered when its node logged publishing it ("job <rid> done in").
-    # Two delivered results for one rid is a duplicate. A model that finished on a node
-    # killed before its answer left the process, then ran again on the runner-up, is the
-    # documented failover (no token had reached the orchestrator): reported, not hidden.
-    delivered: Counter[str] = Counter()
-    for n in fleet:
-        if n.out.exists():
-            delivered.update(DELIVERED_RE.findall(n.out.read_text(errors="replace")))
+    # Two different results delivered for one rid is a duplicate. A model that finished on
+    # a node killed before its answer left the process, then ran again on the runner-up, is
+    # the documented failover (nothing had reached the orchestrator): reported, not hidden.
     return {
         "seconds": seconds, "triggers": sum(codes.values()), "answered": codes[0],
         "failed": {TYPED_FAILURES.get(c, f"untyped {c}"): n for c, n in codes.items() if c},
         "failure_reasons": dict(reasons.most_common(8)), "node_kills": kills[0],
         "executions_completed": sum(done.values()),
         "duplicates": sorted(r for r, n in delivered.items() if n > 1),
-        "rerun_after_silent_death": sorted(r for r, n in done.items() if n > 1 and delivered[r] <= 1),
+        "rerun_after_silent_death": sorted(r for r, n in done.items() if n > 1 and delivered.get(r, 0) <= 1),
         "restarted_before_any_token": sum(1 for r, n in starts.items() if n > 1),
         "untyped_failures": sum(n for c, n in codes.items() if c not in (0, *TYPED_FAILURES)),
         "max_node_rss_mb": round(max(n.max_rss_mb for n in fleet), 1),

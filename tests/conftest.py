@@ -23,7 +23,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def env(broker: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Env:
+def env(broker: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     """A private corner of the broker: every topic of this test is under its own prefix."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
-    return Env(broker=broker, prefix=f"test/{name}-{uuid.uuid4().hex[:8]}/", tmp=tmp_path)
+    world = Env(broker=broker, prefix=f"test/{name}-{uuid.uuid4().hex[:8]}/", tmp=tmp_path)
+    yield world
+    world.close()

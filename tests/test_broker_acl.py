@@ -15,10 +15,10 @@ import pytest
 
 from agent.bus import Bus
 from agent.config import BrokerConfig
-from agent.devbroker import REPO, LocalMosquitto
 from agent.errors import BrokerUnavailable
 from agent.topics import Topics
 from tests.support.fleet import Spy
+from tests.support.mosquitto import REPO, LocalMosquitto
 
 pytestmark = pytest.mark.skipif(not shutil.which("mosquitto") or not shutil.which("mosquitto_passwd"),
                                 reason="needs the mosquitto and mosquitto_passwd binaries")
@@ -46,14 +46,14 @@ def client(broker: LocalMosquitto, user: str, tmp: Path, *, password: str | None
     pw = tmp / f"{user}.pw"
     pw.write_text(password if password is not None else USERS[user])
     cfg = BrokerConfig(host=broker.host, port=broker.port, username=user, password_file=str(pw))
-    bus = Bus(f"{user}-test", cfg, persistent=False, name=user)
-    bus.set_sync_topic(T.sync(user, "acl"))
+    bus = Bus(f"{user}-test", cfg, persistent=False, name=user, sync_topic=T.sync(user, "acl"))
     bus.connect(5)
     return bus
 
 
 def test_anonymous_and_wrong_password_are_refused(secured: LocalMosquitto, tmp_path: Path) -> None:
-    anon = Bus("anon", BrokerConfig(host=secured.host, port=secured.port), persistent=False)
+    anon = Bus("anon", BrokerConfig(host=secured.host, port=secured.port), persistent=False,
+               sync_topic=T.sync("anon", "acl"))
     with pytest.raises(BrokerUnavailable, match="refused|not authorized|disconnected"):
         anon.connect(3)
     with pytest.raises(BrokerUnavailable):

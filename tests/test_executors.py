@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent.config import CommandExecutorConfig, SimExecutorConfig, parse_config
+from agent.config import CommandExecutorConfig, SimExecutorConfig
 from agent.errors import CommandFailed, ExecutableNotFound, ExecutionTimeout
 from agent.executors import Params, build_executor
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from agent.linucb import D, Arm, ArmStore, features
+from agent.linucb import Arm, ArmStore, D, features
 from agent.messages import Snapshot
 
 
@@ -36,7 +36,7 @@ def test_arm_matches_the_closed_form_ridge_solution() -> None:
     theta_true = rng.uniform(0, 2, size=D)
     ys = xs @ theta_true + rng.normal(0, 0.01, size=40)
     arm = Arm.fresh(lam)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         arm = arm.updated(x, y)
     A = lam * np.eye(D) + xs.T @ xs
     b = xs.T @ ys
@@ -81,7 +81,8 @@ def test_store_exploration_marker_clears_on_training(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"{not json", json.dumps({"v": 99, "d": D, "arms": {}}).encode(),
-                                     json.dumps({"v": 1, "d": D, "arms": {"x": {"A": [[1]], "b": [1], "n": 1}}}).encode(),
+                                     json.dumps({"v": 1, "d": D,
+                                                 "arms": {"x": {"A": [[1]], "b": [1], "n": 1}}}).encode(),
                                      json.dumps({"v": 1, "d": D, "arms": {"x": {
                                          "A": (-np.eye(D)).tolist(), "b": [0] * D, "n": 1}}}).encode()])
 def test_corrupt_store_is_set_aside_and_replaced(tmp_path, caplog, content: bytes) -> None:

@@ -5,9 +5,23 @@ import json
 import pytest
 
 from agent.errors import MessageError
-from agent.messages import (Accepted, Bid, BidRequest, Declined, Done, Error, Job, LatencySummary,
-                            Metrics, Snapshot, Timings, Token, TriggerRequest, decode_result,
-                            encode_result)
+from agent.messages import (
+    Accepted,
+    Bid,
+    BidRequest,
+    Declined,
+    Done,
+    Error,
+    Job,
+    LatencySummary,
+    Metrics,
+    Snapshot,
+    Timings,
+    Token,
+    TriggerRequest,
+    decode_result,
+    encode_result,
+)
 
 SNAP = Snapshot(has_npu=True, npu_free=False, cpu_slots=2, cpu_percent=12.5, mem_available_mb=3000.0,
                 load1=0.7, queue_depth=1, temperature_c=None, on_battery=True,
@@ -30,7 +44,7 @@ def test_metrics_round_trip() -> None:
 
 @pytest.mark.parametrize("event", [
     Accepted("r1", "d", "npu", 3), Declined("r1", "d", "npu_busy"), Token("r1", "d", 7, "tok"),
-    Done("r1", "d", "text", Timings(1, 2, 3, 4, 10), 5, 6), Error("r1", "d", "boom", 2, "par"),
+    Done("r1", "d", "text", Timings(1, 2, 3, 4, 10), 5, 6), Error("r1", "d", "boom", "timeout", 2, "par"),
 ])
 def test_result_events_round_trip(event) -> None:
     assert decode_result(encode_result(event)) == event

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from agent.config import OpenAIExecutorConfig
-from agent.devbroker import free_port
 from agent.errors import ExecutionTimeout, ExecutorError
 from agent.executors import Params
 from agent.executors.openai import OpenAIExecutor
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.mosquitto import free_port
 
 
 def executor(base_url: str, **kw: object) -> OpenAIExecutor:

@@ -14,8 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.config import (CommandExecutorConfig, ExecutorConfig, GenieExecutorConfig,
-                          OpenAIExecutorConfig, SimExecutorConfig)
+from agent.config import (
+    CommandExecutorConfig,
+    ExecutorConfig,
+    GenieExecutorConfig,
+    OpenAIExecutorConfig,
+    SimExecutorConfig,
+)
 from agent.messages import Timings
 
 OnToken = Callable[[str], None]

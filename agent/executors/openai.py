@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any
 
 from agent.config import OpenAIExecutorConfig
-from agent.errors import ExecutionTimeout, ExecutorError
+from agent.errors import Cancelled, ExecutionTimeout, ExecutorError
 from agent.executors import OnToken, Params, Result, estimate_tokens
 from agent.messages import Timings
 
@@ -78,7 +78,7 @@ class OpenAIExecutor:
             with urllib.request.urlopen(request, timeout=max(0.1, deadline - time.monotonic())) as resp:
                 while True:
                     if cancel is not None and cancel.is_set():
-                        raise ExecutorError(self.name, "cancelled", partial_text="".join(parts))
+                        raise Cancelled(self.name, partial_text="".join(parts))
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts))
@@ -108,8 +108,9 @@ class OpenAIExecutor:
             reason = exc.reason
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts)) from None
-            raise ExecutorError(self.name, f"cannot reach {self.url}: {getattr(reason, 'strerror', None) or reason}") from None
-        except (socket.timeout, TimeoutError):
+            why = getattr(reason, "strerror", None) or reason
+            raise ExecutorError(self.name, f"cannot reach {self.url}: {why}") from None
+        except TimeoutError:
             raise ExecutionTimeout(self.name, params.timeout_s, partial_text="".join(parts)) from None
         except (http.client.HTTPException, ConnectionError, OSError) as exc:
             raise ExecutorError(self.name, f"connection to {self.url} dropped mid-stream ({exc or type(exc).__name__})",
@@ -137,7 +138,8 @@ class OpenAIExecutor:
         if "error" in event:
             raise ExecutorError(self.name, f"{self.url} reported an error: {json.dumps(event['error'])[:300]}",
                                 partial_text="".join(parts))
-        usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+        raw_usage = event.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
         choices = event.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return "", usage

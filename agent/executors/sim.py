@@ -19,7 +19,7 @@ import threading
 import time
 
 from agent.config import SimExecutorConfig
-from agent.errors import ExecutionTimeout, ExecutorError
+from agent.errors import Cancelled, ExecutionTimeout
 from agent.executors import OnToken, Params, Result, estimate_tokens
 from agent.messages import Timings
 
@@ -52,14 +52,14 @@ class SimExecutor:
         def wait(seconds: float, produced: str) -> None:
             remaining = deadline - time.monotonic()
             if cancel.wait(min(seconds, max(remaining, 0.0))):
-                raise ExecutorError(self.name, "cancelled", partial_text=produced)
+                raise Cancelled(self.name, partial_text=produced)
             if time.monotonic() >= deadline and seconds > remaining:
                 raise ExecutionTimeout(self.name, params.timeout_s, partial_text=produced)
 
         wait(self.cfg.base_ms / 1000, "")
         init_done = time.monotonic()
         produced: list[str] = []
-        for token, delay in zip(tokens, delays):
+        for token, delay in zip(tokens, delays, strict=True):
             wait(delay, "".join(produced))
             produced.append(token)
             on_token(token)

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.devbroker import REPO, LocalMosquitto, MosquittoNotAvailable, free_port
+from tests.support.mosquitto import REPO, LocalMosquitto, MosquittoNotAvailable, free_port
 
 __all__ = ["REPO", "Broker", "BrokerUnavailableForTests", "free_port", "start_broker"]
 ENV_VAR = "EDGE_AGENT_TEST_BROKER"
@@ -71,7 +71,7 @@ def start_broker(workdir: Path) -> Broker:
         container = MosquittoContainer()
         container.start()
         return Broker(host=container.get_container_host_ip(),
-                      port=int(container.get_exposed_port(container.port)), kind="container",
+                      port=int(container.get_exposed_port(getattr(container, "port", 1883))), kind="container",
                       _container=container)
     except Exception as exc:  # no Docker engine, no image: say so
         raise BrokerUnavailableForTests(

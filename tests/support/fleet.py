@@ -9,25 +9,23 @@ import io
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.bus import Bus, Message, new_nonce
 from agent.cli import main
-from agent.config import Config, load_config
+from agent.config import BrokerConfig, Config, load_config
 from agent.node import Node
 from agent.topics import Topics
 from tests.support.broker import REPO, Broker
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config
 
 WAIT_S = 15.0
 
@@ -43,6 +41,7 @@ class Env:
     broker: Broker
     prefix: str
     tmp: Path
+    _arrivals: ArrivalWatch | None = field(default=None, repr=False)
 
     @property
     def topics(self) -> Topics:
@@ -51,34 +50,29 @@ class Env:
     def config(self, device_id: str, *, npu: dict[str, Any] | None = None,
                cpu: dict[str, Any] | None = None, slots: int = 1, **extra: Any) -> Path:
         """Write a config file for a device and return its path."""
-        doc: dict[str, Any] = {
-            "device_id": device_id,
-            "broker": {"host": self.broker.host, "port": self.broker.port, "keepalive_s": 2},
-            "topic_prefix": self.prefix,
-            "state_dir": str(self.tmp / "state" / device_id),
-            "metrics_interval_s": 30,
-            "homeassistant": {"enabled": False},
-            "npu": {"enabled": npu is not None, **({"executor": npu} if npu else {})},
-            "cpu": {"enabled": cpu is not None, "slots": slots, **({"executor": cpu} if cpu else {})},
-        }
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(doc.get(key), dict):
-                doc[key] = {**doc[key], **value}
-            else:
-                doc[key] = value
-        path = self.tmp / f"{device_id}.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
+        doc = node_doc(device_id, host=self.broker.host, port=self.broker.port, prefix=self.prefix,
+                       state_dir=self.tmp / "state" / device_id, npu=npu, cpu=cpu, slots=slots, **extra)
+        return write_config(self.tmp / f"{device_id}.yaml", doc)
 
     def load(self, path: Path) -> Config:
         return load_config(path, env={})
+
+    @property
+    def arrivals(self) -> ArrivalWatch:
+        if self._arrivals is None:
+            self._arrivals = ArrivalWatch(self.broker.host, self.broker.port, self.prefix)
+        return self._arrivals
+
+    def close(self) -> None:
+        if self._arrivals is not None:
+            self._arrivals.close()
 
     # ------------------------------------------------------------------ spying
     @contextmanager
     def spy(self, topic_filter: str = "#") -> Iterator[Spy]:
         nonce = new_nonce()
-        bus = Bus(f"spy-{nonce}", _broker_cfg(self), persistent=False, name="spy")
-        bus.set_sync_topic(f"{self.prefix}spy/{nonce}")
+        bus = Bus(f"spy-{nonce}", BrokerConfig(host=self.broker.host, port=self.broker.port, keepalive_s=5),
+                  persistent=False, name="spy", sync_topic=f"{self.prefix}spy/{nonce}")
         bus.connect(WAIT_S)
         spy = Spy(bus, topic_filter)
         try:
@@ -92,16 +86,18 @@ class Env:
         """A node daemon in this process, online before the block runs."""
         cfg = self.load(path)
         node = Node(cfg)
-        with self.spy(self.topics.availability(cfg.device_id)) as spy:
-            node.start()
-            spy.wait_for(_live_online, what=f"{cfg.device_id} online")
+        self.arrivals.expect(cfg.device_id)
+        node.start()
+        assert self.arrivals.wait(cfg.device_id, WAIT_S), f"{cfg.device_id} did not come online"
         try:
             yield node
         finally:
             node.stop()
 
     def node_process(self, path: Path) -> NodeProcess:
-        return NodeProcess(self, path)
+        """``python -m agent --role node`` for this config, as a child process."""
+        device = self.load(path).device_id
+        return NodeProcess(path, device, arrivals=self.arrivals, log=self.tmp / f"{device}.log")
 
     # ------------------------------------------------------------------ trigger
     def trigger(self, path: Path, prompt: str, *args: str) -> tuple[int, dict[str, Any] | None, str, str]:
@@ -157,86 +153,6 @@ class Spy:
         self.bus.barrier(WAIT_S)
         with self._lock:
             return [m.topic for m in self.seen]
-
-
-class NodeProcess:
-    """``python -m agent --role node`` as a child process, for kills and Wills."""
-
-    def __init__(self, env: Env, path: Path):
-        self.env = env
-        self.path = path
-        self.cfg = env.load(path)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = env.tmp / f"{self.cfg.device_id}.log"
-
-    def __enter__(self) -> NodeProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        topic = self.env.topics.availability(self.cfg.device_id)
-        with self.env.spy(topic) as spy:
-            with open(self.log, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "agent", "--role", "node", "--config", str(self.path)],
-                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            try:
-                spy.wait_for(_live_online, what=f"{self.cfg.device_id} process online")
-            except AssertionError:
-                self.stop()
-                raise AssertionError(f"node {self.cfg.device_id} did not come online:\n"
-                                     + self.log.read_text(errors="replace")[-2000:]) from None
-
-    def kill(self) -> None:
-        """SIGKILL: the OS closes the socket, the broker publishes the Will."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=WAIT_S)
-
-    def pause(self) -> None:
-        """SIGSTOP: the process is frozen, its connection stays open (a node that is away)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> None:
-        """Stop (SIGTERM) and start again with the same config and state_dir."""
-        self.stop()
-        self.start()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _live_online(msg: Message) -> bool:
-    """An "online" published while we listened (a retained one may be from an earlier run)."""
-    return msg.payload == b"online" and not msg.retain
-
-
-def _broker_cfg(env: Env) -> Any:
-    from agent.config import BrokerConfig
-    return BrokerConfig(host=env.broker.host, port=env.broker.port, keepalive_s=5)
 
 
 JOB = Path(__file__).parent / "job.py"

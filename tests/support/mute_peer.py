@@ -22,13 +22,13 @@ def main() -> None:
     host, port, prefix, dev = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     topics = Topics(prefix)
     bus = Bus(dev, BrokerConfig(host=host, port=port, keepalive_s=5), persistent=False,
-              will=Will(topics.availability(dev), b"offline"), name="mute-peer")
+              sync_topic=topics.sync(dev, "mute"), will=Will(topics.availability(dev), b"offline"),
+              name="mute-peer")
 
     def die(msg: Message) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     bus.subscribe(topics.all_bid_requests(), die)
-    bus.set_sync_topic(topics.sync(dev, "mute"))
     bus.connect(10)
     bus.publish(topics.availability(dev), b"online", retain=True)
     bus.barrier(10)

@@ -1,4 +1,4 @@
-"""A throwaway local Mosquitto for the demo, the benchmarks and the tests.
+"""A throwaway local Mosquitto for the demo, the benchmarks, the soak and the tests.
 
 It starts ``mosquitto`` from ``mosquitto/dev.conf`` on a port of our choosing, with its
 persistence file in a directory of our own, and waits for the broker to say it is
@@ -16,12 +16,12 @@ import subprocess
 import threading
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEV_CONF = REPO / "mosquitto" / "dev.conf"
 
 
-class MosquittoNotAvailable(RuntimeError):
-    pass
+class MosquittoNotAvailable(Exception):
+    """No mosquitto binary, or it would not start (the message has its log)."""
 
 
 def free_port() -> int:

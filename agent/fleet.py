@@ -1,0 +1,66 @@
+"""A connection to the fleet: one bus, the live roster on it, and a sync round trip.
+
+The node daemon wraps its own long-lived bus (``Fleet(bus, ...)``); a short-lived
+process (``trigger``, ``status``, the benchmarks) opens one with ``Fleet.open(cfg)``.
+This is the only place a fleet connection is put together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+from agent.bus import Bus, new_nonce
+from agent.config import Config
+from agent.roster import Roster
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 3.0
+SYNC_TIMEOUT_S = 3.0
+# A trigger keeps its session at the broker this much longer than its job can live, so a
+# broker restart mid-job keeps its results queued while it reconnects.
+SESSION_SLACK_S = 60
+
+
+class Fleet:
+    """What an orchestration needs from the broker: publish, subscribe, the live roster."""
+
+    def __init__(self, bus: Bus, topics: Topics, me: str):
+        self.bus = bus
+        self.topics = topics
+        self.roster = Roster(topics, me)
+        bus.subscribe(topics.all_availability(), self.roster.handle)
+        self._synced = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, cfg: Config, *, role: str = "trigger", timeout: float = CONNECT_TIMEOUT_S) -> Fleet:
+        """Connect a short-lived client for ``cfg``'s device; BrokerUnavailable if it cannot.
+
+        Its session lasts as long as a job can (``close()`` ends it), so results published
+        while it is cut off from the broker wait for it there."""
+        topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
+        nonce = new_nonce()
+        lifetime = int(cfg.auction.bid_timeout_s + cfg.auction.job_timeout_s) + SESSION_SLACK_S
+        bus = Bus(f"{cfg.device_id}-{role}-{nonce}", replace(cfg.broker, session_expiry_s=lifetime),
+                  persistent=True, name=role, sync_topic=topics.sync(cfg.device_id, nonce))
+        fleet = cls(bus, topics, cfg.device_id)
+        bus.connect(timeout)
+        return fleet  # the orchestrator syncs once its own subscriptions are in place
+
+    def sync(self) -> None:
+        """Once: a broker round trip, after which the retained roster and every subscription
+        made so far are in place."""
+        with self._lock:
+            if self._synced:
+                return
+            if not self.bus.barrier(SYNC_TIMEOUT_S):
+                log.warning("the broker did not echo our sync message; the roster may be incomplete")
+            self._synced = True
+
+    def close(self) -> None:
+        """Disconnect and drop the session (nothing more is coming for a finished client)."""
+        self.bus.stop(end_session=True)

@@ -1,0 +1,83 @@
+"""Files under ``state_dir``: one way to create the directory and one way to replace a file.
+
+A replacement is written to a temp file in the same directory, fsynced, renamed over the
+old file, and the directory is fsynced, so after a crash or a power cut the file is the
+old one or the new one, never a mix and never missing. Everything here is private to the
+device's user: the directory is 0700 and files are 0600 (journals keep answers for a day).
+Failures are ``StateError`` naming the path, never a bare ``OSError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from agent.errors import StateError
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) private to this user; StateError if impossible."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(path, f"cannot create the directory: {describe(exc)}") from None
+    if not path.is_dir():
+        raise StateError(path, "exists and is not a directory")
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
+    ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise StateError(path, f"cannot write: {describe(exc)}") from None
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append one line and fsync it (a torn last line is the worst a crash can leave)."""
+    ensure_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StateError(path, f"cannot append: {describe(exc)}") from None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe(exc: OSError) -> str:
+    """An OSError as a user would want it said (disk full and read-only are common)."""
+    hints = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "operation not permitted"}
+    return hints.get(exc.errno or 0, exc.strerror or str(exc))
