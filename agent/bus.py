@@ -37,7 +37,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
-from agent.errors import BrokerUnavailable
+from agent.credentials import read_password
+from agent.errors import BrokerUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,13 @@ class Bus:
         client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         if broker.username:
-            client.username_pw_set(broker.username, _read_password(broker))
+            client.username_pw_set(broker.username, read_password(broker.password_file))
         if broker.tls.enabled:
-            client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file,
-                           keyfile=broker.tls.key_file)
+            try:
+                client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file,
+                               keyfile=broker.tls.key_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError("broker.tls", [f"broker.tls: cannot load the TLS files: {exc}"]) from None
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._client = client
@@ -392,17 +396,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host ({exc.strerror})"
     return str(exc) or type(exc).__name__
-
-
-def _read_password(broker: BrokerConfig) -> str | None:
-    if broker.password_file is None:
-        return None
-    try:
-        with open(broker.password_file, encoding="utf-8") as fh:
-            return fh.read().strip()
-    except OSError as exc:
-        raise BrokerUnavailable(broker.host, broker.port,
-                                f"cannot read password_file {broker.password_file}: {exc}") from None
 
 
 def new_nonce() -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent.credentials import file_problem
 from agent.errors import ConfigError
 from agent.messages import DEFAULT_MAX_BYTES
 from agent.topics import ID_HINT, ID_RE, is_id
@@ -269,6 +270,11 @@ def _parse_tls(s: _Section) -> TLSConfig:
     )
     if (tls.cert_file is None) != (tls.key_file is None):
         s.problem(None, "cert_file and key_file go together")
+    for key, path, private in (("ca_file", tls.ca_file, False), ("cert_file", tls.cert_file, False),
+                               ("key_file", tls.key_file, True)):
+        problem = path and file_problem(path, private=private)
+        if problem:
+            s.problem(key, problem)
     s.finish()
     return tls
 
@@ -285,6 +291,9 @@ def _parse_broker(s: _Section) -> BrokerConfig:
     )
     if cfg.password_file is not None and cfg.username is None:
         s.problem("password_file", "needs username")
+    problem = cfg.password_file and file_problem(cfg.password_file, private=True)
+    if problem:
+        s.problem("password_file", problem)
     s.finish()
     return cfg
 

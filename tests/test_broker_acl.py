@@ -45,6 +45,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto
 def client(broker: LocalMosquitto, user: str, tmp: Path, *, password: str | None = None) -> Bus:
     pw = tmp / f"{user}.pw"
     pw.write_text(password if password is not None else USERS[user])
+    pw.chmod(0o600)
     cfg = BrokerConfig(host=broker.host, port=broker.port, username=user, password_file=str(pw))
     bus = Bus(f"{user}-test", cfg, persistent=False, name=user, sync_topic=T.sync(user, "acl"))
     bus.connect(5)

@@ -113,3 +113,77 @@ def test_dry_run_shows_the_ranking_and_runs_nothing(env: Env) -> None:
         assert obj["text"] == "" and spy.topics_seen() == [], "nothing was dispatched"
         code, out, _ = run("trigger", "--config", str(hub), "--dry-run", "x")
         assert code == 0 and out.splitlines()[0] == "✓ Winner would be: fast (NPU - Peer)"
+
+
+# ---------------------------------------------------------------- every error has its code
+
+
+def write(tmp_path, name: str, text: str, mode: int = 0o600):
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_secret_files_that_others_can_read_or_that_are_missing_are_config_errors(tmp_path) -> None:
+    loose = write(tmp_path, "loose.pw", "secret", 0o644)
+    cfg = write(tmp_path, "c.yaml", f"device_id: d\nbroker: {{username: d, password_file: {loose},\n"
+                                    f"  tls: {{ca_file: {tmp_path}/missing-ca.crt, cert_file: {loose}, "
+                                    f"key_file: {loose}}}}}\n")
+    code, _, err = run("trigger", "--config", str(cfg), "x")
+    assert code == 2
+    assert "broker.password_file" in err and f"chmod 600 {loose}" in err
+    assert "broker.tls.ca_file" in err and "does not exist" in err
+    assert "broker.tls.key_file" in err, "a private key readable by others is refused too"
+    assert "broker.tls.cert_file" not in err, "a certificate is public"
+
+
+def test_a_password_file_gone_after_loading_is_a_config_error(tmp_path, monkeypatch) -> None:
+    from agent import config, credentials
+    pw = write(tmp_path, "d.pw", "secret")
+    cfg = write(tmp_path, "c.yaml", f"device_id: d\nbroker: {{username: d, password_file: {pw}, port: 1}}\n"
+                                    "cpu: {enabled: false}\n")
+    monkeypatch.delenv(credentials.PASSWORD_ENV, raising=False)
+    monkeypatch.setattr(config, "file_problem", lambda path, private: None)  # it was there when loaded
+    pw.unlink()
+    code, _, err = run("trigger", "--config", str(cfg), "x")
+    assert code == 2 and "broker.password_file" in err and "does not exist" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value", [("--bid-timeout", "nan"), ("--bid-timeout", "inf"),
+                                        ("--bid-timeout", "-1"), ("--max-new-tokens", "0")])
+def test_numeric_flags_must_be_finite_and_positive(flag: str, value: str, capsys) -> None:
+    assert main(["trigger", "--device-id", "d", flag, value, "x"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(tmp_path, monkeypatch) -> None:
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"caf\xe9")
+    code, _, err = run("trigger", "--device-id", "d", "--prompt-file", str(bad))
+    assert code == 2 and "UTF-8" in err
+    code, _, err = run("trigger", "--device-id", "d", "caf\udce9")  # how Python passes such argv bytes
+    assert code == 2 and "UTF-8" in err
+
+
+def test_an_unexpected_error_is_one_line_a_hint_and_exit_70(tmp_path, monkeypatch) -> None:
+    from agent.orchestrator import Orchestrator
+
+    def boom(self, *a, **k):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(Orchestrator, "run", boom)
+    cfg = write(tmp_path, "c.yaml", "device_id: d\ncpu: {enabled: false}\n")
+    code, _, err = run("trigger", "--config", str(cfg), "x")
+    assert code == 70
+    assert err.splitlines() == ["internal error: RuntimeError: something nobody expected",
+                                "run again with -v to see the traceback, and please report it"]
+    code, _, err = run("trigger", "-v", "--config", str(cfg), "x")
+    assert code == 70 and "Traceback" in err
+
+
+def test_status_without_a_broker_exits_5(tmp_path) -> None:
+    from tests.support.mosquitto import free_port
+    code, _, err = run("status", "--device-id", "d", "--broker", f"127.0.0.1:{free_port()}")
+    assert code == 5 and "not reachable" in err

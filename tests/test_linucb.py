@@ -114,3 +114,10 @@ def test_kill_during_save_leaves_old_or_new_store(tmp_path) -> None:
         state = ArmStore(tmp_path).load()
         assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
         assert state.arms["dev"].n >= 5
+
+
+def test_a_failure_teaches_the_cap_and_success_is_capped() -> None:
+    from agent.linucb import training_target
+    assert training_target(True, 2.5, cap=120.0) == 2.5
+    assert training_target(True, 500.0, cap=120.0) == 120.0
+    assert training_target(False, 0.01, cap=120.0) == 120.0, "a fast failure must not look fast"

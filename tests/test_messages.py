@@ -111,3 +111,48 @@ def test_trigger_accepts_text_or_json(payload: bytes, prompt: str, max_new) -> N
 def test_bad_trigger(payload: bytes) -> None:
     with pytest.raises(MessageError):
         TriggerRequest.from_payload(payload)
+
+
+def job_obj(**over):
+    base = json.loads(Job("r1", "hub", "cpu", "c", "p", 8, 1e9, 1e9, "exec/result/r1").to_payload())
+    base.update(over)
+    for key in [k for k, v in over.items() if v is ...]:
+        del base[key]
+    return json.dumps(base).encode()
+
+
+@pytest.mark.parametrize("payload,field", [
+    (job_obj(mode="gpu"), "mode"), (job_obj(mode=None), "mode"), (job_obj(accept_by=...), "accept_by"),
+    (job_obj(deadline=...), "deadline"), (job_obj(claim=...), "claim"), (job_obj(prompt=7), "prompt"),
+    (job_obj(max_new_tokens=0), "max_new_tokens"), (job_obj(temperature=11), "temperature"),
+])
+def test_bad_jobs_are_refused_field_by_field(payload: bytes, field: str) -> None:
+    with pytest.raises(MessageError) as info:
+        Job.from_payload(payload)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 5000, b'{"v": 1, "rid": ' + b"[" * 5000,
+    json.dumps({"v": True, "rid": "r1"}).encode(),
+    b'{"v": 1, "rid": "r1", "origin": "hub", "deadline": 1' + b"0" * 400 + b', "prompt_tokens": 1, '
+    b'"max_new_tokens": 1, "need": "any"}',
+    json.dumps({"v": 1, "rid": "r1\n", "origin": "hub", "deadline": 1, "prompt_tokens": 1,
+                "max_new_tokens": 1, "need": "any"}).encode(),
+])
+def test_hostile_payloads_are_typed_errors(payload: bytes) -> None:
+    with pytest.raises(MessageError):
+        BidRequest.from_payload(payload)
+
+
+def test_a_lone_surrogate_is_not_text() -> None:
+    raw = Job("r1", "hub", "cpu", "c", "PROMPT", 8, 1e9, 1e9, "x").to_payload().replace(b"PROMPT", b"\\ud800")
+    with pytest.raises(MessageError, match="surrogate"):
+        Job.from_payload(raw)
+
+
+def test_an_error_event_without_a_kind_is_a_failure_and_an_unknown_kind_is_refused() -> None:
+    legacy = json.dumps({"v": 1, "type": "error", "rid": "r1", "device": "d", "reason": "boom"}).encode()
+    assert decode_result(legacy) == Error("r1", "d", "boom")
+    with pytest.raises(MessageError, match="kind"):
+        decode_result(legacy.replace(b'"reason"', b'"kind": "weird", "reason"'))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from agent.linucb import Arm, features
 from agent.messages import LatencySummary, Snapshot
@@ -86,3 +87,22 @@ def test_untrained_arm_without_prior_is_explored_but_not_flooded() -> None:
 def test_no_offers_no_winner() -> None:
     assert select([], {}, **KW).winner is None
     assert select([Offer("x", snap(cpu=0))], {}, **KW).winner is None
+
+
+def test_scores_tied_at_the_floor_go_to_the_lower_raw_bound() -> None:
+    # Both bounds fall below the floor (0): the more uncertain arm must go first, whatever
+    # the alphabet says.
+    offers = [Offer("aa-known", snap()), Offer("zz-unsure", snap())]
+    arms = {"aa-known": trained(0.001, n=50), "zz-unsure": trained(0.001, n=1)}
+    d = select(offers, arms, prompt_tokens=100, max_new_tokens=100, alpha=5.0, lam=1.0)
+    assert [c.score for c in d.ranking] == [0.0, 0.0]
+    assert [c.device for c in d.ranking] == ["zz-unsure", "aa-known"]
+
+
+def test_untrained_arm_without_an_advertised_record_is_priced_at_the_trained_mean() -> None:
+    offers = [Offer("a", snap()), Offer("b", snap()), Offer("new", snap())]
+    arms = {"a": trained(1.0), "b": trained(3.0)}
+    d = select(offers, arms, prompt_tokens=100, max_new_tokens=100, alpha=0.0, lam=1.0)
+    new = next(c for c in d.ranking if c.device == "new")
+    assert new.explore and new.mean == pytest.approx((arms["a"].predict(np.array(new.x))[0]
+                                                      + arms["b"].predict(np.array(new.x))[0]) / 2)

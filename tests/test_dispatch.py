@@ -1,0 +1,145 @@
+"""DispatchState: the orchestrator's side of one attempt, with a fake clock (milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.dispatch import DispatchState, Step
+from agent.errors import ExitCode
+from agent.messages import Accepted, Declined, Done, Error, Timings, Token
+
+ACCEPT_S, JOB_S = 3.0, 60.0
+
+
+def attempt(*, last: bool = False, now: float = 0.0) -> DispatchState:
+    return DispatchState("r1", "peer", now, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=last)
+
+
+def test_accepted_then_tokens_then_done_streams_and_finishes() -> None:
+    a = attempt()
+    step = a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    assert step.verdict == "continue" and step.announce and a.state == "running"
+    step = a.on_result(Token("r1", "peer", 0, "hello "), 0.2)
+    assert step.tokens == ("hello ",) and not step.announce, "announced once"
+    step = a.on_result(Token("r1", "peer", 1, "world"), 0.3)
+    assert step.tokens == ("world",) and a.state == "streaming"
+    step = a.on_result(Done("r1", "peer", "hello world", Timings(total_ms=5.0), 3, 2), 0.4)
+    assert step.verdict == "finished" and step.outcome == "done"
+    assert step.answer is not None and step.answer.ok and step.answer.text == "hello world"
+    assert step.answer.exit_code == ExitCode.OK and step.answer.timings.total_ms == 5.0
+
+
+def test_a_redelivered_token_is_streamed_once() -> None:
+    a = attempt()
+    assert a.on_result(Token("r1", "peer", 0, "a"), 0.1).tokens == ("a",)
+    assert a.on_result(Token("r1", "peer", 0, "a"), 0.2).tokens == ()
+    assert a.text == "a"
+
+
+def test_tokens_are_joined_in_sequence_order_and_gaps_counted() -> None:
+    a = attempt()
+    for seq, text in ((2, "c"), (0, "a")):
+        a.on_result(Token("r1", "peer", seq, text), 0.1)
+    assert a.text == "ac" and a.gaps == 1
+
+
+@pytest.mark.parametrize("event", [Accepted("r1", "other", "cpu"), Token("r1", "other", 0, "x"),
+                                   Done("r1", "other", "x", Timings()), Declined("r1", "other", "npu_busy"),
+                                   Token("r2", "peer", 0, "x")])
+def test_events_from_another_device_or_job_are_ignored(event) -> None:
+    a = attempt()
+    assert a.on_result(event, 0.1) == Step()
+    assert a.state == "dispatched" and a.text == ""
+
+
+def test_a_decline_moves_on_without_a_cancel() -> None:
+    step = attempt().on_result(Declined("r1", "peer", "npu_busy"), 0.1)
+    assert (step.verdict, step.outcome, step.cancel) == ("next", "declined: npu_busy", None)
+
+
+def test_a_stale_decline_after_accept_is_ignored() -> None:
+    a = attempt()
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    assert a.on_result(Declined("r1", "peer", "npu_busy"), 0.2) == Step()
+    assert a.state == "running"
+
+
+def test_no_accept_in_time_moves_on_and_cancels_the_copy_it_holds() -> None:
+    a = attempt()
+    assert a.on_tick(ACCEPT_S - 0.01) == Step()
+    assert a.deadline == ACCEPT_S
+    step = a.on_tick(ACCEPT_S)
+    assert (step.verdict, step.outcome) == ("next", "no answer")
+    assert step.cancel, "a copy still queued in its session must never run later"
+
+
+def test_after_accept_the_job_deadline_applies() -> None:
+    a = attempt()
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    assert a.deadline == JOB_S and a.on_tick(ACCEPT_S + 1) == Step()
+    step = a.on_tick(JOB_S)
+    assert step.verdict == "finished" and step.answer is not None
+    assert step.answer.exit_code == ExitCode.TIMEOUT
+
+
+def test_an_error_event_keeps_its_kind_and_partial_text() -> None:
+    a = attempt()
+    a.on_result(Token("r1", "peer", 0, "part"), 0.1)
+    step = a.on_result(Error("r1", "peer", "killed after 5 s", kind="timeout"), 0.2)
+    assert step.answer is not None and step.answer.exit_code == ExitCode.TIMEOUT
+    assert step.answer.text == "part" and "killed" in (step.answer.error or "")
+    step = attempt().on_result(Error("r1", "peer", "timed out, says the text", kind="failed"), 0.1)
+    assert step.answer is not None and step.answer.exit_code == ExitCode.FAILED, "the kind decides, not the text"
+
+
+def test_winner_gone_with_a_steady_link_and_a_runner_up_fails_over_at_once() -> None:
+    a = attempt()
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    step = a.on_peer(False, 1.0, lambda: True)
+    assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
+
+
+def test_winner_gone_while_our_own_link_is_shaky_gets_time_to_come_back() -> None:
+    asked: list[bool] = []
+
+    def shaky() -> bool:
+        asked.append(True)
+        return False
+
+    a = attempt()
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    step = a.on_peer(False, 1.0, shaky)
+    assert step.verdict == "continue" and step.progress and asked
+    assert a.deadline == 1.0 + ACCEPT_S
+    assert a.on_peer(True, 2.0, shaky) == Step(), "it is back"
+    assert a.on_tick(1.0 + ACCEPT_S) == Step(), "and no longer on a grace timer"
+    a.on_peer(False, 10.0, shaky)
+    step = a.on_tick(10.0 + ACCEPT_S)
+    assert step.verdict == "next" and step.cancel
+
+
+def test_the_last_candidate_is_never_abandoned_at_once() -> None:
+    a = attempt(last=True)
+    step = a.on_peer(False, 1.0, lambda: pytest.fail("no need to ask: there is nowhere else to go"))
+    assert step.verdict == "continue"
+
+
+def test_an_event_from_the_winner_cancels_its_grace() -> None:
+    a = attempt()
+    a.on_peer(False, 1.0, lambda: False)
+    a.on_result(Accepted("r1", "peer", "cpu"), 1.5)
+    assert a.on_tick(1.0 + ACCEPT_S) == Step()
+
+
+def test_after_a_token_a_vanished_winner_is_a_failure_with_the_partial_text_never_a_rerun() -> None:
+    a = attempt()
+    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
+    step = a.on_peer(False, 1.0, lambda: True)
+    assert step.verdict == "finished" and step.answer is not None
+    assert step.answer.text == "partial " and not step.answer.ok and step.cancel
+
+
+def test_a_second_end_event_is_ignored() -> None:
+    a = attempt()
+    a.on_result(Done("r1", "peer", "x", Timings()), 0.1)
+    assert a.on_result(Done("r1", "peer", "x", Timings()), 0.2) == Step()
