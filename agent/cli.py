@@ -218,7 +218,9 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     from dataclasses import replace
 
     from agent.fleet import Fleet
+    from agent.locks import CpuSlots
     from agent.metrics import HostSampler, snapshot
+    from agent.node import UNKNOWN_JOB_S
     from agent.orchestrator import Orchestrator
     from agent.outcome import Decided
 
@@ -235,9 +237,12 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
         fleets.append(fleet)
         return fleet
 
-    def local_snapshot() -> Any:  # once per run, and only when there is an auction
-        return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False,
-                        cpu_slots=cfg.cpu.slots if cpu_exec else 0, queue_depth=0, recent={})
+    def local_snapshot() -> Any:
+        """This device as a candidate when no daemon of its own bids (once per run)."""
+        slots = cfg.cpu.slots if cpu_exec else 0
+        busy = CpuSlots(cfg.state_dir, slots).busy()  # jobs other processes run here now
+        return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False, cpu_slots=slots,
+                        queue_depth=busy, recent={}, backlog_s=0.0 if busy < slots else UNKNOWN_JOB_S)
 
     streaming = not args.json
 

@@ -27,6 +27,7 @@ MAX_NUMBER = 1e12
 # MQTT topic levels must not contain wildcards; a prefix is a run of whole levels.
 TOPIC_PREFIX_RE = re.compile(r"([A-Za-z0-9_.-]+/)*")
 EXECUTOR_KINDS = ("genie", "command", "openai", "sim")
+POLICIES = ("linucb", "least_backlog", "jsq", "round_robin", "random")
 CHAT_TEMPLATES = ("raw", "llama3", "chatml")
 
 
@@ -121,10 +122,14 @@ class CPUConfig:
 
 @dataclass(frozen=True)
 class LinUCBConfig:
-    alpha: float = 0.2
+    # Exploration bonus, in units of each arm's own noise (tuned with scripts/simulate).
+    alpha: float = 1.0
     lambda_: float = 1.0
-    # Latency (s) a failure or timeout counts as, and the most any observation counts.
+    # Service time (s) a failure or timeout counts as, and the most any observation counts.
     latency_cap_s: float = 120.0
+    # An observation weighs half after this many newer ones (arms and each device's own
+    # service record): a device that slows down is re-learnt within tens of jobs.
+    half_life_jobs: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ class AuctionConfig:
     accept_timeout_s: float = 3.0
     # Wall-clock budget of one job once dispatched; also the exec message expiry.
     job_timeout_s: float = 600.0
+    # How the CPU pass ranks devices: linucb | least_backlog | jsq | round_robin | random.
+    policy: str = "linucb"
     linucb: LinUCBConfig = field(default_factory=LinUCBConfig)
 
 
@@ -141,6 +148,15 @@ class AuctionConfig:
 class HomeAssistantConfig:
     enabled: bool = True
     discovery_prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
+class TriggersConfig:
+    """Prompts on agent/<dev>/trigger (Home Assistant, mosquitto_pub): at most ``workers``
+    orchestrations at once, ``max_waiting`` more in line; past that the answer is "busy"."""
+
+    workers: int = 4
+    max_waiting: int = 32
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,7 @@ class Config:
     cpu: CPUConfig = field(default_factory=CPUConfig)
     auction: AuctionConfig = field(default_factory=AuctionConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    triggers: TriggersConfig = field(default_factory=TriggersConfig)
     source: str = "<defaults>"
 
 
@@ -388,14 +405,16 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
 
     auction_s = top.sub("auction")
     lin_s = auction_s.sub("linucb")
-    linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 0.2, minimum=0)),
-                          lambda_=float(lin_s.number("lambda", 1.0, minimum=0, exclusive_min=True)),
-                          latency_cap_s=lin_s.seconds("latency_cap_s", 120.0))
+    linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 1.0, minimum=0, maximum=100)),
+                          lambda_=float(lin_s.number("lambda", 1.0, minimum=0, exclusive_min=True, maximum=1e6)),
+                          latency_cap_s=lin_s.seconds("latency_cap_s", 120.0),
+                          half_life_jobs=float(lin_s.number("half_life_jobs", 20.0, minimum=1, maximum=1e6)))
     lin_s.finish()
     auction = AuctionConfig(
         bid_timeout_s=auction_s.seconds("bid_timeout_s", 30.0),
         accept_timeout_s=auction_s.seconds("accept_timeout_s", 3.0),
         job_timeout_s=auction_s.seconds("job_timeout_s", 600.0),
+        policy=auction_s.string("policy", "linucb", choices=POLICIES) or "linucb",
         linucb=linucb,
     )
     auction_s.finish()
@@ -408,6 +427,11 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                                      hint="topic levels without wildcards") or "homeassistant",
     )
     ha_s.finish()
+
+    trig_s = top.sub("triggers")
+    triggers = TriggersConfig(workers=trig_s.number("workers", 4, minimum=1, maximum=256, integer=True),
+                              max_waiting=trig_s.number("max_waiting", 32, minimum=0, maximum=100_000, integer=True))
+    trig_s.finish()
     top.finish()
 
     # Environment, then flags, override the file.
@@ -450,7 +474,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
                   state_dir=resolved_state, metrics_interval_s=metrics_interval_s,
                   max_payload_bytes=max_payload, npu=npu, cpu=cpu, auction=auction,
-                  homeassistant=ha, source=source)
+                  homeassistant=ha, triggers=triggers, source=source)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,

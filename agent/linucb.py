@@ -1,16 +1,24 @@
-"""Disjoint LinUCB (Li et al. 2010) used to *minimise* latency, and its on-disk store.
+"""Disjoint LinUCB (Li et al. 2010) on service time, with forgetting, and its on-disk store.
 
-One arm per device (CPU mode). Per arm keep ``A = λI + Σ x xᵀ`` and ``b = Σ y x``. For a
-context ``x``: ``θ = A⁻¹ b``, mean ``xᵀθ``, width ``sqrt(xᵀ A⁻¹ x)``, and the score is
-``max(mean − α·width, floor)``: the lowest score wins, so uncertainty makes an arm look
-faster and gets it tried. Both solves go through ``numpy.linalg.solve`` on the stored
-``A`` in float64; no inverse is stored, so nothing drifts.
+Theory of operation. One arm per device (CPU mode) learns the device's *service* time —
+execution without queueing — as a linear function of the context ``x`` (job size and
+the device's state, every entry in [0, 1]). Queueing is not learnt: each bid states its
+own backlog in seconds, and ``selection`` adds it to the arm's estimate.
+
+Per arm: ``G = Σ γ^k x xᵀ`` and ``b = Σ γ^k y x`` over its observations (newest k = 0),
+so an old observation weighs half after ``half_life_jobs`` newer ones; the ridge ``λI``
+is added at solve time and never decays, so the solve stays well-posed when an arm has
+not been used for a while. ``θ = (λI + G)⁻¹ b``; mean ``xᵀθ``; width
+``sqrt(xᵀ (λI + G)⁻¹ x)``. The exploration bonus is ``α · σ · width`` where ``σ`` is the
+arm's own residual noise in seconds (discounted, shrunk towards a prior), so ``α`` is in
+units of noise whatever the device's speed. Solves go through ``numpy.linalg.solve`` on
+the stored sums in float64, for all arms of a decision in one batched call; no inverse is
+stored, so nothing drifts.
 
 The store is a JSON file under ``state_dir`` shared by the node daemon and ``trigger``
-processes; read-modify-write happens under an ``fcntl`` lock, and a save is a temp file,
-fsync, rename, so a crash leaves the old or the new file, never half of one. A corrupt or
-version-mismatched file is reported, renamed aside with a timestamp, and replaced by a
-fresh store.
+processes; read-modify-write happens under an ``fcntl`` lock, saves go through
+``statefiles.atomic_write``. A corrupt, wrong-shaped or version-mismatched file is
+reported, renamed aside with a timestamp, and replaced by a fresh store.
 """
 
 from __future__ import annotations
@@ -21,107 +29,214 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.errors import StateError
 from agent.messages import Snapshot
-from agent.statefiles import atomic_write, ensure_dir
+from agent.servicemodel import SURPRISE_KEEP, decay_for, surprised
+from agent.statefiles import atomic_write, describe, ensure_dir
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
-# Context: [1, prompt_tokens/T, max_new_tokens/T, cpu/100, min(queue, Q)/Q, mem pressure,
-#           temperature]; every entry is kept in [0, 1] so no feature dominates A.
-D = 7
+STORE_VERSION = 2
+# Context: [1, prompt_tokens/T, max_new_tokens/T, cpu/100, mem pressure, temperature].
+D = 6
 TOKEN_SCALE = 1024          # T: prompts and answers are measured in units of 1k tokens
-QUEUE_SCALE = 8             # Q: a queue of 8 or more counts as "full"
 MEM_COMFORT_MB = 4096.0     # below this much available memory, pressure rises to 1
 TEMP_COOL_C, TEMP_HOT_C = 40.0, 90.0
 TRAINED_RIDS_KEPT = 2048    # train-once memory; older rids cannot come back (job TTL)
+NOISE_PRIOR_WEIGHT = 2.0    # pseudo-observations of the prior noise in an arm's σ
+NOISE_PRIOR_SHARE = 0.3     # prior σ as a share of the arm's mean prediction
 
 
 def features(snapshot: Snapshot, prompt_tokens: int, max_new_tokens: int) -> np.ndarray:
     """The bounded, normalised context vector for one device and one prompt."""
+    return np.array(_context(snapshot, prompt_tokens, max_new_tokens), dtype=np.float64)
+
+
+def features_matrix(snapshots: Sequence[Snapshot], prompt_tokens: int, max_new_tokens: int) -> np.ndarray:
+    """One context row per snapshot (built in one go: a decision over many offers)."""
+    return np.array([_context(s, prompt_tokens, max_new_tokens) for s in snapshots], dtype=np.float64)
+
+
+def _context(snapshot: Snapshot, prompt_tokens: int, max_new_tokens: int) -> list[float]:
     temp = snapshot.temperature_c
     temp_f = 0.0 if temp is None else (temp - TEMP_COOL_C) / (TEMP_HOT_C - TEMP_COOL_C)
-    return np.array([
-        1.0,
-        min(prompt_tokens / TOKEN_SCALE, 4.0),
-        min(max_new_tokens / TOKEN_SCALE, 4.0),
-        min(snapshot.cpu_percent / 100.0, 1.0),
-        min(snapshot.queue_depth, QUEUE_SCALE) / QUEUE_SCALE,
-        1.0 - min(snapshot.mem_available_mb / MEM_COMFORT_MB, 1.0),
-        min(max(temp_f, 0.0), 1.0),
-    ], dtype=np.float64)
+    return [1.0, min(prompt_tokens / TOKEN_SCALE, 4.0), min(max_new_tokens / TOKEN_SCALE, 4.0),
+            min(snapshot.cpu_percent / 100.0, 1.0), 1.0 - min(snapshot.mem_available_mb / MEM_COMFORT_MB, 1.0),
+            min(max(temp_f, 0.0), 1.0)]
 
 
 def training_target(ok: bool, seconds: float, cap: float) -> float:
-    """What one job teaches its arm: the latency seen, capped; a failure counts as the cap
-    (a device that fails must look slow, never fast)."""
+    """What one job teaches its arm: the service time seen, capped; a failure counts as
+    the cap (a device that fails must look slow, never fast)."""
     return min(seconds, cap) if ok else cap
 
 
 @dataclass(frozen=True)
 class Arm:
-    A: np.ndarray
-    b: np.ndarray
-    n: int = 0
+    """Discounted ridge regression of one device's service time on the context."""
+
+    G: np.ndarray           # Σ γ^k x xᵀ (the data; λI is added at solve time)
+    b: np.ndarray           # Σ γ^k y x
+    n: int = 0              # observations ever
+    w: float = 0.0          # Σ γ^k: the effective number of observations
+    sse: float = 0.0        # Σ γ^k (y − prediction made before seeing y)²
 
     @classmethod
-    def fresh(cls, lam: float) -> Arm:
-        return cls(A=lam * np.eye(D), b=np.zeros(D), n=0)
+    def fresh(cls) -> Arm:
+        return cls(G=np.zeros((D, D)), b=np.zeros(D))
 
-    def predict(self, x: np.ndarray) -> tuple[float, float]:
-        """(mean, width) of the latency estimate at context x."""
-        sol = np.linalg.solve(self.A, np.column_stack([self.b, x]))
-        mean = float(x @ sol[:, 0])
-        width = math.sqrt(max(float(x @ sol[:, 1]), 0.0))
-        return mean, width
+    def predict(self, x: np.ndarray, lam: float) -> tuple[float, float]:
+        """(mean, width) of the service-time estimate at context x."""
+        mean, width = predict_many([self], x[None, :], lam)
+        return float(mean[0]), float(width[0])
 
-    def updated(self, x: np.ndarray, y: float) -> Arm:
-        return Arm(A=self.A + np.outer(x, x), b=self.b + y * x, n=self.n + 1)
+    def noise(self, mean: float) -> float:
+        """The arm's residual noise in seconds, shrunk towards a share of its mean."""
+        return float(noise(np.array([self.sse]), np.array([self.w]), np.array([mean]))[0])
+
+    def updated(self, x: np.ndarray, y: float, *, lam: float, gamma: float) -> Arm:
+        before = self.predict(x, lam)[0] if self.n else y
+        if self.w >= 3 and surprised(before, y):
+            gamma *= SURPRISE_KEEP  # the device changed: let the new observations lead
+        return Arm(G=gamma * self.G + np.outer(x, x), b=gamma * self.b + y * x, n=self.n + 1,
+                   w=gamma * self.w + 1.0, sse=gamma * self.sse + (y - before) ** 2)
 
 
-@dataclass(frozen=True)
-class StoreState:
-    arms: dict[str, Arm]
-    trained: dict[str, float]            # rid -> when it was trained
-    exploring: dict[str, tuple[str, float]]  # device -> (rid, until unix time)
+def noise(sse: np.ndarray, w: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Residual noise (s) of arms with these sums, shrunk towards a share of their means:
+    an arm with few observations is assumed as noisy as a typical device."""
+    prior = NOISE_PRIOR_SHARE * np.maximum(means, 0.0)
+    result: np.ndarray = np.sqrt((sse + NOISE_PRIOR_WEIGHT * prior * prior) / (w + NOISE_PRIOR_WEIGHT))
+    return result
+
+
+def predict_many(arms: Sequence[Arm], X: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Means and widths for arm i at context X[i], with one batched solve."""
+    if not arms:
+        return np.zeros(0), np.zeros(0)
+    return solve_many(np.stack([a.G for a in arms]), np.stack([a.b for a in arms]), X, lam)
+
+
+def solve_many(G: np.ndarray, b: np.ndarray, X: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """For k arms given as stacked sums G (k×D×D) and b (k×D): the mean and width at X[i]."""
+    A = G + lam * np.eye(D)
+    sol = np.linalg.solve(A, np.stack([b, X], axis=2))
+    means = np.einsum("kd,kd->k", X, sol[:, :, 0])
+    widths = np.sqrt(np.maximum(np.einsum("kd,kd->k", X, sol[:, :, 1]), 0.0))
+    return means, widths
+
+
+@dataclass
+class Arms:
+    """What one device's orchestrations have learnt: the arms, the rids already trained
+    (train once per rid), the untrained arms with an exploratory job in flight, and the
+    round-robin cursor. Pure: the store below persists it."""
+
+    arms: dict[str, Arm] = field(default_factory=dict)
+    trained: dict[str, float] = field(default_factory=dict)             # rid -> when
+    exploring: dict[str, tuple[str, float]] = field(default_factory=dict)  # device -> (rid, until)
+    cursor: int = 0
+
+    def train(self, device: str, x: np.ndarray, y: float, rid: str, now: float, *, lam: float,
+              gamma: float) -> bool:
+        """Add one observation; False (and no change) if this rid was already trained."""
+        if rid in self.trained:
+            return False
+        arm = self.arms.get(device) or Arm.fresh()
+        self.arms[device] = arm.updated(np.asarray(x, dtype=np.float64), float(y), lam=lam, gamma=gamma)
+        self.trained[rid] = now
+        if len(self.trained) > TRAINED_RIDS_KEPT:
+            for old in sorted(self.trained, key=self.trained.__getitem__)[:len(self.trained) - TRAINED_RIDS_KEPT]:
+                del self.trained[old]
+        if self.exploring.get(device, ("", 0.0))[0] == rid:
+            del self.exploring[device]
+        return True
+
+    def exploring_now(self, now: float) -> set[str]:
+        return {d for d, (_, until) in self.exploring.items() if until > now}
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"v": STORE_VERSION, "d": D,
+                "arms": {dev: {"G": a.G.tolist(), "b": a.b.tolist(), "n": a.n, "w": a.w, "sse": a.sse}
+                         for dev, a in sorted(self.arms.items())},
+                "trained": self.trained, "exploring": {d: list(v) for d, v in self.exploring.items()},
+                "cursor": self.cursor}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Arms:
+        """Decode, validating shape and values; ValueError says what is wrong."""
+        if not isinstance(obj, dict) or obj.get("v") != STORE_VERSION or obj.get("d") != D:
+            raise ValueError(f"version/dimension mismatch (want v={STORE_VERSION}, d={D})")
+        arms_obj, trained_obj, exploring_obj = obj.get("arms"), obj.get("trained", {}), obj.get("exploring", {})
+        if not (isinstance(arms_obj, dict) and isinstance(trained_obj, dict) and isinstance(exploring_obj, dict)):
+            raise ValueError("arms, trained and exploring must be objects")
+        arms = {}
+        for device, a in arms_obj.items():
+            if not isinstance(a, dict):
+                raise ValueError(f"arm {device!r} is not an object")
+            G = np.array(a.get("G"), dtype=np.float64)
+            b = np.array(a.get("b"), dtype=np.float64)
+            n, w, sse = a.get("n"), a.get("w"), a.get("sse")
+            if G.shape != (D, D) or b.shape != (D,) or not (np.isfinite(G).all() and np.isfinite(b).all()):
+                raise ValueError(f"arm {device!r} has a bad shape or non-finite values")
+            if type(n) is not int or n < 0 or not _finite_nonneg(w) or not _finite_nonneg(sse):
+                raise ValueError(f"arm {device!r} has bad counts")
+            np.linalg.cholesky(G + np.eye(D))  # symmetric positive semi-definite data
+            arms[str(device)] = Arm(G=G, b=b, n=n, w=float(w or 0.0), sse=float(sse or 0.0))
+        trained = {str(r): float(t) for r, t in trained_obj.items()}
+        exploring = {str(d): (str(v[0]), float(v[1])) for d, v in exploring_obj.items()}
+        cursor = obj.get("cursor", 0)
+        if type(cursor) is not int:
+            raise ValueError("cursor must be an integer")
+        return cls(arms, trained, exploring, cursor)
+
+
+def _finite_nonneg(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 class ArmStore:
-    """The persisted arms of one device's orchestrations."""
+    """The persisted ``Arms`` of one device's orchestrations."""
 
-    def __init__(self, state_dir: Path, lam: float = 1.0, clock: Callable[[], float] = time.time):
+    def __init__(self, state_dir: Path, lam: float = 1.0, half_life_jobs: float = 20.0,
+                 clock: Callable[[], float] = time.time):
         self.path = Path(state_dir) / "arms.json"
         self._lock_path = Path(state_dir) / "arms.lock"
         self.lam = lam
+        self.gamma = decay_for(half_life_jobs)
         self._clock = clock
         # Parsed state, valid while the file's identity (inode, size, mtime) is unchanged:
         # a decision then costs one stat() instead of a JSON parse.
-        self._cache: tuple[tuple[int, int, int], StoreState] | None = None
+        self._cache: tuple[tuple[int, int, int], Arms] | None = None
 
     @classmethod
     def for_config(cls, cfg: Any) -> ArmStore:
         """The store of the device a config describes."""
-        return cls(cfg.state_dir, cfg.auction.linucb.lambda_)
+        lin = cfg.auction.linucb
+        return cls(cfg.state_dir, lin.lambda_, lin.half_life_jobs)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
         ensure_dir(self.path.parent)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(self._lock_path, f"cannot open: {describe(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
-    def load(self) -> StoreState:
+    def load(self) -> Arms:
         """The current arms (a fresh store if there is no file yet)."""
         with self._locked():
             return self._read()
@@ -130,13 +245,8 @@ class ArmStore:
         """Add one observation; False (and no change) if this rid was already trained."""
         with self._locked():
             state = self._read()
-            if rid in state.trained:
+            if not state.train(device, x, y, rid, self._clock(), lam=self.lam, gamma=self.gamma):
                 return False
-            arm = state.arms.get(device) or Arm.fresh(self.lam)
-            state.arms[device] = arm.updated(np.asarray(x, dtype=np.float64), float(y))
-            state.trained[rid] = self._clock()
-            if state.exploring.get(device, ("", 0.0))[0] == rid:
-                del state.exploring[device]
             self._write(state)
             return True
 
@@ -147,58 +257,43 @@ class ArmStore:
             state.exploring[device] = (rid, until)
             self._write(state)
 
+    def set_cursor(self, cursor: int) -> None:
+        """Remember where round robin goes next (the policy is shared by every trigger)."""
+        with self._locked():
+            state = self._read()
+            state.cursor = cursor
+            self._write(state)
+
     # file format ------------------------------------------------------------------------
-    def _read(self) -> StoreState:
+    def _read(self) -> Arms:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return StoreState({}, {}, {})
+            return Arms()
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._cache is not None and self._cache[0] == key:
-            cached = self._cache[1]
-            now = self._clock()
-            return StoreState(dict(cached.arms), dict(cached.trained),
-                              {d: v for d, v in cached.exploring.items() if v[1] > now})
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return StoreState({}, {}, {})
-        try:
-            state = self._decode(json.loads(raw))
-            self._cache = (key, state)
-            return StoreState(dict(state.arms), dict(state.trained), dict(state.exploring))
-        except (ValueError, TypeError, KeyError, AttributeError, np.linalg.LinAlgError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(self.path, aside)
-            log.error("arm store %s is unusable (%s); moved it to %s and started a fresh one",
-                      self.path, exc, aside)
-            return StoreState({}, {}, {})
-
-    def _decode(self, obj: object) -> StoreState:
-        if not isinstance(obj, dict) or obj.get("v") != STORE_VERSION or obj.get("d") != D:
-            raise ValueError(f"version/dimension mismatch (want v={STORE_VERSION}, d={D})")
-        arms = {}
-        for device, a in obj["arms"].items():
-            A = np.array(a["A"], dtype=np.float64)
-            b = np.array(a["b"], dtype=np.float64)
-            if A.shape != (D, D) or b.shape != (D,) or not (np.isfinite(A).all() and np.isfinite(b).all()):
-                raise ValueError(f"arm {device!r} has a bad shape or non-finite values")
-            np.linalg.cholesky(A)  # must be positive definite
-            arms[device] = Arm(A=A, b=b, n=int(a["n"]))
+        if self._cache is None or self._cache[0] != key:
+            try:
+                raw = self.path.read_bytes()
+            except FileNotFoundError:
+                return Arms()
+            except OSError as exc:
+                raise StateError(self.path, f"cannot read: {describe(exc)}") from None
+            try:
+                self._cache = (key, Arms.from_obj(json.loads(raw)))
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError, np.linalg.LinAlgError) as exc:
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(self.path, aside)
+                log.error("arm store %s is unusable (%s); moved it to %s and started a fresh one",
+                          self.path, exc, aside)
+                return Arms()
+        cached = self._cache[1]
         now = self._clock()
-        trained = {str(r): float(t) for r, t in obj.get("trained", {}).items()}
-        exploring = {str(d): (str(v[0]), float(v[1])) for d, v in obj.get("exploring", {}).items()
-                     if float(v[1]) > now}
-        return StoreState(arms, trained, exploring)
+        return Arms(dict(cached.arms), dict(cached.trained),
+                    {d: v for d, v in cached.exploring.items() if v[1] > now}, cached.cursor)
 
-    def _write(self, state: StoreState) -> None:
-        trained = dict(sorted(state.trained.items(), key=lambda kv: kv[1])[-TRAINED_RIDS_KEPT:])
-        obj = {"v": STORE_VERSION, "d": D, "lambda": self.lam,
-               "arms": {dev: {"A": arm.A.tolist(), "b": arm.b.tolist(), "n": arm.n}
-                        for dev, arm in sorted(state.arms.items())},
-               "trained": trained,
-               "exploring": {dev: list(v) for dev, v in state.exploring.items()}}
-        atomic_write(self.path, json.dumps(obj).encode("utf-8"))
+    def _write(self, state: Arms) -> None:
+        atomic_write(self.path, json.dumps(state.to_obj()).encode("utf-8"))
         st = os.stat(self.path)
-        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns),
-                       StoreState(dict(state.arms), dict(trained), dict(state.exploring)))
+        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), replace(state, arms=dict(state.arms),
+                                                                       trained=dict(state.trained),
+                                                                       exploring=dict(state.exploring)))

@@ -176,13 +176,14 @@ class Snapshot:
     temperature_c: float | None = None
     on_battery: bool = False
     recent: Mapping[str, LatencySummary] = field(default_factory=dict)
+    backlog_s: float = 0.0  # expected wait before a new CPU job would start here
 
     def to_obj(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies and was half the cost of a bid.
         return {"has_npu": self.has_npu, "npu_free": self.npu_free, "cpu_slots": self.cpu_slots,
                 "cpu_percent": self.cpu_percent, "mem_available_mb": self.mem_available_mb,
-                "load1": self.load1, "queue_depth": self.queue_depth, "temperature_c": self.temperature_c,
-                "on_battery": self.on_battery,
+                "load1": self.load1, "queue_depth": self.queue_depth, "backlog_s": self.backlog_s,
+                "temperature_c": self.temperature_c, "on_battery": self.on_battery,
                 "recent": {mode: {"n": r.n, "p50_ms": r.p50_ms, "ms_per_token": r.ms_per_token}
                            for mode, r in self.recent.items()}}
 
@@ -205,6 +206,7 @@ class Snapshot:
             temperature_c=f.number("temperature_c", -100, 300, optional=True),
             on_battery=f.boolean("on_battery"),
             recent=recent,
+            backlog_s=f.number("backlog_s", 0, 1e9, optional=True) or 0.0,
         )
 
 
@@ -240,16 +242,20 @@ class Bid:
     device: str
     claim: str               # token the node honours once for this rid
     snapshot: Snapshot
+    service_s: float | None = None  # the device's own estimate of this job's service time
+    service_n: float = 0.0          # the effective number of recent jobs it rests on
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device,
-                            "claim": self.claim, **self.snapshot.to_obj()})
+                            "claim": self.claim, "service_s": self.service_s, "service_n": self.service_n,
+                            **self.snapshot.to_obj()})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
         return cls(rid=f.id("rid"), device=f.id("device"), claim=f.text("claim", 128) or "",
-                   snapshot=Snapshot.from_fields(f))
+                   snapshot=Snapshot.from_fields(f), service_s=f.number("service_s", 0, 1e7, optional=True),
+                   service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0)
 
 
 @dataclass(frozen=True)

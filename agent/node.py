@@ -27,11 +27,12 @@ from dataclasses import replace
 from agent.bus import Bus, Message, Will, new_nonce
 from agent.config import Config
 from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError
-from agent.executors import Executor, Params, Result, usable
+from agent.executors import Executor, Params, Result, estimate_tokens, usable
 from agent.fleet import Fleet
 from agent.gate import Gate
 from agent.journal import Journal
 from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay, Run
+from agent.locks import CpuSlots, NpuLock
 from agent.messages import (
     Bid,
     BidRequest,
@@ -50,12 +51,13 @@ from agent.messages import (
     encode_result,
 )
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.npulock import NpuLock
+from agent.servicemodel import ServiceRecord
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
+UNKNOWN_JOB_S = 10.0      # a job's expected service before this device has run any
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
 
 
@@ -71,13 +73,20 @@ class Node:
         self.journal = Journal(cfg.state_dir)
         self.sampler = HostSampler()
         self.latency = LatencyWindow()
+        self.record = ServiceRecord(cfg.auction.linucb.half_life_jobs)
+        slots = cfg.cpu.slots if self.cpu_exec else 0
+        self.cpu_slots = CpuSlots(cfg.state_dir, slots)
         self.ledger = JobLedger(self.me, f"{int(wall())}-{os.getpid()}-{new_nonce()}",
                                 recorded=self.journal.get, encode=encode_result)
         self.bus = Bus(self.me, cfg.broker, persistent=True, name=f"node-{self.me}",
                        sync_topic=self.topics.sync(self.me, new_nonce()),
                        will=Will(self.topics.availability(self.me), b"offline"), on_connect=self._on_connect)
         self.fleet = Fleet(self.bus, self.topics, self.me)  # shared by HA/MQTT triggers; synced once
-        self.gate: Gate[Run] = Gate(cfg.cpu.slots if self.cpu_exec else 0, cfg.cpu.max_queue, self._execute)
+        self.gate: Gate[Run] = Gate(slots, cfg.cpu.max_queue, self._execute, expected=self._expected)
+        # MQTT/Home Assistant prompts: a fixed pool of orchestrations, a bounded line behind it.
+        self.triggers: Gate[TriggerRequest] = Gate(cfg.triggers.workers, cfg.triggers.max_waiting,
+                                                   lambda req, _: self._orchestrate(req),
+                                                   expected=lambda req: 0.0, name="trigger")
         self._npu_busy_here = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -104,6 +113,7 @@ class Node:
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self._on_ha_status)
         self.gate.start()
+        self.triggers.start()
         self._spawn(self._metrics_loop, "node-metrics")
         self.bus.start()
         log.info("node %s starting: NPU %s, CPU %s, broker %s:%d, prefix %r", self.me,
@@ -117,6 +127,7 @@ class Node:
         for run in self.ledger.running():
             run.cancel.set()
         self.gate.stop()
+        self.triggers.stop(timeout=1.0)
         self.bus.stop(final=[(self.topics.availability(self.me), b"offline", True)])
         for thread in self._threads:
             thread.join(timeout=5)
@@ -153,7 +164,13 @@ class Node:
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.sampler.sample(), has_npu=self.npu_exec is not None, npu_free=self._npu_free(),
-                        cpu_slots=self.gate.slots, queue_depth=self.gate.depth, recent=self.latency.summary())
+                        cpu_slots=self.gate.slots, queue_depth=self.gate.depth, recent=self.latency.summary(),
+                        backlog_s=self.gate.backlog_s())
+
+    def _expected(self, run: Run) -> float:
+        """A queued job's expected service time, from this device's own record."""
+        job = run.job
+        return self.record.expected(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, UNKNOWN_JOB_S)
 
     def _publish_metrics(self) -> None:
         snap = self.snapshot()
@@ -191,12 +208,15 @@ class Node:
                       matches=lambda r: parsed is not None and parsed.rid == r.rid)
         if req is None:
             return
-        if req.origin == self.me:
-            return  # our own orchestration counts this device itself, without the network
         if req.deadline < self.wall():
             log.info("ignored call for bids %s: its deadline has passed", req.rid)
             return
-        bid = Bid(rid=req.rid, device=self.me, claim=self.ledger.offer(req.rid), snapshot=self.snapshot())
+        # This device's own orchestrations get a bid too: their CPU jobs come back through
+        # exec/<self> and the same gate as everyone else's.
+        estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if self.cpu_exec else None
+        bid = Bid(rid=req.rid, device=self.me, claim=self.ledger.offer(req.rid), snapshot=self.snapshot(),
+                  service_s=round(estimate[0], 4) if estimate else None,
+                  service_n=round(estimate[1], 2) if estimate else 0.0)
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction.
         self.bus.publish(self.topics.bid_reply(req.rid, self.me), bid.to_payload())
@@ -243,7 +263,7 @@ class Node:
             self._npu_busy_here = True
             run = self.ledger.accept(job, received, queue_position=0, resource=claim)
             self._send(run.accepted)
-            threading.Thread(target=self._execute, args=(run,), name=f"npu-{job.rid[:8]}", daemon=True).start()
+            threading.Thread(target=self._execute, args=(run, None), name=f"npu-{job.rid[:8]}", daemon=True).start()
         else:
             if self.cpu_exec is None or not self.gate.has_room():
                 self._decline(job, "no_cpu" if self.cpu_exec is None else "queue_full")
@@ -264,10 +284,14 @@ class Node:
         log.info("job %s cancelled by %s (%s)%s", cancel.rid, cancel.origin, cancel.reason or "no reason",
                  "; stopping it" if run is not None else "")
 
-    def _execute(self, run: Run) -> None:
+    def _execute(self, run: Run, slot: int | None) -> None:
+        """Run a job: on the NPU (``slot`` None, the NPU claimed on admission), or on CPU
+        slot ``slot``, whose device-wide lock it holds while the model runs."""
         job = run.job
         executor = self.npu_exec if job.mode == "npu" else self.cpu_exec
         assert executor is not None
+        if slot is not None:
+            run.resource = self.cpu_slots.locks[slot].claim(owner=job.rid)  # a trigger running alone may hold it
         seq = itertools.count()
         queue_ms = (time.monotonic() - run.received) * 1000
         ok = False
@@ -295,6 +319,7 @@ class Node:
         finally:
             if run.resource is not None:
                 run.resource.release()
+            if job.mode == "npu":
                 self._npu_busy_here = False
         try:
             self.journal.record(job.rid, final)
@@ -308,6 +333,8 @@ class Node:
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
+        self.record.observe(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, result.generated_tokens,
+                            t.total_ms / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
         return self._send(Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
                                result.generated_tokens))
@@ -321,8 +348,11 @@ class Node:
     def _on_trigger(self, msg: Message) -> None:
         req = decoded(msg.topic, msg.payload, lambda p: TriggerRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="trigger", logger=log)
-        if req is not None:
-            threading.Thread(target=self._orchestrate, args=(req,), name="orchestrate", daemon=True).start()
+        if req is not None and self.triggers.offer(req) is None:
+            log.warning("trigger refused: %d already running or waiting", self.triggers.depth)
+            self._publish_last(LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="",
+                                          error=f"busy: {self.triggers.depth} prompts are already running or "
+                                                "waiting on this device; try again later", total_ms=0.0))
 
     def _orchestrate(self, req: TriggerRequest) -> None:
         from agent.linucb import ArmStore
@@ -341,6 +371,9 @@ class Node:
                      out.path, out.total_ms)
             last = LastResult(rid=out.rid, device=self.me, winner=out.winner, path=out.path, ok=out.ok,
                               text=out.text, error=out.error, total_ms=round(out.total_ms, 1))
+        self._publish_last(last)
+
+    def _publish_last(self, last: LastResult) -> None:
         self.bus.publish(self.topics.last_result(self.me), last.to_payload(), retain=True)
 
     def _local_offer_snapshot(self) -> Snapshot:

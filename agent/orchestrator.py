@@ -35,8 +35,8 @@ from agent.errors import AgentError, BrokerUnavailable, ExecutorError, ExitCode,
 from agent.executors import Executor, Params, estimate_tokens
 from agent.fleet import Fleet
 from agent.fsm import ORCHESTRATION, Machine
-from agent.messages import BidRequest, Cancel, Job, Snapshot, decode_result, decoded
-from agent.npulock import NpuLock
+from agent.locks import CpuSlots, NpuLock
+from agent.messages import Bid, BidRequest, Cancel, Job, Snapshot, decode_result, decoded
 from agent.outcome import Decided, Outcome, bid_summary, path_of, ranking_summary
 from agent.topics import Topics
 
@@ -75,7 +75,7 @@ class Orchestrator:
                  on_decision: Callable[[Decided], None] = lambda d: None,
                  on_progress: Callable[[str], None] = lambda m: None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 keep_warm: bool = False):
+                 keep_warm: bool = False, rng: Any = None):
         self.cfg = cfg
         self.me = cfg.device_id
         self.topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
@@ -83,6 +83,8 @@ class Orchestrator:
         self.npu_exec = npu_exec
         self.cpu_exec = cpu_exec
         self.npu_lock = NpuLock(cfg.state_dir)
+        self.cpu_slots = CpuSlots(cfg.state_dir, cfg.cpu.slots if cpu_exec is not None else 0)
+        self._rng = rng  # numpy's, made on first use: the local NPU path never imports numpy
         self._arms_factory = arms  # the store (and numpy) only when an auction needs it
         self._arms: Any = None
         self.local_snapshot = local_snapshot
@@ -95,6 +97,13 @@ class Orchestrator:
         # soon as an answer is in, off the next auction's critical path.
         self.keep_warm = keep_warm
         self._next: Inbox | None = None
+
+    @property
+    def rng(self) -> Any:
+        if self._rng is None:
+            import numpy as np
+            self._rng = np.random.default_rng()
+        return self._rng
 
     @property
     def arms(self) -> Any:
@@ -159,9 +168,9 @@ class Orchestrator:
         stop_listening = fleet.roster.listen(inbox.on_roster)
         try:
             auction = self._auction(req, wire, fsm)
-            offers = [_offer_from_bid(b) for b in auction.bids.values()]
-            if me.snapshot.cpu_slots:
-                offers.append(me)
+            offers = [self._offer_from_bid(b) for b in auction.bids.values()]
+            if me.snapshot.cpu_slots and self.me not in auction.bids:
+                offers.append(me)  # no daemon here: this process runs it, under the same slot locks
             warnings = (f"bid window of {self.cfg.auction.bid_timeout_s:g} s closed without bids from "
                         f"{', '.join(auction.missing)}",) if auction.closing == "timeout" else ()
             return self._decide_and_run(req, started, fsm, wire, offers, auction, warnings)
@@ -205,7 +214,8 @@ class Orchestrator:
         call = BidRequest(rid=req.rid, origin=self.me, deadline=self.wall() + window,
                           prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
                           need=req.need)
-        expected = wire.fleet.roster.peers_online()
+        # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
+        expected = wire.fleet.roster.online()
         wire.fleet.bus.publish(self.topics.bid_request(req.rid), call.to_payload(), qos=1, expiry_s=window,
                                response_topic=self.topics.bid_reply_stem(req.rid),
                                correlation_data=req.rid.encode())
@@ -224,11 +234,13 @@ class Orchestrator:
 
         deciding = self.clock()
         state = self.arms.load()
-        lin = self.cfg.auction.linucb
+        lin, policy = self.cfg.auction.linucb, self.cfg.auction.policy
         decision = select(offers, state.arms, prompt_tokens=estimate_tokens(req.prompt),
-                          max_new_tokens=req.max_new_tokens, alpha=lin.alpha, lam=lin.lambda_,
-                          exploring=set(state.exploring), need=req.need)
+                          max_new_tokens=req.max_new_tokens, alpha=lin.alpha, lam=lin.lambda_, policy=policy,
+                          exploring=set(state.exploring), need=req.need, rng=self.rng, cursor=state.cursor)
         decide_ms = (self.clock() - deciding) * 1000
+        if decision.cursor != state.cursor and not req.dry_run:
+            self.arms.set_cursor(decision.cursor)
         bids = auction.bids if auction else {}
         scores = {c.device: c.score for c in decision.ranking if c.mode == "cpu"}
         # What was seen before running anything; each ending below fills in the rest.
@@ -251,13 +263,12 @@ class Orchestrator:
             path = path_of(choice.mode, choice.is_self)
             if choice.explore:
                 self.arms.mark_exploring(choice.device, req.rid, self.wall() + self.cfg.auction.job_timeout_s)
-            began = self.clock()
-            if choice.is_self:
+            if choice.device not in bids:  # this device, with no daemon to hand it to
                 fsm.fire("run_local")
                 self.on_decision(Decided(self.me, path, choice.score))
                 executor = self.cpu_exec
                 assert executor is not None, "a self offer with CPU slots has a CPU executor"
-                answer, outcome = self._run_here(executor, req, fsm)
+                answer, outcome = self._run_here(executor, req, fsm, slots=self.cpu_slots)
                 attempts.append({"device": self.me, "outcome": outcome})
             else:
                 assert wire is not None, "peers come from an auction"
@@ -274,7 +285,8 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                self._train(choice.device, choice.x, answer.ok, self.clock() - began, req.rid)
+                service_s = (answer.timings.total_ms - answer.timings.queue_ms) / 1000
+                self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
         fsm.fire("no_candidate")
@@ -342,22 +354,53 @@ class Orchestrator:
         return Step() if ev is None else attempt.on_result(ev, now)
 
     # ------------------------------------------------------------------ local execution
-    def _run_here(self, executor: Executor, req: Request, fsm: Machine) -> tuple[Answer, str]:
+    def _run_here(self, executor: Executor, req: Request, fsm: Machine,
+                  slots: CpuSlots | None = None) -> tuple[Answer, str]:
+        """Run it in this process: on the NPU (already claimed), or on a CPU slot of this
+        device, waiting for one if the daemon or other triggers hold them all."""
         parts: list[str] = []
 
         def on_token(text: str) -> None:
             parts.append(text)
             self.on_token(text)
 
-        params = Params(max_new_tokens=req.max_new_tokens, timeout_s=self.cfg.auction.job_timeout_s, rid=req.rid)
+        timeout_s = self.cfg.auction.job_timeout_s
+        claim = None
+        if slots is not None:
+            began = self.clock()
+            claim = slots.wait_claim(req.rid, timeout_s, on_wait=self._slot_progress())
+            if claim is None:
+                fsm.fire("error")
+                return (Answer(False, ExitCode.TIMEOUT, error=f"no CPU slot of this device came free within "
+                                                               f"{timeout_s:g} s"), "no free slot")
+            timeout_s -= self.clock() - began
+        params = Params(max_new_tokens=req.max_new_tokens, timeout_s=timeout_s, rid=req.rid,
+                        hold_fds=(claim.fd,) if claim is not None else ())
         try:
             result = executor.run(req.prompt, params, on_token)
         except ExecutorError as exc:
             fsm.fire("error")
             code = ExitCode.TIMEOUT if exc.kind == "timeout" else ExitCode.FAILED
             return Answer(False, code, exc.partial_text or "".join(parts), str(exc)), f"error: {exc.reason}"
+        finally:
+            if claim is not None:
+                claim.release()
         fsm.fire("done")
         return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens), "done"
+
+    def _slot_progress(self) -> Callable[[float], None]:
+        shown = [0.0]
+
+        def on_wait(waited: float) -> None:
+            if waited - shown[0] >= PROGRESS_EVERY_S:
+                shown[0] = waited
+                self.on_progress(f"waiting for a free CPU slot on this device ({waited:.0f} s)")
+        return on_wait
+
+    def _offer_from_bid(self, bid: Bid) -> Any:
+        from agent.selection import Offer
+        return Offer(bid.device, bid.snapshot, is_self=bid.device == self.me, service_s=bid.service_s,
+                     service_n=bid.service_n)
 
     def _self_offer(self) -> Any:
         from agent.selection import Offer
@@ -374,6 +417,4 @@ class Orchestrator:
             log.error("could not train the arm store: %s", exc)
 
 
-def _offer_from_bid(bid: Any) -> Any:
-    from agent.selection import Offer
-    return Offer(bid.device, bid.snapshot)
+

@@ -48,6 +48,11 @@ class Roster:
             for listener in listeners:
                 listener(parsed.device, online)
 
+    def online(self) -> frozenset[str]:
+        """Every online device, this one included (its node daemon, if it runs)."""
+        with self._lock:
+            return frozenset(d for d, up in self._state.items() if up)
+
     def peers_online(self) -> frozenset[str]:
         """Online devices other than this one."""
         with self._lock:

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.npulock import NpuLock  # noqa: E402
+from agent.locks import NpuLock  # noqa: E402
 from tests.support.launch import ArrivalWatch, NodeProcess  # noqa: E402
 from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 

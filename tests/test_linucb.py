@@ -1,3 +1,5 @@
+"""LinUCB on service time: the arm algebra, forgetting, noise scaling, and the store."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from agent.linucb import Arm, ArmStore, D, features
+from agent.linucb import Arm, Arms, ArmStore, D, features, predict_many, training_target
 from agent.messages import Snapshot
+from agent.servicemodel import decay_for
 
 
 def snap(**kw: object) -> Snapshot:
@@ -22,40 +25,99 @@ def snap(**kw: object) -> Snapshot:
 def test_features_are_bounded_and_normalised() -> None:
     x = features(snap(), prompt_tokens=512, max_new_tokens=256)
     assert x.shape == (D,)
-    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.5, 0.25, 0.5, 0.5])
-    extreme = features(snap(cpu_percent=800.0, queue_depth=99, mem_available_mb=0.0,
-                            temperature_c=150.0), prompt_tokens=10**6, max_new_tokens=10**6)
+    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.5, 0.5, 0.5])
+    extreme = features(snap(cpu_percent=800.0, mem_available_mb=0.0, temperature_c=150.0),
+                       prompt_tokens=10**6, max_new_tokens=10**6)
     assert extreme.max() <= 4.0 and extreme.min() >= 0.0
-    assert features(snap(temperature_c=None), 1, 1)[6] == 0.0
+    assert features(snap(temperature_c=None), 1, 1)[5] == 0.0
 
 
-def test_arm_matches_the_closed_form_ridge_solution() -> None:
+def test_without_forgetting_an_arm_is_the_closed_form_ridge_solution() -> None:
     rng = np.random.default_rng(7)
     lam = 0.5
     xs = rng.uniform(0, 1, size=(40, D))
     theta_true = rng.uniform(0, 2, size=D)
     ys = xs @ theta_true + rng.normal(0, 0.01, size=40)
-    arm = Arm.fresh(lam)
+    arm = Arm.fresh()
     for x, y in zip(xs, ys, strict=True):
-        arm = arm.updated(x, y)
+        arm = arm.updated(x, y, lam=lam, gamma=1.0)
     A = lam * np.eye(D) + xs.T @ xs
     b = xs.T @ ys
     q = rng.uniform(0, 1, size=D)
-    mean, width = arm.predict(q)
+    mean, width = arm.predict(q, lam)
     assert mean == pytest.approx(q @ np.linalg.inv(A) @ b, rel=1e-9)
     assert width == pytest.approx(np.sqrt(q @ np.linalg.inv(A) @ q), rel=1e-9)
-    assert arm.n == 40
+    assert arm.n == 40 and arm.w == 40
     assert mean == pytest.approx(q @ theta_true, abs=0.1)
 
 
-def test_width_shrinks_with_data() -> None:
+def test_forgetting_weighs_old_observations_down_but_never_the_ridge() -> None:
+    x = features(snap(), 500, 128)
+    gamma = decay_for(10)
+    arm = Arm.fresh()
+    for _ in range(40):
+        arm = arm.updated(x, 1.0, lam=1.0, gamma=gamma)
+    assert arm.w == pytest.approx(sum(gamma ** k for k in range(40)))
+    for _ in range(30):
+        arm = arm.updated(x, 1.5, lam=1.0, gamma=gamma)  # a device that got 50 % slower
+    assert arm.predict(x, 1.0)[0] == pytest.approx(1.5, rel=0.1), "the recent past dominates"
+    unused = Arm(G=arm.G * 1e-12, b=arm.b * 1e-12, n=arm.n, w=arm.w, sse=arm.sse)
+    assert np.isfinite(unused.predict(x, 1.0)).all(), "λI keeps an old arm's solve well-posed"
+
+
+def test_a_surprising_observation_makes_the_arm_forget_faster() -> None:
+    x = features(snap(), 500, 128)
+    slow_forgetting = decay_for(1000)
+    arm = Arm.fresh()
+    for _ in range(50):
+        arm = arm.updated(x, 1.0, lam=1.0, gamma=slow_forgetting)
+    after = arm.updated(x, 3.0, lam=1.0, gamma=slow_forgetting)  # 3x: not noise
+    assert after.w < 0.3 * arm.w + 1.01, "the history now counts for a quarter"
+    for _ in range(3):
+        after = after.updated(x, 3.0, lam=1.0, gamma=slow_forgetting)
+    assert after.predict(x, 1.0)[0] > 2.0, "four 3x jobs outweigh fifty old ones"
+    usual = arm.updated(x, 1.2, lam=1.0, gamma=slow_forgetting)  # 20 %: noise
+    assert usual.w == pytest.approx(slow_forgetting * arm.w + 1)
+
+
+def test_width_shrinks_with_data_and_noise_is_learnt_in_seconds() -> None:
     x = features(snap(), 100, 100)
-    arm = Arm.fresh(1.0)
+    arm = Arm.fresh()
     widths = []
-    for _ in range(5):
-        widths.append(arm.predict(x)[1])
-        arm = arm.updated(x, 1.0)
-    assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0] / 2
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        widths.append(arm.predict(x, 1.0)[1])
+        arm = arm.updated(x, 10.0 + rng.normal(0, 1.0), lam=1.0, gamma=1.0)
+    assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0] / 4
+    assert 0.6 < arm.noise(10.0) < 1.6, "σ ≈ the residual noise, in the target's own units"
+    assert Arm.fresh().noise(10.0) == pytest.approx(3.0), "a fresh arm assumes 30 % noise"
+
+
+def test_batched_prediction_equals_one_at_a_time() -> None:
+    rng = np.random.default_rng(3)
+    arms, xs = [], rng.uniform(0, 1, size=(5, D))
+    for i in range(5):
+        arm = Arm.fresh()
+        for _ in range(i + 1):
+            arm = arm.updated(rng.uniform(0, 1, D), float(rng.uniform(1, 5)), lam=1.0, gamma=0.9)
+        arms.append(arm)
+    means, widths = predict_many(arms, xs, 1.0)
+    for arm, x, m, w in zip(arms, xs, means, widths, strict=True):
+        assert (m, w) == pytest.approx(arm.predict(x, 1.0), rel=1e-9)
+
+
+def test_a_failure_teaches_the_cap_and_success_is_capped() -> None:
+    assert training_target(True, 2.5, cap=120.0) == 2.5
+    assert training_target(True, 500.0, cap=120.0) == 120.0
+    assert training_target(False, 0.01, cap=120.0) == 120.0, "a fast failure must not look fast"
+
+
+def test_arms_train_once_per_rid_and_forget_old_rids() -> None:
+    arms = Arms()
+    x = features(snap(), 100, 100)
+    assert arms.train("dev", x, 2.0, "r1", 0.0, lam=1.0, gamma=1.0)
+    assert not arms.train("dev", x, 9.0, "r1", 1.0, lam=1.0, gamma=1.0)
+    assert arms.arms["dev"].n == 1
 
 
 def test_store_trains_once_per_rid_and_persists(tmp_path) -> None:
@@ -66,6 +128,8 @@ def test_store_trains_once_per_rid_and_persists(tmp_path) -> None:
     again = ArmStore(tmp_path, lam=1.0).load()
     assert again.arms["dev"].n == 1
     assert again.arms["dev"].b.tolist() == pytest.approx((2.0 * x).tolist())
+    store.set_cursor(3)
+    assert ArmStore(tmp_path).load().cursor == 3
 
 
 def test_store_exploration_marker_clears_on_training(tmp_path) -> None:
@@ -80,12 +144,24 @@ def test_store_exploration_marker_clears_on_training(tmp_path) -> None:
     assert store.load().exploring == {}, "an expired marker is forgotten"
 
 
-@pytest.mark.parametrize("content", [b"{not json", json.dumps({"v": 99, "d": D, "arms": {}}).encode(),
-                                     json.dumps({"v": 1, "d": D,
-                                                 "arms": {"x": {"A": [[1]], "b": [1], "n": 1}}}).encode(),
-                                     json.dumps({"v": 1, "d": D, "arms": {"x": {
-                                         "A": (-np.eye(D)).tolist(), "b": [0] * D, "n": 1}}}).encode()])
-def test_corrupt_store_is_set_aside_and_replaced(tmp_path, caplog, content: bytes) -> None:
+def good_arm(**over: object) -> dict[str, object]:
+    return {"G": np.eye(D).tolist(), "b": [0.0] * D, "n": 1, "w": 1.0, "sse": 0.0, **over}
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"[" * 5000,
+    json.dumps({"v": 1, "d": 7, "arms": {}}).encode(),                       # the old format
+    json.dumps({"v": 2, "d": D, "arms": []}).encode(),                        # right JSON, wrong shape
+    json.dumps({"v": 2, "d": D, "arms": {"x": "nope"}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=[[1]])}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {}, "cursor": "3"}).encode(),
+])
+def test_corrupt_or_wrong_shaped_store_is_set_aside_and_replaced(tmp_path, caplog, content: bytes) -> None:
     (tmp_path / "arms.json").write_bytes(content)
     state = ArmStore(tmp_path).load()
     assert state.arms == {}
@@ -114,10 +190,3 @@ def test_kill_during_save_leaves_old_or_new_store(tmp_path) -> None:
         state = ArmStore(tmp_path).load()
         assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
         assert state.arms["dev"].n >= 5
-
-
-def test_a_failure_teaches_the_cap_and_success_is_capped() -> None:
-    from agent.linucb import training_target
-    assert training_target(True, 2.5, cap=120.0) == 2.5
-    assert training_target(True, 500.0, cap=120.0) == 120.0
-    assert training_target(False, 0.01, cap=120.0) == 120.0, "a fast failure must not look fast"

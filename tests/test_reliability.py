@@ -20,8 +20,8 @@ import pytest
 
 from agent.bus import Message
 from agent.cli import main
+from agent.locks import NpuLock
 from agent.messages import Bid, BidRequest, Job, decode_result
-from agent.npulock import NpuLock
 from tests.support.broker import REPO
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job
 

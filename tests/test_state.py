@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.journal import Journal
-from agent.npulock import NpuLock
+from agent.locks import NpuLock
 from tests.support.fleet import hold_npu_in_other_process
 
 REPO = Path(__file__).resolve().parents[1]

@@ -166,10 +166,12 @@ class Gate:
         os.mkfifo(path)
         self._fd: int | None = None
 
-    def release(self) -> None:
-        # Opened read-write, a FIFO never blocks; the byte waits there for the model.
-        self._fd = os.open(self.path, os.O_RDWR)
-        os.write(self._fd, b"go")
+    def release(self, runs: int = 1) -> None:
+        """Let ``runs`` held models go (one byte each)."""
+        # Opened read-write, a FIFO never blocks; the bytes wait there for the models.
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        os.write(self._fd, b"g" * runs)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -197,7 +199,7 @@ def executions(log: Path) -> dict[str, dict[str, int]]:
 
 def hold_npu_in_other_process(state_dir: Path) -> subprocess.Popen[str]:
     """A separate process that holds the device's NPU lock until its stdin closes."""
-    code = ("import sys; from pathlib import Path; from agent.npulock import NpuLock;"
+    code = ("import sys; from pathlib import Path; from agent.locks import NpuLock;"
             f"c = NpuLock(Path({str(state_dir)!r})).try_claim('test-holder');"
             "print('held' if c else 'busy', flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,

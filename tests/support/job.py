@@ -6,6 +6,7 @@ Appends "start <rid> <pid> <t>" and "done <rid> <pid> <t>" lines to LOG (AGENT_R
 from the agent), so a test can count executions per request. Modes:
 
     quick             echo the prompt, a word at a time
+    work              the same, taking WORK_S (0.05 s) per word, as a model would
     hold              produce nothing until GATE exists, then answer
     token-then-hold   one token, then hold until GATE exists
     crash             one token, then exit 3
@@ -21,6 +22,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+WORK_S = 0.05
 
 
 def note(log: str, what: str) -> None:
@@ -42,8 +45,8 @@ def die_with_parent() -> None:
 
 
 def hold(gate: Path) -> None:
-    with open(gate, "rb") as fifo:
-        fifo.read(1)  # blocks until the test releases the gate
+    with open(gate, "rb", buffering=0) as fifo:
+        fifo.read(1)  # blocks until the test releases the gate; one byte per run
 
 
 def main() -> int:
@@ -60,6 +63,8 @@ def main() -> int:
     if mode in ("hold", "token-then-hold"):
         hold(gate)
     for word in prompt.split():
+        if mode == "work":
+            time.sleep(WORK_S)  # the stand-in model's own work, not a test waiting on something
         sys.stdout.write(word + " ")
         sys.stdout.flush()
     note(log, "done")

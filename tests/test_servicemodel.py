@@ -1,0 +1,129 @@
+"""A device's own service record, its backlog in seconds, and the gate that uses both."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from agent.gate import Gate
+from agent.servicemodel import ServiceRecord, expected_wait, remaining
+
+
+def test_the_record_learns_size_dependent_service_time() -> None:
+    record = ServiceRecord(half_life_jobs=50)
+    assert record.estimate("cpu", 100, 100) is None
+    assert record.expected("cpu", 100, 100, default=10.0) == 10.0
+    for prompt, new in [(100, 50), (2000, 50), (100, 500), (1000, 300), (500, 100), (1500, 400)] * 3:
+        record.observe("cpu", prompt, 2 * new, new, 0.5 + 1.0 * prompt / 1000 + 8.0 * new / 1000)
+    mean, n = record.estimate("cpu", 800, 400)  # type: ignore[misc]
+    # Answers used half their budget: 400 allowed, 200 expected.
+    assert mean == pytest.approx(0.5 + 0.8 + 1.6, rel=0.05) and n > 15
+    assert record.estimate("npu", 800, 200) is None, "modes are kept apart"
+
+
+def speed(prompt: int, new: int) -> float:
+    return 1.0 + prompt / 1000 + 10.0 * new / 1000
+
+
+def test_a_device_that_slows_down_is_relearnt_within_a_few_jobs() -> None:
+    record = ServiceRecord(half_life_jobs=20)
+    sizes = [(100 + 37 * i % 1900, 16 + 53 * i % 480) for i in range(80)]
+    for prompt, new in sizes[:60]:
+        record.observe("cpu", prompt, 512, new, speed(prompt, new))
+    before, _ = record.estimate("cpu", 1000, 512)  # type: ignore[misc]
+    prompt, new = sizes[60]
+    record.observe("cpu", prompt, 512, new, 3 * speed(prompt, new))
+    assert record.estimate("cpu", 1000, 512)[0] > 2.0 * before, "one 3x job: mostly learnt"  # type: ignore[index]
+    for prompt, new in sizes[61:65]:
+        record.observe("cpu", prompt, 512, new, 3 * speed(prompt, new))
+    after, _ = record.estimate("cpu", 1000, 512)  # type: ignore[misc]
+    assert 2.6 * before < after < 3.2 * before, "five: all but learnt, and not overshot"
+
+
+def test_short_answers_or_one_slow_job_are_noise_not_a_changed_device() -> None:
+    record = ServiceRecord(half_life_jobs=20)
+    for i in range(40):
+        new = 10 if i % 2 else 500  # answers of wildly different lengths, same speed
+        record.observe("cpu", 500, 512, new, speed(500, new))
+    steady, _ = record.estimate("cpu", 500, 512)  # type: ignore[misc]
+    assert steady == pytest.approx(speed(500, 0.5 * 512 + 5), rel=0.05), "the expected length, at the same pace"
+    record.observe("cpu", 500, 512, 100, 1.3 * speed(500, 100))  # +30 %
+    after, _ = record.estimate("cpu", 500, 512)  # type: ignore[misc]
+    assert after < 1.07 * steady, "one slow-ish job nudges the pace, it does not reset it"
+
+
+def test_garbage_observations_are_ignored() -> None:
+    record = ServiceRecord()
+    for bad in (float("nan"), float("inf"), -1.0):
+        record.observe("cpu", 100, 100, 50, bad)
+    record.observe("cpu", 100, 0, 0, 1.0)
+    assert record.estimate("cpu", 100, 100) is None
+
+
+@pytest.mark.parametrize("slots,running,queued,wait", [
+    (1, [], [], 0.0),
+    (2, [3.0], [], 0.0),                 # a free slot: starts at once
+    (1, [3.0], [], 3.0),
+    (1, [3.0], [2.0, 1.0], 6.0),         # after the running job and both queued ones
+    (2, [3.0, 1.0], [2.0], 3.0),         # the queued job takes the slot free at 1 s, until 3 s
+    (2, [3.0, 1.0], [2.0, 5.0], 3.0),
+    (0, [], [], float("inf")),
+])
+def test_expected_wait_is_fifo_over_the_slots(slots: int, running: list[float], queued: list[float],
+                                              wait: float) -> None:
+    assert expected_wait(slots, running, queued) == wait
+
+
+def test_a_running_job_past_its_estimate_is_never_done_yet() -> None:
+    assert remaining(10.0, 4.0) == 6.0
+    assert remaining(10.0, 16.0) == 8.0, "well past its estimate: half as long again as it ran"
+    assert remaining(10.0, 10.0) == 5.0
+
+
+def test_the_gate_reports_depth_and_backlog_in_seconds_and_runs_fifo() -> None:
+    clock = [100.0]
+    release = threading.Event()
+    started: list[str] = []
+    began = threading.Semaphore(0)
+
+    def work(item: str, slot: int) -> None:
+        started.append(item)
+        began.release()
+        release.wait(10)
+
+    gate: Gate[str] = Gate(1, 2, work, expected=lambda item: {"a": 4.0, "b": 2.0, "c": 1.0}[item],
+                           clock=lambda: clock[0])
+    gate.start()
+    try:
+        assert gate.offer("a") == 0
+        assert began.acquire(timeout=10)
+        assert gate.offer("b") == 1 and gate.offer("c") == 2
+        assert gate.offer("d") is None and not gate.has_room(), "slots + max_queue, no more"
+        assert gate.depth == 3
+        clock[0] = 101.0  # a has run for 1 s of its 4
+        assert gate.backlog_s() == pytest.approx(3.0 + 2.0 + 1.0)
+    finally:
+        release.set()
+        for _ in range(2):
+            assert began.acquire(timeout=10)
+        gate.stop()
+    assert started == ["a", "b", "c"]
+
+
+def test_a_job_that_raises_does_not_take_its_slot_away() -> None:
+    done = threading.Event()
+
+    def work(item: str, slot: int) -> None:
+        if item == "bad":
+            raise RuntimeError("a bug")
+        done.set()
+
+    gate: Gate[str] = Gate(1, 4, work, expected=lambda item: 1.0)
+    gate.start()
+    try:
+        gate.offer("bad")
+        gate.offer("good")
+        assert done.wait(10), "the slot thread survived the failing job"
+    finally:
+        gate.stop()
