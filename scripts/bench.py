@@ -336,7 +336,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small N, few iterations: a smoke run (~30 s)")
     ap.add_argument("--out", default="bench-results.json", help="where to write the JSON (default %(default)s)")
+    ap.add_argument("--scheduling", action="store_true",
+                    help="instead: every auction.policy over a real broker (scripts/bench_scheduling.py)")
+    ap.add_argument("--jobs", type=int, default=300, help="with --scheduling: prompts per policy (default 300)")
+    ap.add_argument("--load", type=float, default=0.7, help="with --scheduling: share of capacity (default 0.7)")
+    ap.add_argument("--policies", default="linucb,least_backlog,jsq,round_robin",
+                    help="with --scheduling: policies to run (default %(default)s)")
     args = ap.parse_args()
+    if args.scheduling:
+        return scheduling(args)
     sizes = [1, 4] if args.quick else [1, 8, 32]
     iters, warmup = (30, 5) if args.quick else (300, 30)
     ks = [1, 4] if args.quick else [1, 8, 32]
@@ -382,6 +390,24 @@ def main() -> int:
     results["ratios"] = ratios
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results, sizes)
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def scheduling(args: argparse.Namespace) -> int:
+    from bench_scheduling import measure_scheduling, print_scheduling
+
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-sched-"))
+    broker = LocalMosquitto(workdir / "mosquitto")
+    broker.start()
+    try:
+        results = measure_scheduling(broker.port, workdir, jobs=args.jobs, load=args.load,
+                                     policies=args.policies.split(","))
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    Path(args.out).write_text(json.dumps({"scheduling": results, "load": args.load}, indent=2))
+    print_scheduling(results, args.load)
     print(f"\nJSON: {args.out}")
     return 0
 
