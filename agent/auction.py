@@ -1,63 +1,98 @@
-"""Collecting bids: the call for bids, the book of bids, and when the window closes.
+"""Collecting bids: the book of bids, when the window closes, and who tends to be late.
 
 Theory of operation. The roster (retained availability, synchronised with a broker round
 trip) is the set of peers that must bid. The call goes out at QoS 1 with a message expiry
 of the bid window. ``BidBook`` gathers the bids on the network thread (decoded where they
-arrive) and wakes the orchestrator once, when every expected peer has bid, instead of once
-per bid. The window closes when every peer still online has bid — a Will that fires
-shrinks the set, if our own link is steady — or at ``bid_timeout_s``.
+arrive) and wakes the orchestrator only when something could close the window. The
+window closes (``should_close``, a pure function) at the first of:
+
+- ``roster_complete``: every peer still online has bid (a Will that fires shrinks the
+  set, if our own link is steady);
+- ``decided``: a free NPU has bid and no peer still missing could offer one (pass 1
+  picks a free NPU whatever the CPUs say), and a short grace has passed for the CPU
+  bids that make the runner-ups (twice as long as it took, between 50 ms and 1 s);
+- ``stragglers``: the only peers missing are ones that missed recent calls for bids (a
+  frozen peer: online by keepalive, never bidding), and the others have been in for the
+  same short grace — their late bids are still welcome until then;
+- ``timeout``: ``bid_timeout_s``, the seed's upper bound.
+
+``Stragglers`` remembers, per device, how many calls in a row it missed, in a small file
+under ``state_dir`` that the node and every trigger share, so a frozen peer costs one
+auction, not every auction; a bid clears its record.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.bus import Bus, Message, Subscription
+from agent.errors import StateError
 from agent.messages import Bid, decoded
+from agent.statefiles import atomic_write
 from agent.topics import Topics
+
+if TYPE_CHECKING:  # the bus (and paho) only when a fleet is connected
+    from agent.bus import Bus, Message, Subscription
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+GRACE_MIN_S, GRACE_MAX_S = 0.05, 1.0
 
 
 class BidBook:
     """The bids of one auction, gathered on the network thread."""
 
-    def __init__(self, rid: str, topics: Topics, max_bytes: int):
+    def __init__(self, rid: str, origin: str, topics: Topics, max_bytes: int):
         self.rid = rid
+        self.origin = origin
         self._topics = topics
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._bids: dict[str, Bid] = {}
         self._expected: set[str] | None = None
+        self._suspects: set[str] = set()
+        self._late: set[str] = set()   # bid after the window closed: punctual again next time
         self._open = True
-        self.complete = threading.Event()
-        self.wake = threading.Event()  # complete, or something for the orchestrator to look at
+        self.wake = threading.Event()  # something that could close the window, or a roster change
 
     def add(self, msg: Message) -> None:
-        """Bus handler for ``bid/reply/<rid>/+``."""
+        """Bus handler for ``bid/reply/<origin>/<rid>/+``."""
         parsed = self._topics.parse(msg.topic)
+        if parsed is None or parsed.origin != self.origin or parsed.rid != self.rid:
+            return
         bid = decoded(msg.topic, msg.payload, lambda p: Bid.from_payload(p, self._max_bytes), what="bid",
-                      logger=log, matches=lambda b: parsed is not None and b.rid == self.rid
-                      and b.device == parsed.device)
+                      logger=log, matches=lambda b: (b.rid, b.device, b.origin) == (self.rid, parsed.device,
+                                                                                    self.origin))
         if bid is None:
             return
         with self._lock:
-            if self._open:
-                self._bids[bid.device] = bid
-                self._check()
+            if not self._open:
+                self._late.add(bid.device)
+                return
+            self._bids[bid.device] = bid
+            if self._expected is None:
+                return
+            missing = self._expected - self._bids.keys()
+            # Wake the orchestrator only when this bid could close the window: the last
+            # one it waits for (measured: a wake-up per bid cost ~120 µs), the last of the
+            # punctual ones, or a free NPU.
+            if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free):
+                self.wake.set()
 
-    def expect(self, devices: Iterable[str]) -> set[str]:
-        """The peers that must bid for the window to close early."""
+    def expect(self, devices: Iterable[str], suspects: Iterable[str] = ()) -> set[str]:
+        """The peers that must bid for the window to close early, and those of them that
+        have been missing calls lately."""
         with self._lock:
             self._expected = set(devices)
-            self._check()
+            self._suspects = set(suspects) & self._expected
+            self.wake.set()
             return set(self._expected)
 
     def drop(self, device: str) -> None:
@@ -65,55 +100,87 @@ class BidBook:
         with self._lock:
             if self._expected is not None:
                 self._expected.discard(device)
-                self._check()
-
-    def _check(self) -> None:
-        if self._expected is not None and self._expected <= self._bids.keys():
-            self.complete.set()
-            self.wake.set()
+                self.wake.set()
 
     def poke(self) -> None:
         self.wake.set()
 
-    def missing(self) -> list[str]:
+    def view(self) -> tuple[set[str], set[str], dict[str, Bid]]:
+        """(expected, suspects, bids so far)."""
         with self._lock:
-            return sorted((self._expected or set()) - self._bids.keys())
-
-    def progress(self) -> tuple[int, int]:
-        with self._lock:
-            expected = self._expected or set()
-            return len(expected & self._bids.keys()), len(expected)
+            return set(self._expected or ()), set(self._suspects), dict(self._bids)
 
     def close(self) -> dict[str, Bid]:
         with self._lock:
             self._open = False
             return dict(self._bids)
 
+    def all_bidders(self) -> set[str]:
+        """Every device that bid, in the window or after it."""
+        with self._lock:
+            return set(self._bids) | self._late
 
-Event = tuple[Any, ...]  # ("result", Message) | ("roster", device, online)
+
+def decided(*, expected: set[str], bids: Mapping[str, Bid], may_have_free_npu: Callable[[str], bool],
+            need: str) -> bool:
+    """Whether the winner is known whatever the missing peers say: a free NPU is in and
+    none of them could offer one (or, for an NPU-only job, none of them could run it)."""
+    missing = expected - bids.keys()
+    if any(may_have_free_npu(d) for d in missing):
+        return False
+    return need == "npu" or any(b.snapshot.has_npu and b.snapshot.npu_free for b in bids.values())
+
+
+def should_close(*, expected: set[str], suspects: set[str], bids: Mapping[str, Bid], now: float, opened: float,
+                 punctual_at: float | None, decided_at: float | None) -> str | None:
+    """Why the bid window closes now, or None to keep waiting (see the module docstring).
+    ``punctual_at``: when every expected peer but the suspects had bid; ``decided_at``:
+    when the winner became known (``decided``)."""
+    missing = expected - bids.keys()
+    if not missing:
+        return "roster_complete"
+    if decided_at is not None and now >= decided_at + grace(decided_at - opened):
+        return "decided"
+    if missing <= suspects and punctual_at is not None and now >= punctual_at + grace(punctual_at - opened):
+        return "stragglers"
+    return None
+
+
+def grace(punctual_took: float) -> float:
+    """How long late bids from suspects are awaited once the punctual peers are in."""
+    return min(max(2 * punctual_took, GRACE_MIN_S), GRACE_MAX_S)
+
+
+Event = tuple[Any, ...]  # ("result", Message) | ("roster", device, online) | ("link", up, session_present)
 
 
 @dataclass
 class Inbox:
-    """Where one rid's bids and results arrive. Reserved ahead of use by a long-lived
-    orchestrator, so its auction does not wait for a SUBSCRIBE to be processed (measured:
-    ~0.4 ms of a ~1 ms auction)."""
+    """Where one rid's bids, results and link changes arrive. Reserved ahead of use by a
+    long-lived orchestrator, so its auction does not wait for a SUBSCRIBE to be processed
+    (measured: ~0.4 ms of a ~1 ms auction)."""
 
     rid: str
     bus: Bus
     book: BidBook
     events: queue.SimpleQueue[Event]
     subs: list[Subscription]
+    unlink: Callable[[], None]
 
     @classmethod
-    def open(cls, bus: Bus, topics: Topics, rid: str, max_bytes: int) -> Inbox:
+    def open(cls, bus: Bus, topics: Topics, origin: str, rid: str, max_bytes: int) -> Inbox:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        book = BidBook(rid, topics, max_bytes)
+        book = BidBook(rid, origin, topics, max_bytes)
+
+        def on_link(up: bool, session_present: bool) -> None:
+            events.put(("link", up, session_present))
+            book.poke()
+
         # Inline: both handlers are quick and never block, which saves two thread
         # hand-offs per message.
-        subs = [bus.subscribe(topics.bid_replies(rid), book.add, inline=True),
-                bus.subscribe(topics.exec_results(rid), lambda m: events.put(("result", m)), inline=True)]
-        return cls(rid, bus, book, events, subs)
+        subs = [bus.subscribe(topics.bid_replies(origin, rid), book.add, inline=True),
+                bus.subscribe(topics.results(origin, rid), lambda m: events.put(("result", m)), inline=True)]
+        return cls(rid, bus, book, events, subs, bus.on_link(on_link))
 
     def on_roster(self, device: str, online: bool) -> None:
         """Roster listener: queue the change and wake an auction that waits on bids."""
@@ -121,6 +188,7 @@ class Inbox:
         self.book.poke()
 
     def close(self) -> None:
+        self.unlink()
         for sub in self.subs:
             self.bus.unsubscribe(sub)
 
@@ -130,40 +198,93 @@ class AuctionResult:
     bids: dict[str, Bid]
     roster: tuple[str, ...]
     auction_ms: float
-    closing: str                   # roster_complete | timeout
+    closing: str                   # roster_complete | decided | stragglers | timeout
     missing: tuple[str, ...] = ()  # expected peers that did not bid
 
 
-def collect(inbox: Inbox, *, expected: Iterable[str], window_s: float, clock: Callable[[], float],
-            steady: Callable[[], bool], on_progress: Callable[[str], None]) -> AuctionResult:
-    """Wait for the bids (the call has been published); return when the window closes."""
+def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], window_s: float, need: str,
+            may_have_free_npu: Callable[[str], bool], clock: Callable[[], float], steady: Callable[[], bool],
+            resend: Callable[[], None], on_progress: Callable[[str], None],
+            interrupted: threading.Event | None = None) -> AuctionResult:
+    """Wait for the bids (the call has been published); return when the window closes.
+    ``resend`` publishes the call again (after our link came back without its session);
+    ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``."""
     book = inbox.book
     opened = clock()
-    roster = tuple(sorted(book.expect(expected)))
+    roster = tuple(sorted(book.expect(expected, suspects)))
     deadline = opened + window_s
     next_progress = opened + PROGRESS_EVERY_S
+    punctual_at: float | None = None
+    decided_at: float | None = None
     while True:
-        if book.complete.is_set():
-            closing = "roster_complete"
-            break
         now = clock()
-        if now >= deadline:
+        want, late, bids = book.view()
+        if punctual_at is None and not (want - late - bids.keys()):
+            punctual_at = now
+        if decided_at is None and decided(expected=want, bids=bids, may_have_free_npu=may_have_free_npu, need=need):
+            decided_at = now
+        closing = should_close(expected=want, suspects=late, bids=bids, now=now, opened=opened,
+                               punctual_at=punctual_at, decided_at=decided_at)
+        if closing is None and now >= deadline:
             closing = "timeout"
+        if interrupted is not None and interrupted.is_set():
+            closing = "interrupted"
+        if closing is not None:
             break
         if now >= next_progress:
-            have, want = book.progress()
-            on_progress(f"waiting for bids: {have} of {want} in, missing "
-                        f"{', '.join(book.missing())} ({deadline - now:.0f} s left)")
+            missing = sorted(want - bids.keys())
+            on_progress(f"waiting for bids: {len(want) - len(missing)} of {len(want)} in, missing "
+                        f"{', '.join(missing)} ({deadline - now:.0f} s left)")
             next_progress = now + PROGRESS_EVERY_S
-        book.wake.wait(max(0.0, min(deadline, next_progress) - now))
+        wake_at = min(deadline, next_progress)
+        for since in (punctual_at, decided_at):
+            if since is not None:
+                wake_at = min(wake_at, since + grace(since - opened))
+        book.wake.wait(max(0.0, wake_at - now))
         book.wake.clear()
-        while True:  # roster changes: a peer whose Will fired is not waited for
+        while True:  # roster and link changes
             try:
                 event = inbox.events.get_nowait()
             except queue.Empty:
                 break
             if event[0] == "roster" and not event[2] and steady():
-                book.drop(event[1])
-    missing = tuple(book.missing())
+                book.drop(event[1])  # its Will fired: not waited for
+            elif event[0] == "link" and event[1] and not event[2]:
+                resend()  # back, but the session (and the bids queued in it) is gone
+    want, _, _ = book.view()
     bids = book.close()
-    return AuctionResult(bids, roster, (clock() - opened) * 1000, closing, missing)
+    return AuctionResult(bids, roster, (clock() - opened) * 1000, closing, tuple(sorted(want - bids.keys())))
+
+
+class Stragglers:
+    """How many calls for bids in a row each device has missed, shared by every process of
+    this device through ``state_dir/stragglers.json`` (best effort: a device that cannot be
+    written to just waits longer)."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "stragglers.json"
+
+    def load(self) -> dict[str, int]:
+        try:
+            obj = json.loads(self.path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        if not isinstance(obj, dict):
+            return {}
+        return {str(d): n for d, n in obj.items() if type(n) is int and n > 0}
+
+    def suspects(self) -> set[str]:
+        return set(self.load())
+
+    def update(self, expected: Iterable[str], bids: Iterable[str]) -> None:
+        """After an auction: those who bid are punctual again, the rest missed one more."""
+        expected, bid = set(expected), set(bids)
+        before = self.load()
+        after = {d: n for d, n in before.items() if d not in bid}
+        for device in expected - bid:
+            after[device] = before.get(device, 0) + 1
+        if after != before:
+            try:
+                atomic_write(self.path, json.dumps(after, sort_keys=True).encode())
+            except StateError as exc:
+                log.warning("could not remember late peers: %s", exc)

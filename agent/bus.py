@@ -10,17 +10,31 @@ subscribed ``inline``: the auction's hot path (answer a call for bids; queue a b
 few microseconds of non-blocking work, so it runs on the network thread itself rather
 than paying two thread hand-offs per hop.
 
-Connections are MQTT 5 with ``TCP_NODELAY`` on the socket (paho leaves Nagle on, which
-costs ~40 ms a hop on loopback through delayed ACKs). A persistent client sends
-``clean_start=False`` and a ``SessionExpiryInterval`` on *every* connect, so the broker
-queues QoS 1 messages while it is away. Every subscription is re-sent after each
-connect; paho reconnects by itself with exponential backoff.
+Connections. ``TCP_NODELAY`` on the socket (paho leaves Nagle on, which costs ~40 ms a
+hop on loopback through delayed ACKs). MQTT 5 where the broker speaks it, 3.1.1 where it
+does not: with ``protocol: auto`` a broker that refuses MQTT 5 (or hangs up on its
+CONNECT) gets 3.1.1, said once. Everything MQTT 5 adds is an optimisation here: every
+id and every duration also travels in the payload. A persistent client sends
+``clean_start=False`` and a ``SessionExpiryInterval`` on *every* connect (MQTT 5; with
+3.1.1, ``clean_session=False`` and the broker's own expiry), so the broker queues QoS 1
+messages while it is away. A node tells the broker the largest packet it takes
+(``MaximumPacketSize``), so an oversized message is dropped there, not after it has
+been read into memory. Every subscription is re-sent after each connect. Reconnects
+start quickly (a fraction of a second, with jitter so a fleet does not stampede a
+restarted broker) and back off to a cap; with ``broker.failover`` they move on to the
+next address. Link listeners hear every connect and disconnect (an orchestrator must
+not conclude anything about its peers while its own link is down).
+
+Another client taking our client id — MQTT 5 says so with reason code 142, with 3.1.1
+it shows as connections dropped right after they are made — is fatal: two processes
+must never share an identity (``on_fatal``).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import secrets
 import socket
 import threading
@@ -38,7 +52,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import BrokerConfig
 from agent.credentials import read_password
-from agent.errors import BrokerUnavailable, ConfigError
+from agent.errors import AgentError, BrokerUnavailable, ConfigError, DuplicateIdentity
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,13 @@ _paho_log = logging.getLogger("agent.bus.paho")
 _paho_log.addFilter(_DropShutdownRace())
 
 _STOP = None  # on the dispatcher's queue: the dispatcher exits
+RECONNECT_FIRST_S = (0.05, 0.3)   # first retry after a drop: uniformly in this range
+SESSION_TAKEN_OVER = 142           # MQTT 5 DISCONNECT reason code
+UNSUPPORTED_PROTOCOL = (132, 1)    # MQTT 5 CONNACK reason code; 3.1.1 return code
+FLAP_WINDOW_S = 2.0                # dropped this soon after a connect ...
+FLAP_LIMIT = 4                     # ... this many times in a row: someone else has our client id
+PACKET_OVERHEAD = 4096             # topic, properties and headers on top of the payload limit
+CONNECT_ATTEMPT_S = 5.0            # the background connector's wait for one CONNACK
 
 
 @dataclass(frozen=True)
@@ -68,9 +89,11 @@ class Message:
     dup: bool = False
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    expiry_left: int | None = None   # MQTT 5: the message expiry the broker had left for it
 
 
 Handler = Callable[[Message], None]
+LinkListener = Callable[[bool, bool], None]  # (up, session_present): network thread, queue only
 # The dispatcher's queue: a message and the handlers it matched, a (re)connect (with
 # session_present), or _STOP.
 _Item = tuple[Message, list[Handler]] | tuple[bool, None] | None
@@ -100,12 +123,17 @@ class Bus:
     def __init__(self, client_id: str, broker: BrokerConfig, *, persistent: bool, sync_topic: str,
                  will: Will | None = None, name: str = "bus",
                  on_connect: Callable[[bool], None] | None = None,
-                 reconnect_max_s: int = 30):
+                 on_fatal: Callable[[AgentError], None] | None = None,
+                 reconnect_max_s: float = 5.0, max_packet_bytes: int | None = None):
         self.client_id = client_id
         self.broker = broker
         self.persistent = persistent
         self.name = name
+        self.will = will
+        self.reconnect_max_s = reconnect_max_s
+        self.max_packet_bytes = max_packet_bytes
         self._on_connect_cb = on_connect
+        self._on_fatal = on_fatal
         self._connected = threading.Event()
         self._connack = threading.Event()  # any CONNACK, success or refusal
         self.epoch = 0  # successful connects so far: a change means we were cut off meanwhile
@@ -113,68 +141,157 @@ class Bus:
         self._exact: dict[str, list[Subscription]] = {}
         self._wild = MQTTMatcher()
         self._wild_filters: dict[str, list[Subscription]] = {}
+        self._link_listeners: list[LinkListener] = []
         self._inbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._barriers: dict[bytes, threading.Event] = {}
         self.sync_topic = sync_topic  # only this client reads it: barrier() round trips
         self._dispatcher: threading.Thread | None = None
         self._started = False
         self._last_error = "no connection attempt yet"
+        self._refused = False
+        self._address = 0
+        self._failures_here = 0
+        self._connected_at = 0.0
+        self._flaps = 0
+        self._fatal: AgentError | None = None
+        self._stopping = threading.Event()
+        self._connector: threading.Thread | None = None
+        self._reasons = ""
+        self.protocol = "5" if broker.protocol in ("auto", "5") else "3.1.1"
+        self._password = read_password(broker.password_file) if broker.username else None
+        self._client = self._new_client()
+        self.subscribe(sync_topic, self._handle_sync)
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5, reconnect_on_failure=True)
+    # client -------------------------------------------------------------------------
+    def _new_client(self) -> mqtt.Client:
+        v5 = self.protocol == "5"
+        kwargs: dict[str, Any] = {} if v5 else {"clean_session": not self.persistent}
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True, **kwargs)
         client.enable_logger(_paho_log)
-        client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
+        client.reconnect_delay_set(min_delay=RECONNECT_FIRST_S[1], max_delay=self.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(10_000)
         client.on_socket_open = set_nodelay
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
-        if broker.username:
-            client.username_pw_set(broker.username, read_password(broker.password_file))
-        if broker.tls.enabled:
+        if self.broker.username:
+            client.username_pw_set(self.broker.username, self._password)
+        if self.broker.tls.enabled:
             try:
-                client.tls_set(ca_certs=broker.tls.ca_file, certfile=broker.tls.cert_file,
-                               keyfile=broker.tls.key_file)
+                client.tls_set(ca_certs=self.broker.tls.ca_file, certfile=self.broker.tls.cert_file,
+                               keyfile=self.broker.tls.key_file)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise ConfigError("broker.tls", [f"broker.tls: cannot load the TLS files: {exc}"]) from None
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client = client
-        self.subscribe(sync_topic, self._handle_sync)
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        return client
+
+    def _connect_args(self) -> dict[str, Any]:
+        host, port = self.broker.addresses[self._address]
+        args: dict[str, Any] = {"host": host, "port": port, "keepalive": self.broker.keepalive_s}
+        if self.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            if self.persistent:
+                props.SessionExpiryInterval = self.broker.session_expiry_s
+            if self.max_packet_bytes:
+                props.MaximumPacketSize = self.max_packet_bytes + PACKET_OVERHEAD
+            args.update(clean_start=not self.persistent, properties=props)
+        return args
+
+    @property
+    def address(self) -> str:
+        host, port = self.broker.addresses[self._address]
+        return f"{host}:{port}"
 
     # lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start connecting in the background; returns at once (the node's way)."""
+        """Start connecting in the background; returns at once (the node's way). Until the
+        first connection, every address (and both protocols, with auto) is tried in turn,
+        backing off to ``reconnect_max_s``; after it, paho reconnects by itself."""
         self._start_dispatcher()
-        props = Properties(PacketTypes.CONNECT)
-        if self.persistent:
-            props.SessionExpiryInterval = self.broker.session_expiry_s
-        self._client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                   clean_start=not self.persistent, properties=props)
-        self._client.loop_start()
-        self._started = True
+        self._stopping.clear()
+        self._connector = threading.Thread(target=self._connect_loop, name=f"{self.name}-connect", daemon=True)
+        self._connector.start()
+
+    def _connect_loop(self) -> None:
+        delay = RECONNECT_FIRST_S[1]
+        said = ""
+        while not self._stopping.is_set():
+            if self._connect_once(CONNECT_ATTEMPT_S):
+                return
+            if self._last_error != said:  # once per distinct reason, not once per retry
+                said = self._last_error
+                log.warning("%s: %s; retrying", self.name, self._reasons)
+            if self._stopping.wait(random.uniform(0.5, 1.0) * delay):
+                return
+            delay = min(delay * 2, self.reconnect_max_s)
 
     def connect(self, timeout: float) -> None:
-        """Connect and wait for CONNACK; raise BrokerUnavailable (the trigger's way)."""
+        """Connect and wait for CONNACK; BrokerUnavailable if that cannot be had (the
+        trigger's way). Every address and, with protocol auto, both versions are tried."""
         self._start_dispatcher()
-        self._client.connect_timeout = max(0.1, timeout)
-        props = Properties(PacketTypes.CONNECT)
-        if self.persistent:
-            props.SessionExpiryInterval = self.broker.session_expiry_s
-        try:
-            self._client.connect(self.broker.host, self.broker.port, self.broker.keepalive_s,
-                                 clean_start=not self.persistent, properties=props)
-        except (OSError, ValueError) as exc:
+        if not self._connect_once(timeout):
             self._stop_dispatcher()
-            raise BrokerUnavailable(self.broker.host, self.broker.port, _describe(exc)) from None
+            host, port = self.broker.addresses[0]
+            raise BrokerUnavailable(host, port, self._reasons, refused=self._refused)
+
+    def _connect_once(self, timeout: float) -> bool:
+        """One round over the addresses (and protocols); True once connected."""
+        deadline = time.monotonic() + timeout
+        reasons = []
+        self._address = 0
+        for _ in range(2 * len(self.broker.addresses)):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping.is_set():
+                break
+            if self._try_connect(left):
+                return True
+            reasons.append(f"{self.address}: {self._last_error}" if len(self.broker.addresses) > 1
+                           else self._last_error)
+            if self._unsupported_protocol() and self._fall_back_to_311():
+                continue
+            if self._address + 1 < len(self.broker.addresses):
+                self._address += 1
+                self._client = self._new_client()
+                continue
+            break
+        self._reasons = "; ".join(reasons) or f"no answer within {timeout:g} s"
+        return False
+
+    def _try_connect(self, timeout: float) -> bool:
+        self._connack.clear()
+        self._refused = False
+        self._client.connect_timeout = max(0.1, timeout)
+        try:
+            self._client.connect(**self._connect_args())
+        except (OSError, ValueError) as exc:
+            self._last_error = _describe(exc)
+            return False
         self._client.loop_start()
         self._started = True
-        self._connack.wait(timeout)
-        if not self._connected.is_set():
-            reason = self._last_error if self._connack.is_set() else f"no answer within {timeout:g} s"
-            self.stop()
-            raise BrokerUnavailable(self.broker.host, self.broker.port, reason)
+        if not self._connack.wait(timeout) and not self._last_error.startswith("disconnected"):
+            self._last_error = f"no answer within {timeout:g} s"
+        if self._connected.is_set():
+            return True
+        self._started = False
+        self._client.disconnect()
+        self._client.loop_stop()
+        return False
+
+    def _unsupported_protocol(self) -> bool:
+        return self.protocol == "5" and self.broker.protocol == "auto" and (
+            "nsupported protocol" in self._last_error or "hung up" in self._last_error)
+
+    def _fall_back_to_311(self) -> bool:
+        if self.protocol != "5" or self.broker.protocol != "auto":
+            return False
+        log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name, self.address,
+                    self._last_error)
+        self.protocol = "3.1.1"
+        self._client = self._new_client()
+        return True
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -189,6 +306,9 @@ class Bus:
 
         ``end_session`` tells the broker to drop our persistent session now rather than keep
         it for its expiry interval (a finished trigger has nothing more to receive)."""
+        self._stopping.set()
+        if self._connector is not None and self._connector is not threading.current_thread():
+            self._connector.join(timeout=CONNECT_ATTEMPT_S + 1)
         if self._started:
             self._started = False  # from here on a disconnect is ours, not a lost broker
             infos = []
@@ -202,7 +322,7 @@ class Bus:
                 except (RuntimeError, ValueError):
                     pass
             props = None
-            if end_session and self.persistent:
+            if end_session and self.persistent and self.protocol == "5":
                 props = Properties(PacketTypes.DISCONNECT)
                 props.SessionExpiryInterval = 0
             self._client.disconnect(properties=props)
@@ -244,15 +364,29 @@ class Bus:
         if last and self._connected.is_set():
             self._client.unsubscribe(sub.topic_filter)
 
+    def on_link(self, listener: LinkListener) -> Callable[[], None]:
+        """Call ``listener(up, session_present)`` on every connect and disconnect (on the
+        network thread: it must only queue). Returns a function that removes it."""
+        with self._lock:
+            self._link_listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._link_listeners:
+                    self._link_listeners.remove(listener)
+        return remove
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry_s: float | None = None, response_topic: str | None = None,
                 correlation_data: bytes | None = None) -> None:
-        """Queue a message; with QoS 1 paho keeps it and resends it after a reconnect."""
+        """Queue a message; with QoS 1 paho keeps it and resends it after a reconnect.
+        The MQTT 5 properties are dropped on a 3.1.1 connection (their meaning is in the
+        payload too)."""
         props = None
-        if expiry_s is not None or response_topic or correlation_data:
+        if self.protocol == "5" and (expiry_s is not None or response_topic or correlation_data):
             props = Properties(PacketTypes.PUBLISH)
             if expiry_s is not None:
-                props.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+                props.MessageExpiryInterval = expiry_interval(expiry_s)
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation_data:
@@ -279,36 +413,92 @@ class Bus:
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                         reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
-            self._last_error = f"broker refused the connection: {reason}"
-            log.warning("%s: %s", self.name, self._last_error)
+            self._refused = True
+            self._last_error = f"refused the connection: {reason}"
+            if reason.value in UNSUPPORTED_PROTOCOL:
+                self._last_error = f"refused the connection: unsupported protocol version ({reason})"
             self._connack.set()
             return
         with self._lock:
             filters = [(f, subs[0].qos) for f, subs in {**self._exact, **self._wild_filters}.items() if subs]
+            listeners = list(self._link_listeners)
         if filters:
             client.subscribe(filters)
-        log.info("%s: connected to %s:%d as %s (session %s)", self.name, self.broker.host,
-                 self.broker.port, self.client_id, "resumed" if flags.session_present else "new")
+        log.info("%s: connected to %s as %s (MQTT %s, session %s)", self.name, self.address, self.client_id,
+                 self.protocol, "resumed" if flags.session_present else "new")
         self.epoch += 1
+        self._failures_here = 0
+        self._connected_at = time.monotonic()
         self._connected.set()
         self._connack.set()
+        for listener in listeners:
+            self._run_listener(listener, True, bool(flags.session_present))
         if self._on_connect_cb is not None:
             self._inbox.put((bool(flags.session_present), None))
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        # paho retries with exponential backoff (1 s up to reconnect_max_s): one line each.
         self._last_error = "connection failed"
-        log.warning("%s: cannot reach the broker at %s:%d; retrying", self.name, self.broker.host,
-                    self.broker.port)
+        self._failures_here += 1
+        if self._failures_here == 1:
+            log.warning("%s: cannot reach the broker at %s; retrying", self.name, self.address)
+        self._next_address_if_stuck()
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object,
                            flags: mqtt.DisconnectFlags, reason: ReasonCode,
                            properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        self._last_error = f"disconnected: {reason}"
-        if was and self._started:
-            log.warning("%s: lost the broker (%s); reconnecting", self.name, reason)
+        if not self._connack.is_set():
+            self._last_error = "the broker hung up before answering the CONNECT"
+            self._connack.set()
+        else:
+            self._last_error = f"disconnected: {reason}"
+        if not (was and self._started):
+            return
+        with self._lock:
+            listeners = list(self._link_listeners)
+        for listener in listeners:
+            self._run_listener(listener, False, False)
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._fail(DuplicateIdentity(self.client_id, "the broker gave our session to a new connection "
+                                                         "with the same client id"))
+            return
+        quick = time.monotonic() - self._connected_at < FLAP_WINDOW_S
+        self._flaps = self._flaps + 1 if quick else 0
+        if self._flaps >= FLAP_LIMIT:
+            self._fail(DuplicateIdentity(self.client_id, f"the broker dropped us {self._flaps} times right after "
+                                                         "connecting, as it does when two clients share an id"))
+            return
+        log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
+        # A quick first retry with jitter, so a restarted broker is back in use at once
+        # without every device of the fleet arriving in the same millisecond.
+        client.reconnect_delay_set(min_delay=random.uniform(*RECONNECT_FIRST_S),  # type: ignore[arg-type]
+                                   max_delay=self.reconnect_max_s)  # type: ignore[arg-type]
+
+    def _next_address_if_stuck(self) -> None:
+        if len(self.broker.addresses) > 1 and self._failures_here >= 2:
+            self._address = (self._address + 1) % len(self.broker.addresses)
+            self._failures_here = 0
+            log.warning("%s: trying the next broker address, %s", self.name, self.address)
+            self._client.connect_async(**self._connect_args())
+
+    def _fail(self, error: AgentError) -> None:
+        if self._fatal is not None:
+            return
+        self._fatal = error
+        log.error("%s: %s", self.name, error)
+        if self._on_fatal is not None:
+            threading.Thread(target=self._on_fatal, args=(error,), name=f"{self.name}-fatal", daemon=True).start()
+
+    @property
+    def fatal(self) -> AgentError | None:
+        return self._fatal
+
+    def _run_listener(self, listener: LinkListener, up: bool, session_present: bool) -> None:
+        try:
+            listener(up, session_present)
+        except Exception:
+            log.exception("%s: link listener failed", self.name)
 
     def _handle_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -317,6 +507,7 @@ class Bus:
             dup=bool(msg.dup),
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
+            expiry_left=getattr(props, "MessageExpiryInterval", None) if props else None,
         )
         # Matched once, here: the dispatcher runs the handlers subscribed when it arrived.
         queued = []
@@ -374,6 +565,11 @@ class Bus:
             fn(arg)
         except Exception:  # a handler's bug must not stop the dispatcher
             log.exception("%s: handler %r failed on %r", self.name, fn, getattr(arg, "topic", arg))
+
+
+def expiry_interval(seconds: float) -> int:
+    """The MQTT 5 message expiry (whole seconds, at least one) for a lifetime in seconds."""
+    return max(1, int(seconds + 0.999))
 
 
 def set_nodelay(client: mqtt.Client, userdata: object, sock: Any) -> None:

@@ -64,7 +64,11 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--device-id", metavar="ID", default=d,
                         help="override device_id (also AGENT_DEVICE_ID)")
     parser.add_argument("-v", "--verbose", action="count", default=d if suppress else 0,
-                        help="more logging (-vv for debug)")
+                        help="more logging (-vv for debug, -vvv with the MQTT library's own lines)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d,
+                        help="the node's log level (default: log.level in the config, info)")
+    parser.add_argument("--log-json", action="store_true", default=d if suppress else False,
+                        help="log one JSON object per line (also log.json in the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     node = sub.add_parser("node", help="run the node daemon (presence, metrics, bids, execution)",
-                          description="Run the node daemon until SIGINT/SIGTERM.")
+                          description="Run the node daemon. SIGTERM (or Ctrl-C) drains: no new work, "
+                                      "running jobs get drain_s to finish; a second signal stops at once.",
+                          epilog="Exit codes: 0 stopped cleanly, 2 config error, unusable state_dir, or "
+                                 "another node already connected with this device_id.")
     _common(node, suppress=True)
 
     trig = sub.add_parser("trigger", help="run one prompt on the best device and print the answer",
@@ -125,11 +132,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         parser.print_help(err)
         return ExitCode.USAGE
     verbosity = args.verbose or 0
-    _setup_logging(verbosity, daemon=command == "node")
+    _setup_logging(None, args, verbosity, command)
     try:
         cfg = _load(args)
+        _setup_logging(cfg, args, verbosity, command)
         if command == "node":
-            return _node(cfg)
+            return _node(cfg, err)
         if command == "trigger":
             return _trigger(cfg, args, out, err)
         return _status(cfg, args, out, err)
@@ -158,34 +166,63 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, flags=flags)
 
 
-def _setup_logging(verbosity: int, *, daemon: bool) -> None:
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO if (verbosity or daemon) else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("agent.bus.paho").setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)
+def _setup_logging(cfg: Config | None, args: argparse.Namespace, verbosity: int, command: str) -> None:
+    """The node logs at its configured level (``log.level``, or ``--log-level``); a command
+    says only warnings unless -v. -vv is debug everywhere, -vvv adds paho's own lines."""
+    from agent import logs
+
+    level = (getattr(args, "log_level", None) or (cfg.log.level if cfg else "info")) if command == "node" else "warning"
+    if verbosity:
+        level = "debug" if verbosity >= 2 else ("info" if level in ("warning", "error") else level)
+    json_lines = bool(getattr(args, "log_json", False) or (cfg is not None and cfg.log.json))
+    logs.setup(level, json_lines=json_lines, paho_debug=verbosity >= 3)
 
 
 # ---------------------------------------------------------------------------- node
 
 
-def _node(cfg: Config) -> int:
+def _node(cfg: Config, err: TextIO) -> int:
+    """Run until SIGINT/SIGTERM. The first signal drains (no new work; running jobs get
+    ``drain_s`` to finish), a second one stops at once. Another node with our device_id
+    ends it with exit 2."""
     from agent.node import Node
 
-    node = Node(cfg)
     stop = threading.Event()
+    fatal: list[AgentError] = []
+    signals: list[int] = []
 
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+    def on_fatal(error: AgentError) -> None:
+        fatal.append(error)
         stop.set()
 
+    def on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            log.info("received %s: finishing running jobs (up to %g s); send it again to stop at once",
+                     signal.Signals(signum).name, cfg.drain_s)
+        else:
+            log.warning("received %s again: stopping now", signal.Signals(signum).name)
+        stop.set()
+
+    node = Node(cfg, on_fatal=on_fatal)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         node.start()
         while not stop.wait(3600):
             pass
+        if signals and not fatal:
+            stop.clear()
+            drained = threading.Thread(target=node.drain, args=(cfg.drain_s,), name="drain", daemon=True)
+            drained.start()
+            while drained.is_alive() and len(signals) < 2:
+                drained.join(0.2)
     finally:
         node.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if fatal:
+        print(f"error: {fatal[0]}", file=err)
+        return fatal[0].exit_code
     return ExitCode.OK
 
 
@@ -220,9 +257,9 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     from agent.fleet import Fleet
     from agent.locks import CpuSlots
     from agent.metrics import HostSampler, snapshot
-    from agent.node import UNKNOWN_JOB_S
     from agent.orchestrator import Orchestrator
     from agent.outcome import Decided
+    from agent.servicemodel import UNKNOWN_JOB_S
 
     prompt = _read_prompt(args)
     if args.bid_timeout is not None:
@@ -265,11 +302,25 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
                         arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=on_token,
                         on_decision=on_decision, on_progress=on_progress)
+    # Ctrl-C or SIGTERM: the job in flight is cancelled on its device, then we exit 130/143.
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if caught:
+            raise KeyboardInterrupt  # a second one: leave now
+        caught.append(signum)
+        orch.interrupt()
+
+    handlers = _install_signals(on_signal)
     try:
         result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run)
     finally:
+        _restore_signals(handlers)
         for fleet in fleets:
             fleet.close()
+    if caught:
+        print(f"\n✗ {result.error or 'interrupted'}", file=err)
+        return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
 
     for warning in result.warnings:
         print(f"warning: {warning}", file=err)
@@ -293,6 +344,18 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     if not result.ok:
         print(f"✗ {result.error}", file=err)
     return result.exit_code
+
+
+def _install_signals(handler: Any) -> dict[int, Any]:
+    """Our SIGINT/SIGTERM handler, if we are the main thread (tests call main() from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 def _arm_store(cfg: Config) -> Any:

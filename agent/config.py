@@ -24,9 +24,12 @@ from agent.topics import ID_HINT, ID_RE, is_id
 
 # Bigger than any sensible setting, small enough to stay exact as a float.
 MAX_NUMBER = 1e12
-# MQTT topic levels must not contain wildcards; a prefix is a run of whole levels.
-TOPIC_PREFIX_RE = re.compile(r"([A-Za-z0-9_.-]+/)*")
+# A prefix is a run of whole topic levels from the characters every tested broker takes
+# in a topic (NATS maps "." to its own separator and drops the connection on one).
+TOPIC_PREFIX_RE = re.compile(r"([A-Za-z0-9_-]+/)*")
 EXECUTOR_KINDS = ("genie", "command", "openai", "sim")
+PROTOCOLS = ("auto", "5", "3.1.1")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 POLICIES = ("linucb", "least_backlog", "jsq", "round_robin", "random")
 CHAT_TEMPLATES = ("raw", "llama3", "chatml")
 
@@ -54,6 +57,15 @@ class BrokerConfig:
     # after it disconnects: long enough to ride out a reboot, short enough to forget a
     # device that was retired.
     session_expiry_s: int = 3600
+    # MQTT version: "auto" tries 5 and falls back to 3.1.1 when the broker refuses it.
+    protocol: str = "auto"
+    # Other members of a broker cluster, "host:port", tried in turn when the current one
+    # cannot be reached (a NATS/EMQX/VerneMQ cluster with an MQTT listener on each node).
+    failover: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.failover)
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,12 @@ class TriggersConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"      # debug | info | warning | error (the node; trigger says less unless -v)
+    json: bool = False       # one JSON object per line, for journald/Loki/Elastic
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -172,6 +190,9 @@ class Config:
     auction: AuctionConfig = field(default_factory=AuctionConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # On SIGTERM a node stops taking work and lets what it runs finish, for up to this long.
+    drain_s: float = 30.0
     source: str = "<defaults>"
 
 
@@ -305,6 +326,8 @@ def _parse_broker(s: _Section) -> BrokerConfig:
         tls=_parse_tls(s.sub("tls")),
         keepalive_s=s.number("keepalive_s", 5, minimum=1, maximum=65535, integer=True),
         session_expiry_s=s.number("session_expiry_s", 3600, minimum=0, maximum=2**32 - 1, integer=True),
+        protocol=s.string("protocol", "auto", choices=PROTOCOLS) or "auto",
+        failover=_addresses(s, "failover"),
     )
     if cfg.password_file is not None and cfg.username is None:
         s.problem("password_file", "needs username")
@@ -313,6 +336,23 @@ def _parse_broker(s: _Section) -> BrokerConfig:
         s.problem("password_file", problem)
     s.finish()
     return cfg
+
+
+def _addresses(s: _Section, key: str) -> tuple[tuple[str, int], ...]:
+    raw = s.raw(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        s.problem(key, f"must be a list of \"host:port\", got {_type_name(raw)}")
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            s.problem(f"{key}[{i}]", f"must be \"host:port\", got {item!r}")
+            continue
+        out.append((host, int(port)))
+    return tuple(out)
 
 
 def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> ExecutorConfig:
@@ -383,7 +423,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     device_id = top.string("device_id", None, pattern=ID_RE, hint=ID_HINT)
     broker = _parse_broker(top.sub("broker"))
     topic_prefix = top.string("topic_prefix", "", pattern=TOPIC_PREFIX_RE,
-                              hint="whole topic levels ending in '/', no wildcards") or ""
+                              hint="whole topic levels of A-Z a-z 0-9 _ -, each ending in '/'") or ""
     state_dir = top.string("state_dir", None)
     metrics_interval_s = float(top.number("metrics_interval_s", 10.0, minimum=0.1))
     max_payload = top.number("max_payload_bytes", DEFAULT_MAX_BYTES, minimum=4096,
@@ -432,6 +472,12 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     triggers = TriggersConfig(workers=trig_s.number("workers", 4, minimum=1, maximum=256, integer=True),
                               max_waiting=trig_s.number("max_waiting", 32, minimum=0, maximum=100_000, integer=True))
     trig_s.finish()
+
+    log_s = top.sub("log")
+    log_cfg = LogConfig(level=log_s.string("level", "info", choices=LOG_LEVELS) or "info",
+                        json=log_s.boolean("json", False))
+    log_s.finish()
+    drain_s = float(top.number("drain_s", 30.0, minimum=0, maximum=86400))
     top.finish()
 
     # Environment, then flags, override the file.
@@ -474,7 +520,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
                   state_dir=resolved_state, metrics_interval_s=metrics_interval_s,
                   max_payload_bytes=max_payload, npu=npu, cpu=cpu, auction=auction,
-                  homeassistant=ha, triggers=triggers, source=source)
+                  homeassistant=ha, triggers=triggers, log=log_cfg, drain_s=drain_s, source=source)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,

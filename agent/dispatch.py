@@ -2,25 +2,31 @@
 
 Theory of operation. ``DispatchState`` is a pure state machine (the ``ATTEMPT`` table in
 ``agent.fsm``) with a fake-able clock: the orchestrator feeds it the result events of the
-job, the roster changes of the device it chose, and clock ticks, and it answers with a
-``Step``: tokens to stream, whether to announce the winner, whether to cancel the job on
-the device, and a verdict:
+job, the chosen device's presence, the state of its own link to the broker, and clock
+ticks, and it answers with a ``Step``: tokens to stream, whether to announce the winner,
+whether to (re)send the job or cancel it on the device, a progress line, and a verdict:
 
 - ``continue``: keep waiting (``deadline`` says until when at most);
 - ``next``: this device will not run it; try the runner-up under the same rid;
 - ``finished``: the answer (or a failure that must not be retried) is in ``answer``.
 
 Rules, each one a line below:
-- a ``declined``, no ``accepted`` within ``accept_timeout_s``, or a winner that goes
-  offline before any token: ``next`` (with a cancel, so a copy the device's session still
-  holds never runs later);
-- a winner going offline is acted on at once only when our own link is steady (one
-  broker round trip works) and there is a runner-up; otherwise it gets
-  ``accept_timeout_s`` to come back, since a broker restart makes everyone look offline;
-- after a token has streamed, nothing is ever re-run elsewhere: a failure is reported
-  with the partial text;
-- redelivered tokens (same ``seq``) are streamed once; events from any other device
-  than the one chosen are ignored.
+- a ``declined``, or no ``accepted`` within ``accept_timeout_s`` while our link is up:
+  ``next``, with a cancel, so a copy the device's session still holds never runs later;
+- a winner that goes offline while our own link is sound (one broker round trip works,
+  so it is not a broker restart) and before any token: ``next`` at once if there is a
+  runner-up;
+- nothing is concluded while our own link is down: a broker restart makes everyone look
+  offline. When the link is back the job is sent again (the node attaches to the run or
+  replays the recorded answer: it never runs twice), and a winner still offline gets
+  ``accept_timeout_s`` to come back;
+- with no runner-up the job is never failed over to nobody: the winner is waited for
+  until the job's deadline, with progress shown;
+- after a token has streamed, nothing is ever re-run elsewhere: a winner gone for good
+  is a failure with the partial text;
+- at the job's deadline it is a timeout, whatever else is going on;
+- redelivered tokens (same ``seq``) are streamed once; events from any other device than
+  the one chosen, or for another job under our rid (its digest differs), are ignored.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Step:
     verdict: str = "continue"          # continue | next | finished
     tokens: tuple[str, ...] = ()       # new text to stream, in order
     announce: bool = False             # the winner has answered: say who it is (once)
+    send: bool = False                 # (re)send the job (after our link or the winner came back)
     cancel: str | None = None          # tell the device to drop the job, with this reason
     outcome: str | None = None         # for the attempts list: "done", "declined: npu_busy", …
     answer: Answer | None = None       # with verdict finished
@@ -63,18 +70,22 @@ class DispatchState:
     """The orchestrator's side of one job on one device."""
 
     def __init__(self, rid: str, device: str, now: float, *, accept_timeout_s: float,
-                 job_timeout_s: float, last: bool):
+                 job_timeout_s: float, last: bool, digest: str = ""):
         self.rid = rid
         self.device = device
+        self.digest = digest                 # of the job we sent (messages.Job.digest)
         self.accept_timeout_s = accept_timeout_s
+        self.job_timeout_s = job_timeout_s
+        self.last = last                     # no runner-up: never give up on it for nothing
         self.fsm = Machine(f"attempt {rid} on {device}", ATTEMPT, "dispatched")
         self.accept_deadline = now + accept_timeout_s
         self.job_deadline = now + job_timeout_s
-        self.job_timeout_s = job_timeout_s
-        self.last = last                     # no runner-up: never give up on it for nothing
         self.streamed: dict[int, str] = {}
         self.announced = False
-        self.gone_until: float | None = None  # offline: when we stop waiting for it
+        self.link_up = True                  # our own connection to the broker
+        self.winner_online = True
+        self.offline_since: float | None = None
+        self.grace_until: float | None = None  # a vanished winner is given until then
 
     # ------------------------------------------------------------------ queries
     @property
@@ -94,15 +105,24 @@ class DispatchState:
     @property
     def deadline(self) -> float:
         """The latest time ``on_tick`` must be called."""
-        if self.gone_until is not None:
-            return min(self.job_deadline, self.gone_until)
-        return self.accept_deadline if self.state == "dispatched" else self.job_deadline
+        deadline = self.job_deadline
+        if self.grace_until is not None:
+            deadline = min(deadline, self.grace_until)
+        if self._awaiting_accept:
+            deadline = min(deadline, self.accept_deadline)
+        return deadline
+
+    @property
+    def _awaiting_accept(self) -> bool:
+        return self.state == "dispatched" and self.link_up and self.winner_online and not self.last
 
     # ------------------------------------------------------------------ inputs
     def on_result(self, ev: ResultEvent, now: float) -> Step:
         if ev.device != self.device or ev.rid != self.rid:
             return CONTINUE  # not ours: another device's (or another job's) event
-        self.gone_until = None  # whatever the roster says, it is talking to us
+        if isinstance(ev, (Accepted, Done)) and self.digest and ev.digest and ev.digest != self.digest:
+            return CONTINUE  # the device is running some other job under our rid: not our answer
+        self._heard_from(now)
         if isinstance(ev, Declined):
             if self.state != "dispatched":
                 return CONTINUE  # a stale decline of an earlier copy
@@ -135,34 +155,84 @@ class DispatchState:
         """The chosen device's availability changed. ``steady()`` asks whether our own link
         to the broker is sound (a round trip); it is called only when the answer matters."""
         if online:
-            self.gone_until = None  # it is back
+            was_gone = not self.winner_online
+            self._heard_from(now)
+            # Back from a blink or a broker restart: its session may have lost the job.
+            return Step(send=was_gone and not self.done)
+        if not self.winner_online:
             return CONTINUE
-        if self.gone_until is not None:
+        self.winner_online = False
+        self.offline_since = now
+        if not self.link_up:
+            return CONTINUE  # we are cut off too: nothing to conclude until we are back
+        if not steady():
+            self.link_up = False  # the broker is going away; on_link(True) resumes
+            return Step(progress=f"{self.device} and this device lost the broker; waiting for it to come back")
+        if not self.streamed and not self.last:
+            return self._passed("went offline")  # it died, and someone else can run it
+        return self._wait_for_return(now)
+
+    def on_link(self, up: bool, now: float) -> Step:
+        """Our own connection to the broker went down, or came back."""
+        if not up:
+            self.link_up = False
+            self.grace_until = None
             return CONTINUE
-        if not self.last and steady():
-            self.gone_until = now  # it died, and someone else can run it: act now
-            return self.on_tick(now)
-        self.gone_until = now + self.accept_timeout_s
-        return Step(progress=f"{self.device} went offline; giving it {self.accept_timeout_s:g} s to come back")
+        if self.link_up:
+            return CONTINUE
+        self.link_up = True
+        self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
+        step = Step(send=not self.done, progress="reconnected to the broker; sending the job again")
+        if not self.winner_online:
+            self.grace_until = now + self.accept_timeout_s
+        return step
 
     def on_tick(self, now: float) -> Step:
-        if self.gone_until is not None and now >= self.gone_until:
-            self.fsm.fire("winner_offline")
-            if self.state == "passed":
-                return Step("next", cancel="went offline; failed over", outcome="went offline")
-            answer = Answer(False, ExitCode.FAILED, self.text,
-                            f"{self.device} went offline after streaming part of the answer")
-            return Step("finished", cancel="went offline while streaming",
-                        outcome="went offline while streaming", answer=answer)
-        if self.gone_until is not None or now < self.deadline:
+        if self.done:
             return CONTINUE
-        if self.state == "dispatched":
-            self.fsm.fire("accept_timeout")
-            return Step("next", cancel="no accept in time", outcome="no answer")
-        self.fsm.fire("timeout")
-        answer = Answer(False, ExitCode.TIMEOUT, self.text,
-                        f"{self.device} did not finish within {self.job_timeout_s:g} s")
-        return Step("finished", outcome="timed out", answer=answer)
+        if now >= self.job_deadline:
+            self.fsm.fire("timeout")
+            gone = "" if self.winner_online else " (offline since then)"
+            answer = Answer(False, ExitCode.TIMEOUT, self.text,
+                            f"{self.device} did not finish within {self.job_timeout_s:g} s{gone}")
+            return Step("finished", cancel="timed out", outcome="timed out", answer=answer)
+        if self.grace_until is not None and now >= self.grace_until:
+            self.grace_until = None
+            if self.streamed:
+                self.fsm.fire("winner_offline")
+                answer = Answer(False, ExitCode.FAILED, self.text,
+                                f"{self.device} went offline after streaming part of the answer")
+                return Step("finished", cancel="went offline while streaming", outcome="went offline while streaming",
+                            answer=answer)
+            if not self.last:
+                return self._passed("went offline")
+            return self._wait_for_return(now)
+        if self._awaiting_accept and now >= self.accept_deadline:
+            return self._passed("no answer", event="accept_timeout", cancel="no accept in time")
+        return CONTINUE
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def done(self) -> bool:
+        return self.state in ("done", "failed", "passed")
+
+    def _heard_from(self, now: float) -> None:
+        self.winner_online = True
+        self.offline_since = None
+        self.grace_until = None
+
+    def _passed(self, outcome: str, *, event: str = "winner_offline", cancel: str = "went offline; failed over"
+                ) -> Step:
+        self.fsm.fire(event)
+        return Step("next", cancel=cancel, outcome=outcome)
+
+    def _wait_for_return(self, now: float) -> Step:
+        if self.streamed:
+            self.grace_until = now + self.accept_timeout_s
+            return Step(progress=f"{self.device} went offline; giving it {self.accept_timeout_s:g} s to come back")
+        left = self.job_deadline - now
+        return Step(progress=f"{self.device} is offline and no other device can run this job; waiting for it "
+                             f"to come back ({left:.0f} s left)")
 
     def _announce(self) -> bool:
         first = not self.announced

@@ -23,16 +23,19 @@ SYNC_TIMEOUT_S = 3.0
 # A trigger keeps its session at the broker this much longer than its job can live, so a
 # broker restart mid-job keeps its results queued while it reconnects.
 SESSION_SLACK_S = 60
+# A short-lived client waiting on an answer retries the broker at least this often.
+TRIGGER_RECONNECT_MAX_S = 2.0
 
 
 class Fleet:
     """What an orchestration needs from the broker: publish, subscribe, the live roster."""
 
-    def __init__(self, bus: Bus, topics: Topics, me: str):
+    def __init__(self, bus: Bus, topics: Topics, me: str, *, max_bytes: int = 256 * 1024):
         self.bus = bus
         self.topics = topics
-        self.roster = Roster(topics, me)
+        self.roster = Roster(topics, me, max_bytes=max_bytes)
         bus.subscribe(topics.all_availability(), self.roster.handle)
+        bus.subscribe(topics.all_metrics(), self.roster.handle_metrics)
         self._synced = False
         self._lock = threading.Lock()
 
@@ -46,8 +49,9 @@ class Fleet:
         nonce = new_nonce()
         lifetime = int(cfg.auction.bid_timeout_s + cfg.auction.job_timeout_s) + SESSION_SLACK_S
         bus = Bus(f"{cfg.device_id}-{role}-{nonce}", replace(cfg.broker, session_expiry_s=lifetime),
-                  persistent=True, name=role, sync_topic=topics.sync(cfg.device_id, nonce))
-        fleet = cls(bus, topics, cfg.device_id)
+                  persistent=True, name=role, sync_topic=topics.sync(cfg.device_id, nonce),
+                  reconnect_max_s=TRIGGER_RECONNECT_MAX_S)
+        fleet = cls(bus, topics, cfg.device_id, max_bytes=cfg.max_payload_bytes)
         bus.connect(timeout)
         return fleet  # the orchestrator syncs once its own subscriptions are in place
 

@@ -22,6 +22,9 @@ ORCHESTRATION: Mapping[tuple[str, str], str] = {
     ("collecting", "bid"): "collecting",
     ("collecting", "roster_complete"): "closed",
     ("collecting", "timeout"): "closed",
+    ("collecting", "decided"): "closed",      # a free NPU bid and no other NPU can still bid
+    ("collecting", "stragglers"): "closed",   # only peers that missed recent calls are missing
+    ("collecting", "interrupted"): "failed",  # Ctrl-C before anything was sent
     ("closed", "dispatch"): "dispatched",
     ("closed", "run_local"): "running_local",
     ("closed", "no_candidate"): "failed",
@@ -41,6 +44,7 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("dispatched", "declined"): "passed",
     ("dispatched", "accept_timeout"): "passed",
     ("dispatched", "winner_offline"): "passed",
+    ("dispatched", "timeout"): "failed",      # no runner-up, and it never answered
     ("running", "accepted"): "running",       # a redelivered accept
     ("running", "token"): "streaming",
     ("running", "done"): "done",

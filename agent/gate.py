@@ -73,6 +73,17 @@ class Gate(Generic[T]):
             self._cond.notify()
         return depth
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing runs or waits (a draining node); False if time ran out."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            while self._waiting or self._running:
+                left = deadline - self._clock()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
     def stop(self, timeout: float = 5.0) -> None:
         """No more work is taken; waits up to ``timeout`` for the workers to return."""
         with self._cond:
@@ -98,3 +109,4 @@ class Gate(Generic[T]):
             finally:
                 with self._cond:
                     del self._running[slot]
+                    self._cond.notify_all()

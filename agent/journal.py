@@ -1,8 +1,9 @@
 """Completed request ids, remembered on disk so a redelivered job is never run twice.
 
 An append-only JSON-lines file under ``state_dir``: one line per finished rid with the
-final result event to send again. Entries older than the TTL are forgotten; the file is
-rewritten (``statefiles.atomic_write``) when it holds twice as many lines as live entries.
+digest of the job and the final result event to send again. Entries older than the TTL
+are forgotten; the file is rewritten (``statefiles.atomic_write``) when it holds twice as
+many lines as live entries. The file is 0600: it keeps answers for a day.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.errors import StateError
 from agent.statefiles import append_line, atomic_write, describe
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 24 * 3600
 
 
+class Recorded(NamedTuple):
+    digest: str       # of the job that ran (messages.Job.digest)
+    payload: bytes    # its final result event, as sent
+
+
 class Journal:
     def __init__(self, state_dir: Path, ttl_s: float = DEFAULT_TTL_S,
                  clock: Callable[[], float] = time.time):
@@ -29,7 +36,7 @@ class Journal:
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._entries: dict[str, tuple[float, Recorded]] = {}
         self._lines = 0
         self._load()
 
@@ -45,27 +52,30 @@ class Journal:
         for line in lines:
             try:
                 obj = json.loads(line)
-                rid, ts, payload = obj["rid"], float(obj["ts"]), obj["result"].encode("utf-8")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                bad += 1  # a torn last line after a crash; the rest is intact
+                rid, ts = str(obj["rid"]), float(obj["ts"])
+                entry = Recorded(str(obj["digest"]), obj["result"].encode("utf-8"))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                bad += 1  # a torn last line after a crash (or an older format); the rest is intact
                 continue
             if ts >= cutoff:
-                self._entries[rid] = (ts, payload)
+                self._entries[rid] = (ts, entry)
         self._lines = len(lines)
         if bad:
             log.warning("journal %s: skipped %d unreadable line(s)", self.path, bad)
 
-    def get(self, rid: str) -> bytes | None:
+    def get(self, rid: str) -> Recorded | None:
         with self._lock:
             entry = self._entries.get(rid)
         return entry[1] if entry else None
 
-    def record(self, rid: str, result_payload: bytes) -> None:
-        """Remember a finished rid's final event; StateError if it cannot be written."""
+    def record(self, rid: str, digest: str, result_payload: bytes) -> None:
+        """Remember a finished rid's final event; StateError if it cannot be written (the
+        entry is then still answered from memory until this process ends)."""
         now = self._clock()
+        entry = Recorded(digest, result_payload)
         with self._lock:
-            self._entries[rid] = (now, result_payload)
-            append_line(self.path, _line(rid, now, result_payload))
+            self._entries[rid] = (now, entry)
+            append_line(self.path, _line(rid, now, entry))
             self._lines += 1
             if self._lines % 64 == 0:
                 cutoff = now - self.ttl_s
@@ -74,11 +84,10 @@ class Journal:
                 self._compact()
 
     def _compact(self) -> None:
-        atomic_write(self.path, b"".join(_line(rid, ts, payload)
-                                         for rid, (ts, payload) in self._entries.items()))
+        atomic_write(self.path, b"".join(_line(rid, ts, entry) for rid, (ts, entry) in self._entries.items()))
         self._lines = len(self._entries)
 
 
-def _line(rid: str, ts: float, payload: bytes) -> bytes:
-    return (json.dumps({"rid": rid, "ts": ts, "result": payload.decode("utf-8")},
+def _line(rid: str, ts: float, entry: Recorded) -> bytes:
+    return (json.dumps({"rid": rid, "ts": ts, "digest": entry.digest, "result": entry.payload.decode("utf-8")},
                        separators=(",", ":")) + "\n").encode("utf-8")

@@ -1,25 +1,31 @@
 """What a node does with each job it is sent: the exactly-once rules, without any I/O.
 
-Theory of operation. Delivery is at-least-once (QoS 1, persistent sessions), so the same
-job can arrive several times, before, during or after its run, and after a restart.
-``JobLedger.receive(job, now)`` answers each arrival with one verdict:
+Theory of operation. Delivery is at-least-once (QoS 1, persistent sessions, and jobs
+re-sent after a lost session), so the same job can arrive several times, before, during
+or after its run, and after a restart. ``JobLedger.receive(job, age_s)`` answers each
+arrival with one verdict:
 
 - ``Replay``: it already finished (in memory or the on-disk journal), or was declined
   before in the same mode: send the recorded final event again;
 - ``Attach``: it is queued or running: send ``accepted`` again, the stream continues;
-- ``Decline``: its orchestrator cancelled it before it arrived, or its claim is not one
-  this process issued for that rid (a restarted node declines stale work);
-- ``Ignore``: too late to start (past ``accept_by`` or its deadline);
+- ``Decline``: its orchestrator cancelled it before it arrived; or its claim is not the
+  one this process issued for that rid *and origin* (a restarted node declines stale
+  work; a job under someone else's rid is refused); or a job with that rid but other
+  content already ran or runs (``rid_conflict``: a job cannot be replaced under a
+  running rid, and nobody gets someone else's recorded answer);
+- ``Ignore``: too late to start (older than its ``accept_s``);
 - ``Admit``: run it, if the node can claim what its bid promised (``accept``/``decline``).
 
-A ``cancel`` marks a queued run so it never starts and a running one so it is stopped;
+A ``cancel`` must come from the job's origin and carry its claim (the bid went to the
+origin alone). It marks a queued run so it never starts and a running one so it stops;
 a copy arriving after its cancel is declined. Every memory is bounded, oldest first, so
-a flood of ids cannot grow it. The ledger is thread-safe; it never blocks.
+a flood of ids cannot grow it. The ledger is thread-safe and never blocks.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.fsm import JOB, Machine
+from agent.journal import Recorded
 from agent.messages import Accepted, Cancel, Declined, Job
 
 K = TypeVar("K")
@@ -37,11 +44,12 @@ KEPT = 4096  # claims, declines and cancels remembered
 
 @dataclass
 class Run:
-    """A job this node accepted. ``resource`` is what it claimed for it (the NPU lock)."""
+    """A job this node accepted. ``resource`` is what it claimed for it (a lock)."""
 
     job: Job
     fsm: Machine
-    received: float
+    received: float            # monotonic
+    deadline: float            # monotonic: when the answer stops being wanted
     accepted: Accepted
     resource: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -78,48 +86,57 @@ Verdict = Admit | Attach | Replay | Decline | Ignore
 class JobLedger:
     """Offers, runs, declines and cancels of one node process."""
 
-    def __init__(self, me: str, epoch: str, *, recorded: Callable[[str], bytes | None],
+    def __init__(self, me: str, *, recorded: Callable[[str], Recorded | None],
                  encode: Callable[[Declined], bytes], keep: int = KEPT):
         self.me = me
-        self._epoch = epoch              # claims are unique to this process
-        self._recorded = recorded        # the journal: rid -> final event payload
+        self._recorded = recorded        # the journal: rid -> (digest, final event)
         self._encode = encode
         self._keep = keep
         self._lock = threading.Lock()
+        # Claims are unguessable and unique to this process: a restarted node issues new
+        # ones, and nobody who did not see the bid can produce one.
+        self._secret = secrets.token_hex(8)
         self._claim_seq = itertools.count(1)
-        self._offers: OrderedDict[str, str] = OrderedDict()
-        self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._offers: OrderedDict[str, tuple[str, str]] = OrderedDict()      # rid -> (origin, claim)
+        self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (rid, mode) -> payload
+        self._cancelled: OrderedDict[str, str] = OrderedDict()               # rid -> claim
         self._runs: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ bids
-    def offer(self, rid: str) -> str:
-        """The claim to put in a bid for ``rid`` (the same one if asked again)."""
+    def offer(self, rid: str, origin: str) -> str:
+        """The claim to put in a bid for ``rid`` to ``origin`` (the same one if asked again)."""
         with self._lock:
-            claim = self._offers.get(rid)
-            if claim is None:
-                claim = f"{self._epoch}.{next(self._claim_seq)}"
-                _remember(self._offers, rid, claim, self._keep)
+            held = self._offers.get(rid)
+            if held is not None and held[0] == origin:
+                return held[1]
+            if held is not None:
+                return ""  # a call for the same rid from someone else: no claim for them
+            claim = f"{self._secret}{next(self._claim_seq):x}"
+            _remember(self._offers, rid, (origin, claim), self._keep)
             return claim
 
     # ------------------------------------------------------------------ jobs
-    def receive(self, job: Job, now: float) -> Verdict:
-        """What to do with an arriving copy of ``job`` (``now``: this device's wall clock)."""
+    def receive(self, job: Job, age_s: float) -> Verdict:
+        """What to do with an arriving copy of ``job``, sent ``age_s`` seconds ago."""
         with self._lock:
             recorded = self._recorded(job.rid)
             if recorded is not None:
-                return Replay(recorded)
+                if recorded.digest != job.digest:
+                    return self._refuse(job, "rid_conflict")
+                return Replay(recorded.payload)
             run = self._runs.get(job.rid)
             if run is not None:
+                if run.job.digest != job.digest:
+                    return self._refuse(job, "rid_conflict")
                 return Attach(run.accepted)
             declined = self._declines.get((job.rid, job.mode))
             if declined is not None:
                 return Replay(declined)
-            if job.rid in self._cancelled:
+            if self._cancelled.get(job.rid) == job.claim:
                 return self._decline(job, "cancelled")
-            if job.deadline < now or job.accept_by < now:
-                return Ignore("too late to start (accept_by passed)")
-            if self._offers.get(job.rid) != job.claim:
+            if age_s > job.accept_s or age_s > job.timeout_s:
+                return Ignore(f"too late to start (sent {age_s:.1f} s ago, accept within {job.accept_s:g} s)")
+            if self._offers.get(job.rid) != (job.origin, job.claim):
                 return self._decline(job, "stale_claim")
             return Admit()
 
@@ -128,10 +145,11 @@ class JobLedger:
         with self._lock:
             return self._decline(job, reason).event
 
-    def accept(self, job: Job, now: float, *, queue_position: int, resource: Any = None) -> Run:
+    def accept(self, job: Job, received: float, deadline: float, *, queue_position: int,
+               resource: Any = None) -> Run:
         """Record an admitted job as queued; its claim is spent."""
-        run = Run(job, Machine(f"job {job.rid}", JOB, "new"), now,
-                          Accepted(job.rid, self.me, job.mode, queue_position=queue_position), resource)
+        run = Run(job, Machine(f"job {job.rid}", JOB, "new"), received, deadline,
+                  Accepted(job.rid, self.me, job.mode, queue_position=queue_position, digest=job.digest), resource)
         run.fsm.fire("accept")
         with self._lock:
             self._offers.pop(job.rid, None)  # a claim is honoured once
@@ -145,15 +163,30 @@ class JobLedger:
         _remember(self._declines, (job.rid, job.mode), self._encode(event), self._keep)
         return Decline(event)
 
+    def _refuse(self, job: Job, reason: str) -> Decline:
+        """A decline that is not remembered: it answers an impostor, not the job's origin."""
+        return Decline(Declined(job.rid, self.me, reason))
+
     # ------------------------------------------------------------------ cancels
-    def cancel(self, cancel: Cancel, now: float) -> Run | None:
-        """Remember the cancel; the run it stops, if one is queued or running."""
+    def cancel(self, cancel: Cancel) -> Run | None:
+        """Apply a cancel from the job's origin (its topic said so); None if there is no
+        run to stop, or the cancel does not carry the job's claim (then nothing changes)."""
         with self._lock:
-            _remember(self._cancelled, cancel.rid, now, self._keep)
             run = self._runs.get(cancel.rid)
+            if run is not None:
+                if (run.job.origin, run.job.claim) != (cancel.origin, cancel.claim):
+                    return None
+            elif self._offers.get(cancel.rid) != (cancel.origin, cancel.claim):
+                return None  # not a bid we made to this origin: nothing of theirs to cancel
+            _remember(self._cancelled, cancel.rid, cancel.claim, self._keep)
         if run is not None:
             run.cancel.set()
         return run
+
+    def cancelled(self, cancel: Cancel) -> bool:
+        """Whether ``cancel`` was accepted as genuine (for logging)."""
+        with self._lock:
+            return self._cancelled.get(cancel.rid) == cancel.claim
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, run: Run) -> bool:

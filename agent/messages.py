@@ -7,11 +7,13 @@ MQTT 3.1.1 clients, which have no response topic or correlation data, can take p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
 from agent.errors import ERROR_KINDS, MessageError
@@ -19,8 +21,9 @@ from agent.topics import is_id
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: durations instead of deadlines, private reply topics, digests
 DEFAULT_MAX_BYTES = 256 * 1024
+MAX_SECONDS = 7 * 24 * 3600
 MODES = ("npu", "cpu")
 NEEDS = ("any", "npu")
 RESULT_TYPES = ("accepted", "declined", "token", "done", "error")
@@ -215,13 +218,18 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class BidRequest:
+    """The call for bids. ``window_s`` is how long the auction stays open; ``sent_at`` is
+    the sender's wall clock, used only with a measured offset between the two clocks (a
+    board without a real-time clock may be minutes off: no deadline compares clocks)."""
+
     KIND: ClassVar[str] = "bid_request"
     rid: str
     origin: str
-    deadline: float          # unix time; a node ignores the request after it
+    window_s: float
     prompt_tokens: int
     max_new_tokens: int
     need: str = "any"
+    sent_at: float = 0.0
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
@@ -229,10 +237,10 @@ class BidRequest:
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> BidRequest:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
-        return cls(rid=f.id("rid"), origin=f.id("origin"), deadline=f.number("deadline", 0, 1e11) or 0.0,
+        return cls(rid=f.id("rid"), origin=f.id("origin"), window_s=f.number("window_s", 0, MAX_SECONDS) or 0.0,
                    prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
-                   need=f.choice("need", NEEDS))
+                   need=f.choice("need", NEEDS), sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0)
 
 
 @dataclass(frozen=True)
@@ -240,20 +248,21 @@ class Bid:
     KIND: ClassVar[str] = "bid"
     rid: str
     device: str
-    claim: str               # token the node honours once for this rid
+    origin: str              # the orchestrator it is for (its topic says so too)
+    claim: str               # the token the node honours once, for this rid and origin
     snapshot: Snapshot
     service_s: float | None = None  # the device's own estimate of this job's service time
     service_n: float = 0.0          # the effective number of recent jobs it rests on
 
     def to_payload(self) -> bytes:
-        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device,
+        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device, "origin": self.origin,
                             "claim": self.claim, "service_s": self.service_s, "service_n": self.service_n,
                             **self.snapshot.to_obj()})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
-        return cls(rid=f.id("rid"), device=f.id("device"), claim=f.text("claim", 128) or "",
+        return cls(rid=f.id("rid"), device=f.id("device"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
                    snapshot=Snapshot.from_fields(f), service_s=f.number("service_s", 0, 1e7, optional=True),
                    service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0)
 
@@ -262,12 +271,13 @@ class Bid:
 class Metrics:
     KIND: ClassVar[str] = "metrics"
     device: str
-    ts: float
+    ts: float                # the device's wall clock: how far off it is, measured on receipt
     snapshot: Snapshot
     last_latency_ms: float | None = None
+    health: str = "ok"       # "ok", or why the node is not taking work (state_dir unwritable, …)
 
     def to_payload(self) -> bytes:
-        return encode_json({"v": SCHEMA_VERSION, "device": self.device, "ts": self.ts,
+        return encode_json({"v": SCHEMA_VERSION, "device": self.device, "ts": self.ts, "health": self.health,
                             "last_latency_ms": self.last_latency_ms, **self.snapshot.to_obj()})
 
     @classmethod
@@ -275,7 +285,8 @@ class Metrics:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
         return cls(device=f.id("device"), ts=f.number("ts", 0, 1e11) or 0.0,
                    snapshot=Snapshot.from_fields(f),
-                   last_latency_ms=f.number("last_latency_ms", 0, 1e9, optional=True))
+                   last_latency_ms=f.number("last_latency_ms", 0, 1e9, optional=True),
+                   health=f.text("health", 300, optional=True) or "ok")
 
 
 # ------------------------------------------------------------------------- execution
@@ -283,6 +294,9 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Job:
+    """A job for one device. Its times are durations from when it was sent: the node
+    must not start it after ``accept_s``, and the answer is not wanted after ``timeout_s``."""
+
     KIND: ClassVar[str] = "job"
     rid: str
     origin: str
@@ -290,52 +304,60 @@ class Job:
     claim: str
     prompt: str
     max_new_tokens: int
-    deadline: float          # unix time by which the answer must be in
-    accept_by: float         # unix time after which the node must not start it
+    accept_s: float
+    timeout_s: float
     reply_to: str            # the result topic stem, for clients that cannot derive it
     temperature: float | None = None
+    sent_at: float = 0.0     # the sender's wall clock (see BidRequest)
+
+    @cached_property
+    def digest(self) -> str:
+        """What the job asks for, in 16 hex digits: a second job under the same rid that
+        asks for something else is not the same job (and is refused)."""
+        what = encode_json({"rid": self.rid, "origin": self.origin, "mode": self.mode, "prompt": self.prompt,
+                            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature})
+        return hashlib.sha256(what).hexdigest()[:16]
 
     def to_payload(self) -> bytes:
-        return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
+        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "origin": self.origin, "mode": self.mode,
+                            "claim": self.claim, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
+                            "accept_s": self.accept_s, "timeout_s": self.timeout_s, "reply_to": self.reply_to,
+                            "temperature": self.temperature, "sent_at": self.sent_at})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
-        return cls.from_obj(decode_json(payload, cls.KIND, max_bytes), max_bytes)
-
-    @classmethod
-    def from_obj(cls, obj: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
-        f = _Fields(obj, cls.KIND)
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
         return cls(rid=f.id("rid"), origin=f.id("origin"), mode=f.choice("mode", MODES),
                    claim=f.text("claim", 128) or "", prompt=f.text("prompt", max_bytes) or "",
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
-                   deadline=f.number("deadline", 0, 1e11) or 0.0,
-                   accept_by=f.number("accept_by", 0, 1e11) or 0.0,
+                   accept_s=f.number("accept_s", 0, MAX_SECONDS) or 0.0,
+                   timeout_s=f.number("timeout_s", 0, MAX_SECONDS) or 0.0,
                    reply_to=f.text("reply_to", 512) or "",
-                   temperature=f.number("temperature", 0, 10, optional=True))
+                   temperature=f.number("temperature", 0, 10, optional=True),
+                   sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0)
 
 
 @dataclass(frozen=True)
 class Cancel:
-    """Sent on ``exec/<dev>`` when an orchestrator abandons a job it sent there (no accept
-    in time, or the device went offline): a queued copy must never start, a running one
-    stops, and a late-arriving copy is declined."""
+    """Sent on ``exec/<dev>/cancel/<origin>`` when an orchestrator abandons a job it sent
+    there (no accept in time, the device went offline, the user gave up): a queued copy
+    never starts, a running one stops, a copy arriving later is declined. It carries the
+    job's claim: only whoever was given the bid can cancel its job."""
 
     KIND: ClassVar[str] = "cancel"
     rid: str
     origin: str
+    claim: str
     reason: str = ""
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, "type": "cancel", **asdict(self)})
 
-
-def decode_exec(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job | Cancel:
-    """A message on exec/<dev>: a job (no "type", or "job") or a cancel."""
-    obj = decode_json(payload, Job.KIND, max_bytes)
-    if obj.get("type", "job") == "cancel":
-        f = _Fields(obj, Cancel.KIND)
-        return Cancel(rid=f.id("rid"), origin=f.id("origin"), reason=f.text("reason", 200, optional=True) or "")
-    return Job.from_obj(obj, max_bytes)
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Cancel:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        return cls(rid=f.id("rid"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
+                   reason=f.text("reason", 200, optional=True) or "")
 
 
 @dataclass(frozen=True)
@@ -361,6 +383,7 @@ class Accepted:
     device: str
     mode: str
     queue_position: int = 0
+    digest: str = ""        # of the job it accepted (Job.digest)
     type: ClassVar[str] = "accepted"
 
 
@@ -389,6 +412,7 @@ class Done:
     timings: Timings
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    digest: str = ""        # of the job it answers (Job.digest)
     type: ClassVar[str] = "done"
 
 
@@ -418,7 +442,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
     rid, device = f.id("rid"), f.id("device")
     if typ == "accepted":
         return Accepted(rid, device, f.choice("mode", MODES),
-                        f.integer("queue_position", 0, 1_000_000, optional=True) or 0)
+                        f.integer("queue_position", 0, 1_000_000, optional=True) or 0,
+                        f.text("digest", 64, optional=True) or "")
     if typ == "declined":
         return Declined(rid, device, f.text("reason", 200) or "")
     if typ == "token":
@@ -427,7 +452,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
         return Done(rid, device, f.text("text", max_bytes) or "",
                     Timings.from_obj(f.get("timings", dict), kind),
                     f.integer("prompt_tokens", 0, MAX_TOKENS, optional=True) or 0,
-                    f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0)
+                    f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0,
+                    f.text("digest", 64, optional=True) or "")
     kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
     return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),
@@ -439,11 +465,16 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
 
 @dataclass(frozen=True)
 class TriggerRequest:
-    """A prompt sent to ``agent/<dev>/trigger``: plain text, or JSON with a ``prompt``."""
+    """A prompt sent to ``agent/<dev>/trigger``: plain text, or JSON with a ``prompt``.
+
+    An ``id`` (JSON, or MQTT 5 correlation data) asks for the answer on
+    ``agent/<dev>/answer/<id>`` as well as on ``last_result``: a client that subscribes
+    there first gets its own answer, never a previous one."""
 
     KIND: ClassVar[str] = "trigger"
     prompt: str
     max_new_tokens: int | None = None
+    id: str | None = None
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TriggerRequest:
@@ -454,22 +485,28 @@ class TriggerRequest:
         except UnicodeDecodeError:
             raise MessageError(cls.KIND, None, "payload is not UTF-8") from None
         stripped = text.strip()
+        answer_id = None
         if stripped.startswith("{"):
             try:
                 obj = json.loads(stripped)
             except ValueError as exc:
                 raise MessageError(cls.KIND, None, f"looks like JSON but is not ({exc})") from None
+            except RecursionError:
+                raise MessageError(cls.KIND, None, "nested too deeply") from None
+            if not isinstance(obj, dict):
+                raise MessageError(cls.KIND, None, "JSON must be an object")
             f = _Fields(obj, cls.KIND)
             prompt = f.text("prompt", max_bytes) or ""
-            unknown = set(obj) - {"prompt", "max_new_tokens", "v"}
+            unknown = set(obj) - {"prompt", "max_new_tokens", "id", "v"}
             if unknown:
                 raise MessageError(cls.KIND, sorted(unknown)[0], "unknown field")
             max_new = f.integer("max_new_tokens", 1, MAX_TOKENS, optional=True)
+            answer_id = f.id("id") if "id" in obj else None
         else:
             prompt, max_new = text, None
         if not prompt.strip():
             raise MessageError(cls.KIND, "prompt", "is empty")
-        return cls(prompt=prompt, max_new_tokens=max_new)
+        return cls(prompt=prompt, max_new_tokens=max_new, id=answer_id)
 
 
 @dataclass(frozen=True)
@@ -482,6 +519,7 @@ class LastResult:
     text: str
     error: str | None
     total_ms: float
+    id: str | None = None    # the trigger's id, when it had one
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, **asdict(self)})

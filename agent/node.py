@@ -3,30 +3,35 @@
 Theory of operation. The bus dispatcher thread runs the handlers below; each one decodes
 and validates (garbage gets one log line and is never executed), asks a pure part what to
 do, and either publishes a small reply at once (a bid, a decline, a replayed result) or
-hands work to a worker (the NPU thread, the CPU gate's slot threads, an orchestration
-thread per trigger).
+hands work to a worker (the NPU thread, the CPU gate's slot threads, the trigger pool).
 
-- Bids: the ledger issues a claim per rid; the bid carries it with a live snapshot.
+- Bids: the ledger issues a claim per (rid, origin); the bid goes to the origin alone,
+  with a live snapshot, the backlog in seconds and this device's estimate for the job.
 - Jobs: ``JobLedger.receive`` decides (exactly-once under at-least-once delivery); an
   admitted job then claims what its bid promised — the NPU ``flock``, or a place in the
-  CPU gate — or is declined with the reason, and the orchestrator moves on.
+  CPU gate — or is declined with the reason, and the orchestrator moves on. A job's age
+  comes from ``agent.clock``: no deadline compares two devices' wall clocks.
 - Execution: tokens are streamed as result events; the final event is written to the
   on-disk journal before the run is forgotten, so a redelivered copy is answered from it.
+- Health: a state_dir that cannot be written makes the node unhealthy — it stops bidding
+  and taking jobs, says why in its metrics, and recovers when the disk does. A node that
+  finds another live node with its device_id stops (the caller exits 2).
+- Draining (SIGTERM): no more bids or jobs; what runs or waits is given ``drain_s`` to
+  finish; then the node goes offline.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from agent.bus import Bus, Message, Will, new_nonce
+from agent.bus import Bus, Message, Will, expiry_interval, new_nonce
 from agent.config import Config
-from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError
+from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError, StateError
 from agent.executors import Executor, Params, Result, estimate_tokens, usable
 from agent.fleet import Fleet
 from agent.gate import Gate
@@ -46,27 +51,30 @@ from agent.messages import (
     Snapshot,
     Token,
     TriggerRequest,
-    decode_exec,
     decoded,
     encode_result,
 )
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.servicemodel import ServiceRecord
-from agent.topics import Topics
+from agent.servicemodel import UNKNOWN_JOB_S, ServiceRecord
+from agent.statefiles import check_writable
+from agent.topics import Topics, is_id
 
 log = logging.getLogger(__name__)
 
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
-UNKNOWN_JOB_S = 10.0      # a job's expected service before this device has run any
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
+HEALTH_RETRY_S = 5.0       # how often an unhealthy node tries its state_dir again
 
 
 class Node:
-    def __init__(self, cfg: Config, *, wall: Callable[[], float] = time.time):
+    def __init__(self, cfg: Config, *, wall: Callable[[], float] = time.time,
+                 on_fatal: Callable[[AgentError], None] | None = None):
+        """StateError if ``state_dir`` cannot be used (raised here, before going online)."""
         self.cfg = cfg
         self.me = cfg.device_id
         self.wall = wall
         self.topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
+        check_writable(cfg.state_dir)
         self.npu_lock = NpuLock(cfg.state_dir)
         self.npu_exec = self._executor("npu") if cfg.npu.enabled else None
         self.cpu_exec = self._executor("cpu") if cfg.cpu.enabled else None
@@ -76,22 +84,25 @@ class Node:
         self.record = ServiceRecord(cfg.auction.linucb.half_life_jobs)
         slots = cfg.cpu.slots if self.cpu_exec else 0
         self.cpu_slots = CpuSlots(cfg.state_dir, slots)
-        self.ledger = JobLedger(self.me, f"{int(wall())}-{os.getpid()}-{new_nonce()}",
-                                recorded=self.journal.get, encode=encode_result)
+        self.ledger = JobLedger(self.me, recorded=self.journal.get, encode=encode_result)
+        self._on_fatal = on_fatal
         self.bus = Bus(self.me, cfg.broker, persistent=True, name=f"node-{self.me}",
                        sync_topic=self.topics.sync(self.me, new_nonce()),
-                       will=Will(self.topics.availability(self.me), b"offline"), on_connect=self._on_connect)
-        self.fleet = Fleet(self.bus, self.topics, self.me)  # shared by HA/MQTT triggers; synced once
+                       will=Will(self.topics.availability(self.me), b"offline"), on_connect=self._on_connect,
+                       on_fatal=self._fatal, max_packet_bytes=cfg.max_payload_bytes)
+        self.fleet = Fleet(self.bus, self.topics, self.me, max_bytes=cfg.max_payload_bytes)
         self.gate: Gate[Run] = Gate(slots, cfg.cpu.max_queue, self._execute, expected=self._expected)
         # MQTT/Home Assistant prompts: a fixed pool of orchestrations, a bounded line behind it.
-        self.triggers: Gate[TriggerRequest] = Gate(cfg.triggers.workers, cfg.triggers.max_waiting,
-                                                   lambda req, _: self._orchestrate(req),
-                                                   expected=lambda req: 0.0, name="trigger")
+        self.triggers: Gate[tuple[TriggerRequest, str | None]] = Gate(
+            cfg.triggers.workers, cfg.triggers.max_waiting, lambda item, _: self._orchestrate(*item),
+            expected=lambda item: 0.0, name="trigger")
         self._npu_busy_here = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_npu_free: bool | None = None
         self._metrics_due = threading.Event()
+        self.health = "ok"          # or why this node takes no work
+        self.draining = False
 
     def _executor(self, mode: str) -> Executor | None:
         section = self.cfg.npu if mode == "npu" else self.cfg.cpu
@@ -104,11 +115,16 @@ class Node:
     def simulated(self) -> bool:
         return any(getattr(e, "simulated", False) for e in (self.npu_exec, self.cpu_exec) if e)
 
+    @property
+    def taking_work(self) -> bool:
+        return self.health == "ok" and not self.draining
+
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         t = self.topics
         self.bus.subscribe(t.all_bid_requests(), self._on_bid_request, inline=True)
         self.bus.subscribe(t.exec(self.me), self._on_job)
+        self.bus.subscribe(t.cancels(self.me), self._on_cancel)
         self.bus.subscribe(t.trigger(self.me), self._on_trigger)
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self._on_ha_status)
@@ -116,12 +132,23 @@ class Node:
         self.triggers.start()
         self._spawn(self._metrics_loop, "node-metrics")
         self.bus.start()
-        log.info("node %s starting: NPU %s, CPU %s, broker %s:%d, prefix %r", self.me,
+        log.info("node %s starting: NPU %s, CPU %s, broker %s, prefix %r", self.me,
                  _describe(self.npu_exec), _describe(self.cpu_exec, self.gate.slots),
-                 self.cfg.broker.host, self.cfg.broker.port, self.cfg.topic_prefix)
+                 ", ".join(f"{h}:{p}" for h, p in self.cfg.broker.addresses), self.cfg.topic_prefix)
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop taking work and give what runs or waits ``grace_s`` to finish (SIGTERM);
+        True if everything finished. Call ``stop`` afterwards."""
+        self.draining = True
+        self._metrics_due.set()
+        log.info("draining: no new work; waiting up to %g s for %d job(s)", grace_s, self.gate.depth)
+        done = self.gate.wait_idle(grace_s)
+        if not done:
+            log.warning("drain: %d job(s) still running after %g s; stopping them", self.gate.depth, grace_s)
+        return done
 
     def stop(self) -> None:
-        """Clean shutdown: cancel running work, publish offline, disconnect."""
+        """Shutdown: cancel what still runs, publish offline, disconnect."""
         self._stop.set()
         self._metrics_due.set()
         for run in self.ledger.running():
@@ -140,6 +167,29 @@ class Node:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _fatal(self, error: AgentError) -> None:
+        """Another node has our identity: never fight over it (that flaps forever)."""
+        self._stop.set()
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    # ---------------------------------------------------------------- health
+    def _unhealthy(self, why: str) -> None:
+        if self.health == "ok":
+            log.error("not taking work until this is fixed: %s", why)
+        self.health = why
+        self._metrics_due.set()
+
+    def _check_health(self) -> None:
+        try:
+            check_writable(self.cfg.state_dir)
+        except StateError as exc:
+            self.health = str(exc)
+            return
+        log.info("state_dir is writable again; taking work")
+        self.health = "ok"
+        self._metrics_due.set()
 
     # ---------------------------------------------------------------- presence + metrics
     def _on_connect(self, session_present: bool) -> None:
@@ -175,16 +225,22 @@ class Node:
     def _publish_metrics(self) -> None:
         snap = self.snapshot()
         self._last_npu_free = snap.npu_free
+        health = self.health if self.health != "ok" else ("draining" if self.draining else "ok")
         msg = Metrics(device=self.me, ts=round(self.wall(), 3), snapshot=snap,
-                      last_latency_ms=self.latency.last_ms)
+                      last_latency_ms=self.latency.last_ms, health=health)
         self.bus.publish(self.topics.metrics(self.me), msg.to_payload(), retain=True)
 
     def _metrics_loop(self) -> None:
         """Publish metrics every interval, at once after a job changes state, and when
-        another process on this device takes or frees the NPU (seen by polling)."""
+        another process on this device takes or frees the NPU (seen by polling); retry an
+        unwritable state_dir while unhealthy."""
         next_at = time.monotonic()
+        next_health = next_at
         while not self._stop.is_set():
             now = time.monotonic()
+            if self.health != "ok" and now >= next_health:
+                self._check_health()
+                next_health = now + HEALTH_RETRY_S
             if self.bus.connected:
                 npu_changed = (self.npu_exec is not None and self._last_npu_free is not None
                                and self._last_npu_free != self._npu_free())
@@ -198,9 +254,16 @@ class Node:
                 timeout = DISCONNECTED_POLL_S
             if self.npu_exec is not None:
                 timeout = min(timeout, NPU_POLL_S)
+            if self.health != "ok":
+                timeout = min(timeout, HEALTH_RETRY_S)
             self._metrics_due.wait(max(timeout, 0.0))
 
     # ---------------------------------------------------------------- bids
+    def _age(self, origin: str, sent_at: float, msg: Message, lifetime_s: float) -> float:
+        """How long ago ``origin`` sent it (``agent.clock``): no two clocks compared."""
+        return self.fleet.roster.offsets.age(origin, sent_at, self.wall(), expiry_left=msg.expiry_left,
+                                             expiry_set=float(expiry_interval(lifetime_s)))
+
     def _on_bid_request(self, msg: Message) -> None:
         parsed = self.topics.parse(msg.topic)
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
@@ -208,79 +271,95 @@ class Node:
                       matches=lambda r: parsed is not None and parsed.rid == r.rid)
         if req is None:
             return
-        if req.deadline < self.wall():
-            log.info("ignored call for bids %s: its deadline has passed", req.rid)
+        if not self.taking_work:
+            return  # an unhealthy or draining node stays out of auctions
+        age = self._age(req.origin, req.sent_at, msg, req.window_s)
+        if age > req.window_s:
+            log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
+            return
+        claim = self.ledger.offer(req.rid, req.origin)
+        if not claim:
+            log.warning("dropped call for bids %s from %s: that rid was called by another origin", req.rid,
+                        req.origin)
             return
         # This device's own orchestrations get a bid too: their CPU jobs come back through
         # exec/<self> and the same gate as everyone else's.
         estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if self.cpu_exec else None
-        bid = Bid(rid=req.rid, device=self.me, claim=self.ledger.offer(req.rid), snapshot=self.snapshot(),
+        bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self.snapshot(),
                   service_s=round(estimate[0], 4) if estimate else None,
                   service_n=round(estimate[1], 2) if estimate else 0.0)
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction.
-        self.bus.publish(self.topics.bid_reply(req.rid, self.me), bid.to_payload())
+        self.bus.publish(self.topics.bid_reply(req.origin, req.rid, self.me), bid.to_payload())
 
     # ---------------------------------------------------------------- jobs
-    def _send(self, event: ResultEvent) -> bytes:
+    def _send(self, origin: str, event: ResultEvent) -> bytes:
         payload = encode_result(event)
-        self.bus.publish(self.topics.exec_result(event.rid, self.me), payload)
+        self.bus.publish(self.topics.result(origin, event.rid, self.me), payload)
         return payload
 
     def _on_job(self, msg: Message) -> None:
-        item = decoded(msg.topic, msg.payload, lambda p: decode_exec(p, self.cfg.max_payload_bytes),
-                       what="job", logger=log)
-        if item is None:
+        job = decoded(msg.topic, msg.payload, lambda p: Job.from_payload(p, self.cfg.max_payload_bytes),
+                      what="job", logger=log)
+        if job is None:
             return
-        if isinstance(item, Cancel):
-            self._on_cancel(item)
-            return
-        job = item
-        verdict = self.ledger.receive(job, self.wall())
+        verdict = self.ledger.receive(job, self._age(job.origin, job.sent_at, msg, job.timeout_s))
         if isinstance(verdict, Replay):
             log.info("job %s was seen before; sending its recorded answer again", job.rid)
-            self.bus.publish(self.topics.exec_result(job.rid, self.me), verdict.payload)
+            self.bus.publish(self.topics.result(job.origin, job.rid, self.me), verdict.payload)
         elif isinstance(verdict, Attach):
             log.info("job %s redelivered while it runs; attaching", job.rid)
-            self._send(verdict.accepted)
+            self._send(job.origin, verdict.accepted)
         elif isinstance(verdict, Decline):
-            self._send(verdict.event)
+            self._send(job.origin, verdict.event)
             log.info("declined job %s from %s: %s", job.rid, job.origin, verdict.event.reason)
         elif isinstance(verdict, Ignore):
             log.info("ignored job %s from %s: %s", job.rid, job.origin, verdict.reason)
         else:
             assert isinstance(verdict, Admit)
-            self._admit(job)
+            self._admit(job, self._age(job.origin, job.sent_at, msg, job.timeout_s))
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job, age_s: float) -> None:
         """Claim what the bid promised and queue the job, or decline it with the reason."""
         received = time.monotonic()
+        deadline = received + job.timeout_s - age_s
+        if not self.taking_work:
+            self._decline(job, "draining" if self.draining else "unhealthy")
+            return
         if job.mode == "npu":
             claim = self.npu_lock.try_claim(owner=job.rid) if self.npu_exec is not None else None
             if claim is None:
                 self._decline(job, "no_npu" if self.npu_exec is None else "npu_busy")
                 return
             self._npu_busy_here = True
-            run = self.ledger.accept(job, received, queue_position=0, resource=claim)
-            self._send(run.accepted)
+            run = self.ledger.accept(job, received, deadline, queue_position=0, resource=claim)
+            self._send(job.origin, run.accepted)
             threading.Thread(target=self._execute, args=(run, None), name=f"npu-{job.rid[:8]}", daemon=True).start()
         else:
             if self.cpu_exec is None or not self.gate.has_room():
                 self._decline(job, "no_cpu" if self.cpu_exec is None else "queue_full")
                 return
             # Only this thread queues, so the room checked above is still there.
-            run = self.ledger.accept(job, received, queue_position=self.gate.depth)
-            self._send(run.accepted)  # before a slot can start it and stream
+            run = self.ledger.accept(job, received, deadline, queue_position=self.gate.depth)
+            self._send(job.origin, run.accepted)  # before a slot can start it and stream
             self.gate.offer(run)
         log.info("accepted %s job %s from %s", job.mode, job.rid, job.origin)
         self._metrics_due.set()
 
     def _decline(self, job: Job, reason: str) -> None:
-        self._send(self.ledger.decline(job, reason))
+        self._send(job.origin, self.ledger.decline(job, reason))
         log.info("declined job %s from %s: %s", job.rid, job.origin, reason)
 
-    def _on_cancel(self, cancel: Cancel) -> None:
-        run = self.ledger.cancel(cancel, self.wall())
+    def _on_cancel(self, msg: Message) -> None:
+        parsed = self.topics.parse(msg.topic)
+        cancel = decoded(msg.topic, msg.payload, lambda p: Cancel.from_payload(p, self.cfg.max_payload_bytes),
+                         what="cancel", logger=log, matches=lambda c: parsed is not None and parsed.origin == c.origin)
+        if cancel is None:
+            return
+        run = self.ledger.cancel(cancel)
+        if run is None and not self.ledger.cancelled(cancel):
+            log.warning("ignored cancel of %s from %s: not the claim of a job of theirs", cancel.rid, cancel.origin)
+            return
         log.info("job %s cancelled by %s (%s)%s", cancel.rid, cancel.origin, cancel.reason or "no reason",
                  "; stopping it" if run is not None else "")
 
@@ -296,7 +375,7 @@ class Node:
         queue_ms = (time.monotonic() - run.received) * 1000
         ok = False
         try:
-            remaining = job.deadline - self.wall()
+            remaining = run.deadline - time.monotonic()
             if remaining <= 0:
                 self.ledger.expire(run)
                 raise ExecutionTimeout(executor.name, 0.0)
@@ -307,7 +386,7 @@ class Node:
                             hold_fds=(run.resource.fd,) if run.resource is not None else ())
 
             def on_token(text: str) -> None:
-                self._send(Token(job.rid, self.me, next(seq), text))
+                self._send(job.origin, Token(job.rid, self.me, next(seq), text))
 
             final = self._done(run, executor.run(job.prompt, params, on_token, run.cancel), queue_ms)
             ok = True
@@ -322,9 +401,9 @@ class Node:
             if job.mode == "npu":
                 self._npu_busy_here = False
         try:
-            self.journal.record(job.rid, final)
-        except AgentError as exc:
-            log.error("job %s: %s; a redelivered copy will be declined, not replayed", job.rid, exc)
+            self.journal.record(job.rid, job.digest, final)
+        except StateError as exc:
+            self._unhealthy(str(exc))
         self.ledger.finish(run, ok)
         self._metrics_due.set()
 
@@ -336,25 +415,32 @@ class Node:
         self.record.observe(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, result.generated_tokens,
                             t.total_ms / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
-        return self._send(Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
-                               result.generated_tokens))
+        return self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
+                                           result.generated_tokens, digest=job.digest))
 
     def _failed(self, run: Run, exc: ExecutorError) -> bytes:
         log.warning("job %s failed: %s", run.job.rid, exc)
-        return self._send(Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
-                                exit_code=getattr(exc, "returncode", None), partial_text=exc.partial_text))
+        return self._send(run.job.origin, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
+                                                exit_code=getattr(exc, "returncode", None),
+                                                partial_text=exc.partial_text))
 
     # ---------------------------------------------------------------- triggers (HA, mosquitto_pub)
     def _on_trigger(self, msg: Message) -> None:
         req = decoded(msg.topic, msg.payload, lambda p: TriggerRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="trigger", logger=log)
-        if req is not None and self.triggers.offer(req) is None:
+        if req is None:
+            return
+        if req.id is None and msg.correlation_data is not None:
+            correlation = msg.correlation_data.decode("utf-8", "replace")
+            req = replace(req, id=correlation if is_id(correlation) else None)
+        if self.triggers.offer((req, msg.response_topic)) is None:
             log.warning("trigger refused: %d already running or waiting", self.triggers.depth)
-            self._publish_last(LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="",
-                                          error=f"busy: {self.triggers.depth} prompts are already running or "
-                                                "waiting on this device; try again later", total_ms=0.0))
+            self._answer(req, msg.response_topic, LastResult(
+                rid="-", device=self.me, winner=None, path=None, ok=False, text="", total_ms=0.0, id=req.id,
+                error=f"busy: {self.triggers.depth} prompts are already running or waiting on this device; "
+                      "try again later"))
 
-    def _orchestrate(self, req: TriggerRequest) -> None:
+    def _orchestrate(self, req: TriggerRequest, response_topic: str | None) -> None:
         from agent.linucb import ArmStore
         from agent.orchestrator import Orchestrator
 
@@ -365,16 +451,23 @@ class Node:
         except AgentError as exc:
             log.warning("trigger refused: %s", exc)
             last = LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="", error=str(exc),
-                              total_ms=0.0)
+                              total_ms=0.0, id=req.id)
         else:
             log.info("trigger %s: %s via %s in %.0f ms", out.rid, "answered" if out.ok else "failed",
                      out.path, out.total_ms)
             last = LastResult(rid=out.rid, device=self.me, winner=out.winner, path=out.path, ok=out.ok,
-                              text=out.text, error=out.error, total_ms=round(out.total_ms, 1))
-        self._publish_last(last)
+                              text=out.text, error=out.error, total_ms=round(out.total_ms, 1), id=req.id)
+        self._answer(req, response_topic, last)
 
-    def _publish_last(self, last: LastResult) -> None:
-        self.bus.publish(self.topics.last_result(self.me), last.to_payload(), retain=True)
+    def _answer(self, req: TriggerRequest, response_topic: str | None, last: LastResult) -> None:
+        """On last_result (retained, for dashboards), on the trigger's own answer topic if
+        it had an id, and on its MQTT 5 response topic if it named one."""
+        payload = last.to_payload()
+        self.bus.publish(self.topics.last_result(self.me), payload, retain=True)
+        if req.id is not None:
+            self.bus.publish(self.topics.answer(self.me, req.id), payload)
+        if response_topic:
+            self.bus.publish(response_topic, payload)
 
     def _local_offer_snapshot(self) -> Snapshot:
         return replace(self.snapshot(), npu_free=False)  # the NPU was tried first, before any auction

@@ -22,23 +22,26 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.auction import AuctionResult, Inbox, collect
+from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step
 from agent.errors import AgentError, BrokerUnavailable, ExecutorError, ExitCode, PromptTooLarge
 from agent.executors import Executor, Params, estimate_tokens
-from agent.fleet import Fleet
 from agent.fsm import ORCHESTRATION, Machine
 from agent.locks import CpuSlots, NpuLock
 from agent.messages import Bid, BidRequest, Cancel, Job, Snapshot, decode_result, decoded
 from agent.outcome import Decided, Outcome, bid_summary, path_of, ranking_summary
 from agent.topics import Topics
+
+if TYPE_CHECKING:  # the bus (and paho) only when an auction connects: not on the local NPU path
+    from agent.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class _Wire:
     epoch: int  # the bus's connection count when the run began (see _steady)
 
 
-Connect = Callable[[], Fleet]
+Connect = Callable[[], "Fleet"]
 
 
 class Orchestrator:
@@ -85,6 +88,10 @@ class Orchestrator:
         self.npu_lock = NpuLock(cfg.state_dir)
         self.cpu_slots = CpuSlots(cfg.state_dir, cfg.cpu.slots if cpu_exec is not None else 0)
         self._rng = rng  # numpy's, made on first use: the local NPU path never imports numpy
+        self.stragglers = Stragglers(cfg.state_dir)
+        # Set from a signal handler (Ctrl-C): the job in flight is cancelled on its device.
+        self.interrupted = threading.Event()
+        self._active: Inbox | None = None
         self._arms_factory = arms  # the store (and numpy) only when an auction needs it
         self._arms: Any = None
         self.local_snapshot = local_snapshot
@@ -97,6 +104,14 @@ class Orchestrator:
         # soon as an answer is in, off the next auction's critical path.
         self.keep_warm = keep_warm
         self._next: Inbox | None = None
+
+    def interrupt(self) -> None:
+        """From a signal handler: stop waiting, cancel the job in flight on its device."""
+        self.interrupted.set()
+        inbox = self._active
+        if inbox is not None:
+            inbox.events.put(("interrupt",))
+            inbox.book.poke()
 
     @property
     def rng(self) -> Any:
@@ -133,13 +148,11 @@ class Orchestrator:
             for inbox in inboxes:
                 inbox.close()
             if self.keep_warm and inboxes:
-                self._next = Inbox.open(inboxes[-1].bus, self.topics, uuid.uuid4().hex,
+                self._next = Inbox.open(inboxes[-1].bus, self.topics, self.me, uuid.uuid4().hex,
                                         self.cfg.max_payload_bytes)
 
     def _check_size(self, req: Request) -> None:
-        probe = Job(rid=req.rid, origin=self.me, mode="cpu", claim="x" * 32, prompt=req.prompt,
-                    max_new_tokens=req.max_new_tokens, deadline=0.0, accept_by=0.0,
-                    reply_to=self.topics.exec_result_stem(req.rid)).to_payload()
+        probe = self._job(req, "cpu", "x" * 32).to_payload()
         if len(probe) > self.cfg.max_payload_bytes:
             raise PromptTooLarge(len(probe), self.cfg.max_payload_bytes)
 
@@ -161,21 +174,31 @@ class Orchestrator:
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],
                                         None, (f"{exc}; running locally",))
         if not inboxes or inboxes[0].bus is not fleet.bus:
-            inboxes.append(Inbox.open(fleet.bus, self.topics, req.rid, self.cfg.max_payload_bytes))
+            inboxes.append(Inbox.open(fleet.bus, self.topics, self.me, req.rid, self.cfg.max_payload_bytes))
         inbox = inboxes[-1]
+        self._active = inbox
         fleet.sync()  # one round trip covers the retained roster and our new subscriptions
         wire = _Wire(fleet, inbox, fleet.bus.epoch)
         stop_listening = fleet.roster.listen(inbox.on_roster)
         try:
             auction = self._auction(req, wire, fsm)
+            if auction.closing == "interrupted":
+                return Outcome(req.rid, Answer(False, ExitCode.INTERRUPTED, error="interrupted during the auction"),
+                               roster=auction.roster, auction_ms=auction.auction_ms,
+                               total_ms=(self.clock() - started) * 1000)
             offers = [self._offer_from_bid(b) for b in auction.bids.values()]
             if me.snapshot.cpu_slots and self.me not in auction.bids:
                 offers.append(me)  # no daemon here: this process runs it, under the same slot locks
-            warnings = (f"bid window of {self.cfg.auction.bid_timeout_s:g} s closed without bids from "
-                        f"{', '.join(auction.missing)}",) if auction.closing == "timeout" else ()
+            warnings: tuple[str, ...] = ()
+            if auction.closing == "timeout":
+                warnings = (f"bid window of {self.cfg.auction.bid_timeout_s:g} s closed without bids from "
+                            f"{', '.join(auction.missing)}",)
+            elif auction.closing == "stragglers":
+                warnings = (f"did not wait for {', '.join(auction.missing)}: missed recent calls for bids",)
             return self._decide_and_run(req, started, fsm, wire, offers, auction, warnings)
         finally:
             stop_listening()
+            self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
 
     def _own_npu(self, req: Request, started: float, fsm: Machine) -> Outcome | None:
         if self.npu_exec is None or self.npu_exec.check() is not None:
@@ -211,16 +234,23 @@ class Orchestrator:
     def _auction(self, req: Request, wire: _Wire, fsm: Machine) -> AuctionResult:
         fsm.fire("open")
         window = self.cfg.auction.bid_timeout_s
-        call = BidRequest(rid=req.rid, origin=self.me, deadline=self.wall() + window,
-                          prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
-                          need=req.need)
+        bus = wire.fleet.bus
+
+        def call() -> None:
+            request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
+                                 prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
+                                 need=req.need)
+            bus.publish(self.topics.bid_request(req.rid), request.to_payload(), qos=1, expiry_s=window,
+                        response_topic=self.topics.bid_reply_stem(self.me, req.rid),
+                        correlation_data=req.rid.encode())
+
         # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
         expected = wire.fleet.roster.online()
-        wire.fleet.bus.publish(self.topics.bid_request(req.rid), call.to_payload(), qos=1, expiry_s=window,
-                               response_topic=self.topics.bid_reply_stem(req.rid),
-                               correlation_data=req.rid.encode())
-        result = collect(wire.inbox, expected=expected, window_s=window, clock=self.clock,
-                         steady=lambda: self._steady(wire), on_progress=self.on_progress)
+        call()
+        result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
+                         need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
+                         steady=lambda: self._steady(wire), resend=call, on_progress=self.on_progress,
+                         interrupted=self.interrupted)
         for _ in result.bids:
             fsm.fire("bid")
         fsm.fire(result.closing)
@@ -301,18 +331,30 @@ class Orchestrator:
         """Send the job to a peer and see it through: the final (next or finished) step."""
         auction = self.cfg.auction
         bus, events = wire.fleet.bus, wire.inbox.events
-        wall_now = self.wall()
-        job = Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt=req.prompt,
-                  max_new_tokens=req.max_new_tokens, deadline=wall_now + auction.job_timeout_s,
-                  accept_by=wall_now + auction.accept_timeout_s, reply_to=self.topics.exec_result_stem(req.rid))
-        bus.publish(self.topics.exec(device), job.to_payload(), qos=1, expiry_s=auction.job_timeout_s,
-                    response_topic=job.reply_to, correlation_data=req.rid.encode())
-        now = self.clock()
-        attempt = DispatchState(req.rid, device, now, accept_timeout_s=auction.accept_timeout_s,
-                                job_timeout_s=auction.job_timeout_s, last=last)
-        next_progress = now + PROGRESS_EVERY_S
+        sent = self.clock()
+        job = self._job(req, mode, claim)
+
+        def send() -> None:
+            # The durations left, not the ones we started with: a re-send after an outage
+            # must not give the device more time than the job has.
+            spent = self.clock() - sent
+            again = replace(job, accept_s=max(job.accept_s - spent, 0.0), timeout_s=max(job.timeout_s - spent, 0.0),
+                            sent_at=round(self.wall(), 3))
+            bus.publish(self.topics.exec(device), again.to_payload(), qos=1, expiry_s=again.timeout_s,
+                        response_topic=job.reply_to, correlation_data=req.rid.encode())
+
+        send()
+        attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
+                                job_timeout_s=auction.job_timeout_s, last=last, digest=job.digest)
+        next_progress = sent + PROGRESS_EVERY_S
         while True:
             now = self.clock()
+            if self.interrupted.is_set():
+                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, claim, "interrupted")
+                            .to_payload(), qos=1, expiry_s=auction.job_timeout_s)
+                bus.barrier(STEADY_CHECK_S)  # the cancel is at the broker before we go
+                return Step("finished", outcome="interrupted", answer=Answer(
+                    False, ExitCode.INTERRUPTED, attempt.text, f"interrupted; {device} was told to stop"))
             step = attempt.on_tick(now)
             if step.verdict == "continue" and now >= next_progress:
                 self.on_progress(f"waiting for {device} ({attempt.state}, {len(attempt.streamed)} chunks)")
@@ -329,9 +371,11 @@ class Orchestrator:
                 self.on_decision(decided)
             for text in step.tokens:
                 self.on_token(text)
+            if step.send:
+                send()
             if step.cancel:
-                bus.publish(self.topics.exec(device), Cancel(req.rid, self.me, step.cancel).to_payload(), qos=1,
-                            expiry_s=auction.job_timeout_s)
+                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, claim, step.cancel)
+                            .to_payload(), qos=1, expiry_s=auction.job_timeout_s)
             if step.verdict != "continue":
                 if attempt.gaps:
                     log.info("%s: %d token chunk(s) never arrived; done carries the whole text", req.rid,
@@ -345,9 +389,13 @@ class Orchestrator:
             if device != attempt.device:
                 return Step()
             return attempt.on_peer(online, now, lambda: self._steady(wire))
+        if event[0] == "link":
+            return attempt.on_link(event[1], now)
+        if event[0] == "interrupt":
+            return Step()  # the loop sees self.interrupted and cancels the job
         msg = event[1]
         parsed = self.topics.parse(msg.topic)
-        if parsed is None or parsed.device != attempt.device:
+        if parsed is None or parsed.device != attempt.device or parsed.origin != self.me:
             return Step()  # another device's results: not even decoded
         ev = decoded(msg.topic, msg.payload, lambda p: decode_result(p, self.cfg.max_payload_bytes),
                      what="result", logger=log, matches=lambda e: e.rid == attempt.rid and e.device == parsed.device)
@@ -377,10 +425,12 @@ class Orchestrator:
         params = Params(max_new_tokens=req.max_new_tokens, timeout_s=timeout_s, rid=req.rid,
                         hold_fds=(claim.fd,) if claim is not None else ())
         try:
-            result = executor.run(req.prompt, params, on_token)
+            result = executor.run(req.prompt, params, on_token, self.interrupted)
         except ExecutorError as exc:
             fsm.fire("error")
             code = ExitCode.TIMEOUT if exc.kind == "timeout" else ExitCode.FAILED
+            if self.interrupted.is_set():
+                code = ExitCode.INTERRUPTED
             return Answer(False, code, exc.partial_text or "".join(parts), str(exc)), f"error: {exc.reason}"
         finally:
             if claim is not None:
@@ -396,6 +446,13 @@ class Orchestrator:
                 shown[0] = waited
                 self.on_progress(f"waiting for a free CPU slot on this device ({waited:.0f} s)")
         return on_wait
+
+    def _job(self, req: Request, mode: str, claim: str) -> Job:
+        auction = self.cfg.auction
+        return Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt=req.prompt,
+                   max_new_tokens=req.max_new_tokens, accept_s=auction.accept_timeout_s,
+                   timeout_s=auction.job_timeout_s, reply_to=self.topics.result_stem(self.me, req.rid),
+                   sent_at=round(self.wall(), 3))
 
     def _offer_from_bid(self, bid: Bid) -> Any:
         from agent.selection import Offer
@@ -417,4 +474,6 @@ class Orchestrator:
             log.error("could not train the arm store: %s", exc)
 
 
-
+def auction_expected(inbox: Inbox) -> set[str]:
+    expected, _, _ = inbox.book.view()
+    return expected

@@ -1,17 +1,23 @@
-"""The live roster: which devices are online, learned from retained availability topics.
+"""The live roster: who is online, and what each device last said about itself.
 
-A node's Will sets its availability to ``offline`` the moment the broker loses it, so the
-roster shrinks during an auction and the auction can close early. Listeners hear every
-change; they are called on the bus dispatcher thread and must only queue.
+Availability comes from the retained ``agent/<dev>/availability`` topics: a node's Will
+sets it to ``offline`` the moment the broker loses it, so the roster shrinks during an
+auction and the auction can close early. Metrics come from ``agent/<dev>/metrics``: the
+roster keeps each device's last snapshot (does it have an NPU?) and, from the live ones,
+how far its clock is from ours (``agent.clock``). Listeners hear every change of
+availability; they are called on the bus dispatcher thread and must only queue.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from agent.bus import Message
+from agent.clock import ClockOffsets
+from agent.messages import Metrics, decoded
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -20,11 +26,16 @@ Listener = Callable[[str, bool], None]
 
 
 class Roster:
-    def __init__(self, topics: Topics, self_device: str):
+    def __init__(self, topics: Topics, self_device: str, *, max_bytes: int = 256 * 1024,
+                 wall: Callable[[], float] = time.time):
         self.topics = topics
         self.self_device = self_device
+        self.offsets = ClockOffsets()
+        self._max_bytes = max_bytes
+        self._wall = wall
         self._lock = threading.Lock()
         self._state: dict[str, bool] = {}
+        self._metrics: dict[str, Metrics] = {}
         self._listeners: list[Listener] = []
 
     def handle(self, msg: Message) -> None:
@@ -39,28 +50,60 @@ class Roster:
         else:
             log.warning("ignoring availability %r for %s (want online/offline)", msg.payload[:40], parsed.device)
             return
+        self.set(parsed.device, online)
+
+    def set(self, device: str, online: bool) -> None:
+        """Record a device's availability (from its topic, or a presence answer)."""
         with self._lock:
-            changed = self._state.get(parsed.device) != online
-            self._state[parsed.device] = online
+            changed = self._state.get(device) != online
+            self._state[device] = online
             listeners = list(self._listeners)
         if changed:
-            log.debug("roster: %s is %s", parsed.device, "online" if online else "offline")
+            log.debug("roster: %s is %s", device, "online" if online else "offline")
             for listener in listeners:
-                listener(parsed.device, online)
+                listener(device, online)
 
-    def online(self) -> frozenset[str]:
-        """Every online device, this one included (its node daemon, if it runs)."""
+    def handle_metrics(self, msg: Message) -> None:
+        """Bus handler for ``agent/+/metrics``."""
+        parsed = self.topics.parse(msg.topic)
+        if msg.payload == b"" or parsed is None:
+            return  # a retired device's metrics, cleared
+        metrics = decoded(msg.topic, msg.payload, lambda p: Metrics.from_payload(p, self._max_bytes),
+                          what="metrics", logger=log, matches=lambda m: parsed.device == m.device)
+        if metrics is None:
+            return
         with self._lock:
-            return frozenset(d for d, up in self._state.items() if up)
+            self._metrics[metrics.device] = metrics
+        if not msg.retain:  # a retained one may be old: only live ones say how far its clock is
+            skew = self.offsets.observe(metrics.device, metrics.ts, self._wall())
+            if skew is not None:
+                log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel "
+                            "as durations so nothing breaks, but check its time sync", metrics.device, -skew)
 
     def peers_online(self) -> frozenset[str]:
         """Online devices other than this one."""
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and d != self.self_device)
 
+    def online(self) -> frozenset[str]:
+        """Every online device, this one included (its node daemon, if it runs)."""
+        with self._lock:
+            return frozenset(d for d, up in self._state.items() if up)
+
     def known(self) -> dict[str, bool]:
         with self._lock:
             return dict(self._state)
+
+    def metrics(self) -> dict[str, Metrics]:
+        with self._lock:
+            return dict(self._metrics)
+
+    def may_have_free_npu(self, device: str) -> bool:
+        """Whether ``device`` could offer a free NPU, as far as its last metrics tell (a
+        device we know nothing about could)."""
+        with self._lock:
+            m = self._metrics.get(device)
+        return m is None or m.snapshot.has_npu
 
     def listen(self, listener: Listener) -> Callable[[], None]:
         with self._lock:

@@ -35,6 +35,7 @@ TOKEN_SCALE = 1000.0       # features are in thousands of tokens
 RIDGE = 1e-3               # keeps the solve defined before the data spans all three features
 MIN_SECONDS = 1e-3         # a fit from few jobs can extrapolate below zero: never promise less
 FILL_PRIOR = 0.8           # the share of max_new_tokens an answer is assumed to use, at first
+UNKNOWN_JOB_S = 10.0       # a job's expected service time before a device has run any
 SURPRISE = math.log(2.0)   # |log(seen / predicted)| beyond this is a changed device, not noise
 SURPRISE_KEEP = 0.2        # ... and an arm's older record then counts for this much (linucb)
 PACE_STEP = 0.2            # how far one job moves the pace (a moving average over ~5 jobs)

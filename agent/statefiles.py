@@ -30,6 +30,21 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def check_writable(directory: Path) -> None:
+    """StateError unless a file can be created, written, synced and removed in ``directory``."""
+    probe = ensure_dir(directory) / f".probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise StateError(directory, f"cannot write here: {describe(exc)}") from None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     ensure_dir(path.parent)

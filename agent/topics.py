@@ -1,20 +1,27 @@
 """The topic layout. Nobody else formats or parses a topic string.
 
-    agent/<dev>/availability        online/offline, retained, the node's Will
-    agent/<dev>/metrics             metrics JSON, retained
-    agent/<dev>/trigger             a prompt from anyone (Home Assistant, mosquitto_pub)
-    agent/<dev>/last_result         last answer, retained
-    agent/<dev>/sync/<nonce>        a client's own round trip (retained-delivery barrier)
-    bid/request/<rid>               call for bids
-    bid/reply/<rid>/<dev>           a bid
-    exec/<dev>                      a job for <dev>
-    exec/result/<rid>/<dev>         result events of a job
-    <discovery>/device/<dev>/config Home Assistant device discovery (not prefixed)
-    <discovery>/status              Home Assistant's birth/will (not prefixed)
+    agent/<dev>/availability             online/offline, retained, the node's Will
+    agent/<dev>/metrics                  metrics JSON, retained
+    agent/<dev>/trigger                  a prompt for <dev> to orchestrate (Home Assistant, mosquitto_pub)
+    agent/<dev>/last_result              the last answer to a trigger, retained
+    agent/<dev>/answer/<id>              the answer to the trigger that carried this id
+    agent/<dev>/sync/<nonce>             a client's own round trip (retained-delivery barrier)
+    bid/request/<rid>                    call for bids (public: every device bids)
+    bid/reply/<origin>/<rid>/<dev>       a bid: from <dev>, for <origin> only
+    exec/<dev>                           a job for <dev>
+    exec/<dev>/cancel/<origin>           <origin> abandons a job it sent to <dev>
+    result/<origin>/<rid>/<dev>          result events of a job: from <dev>, for <origin> only
+    <discovery>/device/<dev>/config      Home Assistant device discovery (not prefixed)
+    <discovery>/status                   Home Assistant's birth/will (not prefixed)
 
-Every topic but Home Assistant's is under ``topic_prefix``. Anything that ends in the
-speaker's device id does so on purpose: a broker ACL ``pattern write .../%u`` can then
-stop one device from speaking for another.
+Every topic but Home Assistant's is under ``topic_prefix``. Every topic that carries a
+device's private data (bids with their claims, results, answers) or an action on its
+work (a job's cancel) names the devices allowed to read or write it, so that a broker ACL
+of ``%u`` patterns can enforce it (``mosquitto/edge-agent.acl``): only ``<dev>`` writes
+``.../<dev>``, only ``<origin>`` reads ``bid/reply/<origin>/#`` and ``result/<origin>/#``
+and writes ``exec/+/cancel/<origin>``. The agent checks the same rules on what it
+receives. Ids are one topic level each, from a character set every tested broker
+accepts.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Device ids, request ids and nonces: one topic level each, safe on every broker tested.
+# Device ids, request ids, answer ids and nonces: one topic level each, safe on every
+# broker tested (no "." for NATS, no wildcards, no "/").
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_HINT = "use 1-64 of A-Z a-z 0-9 _ -"
 
@@ -34,10 +42,12 @@ def is_id(value: object) -> bool:
 
 @dataclass(frozen=True)
 class ParsedTopic:
-    kind: str  # availability | metrics | trigger | last_result | sync | bid_request |
-    #            bid_reply | exec | exec_result | ha_status
-    device: str | None = None
+    kind: str  # availability | metrics | trigger | last_result | answer | sync | bid_request |
+    #            bid_reply | exec | cancel | result | ha_status
+    device: str | None = None   # whose topic it is (the speaker, or the job's executor)
     rid: str | None = None
+    origin: str | None = None   # the orchestrator a private topic belongs to
+    nonce: str | None = None    # sync nonce, answer id
 
 
 class Topics:
@@ -60,28 +70,34 @@ class Topics:
     def last_result(self, dev: str) -> str:
         return f"{self.prefix}agent/{_id(dev)}/last_result"
 
+    def answer(self, dev: str, answer_id: str) -> str:
+        return f"{self.prefix}agent/{_id(dev)}/answer/{_id(answer_id)}"
+
     def sync(self, dev: str, nonce: str) -> str:
         return f"{self.prefix}agent/{_id(dev)}/sync/{_id(nonce)}"
 
     def bid_request(self, rid: str) -> str:
         return f"{self.prefix}bid/request/{_id(rid)}"
 
-    def bid_reply(self, rid: str, dev: str) -> str:
-        return f"{self.bid_reply_stem(rid)}/{_id(dev)}"
+    def bid_reply(self, origin: str, rid: str, dev: str) -> str:
+        return f"{self.bid_reply_stem(origin, rid)}/{_id(dev)}"
+
+    def bid_reply_stem(self, origin: str, rid: str) -> str:
+        """Where the bids for ``rid`` go, without the device level (a call's response topic)."""
+        return f"{self.prefix}bid/reply/{_id(origin)}/{_id(rid)}"
 
     def exec(self, dev: str) -> str:
         return f"{self.prefix}exec/{_id(dev)}"
 
-    def exec_result(self, rid: str, dev: str) -> str:
-        return f"{self.exec_result_stem(rid)}/{_id(dev)}"
+    def cancel(self, dev: str, origin: str) -> str:
+        return f"{self.prefix}exec/{_id(dev)}/cancel/{_id(origin)}"
 
-    def exec_result_stem(self, rid: str) -> str:
-        """Where the results of ``rid`` live, without the device level (a job's reply_to)."""
-        return f"{self.prefix}exec/result/{_id(rid)}"
+    def result(self, origin: str, rid: str, dev: str) -> str:
+        return f"{self.result_stem(origin, rid)}/{_id(dev)}"
 
-    def bid_reply_stem(self, rid: str) -> str:
-        """Where the bids for ``rid`` live, without the device level (a call's response topic)."""
-        return f"{self.prefix}bid/reply/{_id(rid)}"
+    def result_stem(self, origin: str, rid: str) -> str:
+        """Where the results of ``rid`` go, without the device level (a job's reply_to)."""
+        return f"{self.prefix}result/{_id(origin)}/{_id(rid)}"
 
     def ha_config(self, dev: str) -> str:
         return f"{self.discovery_prefix}/device/{_id(dev)}/config"
@@ -99,11 +115,14 @@ class Topics:
     def all_bid_requests(self) -> str:
         return f"{self.prefix}bid/request/+"
 
-    def bid_replies(self, rid: str) -> str:
-        return f"{self.bid_reply_stem(rid)}/+"
+    def bid_replies(self, origin: str, rid: str) -> str:
+        return f"{self.bid_reply_stem(origin, rid)}/+"
 
-    def exec_results(self, rid: str) -> str:
-        return f"{self.exec_result_stem(rid)}/+"
+    def cancels(self, dev: str) -> str:
+        return f"{self.prefix}exec/{_id(dev)}/cancel/+"
+
+    def results(self, origin: str, rid: str) -> str:
+        return f"{self.result_stem(origin, rid)}/+"
 
     # parsing ----------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic | None:
@@ -116,16 +135,18 @@ class Topics:
         match levels:
             case ["agent", dev, ("availability" | "metrics" | "trigger" | "last_result") as kind]:
                 return ParsedTopic(kind, device=dev) if is_id(dev) else None
-            case ["agent", dev, "sync", nonce]:
-                return ParsedTopic("sync", device=dev) if _ids(dev, nonce) else None
+            case ["agent", dev, ("sync" | "answer") as kind, nonce]:
+                return ParsedTopic(kind, device=dev, nonce=nonce) if _ids(dev, nonce) else None
             case ["bid", "request", rid]:
                 return ParsedTopic("bid_request", rid=rid) if is_id(rid) else None
-            case ["bid", "reply", rid, dev]:
-                return ParsedTopic("bid_reply", device=dev, rid=rid) if _ids(rid, dev) else None
-            case ["exec", "result", rid, dev]:
-                return ParsedTopic("exec_result", device=dev, rid=rid) if _ids(rid, dev) else None
+            case ["bid", "reply", origin, rid, dev]:
+                return ParsedTopic("bid_reply", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
             case ["exec", dev]:
                 return ParsedTopic("exec", device=dev) if is_id(dev) else None
+            case ["exec", dev, "cancel", origin]:
+                return ParsedTopic("cancel", device=dev, origin=origin) if _ids(dev, origin) else None
+            case ["result", origin, rid, dev]:
+                return ParsedTopic("result", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
         return None
 
 

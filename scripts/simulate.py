@@ -53,13 +53,12 @@ import numpy as np  # noqa: E402
 from agent.linucb import Arms, features, training_target  # noqa: E402
 from agent.messages import Snapshot  # noqa: E402
 from agent.selection import POLICIES, Offer, select  # noqa: E402
-from agent.servicemodel import ServiceRecord, decay_for, expected_wait, remaining  # noqa: E402
+from agent.servicemodel import UNKNOWN_JOB_S, ServiceRecord, decay_for, expected_wait, remaining  # noqa: E402
 
 ALPHA, LAMBDA, HALF_LIFE = 1.0, 1.0, 20.0    # the shipped defaults (config.py)
 CAP_S = 120.0
 ORCHESTRATORS = 3
 WARMUP_SHARE = 0.1                           # jobs left out of the steady-state means
-UNKNOWN_JOB_S = 10.0                         # what a node with no record assumes a job takes
 FILL_LOW = 0.2                               # answers use U(FILL_LOW, 1) of their token budget
 BACKGROUND_MEAN, BACKGROUND_REVERSION, BACKGROUND_STEP = 0.1, 0.01, 0.02
 

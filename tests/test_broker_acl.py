@@ -66,19 +66,21 @@ def test_a_device_cannot_speak_for_another(secured: LocalMosquitto, tmp_path: Pa
     bob = client(secured, "bob", tmp_path)
     ha = client(secured, "homeassistant", tmp_path)
     try:
-        watch = Spy(ha, "#")
-        spoofs = [T.bid_reply("r1", "bob"), T.exec_result("r1", "bob"), T.availability("bob"),
-                  T.metrics("bob"), T.ha_config("bob")]
+        public = Spy(ha, "#")          # what Home Assistant may read
+        private = Spy(bob, "#")        # what bob may read (his bids and results)
+        spoofs = [T.bid_reply("bob", "r1", "bob"), T.result("bob", "r1", "bob"), T.availability("bob"),
+                  T.metrics("bob"), T.ha_config("bob"), T.cancel("carol", "bob")]
         for topic in spoofs:
             alice.publish(topic, b"spoof")
-        honest = [T.bid_reply("r1", "alice"), T.exec_result("r1", "alice"), T.availability("alice")]
-        for topic in honest:
+        honest = [(T.bid_reply("bob", "r1", "alice"), private), (T.result("bob", "r1", "alice"), private),
+                  (T.availability("alice"), public)]
+        for topic, _ in honest:
             alice.publish(topic, b"honest")
         assert alice.barrier(5)
-        for topic in honest:
-            watch.wait_for(lambda m, t=topic: m.topic == t, what=topic)
-        assert ha.barrier(5)
-        got = {m.topic for m in watch.seen if m.payload == b"spoof"}
+        for topic, spy in honest:
+            spy.wait_for(lambda m, t=topic: m.topic == t, what=topic)
+        assert ha.barrier(5) and bob.barrier(5)
+        got = {m.topic for m in public.seen + private.seen if m.payload == b"spoof"}
         assert got == set(), f"spoofed messages got through: {got}"
     finally:
         for bus in (alice, bob, ha):

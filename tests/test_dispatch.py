@@ -99,7 +99,9 @@ def test_winner_gone_with_a_steady_link_and_a_runner_up_fails_over_at_once() -> 
     assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
 
 
-def test_winner_gone_while_our_own_link_is_shaky_gets_time_to_come_back() -> None:
+def test_nothing_is_concluded_while_our_own_link_is_down() -> None:
+    """A broker going away delivers every Will first: the winner looks dead, but the round
+    trip on our own link fails too. Only after we are back does the winner get a grace."""
     asked: list[bool] = []
 
     def shaky() -> bool:
@@ -110,33 +112,95 @@ def test_winner_gone_while_our_own_link_is_shaky_gets_time_to_come_back() -> Non
     a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
     step = a.on_peer(False, 1.0, shaky)
     assert step.verdict == "continue" and step.progress and asked
-    assert a.deadline == 1.0 + ACCEPT_S
-    assert a.on_peer(True, 2.0, shaky) == Step(), "it is back"
-    assert a.on_tick(1.0 + ACCEPT_S) == Step(), "and no longer on a grace timer"
-    a.on_peer(False, 10.0, shaky)
-    step = a.on_tick(10.0 + ACCEPT_S)
-    assert step.verdict == "next" and step.cancel
+    assert a.deadline == JOB_S, "no grace timer runs while we are cut off"
+    assert a.on_tick(30.0) == Step(), "however long the broker is down"
+    step = a.on_link(True, 31.0)
+    assert step.send, "back: the job is sent again (the node attaches or replays)"
+    assert a.deadline == 31.0 + ACCEPT_S, "and the winner gets a grace to come back"
+    step = a.on_peer(True, 32.0, shaky)
+    assert step.send and a.on_tick(31.0 + ACCEPT_S) == Step(), "it came back: no grace any more"
 
 
-def test_the_last_candidate_is_never_abandoned_at_once() -> None:
+def test_a_winner_still_gone_after_our_link_returns_is_failed_over_after_the_grace() -> None:
+    a = attempt()
+    a.on_link(False, 1.0)
+    a.on_peer(False, 1.5, lambda: pytest.fail("our link is known to be down"))
+    a.on_link(True, 5.0)
+    assert a.on_tick(5.0 + ACCEPT_S - 0.01) == Step()
+    step = a.on_tick(5.0 + ACCEPT_S)
+    assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
+
+
+def test_our_link_dropping_suspends_the_accept_deadline_and_restarts_it() -> None:
+    a = attempt()
+    a.on_link(False, 1.0)
+    assert a.on_tick(ACCEPT_S + 5) == Step(), "no accept can arrive while we are cut off"
+    a.on_link(True, 10.0)
+    assert a.deadline == 10.0 + ACCEPT_S
+    assert a.on_tick(10.0 + ACCEPT_S).verdict == "next"
+
+
+def test_with_no_runner_up_a_vanished_winner_is_waited_for_until_the_job_deadline() -> None:
     a = attempt(last=True)
-    step = a.on_peer(False, 1.0, lambda: pytest.fail("no need to ask: there is nowhere else to go"))
-    assert step.verdict == "continue"
+    step = a.on_peer(False, 1.0, lambda: True)
+    assert step.verdict == "continue" and "waiting for it to come back" in (step.progress or "")
+    assert a.on_tick(ACCEPT_S + 10) == Step(), "not failed over to nobody"
+    step = a.on_tick(JOB_S)
+    assert step.verdict == "finished" and step.answer is not None
+    assert step.answer.exit_code == ExitCode.TIMEOUT and "offline" in (step.answer.error or "")
+
+
+def test_the_last_candidate_gets_no_accept_deadline_but_the_job_deadline_holds() -> None:
+    a = attempt(last=True)
+    assert a.deadline == JOB_S and a.on_tick(ACCEPT_S + 1) == Step()
+    assert a.on_tick(JOB_S).answer.exit_code == ExitCode.TIMEOUT  # type: ignore[union-attr]
+
+
+def test_the_job_deadline_holds_while_a_winner_is_gone() -> None:
+    a = attempt()
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_link(False, JOB_S - 1)
+    a.on_peer(False, JOB_S - 1, lambda: False)
+    step = a.on_tick(JOB_S)
+    assert step.verdict == "finished" and step.answer is not None and step.answer.exit_code == ExitCode.TIMEOUT
+
+
+def test_a_streamed_winner_that_vanishes_gets_a_grace_then_fails_with_the_partial_text() -> None:
+    a = attempt()
+    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
+    step = a.on_peer(False, 1.0, lambda: True)
+    assert step.verdict == "continue" and a.deadline == 1.0 + ACCEPT_S
+    step = a.on_tick(1.0 + ACCEPT_S)
+    assert step.verdict == "finished" and step.answer is not None
+    assert step.answer.text == "partial " and not step.answer.ok and step.cancel
 
 
 def test_an_event_from_the_winner_cancels_its_grace() -> None:
     a = attempt()
-    a.on_peer(False, 1.0, lambda: False)
-    a.on_result(Accepted("r1", "peer", "cpu"), 1.5)
+    a.on_result(Token("r1", "peer", 0, "x"), 0.1)
+    a.on_peer(False, 1.0, lambda: True)
+    a.on_result(Token("r1", "peer", 1, "y"), 1.5)
     assert a.on_tick(1.0 + ACCEPT_S) == Step()
 
 
-def test_after_a_token_a_vanished_winner_is_a_failure_with_the_partial_text_never_a_rerun() -> None:
+def test_events_for_another_job_under_our_rid_are_not_our_answer() -> None:
+    a = DispatchState("r1", "peer", 0.0, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=False,
+                      digest="ours")
+    assert a.on_result(Done("r1", "peer", "hijacked", Timings(), digest="theirs"), 0.1) == Step()
+    assert a.on_result(Accepted("r1", "peer", "cpu", digest="theirs"), 0.1) == Step()
+    assert a.on_result(Done("r1", "peer", "ours", Timings(), digest="ours"), 0.2).verdict == "finished"
+
+
+def test_redelivered_accepts_progress_and_announcements() -> None:
     a = attempt()
-    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
-    step = a.on_peer(False, 1.0, lambda: True)
-    assert step.verdict == "finished" and step.answer is not None
-    assert step.answer.text == "partial " and not step.answer.ok and step.cancel
+    assert a.on_result(Token("r1", "peer", 0, "x"), 0.1).announce, "a token can come before any accept"
+    assert a.on_result(Accepted("r1", "peer", "cpu", 2), 0.2) == Step(progress="peer accepted; queue position 2")
+    assert a.state == "streaming"
+    b = attempt()
+    assert b.on_result(Done("r1", "peer", "x", Timings()), 0.1).announce, "a replayed done is the first event"
+    c = attempt()
+    step = c.on_result(Error("r1", "peer", "boom", partial_text="abc"), 0.1)
+    assert step.answer is not None and step.answer.text == "abc"
 
 
 def test_a_second_end_event_is_ignored() -> None:

@@ -135,35 +135,58 @@ def test_unreachable_broker_and_nothing_local_exits_3(env: Env) -> None:
 
 
 def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -> None:
+    import time
+
+    from agent.messages import Metrics, Snapshot
+
     caplog.set_level("INFO", logger="agent.node")
     hub = env.config("hub")
     worker = env.config("worker", cpu=sim(base_ms=1))
     t = env.topics
-    valid_request = BidRequest("r1", "hub", 1e10, 3, 8).to_payload()
-    stale_request = BidRequest("r2", "hub", 1.0, 3, 8).to_payload()  # deadline in 1970
-    stale_job = Job("r3", "hub", "cpu", "claim", "x", 8, deadline=1.0, accept_by=1.0,
-                    reply_to="exec/result/r3").to_payload()
+    now = time.time()
+    valid_request = BidRequest("r1", "hub", 30.0, 3, 8).to_payload()
+    # Sent 100 s ago by hub, whose clock the worker knows from hub's live metrics.
+    stale_request = BidRequest("r2", "hub", 30.0, 3, 8, sent_at=now - 100).to_payload()
+    stale_job = Job("r3", "hub", "cpu", "claim", "x", 8, 3.0, 600.0, "result/hub/r3", sent_at=now - 100).to_payload()
     garbage = [
         (t.bid_request("g1"), b"\xff\xfe not utf-8"),
         (t.bid_request("g2"), b"{not json"),
-        (t.bid_request("g3"), json.dumps({"v": 1, "rid": "g3", "origin": 5}).encode()),
-        (t.bid_request("g4"), b"[" + b"1," * 200_000 + b"1]"),  # oversized
-        (t.bid_request("g5"), valid_request.replace(b'"v":1', b'"v":99')),
+        (t.bid_request("g3"), json.dumps({"v": 2, "rid": "g3", "origin": 5}).encode()),
+        (t.bid_request("g5"), valid_request.replace(b'"v":2', b'"v":99')),
+        (t.bid_request("g6"), b"[" * 10_000),                      # nested too deeply
         (t.bid_request("r2"), stale_request),
         (t.exec("worker"), b"\x00\x01\x02"),
-        (t.exec("worker"), json.dumps({"v": 1, "rid": "j1", "mode": "gpu"}).encode()),
+        (t.exec("worker"), json.dumps({"v": 2, "rid": "j1", "mode": "gpu"}).encode()),
         (t.exec("worker"), stale_job),
+        (t.cancel("worker", "hub"), b"{}"),
     ]
-    with env.node(worker), env.spy(f"{env.prefix}exec/result/#") as results:
+    hub_clock = Metrics("hub", now, Snapshot(False, False, 0, 0.0, 1000.0, 0.0, 0)).to_payload()
+    with env.node(worker), env.spy(f"{env.prefix}result/#") as results:
+        results.publish(t.metrics("hub"), hub_clock)  # live: the worker learns hub's clock
         for topic, payload in garbage:
             results.publish(topic, payload)
         code, out, _, err = env.trigger(hub, "still there?")
         assert code == 0, err
         assert out is not None and out["winner"] == "worker" and out["text"] == "still there?"
         assert not [m for m in results.seen if b'"j1"' in m.payload or b'"r3"' in m.payload]
+        results.publish(t.metrics("hub"), b"", retain=True)
     dropped = [r for r in caplog.records if r.name == "agent.node" and
                str(r.msg).startswith(("dropped", "ignored"))]
     assert len(dropped) == len(garbage), "\n".join(r.getMessage() for r in dropped)
+
+
+def test_an_oversized_message_never_reaches_the_node(env: Env, caplog) -> None:
+    """The node tells the broker its largest packet (MQTT 5 Maximum Packet Size), so a
+    huge message is dropped there instead of being read into the node's memory."""
+    caplog.set_level("INFO", logger="agent.node")
+    worker = env.config("worker", cpu=sim(base_ms=1), max_payload_bytes=8192)
+    with env.node(worker), env.spy("nothing") as spy:
+        spy.publish(env.topics.bid_request("big"), b"{" + b" " * 100_000 + b"}")
+        spy.publish(env.topics.bid_request("small"), b"{not json")
+        spy.bus.barrier(5)
+        assert env.trigger(env.config("hub"), "after")[0] == 0  # processed in order after both
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.node" and "dropped" in r.getMessage()]
+    assert any("/small" in line for line in lines) and not any("/big" in line for line in lines), lines
 
 
 def test_broken_config_exits_2_listing_every_problem(env: Env, capsys) -> None:

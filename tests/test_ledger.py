@@ -3,109 +3,142 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from agent.errors import IllegalTransition
+from agent.journal import Recorded
 from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay
 from agent.messages import Cancel, Declined, Job, encode_result
 
-NOW = 1_000_000.0
 
-
-def ledger(recorded: dict[str, bytes] | None = None, keep: int = 4096) -> JobLedger:
+def ledger(recorded: dict[str, Recorded] | None = None, keep: int = 4096) -> JobLedger:
     journal = recorded if recorded is not None else {}
-    return JobLedger("node", "epoch", recorded=journal.get, encode=encode_result, keep=keep)
+    return JobLedger("node", recorded=journal.get, encode=encode_result, keep=keep)
 
 
-def job(claim: str, *, rid: str = "r1", mode: str = "cpu", deadline: float = NOW + 60,
-        accept_by: float = NOW + 5) -> Job:
-    return Job(rid, "hub", mode, claim, "prompt", 8, deadline, accept_by, "exec/result/r1")
+def job(claim: str, *, rid: str = "r1", mode: str = "cpu", origin: str = "hub", prompt: str = "prompt",
+        accept_s: float = 5.0, timeout_s: float = 60.0) -> Job:
+    return Job(rid, origin, mode, claim, prompt, 8, accept_s, timeout_s, f"result/{origin}/{rid}")
 
 
 def reason(payload: bytes) -> str:
     return str(json.loads(payload)["reason"])
 
 
-def test_a_claim_is_issued_once_per_rid_and_is_unique_to_the_process() -> None:
-    a, b = ledger(), JobLedger("node", "other-epoch", recorded=lambda r: None, encode=encode_result)
-    assert a.offer("r1") == a.offer("r1")
-    assert a.offer("r1") != a.offer("r2")
-    assert a.offer("r1") != b.offer("r1"), "a restarted node issues different claims"
+def admitted(lg: JobLedger, j: Job) -> None:
+    assert isinstance(lg.receive(j, 0.0), Admit)
 
 
-def test_a_job_with_its_claim_is_admitted() -> None:
+def test_a_claim_is_issued_per_rid_and_origin_and_is_unguessable() -> None:
+    a, b = ledger(), ledger()
+    claim = a.offer("r1", "hub")
+    assert claim == a.offer("r1", "hub"), "asked again: the same claim"
+    assert a.offer("r2", "hub") != claim
+    assert a.offer("r1", "someone-else") == "", "the rid belongs to the first origin that called"
+    assert b.offer("r1", "hub") != claim, "another process (a restarted node) issues other claims"
+    assert len(claim) >= 16
+
+
+def test_a_job_with_its_claim_from_its_origin_is_admitted() -> None:
     lg = ledger()
-    assert isinstance(lg.receive(job(lg.offer("r1")), NOW), Admit)
+    admitted(lg, job(lg.offer("r1", "hub")))
 
 
-def test_a_job_with_a_claim_this_process_never_issued_is_declined_stale() -> None:
+@pytest.mark.parametrize("tamper", [{"claim": "some-other-claim"}, {"origin": "evil"}])
+def test_a_job_without_the_claim_given_to_its_origin_is_declined_stale(tamper: dict[str, str]) -> None:
     lg = ledger()
-    lg.offer("r1")
-    verdict = lg.receive(job("some-other-claim"), NOW)
+    claim = lg.offer("r1", "hub")
+    forged = replace(job(claim), **tamper)
+    verdict = lg.receive(forged, 0.0)
     assert isinstance(verdict, Decline) and verdict.event.reason == "stale_claim"
-    again = lg.receive(job("some-other-claim"), NOW)
+    again = lg.receive(forged, 0.0)
     assert isinstance(again, Replay) and reason(again.payload) == "stale_claim", "the same answer again"
 
 
 def test_a_claim_is_honoured_once() -> None:
     lg = ledger()
-    claim = lg.offer("r1")
-    run = lg.accept(job(claim), 0.0, queue_position=0)
+    claim = lg.offer("r1", "hub")
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
     lg.finish(run, ok=True)  # (journal write failed: nothing recorded)
-    verdict = lg.receive(job(claim, mode="npu"), NOW)
+    verdict = lg.receive(job(claim, mode="npu"), 0.0)
     assert isinstance(verdict, Decline) and verdict.event.reason == "stale_claim"
 
 
-@pytest.mark.parametrize("field", ["deadline", "accept_by"])
-def test_too_late_to_start_is_ignored(field: str) -> None:
+def test_too_late_to_start_is_ignored_and_the_limit_is_inclusive() -> None:
     lg = ledger()
-    late = job(lg.offer("r1"), **{field: NOW - 0.001})
-    verdict = lg.receive(late, NOW)
+    claim = lg.offer("r1", "hub")
+    assert isinstance(lg.receive(job(claim, accept_s=5.0), 5.0), Admit), "exactly at its limit: still fine"
+    verdict = lg.receive(job(claim, accept_s=5.0), 5.001)
     assert isinstance(verdict, Ignore) and "too late" in verdict.reason
+    assert isinstance(lg.receive(job(claim, accept_s=5.0, timeout_s=2.0), 3.0), Ignore), "its answer is not wanted"
 
 
 def test_a_copy_that_arrives_while_queued_or_running_attaches() -> None:
     lg = ledger()
-    claim = lg.offer("r1")
-    run = lg.accept(job(claim), 0.0, queue_position=2)
+    claim = lg.offer("r1", "hub")
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=2)
     for _ in range(2):
-        verdict = lg.receive(job(claim), NOW)
+        verdict = lg.receive(job(claim), 0.0)
         assert isinstance(verdict, Attach) and verdict.accepted == run.accepted
-        assert verdict.accepted.queue_position == 2
+        assert verdict.accepted.queue_position == 2 and verdict.accepted.digest == job(claim).digest
     assert lg.start(run)
-    assert isinstance(lg.receive(job(claim), NOW), Attach)
+    assert isinstance(lg.receive(job(claim), 100.0), Attach), "even long after: it is running"
 
 
-def test_a_finished_job_is_replayed_from_the_journal_even_past_its_deadline() -> None:
-    journal = {"r1": b'{"type":"done"}'}
-    lg = ledger(journal)
-    verdict = lg.receive(job("anything", deadline=NOW - 100, accept_by=NOW - 100), NOW)
-    assert verdict == Replay(b'{"type":"done"}')
+def test_another_job_under_a_running_rid_is_refused_and_not_remembered() -> None:
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    lg.accept(job(claim), 0.0, 60.0, queue_position=0)
+    hijack = job(claim, prompt="the attacker's prompt")
+    verdict = lg.receive(hijack, 0.0)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "rid_conflict"
+    assert isinstance(lg.receive(job(claim), 0.0), Attach), "the real job is unaffected"
+
+
+def test_a_finished_job_is_replayed_from_the_journal_only_to_the_same_job() -> None:
+    original = job("anything")
+    lg = ledger({"r1": Recorded(original.digest, b'{"type":"done"}')})
+    assert lg.receive(original, 1000.0) == Replay(b'{"type":"done"}'), "replayed even past its deadline"
+    verdict = lg.receive(job("anything", prompt="someone else's"), 0.0)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "rid_conflict", "nobody gets another's answer"
 
 
 def test_a_decline_is_remembered_per_mode() -> None:
     lg = ledger()
-    claim = lg.offer("r1")
+    claim = lg.offer("r1", "hub")
     declined = lg.decline(job(claim, mode="npu"), "npu_busy")
     assert declined == Declined("r1", "node", "npu_busy")
-    again = lg.receive(job(claim, mode="npu"), NOW)
+    again = lg.receive(job(claim, mode="npu"), 0.0)
     assert isinstance(again, Replay) and reason(again.payload) == "npu_busy"
-    assert isinstance(lg.receive(job(claim, mode="cpu"), NOW), Admit), "the CPU may still take it"
+    assert isinstance(lg.receive(job(claim, mode="cpu"), 0.0), Admit), "the CPU may still take it"
 
 
 def test_a_cancel_before_the_job_declines_every_later_copy() -> None:
     lg = ledger()
-    claim = lg.offer("r1")
-    assert lg.cancel(Cancel("r1", "hub", "failed over"), NOW) is None
-    verdict = lg.receive(job(claim), NOW)
+    claim = lg.offer("r1", "hub")
+    assert lg.cancel(Cancel("r1", "hub", claim, "failed over")) is None
+    assert lg.cancelled(Cancel("r1", "hub", claim))
+    verdict = lg.receive(job(claim), 0.0)
     assert isinstance(verdict, Decline) and verdict.event.reason == "cancelled"
+
+
+@pytest.mark.parametrize("forged", [Cancel("r1", "hub", "not-the-claim"), Cancel("r1", "evil", "CLAIM")])
+def test_only_the_origin_with_the_claim_can_cancel(forged: Cancel) -> None:
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    forged = replace(forged, claim=claim if forged.claim == "CLAIM" else forged.claim)
+    assert lg.cancel(forged) is None and not lg.cancelled(forged), "before the job"
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
+    assert lg.cancel(forged) is None and not run.cancel.is_set(), "and while it runs"
 
 
 def test_a_cancel_while_queued_keeps_it_from_ever_starting() -> None:
     lg = ledger()
-    run = lg.accept(job(lg.offer("r1")), 0.0, queue_position=1)
-    stopped = lg.cancel(Cancel("r1", "hub", "no accept in time"), NOW)
+    claim = lg.offer("r1", "hub")
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=1)
+    stopped = lg.cancel(Cancel("r1", "hub", claim, "no accept in time"))
     assert stopped is run and run.cancel.is_set()
     assert lg.start(run) is False
     assert run.fsm.state == "failed"
@@ -113,15 +146,16 @@ def test_a_cancel_while_queued_keeps_it_from_ever_starting() -> None:
 
 def test_a_cancel_while_running_stops_it() -> None:
     lg = ledger()
-    run = lg.accept(job(lg.offer("r1")), 0.0, queue_position=0)
+    claim = lg.offer("r1", "hub")
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
     assert lg.start(run)
-    assert lg.cancel(Cancel("r1", "hub", "went offline"), NOW) is run
+    assert lg.cancel(Cancel("r1", "hub", claim, "went offline")) is run
     assert run.cancel.is_set(), "the executor watches this event"
 
 
 def test_finish_forgets_the_run_and_the_lifecycle_follows_the_table() -> None:
     lg = ledger()
-    run = lg.accept(job(lg.offer("r1")), 0.0, queue_position=0)
+    run = lg.accept(job(lg.offer("r1", "hub")), 0.0, 60.0, queue_position=0)
     assert lg.running() == [run]
     assert lg.start(run)
     lg.finish(run, ok=True)
@@ -130,12 +164,12 @@ def test_finish_forgets_the_run_and_the_lifecycle_follows_the_table() -> None:
         lg.start(run)
 
 
-def test_memories_are_bounded_oldest_first() -> None:
+def test_memories_are_bounded_oldest_first_and_hold_exactly_keep() -> None:
     lg = ledger(keep=3)
-    claims = [lg.offer(f"r{i}") for i in range(5)]
-    assert isinstance(lg.receive(job(claims[0], rid="r0"), NOW), Decline), "r0's claim was forgotten"
-    assert isinstance(lg.receive(job(claims[4], rid="r4"), NOW), Admit)
+    claims = [lg.offer(f"r{i}", "hub") for i in range(5)]
+    assert isinstance(lg.receive(job(claims[0], rid="r0"), 0.0), Decline), "r0's claim was forgotten"
+    assert isinstance(lg.receive(job(claims[2], rid="r2"), 0.0), Admit), "the last three are kept"
     for i in range(5):
-        lg.cancel(Cancel(f"c{i}", "hub"), NOW)
-    assert isinstance(lg.receive(job(lg.offer("c0"), rid="c0"), NOW), Admit), "c0's cancel was forgotten"
-    assert isinstance(lg.receive(job(lg.offer("c4"), rid="c4"), NOW), Decline)
+        c = lg.offer(f"c{i}", "hub")
+        lg.cancel(Cancel(f"c{i}", "hub", c))
+    assert not lg.cancelled(Cancel("c0", "hub", "x")) and lg.cancelled(Cancel("c4", "hub", lg.offer("c4", "hub")))

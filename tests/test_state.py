@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.journal import Journal
+from agent.journal import Journal, Recorded
 from agent.locks import NpuLock
 from tests.support.fleet import hold_npu_in_other_process
 
@@ -36,19 +36,19 @@ def test_npu_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path)
 def test_journal_remembers_across_restarts_and_forgets_after_ttl(tmp_path: Path) -> None:
     now = [1000.0]
     j = Journal(tmp_path, ttl_s=100, clock=lambda: now[0])
-    j.record("r1", b'{"type":"done"}')
-    assert Journal(tmp_path, ttl_s=100, clock=lambda: now[0]).get("r1") == b'{"type":"done"}'
+    j.record("r1", "d1", b'{"type":"done"}')
+    assert Journal(tmp_path, ttl_s=100, clock=lambda: now[0]).get("r1") == Recorded("d1", b'{"type":"done"}')
     now[0] = 1200.0
     assert Journal(tmp_path, ttl_s=100, clock=lambda: now[0]).get("r1") is None
 
 
 def test_journal_survives_a_torn_last_line(tmp_path: Path, caplog) -> None:
     j = Journal(tmp_path)
-    j.record("r1", b"{}")
+    j.record("r1", "d1", b"{}")
     with open(tmp_path / "completed.jsonl", "a") as fh:
         fh.write('{"rid": "r2", "ts": 1')
     again = Journal(tmp_path)
-    assert again.get("r1") == b"{}" and again.get("r2") is None
+    assert again.get("r1") == Recorded("d1", b"{}") and again.get("r2") is None
     assert "unreadable" in caplog.text
 
 
@@ -57,7 +57,7 @@ def test_journal_compacts(tmp_path: Path) -> None:
     j = Journal(tmp_path, ttl_s=10, clock=lambda: now[0])
     for i in range(300):
         now[0] = float(i)
-        j.record(f"r{i}", b"{}")
+        j.record(f"r{i}", "d", b"{}")
     lines = (tmp_path / "completed.jsonl").read_text().splitlines()
     assert len(lines) < 100
-    assert Journal(tmp_path, ttl_s=10, clock=lambda: now[0]).get("r299") == b"{}"
+    assert Journal(tmp_path, ttl_s=10, clock=lambda: now[0]).get("r299") == Recorded("d", b"{}")

@@ -11,7 +11,7 @@ import pytest
 
 from agent import statefiles
 from agent.errors import StateError
-from agent.journal import Journal
+from agent.journal import Journal, Recorded
 from agent.linucb import ArmStore, D
 from agent.statefiles import atomic_write, ensure_dir
 
@@ -65,13 +65,13 @@ def test_journal_compaction_failing_part_way_keeps_every_entry(tmp_path: Path, m
     now = [0.0]
     journal = Journal(tmp_path, ttl_s=1e9, clock=lambda: now[0])
     for i in range(60):
-        journal.record(f"r{i}", b"{}")
+        journal.record(f"r{i}", "d", b"{}")
     monkeypatch.setattr(statefiles.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
     with pytest.raises(StateError):
         journal._compact()
     monkeypatch.undo()
     again = Journal(tmp_path, ttl_s=1e9, clock=lambda: now[0])
-    assert all(again.get(f"r{i}") == b"{}" for i in range(60))
+    assert all(again.get(f"r{i}") == Recorded("d", b"{}") for i in range(60))
 
 
 def test_journal_compaction_replaces_the_file_atomically(tmp_path: Path, monkeypatch) -> None:
@@ -87,6 +87,6 @@ def test_journal_compaction_replaces_the_file_atomically(tmp_path: Path, monkeyp
     journal = Journal(tmp_path, ttl_s=10, clock=lambda: now[0])
     for i in range(300):
         now[0] = float(i)
-        journal.record(f"r{i}", b"{}")
+        journal.record(f"r{i}", "d", b"{}")
     assert calls and all(path == journal.path for path, _ in calls), "compaction goes through atomic_write"
     assert stat.S_IMODE(os.stat(journal.path).st_mode) == 0o600
