@@ -3,6 +3,7 @@
     python -m agent --role node --config FILE      the node daemon
     python -m agent trigger --config FILE PROMPT   one orchestration
     python -m agent status --config FILE           the roster
+    python -m agent check --config FILE            is this device ready to be a node?
 
 Every ``AgentError`` becomes its documented exit code and a one-line message (see
 ``agent.errors.ExitCode``); anything else is a bug, reported in one line with a hint to
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -115,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Show the roster from the retained availability and metrics topics.")
     _common(status, suppress=True)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    check = sub.add_parser("check", help="check this device's config, state_dir, model runners and broker",
+                           description="Check everything a node needs, report every problem at once, and "
+                                       "change nothing. With a node daemon running, the broker is its "
+                                       "business: the check asks the daemon instead of connecting.",
+                           epilog="Exit codes: 0 ready, 2 something to fix (listed), 5 broker not reachable.")
+    _common(check, suppress=True)
     return parser
 
 
@@ -140,6 +149,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return _node(cfg, err)
         if command == "trigger":
             return _trigger(cfg, args, out, err)
+        if command == "check":
+            return _check(cfg, out)
         return _status(cfg, args, out, err)
     except AgentError as exc:
         print(f"error: {exc}", file=err)
@@ -208,7 +219,9 @@ def _node(cfg: Config, err: TextIO) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         node.start()
-        while not stop.wait(3600):
+        # Short waits: a signal may land on another thread, and Python runs its handler
+        # only when the main thread wakes up.
+        while not stop.wait(0.5):
             pass
         if signals and not fatal:
             stop.clear()
@@ -251,22 +264,124 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
+class _Printer:
+    """What ``trigger`` shows while it waits and once the answer is in."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO):
+        self.args, self.out, self.err = args, out, err
+        self.streaming = not args.json
+
+    def decision(self, winner: str, path: str, score: float | None) -> None:
+        if self.streaming:
+            label = PATH_LABELS.get(path, path)
+            if path in ("peer-cpu", "local-cpu") and score is not None:
+                label += f", LinUCB score {score:.3f}"
+            print(f"✓ Winner: {winner} ({label})", file=self.out, flush=True)
+
+    def token(self, text: str) -> None:
+        if self.streaming:
+            self.out.write(text)
+            self.out.flush()
+
+    def progress(self, message: str) -> None:
+        if not self.args.quiet:
+            print(f"… {message}", file=self.err, flush=True)
+
+    def outcome(self, result: dict[str, Any]) -> int:
+        """The end: the JSON, or the summary lines; returns the exit code."""
+        for warning in result["warnings"]:
+            print(f"warning: {warning}", file=self.err)
+        if self.args.json:
+            print(json.dumps(result, ensure_ascii=False), file=self.out)
+        elif self.args.dry_run:
+            if result["winner"]:
+                label = PATH_LABELS.get(result["path"] or "", result["path"])
+                print(f"✓ Winner would be: {result['winner']} ({label})", file=self.out)
+            for i, c in enumerate(result["ranking"], 1):
+                score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
+                print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=self.out)
+        else:
+            if result["text"] and not result["text"].endswith("\n"):
+                self.out.write("\n")
+            if result["ok"]:
+                auction = (f"; auction {result['auction_ms']:.1f} ms, {len(result['bids'])} bid(s) from "
+                           f"{len(result['roster'])} device(s) online" if result["path"] != "local-npu" else "")
+                print(f"answered by {result['winner']} ({result['path']}) in {result['total_ms']:.0f} ms{auction}",
+                      file=self.err)
+        if not result["ok"]:
+            print(f"✗ {result['error']}", file=self.err)
+        return int(result["exit_code"])
+
+
 def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from agent import control
+
+    prompt = _read_prompt(args)
+    printer = _Printer(args, out, err)
+    daemon = control.connect(cfg.state_dir)
+    if daemon is not None:  # the device's own node runs: it orchestrates, with its warm connection
+        return _trigger_via_daemon(daemon, prompt, args, printer)
+    return _trigger_here(cfg, prompt, args, printer)
+
+
+def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
+    from agent import control
+
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
+
+    handlers = _install_signals(on_signal)
+    request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
+               "dry_run": args.dry_run, "bid_timeout_s": args.bid_timeout}
+    try:
+        with sock:
+            for event in control.request(sock, request):
+                kind = event.get("type")
+                if kind == "decision":
+                    printer.decision(event["winner"], event["path"], event.get("score"))
+                elif kind == "token":
+                    printer.token(event["text"])
+                elif kind == "progress":
+                    printer.progress(event["text"])
+                elif kind == "outcome":
+                    code = printer.outcome(event["outcome"])
+                    break
+                elif kind == "error":
+                    print(f"error: {event['error']}", file=printer.err)
+                    code = int(event.get("exit_code", ExitCode.FAILED))
+                    break
+            else:
+                print("error: the node daemon went away before answering", file=printer.err)
+                code = ExitCode.FAILED
+    except OSError as exc:
+        print(f"error: lost the node daemon: {exc}", file=printer.err)
+        code = ExitCode.FAILED
+    finally:
+        _restore_signals(handlers)
+    if caught:
+        return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
+    return code
+
+
+def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
+    """No daemon on this device: this process orchestrates, connecting to the broker itself."""
     from dataclasses import replace
 
     from agent.fleet import Fleet
     from agent.locks import CpuSlots
     from agent.metrics import HostSampler, snapshot
     from agent.orchestrator import Orchestrator
-    from agent.outcome import Decided
     from agent.servicemodel import UNKNOWN_JOB_S
 
-    prompt = _read_prompt(args)
     if args.bid_timeout is not None:
         cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
-
-    npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
-    cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
+    npu_exec = _usable(cfg, "npu", printer.err) if cfg.npu.enabled else None
+    cpu_exec = _usable(cfg, "cpu", printer.err) if cfg.cpu.enabled else None
     fleets: list[Fleet] = []
 
     def connect() -> Fleet:
@@ -281,27 +396,10 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
         return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False, cpu_slots=slots,
                         queue_depth=busy, recent={}, backlog_s=0.0 if busy < slots else UNKNOWN_JOB_S)
 
-    streaming = not args.json
-
-    def on_decision(d: Decided) -> None:
-        if streaming:
-            label = PATH_LABELS.get(d.path, d.path)
-            if d.path in ("peer-cpu", "local-cpu") and d.score is not None:
-                label += f", LinUCB score {d.score:.3f}"
-            print(f"✓ Winner: {d.winner} ({label})", file=out, flush=True)
-
-    def on_token(text: str) -> None:
-        if streaming:
-            out.write(text)
-            out.flush()
-
-    def on_progress(message: str) -> None:
-        if not args.quiet:
-            print(f"… {message}", file=err, flush=True)
-
     orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=on_token,
-                        on_decision=on_decision, on_progress=on_progress)
+                        arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=printer.token,
+                        on_decision=lambda d: printer.decision(d.winner, d.path, d.score),
+                        on_progress=printer.progress)
     # Ctrl-C or SIGTERM: the job in flight is cancelled on its device, then we exit 130/143.
     caught: list[int] = []
 
@@ -319,31 +417,9 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
         for fleet in fleets:
             fleet.close()
     if caught:
-        print(f"\n✗ {result.error or 'interrupted'}", file=err)
+        print(f"\n✗ {result.error or 'interrupted'}", file=printer.err)
         return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
-
-    for warning in result.warnings:
-        print(f"warning: {warning}", file=err)
-    if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False), file=out)
-    elif args.dry_run:
-        if result.winner:
-            print(f"✓ Winner would be: {result.winner} ({PATH_LABELS.get(result.path or '', result.path)})",
-                  file=out)
-        for i, c in enumerate(result.ranking, 1):
-            score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
-            print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=out)
-    else:
-        if result.text and not result.text.endswith("\n"):
-            out.write("\n")
-        if result.ok:
-            auction = (f"; auction {result.auction_ms:.1f} ms, {len(result.bids)} bid(s) from "
-                       f"{len(result.roster)} peer(s) online" if result.path != "local-npu" else "")
-            print(f"answered by {result.winner} ({result.path}) in {result.total_ms:.0f} ms{auction}",
-                  file=err)
-    if not result.ok:
-        print(f"✗ {result.error}", file=err)
-    return result.exit_code
+    return printer.outcome(result.to_json())
 
 
 def _install_signals(handler: Any) -> dict[int, Any]:
@@ -379,55 +455,82 @@ def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
 def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import time
 
-    from agent.fleet import Fleet
-    from agent.messages import Metrics, decoded
+    from agent import control
+    from agent.status import table
 
-    fleet = Fleet.open(cfg, role="status")
-    topics = fleet.topics
-    metrics: dict[str, Metrics] = {}
+    daemon = control.connect(cfg.state_dir)
+    if daemon is not None:  # ask this device's node: no second connection as this device
+        with daemon:
+            events = list(control.request(daemon, {"op": "status"}))
+        devices = next((e["devices"] for e in events if e.get("type") == "status"), None)
+        if devices is None:
+            print(f"error: the node daemon did not answer: {events}", file=err)
+            return ExitCode.FAILED
+    else:
+        from agent.fleet import Fleet
+        from agent.status import rows
 
-    def on_metrics(msg: Any) -> None:
-        parsed = topics.parse(msg.topic)
-        m = decoded(msg.topic, msg.payload, lambda p: Metrics.from_payload(p, cfg.max_payload_bytes),
-                    what="metrics", logger=log, matches=lambda m: parsed is not None and parsed.device == m.device)
-        if m is not None:
-            metrics[m.device] = m
-
-    try:
-        fleet.bus.subscribe(topics.all_metrics(), on_metrics)
-        fleet.sync()
-        known = fleet.roster.known()
-    finally:
-        fleet.close()
-    now = time.time()
-    rows = []
-    for dev in sorted(set(known) | set(metrics)):
-        m = metrics.get(dev)
-        s = m.snapshot if m else None
-        rows.append({
-            "device": dev, "online": known.get(dev, False),
-            "npu": None if s is None or not s.has_npu else ("free" if s.npu_free else "busy"),
-            "cpu_slots": s.cpu_slots if s else None, "cpu_percent": s.cpu_percent if s else None,
-            "mem_available_mb": s.mem_available_mb if s else None,
-            "queue_depth": s.queue_depth if s else None,
-            "last_latency_ms": m.last_latency_ms if m else None,
-            "metrics_age_s": round(now - m.ts, 1) if m else None,
-        })
+        fleet = Fleet.open(cfg, role="status")
+        try:
+            fleet.sync()
+            devices = rows(fleet.roster, time.time())
+        finally:
+            fleet.close()
     if args.json:
-        print(json.dumps({"devices": rows}), file=out)
+        print(json.dumps({"devices": devices}), file=out)
         return ExitCode.OK
-    if not rows:
+    if not devices:
         print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
               f" (prefix {cfg.topic_prefix!r})", file=out)
         return ExitCode.OK
-    header = (f"{'DEVICE':<20} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} "
-              f"{'LAST MS':>8} {'AGE S':>6}")
-    print(header, file=out)
-    for r in rows:
-        def fmt(v: Any, spec: str) -> str:
-            return "-" if v is None else format(v, spec)
-        print(f"{r['device']:<20} {'online' if r['online'] else 'offline':<8} {r['npu'] or '-':<5} "
-              f"{fmt(r['cpu_percent'], '.0f'):>5} {fmt(r['mem_available_mb'], '.0f'):>8} "
-              f"{fmt(r['queue_depth'], 'd'):>5} {fmt(r['last_latency_ms'], '.0f'):>8} "
-              f"{fmt(r['metrics_age_s'], '.0f'):>6}", file=out)
+    print("\n".join(table(devices)), file=out)
     return ExitCode.OK
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def _check(cfg: Config, out: TextIO) -> int:
+    """One line per thing a node needs; the worst finding decides the exit code."""
+    from agent import control
+    from agent.errors import BrokerUnavailable, StateError
+    from agent.executors import build_executor
+    from agent.statefiles import check_writable
+
+    codes: list[int] = []
+
+    def report(what: str, problem: str | None, detail: str, code: int = ExitCode.USAGE) -> None:
+        print(f"{'✓' if problem is None else '✗'} {what:<10} {detail if problem is None else problem}", file=out)
+        if problem is not None:
+            codes.append(code)
+
+    report("config", None, f"{cfg.source}: device_id {cfg.device_id}")
+    try:
+        check_writable(cfg.state_dir)
+        report("state_dir", None, f"{cfg.state_dir} (writable)")
+    except StateError as exc:
+        report("state_dir", str(exc), "")
+    runners = [(mode, section.executor) for mode, section in (("npu", cfg.npu), ("cpu", cfg.cpu)) if section.enabled]
+    if not runners:
+        report("runners", "npu and cpu are both disabled: this node can run nothing", "")
+    for mode, exe_cfg in runners:
+        executor = build_executor(exe_cfg, name=f"{cfg.device_id}:{mode}")
+        probe = getattr(executor, "probe", executor.check)  # a server is asked, a binary looked up
+        report(mode, probe(), f"{exe_cfg.kind} ready")
+    broker = f"{cfg.broker.host}:{cfg.broker.port}"
+    daemon = control.connect(cfg.state_dir)
+    if daemon is not None:
+        with daemon:
+            answered = any(e.get("type") == "status" for e in control.request(daemon, {"op": "status"}))
+        report("broker", None if answered else "the node daemon of this state_dir did not answer",
+               f"{broker}: a node daemon runs here and owns the connection")
+    else:
+        from agent.fleet import Fleet
+
+        try:
+            Fleet.open(cfg, role="check").close()
+            user = f" as {cfg.broker.username}" if cfg.broker.username else ""
+            report("broker", None, f"{broker}{' (TLS)' if cfg.broker.tls.enabled else ''}: connected{user}")
+        except BrokerUnavailable as exc:
+            report("broker", str(exc), "", ExitCode.BROKER)
+    return ExitCode.USAGE if ExitCode.USAGE in codes else max(codes, default=ExitCode.OK)

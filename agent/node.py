@@ -28,10 +28,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from agent.bus import Bus, Message, Will, expiry_interval, new_nonce
 from agent.config import Config
-from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError, StateError
+from agent.control import Channel, ControlServer
+from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError, ExitCode, StateError, UsageError
 from agent.executors import Executor, Params, Result, estimate_tokens, usable
 from agent.fleet import Fleet
 from agent.gate import Gate
@@ -103,6 +105,9 @@ class Node:
         self._metrics_due = threading.Event()
         self.health = "ok"          # or why this node takes no work
         self.draining = False
+        # This device's own trigger/status processes come through here, not the broker.
+        self.control = ControlServer(cfg.state_dir, self._on_control)
+        self._control_busy = threading.Semaphore(cfg.triggers.workers + cfg.triggers.max_waiting)
 
     def _executor(self, mode: str) -> Executor | None:
         section = self.cfg.npu if mode == "npu" else self.cfg.cpu
@@ -131,6 +136,7 @@ class Node:
         self.gate.start()
         self.triggers.start()
         self._spawn(self._metrics_loop, "node-metrics")
+        self.control.start()
         self.bus.start()
         log.info("node %s starting: NPU %s, CPU %s, broker %s, prefix %r", self.me,
                  _describe(self.npu_exec), _describe(self.cpu_exec, self.gate.slots),
@@ -151,6 +157,7 @@ class Node:
         """Shutdown: cancel what still runs, publish offline, disconnect."""
         self._stop.set()
         self._metrics_due.set()
+        self.control.stop()
         for run in self.ledger.running():
             run.cancel.set()
         self.gate.stop()
@@ -184,6 +191,7 @@ class Node:
     def _check_health(self) -> None:
         try:
             check_writable(self.cfg.state_dir)
+            self.journal.flush()  # what the disk refused must go in first
         except StateError as exc:
             self.health = str(exc)
             return
@@ -441,11 +449,7 @@ class Node:
                       "try again later"))
 
     def _orchestrate(self, req: TriggerRequest, response_topic: str | None) -> None:
-        from agent.linucb import ArmStore
-        from agent.orchestrator import Orchestrator
-
-        orch = Orchestrator(self.cfg, connect=lambda: self.fleet, npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
-                            arms=lambda: ArmStore.for_config(self.cfg), local_snapshot=self._local_offer_snapshot)
+        orch = self._orchestrator(self.cfg)
         try:
             out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256)
         except AgentError as exc:
@@ -469,8 +473,67 @@ class Node:
         if response_topic:
             self.bus.publish(response_topic, payload)
 
+    # ---------------------------------------------------------------- the local control socket
+    def _on_control(self, request: dict[str, Any], channel: Channel) -> None:
+        """A trigger or status request from a process of this device (agent/control.py)."""
+        op = request.get("op")
+        if op == "status":
+            from agent.status import rows
+            channel.send({"type": "status", "devices": rows(self.fleet.roster, self.wall())})
+            return
+        if op != "trigger":
+            channel.send({"type": "error", "error": f"unknown request {op!r}", "exit_code": ExitCode.USAGE})
+            return
+        try:
+            prompt, max_new, need, dry_run, bid_timeout = _trigger_request(request)
+        except UsageError as exc:
+            channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
+            return
+        if not self._control_busy.acquire(blocking=False):
+            channel.send({"type": "error", "error": "busy: too many prompts are running or waiting on this device; "
+                                                    "try again later", "exit_code": ExitCode.FAILED})
+            return
+        try:
+            cfg = self.cfg
+            if bid_timeout is not None:
+                cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=bid_timeout))
+            orch = self._orchestrator(cfg, on_token=lambda text: channel.send({"type": "token", "text": text}),
+                                      on_decision=lambda d: channel.send({"type": "decision", "winner": d.winner,
+                                                                          "path": d.path, "score": d.score}),
+                                      on_progress=lambda text: channel.send({"type": "progress", "text": text}))
+            channel.watch(orch.interrupt)  # the client hung up (Ctrl-C): cancel its job
+            out = orch.run(prompt, max_new_tokens=max_new, need=need, dry_run=dry_run)
+        except AgentError as exc:
+            channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
+        else:
+            channel.send({"type": "outcome", "outcome": out.to_json()})
+        finally:
+            self._control_busy.release()
+
+    def _orchestrator(self, cfg: Config, **callbacks: Any) -> Any:
+        from agent.linucb import ArmStore
+        from agent.orchestrator import Orchestrator
+        return Orchestrator(cfg, connect=lambda: self.fleet, npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
+                            arms=lambda: ArmStore.for_config(cfg), local_snapshot=self._local_offer_snapshot,
+                            **callbacks)
+
     def _local_offer_snapshot(self) -> Snapshot:
         return replace(self.snapshot(), npu_free=False)  # the NPU was tried first, before any auction
+
+
+def _trigger_request(req: dict[str, Any]) -> tuple[str, int, str, bool, float | None]:
+    """The fields of a control-socket trigger, checked; UsageError if one is wrong."""
+    prompt, max_new, need = req.get("prompt"), req.get("max_new_tokens", 256), req.get("need", "any")
+    dry_run, bid_timeout = req.get("dry_run", False), req.get("bid_timeout_s")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError("the prompt is empty")
+    if type(max_new) is not int or max_new < 1:
+        raise UsageError("max_new_tokens must be a positive integer")
+    if need not in ("any", "npu") or type(dry_run) is not bool:
+        raise UsageError("need must be any or npu, dry_run true or false")
+    if bid_timeout is not None and (not isinstance(bid_timeout, (int, float)) or not 0 < bid_timeout < 86400):
+        raise UsageError("bid_timeout_s must be a number of seconds > 0")
+    return prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout)
 
 
 def _describe(executor: Executor | None, slots: int | None = None) -> str:
