@@ -37,6 +37,7 @@ class Journal:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[float, Recorded]] = {}
+        self._unwritten: list[bytes] = []  # lines the disk refused; retried by flush()
         self._lines = 0
         self._load()
 
@@ -75,13 +76,25 @@ class Journal:
         entry = Recorded(digest, result_payload)
         with self._lock:
             self._entries[rid] = (now, entry)
-            append_line(self.path, _line(rid, now, entry))
+            self._unwritten.append(_line(rid, now, entry))
+            self._flush()
+
+    def flush(self) -> None:
+        """Write what the disk refused before; StateError if it still cannot."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._unwritten:
+            append_line(self.path, self._unwritten[0])
+            self._unwritten.pop(0)
             self._lines += 1
-            if self._lines % 64 == 0:
-                cutoff = now - self.ttl_s
-                self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
-            if self._lines > 2 * len(self._entries) + 64:
-                self._compact()
+        now = self._clock()
+        if self._lines % 64 == 0:
+            cutoff = now - self.ttl_s
+            self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
+        if self._lines > 2 * len(self._entries) + 64:
+            self._compact()
 
     def _compact(self) -> None:
         atomic_write(self.path, b"".join(_line(rid, ts, entry) for rid, (ts, entry) in self._entries.items()))

@@ -90,6 +90,14 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
+    def bidders(self) -> frozenset[str]:
+        """Online devices that take work, as far as their last metrics tell: a draining
+        or unhealthy node says so in its metrics and sits auctions out, so nobody waits
+        for its bid."""
+        with self._lock:
+            return frozenset(d for d, up in self._state.items()
+                             if up and (d not in self._metrics or self._metrics[d].health == "ok"))
+
     def known(self) -> dict[str, bool]:
         with self._lock:
             return dict(self._state)

@@ -14,6 +14,9 @@ Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measure
              executor start; import time of the CLI module.
 5. node      idle CPU and RSS of one node daemon, and RSS after a few hundred jobs.
 6. concurrency  K orchestrators at once against the N=8 fleet: auctions/s and p95.
+7. frozen   one of the N=8 nodes SIGSTOPped (online by keepalive, never bidding): the
+             first auction (waits the window out), then the p50 of the ones after it,
+             against the healthy fleet's p50.
 
 Every ratio is against a baseline measured in the same run. Targets (DESIGN.md, issue #5)
 are printed beside the numbers; a miss is reported, never hidden.
@@ -216,6 +219,27 @@ def measure_auction(fleet: NodeFleet, iters: int, warmup: int) -> dict[str, Dist
         connected.close()
 
 
+def measure_frozen(fleet: NodeFleet, runs: int, window_s: float) -> dict[str, Any]:
+    """One node frozen: what the first auction costs, and the ones after it."""
+    cfg = load_config(fleet.config("frozen-hub", cpu=None, auction={"bid_timeout_s": window_s}), env={})
+    frozen = fleet.nodes[-1]
+    connected = Fleet.open(cfg)
+    frozen.pause()
+    try:
+        orch = orchestrator(cfg, connected)
+        times = []
+        for _ in range(runs + 1):
+            out = orch.run("benchmark prompt", max_new_tokens=1, dry_run=True)
+            if not out.ok or len(out.bids) != fleet.n - 1:
+                raise RuntimeError(f"bad run: ok={out.ok} bids={len(out.bids)}/{fleet.n - 1} {out.error}")
+            times.append(out.auction_ms)
+        return {"n": fleet.n, "window_s": window_s, "first_ms": round(times[0], 1),
+                "after": Dist.of(times[1:]).json()}
+    finally:
+        frozen.resume()
+        connected.close()
+
+
 def measure_concurrency(fleet: NodeFleet, k: int, runs: int) -> dict[str, Any]:
     cfgs = [hub_config(fleet, f"hub-{k}-{j}") for j in range(k)]
     fleets = [Fleet.open(c) for c in cfgs]
@@ -373,6 +397,8 @@ def main() -> int:
                     for k in ks:
                         log(f"concurrency K={k} against N={n}")
                         results["concurrency"].append(measure_concurrency(fleet, k, 10 if args.quick else 60))
+                    log(f"one frozen node of {n}")
+                    results["frozen"] = measure_frozen(fleet, 20 if args.quick else 100, 5.0 if args.quick else 30.0)
             finally:
                 fleet.stop()
         log("local NPU path")
@@ -447,6 +473,11 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
         lat = c["latency"] or {"p50": float("nan"), "p95": float("nan")}
         print(f"  K={c['k']:>2}: {c['auctions_per_s']:>7.1f} auctions/s, p50 {lat['p50']:.2f} ms, "
               f"p95 {lat['p95']:.2f} ms, errors {c['errors']}")
+    fz = r["frozen"]
+    healthy = r["auction"][fz["n"]]["p50"]
+    print(f"\none frozen node of {fz['n']} (window {fz['window_s']:g} s): first auction {fz['first_ms']:.0f} ms, "
+          f"then p50 {fz['after']['p50']:.1f} ms, p95 {fz['after']['p95']:.1f} ms "
+          f"({fz['after']['p50'] / healthy:.1f}x the healthy fleet's p50 {healthy:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ _apt_install() {
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   _apt_install mosquitto mosquitto-clients
 fi
+# The clock-skew tests run nodes under libfaketime (Debian's faketime package).
+if ! command -v faketime >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  _apt_install faketime
+fi
 # Debian puts the broker in /usr/sbin, which a non-login shell may not have on PATH.
 case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin" ;; esac
 

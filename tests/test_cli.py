@@ -187,3 +187,48 @@ def test_status_without_a_broker_exits_5(tmp_path) -> None:
     from tests.support.mosquitto import free_port
     code, _, err = run("status", "--device-id", "d", "--broker", f"127.0.0.1:{free_port()}")
     assert code == 5 and "not reachable" in err
+
+
+def test_check_says_a_ready_device_is_ready(env: Env) -> None:
+    from tests.support.fake_openai import FakeOpenAI
+    with FakeOpenAI() as server:
+        cfg = env.config("board", npu=sim(base_ms=1),
+                         cpu={"kind": "openai", "base_url": server.base_url, "model": "llama3.2:1b"})
+        code, out, err = run("check", "--config", str(cfg))
+    assert code == 0, out + err
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["✓", "config"], ["✓", "state_dir"], ["✓", "npu"], ["✓", "cpu"], ["✓", "broker"]]
+    assert "connected" in out
+
+
+def test_check_reports_every_problem_at_once(tmp_path) -> None:
+    from tests.support.fake_openai import FakeOpenAI
+    from tests.support.launch import node_doc, write_config
+    from tests.support.mosquitto import free_port
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with FakeOpenAI() as server:
+        cfg = write_config(tmp_path / "c.yaml", node_doc(
+            "board", port=free_port(), prefix="t/", state_dir=blocker / "state",
+            npu={"kind": "command", "argv": ["no-such-runner", "{prompt}"]},
+            cpu={"kind": "openai", "base_url": server.base_url, "model": "qwen3:8b"}))
+        code, out, _ = run("check", "--config", str(cfg))
+    assert code == 2, "something to fix"
+    lines = {line.split()[1]: line for line in out.splitlines()}
+    assert lines["state_dir"].startswith("✗") and str(blocker) in lines["state_dir"]
+    assert lines["npu"].startswith("✗") and "no-such-runner" in lines["npu"]
+    assert lines["cpu"].startswith("✗") and "qwen3:8b" in lines["cpu"] and "llama3.2:1b" in lines["cpu"]
+    assert lines["broker"].startswith("✗") and "not reachable" in lines["broker"]
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = write_config(tmp_path / "d.yaml", node_doc("board", port=free_port(), prefix="t/", state_dir=tmp_path / "s",
+                                                     cpu={"kind": "openai", "base_url": url, "model": "m"}))
+    code, out, _ = run("check", "--config", str(cfg))
+    assert code == 2 and "is the model server running?" in out
+
+
+def test_check_asks_a_running_daemon_instead_of_taking_its_identity(env: Env) -> None:
+    cfg = env.config("board", cpu=sim(base_ms=1))
+    with env.node_process(cfg):
+        code, out, err = run("check", "--config", str(cfg))
+    assert code == 0, out + err
+    assert "a node daemon runs here" in out

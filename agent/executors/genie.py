@@ -258,6 +258,8 @@ class GenieExecutor:
             return f"executable not found: {self.cfg.command!r}"
         if self.cfg.config is None:
             return "npu.executor.config is not set"
+        if not os.path.isfile(self.cfg.config):
+            return f"Genie config not found: {self.cfg.config}"
         return None
 
     def env(self, rid: str = "") -> dict[str, str]:

@@ -40,6 +40,31 @@ class OpenAIExecutor:
             return exc.reason
         return None
 
+    def probe(self, timeout_s: float = 3.0) -> str | None:
+        """Whether the server answers ``GET {base_url}/models`` and serves the configured
+        model (``check`` only: a node does not need the server up to start)."""
+        problem = self.check()
+        if problem is not None:
+            return problem
+        url = self.cfg.base_url.rstrip("/") + "/models"
+        key = self._api_key()
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+                listing = json.loads(resp.read(1 << 20))
+        except urllib.error.HTTPError as exc:
+            return f"{url} answered HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            why = getattr(exc, "reason", exc)
+            return f"cannot reach {url}: {getattr(why, 'strerror', None) or why} (is the model server running?)"
+        except ValueError:
+            return f"{url} did not answer JSON"
+        data = listing.get("data") if isinstance(listing, dict) else None
+        served = {m.get("id") for m in data if isinstance(m, dict)} if isinstance(data, list) else set()
+        if served and self.cfg.model and self.cfg.model not in served:
+            return f"{url} does not serve model {self.cfg.model!r} (it serves: {', '.join(sorted(map(str, served)))})"
+        return None
+
     def _api_key(self) -> str | None:
         if self.cfg.api_key_file:
             try:

@@ -1,6 +1,7 @@
 """A small OpenAI-compatible server (standard library) that streams chat completions.
 
-``FakeOpenAI(mode=...)`` serves ``POST /v1/chat/completions`` with SSE on a free port.
+``FakeOpenAI(mode=...)`` serves ``POST /v1/chat/completions`` with SSE on a free port,
+and ``GET /v1/models`` listing ``models``.
 Modes: ``ok``; ``slow`` (a pause between tokens); ``http500``; ``drop`` (closes the
 connection mid-stream); ``error_event`` (an ``{"error": …}`` event mid-stream). Every
 request is recorded in ``requests``.
@@ -18,8 +19,9 @@ from typing import Any
 
 class FakeOpenAI:
     def __init__(self, *, mode: str = "ok", answer: str = "Hello from the server.", delay_ms: float = 1,
-                 api_key: str | None = None):
+                 api_key: str | None = None, models: tuple[str, ...] = ("llama3.2:1b",)):
         self.mode = mode
+        self.models = models
         self.answer = answer
         self.delay_s = delay_ms / 1000
         self.api_key = api_key
@@ -31,6 +33,15 @@ class FakeOpenAI:
 
             def log_message(self, *args: object) -> None:
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                if self.path != "/v1/models":
+                    return self._plain(404, b'{"error": "not found"}')
+                if outer.api_key and self.headers.get("Authorization") != f"Bearer {outer.api_key}":
+                    return self._plain(401, b'{"error": {"message": "invalid api key"}}')
+                listing = {"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]}
+                self._plain(200, json.dumps(listing).encode())
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("Content-Length", 0))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -113,9 +112,8 @@ class Spy:
     """Records every message a connected bus receives on a filter."""
 
     def __init__(self, bus: Bus, topic_filter: str):
-        self.messages: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.seen: list[Message] = []
-        self._lock = threading.Lock()
+        self._arrived = threading.Condition()
         self.bus = bus
         bus.subscribe(topic_filter, self._record)
         assert bus.barrier(WAIT_S), "the broker did not answer"
@@ -123,35 +121,34 @@ class Spy:
     def _record(self, msg: Message) -> None:
         if msg.topic == self.bus.sync_topic:
             return  # our own barrier round trips
-        with self._lock:
+        with self._arrived:
             self.seen.append(msg)
-        self.messages.put(msg)
+            self._arrived.notify_all()
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.bus.publish(topic, payload, **kw)
         assert self.bus.barrier(WAIT_S), "broker did not confirm"
 
     def wait_for(self, predicate: Callable[[Message], bool], *, timeout: float = WAIT_S,
-                 what: str = "message") -> Message:
+                 what: str = "message", after: Message | None = None) -> Message:
+        """The first message (since the spy started, or received after ``after``) that
+        satisfies ``predicate``; AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            for msg in self.seen:
-                if predicate(msg):
-                    return msg
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-            try:
-                msg = self.messages.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if predicate(msg):
-                return msg
+        with self._arrived:
+            i = 0 if after is None else next(n for n, m in enumerate(self.seen) if m is after) + 1
+            while True:
+                for msg in self.seen[i:]:
+                    if predicate(msg):
+                        return msg
+                i = len(self.seen)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+                self._arrived.wait(remaining)
 
     def topics_seen(self) -> list[str]:
         self.bus.barrier(WAIT_S)
-        with self._lock:
+        with self._arrived:
             return [m.topic for m in self.seen]
 
 

@@ -33,8 +33,9 @@ def free_port() -> int:
 
 class LocalMosquitto:
     def __init__(self, workdir: Path, *, port: int | None = None, conf: Path = DEV_CONF,
-                 extra_conf: str = ""):
+                 extra_conf: str = "", persistence: bool = True):
         self.workdir = Path(workdir)
+        self.persistence = persistence
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.conf = conf
@@ -46,6 +47,7 @@ class LocalMosquitto:
         text = self.conf.read_text()
         text = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", text, flags=re.M)
         text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M)
+        text = re.sub(r"^persistence .*$", f"persistence {'true' if self.persistence else 'false'}", text, flags=re.M)
         # "mosquitto version … running", which start() waits for, is an information line.
         text = text.replace("log_type notice", "log_type notice\nlog_type information")
         # Started as root, mosquitto would switch to the "mosquitto" user and could not

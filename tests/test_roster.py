@@ -1,0 +1,56 @@
+"""The roster as the bus feeds it: availability, metrics, and whom an auction waits for."""
+
+from __future__ import annotations
+
+from agent.bus import Message
+from agent.messages import Metrics, Snapshot
+from agent.roster import Roster
+from agent.topics import Topics
+
+TOPICS = Topics("t/")
+
+
+def metrics(device: str, health: str = "ok", *, npu: bool = False) -> Message:
+    snap = Snapshot(has_npu=npu, npu_free=npu, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1.0, load1=0.0,
+                    queue_depth=0)
+    return Message(TOPICS.metrics(device), Metrics(device=device, ts=100.0, snapshot=snap, health=health).to_payload(),
+                   retain=True)
+
+
+def roster_of(**online: bool) -> Roster:
+    roster = Roster(TOPICS, "hub", wall=lambda: 100.0)
+    for device, up in online.items():
+        roster.handle(Message(TOPICS.availability(device), b"online" if up else b"offline", retain=True))
+    return roster
+
+
+def test_an_auction_waits_for_online_devices_that_take_work() -> None:
+    roster = roster_of(a=True, b=True, c=True, d=False, hub=True)
+    roster.handle_metrics(metrics("a"))
+    roster.handle_metrics(metrics("b", "draining"))
+    roster.handle_metrics(metrics("c", "cannot write /var/lib/edge-agent: No space left on device"))
+    assert roster.bidders() == {"a", "hub"}, "no metrics yet: still expected; draining or unhealthy: not"
+    roster.handle_metrics(metrics("b"))
+    assert roster.bidders() == {"a", "b", "hub"}, "back to ok: expected again"
+    assert roster.peers_online() == {"a", "b", "c"}
+
+
+def test_availability_accepts_online_offline_and_a_cleared_topic_only() -> None:
+    roster = roster_of(a=True, b=True)
+    heard: list[tuple[str, bool]] = []
+    roster.listen(lambda device, up: heard.append((device, up)))
+    roster.handle(Message(TOPICS.availability("a"), b"maybe", retain=False))
+    roster.handle(Message(TOPICS.availability("b"), b"", retain=True))
+    roster.handle(Message(TOPICS.availability("b"), b"", retain=True))
+    assert roster.known() == {"a": True, "b": False}
+    assert heard == [("b", False)], "listeners hear changes, once"
+
+
+def test_metrics_that_lie_about_their_device_are_dropped() -> None:
+    roster = roster_of(a=True)
+    forged = metrics("b", npu=True)
+    roster.handle_metrics(Message(TOPICS.metrics("a"), forged.payload, retain=True))
+    assert roster.metrics() == {}
+    assert roster.may_have_free_npu("a"), "unknown: it could"
+    roster.handle_metrics(metrics("a"))
+    assert not roster.may_have_free_npu("a")
