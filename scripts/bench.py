@@ -161,9 +161,10 @@ class NodeFleet:
         self.prefix = f"bench/{new_nonce()}/"
         self.nodes: list[NodeProcess] = []
 
-    def config(self, device: str, *, cpu: dict[str, Any] | None = SIM_0MS, **extra: Any) -> Path:
+    def config(self, device: str, *, cpu: dict[str, Any] | None = SIM_0MS, keepalive_s: int = 5,
+               **extra: Any) -> Path:
         doc = node_doc(device, port=self.port, prefix=self.prefix, state_dir=self.workdir / "state" / device,
-                       cpu=cpu, slots=2, metrics_interval_s=10, broker={"keepalive_s": 5}, **extra)
+                       cpu=cpu, slots=2, metrics_interval_s=10, broker={"keepalive_s": keepalive_s}, **extra)
         return write_config(self.workdir / f"{device}.yaml", doc)
 
     def start(self) -> None:
@@ -222,7 +223,17 @@ def measure_auction(fleet: NodeFleet, iters: int, warmup: int) -> dict[str, Dist
 def measure_frozen(fleet: NodeFleet, runs: int, window_s: float) -> dict[str, Any]:
     """One node frozen: what the first auction costs, and the ones after it."""
     cfg = load_config(fleet.config("frozen-hub", cpu=None, auction={"bid_timeout_s": window_s}), env={})
-    frozen = fleet.nodes[-1]
+    # The fleet's last node, restarted with a keepalive longer than the whole measurement:
+    # frozen, it stays online to the broker and never bids (a hung process whose socket
+    # lives, or a board stuck in I/O), instead of being dropped by its Will.
+    fleet.nodes[-1].stop()
+    name = f"node-{fleet.n - 1:02d}"
+    arrivals = ArrivalWatch("127.0.0.1", fleet.port, fleet.prefix)
+    frozen = NodeProcess(fleet.config(name, keepalive_s=600), name, arrivals=arrivals,
+                         log=Path(os.devnull))
+    frozen.start(timeout=60)
+    arrivals.close()
+    fleet.nodes[-1] = frozen
     connected = Fleet.open(cfg)
     frozen.pause()
     try:

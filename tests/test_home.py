@@ -242,10 +242,11 @@ def test_sigterm_on_a_node_lets_its_running_job_finish(env: Env) -> None:
     hub = env.config("hub")
     worker = env.node_process(env.config("worker", cpu=job(log, "hold", gate), drain_s=30))
     worker.start()
-    with env.spy(f"{env.prefix}result/#") as spy:
+    with env.spy(f"{env.prefix}result/#") as spy, env.spy(env.topics.metrics("worker")) as metrics:
         bg = Background(env, hub, "finish me")
         spy.wait_for(result_of("accepted"), what="accepted")
         worker.signal(signal.SIGTERM)
+        metrics.wait_for(lambda m: json.loads(m.payload).get("health") == "draining", what="draining")
         code, out, _, _ = env.trigger(hub, "a newcomer", "--bid-timeout", "2")
         assert code == 3, "draining: no new work"
         gate.release()
