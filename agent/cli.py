@@ -384,8 +384,16 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
     cpu_exec = _usable(cfg, "cpu", printer.err) if cfg.cpu.enabled else None
     fleets: list[Fleet] = []
 
+    shown = [0]
+
+    def identity_wait(waited: float) -> None:
+        if int(waited) > shown[0]:
+            shown[0] = int(waited)
+            printer.progress(f"waiting for another process of this device to let go of its broker connection "
+                             f"({waited:.0f} s; run the node daemon here to share one)")
+
     def connect() -> Fleet:
-        fleet = Fleet.open(cfg)
+        fleet = Fleet.open(cfg, wait_identity_s=cfg.auction.job_timeout_s, on_wait=identity_wait)
         fleets.append(fleet)
         return fleet
 

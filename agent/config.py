@@ -546,6 +546,11 @@ def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] |
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [f"<yaml>: {where}{problem}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["<yaml>: nested too deeply"]) from None
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as exc:
+        # a tag whose value does not convert (x: !!int, x: !!timestamp foo): PyYAML raises anything
+        raise ConfigError(source, [f"<yaml>: a value with an explicit tag does not convert: {exc}"]) from None
     return _parse(data, source, env, flags)
 
 

@@ -139,15 +139,25 @@ class ControlServer:
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
     data = bytearray()
-    while b"\n" not in data:
+    while True:
         chunk = conn.recv(65536)
         if not chunk:
             break
         data += chunk
+        if b"\n" in chunk:
+            break
         if len(data) > MAX_REQUEST:
             raise ValueError("request too large")
-    line = bytes(data).split(b"\n", 1)[0]
-    obj = json.loads(line.decode("utf-8"))
+    return parse_request(bytes(data))
+
+
+def parse_request(data: bytes) -> dict[str, Any]:
+    """The request on the first line of ``data``; ValueError if it is not a JSON object."""
+    line = data.split(b"\n", 1)[0]
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("a request is a JSON object")
     return obj

@@ -120,8 +120,8 @@ class DispatchState:
     def on_result(self, ev: ResultEvent, now: float) -> Step:
         if ev.device != self.device or ev.rid != self.rid:
             return CONTINUE  # not ours: another device's (or another job's) event
-        if isinstance(ev, (Accepted, Done)) and self.digest and ev.digest and ev.digest != self.digest:
-            return CONTINUE  # the device is running some other job under our rid: not our answer
+        if isinstance(ev, (Accepted, Declined, Done)) and self.digest and ev.digest and ev.digest != self.digest:
+            return CONTINUE  # about some other job under our rid (a forged one): not about ours
         self._heard_from(now)
         if isinstance(ev, Declined):
             if self.state != "dispatched":

@@ -9,6 +9,7 @@
     ├── MessageError           a wire message that failed validation (kind, field)      → 1
     ├── IllegalTransition      a state machine was driven off its table (a bug)         → 70
     ├── BrokerUnavailable      the broker could not be reached (host, port, reason)     → 5
+    ├── DeviceBusy             another process of this device holds its broker identity → 1
     ├── ExecutorError          an executor could not produce an answer (executor)       → 1
     │   ├── ExecutableNotFound    the binary is not on PATH (command)
     │   ├── CommandFailed         non-zero exit (argv, returncode, output_tail)
@@ -133,6 +134,19 @@ class BrokerUnavailable(AgentError):
         self.refused = refused  # it answered, and said no (auth, protocol): not a network problem
         verb = "refused the connection" if refused else "not reachable"
         super().__init__(f"broker {host}:{port} {verb}: {reason}")
+
+
+class DeviceBusy(AgentError):
+    """Another process of this device is connected as it, and the broker allows one."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, holder: str, waited_s: float):
+        self.holder = holder
+        super().__init__(
+            f"another process of this device (pid {holder}) is connected to the broker as it, and the broker "
+            f"allows one connection per device; waited {waited_s:.0f} s. Run the node daemon on this device: "
+            "trigger and status then go through it, any number at once")
 
 
 class ExecutorError(AgentError):

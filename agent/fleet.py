@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from agent.bus import Bus, new_nonce
 from agent.config import Config
+from agent.errors import DeviceBusy
+from agent.locks import Claim, IdentityLock
 from agent.roster import Roster
 from agent.topics import Topics
 
@@ -25,6 +28,9 @@ SYNC_TIMEOUT_S = 3.0
 SESSION_SLACK_S = 60
 # A short-lived client waiting on an answer retries the broker at least this often.
 TRIGGER_RECONNECT_MAX_S = 2.0
+# How long status and check wait for another process of the device to let go of its
+# broker identity (trigger passes its own, longer, wait).
+IDENTITY_WAIT_S = 10.0
 
 
 class Fleet:
@@ -38,21 +44,40 @@ class Fleet:
         bus.subscribe(topics.all_metrics(), self.roster.handle_metrics)
         self._synced = False
         self._lock = threading.Lock()
+        self._identity: Claim | None = None
 
     @classmethod
-    def open(cls, cfg: Config, *, role: str = "trigger", timeout: float = CONNECT_TIMEOUT_S) -> Fleet:
+    def open(cls, cfg: Config, *, role: str = "trigger", timeout: float = CONNECT_TIMEOUT_S,
+             wait_identity_s: float = IDENTITY_WAIT_S, on_wait: Callable[[float], None] = lambda waited: None
+             ) -> Fleet:
         """Connect a short-lived client for ``cfg``'s device; BrokerUnavailable if it cannot.
 
         Its session lasts as long as a job can (``close()`` ends it), so results published
-        while it is cut off from the broker wait for it there."""
+        while it is cut off from the broker wait for it there. With a ``username`` the
+        broker is taken to enforce client id = username (mosquitto/prod.conf): the client
+        connects as the device itself, once the device's ``IdentityLock`` is free
+        (DeviceBusy after ``wait_identity_s``), so that no two processes of the device
+        take the connection from each other."""
         topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
         nonce = new_nonce()
         lifetime = int(cfg.auction.bid_timeout_s + cfg.auction.job_timeout_s) + SESSION_SLACK_S
-        bus = Bus(f"{cfg.device_id}-{role}-{nonce}", replace(cfg.broker, session_expiry_s=lifetime),
+        identity = None
+        if cfg.broker.username is not None:
+            lock = IdentityLock(cfg.state_dir)
+            identity = lock.wait_claim(role, wait_identity_s, on_wait=on_wait)
+            if identity is None:
+                raise DeviceBusy(lock.holder(), wait_identity_s)
+        client_id = cfg.device_id if identity is not None else f"{cfg.device_id}-{role}-{nonce}"
+        bus = Bus(client_id, replace(cfg.broker, session_expiry_s=lifetime),
                   persistent=True, name=role, sync_topic=topics.sync(cfg.device_id, nonce),
                   reconnect_max_s=TRIGGER_RECONNECT_MAX_S)
         fleet = cls(bus, topics, cfg.device_id, max_bytes=cfg.max_payload_bytes)
-        bus.connect(timeout)
+        fleet._identity = identity
+        try:
+            bus.connect(timeout)
+        except BaseException:
+            fleet._release()
+            raise
         return fleet  # the orchestrator syncs once its own subscriptions are in place
 
     def sync(self) -> None:
@@ -67,4 +92,12 @@ class Fleet:
 
     def close(self) -> None:
         """Disconnect and drop the session (nothing more is coming for a finished client)."""
-        self.bus.stop(end_session=True)
+        try:
+            self.bus.stop(end_session=True)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._identity is not None:
+            self._identity.release()
+            self._identity = None

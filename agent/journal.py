@@ -55,7 +55,7 @@ class Journal:
                 obj = json.loads(line)
                 rid, ts = str(obj["rid"]), float(obj["ts"])
                 entry = Recorded(str(obj["digest"]), obj["result"].encode("utf-8"))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
                 bad += 1  # a torn last line after a crash (or an older format); the rest is intact
                 continue
             if ts >= cutoff:

@@ -12,13 +12,16 @@ arrival with one verdict:
   one this process issued for that rid *and origin* (a restarted node declines stale
   work; a job under someone else's rid is refused); or a job with that rid but other
   content already ran or runs (``rid_conflict``: a job cannot be replaced under a
-  running rid, and nobody gets someone else's recorded answer);
+  running rid, and nobody gets someone else's recorded answer). Refusals are not
+  remembered, and every decline carries the digest of the job it declines, so a forged
+  job neither poisons the genuine one nor reads to its origin as a decline of its own;
 - ``Ignore``: too late to start (older than its ``accept_s``);
 - ``Admit``: run it, if the node can claim what its bid promised (``accept``/``decline``).
 
-A ``cancel`` must come from the job's origin and carry its claim (the bid went to the
-origin alone). It marks a queued run so it never starts and a running one so it stops;
-a copy arriving after its cancel is declined. Every memory is bounded, oldest first, so
+A ``cancel`` must carry the key whose ``cancel_check`` the job carried (only its origin
+knows it; ``messages.Cancel``). It marks a queued run so it never starts and a running
+one so it stops. One that arrives before its job is kept, if this node offered that rid
+to that origin, and declines the job when it comes, if the key fits it. Every memory is bounded, oldest first, so
 a flood of ids cannot grow it. The ledger is thread-safe and never blocks.
 """
 
@@ -34,7 +37,7 @@ from typing import Any, TypeVar
 
 from agent.fsm import JOB, Machine
 from agent.journal import Recorded
-from agent.messages import Accepted, Cancel, Declined, Job
+from agent.messages import Accepted, Cancel, Declined, Job, cancel_check
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -99,7 +102,7 @@ class JobLedger:
         self._claim_seq = itertools.count(1)
         self._offers: OrderedDict[str, tuple[str, str]] = OrderedDict()      # rid -> (origin, claim)
         self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (rid, mode) -> payload
-        self._cancelled: OrderedDict[str, str] = OrderedDict()               # rid -> claim
+        self._cancelled: OrderedDict[str, str] = OrderedDict()               # rid -> cancel_check
         self._runs: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ bids
@@ -132,12 +135,14 @@ class JobLedger:
             declined = self._declines.get((job.rid, job.mode))
             if declined is not None:
                 return Replay(declined)
-            if self._cancelled.get(job.rid) == job.claim:
+            if job.cancel_check and self._cancelled.get(job.rid) == job.cancel_check:
                 return self._decline(job, "cancelled")
             if age_s > job.accept_s or age_s > job.timeout_s:
                 return Ignore(f"too late to start (sent {age_s:.1f} s ago, accept within {job.accept_s:g} s)")
             if self._offers.get(job.rid) != (job.origin, job.claim):
-                return self._decline(job, "stale_claim")
+                # Not remembered: a forged job under a rid someone called for must not
+                # decline the genuine one that comes after it.
+                return self._refuse(job, "stale_claim")
             return Admit()
 
     def decline(self, job: Job, reason: str) -> Declined:
@@ -159,34 +164,35 @@ class JobLedger:
     def _decline(self, job: Job, reason: str) -> Decline:
         """Called under the lock. Keyed by mode too: a device that declined the NPU may
         still be asked to run the same job on its CPU."""
-        event = Declined(job.rid, self.me, reason)
+        event = Declined(job.rid, self.me, reason, job.digest)
         _remember(self._declines, (job.rid, job.mode), self._encode(event), self._keep)
         return Decline(event)
 
     def _refuse(self, job: Job, reason: str) -> Decline:
         """A decline that is not remembered: it answers an impostor, not the job's origin."""
-        return Decline(Declined(job.rid, self.me, reason))
+        return Decline(Declined(job.rid, self.me, reason, job.digest))
 
     # ------------------------------------------------------------------ cancels
     def cancel(self, cancel: Cancel) -> Run | None:
-        """Apply a cancel from the job's origin (its topic said so); None if there is no
-        run to stop, or the cancel does not carry the job's claim (then nothing changes)."""
+        """Apply a cancel; None if there is no run to stop, or the key does not fit (then
+        nothing changes)."""
+        check = cancel_check(cancel.key)
         with self._lock:
             run = self._runs.get(cancel.rid)
             if run is not None:
-                if (run.job.origin, run.job.claim) != (cancel.origin, cancel.claim):
+                if run.job.origin != cancel.origin or not run.job.cancel_check or run.job.cancel_check != check:
                     return None
-            elif self._offers.get(cancel.rid) != (cancel.origin, cancel.claim):
+            elif (self._offers.get(cancel.rid) or ("",))[0] != cancel.origin:
                 return None  # not a bid we made to this origin: nothing of theirs to cancel
-            _remember(self._cancelled, cancel.rid, cancel.claim, self._keep)
+            _remember(self._cancelled, cancel.rid, check, self._keep)
         if run is not None:
             run.cancel.set()
         return run
 
     def cancelled(self, cancel: Cancel) -> bool:
-        """Whether ``cancel`` was accepted as genuine (for logging)."""
+        """Whether ``cancel`` was taken (for logging)."""
         with self._lock:
-            return self._cancelled.get(cancel.rid) == cancel.claim
+            return self._cancelled.get(cancel.rid) == cancel_check(cancel.key)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, run: Run) -> bool:

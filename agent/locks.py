@@ -1,4 +1,4 @@
-"""Device-wide locks under ``state_dir``: the NPU, and the CPU slots.
+"""Device-wide locks under ``state_dir``: the NPU, the CPU slots, the broker identity.
 
 The node daemon and every ``trigger`` on a device open the same files. Whoever holds a
 file's exclusive ``flock`` owns what it stands for: ``npu.lock`` the NPU (single
@@ -102,6 +102,19 @@ class DeviceLock:
         os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
         return Claim(fd, self.path)
 
+    def wait_claim(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
+                   on_wait: Callable[[float], None] = lambda waited: None,
+                   stop: Callable[[], bool] = lambda: False) -> Claim | None:
+        """Take it, waiting up to ``timeout_s`` (None if it stayed held, or ``stop`` said so)."""
+        return _poll(lambda: self.try_claim(owner), timeout_s, clock=clock, on_wait=on_wait, stop=stop)
+
+    def holder(self) -> str:
+        """Who holds it, as the holder wrote it ("<pid> <owner>"), for messages."""
+        try:
+            return self.path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
     def is_free(self) -> bool:
         """True if nobody holds it right now."""
         fd = self._open()
@@ -139,17 +152,34 @@ class CpuSlots:
 
     def wait_claim(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
                    on_wait: Callable[[float], None] = lambda waited: None) -> Claim | None:
-        """A free slot, waiting up to ``timeout_s`` for one (None if none freed up). The
-        holders may be other processes, so this polls, backing off to a quarter second."""
-        start = clock()
-        delay = SLOT_POLL_S[0]
-        while True:
-            claim = self.try_claim(owner)
-            if claim is not None or not self.locks:
-                return claim
-            waited = clock() - start
-            if waited >= timeout_s:
-                return None
-            on_wait(waited)
-            time.sleep(min(delay, max(timeout_s - waited, 0.0)))
-            delay = min(delay * 2, SLOT_POLL_S[1])
+        """A free slot, waiting up to ``timeout_s`` for one (None if none freed up)."""
+        if not self.locks:
+            return None
+        return _poll(lambda: self.try_claim(owner), timeout_s, clock=clock, on_wait=on_wait)
+
+
+class IdentityLock(DeviceLock):
+    """The device's broker identity. A broker that sets each client's id to its username
+    (``use_username_as_clientid``, as mosquitto/prod.conf does) allows a device one
+    connection: whoever holds this lock is the process that connects as the device."""
+
+    def __init__(self, state_dir: Path):
+        super().__init__(Path(state_dir) / "broker-identity.lock")
+
+
+def _poll(attempt: Callable[[], Claim | None], timeout_s: float, *, clock: Callable[[], float],
+          on_wait: Callable[[float], None], stop: Callable[[], bool] = lambda: False) -> Claim | None:
+    """Try until it works or ``timeout_s`` passes. The holders are other processes, whose
+    release no event of ours can signal, so this polls, backing off to a quarter second."""
+    start = clock()
+    delay = SLOT_POLL_S[0]
+    while True:
+        claim = attempt()
+        if claim is not None:
+            return claim
+        waited = clock() - start
+        if waited >= timeout_s or stop():
+            return None
+        on_wait(waited)
+        time.sleep(min(delay, max(timeout_s - waited, 0.0)))
+        delay = min(delay * 2, SLOT_POLL_S[1])

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -40,6 +41,8 @@ def decode_json(payload: bytes, kind: str, max_bytes: int = DEFAULT_MAX_BYTES) -
         raise MessageError(kind, None, "payload is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise MessageError(kind, None, f"payload is not JSON ({exc.msg} at char {exc.pos})") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise MessageError(kind, None, f"payload is not usable JSON ({str(exc)[:80]})") from None
     except RecursionError:
         raise MessageError(kind, None, "payload is nested too deeply") from None
     if not isinstance(obj, dict):
@@ -309,6 +312,7 @@ class Job:
     reply_to: str            # the result topic stem, for clients that cannot derive it
     temperature: float | None = None
     sent_at: float = 0.0     # the sender's wall clock (see BidRequest)
+    cancel_check: str = ""   # cancel_check(key): only a cancel carrying the key stops this job
 
     @cached_property
     def digest(self) -> str:
@@ -322,7 +326,8 @@ class Job:
         return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "origin": self.origin, "mode": self.mode,
                             "claim": self.claim, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
                             "accept_s": self.accept_s, "timeout_s": self.timeout_s, "reply_to": self.reply_to,
-                            "temperature": self.temperature, "sent_at": self.sent_at})
+                            "cancel_check": self.cancel_check, "temperature": self.temperature,
+                            "sent_at": self.sent_at})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
@@ -333,6 +338,7 @@ class Job:
                    accept_s=f.number("accept_s", 0, MAX_SECONDS) or 0.0,
                    timeout_s=f.number("timeout_s", 0, MAX_SECONDS) or 0.0,
                    reply_to=f.text("reply_to", 512) or "",
+                   cancel_check=f.text("cancel_check", 64) or "",
                    temperature=f.number("temperature", 0, 10, optional=True),
                    sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0)
 
@@ -341,13 +347,16 @@ class Job:
 class Cancel:
     """Sent on ``exec/<dev>/cancel/<origin>`` when an orchestrator abandons a job it sent
     there (no accept in time, the device went offline, the user gave up): a queued copy
-    never starts, a running one stops, a copy arriving later is declined. It carries the
-    job's claim: only whoever was given the bid can cancel its job."""
+    never starts, a running one stops, a copy arriving later is declined.
+
+    It carries a ``key`` that only the job's origin knows: the job carried
+    ``cancel_check(key)``, so even on a broker without the ACL (where anyone may read the
+    jobs, and send on any topic) nobody else can stop it. Each job sent gets its own key."""
 
     KIND: ClassVar[str] = "cancel"
     rid: str
     origin: str
-    claim: str
+    key: str
     reason: str = ""
 
     def to_payload(self) -> bytes:
@@ -356,8 +365,17 @@ class Cancel:
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Cancel:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
-        return cls(rid=f.id("rid"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
+        return cls(rid=f.id("rid"), origin=f.id("origin"), key=f.text("key", 64) or "",
                    reason=f.text("reason", 200, optional=True) or "")
+
+
+def new_cancel_key() -> str:
+    return secrets.token_hex(16)
+
+
+def cancel_check(key: str) -> str:
+    """What a job carries so that only the holder of ``key`` can cancel it."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] if key else ""
 
 
 @dataclass(frozen=True)
@@ -392,6 +410,7 @@ class Declined:
     rid: str
     device: str
     reason: str
+    digest: str = ""         # of the job declined: a forged job's decline is not about ours
     type: ClassVar[str] = "declined"
 
 
@@ -445,7 +464,7 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
                         f.integer("queue_position", 0, 1_000_000, optional=True) or 0,
                         f.text("digest", 64, optional=True) or "")
     if typ == "declined":
-        return Declined(rid, device, f.text("reason", 200) or "")
+        return Declined(rid, device, f.text("reason", 200) or "", f.text("digest", 64, optional=True) or "")
     if typ == "token":
         return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "")
     if typ == "done":

@@ -39,7 +39,7 @@ from agent.fleet import Fleet
 from agent.gate import Gate
 from agent.journal import Journal
 from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay, Run
-from agent.locks import CpuSlots, NpuLock
+from agent.locks import Claim, CpuSlots, IdentityLock, NpuLock
 from agent.messages import (
     Bid,
     BidRequest,
@@ -104,6 +104,7 @@ class Node:
         self._last_npu_free: bool | None = None
         self._metrics_due = threading.Event()
         self.health = "ok"          # or why this node takes no work
+        self._identity: Claim | None = None
         self.draining = False
         # This device's own trigger/status processes come through here, not the broker.
         self.control = ControlServer(cfg.state_dir, self._on_control)
@@ -137,10 +138,27 @@ class Node:
         self.triggers.start()
         self._spawn(self._metrics_loop, "node-metrics")
         self.control.start()
-        self.bus.start()
+        if self.cfg.broker.username is not None:
+            self._spawn(self._connect_as_the_device, "node-identity")
+        else:
+            self.bus.start()
         log.info("node %s starting: NPU %s, CPU %s, broker %s, prefix %r", self.me,
                  _describe(self.npu_exec), _describe(self.cpu_exec, self.gate.slots),
                  ", ".join(f"{h}:{p}" for h, p in self.cfg.broker.addresses), self.cfg.topic_prefix)
+
+    def _connect_as_the_device(self) -> None:
+        """With a username the broker allows this device one connection (its client id is
+        the username): wait for a trigger run without the daemon to finish with it."""
+        lock = IdentityLock(self.cfg.state_dir)
+        claim = lock.try_claim("node")
+        if claim is None:
+            log.warning("waiting for pid %s to let go of this device's broker connection (one per device)",
+                        lock.holder())
+            claim = lock.wait_claim("node", float("inf"), stop=self._stop.is_set)
+        if claim is None:
+            return  # stopped while waiting
+        self._identity = claim
+        self.bus.start()
 
     def drain(self, grace_s: float) -> bool:
         """Stop taking work and give what runs or waits ``grace_s`` to finish (SIGTERM);
@@ -163,6 +181,8 @@ class Node:
         self.gate.stop()
         self.triggers.stop(timeout=1.0)
         self.bus.stop(final=[(self.topics.availability(self.me), b"offline", True)])
+        if self._identity is not None:
+            self._identity.release()
         for thread in self._threads:
             thread.join(timeout=5)
         log.info("node %s stopped", self.me)
@@ -330,7 +350,8 @@ class Node:
     def _admit(self, job: Job, age_s: float) -> None:
         """Claim what the bid promised and queue the job, or decline it with the reason."""
         received = time.monotonic()
-        deadline = received + job.timeout_s - age_s
+        # Never longer than this node's own job_timeout_s, whatever the job asks for.
+        deadline = received + min(job.timeout_s, self.cfg.auction.job_timeout_s) - age_s
         if not self.taking_work:
             self._decline(job, "draining" if self.draining else "unhealthy")
             return
@@ -366,7 +387,7 @@ class Node:
             return
         run = self.ledger.cancel(cancel)
         if run is None and not self.ledger.cancelled(cancel):
-            log.warning("ignored cancel of %s from %s: not the claim of a job of theirs", cancel.rid, cancel.origin)
+            log.warning("ignored cancel of %s from %s: its key does not fit a job of theirs", cancel.rid, cancel.origin)
             return
         log.info("job %s cancelled by %s (%s)%s", cancel.rid, cancel.origin, cancel.reason or "no reason",
                  "; stopping it" if run is not None else "")

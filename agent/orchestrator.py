@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step
-from agent.errors import AgentError, BrokerUnavailable, ExecutorError, ExitCode, PromptTooLarge
+from agent.errors import AgentError, BrokerUnavailable, ExecutorError, ExitCode, PromptTooLarge, UsageError
 from agent.executors import Executor, Params, estimate_tokens
 from agent.fsm import ORCHESTRATION, Machine
 from agent.locks import CpuSlots, NpuLock
-from agent.messages import Bid, BidRequest, Cancel, Job, Snapshot, decode_result, decoded
+from agent.messages import Bid, BidRequest, Cancel, Job, Snapshot, cancel_check, decode_result, decoded, new_cancel_key
 from agent.outcome import Decided, Outcome, bid_summary, path_of, ranking_summary
 from agent.topics import Topics
 
@@ -137,8 +137,8 @@ class Orchestrator:
         req = Request(reserved.rid if reserved else (rid or uuid.uuid4().hex), prompt, max_new_tokens,
                       need, dry_run)
         try:
-            self._check_size(req)
-        except PromptTooLarge:
+            self._check_prompt(req)
+        except AgentError:
             self._next = reserved  # nothing was sent: keep it for the next prompt
             raise
         inboxes = [reserved] if reserved else []
@@ -151,7 +151,11 @@ class Orchestrator:
                 self._next = Inbox.open(inboxes[-1].bus, self.topics, self.me, uuid.uuid4().hex,
                                         self.cfg.max_payload_bytes)
 
-    def _check_size(self, req: Request) -> None:
+    def _check_prompt(self, req: Request) -> None:
+        try:
+            req.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (from JSON's "\ud800", or a bad argv)
+            raise UsageError("the prompt is not valid Unicode text (it has a lone surrogate)") from None
         probe = self._job(req, "cpu", "x" * 32).to_payload()
         if len(probe) > self.cfg.max_payload_bytes:
             raise PromptTooLarge(len(probe), self.cfg.max_payload_bytes)
@@ -332,7 +336,8 @@ class Orchestrator:
         auction = self.cfg.auction
         bus, events = wire.fleet.bus, wire.inbox.events
         sent = self.clock()
-        job = self._job(req, mode, claim)
+        key = new_cancel_key()  # this job's alone: a cancel sent elsewhere does not fit it
+        job = replace(self._job(req, mode, claim), cancel_check=cancel_check(key))
 
         def send() -> None:
             # The durations left, not the ones we started with: a re-send after an outage
@@ -350,7 +355,7 @@ class Orchestrator:
         while True:
             now = self.clock()
             if self.interrupted.is_set():
-                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, claim, "interrupted")
+                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, key, "interrupted")
                             .to_payload(), qos=1, expiry_s=auction.job_timeout_s)
                 bus.barrier(STEADY_CHECK_S)  # the cancel is at the broker before we go
                 return Step("finished", outcome="interrupted", answer=Answer(
@@ -374,7 +379,7 @@ class Orchestrator:
             if step.send:
                 send()
             if step.cancel:
-                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, claim, step.cancel)
+                bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, key, step.cancel)
                             .to_payload(), qos=1, expiry_s=auction.job_timeout_s)
             if step.verdict != "continue":
                 if attempt.gaps:

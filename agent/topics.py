@@ -27,6 +27,7 @@ accepts.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Device ids, request ids, answer ids and nonces: one topic level each, safe on every
@@ -158,3 +159,33 @@ def _id(value: str) -> str:
 
 def _ids(*values: str) -> bool:
     return all(is_id(v) for v in values)
+
+
+# --------------------------------------------------------------------------- the ACL
+
+def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] = ()) -> str:
+    """A Mosquitto ``acl_file`` for this layout: every device may speak only as itself and
+    read only what is addressed to it; operators (Home Assistant, dashboards) read every
+    device's topics and send prompts. ``%u`` rules are patterns; the topics every device
+    shares (calls for bids, the roster, the job queues it sends to) are listed per user,
+    since Mosquitto warns about a pattern without ``%u`` (scripts/provision writes it)."""
+    p, ha = topics.prefix, topics.discovery_prefix
+    own = [("readwrite", f"{p}agent/%u/#"),                    # presence, metrics, trigger, answers, sync
+           ("write", f"{p}bid/reply/+/+/%u"), ("read", f"{p}bid/reply/%u/#"),   # bids: as yourself, for you
+           ("read", f"{p}exec/%u"),                              # your job queue
+           ("write", f"{p}exec/+/cancel/%u"), ("read", f"{p}exec/%u/cancel/+"),  # cancels: only the origin
+           ("write", f"{p}result/+/+/%u"), ("read", f"{p}result/%u/#"),          # results: only the origin reads
+           ("write", f"{ha}/device/%u/config")]                 # your Home Assistant discovery
+    shared = [("readwrite", f"{p}bid/request/+"), ("read", f"{p}agent/+/availability"),
+              ("read", f"{p}agent/+/metrics"), ("write", f"{p}exec/+"), ("read", f"{ha}/status")]
+    operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#")]
+    lines = ["# edge-agent broker ACL, generated (scripts/provision; agent.topics.broker_acl).",
+             f"# topic_prefix {p!r}; %u is the authenticated username, which for a device is its device_id.",
+             "", "# --- every device, about itself"]
+    lines += [f"pattern {access} {topic}" for access, topic in own]
+    for name in sorted(set(devices) - set(operators)):
+        lines += ["", f"user {_id(name)}"] + [f"topic {access} {topic}" for access, topic in shared]
+    for name in sorted(set(operators)):
+        lines += ["", "# operator: reads every device's state and answers, sends prompts", f"user {_id(name)}"]
+        lines += [f"topic {access} {topic}" for access, topic in operator]
+    return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """The production ACL really stops one device from speaking for another.
 
-A private Mosquitto is started with mosquitto/edge-agent.acl and a password file made
-here; then device "alice" tries to act as "bob" on every topic that carries identity.
+A private Mosquitto is started with the ACL ``broker_acl`` generates (what
+scripts/provision writes) and a password file made here; then device "alice" tries to
+act as "bob" on every topic that carries identity. tests/test_security.py runs the whole
+provisioned setup (TLS, client id = username) and the attacks on real work.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 from agent.bus import Bus
 from agent.config import BrokerConfig
 from agent.errors import BrokerUnavailable
-from agent.topics import Topics
+from agent.topics import Topics, broker_acl
 from tests.support.fleet import Spy
 from tests.support.mosquitto import REPO, LocalMosquitto
 
@@ -34,7 +36,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto
         subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
                        check=True, capture_output=True)
     passwd.chmod(0o600)
-    acl = REPO / "mosquitto" / "edge-agent.acl"
+    acl = work / "acl"
+    acl.write_text(broker_acl(T, ["alice", "bob"], ["homeassistant"]))
     broker = LocalMosquitto(work, extra_conf=(
         f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"))
     broker.start()
@@ -100,3 +103,12 @@ def test_a_device_reads_only_its_own_jobs(secured: LocalMosquitto, tmp_path: Pat
     finally:
         alice.stop()
         bob.stop()
+
+
+def test_the_shipped_example_acl_is_what_the_generator_writes() -> None:
+    shipped = (REPO / "mosquitto" / "edge-agent.acl").read_text()
+    generated = broker_acl(T, ["kitchen-pi", "laptop", "board-01"], ["homeassistant"])
+
+    def rules(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert rules(shipped) == rules(generated), "regenerate mosquitto/edge-agent.acl (agent.topics.broker_acl)"

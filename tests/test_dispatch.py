@@ -188,6 +188,7 @@ def test_events_for_another_job_under_our_rid_are_not_our_answer() -> None:
                       digest="ours")
     assert a.on_result(Done("r1", "peer", "hijacked", Timings(), digest="theirs"), 0.1) == Step()
     assert a.on_result(Accepted("r1", "peer", "cpu", digest="theirs"), 0.1) == Step()
+    assert a.on_result(Declined("r1", "peer", "rid_conflict", digest="theirs"), 0.1) == Step()
     assert a.on_result(Done("r1", "peer", "ours", Timings(), digest="ours"), 0.2).verdict == "finished"
 
 

@@ -10,7 +10,7 @@ import pytest
 from agent.errors import IllegalTransition
 from agent.journal import Recorded
 from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay
-from agent.messages import Cancel, Declined, Job, encode_result
+from agent.messages import Cancel, Declined, Job, cancel_check, encode_result
 
 
 def ledger(recorded: dict[str, Recorded] | None = None, keep: int = 4096) -> JobLedger:
@@ -18,9 +18,13 @@ def ledger(recorded: dict[str, Recorded] | None = None, keep: int = 4096) -> Job
     return JobLedger("node", recorded=journal.get, encode=encode_result, keep=keep)
 
 
+KEY = "the-origins-secret-key"
+
+
 def job(claim: str, *, rid: str = "r1", mode: str = "cpu", origin: str = "hub", prompt: str = "prompt",
-        accept_s: float = 5.0, timeout_s: float = 60.0) -> Job:
-    return Job(rid, origin, mode, claim, prompt, 8, accept_s, timeout_s, f"result/{origin}/{rid}")
+        accept_s: float = 5.0, timeout_s: float = 60.0, key: str = KEY) -> Job:
+    return Job(rid, origin, mode, claim, prompt, 8, accept_s, timeout_s, f"result/{origin}/{rid}",
+               cancel_check=cancel_check(key))
 
 
 def reason(payload: bytes) -> str:
@@ -53,8 +57,22 @@ def test_a_job_without_the_claim_given_to_its_origin_is_declined_stale(tamper: d
     forged = replace(job(claim), **tamper)
     verdict = lg.receive(forged, 0.0)
     assert isinstance(verdict, Decline) and verdict.event.reason == "stale_claim"
-    again = lg.receive(forged, 0.0)
-    assert isinstance(again, Replay) and reason(again.payload) == "stale_claim", "the same answer again"
+    assert verdict.event.digest == forged.digest, "the decline names the job it is about"
+    assert isinstance(lg.receive(job(claim), 0.0), Admit), "and is not remembered against the genuine job"
+
+
+def test_a_forged_job_under_a_called_rid_does_not_decline_the_genuine_one() -> None:
+    """Anyone may read calls for bids and send to exec/<dev>: the rid is no secret."""
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    forged = job("a-guess", prompt="something else")
+    assert isinstance(lg.receive(forged, 0.0), Decline)
+    assert isinstance(lg.receive(job(claim), 0.0), Admit)
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
+    conflict = lg.receive(replace(forged, claim=claim), 0.0)
+    assert isinstance(conflict, Decline) and conflict.event.reason == "rid_conflict"
+    assert conflict.event.digest != run.job.digest, "its origin can tell it is not about its job"
+    assert isinstance(lg.receive(job(claim), 0.0), Attach), "the genuine job is still the one running"
 
 
 def test_a_claim_is_honoured_once() -> None:
@@ -109,7 +127,7 @@ def test_a_decline_is_remembered_per_mode() -> None:
     lg = ledger()
     claim = lg.offer("r1", "hub")
     declined = lg.decline(job(claim, mode="npu"), "npu_busy")
-    assert declined == Declined("r1", "node", "npu_busy")
+    assert declined == Declined("r1", "node", "npu_busy", job(claim, mode="npu").digest)
     again = lg.receive(job(claim, mode="npu"), 0.0)
     assert isinstance(again, Replay) and reason(again.payload) == "npu_busy"
     assert isinstance(lg.receive(job(claim, mode="cpu"), 0.0), Admit), "the CPU may still take it"
@@ -118,27 +136,46 @@ def test_a_decline_is_remembered_per_mode() -> None:
 def test_a_cancel_before_the_job_declines_every_later_copy() -> None:
     lg = ledger()
     claim = lg.offer("r1", "hub")
-    assert lg.cancel(Cancel("r1", "hub", claim, "failed over")) is None
-    assert lg.cancelled(Cancel("r1", "hub", claim))
+    assert lg.cancel(Cancel("r1", "hub", KEY, "failed over")) is None
+    assert lg.cancelled(Cancel("r1", "hub", KEY))
     verdict = lg.receive(job(claim), 0.0)
     assert isinstance(verdict, Decline) and verdict.event.reason == "cancelled"
 
 
-@pytest.mark.parametrize("forged", [Cancel("r1", "hub", "not-the-claim"), Cancel("r1", "evil", "CLAIM")])
-def test_only_the_origin_with_the_claim_can_cancel(forged: Cancel) -> None:
+def test_a_cancel_that_came_first_with_the_wrong_key_does_not_stop_the_job() -> None:
+    """On a broker without the ACL anyone can send a cancel for a rid they saw called."""
     lg = ledger()
     claim = lg.offer("r1", "hub")
-    forged = replace(forged, claim=claim if forged.claim == "CLAIM" else forged.claim)
-    assert lg.cancel(forged) is None and not lg.cancelled(forged), "before the job"
+    assert lg.cancel(Cancel("r1", "hub", "a-guess", "forged")) is None
+    assert isinstance(lg.receive(job(claim), 0.0), Admit)
+
+
+@pytest.mark.parametrize("forged", [Cancel("r1", "hub", "a-guess"), Cancel("r1", "hub", ""),
+                                    Cancel("r1", "evil", KEY), Cancel("r1", "hub", cancel_check(KEY))])
+def test_only_the_key_of_the_job_cancels_it(forged: Cancel) -> None:
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    if forged.origin == "hub":
+        lg.cancel(forged)  # before the job: kept, but it does not fit the job when it comes
+        assert isinstance(lg.receive(job(claim), 0.0), Admit)
+    else:
+        assert lg.cancel(forged) is None and not lg.cancelled(forged), "not a rid offered to that origin"
     run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
     assert lg.cancel(forged) is None and not run.cancel.is_set(), "and while it runs"
+    assert lg.cancel(Cancel("r1", "hub", KEY)) is run and run.cancel.is_set(), "the right key does"
+
+
+def test_a_job_sent_without_a_cancel_check_cannot_be_cancelled_by_anyone() -> None:
+    lg = ledger()
+    run = lg.accept(replace(job(lg.offer("r1", "hub")), cancel_check=""), 0.0, 60.0, queue_position=0)
+    assert lg.cancel(Cancel("r1", "hub", "")) is None and not run.cancel.is_set()
 
 
 def test_a_cancel_while_queued_keeps_it_from_ever_starting() -> None:
     lg = ledger()
     claim = lg.offer("r1", "hub")
     run = lg.accept(job(claim), 0.0, 60.0, queue_position=1)
-    stopped = lg.cancel(Cancel("r1", "hub", claim, "no accept in time"))
+    stopped = lg.cancel(Cancel("r1", "hub", KEY, "no accept in time"))
     assert stopped is run and run.cancel.is_set()
     assert lg.start(run) is False
     assert run.fsm.state == "failed"
@@ -149,7 +186,7 @@ def test_a_cancel_while_running_stops_it() -> None:
     claim = lg.offer("r1", "hub")
     run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
     assert lg.start(run)
-    assert lg.cancel(Cancel("r1", "hub", claim, "went offline")) is run
+    assert lg.cancel(Cancel("r1", "hub", KEY, "went offline")) is run
     assert run.cancel.is_set(), "the executor watches this event"
 
 
@@ -170,6 +207,6 @@ def test_memories_are_bounded_oldest_first_and_hold_exactly_keep() -> None:
     assert isinstance(lg.receive(job(claims[0], rid="r0"), 0.0), Decline), "r0's claim was forgotten"
     assert isinstance(lg.receive(job(claims[2], rid="r2"), 0.0), Admit), "the last three are kept"
     for i in range(5):
-        c = lg.offer(f"c{i}", "hub")
-        lg.cancel(Cancel(f"c{i}", "hub", c))
-    assert not lg.cancelled(Cancel("c0", "hub", "x")) and lg.cancelled(Cancel("c4", "hub", lg.offer("c4", "hub")))
+        lg.offer(f"c{i}", "hub")
+        lg.cancel(Cancel(f"c{i}", "hub", KEY))
+    assert not lg.cancelled(Cancel("c0", "hub", KEY)) and lg.cancelled(Cancel("c4", "hub", KEY))

@@ -38,7 +38,7 @@ JOB = Job("r1", "hub", "cpu", "claim.1", "héllo ✓", 64, 3.0, 600.0, "result/h
     BidRequest("r1", "hub", 30.0, 12, 64, "npu", sent_at=1.7e9),
     Bid("r1", "dev-1", "hub", "claim.1", SNAP, service_s=1.5, service_n=12.0),
     JOB,
-    Cancel("r1", "hub", "claim.1", "no accept in time"),
+    Cancel("r1", "hub", "0123456789abcdef", "no accept in time"),
 ])
 def test_round_trip(msg) -> None:
     assert type(msg).from_payload(msg.to_payload()) == msg

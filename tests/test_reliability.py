@@ -20,7 +20,7 @@ import pytest
 from agent.bus import Message
 from agent.cli import main
 from agent.locks import NpuLock
-from agent.messages import Bid, BidRequest, Job, decode_result
+from agent.messages import Bid, BidRequest, Job, cancel_check, decode_result
 from tests.support.broker import REPO
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job
 
@@ -71,8 +71,12 @@ def bid_for(spy: Any, env: Env, rid: str, device: str, origin: str = "hub") -> B
     return Bid.from_payload(reply.payload)
 
 
+CANCEL_KEY = "hubs-own-cancel-key"
+
+
 def job_for(rid: str, claim: str, prompt: str, mode: str = "cpu", origin: str = "hub") -> bytes:
-    return Job(rid, origin, mode, claim, prompt, 8, 5.0, 60.0, f"result/{origin}/{rid}").to_payload()
+    return Job(rid, origin, mode, claim, prompt, 8, 5.0, 60.0, f"result/{origin}/{rid}",
+               cancel_check=cancel_check(CANCEL_KEY)).to_payload()
 
 
 # --------------------------------------------------------------------- 1. exactly once
@@ -110,7 +114,7 @@ def test_cancel_keeps_a_late_copy_from_ever_starting(env: Env) -> None:
     t = env.topics
     with env.node(node), env.spy(f"{env.prefix}#") as spy:
         bid = bid_for(spy, env, "r9", "worker")
-        spy.publish(t.cancel("worker", "hub"), Cancel("r9", "hub", bid.claim, "failed over").to_payload())
+        spy.publish(t.cancel("worker", "hub"), Cancel("r9", "hub", CANCEL_KEY, "failed over").to_payload())
         # The orchestrator's job arrives after its cancel (a late copy from a session): declined.
         spy.publish(t.exec("worker"), job_for("r9", bid.claim, "x"))
         declined = spy.wait_for(result_of("declined"), what="declined")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -49,6 +50,10 @@ KPIS_MARK = b"[KPIS]:"
 # Where the answer can stop: a clean [END], or (no [END]) the KPI block.
 TERMINATORS = (END_MARK, b"\n" + KPIS_MARK)
 DSP_NOT_FOUND = "Failed to create device: 14001"
+# What is kept of the output around the answer: the preamble's tail (where start-up errors
+# are) and the trailer's head (the KPIs); a runner that prints megabytes costs no more.
+PREAMBLE_MAX_BYTES = TRAILER_MAX_BYTES = 64 * 1024
+PROFILE_MAX_BYTES = 16 * 1024 * 1024
 
 CHAT_TEMPLATES = {
     "raw": "{prompt}",
@@ -73,52 +78,72 @@ class Kpis:
     generated_tokens: int | None = None
 
 
+_NUM = r"(\d+(?:\.\d+)?)"
 _KPI_PATTERNS = {
-    "init": re.compile(r"Init Time:\s*([\d.]+)\s*us"),
-    "prompt": re.compile(r"Prompt Processing Time:\s*([\d.]+)\s*us,\s*Prompt Processing Rate\s*:\s*([\d.]+)"),
-    "gen": re.compile(r"Token Generation Time:\s*([\d.]+)\s*us,\s*Token Generation Rate\s*:\s*([\d.]+)"),
+    "init": re.compile(rf"Init Time:\s*{_NUM}\s*us"),
+    "prompt": re.compile(rf"Prompt Processing Time:\s*{_NUM}\s*us,\s*Prompt Processing Rate\s*:\s*{_NUM}"),
+    "gen": re.compile(rf"Token Generation Time:\s*{_NUM}\s*us,\s*Token Generation Rate\s*:\s*{_NUM}"),
 }
 
 
 def parse_kpis(text: str) -> Kpis:
+    """The KPIs genie-t2t-run prints after the answer; what is missing or garbled stays None."""
     k = Kpis()
     if m := _KPI_PATTERNS["init"].search(text):
-        k.init_us = float(m.group(1))
+        k.init_us = _finite(m.group(1))
     if m := _KPI_PATTERNS["prompt"].search(text):
-        k.prompt_us, k.prompt_rate = float(m.group(1)), float(m.group(2))
-        k.prompt_tokens = round(k.prompt_us / 1e6 * k.prompt_rate)
+        k.prompt_us, k.prompt_rate = _finite(m.group(1)), _finite(m.group(2))
+        k.prompt_tokens = _tokens(k.prompt_us, k.prompt_rate)
     if m := _KPI_PATTERNS["gen"].search(text):
-        k.gen_us, k.gen_rate = float(m.group(1)), float(m.group(2))
-        k.generated_tokens = round(k.gen_us / 1e6 * k.gen_rate)
+        k.gen_us, k.gen_rate = _finite(m.group(1)), _finite(m.group(2))
+        k.generated_tokens = _tokens(k.gen_us, k.gen_rate)
     return k
+
+
+def _finite(value: Any) -> float | None:
+    """A non-negative finite number from a KPI or profile field, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _tokens(us: float | None, rate: float | None) -> int | None:
+    if us is None or rate is None:
+        return None
+    count = us / 1e6 * rate
+    return round(count) if math.isfinite(count) else None
 
 
 def _micros(value: Any) -> float | None:
     """A profile quantity in µs: a bare number (µs) or {"value": n, "unit": "us|ms|s"}."""
-    unit = "us"
+    unit: Any = "us"
     if isinstance(value, dict):
-        unit = str(value.get("unit", "us")).lower()
-        value = value.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        unit, value = value.get("unit", "us"), value.get("value")
+    if isinstance(value, str):
         return None
-    return float(value) * {"us": 1.0, "ms": 1e3, "s": 1e6}.get(unit, 1.0)
+    scale = {"us": 1.0, "ms": 1e3, "s": 1e6}.get(unit.lower() if isinstance(unit, str) else "", 1.0)
+    number = _finite(value)
+    return None if number is None or not math.isfinite(number * scale) else number * scale
 
 
 def _count(value: Any) -> int | None:
     if isinstance(value, dict):
         value = value.get("value")
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    number = _finite(value) if not isinstance(value, str) else None
+    return int(number) if number is not None else None
 
 
 def merge_profile(k: Kpis, profile: Any) -> Kpis:
-    """Fill what stdout did not say from the --profile JSON (only the fields we know)."""
-    try:
-        events = [e for c in profile.get("components", []) for e in c.get("events", [])]
-    except AttributeError:
-        return k
+    """Fill what stdout did not say from the --profile JSON (only the fields we know;
+    anything of another shape is ignored)."""
+    components = profile.get("components") if isinstance(profile, dict) else None
+    events = [e for c in components if isinstance(c, dict) and isinstance(c.get("events"), list)
+              for e in c["events"] if isinstance(e, dict)] if isinstance(components, list) else []
     for e in events:
-        if not isinstance(e, dict):
-            continue
         if e.get("type") == "GenieDialog_create" and k.init_us is None:
             k.init_us = _micros(e.get("duration"))
         elif e.get("type") == "GenieDialog_query":
@@ -133,8 +158,19 @@ def merge_profile(k: Kpis, profile: Any) -> Kpis:
     return k
 
 
+def read_profile(path: Path) -> Any:
+    """The --profile file as JSON, or {} if it is missing or not JSON (logged)."""
+    try:
+        return json.loads(path.read_bytes()[:PROFILE_MAX_BYTES])
+    except (OSError, ValueError, RecursionError) as exc:
+        log.info("genie profile %s not usable: %s", path, type(exc).__name__ if isinstance(exc, RecursionError)
+                 else exc)
+        return {}
+
+
 class GenieOutput:
-    """Incremental parser of genie-t2t-run's stdout for one known prompt."""
+    """Incremental parser of genie-t2t-run's stdout for one known prompt, in time linear in
+    the output and memory bounded by the answer (see PREAMBLE_MAX_BYTES)."""
 
     def __init__(self, prompt_file_bytes: bytes):
         # Genie may trim trailing whitespace from the echo; skipping the trimmed length
@@ -144,27 +180,45 @@ class GenieOutput:
         self._buf = b""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text_parts: list[str] = []
-        self.trailer = b""
-        self.preamble = b""
+        self._preamble = bytearray()
+        self._trailer = bytearray()
         self.ended = False
 
     @property
     def started(self) -> bool:
         return self._state in ("answer", "trailer")
 
+    @property
+    def preamble(self) -> bytes:
+        return bytes(self._preamble)
+
+    @property
+    def trailer(self) -> bytes:
+        return bytes(self._trailer)
+
+    def _keep_preamble(self, data: bytes) -> None:
+        self._preamble += data[-PREAMBLE_MAX_BYTES:]
+        if len(self._preamble) > PREAMBLE_MAX_BYTES:
+            del self._preamble[:-PREAMBLE_MAX_BYTES]
+
+    def _keep_trailer(self, data: bytes) -> None:
+        room = TRAILER_MAX_BYTES - len(self._trailer)
+        if room > 0:
+            self._trailer += data[:room]
+
     def feed(self, data: bytes) -> str:
         """Take more stdout; return answer text that is now safe to stream."""
-        self._buf += data
+        self._buf += data  # small: each state below keeps at most a marker's length of it
         out: list[str] = []
         while True:
             if self._state == "preamble":
                 i = self._buf.find(PROMPT_MARK)
                 if i < 0:
-                    keep = len(PROMPT_MARK) - 1
-                    self.preamble += self._buf[:-keep] if len(self._buf) > keep else b""
-                    self._buf = self._buf[-keep:] if len(self._buf) > keep else self._buf
+                    keep = min(len(PROMPT_MARK) - 1, len(self._buf))
+                    self._keep_preamble(self._buf[:len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep:]
                     break
-                self.preamble += self._buf[:i]
+                self._keep_preamble(self._buf[:i])
                 self._buf = self._buf[i + len(PROMPT_MARK):]
                 self._state = "echo"
             elif self._state == "echo":
@@ -178,8 +232,8 @@ class GenieOutput:
             elif self._state == "begin":
                 i = self._buf.find(BEGIN_MARK)
                 if i < 0:
-                    keep = len(BEGIN_MARK) - 1
-                    self._buf = self._buf[-keep:] if len(self._buf) > keep else self._buf
+                    keep = min(len(BEGIN_MARK) - 1, len(self._buf))
+                    self._buf = self._buf[len(self._buf) - keep:]
                     break
                 self._buf = self._buf[i + len(BEGIN_MARK):]
                 self._state = "space"
@@ -193,7 +247,7 @@ class GenieOutput:
                 cut, mark = _first_terminator(self._buf)
                 if cut >= 0:
                     out.append(self._decoder.decode(self._buf[:cut], final=True))
-                    self.trailer = self._buf[cut:]
+                    self._keep_trailer(self._buf[cut:])
                     self.ended = mark == END_MARK
                     self._buf = b""
                     self._state = "trailer"
@@ -203,7 +257,7 @@ class GenieOutput:
                 self._buf = self._buf[safe:]
                 break
             else:  # trailer
-                self.trailer += self._buf
+                self._keep_trailer(self._buf)
                 self._buf = b""
                 break
         text = "".join(out)
@@ -305,7 +359,7 @@ class GenieExecutor:
                 break
             kpis = parse_kpis(output.trailer.decode("utf-8", "replace"))
             if profile_file is not None:
-                kpis = merge_profile(kpis, _load_json(profile_file))
+                kpis = merge_profile(kpis, read_profile(profile_file))
         end = time.monotonic()
         # Stopped at max_new_tokens, the parser may already hold more than the cap allowed.
         text = stream.text if stream.at_limit else output.text
@@ -342,9 +396,3 @@ class GenieExecutor:
         return exc.reason
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.info("genie profile %s not usable: %s", path, exc)
-        return {}

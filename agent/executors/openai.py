@@ -22,7 +22,7 @@ from typing import Any
 from agent.config import OpenAIExecutorConfig
 from agent.errors import Cancelled, ExecutionTimeout, ExecutorError
 from agent.executors import OnToken, Params, Result, estimate_tokens
-from agent.messages import Timings
+from agent.messages import MAX_TOKENS, Timings
 
 _BODY_TAIL = 300
 
@@ -118,7 +118,7 @@ class OpenAIExecutor:
                     if data == b"[DONE]":
                         finished = True
                         break
-                    piece, chunk_usage = self._parse_event(data, parts)
+                    piece, chunk_usage = parse_event(data, parts, name=self.name, url=self.url)
                     usage.update(chunk_usage)
                     if piece:
                         if first_at is None:
@@ -146,31 +146,44 @@ class OpenAIExecutor:
         end = time.monotonic()
         text = "".join(parts)
         first = first_at or end
+        prompt_tokens, generated = usage_counts(usage)
         return Result(text=text,
                       timings=Timings(prefill_ms=(first - start) * 1000, decode_ms=(end - first) * 1000,
                                       total_ms=(end - start) * 1000),
-                      prompt_tokens=int(usage.get("prompt_tokens") or estimate_tokens(prompt)),
-                      generated_tokens=int(usage.get("completion_tokens") or len(parts)))
+                      prompt_tokens=prompt_tokens if prompt_tokens is not None else estimate_tokens(prompt),
+                      generated_tokens=generated if generated is not None else len(parts))
 
-    def _parse_event(self, data: bytes, parts: list[str]) -> tuple[str, dict[str, Any]]:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise ExecutorError(self.name, f"{self.url} sent an event that is not JSON: {data[:120]!r}",
-                                partial_text="".join(parts)) from None
-        if not isinstance(event, dict):
-            return "", {}
-        if "error" in event:
-            raise ExecutorError(self.name, f"{self.url} reported an error: {json.dumps(event['error'])[:300]}",
-                                partial_text="".join(parts))
-        raw_usage = event.get("usage")
-        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
-        choices = event.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return "", usage
-        delta = choices[0].get("delta") or {}
-        content = delta.get("content") if isinstance(delta, dict) else None
-        return (content if isinstance(content, str) else ""), usage
+def parse_event(data: bytes, parts: list[str], *, name: str, url: str) -> tuple[str, dict[str, Any]]:
+    """One SSE ``data:`` payload -> (the text piece, its usage object or {}); an error
+    event, or one that is not JSON, is an ExecutorError carrying ``parts`` so far."""
+    try:
+        event = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ExecutorError(name, f"{url} sent an event that is not JSON: {data[:120]!r}",
+                            partial_text="".join(parts)) from None
+    if not isinstance(event, dict):
+        return "", {}
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        shown = message[:300] if isinstance(message, str) else f"(an error of type {type(message).__name__})"
+        raise ExecutorError(name, f"{url} reported an error: {shown}", partial_text="".join(parts))
+    raw_usage = event.get("usage")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "", usage
+    delta = choices[0].get("delta") or {}
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return (content if isinstance(content, str) else ""), usage
+
+
+def usage_counts(usage: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) from a server's usage object, each None unless
+    it is a sane non-negative integer."""
+    def count(value: Any) -> int | None:
+        return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
+    return count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
 
 
 def _set_read_timeout(resp: Any, seconds: float) -> None:

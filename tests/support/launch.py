@@ -58,12 +58,13 @@ def write_config(path: Path, doc: Mapping[str, Any]) -> Path:
 class ArrivalWatch:
     """Knows when a device announces ``online`` live (a retained value may be stale)."""
 
-    def __init__(self, host: str, port: int, prefix: str = ""):
+    def __init__(self, host: str, port: int, prefix: str = "", *, broker: BrokerConfig | None = None):
+        """``broker``: connect with these settings (credentials, TLS) instead of anonymously."""
         self._topics = Topics(prefix)
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         nonce = new_nonce()
-        self._bus = Bus(f"arrivals-{nonce}", BrokerConfig(host=host, port=port), persistent=False,
+        self._bus = Bus(f"arrivals-{nonce}", broker or BrokerConfig(host=host, port=port), persistent=False,
                         name="arrivals", sync_topic=self._topics.sync("arrivals", nonce))
         self._bus.subscribe(self._topics.all_availability(), self._handle)
         self._bus.connect(10)

@@ -48,8 +48,13 @@ class LocalMosquitto:
         text = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", text, flags=re.M)
         text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M)
         text = re.sub(r"^persistence .*$", f"persistence {'true' if self.persistence else 'false'}", text, flags=re.M)
-        # "mosquitto version … running", which start() waits for, is an information line.
+        if not re.search(r"^persistence ", text, flags=re.M):  # a conf.d file: the main file would say
+            text += f"\npersistence {'true' if self.persistence else 'false'}\npersistence_location {self.workdir}/\n"
+        # "mosquitto version … running", which start() waits for, is an information line
+        # on stderr.
         text = text.replace("log_type notice", "log_type notice\nlog_type information")
+        if "log_dest" not in text:
+            text += "\nlog_dest stderr\n"
         # Started as root, mosquitto would switch to the "mosquitto" user and could not
         # write its persistence file into our directory.
         return f"{text}\nuser {getpass.getuser()}\n{self.extra_conf}\n"
