@@ -19,7 +19,8 @@ Rules, each one a line below:
 - nothing is concluded while our own link is down: a broker restart makes everyone look
   offline. When the link is back the job is sent again (the node attaches to the run or
   replays the recorded answer: it never runs twice), and a winner still offline gets
-  ``accept_timeout_s`` to come back;
+  ``accept_timeout_s`` plus the longest a node waits between reconnect attempts
+  (``PEER_RECONNECT_S``) to come back — everyone is reconnecting, not just us;
 - with no runner-up the job is never failed over to nobody: the winner is waited for
   until the job's deadline, with progress shown;
 - after a token has streamed, nothing is ever re-run elsewhere: a winner gone for good
@@ -37,6 +38,10 @@ from dataclasses import dataclass, field
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
 from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
+
+# A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
+# margin: after a broker outage that is how long a winner may take to reappear.
+PEER_RECONNECT_S = 6.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ class DispatchState:
         self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
         step = Step(send=not self.done, progress="reconnected to the broker; sending the job again")
         if not self.winner_online:
-            self.grace_until = now + self.accept_timeout_s
+            self.grace_until = now + self.accept_timeout_s + PEER_RECONNECT_S
         return step
 
     def on_tick(self, now: float) -> Step:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.dispatch import DispatchState, Step
+from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step
 from agent.errors import ExitCode
 from agent.messages import Accepted, Declined, Done, Error, Timings, Token
 
@@ -116,9 +116,9 @@ def test_nothing_is_concluded_while_our_own_link_is_down() -> None:
     assert a.on_tick(30.0) == Step(), "however long the broker is down"
     step = a.on_link(True, 31.0)
     assert step.send, "back: the job is sent again (the node attaches or replays)"
-    assert a.deadline == 31.0 + ACCEPT_S, "and the winner gets a grace to come back"
+    assert a.deadline == 31.0 + ACCEPT_S + PEER_RECONNECT_S, "and the winner gets a grace to reconnect too"
     step = a.on_peer(True, 32.0, shaky)
-    assert step.send and a.on_tick(31.0 + ACCEPT_S) == Step(), "it came back: no grace any more"
+    assert step.send and a.on_tick(31.0 + ACCEPT_S + PEER_RECONNECT_S) == Step(), "it came back: no grace any more"
 
 
 def test_a_winner_still_gone_after_our_link_returns_is_failed_over_after_the_grace() -> None:
@@ -126,9 +126,21 @@ def test_a_winner_still_gone_after_our_link_returns_is_failed_over_after_the_gra
     a.on_link(False, 1.0)
     a.on_peer(False, 1.5, lambda: pytest.fail("our link is known to be down"))
     a.on_link(True, 5.0)
-    assert a.on_tick(5.0 + ACCEPT_S - 0.01) == Step()
-    step = a.on_tick(5.0 + ACCEPT_S)
+    assert a.on_tick(5.0 + ACCEPT_S + PEER_RECONNECT_S - 0.01) == Step()
+    step = a.on_tick(5.0 + ACCEPT_S + PEER_RECONNECT_S)
     assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
+
+
+def test_after_a_broker_outage_a_streamed_winner_gets_time_to_reconnect_before_it_is_given_up() -> None:
+    """Its reconnect backoff may keep it away for seconds after the broker is back (the
+    restart tests lost answers to a 3 s grace)."""
+    a = attempt(last=True)
+    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
+    a.on_link(False, 1.0)
+    a.on_peer(False, 1.0, lambda: pytest.fail("our link is known to be down"))
+    a.on_link(True, 6.0)
+    assert a.on_tick(6.0 + ACCEPT_S + 1.0) == Step(), "not yet: it may be in its backoff"
+    assert a.on_peer(True, 6.0 + ACCEPT_S + 2.0, lambda: True).send, "back: sent again, it replays the answer"
 
 
 def test_our_link_dropping_suspends_the_accept_deadline_and_restarts_it() -> None:
