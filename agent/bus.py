@@ -449,9 +449,15 @@ class Bus:
         was = self._connected.is_set()
         self._connected.clear()
         if not self._connack.is_set():
-            self._last_error = "the broker hung up before answering the CONNECT"
+            # Reached, and it said no without saying why (RabbitMQ to an MQTT 5 CONNECT).
+            self._last_error = (f"the broker hung up before answering the MQTT {self.protocol} CONNECT"
+                                + (" (set broker.protocol: 3.1.1 if it only speaks that)"
+                                   if self.protocol == "5" and self.broker.protocol == "5" else ""))
+            self._refused = True
             self._connack.set()
-        else:
+        elif not (self._refused and not was):
+            # (A refusal is followed by a disconnect of paho's own: its reason would
+            # hide the broker's, which says why; keep the broker's.)
             self._last_error = f"disconnected: {reason}"
         if not (was and self._started):
             return

@@ -12,7 +12,7 @@ two devices' clocks. A message's age comes from, in order:
 3. neither: the message is taken as fresh.
 
 ``ClockOffsets`` also says when a device's clock is off by more than ``SKEW_WARN_S``,
-once per device, so the log shows it.
+once per device and only after a few samples agree, so the log shows it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections import deque
 
 SKEW_WARN_S = 2.0
 SAMPLES = 8
+WARN_AFTER = 3  # samples: one message held up in a broker looks like skew (NATS clusters: seconds)
 
 
 class ClockOffsets:
@@ -42,7 +43,7 @@ class ClockOffsets:
             samples = self._samples.setdefault(device, deque(maxlen=SAMPLES))
             samples.append(local_wall - sent_wall)
             offset = min(samples)
-            if abs(offset) > SKEW_WARN_S and device not in self._warned:
+            if abs(offset) > SKEW_WARN_S and device not in self._warned and len(samples) >= WARN_AFTER:
                 self._warned.add(device)
                 return offset
             if abs(offset) <= SKEW_WARN_S:

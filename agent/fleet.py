@@ -7,16 +7,21 @@ This is the only place a fleet connection is put together.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from agent.bus import Bus, new_nonce
-from agent.config import Config
-from agent.errors import DeviceBusy
+from agent.config import BrokerConfig, Config
+from agent.errors import DeviceBusy, StateError
 from agent.locks import Claim, IdentityLock
 from agent.roster import Roster
+from agent.statefiles import atomic_write
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -28,6 +33,9 @@ SYNC_TIMEOUT_S = 3.0
 SESSION_SLACK_S = 60
 # A short-lived client waiting on an answer retries the broker at least this often.
 TRIGGER_RECONNECT_MAX_S = 2.0
+# No retained presence came back: ask, and wait until answers stop (or the longest wait).
+PRESENCE_QUIET_S = 0.1
+PRESENCE_WAIT_S = 1.0
 # How long status and check wait for another process of the device to let go of its
 # broker identity (trigger passes its own, longer, wait).
 IDENTITY_WAIT_S = 10.0
@@ -39,6 +47,7 @@ class Fleet:
     def __init__(self, bus: Bus, topics: Topics, me: str, *, max_bytes: int = 256 * 1024):
         self.bus = bus
         self.topics = topics
+        self.me = me
         self.roster = Roster(topics, me, max_bytes=max_bytes)
         bus.subscribe(topics.all_availability(), self.roster.handle)
         bus.subscribe(topics.all_metrics(), self.roster.handle_metrics)
@@ -68,7 +77,9 @@ class Fleet:
             if identity is None:
                 raise DeviceBusy(lock.holder(), wait_identity_s)
         client_id = cfg.device_id if identity is not None else f"{cfg.device_id}-{role}-{nonce}"
-        bus = Bus(client_id, replace(cfg.broker, session_expiry_s=lifetime),
+        remembered = ProtocolMemory(cfg.state_dir)
+        broker = remembered.apply(cfg.broker)
+        bus = Bus(client_id, replace(broker, session_expiry_s=lifetime),
                   persistent=True, name=role, sync_topic=topics.sync(cfg.device_id, nonce),
                   reconnect_max_s=TRIGGER_RECONNECT_MAX_S)
         fleet = cls(bus, topics, cfg.device_id, max_bytes=cfg.max_payload_bytes)
@@ -78,16 +89,26 @@ class Fleet:
         except BaseException:
             fleet._release()
             raise
+        if cfg.broker.protocol == "auto":
+            remembered.record(cfg.broker, bus.protocol)
         return fleet  # the orchestrator syncs once its own subscriptions are in place
 
     def sync(self) -> None:
         """Once: a broker round trip, after which the retained roster and every subscription
-        made so far are in place."""
+        made so far are in place. If the broker delivered no retained presence at all (it
+        does not on wildcards, or the fleet is empty), ask: live nodes announce themselves
+        again, and the roster is whoever did until PRESENCE_QUIET_S passes without news."""
         with self._lock:
             if self._synced:
                 return
             if not self.bus.barrier(SYNC_TIMEOUT_S):
                 log.warning("the broker did not echo our sync message; the roster may be incomplete")
+            if not self.roster.known().keys() - {self.me}:
+                asked = time.monotonic()
+                self.bus.publish(self.topics.presence(self.me), b"?", qos=1)
+                heard = self.roster.wait_quiet(asked, quiet_s=PRESENCE_QUIET_S, timeout_s=PRESENCE_WAIT_S)
+                log.debug("presence query: %d device(s) answered in %.0f ms", len(heard),
+                          (time.monotonic() - asked) * 1000)
             self._synced = True
 
     def close(self) -> None:
@@ -101,3 +122,52 @@ class Fleet:
         if self._identity is not None:
             self._identity.release()
             self._identity = None
+
+
+class ProtocolMemory:
+    """With ``protocol: auto``, the MQTT version a broker took, remembered per broker in
+    ``state_dir/broker-protocol.json`` for a week: a short-lived trigger does not pay a
+    refused MQTT 5 connect (and print its warning) every time. Best effort."""
+
+    KEEP_S = 7 * 24 * 3600
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "broker-protocol.json"
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            obj = json.loads(self.path.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    @staticmethod
+    def _key(broker: BrokerConfig) -> str:
+        return ",".join(f"{h}:{p}" for h, p in broker.addresses)
+
+    def apply(self, broker: BrokerConfig) -> BrokerConfig:
+        if broker.protocol != "auto":
+            return broker
+        entry = self._load().get(self._key(broker))
+        if (isinstance(entry, dict) and entry.get("protocol") == "3.1.1" and isinstance(entry.get("at"), (int, float))
+                and time.time() - entry["at"] < self.KEEP_S):
+            log.debug("using MQTT 3.1.1 with %s, as it took last time", self._key(broker))
+            return replace(broker, protocol="3.1.1")
+        return broker
+
+    def record(self, broker: BrokerConfig, protocol: str) -> None:
+        memory, key = self._load(), self._key(broker)
+        entry = memory.get(key)
+        if protocol == "3.1.1":
+            if isinstance(entry, dict) and isinstance(entry.get("at"), (int, float)) \
+                    and time.time() - entry["at"] < self.KEEP_S / 7:
+                return  # remembered within the day
+            memory[key] = {"protocol": "3.1.1", "at": round(time.time())}
+        elif key in memory:
+            del memory[key]  # it takes MQTT 5 now
+        else:
+            return
+        try:
+            atomic_write(self.path, json.dumps(memory, sort_keys=True).encode())
+        except StateError as exc:
+            log.debug("could not remember the broker's protocol: %s", exc)

@@ -105,6 +105,7 @@ class Node:
         self._metrics_due = threading.Event()
         self.health = "ok"          # or why this node takes no work
         self._identity: Claim | None = None
+        self._presence_due = threading.Event()
         self.draining = False
         # This device's own trigger/status processes come through here, not the broker.
         self.control = ControlServer(cfg.state_dir, self._on_control)
@@ -132,6 +133,7 @@ class Node:
         self.bus.subscribe(t.exec(self.me), self._on_job)
         self.bus.subscribe(t.cancels(self.me), self._on_cancel)
         self.bus.subscribe(t.trigger(self.me), self._on_trigger)
+        self.bus.subscribe(t.all_presence(), self._on_presence_query, inline=True)
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self._on_ha_status)
         self.gate.start()
@@ -237,6 +239,14 @@ class Node:
         elif msg.payload != b"offline":
             log.warning("ignoring Home Assistant status %r (want online/offline)", msg.payload[:40])
 
+    def _on_presence_query(self, msg: Message) -> None:
+        """Someone found no retained presence (a broker without retained messages on
+        wildcards): announce ourselves again, from the metrics loop, after the query."""
+        parsed = self.topics.parse(msg.topic)
+        if parsed is not None and parsed.device != self.me:
+            self._presence_due.set()
+            self._metrics_due.set()
+
     def _npu_free(self) -> bool:
         return self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
 
@@ -274,6 +284,9 @@ class Node:
                                and self._last_npu_free != self._npu_free())
                 if now >= next_at or npu_changed or self._metrics_due.is_set():
                     self._metrics_due.clear()
+                    if self._presence_due.is_set():
+                        self._presence_due.clear()
+                        self.bus.publish(self.topics.availability(self.me), b"online", retain=True)
                     self._publish_metrics()
                     next_at = now + self.cfg.metrics_interval_s
                 timeout = next_at - now
@@ -501,6 +514,15 @@ class Node:
         if op == "status":
             from agent.status import rows
             channel.send({"type": "status", "devices": rows(self.fleet.roster, self.wall())})
+            return
+        if op == "forget":
+            from agent.status import forget
+            device = request.get("device")
+            if not isinstance(device, str) or not is_id(device) or device == self.me:
+                channel.send({"type": "error", "error": "forget: a device id other than this node's",
+                              "exit_code": ExitCode.USAGE})
+                return
+            channel.send(forget(self.fleet, device, force=request.get("force") is True))
             return
         if op != "trigger":
             channel.send({"type": "error", "error": f"unknown request {op!r}", "exit_code": ExitCode.USAGE})

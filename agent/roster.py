@@ -2,10 +2,13 @@
 
 Availability comes from the retained ``agent/<dev>/availability`` topics: a node's Will
 sets it to ``offline`` the moment the broker loses it, so the roster shrinks during an
-auction and the auction can close early. Metrics come from ``agent/<dev>/metrics``: the
-roster keeps each device's last snapshot (does it have an NPU?) and, from the live ones,
-how far its clock is from ours (``agent.clock``). Listeners hear every change of
-availability; they are called on the bus dispatcher thread and must only queue.
+auction and the auction can close early. A broker that does not deliver retained
+messages on wildcard subscriptions (RabbitMQ 3.10) leaves it empty at first: then
+``Fleet.sync`` asks on ``agent/<me>/presence`` and every node announces itself again.
+Metrics come from ``agent/<dev>/metrics``: the roster keeps each device's last snapshot
+(does it have an NPU?) and, from the live ones, how far its clock is from ours
+(``agent.clock``). Listeners hear every change of availability; they are called on the
+bus dispatcher thread and must only queue.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Roster:
         self._state: dict[str, bool] = {}
         self._metrics: dict[str, Metrics] = {}
         self._listeners: list[Listener] = []
+        self._live = threading.Condition(self._lock)
+        self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
 
     def handle(self, msg: Message) -> None:
         """Bus handler for ``agent/+/availability``."""
@@ -51,6 +56,8 @@ class Roster:
             log.warning("ignoring availability %r for %s (want online/offline)", msg.payload[:40], parsed.device)
             return
         self.set(parsed.device, online)
+        if online and not msg.retain:
+            self._heard_live(parsed.device)
 
     def set(self, device: str, online: bool) -> None:
         """Record a device's availability (from its topic, or a presence answer)."""
@@ -74,11 +81,33 @@ class Roster:
             return
         with self._lock:
             self._metrics[metrics.device] = metrics
-        if not msg.retain:  # a retained one may be old: only live ones say how far its clock is
+        if not msg.retain:
+            self._heard_live(metrics.device)  # a retained one may be old: only live ones say how far its clock is
             skew = self.offsets.observe(metrics.device, metrics.ts, self._wall())
             if skew is not None:
                 log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel "
                             "as durations so nothing breaks, but check its time sync", metrics.device, -skew)
+
+    def _heard_live(self, device: str) -> None:
+        with self._live:
+            self._heard[device] = time.monotonic()
+            self._live.notify_all()
+
+    def wait_quiet(self, since: float, *, quiet_s: float, timeout_s: float) -> frozenset[str]:
+        """The devices heard live since ``since`` (monotonic), once none has been new for
+        ``quiet_s`` after the first, or ``timeout_s`` after ``since``."""
+        deadline = since + timeout_s
+        with self._live:
+            last_new, count = None, 0
+            while True:
+                heard = frozenset(d for d, t in self._heard.items() if t >= since)
+                now = time.monotonic()
+                if len(heard) != count:
+                    count, last_new = len(heard), now
+                end = deadline if last_new is None else min(deadline, last_new + quiet_s)
+                if now >= end:
+                    return heard
+                self._live.wait(end - now)
 
     def peers_online(self) -> frozenset[str]:
         """Online devices other than this one."""

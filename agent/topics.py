@@ -6,6 +6,7 @@
     agent/<dev>/last_result              the last answer to a trigger, retained
     agent/<dev>/answer/<id>              the answer to the trigger that carried this id
     agent/<dev>/sync/<nonce>             a client's own round trip (retained-delivery barrier)
+    agent/<dev>/presence                 <dev> asks who is online: nodes announce themselves again
     bid/request/<rid>                    call for bids (public: every device bids)
     bid/reply/<origin>/<rid>/<dev>       a bid: from <dev>, for <origin> only
     exec/<dev>                           a job for <dev>
@@ -43,7 +44,7 @@ def is_id(value: object) -> bool:
 
 @dataclass(frozen=True)
 class ParsedTopic:
-    kind: str  # availability | metrics | trigger | last_result | answer | sync | bid_request |
+    kind: str  # availability | metrics | trigger | last_result | presence | answer | sync | bid_request |
     #            bid_reply | exec | cancel | result | ha_status
     device: str | None = None   # whose topic it is (the speaker, or the job's executor)
     rid: str | None = None
@@ -76,6 +77,9 @@ class Topics:
 
     def sync(self, dev: str, nonce: str) -> str:
         return f"{self.prefix}agent/{_id(dev)}/sync/{_id(nonce)}"
+
+    def presence(self, dev: str) -> str:
+        return f"{self.prefix}agent/{_id(dev)}/presence"
 
     def bid_request(self, rid: str) -> str:
         return f"{self.prefix}bid/request/{_id(rid)}"
@@ -113,6 +117,9 @@ class Topics:
     def all_metrics(self) -> str:
         return f"{self.prefix}agent/+/metrics"
 
+    def all_presence(self) -> str:
+        return f"{self.prefix}agent/+/presence"
+
     def all_bid_requests(self) -> str:
         return f"{self.prefix}bid/request/+"
 
@@ -134,7 +141,7 @@ class Topics:
             return None
         levels = topic[len(self.prefix):].split("/")
         match levels:
-            case ["agent", dev, ("availability" | "metrics" | "trigger" | "last_result") as kind]:
+            case ["agent", dev, ("availability" | "metrics" | "trigger" | "last_result" | "presence") as kind]:
                 return ParsedTopic(kind, device=dev) if is_id(dev) else None
             case ["agent", dev, ("sync" | "answer") as kind, nonce]:
                 return ParsedTopic(kind, device=dev, nonce=nonce) if _ids(dev, nonce) else None
@@ -177,8 +184,12 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
            ("write", f"{p}result/+/+/%u"), ("read", f"{p}result/%u/#"),          # results: only the origin reads
            ("write", f"{ha}/device/%u/config")]                 # your Home Assistant discovery
     shared = [("readwrite", f"{p}bid/request/+"), ("read", f"{p}agent/+/availability"),
-              ("read", f"{p}agent/+/metrics"), ("write", f"{p}exec/+"), ("read", f"{ha}/status")]
-    operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#")]
+              ("read", f"{p}agent/+/metrics"), ("read", f"{p}agent/+/presence"), ("write", f"{p}exec/+"),
+              ("read", f"{ha}/status")]
+    operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#"),
+                # `forget` clears a retired device's retained topics
+                ("write", f"{p}agent/+/availability"), ("write", f"{p}agent/+/metrics"),
+                ("write", f"{p}agent/+/last_result")]
     lines = ["# edge-agent broker ACL, generated (scripts/provision; agent.topics.broker_acl).",
              f"# topic_prefix {p!r}; %u is the authenticated username, which for a device is its device_id.",
              "", "# --- every device, about itself"]
@@ -186,6 +197,7 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     for name in sorted(set(devices) - set(operators)):
         lines += ["", f"user {_id(name)}"] + [f"topic {access} {topic}" for access, topic in shared]
     for name in sorted(set(operators)):
-        lines += ["", "# operator: reads every device's state and answers, sends prompts", f"user {_id(name)}"]
+        lines += ["", "# operator: reads every device's state and answers, sends prompts, forgets devices",
+                  f"user {_id(name)}"]
         lines += [f"topic {access} {topic}" for access, topic in operator]
     return "\n".join(lines) + "\n"

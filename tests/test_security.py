@@ -165,7 +165,7 @@ def test_a_device_reads_nothing_addressed_to_another(secured: Secured, watch: Ar
         bob.stop()
     kinds = {T.parse(topic).kind for topic in seen if T.parse(topic)}  # type: ignore[union-attr]
     assert "bid_request" in kinds, "bob does see the public calls for bids (the spy works)"
-    assert kinds <= {"bid_request", "availability", "metrics"}, seen
+    assert kinds <= {"bid_request", "availability", "metrics", "presence"}, seen
 
 
 def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, watch: ArrivalWatch) -> None:
@@ -274,3 +274,23 @@ def test_on_an_open_broker_the_agent_still_refuses_forged_cancels_and_jobs(env: 
     assert conflict.digest != genuine.digest
     assert getattr(done, "digest", None) == genuine.digest and "genuine" in getattr(done, "text", "")
     assert executions(runs) == {"r1": {"start": 1, "done": 1}}
+
+
+def test_the_broker_files_work_the_debian_way(secured: Secured, tmp_path: Path) -> None:
+    """README: the conf.d file next to Debian's main mosquitto.conf, which already sets
+    persistence (repeating its location stops Mosquitto) and includes conf.d."""
+    confd = tmp_path / "conf.d"
+    confd.mkdir()
+    (confd / "edge-agent.conf").write_text((secured.pki / "broker" / "edge-agent.conf").read_text()
+                                           .replace(f"listener {secured.broker.port}\n", f"listener {free_port()}\n"))
+    main_conf = tmp_path / "mosquitto.conf"
+    main_conf.write_text(f"persistence true\npersistence_location {tmp_path}/\nlog_dest stderr\nlog_type information\n"
+                         f"include_dir {confd}\n")
+    broker = LocalMosquitto(tmp_path / "run", conf=main_conf)
+    broker.start()
+    try:
+        problems = [line for line in broker.log_lines if ("Error" in line or "Warning" in line)
+                    and "run as root" not in line]
+    finally:
+        broker.stop()
+    assert problems == [], problems

@@ -108,6 +108,20 @@ class Env:
         return code, (json.loads(text) if text.strip() else None), text, err.getvalue()
 
 
+    def run(self, *argv: str) -> tuple[int, str, str, str]:
+        """Any CLI command in this process: (exit code, stdout, "", stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), stdout=out, stderr=err)
+        return code, out.getvalue(), "", err.getvalue()
+
+    def status(self, path: Path) -> tuple[int, dict[str, Any] | None, str, str]:
+        """Run ``status --json`` in this process: (exit code, parsed JSON, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["status", "--config", str(path), "--json"], stdout=out, stderr=err)
+        text = out.getvalue()
+        return code, (json.loads(text) if text.strip() else None), text, err.getvalue()
+
+
 class Spy:
     """Records every message a connected bus receives on a filter."""
 
