@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Show the roster from the retained availability and metrics topics.")
     _common(status, suppress=True)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("-w", "--watch", action="store_true",
+                        help="refresh in place until Ctrl-C (offline devices stay listed, marked)")
+    status.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
+                        help="with --watch: seconds between refreshes (default 2)")
+
+    forget = sub.add_parser("forget", help="remove a retired device: its retained presence, metrics, answer "
+                                           "and Home Assistant discovery",
+                            description="Clear what the broker keeps for a device that is gone for good, so "
+                                        "status and Home Assistant stop listing it. An online device is "
+                                        "refused (it would announce itself again) unless --force.")
+    _common(forget, suppress=True)
+    forget.add_argument("device", metavar="DEVICE", help="the device_id to forget")
+    forget.add_argument("--force", action="store_true", help="forget it even if it is online now")
 
     check = sub.add_parser("check", help="check this device's config, state_dir, model runners and broker",
                            description="Check everything a node needs, report every problem at once, and "
@@ -151,6 +164,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return _trigger(cfg, args, out, err)
         if command == "check":
             return _check(cfg, out)
+        if command == "forget":
+            return _forget(cfg, args, out, err)
         return _status(cfg, args, out, err)
     except AgentError as exc:
         print(f"error: {exc}", file=err)
@@ -461,37 +476,96 @@ def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
 
 
 def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """The roster, once or (--watch) refreshed in place. Through this device's node if it
+    runs (no second connection as this device), else over a connection of our own."""
     import time
 
     from agent import control
-    from agent.status import table
+    from agent.status import estimates, table
 
-    daemon = control.connect(cfg.state_dir)
-    if daemon is not None:  # ask this device's node: no second connection as this device
-        with daemon:
-            events = list(control.request(daemon, {"op": "status"}))
-        devices = next((e["devices"] for e in events if e.get("type") == "status"), None)
-        if devices is None:
-            print(f"error: the node daemon did not answer: {events}", file=err)
-            return ExitCode.FAILED
-    else:
+    fleet = None
+    if not control.running(cfg.state_dir):
         from agent.fleet import Fleet
-        from agent.status import rows
 
         fleet = Fleet.open(cfg, role="status")
+        fleet.sync()
+
+    def current() -> list[dict[str, Any]]:
+        if fleet is not None:
+            from agent.status import rows
+            devices = rows(fleet.roster, time.time())
+        else:
+            daemon = control.connect(cfg.state_dir)
+            if daemon is None:
+                raise UsageError("the node daemon of this state_dir stopped; run status again")
+            with daemon:
+                events = list(control.request(daemon, {"op": "status"}))
+            found = next((e["devices"] for e in events if e.get("type") == "status"), None)
+            if found is None:
+                raise AgentError(f"the node daemon did not answer: {events}")
+            devices = found
+        return estimates(devices, cfg)
+
+    try:
+        if not args.watch:
+            devices = current()
+            if args.json:
+                print(json.dumps({"devices": devices}), file=out)
+            elif not devices:
+                print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
+                      f" (prefix {cfg.topic_prefix!r})", file=out)
+            else:
+                print("\n".join(table(devices)), file=out)
+            return ExitCode.OK
+        in_place = out.isatty() and not args.json
+        try:
+            while True:
+                devices = current()
+                if args.json:
+                    print(json.dumps({"at": round(time.time(), 3), "devices": devices}), file=out, flush=True)
+                else:
+                    online = sum(d["online"] for d in devices)
+                    head = (f"{time.strftime('%H:%M:%S')}  {online} of {len(devices)} device(s) online on "
+                            f"{cfg.broker.host}:{cfg.broker.port}; every {args.interval:g} s, Ctrl-C to stop")
+                    body = "\n".join([head, *table(devices)])
+                    print(("\x1b[H\x1b[2J" if in_place else "") + body + ("" if in_place else "\n"), file=out,
+                          flush=True)
+                time.sleep(args.interval)  # the refresh period itself, not a synchronisation
+        except KeyboardInterrupt:
+            return ExitCode.OK
+    finally:
+        if fleet is not None:
+            fleet.close()
+
+
+def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from agent import control
+    from agent.topics import is_id
+
+    device = args.device
+    if not is_id(device):
+        raise UsageError(f"{device!r} is not a device id")
+    request = {"op": "forget", "device": device, "force": bool(args.force)}
+    final: dict[str, Any]
+    daemon = control.connect(cfg.state_dir)
+    if daemon is not None:
+        with daemon:
+            events = list(control.request(daemon, request))
+        final = events[-1] if events else {"type": "error", "error": "no answer", "exit_code": 1}
+    else:
+        from agent.fleet import Fleet
+        from agent.status import forget
+
+        fleet = Fleet.open(cfg, role="forget")
         try:
             fleet.sync()
-            devices = rows(fleet.roster, time.time())
+            final = forget(fleet, device, force=bool(args.force))
         finally:
             fleet.close()
-    if args.json:
-        print(json.dumps({"devices": devices}), file=out)
-        return ExitCode.OK
-    if not devices:
-        print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
-              f" (prefix {cfg.topic_prefix!r})", file=out)
-        return ExitCode.OK
-    print("\n".join(table(devices)), file=out)
+    if final.get("type") == "error":
+        print(f"error: {final['error']}", file=err)
+        return int(final.get("exit_code", ExitCode.FAILED))
+    print(f"forgot {device}: cleared {', '.join(final['cleared'])}", file=out)
     return ExitCode.OK
 
 

@@ -160,6 +160,7 @@ class AuctionConfig:
 class HomeAssistantConfig:
     enabled: bool = True
     discovery_prefix: str = "homeassistant"
+    support_url: str | None = None   # the origin's link in Home Assistant (your fleet's docs)
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,8 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
         discovery_prefix=ha_s.string("discovery_prefix", "homeassistant",
                                      pattern=re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*"),
                                      hint="topic levels without wildcards") or "homeassistant",
+        support_url=ha_s.string("support_url", None, pattern=re.compile(r"https?://\S+"),
+                                hint="an http(s) URL"),
     )
     ha_s.finish()
 

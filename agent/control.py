@@ -174,6 +174,15 @@ def connect(state_dir: Path) -> socket.socket | None:
     return sock
 
 
+def running(state_dir: Path) -> bool:
+    """Whether a node daemon serves ``state_dir`` right now."""
+    sock = connect(state_dir)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
 def request(sock: socket.socket, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send one request; yield the daemon's events until it hangs up."""
     sock.sendall((json.dumps(req, ensure_ascii=False) + "\n").encode())

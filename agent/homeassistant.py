@@ -15,6 +15,10 @@ from agent import __version__
 from agent.config import Config
 from agent.topics import Topics
 
+ANSWER_ATTRIBUTES = ("{{ {'rid': value_json.rid, 'id': value_json.id, 'ok': value_json.ok, "
+                     "'winner': value_json.winner, 'path': value_json.path, 'total_ms': value_json.total_ms, "
+                     "'error': value_json.error, 'length': value_json.text | length} | tojson }}")
+
 
 def discovery_payload(cfg: Config, topics: Topics, *, simulated: bool) -> bytes:
     dev = cfg.device_id
@@ -28,7 +32,7 @@ def discovery_payload(cfg: Config, topics: Topics, *, simulated: bool) -> bytes:
         "cpu": sensor("cpu", "CPU", "{{ value_json.cpu_percent }}", unit_of_measurement="%",
                       state_class="measurement"),
         "memory": sensor("memory", "Memory available", "{{ value_json.mem_available_mb }}",
-                         unit_of_measurement="MB", state_class="measurement"),
+                         unit_of_measurement="MB", device_class="data_size", state_class="measurement"),
         "queue": sensor("queue", "Queue depth", "{{ value_json.queue_depth }}", state_class="measurement"),
         "latency": sensor("latency", "Last latency", "{{ value_json.last_latency_ms }}",
                           unit_of_measurement="ms", device_class="duration", state_class="measurement"),
@@ -39,7 +43,10 @@ def discovery_payload(cfg: Config, topics: Topics, *, simulated: bool) -> bytes:
         "last_result": {"p": "sensor", "name": "Last answer", "unique_id": f"edge_agent_{dev}_last_result",
                         "state_topic": topics.last_result(dev),
                         "value_template": "{{ value_json.text[:250] }}",
-                        "json_attributes_topic": topics.last_result(dev)},
+                        # The answer's facts, not its text: HA's recorder drops attributes
+                        # over 16 KB, and the state already shows the answer's start.
+                        "json_attributes_topic": topics.last_result(dev),
+                        "json_attributes_template": ANSWER_ATTRIBUTES},
         "prompt": {"p": "text", "name": "Prompt", "unique_id": f"edge_agent_{dev}_prompt",
                    "command_topic": topics.trigger(dev), "max": 255, "mode": "text"},
     }
@@ -47,7 +54,8 @@ def discovery_payload(cfg: Config, topics: Topics, *, simulated: bool) -> bytes:
         "dev": {"ids": [f"edge_agent_{dev}"], "name": dev, "mf": "edge-agent",
                 "mdl": "simulated device" if simulated else ("NPU device" if cfg.npu.enabled else "CPU device"),
                 "sw": __version__},
-        "o": {"name": "edge-agent", "sw": __version__},
+        "o": {"name": "edge-agent", "sw": __version__,
+              **({"url": cfg.homeassistant.support_url} if cfg.homeassistant.support_url else {})},
         "cmps": components,
         "availability_topic": topics.availability(dev),
         "payload_available": "online",

@@ -352,6 +352,7 @@ class Orchestrator:
         attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
                                 job_timeout_s=auction.job_timeout_s, last=last, digest=job.digest)
         next_progress = sent + PROGRESS_EVERY_S
+        last_token = float("-inf")
         while True:
             now = self.clock()
             if self.interrupted.is_set():
@@ -362,7 +363,8 @@ class Orchestrator:
                     False, ExitCode.INTERRUPTED, attempt.text, f"interrupted; {device} was told to stop"))
             step = attempt.on_tick(now)
             if step.verdict == "continue" and now >= next_progress:
-                self.on_progress(f"waiting for {device} ({attempt.state}, {len(attempt.streamed)} chunks)")
+                if now - last_token >= PROGRESS_EVERY_S:  # a streaming answer is its own progress
+                    self.on_progress(f"waiting for {device} ({attempt.state}, {len(attempt.streamed)} chunks)")
                 next_progress = now + PROGRESS_EVERY_S
             if step.verdict == "continue":
                 try:
@@ -376,6 +378,7 @@ class Orchestrator:
                 self.on_decision(decided)
             for text in step.tokens:
                 self.on_token(text)
+                last_token = self.clock()
             if step.send:
                 send()
             if step.cancel:

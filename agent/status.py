@@ -1,10 +1,18 @@
-"""The operator's view of the fleet: one row per device the broker knows of."""
+"""The operator's view of the fleet: one row per device the broker knows of, and the
+clean-up of a device retired for good."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.roster import Roster
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.fleet import Fleet
+
+# The reference job of the ESTIMATE column: a short prompt, a paragraph of answer.
+REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS = 64, 256
 
 
 def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
@@ -30,18 +38,74 @@ def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
     return out
 
 
+def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """Add what this device's LinUCB store expects of each device's CPU for a reference
+    job (``estimate_s``) and how many jobs taught it (``learnt_jobs``); None when there
+    is nothing learnt, or the store cannot be read here."""
+    from agent.errors import StateError
+    from agent.linucb import ArmStore, features
+    from agent.messages import Snapshot
+
+    try:
+        arms = ArmStore.for_config(cfg).load().arms
+    except StateError:
+        arms = {}
+    out = []
+    for row in devices:
+        arm = arms.get(row["device"])
+        estimate = None
+        if arm is not None and arm.n:
+            snap = Snapshot(has_npu=False, npu_free=False, cpu_slots=row["cpu_slots"] or 0,
+                            cpu_percent=row["cpu_percent"] or 0.0, mem_available_mb=row["mem_available_mb"] or 0.0,
+                            load1=0.0, queue_depth=row["queue_depth"] or 0)
+            mean, _ = arm.predict(features(snap, REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS),
+                                  cfg.auction.linucb.lambda_)
+            estimate = round(max(mean, 0.0), 2)
+        out.append({**row, "estimate_s": estimate, "learnt_jobs": arm.n if arm is not None else 0})
+    return out
+
+
+def forget(fleet: Fleet, device: str, *, force: bool) -> dict[str, Any]:
+    """Clear a retired device's retained topics (an empty retained message deletes one,
+    and an empty discovery config makes Home Assistant drop the device). The event the
+    CLI prints: {"type": "forgot", "cleared": [...]}, or an error."""
+    topics = fleet.topics
+    if fleet.roster.known().get(device) and not force:
+        return {"type": "error", "exit_code": 2,
+                "error": f"{device} is online: stop its node first (it would announce itself again), or --force"}
+    cleared = [topics.availability(device), topics.metrics(device), topics.last_result(device),
+               topics.ha_config(device)]
+    for topic in cleared:
+        fleet.bus.publish(topic, b"", retain=True)
+    if not fleet.bus.barrier(5.0):
+        return {"type": "error", "exit_code": 5, "error": "the broker did not confirm"}
+    # Look again: a broker with the ACL drops what we may not clear, without telling.
+    kept: list[str] = []
+    subs = [fleet.bus.subscribe(t, lambda m: kept.append(m.topic) if m.retain and m.payload else None)
+            for t in cleared]
+    fleet.bus.barrier(5.0)
+    for sub in subs:
+        fleet.bus.unsubscribe(sub)
+    if kept:
+        return {"type": "error", "exit_code": 1,
+                "error": f"the broker kept {', '.join(sorted(set(kept)))}: this device may not clear them "
+                         "(with the production ACL, run forget with an operator's config)"}
+    return {"type": "forgot", "cleared": cleared}
+
+
 def table(devices: list[dict[str, Any]]) -> list[str]:
-    """The rows as aligned text lines, a header first."""
-    lines = [f"{'DEVICE':<20} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} {'WAIT S':>6} "
-             f"{'LAST MS':>8} {'AGE S':>6}  HEALTH"]
+    """The rows as aligned text lines, a header first; offline devices marked with '!'."""
+    lines = [f"{'DEVICE':<21} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} {'WAIT S':>6} "
+             f"{'LAST MS':>8} {'EST S':>6} {'AGE S':>6}  HEALTH"]
 
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     for r in devices:
-        lines.append(f"{r['device']:<20} {'online' if r['online'] else 'offline':<8} {r['npu'] or '-':<5} "
+        name = r["device"] if r["online"] else f"!{r['device']}"
+        lines.append(f"{name:<21} {'online' if r['online'] else 'offline':<8} {r['npu'] or '-':<5} "
                      f"{fmt(r['cpu_percent'], '.0f'):>5} {fmt(r['mem_available_mb'], '.0f'):>8} "
                      f"{fmt(r['queue_depth'], 'd'):>5} {fmt(r['backlog_s'], '.1f'):>6} "
-                     f"{fmt(r['last_latency_ms'], '.0f'):>8} {fmt(r['metrics_age_s'], '.0f'):>6}  "
-                     f"{r['health'] or '-'}")
+                     f"{fmt(r['last_latency_ms'], '.0f'):>8} {fmt(r.get('estimate_s'), '.2f'):>6} "
+                     f"{fmt(r['metrics_age_s'], '.0f'):>6}  {r['health'] or '-'}")
     return lines

@@ -14,8 +14,10 @@ and the CLI are the real thing. Everything started here is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,10 +45,17 @@ class Demo:
         self.broker = LocalMosquitto(workdir / "mosquitto")
         self.nodes: list[NodeProcess] = []
 
+    def settings(self, device: str) -> dict[str, str]:
+        """What the demo sets for a device's processes: its private broker and state."""
+        return {"AGENT_BROKER_PORT": str(self.broker.port), "AGENT_STATE_DIR": str(self.workdir / "state" / device)}
+
     def env(self, device: str) -> dict[str, str]:
-        return {**os.environ, "AGENT_BROKER_HOST": self.broker.host,
-                "AGENT_BROKER_PORT": str(self.broker.port),
-                "AGENT_STATE_DIR": str(self.workdir / "state" / device), "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **self.settings(device), "PYTHONUNBUFFERED": "1"}
+
+    def show(self, device: str | None, argv: list[str], suffix: str = "") -> None:
+        """The command as it really runs, environment included, to copy and paste."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.settings(device).items()) + " " if device else ""
+        print(f"{DIM}$ {env}{shlex.join(argv)}{suffix}{RESET}", flush=True)
 
     def start_fleet(self) -> None:
         banner(f"Mosquitto on 127.0.0.1:{self.broker.port} (mosquitto/dev.conf, private data dir)")
@@ -58,18 +67,40 @@ class Demo:
                 config = REPO / "configs" / "fleet" / f"{device}.yaml"
                 node = NodeProcess(config, device, arrivals=arrivals, log=self.workdir / f"{device}.log",
                                    env=self.env(device))
-                print(f"{DIM}$ python -m agent --role node --config configs/fleet/{device}.yaml &   "
-                      f"(log: {node.log}){RESET}")
+                self.show(device, ["python", "-m", "agent", "--role", "node", "--config",
+                                   f"configs/fleet/{device}.yaml"], f" &   (log: {node.log})")
                 node.start(timeout=20)
                 self.nodes.append(node)
         finally:
             arrivals.close()
-        print("all three devices online")
+        print("all three devices online; they are simulated: each answers by echoing the prompt back")
 
     def trigger(self, device: str, prompt: str, *extra: str) -> int:
         cmd = [sys.executable, "-m", "agent", "trigger", "--config", f"configs/fleet/{device}.yaml", *extra, prompt]
-        print(f"{DIM}$ {shlex.join(['python', *cmd[1:]])}{RESET}", flush=True)
+        self.show(device, ["python", *cmd[1:]])
         return subprocess.run(cmd, cwd=REPO, env=self.env(device)).returncode
+
+    def mqtt_trigger(self) -> int:
+        """The pattern for any MQTT client: a session that subscribes to the answer first
+        (and keeps it while away), then the prompt with an id, then the answer."""
+        if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
+            print("(mosquitto_pub/mosquitto_sub not installed: skipped)")
+            return 0
+        port = str(self.broker.port)
+        session = ["-p", port, "-i", "kitchen-tablet", "-c", "-q", "1", "-t", "agent/laptop/answer/q1"]
+        steps = [["mosquitto_sub", *session, "-E"],
+                 ["mosquitto_pub", "-p", port, "-q", "1", "-t", "agent/laptop/trigger",
+                  "-m", '{"prompt": "What is on the shopping list?", "id": "q1"}'],
+                 ["mosquitto_sub", *session, "-C", "1", "-W", "30"]]
+        out = ""
+        for argv in steps:
+            self.show(None, argv)
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=40).stdout
+        print(out.strip())
+        try:
+            return 0 if json.loads(out).get("ok") else 1
+        except ValueError:
+            return 1
 
     def run(self) -> int:
         self.start_fleet()
@@ -87,6 +118,9 @@ class Demo:
         with claim:
             for i in range(self.rounds):
                 failures += self.trigger("phone", f"Question {i + 1}: what is the weather like on the edge?")
+
+        banner("4. From Home Assistant or any MQTT client: a prompt on agent/<device>/trigger")
+        failures += self.mqtt_trigger()
 
         banner("Fleet status")
         subprocess.run([sys.executable, "-m", "agent", "status", "--config", "configs/fleet/phone.yaml"],
@@ -115,7 +149,6 @@ def main() -> int:
         if args.keep:
             print(f"\nlogs and state kept in {workdir}")
         else:
-            import shutil
             shutil.rmtree(workdir, ignore_errors=True)
     print("\ndemo finished: everything it started has been stopped" + ("" if code == 0 else " (with failures)"))
     return code

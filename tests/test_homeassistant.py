@@ -49,3 +49,23 @@ def test_garbage_on_the_trigger_topic_is_dropped(env: Env, caplog) -> None:
         msg = spy.wait_for(lambda m: True, what="last_result")
         assert json.loads(msg.payload)["text"] == "plain text prompt"
     assert "dropped trigger" in caplog.text
+
+
+def test_discovery_fits_home_assistants_rules() -> None:
+    """What HA's MQTT discovery takes as-is (checked by a real HA 2026.11): units with
+    their device classes, the origin, and answer attributes that stay under the
+    recorder's 16 KB (the facts of the answer, never its text)."""
+    from agent.config import parse_config
+    from agent.homeassistant import discovery_payload
+    from agent.topics import Topics
+
+    plain = json.loads(discovery_payload(parse_config({"device_id": "d"}), Topics(), simulated=False))
+    cmps = plain["cmps"]
+    assert (cmps["memory"]["device_class"], cmps["memory"]["unit_of_measurement"]) == ("data_size", "MB")
+    assert (cmps["latency"]["device_class"], cmps["latency"]["unit_of_measurement"]) == ("duration", "ms")
+    template = cmps["last_result"]["json_attributes_template"]
+    assert "value_json.text |" in template and "value_json.text," not in template and "'text'" not in template
+    assert "url" not in plain["o"]
+    linked = json.loads(discovery_payload(parse_config({"device_id": "d", "homeassistant": {
+        "support_url": "https://wiki.example/edge-agent"}}), Topics(), simulated=False))
+    assert linked["o"]["url"] == "https://wiki.example/edge-agent"
