@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most tokens to generate (default 256)")
     trig.add_argument("--need", choices=["any", "npu"], default="any",
                       help="'npu' runs only on an NPU, never on a CPU (default any)")
+    trig.add_argument("--model", metavar="NAME",
+                      help="run only where this model (or alias) is served (default: any device's own)")
     trig.add_argument("--bid-timeout", type=_positive_float, metavar="S",
                       help="override auction.bid_timeout_s for this run")
     trig.add_argument("--dry-run", action="store_true",
@@ -121,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refresh in place until Ctrl-C (offline devices stay listed, marked)")
     status.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
                         help="with --watch: seconds between refreshes (default 2)")
+
+    serve = sub.add_parser("serve", help="the fleet behind an OpenAI-compatible HTTP endpoint (/v1)",
+                           description="Serve POST /v1/chat/completions, POST /v1/completions (streamed or not), "
+                                       "GET /v1/models and GET /health. Each request is one orchestration from "
+                                       "this device, as with trigger. With this device's node running, its node "
+                                       "does the work (or set serve.enabled in the node's config: one daemon "
+                                       "for both).",
+                           epilog="HTTP errors: 400 bad request, 401 API key, 404 unknown model, 413 prompt too "
+                                  "large, 429 too many at once, 502 execution failed, 503 no device, 504 timed "
+                                  "out. Exit codes: 0 stopped, 2 config error or port taken.")
+    _common(serve, suppress=True)
+    serve.add_argument("--host", metavar="ADDR", help="listen address (serve.host, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, metavar="PORT", help="listen port (serve.port, default 8080; 0: any)")
 
     forget = sub.add_parser("forget", help="remove a retired device: its retained presence, metrics, answer "
                                            "and Home Assistant discovery",
@@ -166,6 +181,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             return _check(cfg, out)
         if command == "forget":
             return _forget(cfg, args, out, err)
+        if command == "serve":
+            return _serve(cfg, args, err)
         return _status(cfg, args, out, err)
     except AgentError as exc:
         print(f"error: {exc}", file=err)
@@ -352,6 +369,7 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
 
     handlers = _install_signals(on_signal)
     request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
+               "model": args.model,
                "dry_run": args.dry_run, "bid_timeout_s": args.bid_timeout}
     try:
         with sock:
@@ -388,10 +406,7 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
     from dataclasses import replace
 
     from agent.fleet import Fleet
-    from agent.locks import CpuSlots
-    from agent.metrics import HostSampler, snapshot
     from agent.orchestrator import Orchestrator
-    from agent.servicemodel import UNKNOWN_JOB_S
 
     if args.bid_timeout is not None:
         cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
@@ -412,13 +427,7 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
         fleets.append(fleet)
         return fleet
 
-    def local_snapshot() -> Any:
-        """This device as a candidate when no daemon of its own bids (once per run)."""
-        slots = cfg.cpu.slots if cpu_exec else 0
-        busy = CpuSlots(cfg.state_dir, slots).busy()  # jobs other processes run here now
-        return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False, cpu_slots=slots,
-                        queue_depth=busy, recent={}, backlog_s=0.0 if busy < slots else UNKNOWN_JOB_S)
-
+    local_snapshot = _self_snapshot(cfg, npu_exec, cpu_exec)
     orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
                         arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=printer.token,
                         on_decision=lambda d: printer.decision(d.winner, d.path, d.score),
@@ -434,7 +443,8 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
 
     handlers = _install_signals(on_signal)
     try:
-        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run)
+        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run,
+                          model=args.model)
     finally:
         _restore_signals(handlers)
         for fleet in fleets:
@@ -455,6 +465,23 @@ def _install_signals(handler: Any) -> dict[int, Any]:
 def _restore_signals(previous: dict[int, Any]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)
+
+
+def _self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
+    """This device as a candidate when no daemon of its own bids (called once per run)."""
+    from agent.locks import CpuSlots
+    from agent.metrics import HostSampler, snapshot
+    from agent.servicemodel import UNKNOWN_JOB_S
+
+    def local_snapshot() -> Any:
+        slots = cfg.cpu.slots if cpu_exec else 0
+        busy = CpuSlots(cfg.state_dir, slots).busy()  # jobs other processes run here now
+        models = {mode: info for mode, e in (("npu", npu_exec), ("cpu", cpu_exec))
+                  if e is not None and (info := e.model_info()) is not None}
+        return snapshot(HostSampler().sample(), has_npu=npu_exec is not None, npu_free=False, cpu_slots=slots,
+                        queue_depth=busy, recent={}, backlog_s=0.0 if busy < slots else UNKNOWN_JOB_S,
+                        models=models)
+    return local_snapshot
 
 
 def _arm_store(cfg: Config) -> Any:
@@ -616,3 +643,61 @@ def _check(cfg: Config, out: TextIO) -> int:
         except BrokerUnavailable as exc:
             report("broker", str(exc), "", ExitCode.BROKER)
     return ExitCode.USAGE if ExitCode.USAGE in codes else max(codes, default=ExitCode.OK)
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
+    """Run the HTTP endpoint until SIGINT/SIGTERM (agent/serve.py)."""
+    from dataclasses import replace
+
+    from agent import control
+    from agent.serve import Backend, DaemonBackend, Gateway, OrchestratorBackend
+
+    serve_cfg = replace(cfg.serve, host=args.host or cfg.serve.host,
+                        port=cfg.serve.port if args.port is None else args.port)
+    cfg = replace(cfg, serve=serve_cfg)
+    fleets: list[Any] = []
+    backend: Backend
+    if control.running(cfg.state_dir):
+        backend, how = DaemonBackend(cfg), "through this device's node daemon"
+    else:
+        from agent.fleet import Fleet
+        from agent.orchestrator import Orchestrator
+
+        npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
+        cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
+        opening = threading.Lock()
+
+        def fleet() -> Any:
+            with opening:  # one connection, opened on first use and kept (it reconnects itself)
+                if not fleets:
+                    fleets.append(Fleet.open(cfg, role="serve"))
+                return fleets[0]
+
+        def make() -> Any:
+            return Orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                                arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec),
+                                keep_warm=True)
+
+        own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
+               for e in (npu_exec, cpu_exec) if e is not None and (i := e.model_info()) is not None]
+        backend, how = OrchestratorBackend(make, fleet, own, cfg.device_id), "as this device"
+    gateway = Gateway(cfg, backend)
+    try:
+        host, port = gateway.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {serve_cfg.host}:{serve_cfg.port}: {exc.strerror or exc}") from None
+    print(f"serving the fleet {how} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=err, flush=True)
+    stop = threading.Event()
+    previous = _install_signals(lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(0.5):  # short waits: Python runs signal handlers on the main thread
+            pass
+    finally:
+        _restore_signals(previous)
+        gateway.stop()
+        for f in fleets:
+            f.close()
+    return ExitCode.OK

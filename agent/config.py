@@ -69,8 +69,23 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The model an executor serves: jobs that name a model go only where it is served.
+    An executor without a name takes only jobs that name none."""
+
+    name: str | None = None
+    aliases: tuple[str, ...] = ()
+    context_tokens: int | None = None
+    keep_warm_s: float = 0.0   # how long it stays loaded after a job (0: it loads for every job)
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or model == self.name or model in self.aliases
+
+
+@dataclass(frozen=True)
 class SimExecutorConfig:
-    """Synthetic device: latency = base_ms + ms_per_token x generated tokens (+ jitter)."""
+    """Synthetic device: latency = base_ms (+ cold_ms when not warm) + ms_per_token x
+    generated tokens (+ jitter)."""
 
     kind: str = "sim"
     base_ms: float = 50.0
@@ -78,6 +93,8 @@ class SimExecutorConfig:
     jitter_ms: float = 0.0
     text: str | None = None  # fixed answer; None echoes the prompt
     seed: int = 0
+    cold_ms: float = 0.0     # extra start-up when the model is not warm (see ModelConfig.keep_warm_s)
+    served: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class CommandExecutorConfig:
     timeout_s: float = 600.0
     env: tuple[tuple[str, str], ...] = ()
     cwd: str | None = None
+    served: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -103,16 +121,18 @@ class GenieExecutorConfig:
     profile: bool = True
     timeout_s: float = 600.0
     retries: int = 1
+    served: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass(frozen=True)
 class OpenAIExecutorConfig:
     kind: str = "openai"
     base_url: str = "http://127.0.0.1:8080/v1"
-    model: str = "default"
+    model: str = "default"   # sent to the server; also the name the fleet knows it by
     api_key_file: str | None = None
     api_key_env: str | None = None
     timeout_s: float = 600.0
+    served: ModelConfig = field(default_factory=lambda: ModelConfig(name="default", keep_warm_s=300.0))
 
 
 ExecutorConfig = SimExecutorConfig | CommandExecutorConfig | GenieExecutorConfig | OpenAIExecutorConfig
@@ -164,6 +184,19 @@ class HomeAssistantConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The OpenAI-compatible HTTP endpoint (agent.serve): ``serve`` runs it; with
+    ``enabled`` the node daemon runs it too."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key_file: str | None = None
+    api_key_env: str | None = None
+    max_concurrent: int = 8
+
+
+@dataclass(frozen=True)
 class TriggersConfig:
     """Prompts on agent/<dev>/trigger (Home Assistant, mosquitto_pub): at most ``workers``
     orchestrations at once, ``max_waiting`` more in line; past that the answer is "busy"."""
@@ -190,6 +223,7 @@ class Config:
     cpu: CPUConfig = field(default_factory=CPUConfig)
     auction: AuctionConfig = field(default_factory=AuctionConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # On SIGTERM a node stops taking work and lets what it runs finish, for up to this long.
@@ -356,10 +390,33 @@ def _addresses(s: _Section, key: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+MODEL_NAME_RE = re.compile(r"[^\s/#+]{1,128}")
+
+
+def _parse_model(s: _Section, *, name: str | None, keep_warm_s: float) -> ModelConfig:
+    """The keys every executor takes about the model it serves."""
+    hint = "1-128 characters without spaces, '/', '#' or '+'"
+    model = s.string("model", name, pattern=MODEL_NAME_RE, hint=hint)
+    raw = s.raw("aliases")
+    aliases: list[str] = []
+    if raw is not None:
+        if not (isinstance(raw, list) and all(isinstance(a, str) and MODEL_NAME_RE.fullmatch(a) for a in raw)):
+            s.problem("aliases", f"must be a list of model names ({hint})")
+        else:
+            aliases = list(raw)
+    if aliases and model is None:
+        s.problem("aliases", "need a model name")
+    context = s.number("context_tokens", 0, minimum=1, integer=True) or None
+    return ModelConfig(name=model, aliases=tuple(aliases), context_tokens=context,
+                       keep_warm_s=float(s.number("keep_warm_s", keep_warm_s, minimum=0, maximum=86400 * 7)))
+
+
 def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> ExecutorConfig:
     """One executor section; fields a running executor needs are required only when active."""
     kind = s.string("kind", default_kind, choices=EXECUTOR_KINDS) or default_kind
     cfg: ExecutorConfig
+    if kind != "openai":
+        served = _parse_model(s, name=None, keep_warm_s=0.0)
     if kind == "sim":
         text = s.raw("text")
         if text is not None and not isinstance(text, str):
@@ -371,6 +428,8 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
             jitter_ms=float(s.number("jitter_ms", 0.0, minimum=0)),
             text=text,
             seed=s.number("seed", 0, minimum=0, integer=True),
+            cold_ms=float(s.number("cold_ms", 0.0, minimum=0)),
+            served=served,
         )
     elif kind == "command":
         argv = s.raw("argv")
@@ -390,7 +449,7 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
         cfg = CommandExecutorConfig(
             argv=tuple(argv), prompt_via=prompt_via,
             timeout_s=s.seconds("timeout_s", 600.0),
-            env=tuple(sorted(env.items())), cwd=s.string("cwd", None),
+            env=tuple(sorted(env.items())), cwd=s.string("cwd", None), served=served,
         )
     elif kind == "genie":
         cfg = GenieExecutorConfig(
@@ -402,16 +461,20 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
             profile=s.boolean("profile", True),
             timeout_s=s.seconds("timeout_s", 600.0),
             retries=s.number("retries", 1, minimum=0, maximum=5, integer=True),
+            served=served,
         )
     else:
+        base_url = (s.string("base_url", OpenAIExecutorConfig.base_url,
+                             pattern=re.compile(r"https?://.+"), hint="must start with http:// or https://")
+                    or OpenAIExecutorConfig.base_url)
+        served = _parse_model(s, name="default", keep_warm_s=300.0)
         cfg = OpenAIExecutorConfig(
-            base_url=s.string("base_url", OpenAIExecutorConfig.base_url,
-                              pattern=re.compile(r"https?://.+"), hint="must start with http:// or https://")
-            or OpenAIExecutorConfig.base_url,
-            model=s.string("model", "default") or "default",
+            base_url=base_url,
+            model=served.name or "default",
             api_key_file=s.string("api_key_file", None),
             api_key_env=s.string("api_key_env", None),
             timeout_s=s.seconds("timeout_s", 600.0),
+            served=served,
         )
     s.finish()
     return cfg
@@ -471,6 +534,20 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     )
     ha_s.finish()
 
+    serve_s = top.sub("serve")
+    serve = ServeConfig(enabled=serve_s.boolean("enabled", False),
+                        host=serve_s.string("host", "127.0.0.1") or "127.0.0.1",
+                        port=serve_s.number("port", 8080, minimum=0, maximum=65535, integer=True),
+                        api_key_file=serve_s.string("api_key_file", None),
+                        api_key_env=serve_s.string("api_key_env", None),
+                        max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True))
+    if serve.api_key_file and serve.api_key_env:
+        serve_s.problem("api_key_file", "give api_key_file or api_key_env, not both")
+    problem = serve.api_key_file and file_problem(serve.api_key_file, private=True)
+    if problem:
+        serve_s.problem("api_key_file", problem)
+    serve_s.finish()
+
     trig_s = top.sub("triggers")
     triggers = TriggersConfig(workers=trig_s.number("workers", 4, minimum=1, maximum=256, integer=True),
                               max_waiting=trig_s.number("max_waiting", 32, minimum=0, maximum=100_000, integer=True))
@@ -523,7 +600,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
                   state_dir=resolved_state, metrics_interval_s=metrics_interval_s,
                   max_payload_bytes=max_payload, npu=npu, cpu=cpu, auction=auction,
-                  homeassistant=ha, triggers=triggers, log=log_cfg, drain_s=drain_s, source=source)
+                  homeassistant=ha, triggers=triggers, log=log_cfg, drain_s=drain_s, source=source, serve=serve)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,

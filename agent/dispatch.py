@@ -54,6 +54,7 @@ class Answer:
     error: str | None = None
     timings: Timings = field(default_factory=Timings)
     generated_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class DispatchState:
             return CONTINUE  # an end event after the end (a redelivered copy)
         if isinstance(ev, Done):
             self.fsm.fire("done")
-            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens)
+            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens)
             return Step("finished", announce=self._announce(), outcome="done", answer=answer)
         assert isinstance(ev, Error)
         self.fsm.fire("error")

@@ -1,7 +1,8 @@
 """Home Assistant device discovery: one retained message announces a node and its entities.
 
-Entities: CPU %, available memory, queue depth and last latency (sensors, read from the
-retained metrics JSON), NPU busy (binary sensor), the last answer (sensor), and a text
+Entities: CPU %, available memory, queue depth, last latency and the models served
+(sensors, read from the retained metrics JSON), NPU busy (binary sensor), the last
+answer (sensor), and a text
 entity whose command topic is the node's trigger topic, so a prompt can be typed in HA.
 Availability follows the node's own availability topic (its MQTT Will).
 """
@@ -36,6 +37,8 @@ def discovery_payload(cfg: Config, topics: Topics, *, simulated: bool) -> bytes:
         "queue": sensor("queue", "Queue depth", "{{ value_json.queue_depth }}", state_class="measurement"),
         "latency": sensor("latency", "Last latency", "{{ value_json.last_latency_ms }}",
                           unit_of_measurement="ms", device_class="duration", state_class="measurement"),
+        "models": sensor("models", "Models", "{{ value_json.models.values() | map(attribute='name') | join(', ') "
+                                             "if value_json.models else 'none' }}"),
         "npu_busy": {"p": "binary_sensor", "name": "NPU busy", "unique_id": f"edge_agent_{dev}_npu_busy",
                      "state_topic": metrics,
                      "value_template": "{{ 'ON' if value_json.has_npu and not value_json.npu_free else 'OFF' }}",

@@ -56,6 +56,7 @@ class Run:
     accepted: Accepted
     resource: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    warm: bool = False       # its model was loaded when it started (how its start-up is learnt)
 
 
 @dataclass(frozen=True)

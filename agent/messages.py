@@ -169,6 +169,42 @@ class LatencySummary:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """The model one mode of a device serves, and whether it is loaded now."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    context: int | None = None
+    warm: bool = False
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or model == self.name or model in self.aliases
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"name": self.name, "aliases": list(self.aliases), "context": self.context, "warm": self.warm}
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str, where: str) -> ModelInfo:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, where, "must be an object")
+        f = _Fields(obj, kind)
+        aliases = f.get("aliases", list, optional=True) or []
+        if len(aliases) > 16 or not all(isinstance(a, str) and 0 < len(a) <= 128 for a in aliases):
+            raise MessageError(kind, f"{where}.aliases", "must be up to 16 names")
+        return cls(name=f.text("name", 128) or "", aliases=tuple(aliases),
+                   context=f.integer("context", 1, 10**8, optional=True), warm=bool(obj.get("warm") is True))
+
+
+def serves(snapshot: Snapshot, mode: str, model: str | None) -> bool:
+    """Whether ``snapshot``'s device runs ``model`` in ``mode`` (any model, if None: a job
+    that names none goes where it always went)."""
+    if model is None:
+        return True
+    info = snapshot.models.get(mode)
+    return info is not None and info.serves(model)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A device's live state: what it advertises in metrics and bids."""
 
@@ -183,6 +219,7 @@ class Snapshot:
     on_battery: bool = False
     recent: Mapping[str, LatencySummary] = field(default_factory=dict)
     backlog_s: float = 0.0  # expected wait before a new CPU job would start here
+    models: Mapping[str, ModelInfo] = field(default_factory=dict)  # per mode: what it serves
 
     def to_obj(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies and was half the cost of a bid.
@@ -191,7 +228,8 @@ class Snapshot:
                 "load1": self.load1, "queue_depth": self.queue_depth, "backlog_s": self.backlog_s,
                 "temperature_c": self.temperature_c, "on_battery": self.on_battery,
                 "recent": {mode: {"n": r.n, "p50_ms": r.p50_ms, "ms_per_token": r.ms_per_token}
-                           for mode, r in self.recent.items()}}
+                           for mode, r in self.recent.items()},
+                "models": {mode: m.to_obj() for mode, m in self.models.items()}}
 
     @classmethod
     def from_fields(cls, f: _Fields) -> Snapshot:
@@ -201,6 +239,12 @@ class Snapshot:
             if mode not in MODES:
                 raise f.fail("recent", f"unknown mode {mode[:20]!r}")
             recent[mode] = LatencySummary.from_obj(summary, f.kind, f"recent.{mode}")
+        models_obj = f.get("models", dict, optional=True) or {}
+        models = {}
+        for mode, info in models_obj.items():
+            if mode not in MODES:
+                raise f.fail("models", f"unknown mode {mode[:20]!r}")
+            models[mode] = ModelInfo.from_obj(info, f.kind, f"models.{mode}")
         return cls(
             has_npu=f.boolean("has_npu"),
             npu_free=f.boolean("npu_free"),
@@ -213,6 +257,7 @@ class Snapshot:
             on_battery=f.boolean("on_battery"),
             recent=recent,
             backlog_s=f.number("backlog_s", 0, 1e9, optional=True) or 0.0,
+            models=models,
         )
 
 
@@ -233,6 +278,7 @@ class BidRequest:
     max_new_tokens: int
     need: str = "any"
     sent_at: float = 0.0
+    model: str | None = None   # only devices that serve it bid; None: any
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
@@ -243,7 +289,8 @@ class BidRequest:
         return cls(rid=f.id("rid"), origin=f.id("origin"), window_s=f.number("window_s", 0, MAX_SECONDS) or 0.0,
                    prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
-                   need=f.choice("need", NEEDS), sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0)
+                   need=f.choice("need", NEEDS), sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0,
+                   model=f.text("model", 128, optional=True))
 
 
 @dataclass(frozen=True)
@@ -256,18 +303,20 @@ class Bid:
     snapshot: Snapshot
     service_s: float | None = None  # the device's own estimate of this job's service time
     service_n: float = 0.0          # the effective number of recent jobs it rests on
+    init_s: float = 0.0             # the start-up it would pay first (a model that is not warm)
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device, "origin": self.origin,
                             "claim": self.claim, "service_s": self.service_s, "service_n": self.service_n,
-                            **self.snapshot.to_obj()})
+                            "init_s": self.init_s, **self.snapshot.to_obj()})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
         return cls(rid=f.id("rid"), device=f.id("device"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
                    snapshot=Snapshot.from_fields(f), service_s=f.number("service_s", 0, 1e7, optional=True),
-                   service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0)
+                   service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0,
+                   init_s=f.number("init_s", 0, 1e7, optional=True) or 0.0)
 
 
 @dataclass(frozen=True)
@@ -313,13 +362,15 @@ class Job:
     temperature: float | None = None
     sent_at: float = 0.0     # the sender's wall clock (see BidRequest)
     cancel_check: str = ""   # cancel_check(key): only a cancel carrying the key stops this job
+    model: str | None = None  # the model asked for (the node's executor for the mode must serve it)
 
     @cached_property
     def digest(self) -> str:
         """What the job asks for, in 16 hex digits: a second job under the same rid that
         asks for something else is not the same job (and is refused)."""
         what = encode_json({"rid": self.rid, "origin": self.origin, "mode": self.mode, "prompt": self.prompt,
-                            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature})
+                            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                            "model": self.model})
         return hashlib.sha256(what).hexdigest()[:16]
 
     def to_payload(self) -> bytes:
@@ -327,7 +378,7 @@ class Job:
                             "claim": self.claim, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
                             "accept_s": self.accept_s, "timeout_s": self.timeout_s, "reply_to": self.reply_to,
                             "cancel_check": self.cancel_check, "temperature": self.temperature,
-                            "sent_at": self.sent_at})
+                            "sent_at": self.sent_at, "model": self.model})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
@@ -339,6 +390,7 @@ class Job:
                    timeout_s=f.number("timeout_s", 0, MAX_SECONDS) or 0.0,
                    reply_to=f.text("reply_to", 512) or "",
                    cancel_check=f.text("cancel_check", 64) or "",
+                   model=f.text("model", 128, optional=True),
                    temperature=f.number("temperature", 0, 10, optional=True),
                    sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0)
 
@@ -494,6 +546,7 @@ class TriggerRequest:
     prompt: str
     max_new_tokens: int | None = None
     id: str | None = None
+    model: str | None = None
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TriggerRequest:
@@ -516,16 +569,17 @@ class TriggerRequest:
                 raise MessageError(cls.KIND, None, "JSON must be an object")
             f = _Fields(obj, cls.KIND)
             prompt = f.text("prompt", max_bytes) or ""
-            unknown = set(obj) - {"prompt", "max_new_tokens", "id", "v"}
+            unknown = set(obj) - {"prompt", "max_new_tokens", "id", "v", "model"}
             if unknown:
                 raise MessageError(cls.KIND, sorted(unknown)[0], "unknown field")
             max_new = f.integer("max_new_tokens", 1, MAX_TOKENS, optional=True)
             answer_id = f.id("id") if "id" in obj else None
+            model = f.text("model", 128, optional=True)
         else:
-            prompt, max_new = text, None
+            prompt, max_new, model = text, None, None
         if not prompt.strip():
             raise MessageError(cls.KIND, "prompt", "is empty")
-        return cls(prompt=prompt, max_new_tokens=max_new, id=answer_id)
+        return cls(prompt=prompt, max_new_tokens=max_new, id=answer_id, model=model)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from agent.messages import LatencySummary, Snapshot
+from agent.messages import LatencySummary, ModelInfo, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,11 @@ class LatencyWindow:
 
 
 def snapshot(host: HostSample, *, has_npu: bool, npu_free: bool, cpu_slots: int,
-             queue_depth: int, recent: Mapping[str, LatencySummary], backlog_s: float = 0.0) -> Snapshot:
+             queue_depth: int, recent: Mapping[str, LatencySummary], backlog_s: float = 0.0,
+             models: Mapping[str, ModelInfo] | None = None) -> Snapshot:
     return Snapshot(has_npu=has_npu, npu_free=has_npu and npu_free, cpu_slots=cpu_slots,
                     cpu_percent=round(host.cpu_percent, 1),
                     mem_available_mb=round(host.mem_available_mb, 1), load1=round(host.load1, 2),
                     queue_depth=queue_depth, temperature_c=host.temperature_c,
-                    on_battery=host.on_battery, recent=dict(recent), backlog_s=round(backlog_s, 4))
+                    on_battery=host.on_battery, recent=dict(recent), backlog_s=round(backlog_s, 4),
+                    models=dict(models or {}))

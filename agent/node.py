@@ -27,14 +27,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.bus import Bus, Message, Will, expiry_interval, new_nonce
 from agent.config import Config
 from agent.control import Channel, ControlServer
-from agent.errors import AgentError, Cancelled, ExecutionTimeout, ExecutorError, ExitCode, StateError, UsageError
-from agent.executors import Executor, Params, Result, estimate_tokens, usable
+from agent.errors import (
+    AgentError,
+    Cancelled,
+    ExecutionTimeout,
+    ExecutorError,
+    ExitCode,
+    StateError,
+    UsageError,
+)
+from agent.executors import Params, Result, Served, estimate_tokens, usable
 from agent.fleet import Fleet
 from agent.gate import Gate
 from agent.journal import Journal
@@ -57,7 +65,7 @@ from agent.messages import (
     encode_result,
 )
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.servicemodel import UNKNOWN_JOB_S, ServiceRecord
+from agent.servicemodel import UNKNOWN_JOB_S, InitCost, ServiceRecord
 from agent.statefiles import check_writable
 from agent.topics import Topics, is_id
 
@@ -84,6 +92,7 @@ class Node:
         self.sampler = HostSampler()
         self.latency = LatencyWindow()
         self.record = ServiceRecord(cfg.auction.linucb.half_life_jobs)
+        self.init_cost = InitCost(cfg.auction.linucb.half_life_jobs)
         slots = cfg.cpu.slots if self.cpu_exec else 0
         self.cpu_slots = CpuSlots(cfg.state_dir, slots)
         self.ledger = JobLedger(self.me, recorded=self.journal.get, encode=encode_result)
@@ -106,12 +115,13 @@ class Node:
         self.health = "ok"          # or why this node takes no work
         self._identity: Claim | None = None
         self._presence_due = threading.Event()
+        self.gateway: Any = None
         self.draining = False
         # This device's own trigger/status processes come through here, not the broker.
         self.control = ControlServer(cfg.state_dir, self._on_control)
         self._control_busy = threading.Semaphore(cfg.triggers.workers + cfg.triggers.max_waiting)
 
-    def _executor(self, mode: str) -> Executor | None:
+    def _executor(self, mode: str) -> Served | None:
         section = self.cfg.npu if mode == "npu" else self.cfg.cpu
         executor, problem = usable(section.executor, name=self.me)
         if problem:
@@ -140,6 +150,8 @@ class Node:
         self.triggers.start()
         self._spawn(self._metrics_loop, "node-metrics")
         self.control.start()
+        if self.cfg.serve.enabled:
+            self._start_gateway()
         if self.cfg.broker.username is not None:
             self._spawn(self._connect_as_the_device, "node-identity")
         else:
@@ -147,6 +159,18 @@ class Node:
         log.info("node %s starting: NPU %s, CPU %s, broker %s, prefix %r", self.me,
                  _describe(self.npu_exec), _describe(self.cpu_exec, self.gate.slots),
                  ", ".join(f"{h}:{p}" for h, p in self.cfg.broker.addresses), self.cfg.topic_prefix)
+
+    def _start_gateway(self) -> None:
+        """The OpenAI-compatible endpoint (agent.serve), on this node's connection."""
+        from agent.serve import Gateway, OrchestratorBackend
+
+        def make() -> Any:
+            return self._orchestrator(self.cfg, keep_warm=True)
+
+        own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
+               for e in (self.npu_exec, self.cpu_exec) if e is not None and (i := e.model_info()) is not None]
+        self.gateway = Gateway(self.cfg, OrchestratorBackend(make, lambda: self.fleet, own, self.me))
+        self.gateway.start()
 
     def _connect_as_the_device(self) -> None:
         """With a username the broker allows this device one connection (its client id is
@@ -178,6 +202,8 @@ class Node:
         self._stop.set()
         self._metrics_due.set()
         self.control.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
         for run in self.ledger.running():
             run.cancel.set()
         self.gate.stop()
@@ -251,7 +277,10 @@ class Node:
         return self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
 
     def snapshot(self) -> Snapshot:
+        models = {mode: info for mode, e in (("npu", self.npu_exec), ("cpu", self.cpu_exec))
+                  if e is not None and (info := e.model_info()) is not None}
         return snapshot(self.sampler.sample(), has_npu=self.npu_exec is not None, npu_free=self._npu_free(),
+                        models=models,
                         cpu_slots=self.gate.slots, queue_depth=self.gate.depth, recent=self.latency.summary(),
                         backlog_s=self.gate.backlog_s())
 
@@ -318,6 +347,9 @@ class Node:
         if age > req.window_s:
             log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
             return
+        if req.model is not None and not any(e is not None and e.serves(req.model)
+                                             for e in (self.npu_exec, self.cpu_exec)):
+            return  # a job for a model this device does not run
         claim = self.ledger.offer(req.rid, req.origin)
         if not claim:
             log.warning("dropped call for bids %s from %s: that rid was called by another origin", req.rid,
@@ -325,10 +357,12 @@ class Node:
             return
         # This device's own orchestrations get a bid too: their CPU jobs come back through
         # exec/<self> and the same gate as everyone else's.
-        estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if self.cpu_exec else None
+        cpu = self.cpu_exec if self.cpu_exec is not None and self.cpu_exec.serves(req.model) else None
+        estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if cpu else None
+        init_s = self.init_cost.expected("cpu", cpu.is_warm()) if cpu else 0.0
         bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self.snapshot(),
                   service_s=round(estimate[0], 4) if estimate else None,
-                  service_n=round(estimate[1], 2) if estimate else 0.0)
+                  service_n=round(estimate[1], 2) if estimate else 0.0, init_s=round(init_s, 4))
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction.
         self.bus.publish(self.topics.bid_reply(req.origin, req.rid, self.me), bid.to_payload())
@@ -367,6 +401,10 @@ class Node:
         deadline = received + min(job.timeout_s, self.cfg.auction.job_timeout_s) - age_s
         if not self.taking_work:
             self._decline(job, "draining" if self.draining else "unhealthy")
+            return
+        executor = self.npu_exec if job.mode == "npu" else self.cpu_exec
+        if executor is not None and not executor.serves(job.model):
+            self._decline(job, f"model_not_served: {job.model}")
             return
         if job.mode == "npu":
             claim = self.npu_lock.try_claim(owner=job.rid) if self.npu_exec is not None else None
@@ -426,6 +464,7 @@ class Node:
             params = Params(max_new_tokens=job.max_new_tokens, temperature=job.temperature,
                             timeout_s=remaining, rid=job.rid,
                             hold_fds=(run.resource.fd,) if run.resource is not None else ())
+            run.warm = executor.is_warm()
 
             def on_token(text: str) -> None:
                 self._send(job.origin, Token(job.rid, self.me, next(seq), text))
@@ -454,8 +493,10 @@ class Node:
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
+        # The record fits the work; start-up (loading a model that was not warm) apart.
+        self.init_cost.observe(job.mode, run.warm, t.init_ms / 1000)
         self.record.observe(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, result.generated_tokens,
-                            t.total_ms / 1000)
+                            max(t.total_ms - t.init_ms, 0.0) / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
         return self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
                                            result.generated_tokens, digest=job.digest))
@@ -485,7 +526,7 @@ class Node:
     def _orchestrate(self, req: TriggerRequest, response_topic: str | None) -> None:
         orch = self._orchestrator(self.cfg)
         try:
-            out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256)
+            out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256, model=req.model)
         except AgentError as exc:
             log.warning("trigger refused: %s", exc)
             last = LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="", error=str(exc),
@@ -528,7 +569,7 @@ class Node:
             channel.send({"type": "error", "error": f"unknown request {op!r}", "exit_code": ExitCode.USAGE})
             return
         try:
-            prompt, max_new, need, dry_run, bid_timeout = _trigger_request(request)
+            ask = _trigger_request(request)
         except UsageError as exc:
             channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
             return
@@ -538,14 +579,15 @@ class Node:
             return
         try:
             cfg = self.cfg
-            if bid_timeout is not None:
-                cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=bid_timeout))
+            if ask.bid_timeout_s is not None:
+                cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=ask.bid_timeout_s))
             orch = self._orchestrator(cfg, on_token=lambda text: channel.send({"type": "token", "text": text}),
                                       on_decision=lambda d: channel.send({"type": "decision", "winner": d.winner,
                                                                           "path": d.path, "score": d.score}),
                                       on_progress=lambda text: channel.send({"type": "progress", "text": text}))
             channel.watch(orch.interrupt)  # the client hung up (Ctrl-C): cancel its job
-            out = orch.run(prompt, max_new_tokens=max_new, need=need, dry_run=dry_run)
+            out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
+                           model=ask.model)
         except AgentError as exc:
             channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
         else:
@@ -553,21 +595,33 @@ class Node:
         finally:
             self._control_busy.release()
 
-    def _orchestrator(self, cfg: Config, **callbacks: Any) -> Any:
+    def _orchestrator(self, cfg: Config, **kwargs: Any) -> Any:
         from agent.linucb import ArmStore
         from agent.orchestrator import Orchestrator
         return Orchestrator(cfg, connect=lambda: self.fleet, npu_exec=self.npu_exec, cpu_exec=self.cpu_exec,
                             arms=lambda: ArmStore.for_config(cfg), local_snapshot=self._local_offer_snapshot,
-                            **callbacks)
+                            **kwargs)
 
     def _local_offer_snapshot(self) -> Snapshot:
         return replace(self.snapshot(), npu_free=False)  # the NPU was tried first, before any auction
 
 
-def _trigger_request(req: dict[str, Any]) -> tuple[str, int, str, bool, float | None]:
+@dataclass(frozen=True)
+class ControlTrigger:
+    """A trigger handed over the control socket (by ``trigger`` or ``serve`` of this device)."""
+
+    prompt: str
+    max_new_tokens: int = 256
+    need: str = "any"
+    dry_run: bool = False
+    bid_timeout_s: float | None = None
+    model: str | None = None
+
+
+def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
     """The fields of a control-socket trigger, checked; UsageError if one is wrong."""
     prompt, max_new, need = req.get("prompt"), req.get("max_new_tokens", 256), req.get("need", "any")
-    dry_run, bid_timeout = req.get("dry_run", False), req.get("bid_timeout_s")
+    dry_run, bid_timeout, model = req.get("dry_run", False), req.get("bid_timeout_s"), req.get("model")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError("the prompt is empty")
     if type(max_new) is not int or max_new < 1:
@@ -576,10 +630,12 @@ def _trigger_request(req: dict[str, Any]) -> tuple[str, int, str, bool, float | 
         raise UsageError("need must be any or npu, dry_run true or false")
     if bid_timeout is not None and (not isinstance(bid_timeout, (int, float)) or not 0 < bid_timeout < 86400):
         raise UsageError("bid_timeout_s must be a number of seconds > 0")
-    return prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout)
+    if model is not None and not (isinstance(model, str) and 0 < len(model) <= 128):
+        raise UsageError("model must be a model name")
+    return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model)
 
 
-def _describe(executor: Executor | None, slots: int | None = None) -> str:
+def _describe(executor: Served | None, slots: int | None = None) -> str:
     if executor is None:
         return "off"
     return executor.name + (f" x{slots}" if slots else "")

@@ -32,11 +32,28 @@ from typing import TYPE_CHECKING, Any
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step
-from agent.errors import AgentError, BrokerUnavailable, ExecutorError, ExitCode, PromptTooLarge, UsageError
-from agent.executors import Executor, Params, estimate_tokens
+from agent.errors import (
+    AgentError,
+    BrokerUnavailable,
+    ExecutorError,
+    ExitCode,
+    PromptTooLarge,
+    UsageError,
+)
+from agent.executors import Params, Served, estimate_tokens
 from agent.fsm import ORCHESTRATION, Machine
 from agent.locks import CpuSlots, NpuLock
-from agent.messages import Bid, BidRequest, Cancel, Job, Snapshot, cancel_check, decode_result, decoded, new_cancel_key
+from agent.messages import (
+    Bid,
+    BidRequest,
+    Cancel,
+    Job,
+    Snapshot,
+    cancel_check,
+    decode_result,
+    decoded,
+    new_cancel_key,
+)
 from agent.outcome import Decided, Outcome, bid_summary, path_of, ranking_summary
 from agent.topics import Topics
 
@@ -56,6 +73,7 @@ class Request:
     max_new_tokens: int
     need: str
     dry_run: bool
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +89,8 @@ Connect = Callable[[], "Fleet"]
 
 
 class Orchestrator:
-    def __init__(self, cfg: Config, *, connect: Connect, npu_exec: Executor | None,
-                 cpu_exec: Executor | None, arms: Callable[[], Any],
+    def __init__(self, cfg: Config, *, connect: Connect, npu_exec: Served | None,
+                 cpu_exec: Served | None, arms: Callable[[], Any],
                  local_snapshot: Callable[[], Snapshot],
                  on_token: Callable[[str], None] = lambda t: None,
                  on_decision: Callable[[Decided], None] = lambda d: None,
@@ -128,14 +146,14 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ entry point
     def run(self, prompt: str, *, max_new_tokens: int = 256, need: str = "any",
-            rid: str | None = None, dry_run: bool = False) -> Outcome:
+            rid: str | None = None, dry_run: bool = False, model: str | None = None) -> Outcome:
         """Answer one prompt. Raises PromptTooLarge before anything is published.
 
         ``dry_run`` holds the auction and makes the decision, but runs nothing: the outcome
         names the device that would have won, and the ranking behind it."""
         reserved, self._next = (self._next, None) if rid is None else (None, self._next)
         req = Request(reserved.rid if reserved else (rid or uuid.uuid4().hex), prompt, max_new_tokens,
-                      need, dry_run)
+                      need, dry_run, model)
         try:
             self._check_prompt(req)
         except AgentError:
@@ -143,13 +161,26 @@ class Orchestrator:
             raise
         inboxes = [reserved] if reserved else []
         try:
-            return self._run(req, self.clock(), inboxes)
+            return replace(self._run(req, self.clock(), inboxes), model=req.model)
         finally:
             for inbox in inboxes:
                 inbox.close()
             if self.keep_warm and inboxes:
                 self._next = Inbox.open(inboxes[-1].bus, self.topics, self.me, uuid.uuid4().hex,
                                         self.cfg.max_payload_bytes)
+
+    def warm_up(self) -> None:
+        """For a long-lived orchestrator (serve): before the first request, load what an
+        auction needs, connect and sync, and subscribe for the first rid."""
+        import agent.selection  # noqa: F401  (numpy, and the ranking code)
+
+        try:
+            fleet = self._connect()
+        except BrokerUnavailable:
+            return  # the first request will say so, and run locally
+        fleet.sync()
+        if self.keep_warm and self._next is None:
+            self._next = Inbox.open(fleet.bus, self.topics, self.me, uuid.uuid4().hex, self.cfg.max_payload_bytes)
 
     def _check_prompt(self, req: Request) -> None:
         try:
@@ -205,7 +236,7 @@ class Orchestrator:
             self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
 
     def _own_npu(self, req: Request, started: float, fsm: Machine) -> Outcome | None:
-        if self.npu_exec is None or self.npu_exec.check() is not None:
+        if self.npu_exec is None or not self.npu_exec.serves(req.model) or self.npu_exec.check() is not None:
             return None
         if req.dry_run:
             if not self.npu_lock.is_free():
@@ -243,13 +274,13 @@ class Orchestrator:
         def call() -> None:
             request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
-                                 need=req.need)
+                                 need=req.need, model=req.model)
             bus.publish(self.topics.bid_request(req.rid), request.to_payload(), qos=1, expiry_s=window,
                         response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                         correlation_data=req.rid.encode())
 
         # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
-        expected = wire.fleet.roster.bidders()
+        expected = wire.fleet.roster.bidders(req.model)
         call()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
@@ -271,7 +302,8 @@ class Orchestrator:
         lin, policy = self.cfg.auction.linucb, self.cfg.auction.policy
         decision = select(offers, state.arms, prompt_tokens=estimate_tokens(req.prompt),
                           max_new_tokens=req.max_new_tokens, alpha=lin.alpha, lam=lin.lambda_, policy=policy,
-                          exploring=set(state.exploring), need=req.need, rng=self.rng, cursor=state.cursor)
+                          exploring=set(state.exploring), need=req.need, rng=self.rng, cursor=state.cursor,
+                          model=req.model)
         decide_ms = (self.clock() - deciding) * 1000
         if decision.cursor != state.cursor and not req.dry_run:
             self.arms.set_cursor(decision.cursor)
@@ -319,7 +351,9 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                service_s = (answer.timings.total_ms - answer.timings.queue_ms) / 1000
+                # The arm learns the work; a cold start is the device's to price (its bid).
+                t = answer.timings
+                service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
                 self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
@@ -327,6 +361,10 @@ class Orchestrator:
         tried = ", ".join(f"{a['device']}: {a['outcome']}" for a in attempts)
         error = "no device can run this job" + (f" (tried {tried})" if tried else
                                                 " (no peer bid and this device has no usable executor)")
+        if req.model is not None and not tried:
+            known = self._models_known(wire)
+            error = (f"no device serves model {req.model!r} now; "
+                     + (f"the fleet serves: {', '.join(known)}" if known else "no device has announced a model"))
         return replace(seen, answer=Answer(False, ExitCode.NO_DEVICE, error=error), attempts=tuple(attempts),
                        total_ms=(self.clock() - started) * 1000)
 
@@ -410,7 +448,7 @@ class Orchestrator:
         return Step() if ev is None else attempt.on_result(ev, now)
 
     # ------------------------------------------------------------------ local execution
-    def _run_here(self, executor: Executor, req: Request, fsm: Machine,
+    def _run_here(self, executor: Served, req: Request, fsm: Machine,
                   slots: CpuSlots | None = None) -> tuple[Answer, str]:
         """Run it in this process: on the NPU (already claimed), or on a CPU slot of this
         device, waiting for one if the daemon or other triggers hold them all."""
@@ -444,7 +482,8 @@ class Orchestrator:
             if claim is not None:
                 claim.release()
         fsm.fire("done")
-        return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens), "done"
+        return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens,
+                      result.prompt_tokens), "done"
 
     def _slot_progress(self) -> Callable[[float], None]:
         shown = [0.0]
@@ -460,12 +499,22 @@ class Orchestrator:
         return Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt=req.prompt,
                    max_new_tokens=req.max_new_tokens, accept_s=auction.accept_timeout_s,
                    timeout_s=auction.job_timeout_s, reply_to=self.topics.result_stem(self.me, req.rid),
-                   sent_at=round(self.wall(), 3))
+                   sent_at=round(self.wall(), 3), model=req.model)
 
     def _offer_from_bid(self, bid: Bid) -> Any:
         from agent.selection import Offer
         return Offer(bid.device, bid.snapshot, is_self=bid.device == self.me, service_s=bid.service_s,
-                     service_n=bid.service_n)
+                     service_n=bid.service_n, init_s=bid.init_s)
+
+    def _models_known(self, wire: _Wire | None) -> list[str]:
+        """Every model name an online device (or this one) announces, for error messages."""
+        names = {e.served.name for e in (self.npu_exec, self.cpu_exec) if e is not None and e.served.name}
+        if wire is not None:
+            online = wire.fleet.roster.online()
+            for device, m in wire.fleet.roster.metrics().items():
+                if device in online:
+                    names.update(info.name for info in m.snapshot.models.values())
+        return sorted(names)
 
     def _self_offer(self) -> Any:
         from agent.selection import Offer

@@ -46,6 +46,7 @@ class Outcome:
     warnings: tuple[str, ...] = ()
     ranking: tuple[Mapping[str, Any], ...] = ()
     dry_run: bool = False
+    model: str | None = None  # the model the job asked for (None: any)
 
     # the answer's parts, for callers that read them directly
     @property
@@ -77,7 +78,9 @@ class Outcome:
                 "timings": {k: round(v, 3) for k, v in vars(self.timings).items()},
                 "attempts": list(self.attempts), "ok": self.ok, "exit_code": int(self.exit_code),
                 "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking),
-                "dry_run": self.dry_run}
+                "dry_run": self.dry_run, "model": self.model,
+                "usage": {"prompt_tokens": self.answer.prompt_tokens,
+                          "completion_tokens": self.answer.generated_tokens}}
 
 
 def bid_summary(bid: Bid, score: float | None) -> dict[str, Any]:

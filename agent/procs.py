@@ -20,7 +20,13 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.errors import Cancelled, CommandFailed, ExecutableNotFound, ExecutionTimeout, ExecutorError
+from agent.errors import (
+    Cancelled,
+    CommandFailed,
+    ExecutableNotFound,
+    ExecutionTimeout,
+    ExecutorError,
+)
 
 log = logging.getLogger(__name__)
 

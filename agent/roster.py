@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import Metrics, decoded
+from agent.messages import Metrics, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,16 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
-    def bidders(self) -> frozenset[str]:
-        """Online devices that take work, as far as their last metrics tell: a draining
-        or unhealthy node says so in its metrics and sits auctions out, so nobody waits
-        for its bid."""
+    def bidders(self, model: str | None = None) -> frozenset[str]:
+        """Online devices that would bid, as far as their last metrics tell: a draining or
+        unhealthy node says so and sits auctions out, and a node bids only for models it
+        serves (or any job that names none), so nobody waits for a bid that will not come."""
+        def expected(d: str) -> bool:
+            m = self._metrics.get(d)
+            return m is None or (m.health == "ok" and (model is None or any(
+                serves(m.snapshot, mode, model) for mode in m.snapshot.models)))
         with self._lock:
-            return frozenset(d for d, up in self._state.items()
-                             if up and (d not in self._metrics or self._metrics[d].health == "ok"))
+            return frozenset(d for d, up in self._state.items() if up and expected(d))
 
     def known(self) -> dict[str, bool]:
         with self._lock:

@@ -1,11 +1,13 @@
 """Who runs the job: a pure function over offers and arms (no MQTT, no clock, no files).
 
-Pass 1: offers with a free NPU, lowest recent NPU latency first, then device id, so the
-choice is deterministic. Pass 2: every offer that runs CPU jobs (this device included),
-ranked by the policy (``auction.policy``):
+A job that names a model is offered only the modes that run it. Pass 1: offers with a
+free NPU, lowest recent NPU latency first, then device id, so the choice is
+deterministic. Pass 2: every offer that runs CPU jobs (this device included), ranked by
+the policy (``auction.policy``):
 
 - ``linucb`` (default): expected completion = the device's own backlog in seconds (from
-  its bid) + a lower confidence bound on its service time for this job (its arm). An arm
+  its bid) + the start-up it would pay (a model that is not warm, from its bid) + a lower
+  confidence bound on its service time for this job (its arm, which learns the work). An arm
   with no observations is priced optimistically — at the device's advertised estimate
   for this job, or the best prediction any trained arm makes — and only one exploratory
   job per untrained arm is in flight at a time; while one is, that arm goes to the back.
@@ -28,7 +30,7 @@ import numpy as np
 
 from agent.config import POLICIES
 from agent.linucb import Arm, D, features_matrix, noise, solve_many
-from agent.messages import Snapshot
+from agent.messages import Snapshot, serves
 
 __all__ = ["POLICIES", "Choice", "Decision", "Offer", "select"]
 # How many of its own observations one of the device's recent jobs is worth to an arm,
@@ -56,6 +58,7 @@ class Offer:
     is_self: bool = False
     service_s: float | None = None   # the device's own estimate of this job's service time
     service_n: float = 0.0           # the effective number of recent jobs it rests on
+    init_s: float = 0.0              # start-up it would pay first: its model is not warm
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,17 @@ class Decision:
 def select(offers: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: int,
            max_new_tokens: int, alpha: float, lam: float, policy: str = "linucb", floor: float = 0.0,
            exploring: Collection[str] = (), need: str = "any", rng: np.random.Generator | None = None,
-           cursor: int = 0) -> Decision:
-    """Rank every way the job could run, best first."""
-    npu = sorted((o for o in offers if o.snapshot.has_npu and o.snapshot.npu_free),
+           cursor: int = 0, model: str | None = None) -> Decision:
+    """Rank every way the job could run, best first; with ``model``, only ways that run it."""
+    npu = sorted((o for o in offers
+                  if o.snapshot.has_npu and o.snapshot.npu_free and serves(o.snapshot, "npu", model)),
                  key=lambda o: (_npu_latency(o.snapshot), o.device))
     ranking = [Choice(o.device, "npu", o.is_self) for o in npu]
     if need == "npu":
         return Decision(tuple(ranking), cursor)
 
-    cpu = sorted((o for o in offers if o.snapshot.cpu_slots > 0), key=lambda o: o.device)
+    cpu = sorted((o for o in offers if o.snapshot.cpu_slots > 0 and serves(o.snapshot, "cpu", model)),
+                 key=lambda o: o.device)
     if not cpu:
         return Decision(tuple(ranking), cursor)
     X = features_matrix([o.snapshot for o in cpu], prompt_tokens, max_new_tokens)
@@ -126,7 +131,8 @@ def _linucb(cpu: Sequence[Offer], X: np.ndarray, arms: Mapping[str, Arm], *, alp
     sse = np.array([a.sse if a is not None else 0.0 for a in own])
     w = np.array([a.w if a is not None else 0.0 for a in own])
     service = np.maximum(means - alpha * noise(sse, w, means) * widths, floor)
-    scores = np.array([o.snapshot.backlog_s for o in cpu]) + service
+    # Expected completion: the wait, the start-up (a model that is not warm), the work.
+    scores = np.array([o.snapshot.backlog_s + o.init_s for o in cpu]) + service
     rows = X.tolist()
     keyed = []
     for i, o in enumerate(cpu):
@@ -143,7 +149,7 @@ def _baseline(policy: str, cpu: Sequence[Offer], X: np.ndarray, rng: np.random.G
     n = len(cpu)
     jitter = rng.random(n)  # random tie-break, so equal devices share the work
     if policy == "least_backlog":
-        keys = [(o.snapshot.backlog_s, jitter[i]) for i, o in enumerate(cpu)]
+        keys = [(o.snapshot.backlog_s + o.init_s, jitter[i]) for i, o in enumerate(cpu)]
     elif policy == "jsq":
         keys = [(_per_slot(o.snapshot), jitter[i]) for i, o in enumerate(cpu)]
     elif policy == "round_robin":

@@ -171,6 +171,36 @@ class ServiceRecord:
         return found[0] if found is not None else default
 
 
+class InitCost:
+    """What starting a job costs on a device, per mode, when its model is warm (already
+    loaded) and when it is cold: two forgetting means of the executors' ``init_ms``. The
+    service record fits the work after it; a bid adds the start-up the job would pay now."""
+
+    def __init__(self, half_life_jobs: float = 20.0):
+        self._gamma = decay_for(half_life_jobs)
+        self._sums: dict[tuple[str, bool], tuple[float, float]] = {}  # (mode, warm) -> (Σ γ^k s, Σ γ^k)
+        self._lock = threading.Lock()
+
+    def observe(self, mode: str, warm: bool, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        with self._lock:
+            total, weight = self._sums.get((mode, warm), (0.0, 0.0))
+            self._sums[(mode, warm)] = (self._gamma * total + seconds, self._gamma * weight + 1.0)
+
+    def expected(self, mode: str, warm: bool) -> float:
+        """Seconds of start-up a job would pay now; a cold start never counts as cheaper
+        than a warm one, and nothing is assumed before the first job."""
+        with self._lock:
+            def mean(w: bool) -> float | None:
+                total, weight = self._sums.get((mode, w), (0.0, 0.0))
+                return total / weight if weight else None
+            warm_s, cold_s = mean(True), mean(False)
+        if warm:
+            return warm_s if warm_s is not None else 0.0
+        return max(cold_s if cold_s is not None else 0.0, warm_s or 0.0)
+
+
 def expected_wait(slots: int, running_left: Iterable[float], queued: Iterable[float]) -> float:
     """When a job arriving now would start: FIFO over ``slots``, each job taking its
     expected seconds; ``running_left`` are the expected remaining times of running jobs."""

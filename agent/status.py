@@ -33,6 +33,8 @@ def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
             "backlog_s": s.backlog_s if s else None,
             "last_latency_ms": m.last_latency_ms if m else None,
             "health": m.health if m else None,
+            "models": {mode: {"name": i.name, "aliases": list(i.aliases), "warm": i.warm}
+                       for mode, i in s.models.items()} if s else {},
             "metrics_age_s": round(max(now - (m.ts + offset), 0.0), 1) if m else None,
         })
     return out
@@ -96,7 +98,7 @@ def forget(fleet: Fleet, device: str, *, force: bool) -> dict[str, Any]:
 def table(devices: list[dict[str, Any]]) -> list[str]:
     """The rows as aligned text lines, a header first; offline devices marked with '!'."""
     lines = [f"{'DEVICE':<21} {'STATE':<8} {'NPU':<5} {'CPU%':>5} {'MEM MB':>8} {'QUEUE':>5} {'WAIT S':>6} "
-             f"{'LAST MS':>8} {'EST S':>6} {'AGE S':>6}  HEALTH"]
+             f"{'LAST MS':>8} {'EST S':>6} {'AGE S':>6}  {'HEALTH':<8} MODELS (* warm)"]
 
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -107,5 +109,11 @@ def table(devices: list[dict[str, Any]]) -> list[str]:
                      f"{fmt(r['cpu_percent'], '.0f'):>5} {fmt(r['mem_available_mb'], '.0f'):>8} "
                      f"{fmt(r['queue_depth'], 'd'):>5} {fmt(r['backlog_s'], '.1f'):>6} "
                      f"{fmt(r['last_latency_ms'], '.0f'):>8} {fmt(r.get('estimate_s'), '.2f'):>6} "
-                     f"{fmt(r['metrics_age_s'], '.0f'):>6}  {r['health'] or '-'}")
+                     f"{fmt(r['metrics_age_s'], '.0f'):>6}  {r['health'] or '-':<8} {_models(r.get('models'))}")
     return lines
+
+
+def _models(models: dict[str, Any] | None) -> str:
+    if not models:
+        return "-"
+    return " ".join(f"{mode}:{m['name']}{'*' if m.get('warm') else ''}" for mode, m in sorted(models.items()))

@@ -13,6 +13,8 @@ Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measure
 4. local NPU run() -> executor start in-process; `python -m agent trigger` wall time to
              executor start; import time of the CLI module.
 5. node      idle CPU and RSS of one node daemon, and RSS after a few hundred jobs.
+   serve     time to first token through `serve` (HTTP in, auction, a peer, the first SSE
+             chunk out) against the same executor called directly.
 6. concurrency  K orchestrators at once against the N=8 fleet: auctions/s and p95.
 7. frozen   one of the N=8 nodes SIGSTOPped (online by keepalive, never bidding): the
              first auction (waits the window out), then the p50 of the ones after it,
@@ -49,14 +51,14 @@ import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.bus import new_nonce, set_nodelay  # noqa: E402
-from agent.config import Config, load_config  # noqa: E402
-from agent.executors import Params, Result  # noqa: E402
+from agent.config import Config, ModelConfig, load_config  # noqa: E402
+from agent.executors import Params, Result, Served  # noqa: E402
 from agent.fleet import Fleet  # noqa: E402
 from agent.linucb import ArmStore  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
 from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402
-from tests.support.mosquitto import LocalMosquitto  # noqa: E402
+from tests.support.mosquitto import LocalMosquitto, free_port  # noqa: E402
 
 TARGETS = {"auction_ratio": 1.5, "local_npu_ms": 1.0, "cli_to_exec_ms": 300.0, "idle_cpu_pct": 1.0,
            "idle_rss_mb": 60.0}
@@ -305,7 +307,7 @@ def measure_local_npu(workdir: Path, iters: int) -> Dist:
     from dataclasses import replace
     cfg = replace(cfg, state_dir=workdir / "npu-bench")
     probe = StartProbe()
-    orch = orchestrator(cfg, None, npu_exec=probe)
+    orch = orchestrator(cfg, None, npu_exec=Served(probe, ModelConfig()))
     samples = []
     for _ in range(iters + 20):
         t0 = time.perf_counter()
@@ -313,6 +315,65 @@ def measure_local_npu(workdir: Path, iters: int) -> Dist:
         assert out.path == "local-npu"
         samples.append((probe.started_at - t0) * 1000)
     return Dist.of(samples[20:])
+
+
+SERVE_SIM = {"kind": "sim", "base_ms": 20, "ms_per_token": 5, "model": "bench"}
+
+
+def measure_serve(port: int, workdir: Path, requests: int) -> dict[str, Any]:
+    """Time to first token: the executor called directly, against the whole path through
+    `serve` (HTTP in, auction, dispatch to a peer, the first SSE chunk out)."""
+    import http.client
+
+    from agent.config import SimExecutorConfig
+    from agent.executors import build_executor
+
+    direct_exec = build_executor(SimExecutorConfig(base_ms=20, ms_per_token=5), name="direct")
+    direct = []
+    stamps: list[float] = []
+
+    def stamp(text: str) -> None:
+        stamps.append(time.perf_counter())
+    for _ in range(requests):
+        stamps.clear()
+        t0 = time.perf_counter()
+        direct_exec.run("how far is the edge", Params(max_new_tokens=4), stamp)
+        direct.append((stamps[0] - t0) * 1000)
+    fleet = NodeFleet(port, workdir, 0)
+    gw_port = free_port()
+    arrivals = ArrivalWatch("127.0.0.1", port, fleet.prefix)
+    nodes = [NodeProcess(fleet.config("serve-peer", cpu=SERVE_SIM), "serve-peer", arrivals=arrivals,
+                         log=Path(os.devnull)),
+             NodeProcess(fleet.config("serve-gw", cpu=None, serve={"enabled": True, "port": gw_port}), "serve-gw",
+                         arrivals=arrivals, log=Path(os.devnull))]
+    body = json.dumps({"model": "bench", "stream": True, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "how far is the edge"}]})
+    through = []
+    try:
+        for node in nodes:
+            node.start(timeout=60)
+        for i in range(requests + 10):
+            conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            ttft = None
+            for raw in resp:
+                if raw.startswith(b"data: {") and b'"content": "' in raw and b'"content": ""' not in raw:
+                    ttft = (time.perf_counter() - t0) * 1000
+                    break
+            resp.read()
+            conn.close()
+            if ttft is None:
+                raise RuntimeError("serve streamed no token")
+            if i >= 10:  # the first ones warm up the arms and the connection
+                through.append(ttft)
+    finally:
+        for node in nodes:
+            node.stop()
+        arrivals.close()
+    d, t = Dist.of(direct), Dist.of(through)
+    return {"direct": d.json(), "through_serve": t.json(), "added_p50_ms": round(t.p50 - d.p50, 2)}
 
 
 def measure_cli(workdir: Path, iters: int) -> dict[str, Any]:
@@ -412,6 +473,9 @@ def main() -> int:
                     results["frozen"] = measure_frozen(fleet, 20 if args.quick else 100, 5.0 if args.quick else 30.0)
             finally:
                 fleet.stop()
+        log("time to first token through serve")
+        (workdir / "serve").mkdir()
+        results["serve"] = measure_serve(broker.port, workdir / "serve", 20 if args.quick else 50)
         log("local NPU path")
         results["local_npu_ms"] = measure_local_npu(workdir, iters).json()
         results["cli"] = {k: (v.json() if isinstance(v, Dist) else v)
@@ -484,6 +548,10 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
         lat = c["latency"] or {"p50": float("nan"), "p95": float("nan")}
         print(f"  K={c['k']:>2}: {c['auctions_per_s']:>7.1f} auctions/s, p50 {lat['p50']:.2f} ms, "
               f"p95 {lat['p95']:.2f} ms, errors {c['errors']}")
+    sv = r["serve"]
+    print(f"\ntime to first token, p50: the executor directly {sv['direct']['p50']:.1f} ms, through serve "
+          f"(HTTP, auction, a peer, SSE) {sv['through_serve']['p50']:.1f} ms: +{sv['added_p50_ms']:.1f} ms "
+          f"(p95 {sv['through_serve']['p95']:.1f} ms)")
     fz = r["frozen"]
     healthy = r["auction"][fz["n"]]["p50"]
     print(f"\none frozen node of {fz['n']} (window {fz['window_s']:g} s): first auction {fz['first_ms']:.0f} ms, "

@@ -53,7 +53,13 @@ import numpy as np  # noqa: E402
 from agent.linucb import Arms, features, training_target  # noqa: E402
 from agent.messages import Snapshot  # noqa: E402
 from agent.selection import POLICIES, Offer, select  # noqa: E402
-from agent.servicemodel import UNKNOWN_JOB_S, ServiceRecord, decay_for, expected_wait, remaining  # noqa: E402
+from agent.servicemodel import (  # noqa: E402
+    UNKNOWN_JOB_S,
+    ServiceRecord,
+    decay_for,
+    expected_wait,
+    remaining,
+)
 
 ALPHA, LAMBDA, HALF_LIFE = 1.0, 1.0, 20.0    # the shipped defaults (config.py)
 CAP_S = 120.0

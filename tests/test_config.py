@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import CommandExecutorConfig, GenieExecutorConfig, SimExecutorConfig, load_config, parse_config
+from agent.config import (
+    CommandExecutorConfig,
+    GenieExecutorConfig,
+    SimExecutorConfig,
+    load_config,
+    parse_config,
+)
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

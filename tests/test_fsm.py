@@ -5,7 +5,15 @@ from collections.abc import Mapping
 
 import pytest
 
-from agent.fsm import ATTEMPT, JOB, ORCHESTRATION, IllegalTransition, Machine, events, states
+from agent.fsm import (
+    ATTEMPT,
+    JOB,
+    ORCHESTRATION,
+    IllegalTransition,
+    Machine,
+    events,
+    states,
+)
 
 TABLES = [("orchestration", ORCHESTRATION, "start", {"done", "failed"}),
           ("attempt", ATTEMPT, "dispatched", {"done", "failed", "passed"}),

@@ -15,7 +15,12 @@ from hypothesis import HealthCheck, given, settings
 
 from agent.cli import main
 from agent.errors import MessageError
-from agent.executors.genie import PREAMBLE_MAX_BYTES, TRAILER_MAX_BYTES, GenieOutput, parse_kpis
+from agent.executors.genie import (
+    PREAMBLE_MAX_BYTES,
+    TRAILER_MAX_BYTES,
+    GenieOutput,
+    parse_kpis,
+)
 from agent.messages import Job
 from tests.support.fuzz import TARGETS, inputs
 

@@ -11,7 +11,13 @@ import pytest
 from agent.config import GenieExecutorConfig
 from agent.errors import ExecutableNotFound, ExecutorError
 from agent.executors import Params
-from agent.executors.genie import GenieExecutor, GenieOutput, apply_template, merge_profile, parse_kpis
+from agent.executors.genie import (
+    GenieExecutor,
+    GenieOutput,
+    apply_template,
+    merge_profile,
+    parse_kpis,
+)
 
 FAKE = Path(__file__).parent / "support" / "fake_genie.py"
 

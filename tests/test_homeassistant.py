@@ -66,6 +66,7 @@ def test_discovery_fits_home_assistants_rules() -> None:
     template = cmps["last_result"]["json_attributes_template"]
     assert "value_json.text |" in template and "value_json.text," not in template and "'text'" not in template
     assert "url" not in plain["o"]
+    assert "models" in cmps["models"]["value_template"] and cmps["models"]["state_topic"].endswith("/metrics")
     linked = json.loads(discovery_payload(parse_config({"device_id": "d", "homeassistant": {
         "support_url": "https://wiki.example/edge-agent"}}), Topics(), simulated=False))
     assert linked["o"]["url"] == "https://wiki.example/edge-agent"

@@ -80,11 +80,13 @@ def test_status_shows_what_the_arm_store_expects_of_each_device(tmp_path: Path) 
     row = {"device": "laptop", "online": True, "npu": None, "cpu_slots": 1, "cpu_percent": 10.0,
            "mem_available_mb": 4000.0, "queue_depth": 0, "backlog_s": 0.0, "last_latency_ms": 2000.0,
            "health": "ok", "metrics_age_s": 1.0}
-    rows = estimates([row, {**row, "device": "phone", "online": False}], cfg)
+    row["models"] = {"cpu": {"name": "llama3.2-1b", "aliases": [], "warm": True}}
+    rows = estimates([row, {**row, "device": "phone", "online": False, "models": {}}], cfg)
     assert rows[0]["learnt_jobs"] == 6 and abs(rows[0]["estimate_s"] - 2.0) < 0.3
     assert rows[1]["estimate_s"] is None and rows[1]["learnt_jobs"] == 0
     lines = table(rows)
     assert "EST S" in lines[0] and lines[2].startswith("!phone"), "offline devices are marked"
+    assert lines[1].endswith("cpu:llama3.2-1b*") and lines[2].endswith("-"), "models, * when warm"
 
 
 def test_a_broker_that_took_mqtt_311_is_asked_in_311_next_time(tmp_path: Path) -> None:

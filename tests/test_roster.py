@@ -54,3 +54,16 @@ def test_metrics_that_lie_about_their_device_are_dropped() -> None:
     assert roster.may_have_free_npu("a"), "unknown: it could"
     roster.handle_metrics(metrics("a"))
     assert not roster.may_have_free_npu("a")
+
+
+def test_a_job_for_a_model_waits_only_for_devices_that_serve_it() -> None:
+    from dataclasses import replace
+
+    from agent.messages import ModelInfo
+    roster = roster_of(a=True, b=True, c=True)
+    with_model = Metrics.from_payload(metrics("a").payload)
+    roster.handle_metrics(Message(TOPICS.metrics("a"), replace(with_model, snapshot=replace(
+        with_model.snapshot, models={"cpu": ModelInfo("llama", aliases=("l",))})).to_payload(), retain=True))
+    roster.handle_metrics(metrics("b"))  # serves no named model
+    assert roster.bidders("llama") == {"a", "c"} == roster.bidders("l"), "c: no metrics yet, could"
+    assert roster.bidders() == {"a", "b", "c"}

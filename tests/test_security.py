@@ -26,7 +26,16 @@ import pytest
 from agent.bus import Bus, new_nonce
 from agent.cli import main
 from agent.config import BrokerConfig, TLSConfig
-from agent.messages import Bid, BidRequest, Cancel, Job, Metrics, cancel_check, decode_result, new_cancel_key
+from agent.messages import (
+    Bid,
+    BidRequest,
+    Cancel,
+    Job,
+    Metrics,
+    cancel_check,
+    decode_result,
+    new_cancel_key,
+)
 from agent.topics import Topics
 from tests.support.fleet import WAIT_S, Env, Gate, Spy, executions, job
 from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config

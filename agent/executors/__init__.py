@@ -11,17 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from agent.config import (
     CommandExecutorConfig,
     ExecutorConfig,
     GenieExecutorConfig,
+    ModelConfig,
     OpenAIExecutorConfig,
     SimExecutorConfig,
 )
-from agent.messages import Timings
+from agent.messages import ModelInfo, Timings
 
 OnToken = Callable[[str], None]
 
@@ -34,6 +35,7 @@ class Params:
     rid: str = ""                      # exported to child processes as AGENT_RID
     hold_fds: tuple[int, ...] = ()     # inherited by the child: the NPU lock stays held
                                        # for as long as the process using the NPU lives
+    warm: bool = False                 # the model was loaded when the job started (Served)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,44 @@ class Executor(Protocol):
             cancel: threading.Event | None = None) -> Result: ...
 
 
+class Served:
+    """An executor and the model it serves: whether a job may name it, and whether it is
+    warm — loaded, because a job ended less than ``keep_warm_s`` ago (a server keeps its
+    model; ``genie-t2t-run`` and a CLI load it for every job: ``keep_warm_s`` 0)."""
+
+    def __init__(self, inner: Executor, served: ModelConfig):
+        self.inner = inner
+        self.served = served
+        self.name = inner.name
+        self._warm_until = 0.0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, attr: str) -> Any:  # probe(), simulated, cfg, …
+        return getattr(self.inner, attr)
+
+    def check(self) -> str | None:
+        return self.inner.check()
+
+    def serves(self, model: str | None) -> bool:
+        return self.served.serves(model)
+
+    def is_warm(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._warm_until
+
+    def model_info(self) -> ModelInfo | None:
+        if self.served.name is None:
+            return None
+        return ModelInfo(self.served.name, self.served.aliases, self.served.context_tokens, self.is_warm())
+
+    def run(self, prompt: str, params: Params, on_token: OnToken,
+            cancel: threading.Event | None = None) -> Result:
+        result = self.inner.run(prompt, replace(params, warm=self.is_warm()), on_token, cancel)
+        with self._lock:
+            self._warm_until = time.monotonic() + self.served.keep_warm_s
+        return result
+
+
 _BYTES_PER_TOKEN = 4
 
 
@@ -61,24 +101,27 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text.encode("utf-8")) + 3) // _BYTES_PER_TOKEN) if text else 0
 
 
-def build_executor(cfg: ExecutorConfig, *, name: str) -> Executor:
-    """The executor a config section describes."""
+def build_executor(cfg: ExecutorConfig, *, name: str) -> Served:
+    """The executor a config section describes, with the model it serves."""
+    inner: Executor
     if isinstance(cfg, SimExecutorConfig):
         from agent.executors.sim import SimExecutor
-        return SimExecutor(cfg, name=name)
-    if isinstance(cfg, CommandExecutorConfig):
+        inner = SimExecutor(cfg, name=name)
+    elif isinstance(cfg, CommandExecutorConfig):
         from agent.executors.command import CommandExecutor
-        return CommandExecutor(cfg, name=name)
-    if isinstance(cfg, GenieExecutorConfig):
+        inner = CommandExecutor(cfg, name=name)
+    elif isinstance(cfg, GenieExecutorConfig):
         from agent.executors.genie import GenieExecutor
-        return GenieExecutor(cfg, name=name)
-    if isinstance(cfg, OpenAIExecutorConfig):
+        inner = GenieExecutor(cfg, name=name)
+    elif isinstance(cfg, OpenAIExecutorConfig):
         from agent.executors.openai import OpenAIExecutor
-        return OpenAIExecutor(cfg, name=name)
-    raise TypeError(f"unknown executor config {cfg!r}")
+        inner = OpenAIExecutor(cfg, name=name)
+    else:
+        raise TypeError(f"unknown executor config {cfg!r}")
+    return Served(inner, cfg.served)
 
 
-def usable(cfg: ExecutorConfig, *, name: str) -> tuple[Executor | None, str | None]:
+def usable(cfg: ExecutorConfig, *, name: str) -> tuple[Served | None, str | None]:
     """The executor a section describes, or None and why it cannot run here at all."""
     executor = build_executor(cfg, name=name)
     problem = executor.check()

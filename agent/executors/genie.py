@@ -37,7 +37,12 @@ from typing import Any
 
 from agent import procs
 from agent.config import GenieExecutorConfig
-from agent.errors import CommandFailed, ExecutableNotFound, ExecutionTimeout, ExecutorError
+from agent.errors import (
+    CommandFailed,
+    ExecutableNotFound,
+    ExecutionTimeout,
+    ExecutorError,
+)
 from agent.executors import OnToken, Params, Result, Stream, estimate_tokens
 from agent.messages import Timings
 

@@ -2,7 +2,7 @@
 
 Latency model (documented, deterministic for a given seed):
 
-    init     = base_ms                         (model load + prefill, paid once)
+    init     = base_ms, + cold_ms when the model is not warm (model load + prefill)
     per token = ms_per_token + U(0, jitter_ms)
     total    = base_ms + Σ per-token delays    over the generated tokens
 
@@ -56,7 +56,7 @@ class SimExecutor:
             if time.monotonic() >= deadline and seconds > remaining:
                 raise ExecutionTimeout(self.name, params.timeout_s, partial_text=produced)
 
-        wait(self.cfg.base_ms / 1000, "")
+        wait((self.cfg.base_ms + (0.0 if params.warm else self.cfg.cold_ms)) / 1000, "")
         init_done = time.monotonic()
         produced: list[str] = []
         for token, delay in zip(tokens, delays, strict=True):

@@ -14,7 +14,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.mosquitto import REPO, LocalMosquitto, MosquittoNotAvailable, free_port
+from tests.support.mosquitto import (
+    REPO,
+    LocalMosquitto,
+    MosquittoNotAvailable,
+    free_port,
+)
 
 __all__ = ["REPO", "Broker", "BrokerUnavailableForTests", "free_port", "start_broker"]
 ENV_VAR = "EDGE_AGENT_TEST_BROKER"

@@ -19,8 +19,20 @@ from hypothesis import strategies as st
 from agent.auction import Stragglers
 from agent.config import load_config
 from agent.control import parse_request
-from agent.errors import ConfigError, ExecutorError, MessageError, StateError, UsageError
-from agent.executors.genie import GenieOutput, Kpis, merge_profile, parse_kpis, read_profile
+from agent.errors import (
+    ConfigError,
+    ExecutorError,
+    MessageError,
+    StateError,
+    UsageError,
+)
+from agent.executors.genie import (
+    GenieOutput,
+    Kpis,
+    merge_profile,
+    parse_kpis,
+    read_profile,
+)
 from agent.executors.openai import parse_event, usage_counts
 from agent.journal import Journal
 from agent.linucb import ArmStore
@@ -61,10 +73,11 @@ def _json(obj: object) -> bytes:
 
 _SNAP = {"has_npu": True, "npu_free": True, "cpu_slots": 1, "cpu_percent": 1.0, "mem_available_mb": 10.0,
          "load1": 0.1, "queue_depth": 0, "backlog_s": 0.0, "temperature_c": None, "on_battery": False,
-         "recent": {"cpu": {"n": 1, "p50_ms": 10.0, "ms_per_token": 1.0}}}
+         "recent": {"cpu": {"n": 1, "p50_ms": 10.0, "ms_per_token": 1.0}},
+         "models": {"cpu": {"name": "llama3.2:1b", "aliases": ["l"], "context": 8192, "warm": True}}}
 SEEDS: dict[str, list[bytes]] = {
     "bid_request": [_json({"v": 2, "rid": "r1", "origin": "hub", "window_s": 30, "sent_at": 1e9,
-                           "prompt_tokens": 3, "max_new_tokens": 16, "need": "any"})],
+                           "prompt_tokens": 3, "max_new_tokens": 16, "need": "any", "model": "m"})],
     "bid": [_json({"v": 2, "rid": "r1", "device": "d", "origin": "hub", "claim": "c", "service_s": 0.5,
                    "service_n": 2.0, **_SNAP})],
     "metrics": [_json({"v": 2, "device": "d", "ts": 1e9, "health": "ok", "last_latency_ms": 12.0, **_SNAP})],
