@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.errors import StateError
 from agent.messages import Bid, decoded
-from agent.statefiles import atomic_write
+from agent.statefiles import atomic_write, read_json_object
 from agent.topics import Topics
 
 if TYPE_CHECKING:  # the bus (and paho) only when a fleet is connected
@@ -265,13 +265,7 @@ class Stragglers:
         self.path = Path(state_dir) / "stragglers.json"
 
     def load(self) -> dict[str, int]:
-        try:
-            obj = json.loads(self.path.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return {}
-        if not isinstance(obj, dict):
-            return {}
-        return {str(d): n for d, n in obj.items() if type(n) is int and n > 0}
+        return {str(d): n for d, n in read_json_object(self.path).items() if type(n) is int and n > 0}
 
     def suspects(self) -> set[str]:
         return set(self.load())

@@ -138,17 +138,24 @@ class ControlServer:
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:
-    data = bytearray()
+    for line in _lines(conn, MAX_REQUEST):
+        return parse_request(line)
+    raise ValueError("no request")
+
+
+def _lines(sock: socket.socket, limit: int) -> Iterator[bytes]:
+    """The newline-ended lines a socket sends, until it hangs up (ValueError past ``limit``)."""
+    buffer = b""
     while True:
-        chunk = conn.recv(65536)
+        chunk = sock.recv(65536)
         if not chunk:
-            break
-        data += chunk
-        if b"\n" in chunk:
-            break
-        if len(data) > MAX_REQUEST:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line
+        if len(buffer) > limit:
             raise ValueError("request too large")
-    return parse_request(bytes(data))
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
@@ -186,13 +193,6 @@ def running(state_dir: Path) -> bool:
 def request(sock: socket.socket, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send one request; yield the daemon's events until it hangs up."""
     sock.sendall((json.dumps(req, ensure_ascii=False) + "\n").encode())
-    buffer = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            if line.strip():
-                yield json.loads(line)
+    for line in _lines(sock, MAX_REQUEST):
+        if line.strip():
+            yield json.loads(line)

@@ -21,7 +21,7 @@ from agent.config import BrokerConfig, Config
 from agent.errors import DeviceBusy, StateError
 from agent.locks import Claim, IdentityLock
 from agent.roster import Roster
-from agent.statefiles import atomic_write
+from agent.statefiles import atomic_write, read_json_object
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,7 @@ class ProtocolMemory:
         self.path = Path(state_dir) / "broker-protocol.json"
 
     def _load(self) -> dict[str, Any]:
-        try:
-            obj = json.loads(self.path.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return {}
-        return obj if isinstance(obj, dict) else {}
+        return read_json_object(self.path)
 
     @staticmethod
     def _key(broker: BrokerConfig) -> str:

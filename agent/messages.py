@@ -141,6 +141,15 @@ class _Fields:
     def boolean(self, name: str) -> bool:
         return bool(self.get(name, bool))
 
+    def per_mode(self, name: str, parse: Callable[[Any, str, str], T]) -> dict[str, T]:
+        """An optional object keyed by mode (``npu``/``cpu``), each value parsed."""
+        out = {}
+        for mode, value in (self.get(name, dict, optional=True) or {}).items():
+            if mode not in MODES:
+                raise self.fail(name, f"unknown mode {mode[:20]!r}")
+            out[mode] = parse(value, self.kind, f"{name}.{mode}")
+        return out
+
 
 def _names(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
@@ -233,18 +242,8 @@ class Snapshot:
 
     @classmethod
     def from_fields(cls, f: _Fields) -> Snapshot:
-        recent_obj = f.get("recent", dict, optional=True) or {}
-        recent = {}
-        for mode, summary in recent_obj.items():
-            if mode not in MODES:
-                raise f.fail("recent", f"unknown mode {mode[:20]!r}")
-            recent[mode] = LatencySummary.from_obj(summary, f.kind, f"recent.{mode}")
-        models_obj = f.get("models", dict, optional=True) or {}
-        models = {}
-        for mode, info in models_obj.items():
-            if mode not in MODES:
-                raise f.fail("models", f"unknown mode {mode[:20]!r}")
-            models[mode] = ModelInfo.from_obj(info, f.kind, f"models.{mode}")
+        recent = f.per_mode("recent", LatencySummary.from_obj)
+        models = f.per_mode("models", ModelInfo.from_obj)
         return cls(
             has_npu=f.boolean("has_npu"),
             npu_free=f.boolean("npu_free"),

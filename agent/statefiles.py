@@ -10,8 +10,10 @@ Failures are ``StateError`` naming the path, never a bare ``OSError``.
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from agent.errors import StateError
 
@@ -43,6 +45,16 @@ def check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StateError(directory, f"cannot write here: {describe(exc)}") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small best-effort state file as a JSON object; {} if it is missing, unreadable,
+    not JSON or not an object (its owner starts afresh and rewrites it)."""
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def atomic_write(path: Path, data: bytes) -> None:
