@@ -587,7 +587,7 @@ class Node:
                                       on_progress=lambda text: channel.send({"type": "progress", "text": text}))
             channel.watch(orch.interrupt)  # the client hung up (Ctrl-C): cancel its job
             out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
-                           model=ask.model)
+                           model=ask.model, temperature=ask.temperature)
         except AgentError as exc:
             channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
         else:
@@ -616,6 +616,7 @@ class ControlTrigger:
     dry_run: bool = False
     bid_timeout_s: float | None = None
     model: str | None = None
+    temperature: float | None = None
 
 
 def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
@@ -632,7 +633,12 @@ def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
         raise UsageError("bid_timeout_s must be a number of seconds > 0")
     if model is not None and not (isinstance(model, str) and 0 < len(model) <= 128):
         raise UsageError("model must be a model name")
-    return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model)
+    temperature = req.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature <= 10):
+        raise UsageError("temperature must be a number from 0 to 10")
+    return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model,
+                          None if temperature is None else float(temperature))
 
 
 def _describe(executor: Served | None, slots: int | None = None) -> str:

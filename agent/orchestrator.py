@@ -74,6 +74,7 @@ class Request:
     need: str
     dry_run: bool
     model: str | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,14 +147,15 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ entry point
     def run(self, prompt: str, *, max_new_tokens: int = 256, need: str = "any",
-            rid: str | None = None, dry_run: bool = False, model: str | None = None) -> Outcome:
+            rid: str | None = None, dry_run: bool = False, model: str | None = None,
+            temperature: float | None = None) -> Outcome:
         """Answer one prompt. Raises PromptTooLarge before anything is published.
 
         ``dry_run`` holds the auction and makes the decision, but runs nothing: the outcome
         names the device that would have won, and the ranking behind it."""
         reserved, self._next = (self._next, None) if rid is None else (None, self._next)
         req = Request(reserved.rid if reserved else (rid or uuid.uuid4().hex), prompt, max_new_tokens,
-                      need, dry_run, model)
+                      need, dry_run, model, temperature)
         try:
             self._check_prompt(req)
         except AgentError:
@@ -468,8 +470,8 @@ class Orchestrator:
                 return (Answer(False, ExitCode.TIMEOUT, error=f"no CPU slot of this device came free within "
                                                                f"{timeout_s:g} s"), "no free slot")
             timeout_s -= self.clock() - began
-        params = Params(max_new_tokens=req.max_new_tokens, timeout_s=timeout_s, rid=req.rid,
-                        hold_fds=(claim.fd,) if claim is not None else ())
+        params = Params(max_new_tokens=req.max_new_tokens, temperature=req.temperature, timeout_s=timeout_s,
+                        rid=req.rid, hold_fds=(claim.fd,) if claim is not None else ())
         try:
             result = executor.run(req.prompt, params, on_token, self.interrupted)
         except ExecutorError as exc:
@@ -499,7 +501,7 @@ class Orchestrator:
         return Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt=req.prompt,
                    max_new_tokens=req.max_new_tokens, accept_s=auction.accept_timeout_s,
                    timeout_s=auction.job_timeout_s, reply_to=self.topics.result_stem(self.me, req.rid),
-                   sent_at=round(self.wall(), 3), model=req.model)
+                   sent_at=round(self.wall(), 3), model=req.model, temperature=req.temperature)
 
     def _offer_from_bid(self, bid: Bid) -> Any:
         from agent.selection import Offer

@@ -53,6 +53,7 @@ class Ask:
     prompt: str
     max_new_tokens: int
     model: str | None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class OrchestratorBackend:
         watcher = threading.Thread(target=watch, name="serve-watch", daemon=True)
         watcher.start()
         try:
-            out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, model=ask.model)
+            out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, model=ask.model,
+                           temperature=ask.temperature)
         finally:
             watching = False
             orch.on_token = lambda t: None
@@ -207,7 +209,8 @@ class DaemonBackend:
         try:
             with sock:
                 for event in control.request(sock, {"op": "trigger", "prompt": ask.prompt,
-                                                    "max_new_tokens": ask.max_new_tokens, "model": ask.model}):
+                                                    "max_new_tokens": ask.max_new_tokens, "model": ask.model,
+                                                    "temperature": ask.temperature}):
                     kind = event.get("type")
                     if kind == "decision":
                         on_decision(event["winner"], event.get("path"))
@@ -275,6 +278,15 @@ def max_tokens_of(body: dict[str, Any]) -> int:
     if type(value) is not int or not 1 <= value <= 1_000_000:
         raise BadRequest(400, "max_tokens must be a positive integer", param="max_tokens")
     return value
+
+
+def temperature_of(body: dict[str, Any]) -> float | None:
+    value = body.get("temperature")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise BadRequest(400, "temperature must be a number from 0 to 2", param="temperature")
+    return float(value)
 
 
 def model_of(body: dict[str, Any]) -> str | None:
@@ -431,7 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if not isinstance(raw, str) or not raw.strip():
                     raise BadRequest(400, "prompt must be a non-empty string", param="prompt")
                 prompt = raw
-            ask = Ask(prompt, max_tokens_of(body), model_of(body))
+            ask = Ask(prompt, max_tokens_of(body), model_of(body), temperature_of(body))
             stream = body.get("stream") is True
             usage_in_stream = isinstance(body.get("stream_options"), dict) and \
                 body["stream_options"].get("include_usage") is True

@@ -227,3 +227,21 @@ def test_the_serve_command_alone_or_through_this_devices_node(env: Env, with_dae
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield None
+
+
+def test_temperature_reaches_the_model_server(env: Env) -> None:
+    from tests.support.fake_openai import FakeOpenAI
+    with FakeOpenAI(answer="Warm enough.", models=("llama3.2:1b",)) as server:
+        port = free_port()
+        path = env.config("gw", cpu={"kind": "openai", "base_url": server.base_url, "model": "llama3.2:1b"},
+                          serve={"enabled": True, "port": port})
+        with env.node_process(path):
+            api = client(port)
+            chat = api.chat.completions.create(model="llama3.2:1b", temperature=0.3,
+                                               messages=[{"role": "user", "content": "how warm?"}])
+            with pytest.raises(openai.BadRequestError):
+                api.chat.completions.create(model="llama3.2:1b", temperature=7,
+                                            messages=[{"role": "user", "content": "x"}])
+    assert chat.choices[0].message.content == "Warm enough."
+    sent = [r["body"] for r in server.requests if r["path"] == "/v1/chat/completions"]
+    assert sent and sent[-1]["temperature"] == 0.3 and sent[-1]["messages"][0]["content"] == "how warm?"
