@@ -64,10 +64,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            _write_synced(fd, data)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -80,6 +77,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise StateError(path, f"cannot write: {describe(exc)}") from None
 
 
+def _write_synced(fd: int, data: bytes) -> None:
+    """All of ``data`` (a write may take part of it), then fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def append_line(path: Path, line: bytes) -> None:
     """Append one line and fsync it. A torn last line (a crash, or a disk that filled up
     half-way) is the worst that can be left, and the next append starts on a new line."""
@@ -90,10 +95,7 @@ def append_line(path: Path, line: bytes) -> None:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            _write_synced(fd, line)
         finally:
             os.close(fd)
     except OSError as exc:
