@@ -279,6 +279,6 @@ class Stragglers:
             after[device] = before.get(device, 0) + 1
         if after != before:
             try:
-                atomic_write(self.path, json.dumps(after, sort_keys=True).encode())
+                atomic_write(self.path, json.dumps(after, sort_keys=True).encode(), durable=False)
             except StateError as exc:
                 log.warning("could not remember late peers: %s", exc)

@@ -50,7 +50,7 @@ D = 6
 TOKEN_SCALE = 1024          # T: prompts and answers are measured in units of 1k tokens
 MEM_COMFORT_MB = 4096.0     # below this much available memory, pressure rises to 1
 TEMP_COOL_C, TEMP_HOT_C = 40.0, 90.0
-TRAINED_RIDS_KEPT = 2048    # train-once memory; older rids cannot come back (job TTL)
+TRAINED_RIDS_KEPT = 256     # train-once memory: a rid is trained by the run that made it, at its end
 NOISE_PRIOR_WEIGHT = 2.0    # pseudo-observations of the prior noise in an arm's σ
 NOISE_PRIOR_SHARE = 0.3     # prior σ as a share of the arm's mean prediction
 
@@ -153,9 +153,8 @@ class Arms:
         arm = self.arms.get(device) or Arm.fresh()
         self.arms[device] = arm.updated(np.asarray(x, dtype=np.float64), float(y), lam=lam, gamma=gamma)
         self.trained[rid] = now
-        if len(self.trained) > TRAINED_RIDS_KEPT:
-            for old in sorted(self.trained, key=self.trained.__getitem__)[:len(self.trained) - TRAINED_RIDS_KEPT]:
-                del self.trained[old]
+        while len(self.trained) > TRAINED_RIDS_KEPT:  # the oldest first: kept in the order trained
+            del self.trained[next(iter(self.trained))]
         if self.exploring.get(device, ("", 0.0))[0] == rid:
             del self.exploring[device]
         return True
@@ -292,7 +291,7 @@ class ArmStore:
                     {d: v for d, v in cached.exploring.items() if v[1] > now}, cached.cursor)
 
     def _write(self, state: Arms) -> None:
-        atomic_write(self.path, json.dumps(state.to_obj()).encode("utf-8"))
+        atomic_write(self.path, json.dumps(state.to_obj()).encode("utf-8"), durable=False)  # relearnt if lost
         st = os.stat(self.path)
         self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), replace(state, arms=dict(state.arms),
                                                                        trained=dict(state.trained),

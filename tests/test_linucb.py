@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from agent.linucb import Arm, Arms, ArmStore, D, features, predict_many, training_target
+from agent.linucb import TRAINED_RIDS_KEPT, Arm, Arms, ArmStore, D, features, predict_many, training_target
 from agent.messages import Snapshot
 from agent.servicemodel import decay_for
 
@@ -118,6 +118,10 @@ def test_arms_train_once_per_rid_and_forget_old_rids() -> None:
     assert arms.train("dev", x, 2.0, "r1", 0.0, lam=1.0, gamma=1.0)
     assert not arms.train("dev", x, 9.0, "r1", 1.0, lam=1.0, gamma=1.0)
     assert arms.arms["dev"].n == 1
+    for i in range(TRAINED_RIDS_KEPT + 2):
+        arms.train("dev", x, 2.0, f"later-{i}", 2.0 + i, lam=1.0, gamma=1.0)
+    assert len(arms.trained) == TRAINED_RIDS_KEPT, "the memory is bounded"
+    assert "r1" not in arms.trained and "later-0" not in arms.trained and "later-2" in arms.trained, "oldest first"
 
 
 def test_store_trains_once_per_rid_and_persists(tmp_path) -> None:

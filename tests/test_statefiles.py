@@ -42,6 +42,21 @@ def test_a_failure_part_way_leaves_the_old_file(tmp_path: Path, monkeypatch, bro
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"], "the temp file is cleaned up"
 
 
+def test_durable_writes_sync_the_file_and_its_directory_and_relearnable_ones_do_not(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(statefiles.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    atomic_write(tmp_path / "journal", b"answers")
+    assert len(synced) == 2, "the file, then the directory it was renamed in"
+    synced.clear()
+    store = ArmStore(tmp_path)
+    store.train("dev", np.ones(D), 1.0, "r1")
+    assert synced == [] and ArmStore(tmp_path).load().arms["dev"].n == 1, "no disk wait per orchestration"
+    Journal(tmp_path).record("r1", "d", b"{}")
+    assert synced, "an answer is never relearnt: the journal still syncs"
+
+
 def test_an_unusable_state_dir_is_a_state_error_naming_it(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
@@ -78,9 +93,9 @@ def test_journal_compaction_replaces_the_file_atomically(tmp_path: Path, monkeyp
     calls: list[tuple[Path, bytes]] = []
     real = statefiles.atomic_write
 
-    def spy(path: Path, data: bytes) -> None:
+    def spy(path: Path, data: bytes, **kw: bool) -> None:
         calls.append((path, data))
-        real(path, data)
+        real(path, data, **kw)
 
     monkeypatch.setattr("agent.journal.atomic_write", spy)
     now = [0.0]
