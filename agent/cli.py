@@ -678,8 +678,7 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
 
         def make() -> Any:
             return Orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                                arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec),
-                                keep_warm=True)
+                                arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
 
         own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
                for e in (npu_exec, cpu_exec) if e is not None and (i := e.model_info()) is not None]

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from agent.auction import Mailroom
 from agent.bus import Bus, new_nonce
 from agent.config import BrokerConfig, Config
 from agent.errors import DeviceBusy, StateError
@@ -51,6 +52,7 @@ class Fleet:
         self.roster = Roster(topics, me, max_bytes=max_bytes)
         bus.subscribe(topics.all_availability(), self.roster.handle)
         bus.subscribe(topics.all_metrics(), self.roster.handle_metrics)
+        self.mail = Mailroom(bus, topics, me)  # the bids and results of our orchestrations
         self._synced = False
         self._lock = threading.Lock()
         self._identity: Claim | None = None

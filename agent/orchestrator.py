@@ -97,7 +97,7 @@ class Orchestrator:
                  on_decision: Callable[[Decided], None] = lambda d: None,
                  on_progress: Callable[[str], None] = lambda m: None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 keep_warm: bool = False, rng: Any = None):
+                 rng: Any = None):
         self.cfg = cfg
         self.me = cfg.device_id
         self.topics = Topics(cfg.topic_prefix, cfg.homeassistant.discovery_prefix)
@@ -119,10 +119,6 @@ class Orchestrator:
         self.on_progress = on_progress
         self.clock = clock
         self.wall = wall
-        # A long-lived orchestrator (benchmarks, embedders) subscribes for its next rid as
-        # soon as an answer is in, off the next auction's critical path.
-        self.keep_warm = keep_warm
-        self._next: Inbox | None = None
 
     def interrupt(self) -> None:
         """From a signal handler: stop waiting, cancel the job in flight on its device."""
@@ -153,27 +149,13 @@ class Orchestrator:
 
         ``dry_run`` holds the auction and makes the decision, but runs nothing: the outcome
         names the device that would have won, and the ranking behind it."""
-        reserved, self._next = (self._next, None) if rid is None else (None, self._next)
-        req = Request(reserved.rid if reserved else (rid or uuid.uuid4().hex), prompt, max_new_tokens,
-                      need, dry_run, model, temperature)
-        try:
-            self._check_prompt(req)
-        except AgentError:
-            self._next = reserved  # nothing was sent: keep it for the next prompt
-            raise
-        inboxes = [reserved] if reserved else []
-        try:
-            return replace(self._run(req, self.clock(), inboxes), model=req.model)
-        finally:
-            for inbox in inboxes:
-                inbox.close()
-            if self.keep_warm and inboxes:
-                self._next = Inbox.open(inboxes[-1].bus, self.topics, self.me, uuid.uuid4().hex,
-                                        self.cfg.max_payload_bytes)
+        req = Request(rid or uuid.uuid4().hex, prompt, max_new_tokens, need, dry_run, model, temperature)
+        self._check_prompt(req)
+        return replace(self._run(req, self.clock()), model=req.model)
 
     def warm_up(self) -> None:
         """For a long-lived orchestrator (serve): before the first request, load what an
-        auction needs, connect and sync, and subscribe for the first rid."""
+        auction needs, connect and sync (the roster, and the subscriptions for our mail)."""
         import agent.selection  # noqa: F401  (numpy, and the ranking code)
 
         try:
@@ -181,8 +163,6 @@ class Orchestrator:
         except BrokerUnavailable:
             return  # the first request will say so, and run locally
         fleet.sync()
-        if self.keep_warm and self._next is None:
-            self._next = Inbox.open(fleet.bus, self.topics, self.me, uuid.uuid4().hex, self.cfg.max_payload_bytes)
 
     def _check_prompt(self, req: Request) -> None:
         try:
@@ -193,7 +173,7 @@ class Orchestrator:
         if len(probe) > self.cfg.max_payload_bytes:
             raise PromptTooLarge(len(probe), self.cfg.max_payload_bytes)
 
-    def _run(self, req: Request, started: float, inboxes: list[Inbox]) -> Outcome:
+    def _run(self, req: Request, started: float) -> Outcome:
         fsm = Machine(f"orchestration {req.rid}", ORCHESTRATION, "start")
 
         # 1. Own NPU free? Run here; no network at all.
@@ -210,11 +190,9 @@ class Orchestrator:
             fsm.fire("broker_down")
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],
                                         None, (f"{exc}; running locally",))
-        if not inboxes or inboxes[0].bus is not fleet.bus:
-            inboxes.append(Inbox.open(fleet.bus, self.topics, self.me, req.rid, self.cfg.max_payload_bytes))
-        inbox = inboxes[-1]
+        inbox = Inbox.open(fleet.mail, req.rid, self.cfg.max_payload_bytes)
         self._active = inbox
-        fleet.sync()  # one round trip covers the retained roster and our new subscriptions
+        fleet.sync()  # once per connection: the retained roster, and our mail's subscriptions
         wire = _Wire(fleet, inbox, fleet.bus.epoch)
         stop_listening = fleet.roster.listen(inbox.on_roster)
         try:
@@ -235,6 +213,7 @@ class Orchestrator:
             return self._decide_and_run(req, started, fsm, wire, offers, auction, warnings)
         finally:
             stop_listening()
+            inbox.close()
             self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
 
     def _own_npu(self, req: Request, started: float, fsm: Machine) -> Outcome | None:

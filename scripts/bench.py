@@ -193,8 +193,7 @@ def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestra
     idle = Snapshot(has_npu=npu_exec is not None, npu_free=False, cpu_slots=0, cpu_percent=0.0,
                     mem_available_mb=8000.0, load1=0.0, queue_depth=0)
     return Orchestrator(cfg, connect=lambda: connected, npu_exec=npu_exec, cpu_exec=None,
-                        arms=lambda: ArmStore(cfg.state_dir, 1.0), local_snapshot=lambda: idle,
-                        keep_warm=True)
+                        arms=lambda: ArmStore(cfg.state_dir, 1.0), local_snapshot=lambda: idle)
 
 
 # ----------------------------------------------------------------------------- 2+3. auction, dispatch
