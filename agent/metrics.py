@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import psutil
 
@@ -100,15 +101,20 @@ class LatencyWindow:
         self._lock = threading.Lock()
         self._by_mode: dict[str, deque[tuple[float, int]]] = {}
         self._size = size
+        self._summary: Mapping[str, LatencySummary] | None = None  # until the next add
         self.last_ms: float | None = None
 
     def add(self, mode: str, total_ms: float, tokens: int) -> None:
         with self._lock:
             self._by_mode.setdefault(mode, deque(maxlen=self._size)).append((total_ms, tokens))
             self.last_ms = total_ms
+            self._summary = None
 
     def summary(self) -> Mapping[str, LatencySummary]:
+        """Per mode; computed once per change, since every bid carries it."""
         with self._lock:
+            if self._summary is not None:
+                return self._summary
             out = {}
             for mode, window in self._by_mode.items():
                 totals = sorted(ms for ms, _ in window)
@@ -116,7 +122,8 @@ class LatencyWindow:
                 per_token = sum(ms for ms, _ in window) / tokens if tokens else None
                 out[mode] = LatencySummary(n=len(window), p50_ms=round(totals[len(totals) // 2], 3),
                                            ms_per_token=round(per_token, 3) if per_token else None)
-            return out
+            self._summary = MappingProxyType(out)
+            return self._summary
 
 
 def snapshot(host: HostSample, *, has_npu: bool, npu_free: bool, cpu_slots: int,

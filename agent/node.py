@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,15 @@ log = logging.getLogger(__name__)
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
 HEALTH_RETRY_S = 5.0       # how often an unhealthy node tries its state_dir again
+# Metrics after a job changes state: soon, not per change (every peer decodes each one).
+METRICS_MIN_GAP_S = 0.2
+
+
+def metrics_due(now: float, *, next_at: float, urgent: bool, pending: bool, published_at: float) -> bool:
+    """Whether a node publishes its metrics now: on its interval, at once for a change of
+    health, presence or NPU, and for a job's change of state once METRICS_MIN_GAP_S has
+    passed since the last publish (a burst of jobs costs one message, not one per job)."""
+    return now >= next_at or urgent or (pending and now >= published_at + METRICS_MIN_GAP_S)
 
 
 class Node:
@@ -111,6 +121,7 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_npu_free: bool | None = None
+        self._last_health = "ok"
         self._metrics_due = threading.Event()
         self.health = "ok"          # or why this node takes no work
         self._identity: Claim | None = None
@@ -165,7 +176,7 @@ class Node:
         from agent.serve import Gateway, OrchestratorBackend
 
         def make() -> Any:
-            return self._orchestrator(self.cfg, keep_warm=True)
+            return self._orchestrator(self.cfg)
 
         own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
                for e in (self.npu_exec, self.cpu_exec) if e is not None and (i := e.model_info()) is not None]
@@ -292,35 +303,48 @@ class Node:
     def _publish_metrics(self) -> None:
         snap = self.snapshot()
         self._last_npu_free = snap.npu_free
-        health = self.health if self.health != "ok" else ("draining" if self.draining else "ok")
+        self._last_health = self._health_word()
         msg = Metrics(device=self.me, ts=round(self.wall(), 3), snapshot=snap,
-                      last_latency_ms=self.latency.last_ms, health=health)
+                      last_latency_ms=self.latency.last_ms, health=self._last_health)
         self.bus.publish(self.topics.metrics(self.me), msg.to_payload(), retain=True)
 
+    def _health_word(self) -> str:
+        return self.health if self.health != "ok" else ("draining" if self.draining else "ok")
+
     def _metrics_loop(self) -> None:
-        """Publish metrics every interval, at once after a job changes state, and when
-        another process on this device takes or frees the NPU (seen by polling); retry an
-        unwritable state_dir while unhealthy."""
+        """Publish metrics every interval, and soon after a job changes state — at most
+        once per METRICS_MIN_GAP_S, since every device and dashboard decodes each one — but
+        at once when the health changes or another process on this device takes or frees
+        the NPU (seen by polling); retry an unwritable state_dir while unhealthy."""
         next_at = time.monotonic()
         next_health = next_at
+        published_at = -math.inf
+        pending = False  # a job changed state since the last publish
         while not self._stop.is_set():
             now = time.monotonic()
+            if self._metrics_due.is_set():
+                self._metrics_due.clear()
+                pending = True
             if self.health != "ok" and now >= next_health:
                 self._check_health()
                 next_health = now + HEALTH_RETRY_S
             if self.bus.connected:
-                npu_changed = (self.npu_exec is not None and self._last_npu_free is not None
-                               and self._last_npu_free != self._npu_free())
-                if now >= next_at or npu_changed or self._metrics_due.is_set():
-                    self._metrics_due.clear()
+                urgent = (self._presence_due.is_set() or self._last_health != self._health_word()
+                          or (self.npu_exec is not None and self._last_npu_free is not None
+                              and self._last_npu_free != self._npu_free()))
+                if metrics_due(now, next_at=next_at, urgent=urgent, pending=pending, published_at=published_at):
+                    pending = False
                     if self._presence_due.is_set():
                         self._presence_due.clear()
                         self.bus.publish(self.topics.availability(self.me), b"online", retain=True)
                     self._publish_metrics()
+                    published_at = now
                     next_at = now + self.cfg.metrics_interval_s
                 timeout = next_at - now
+                if pending:
+                    timeout = min(timeout, published_at + METRICS_MIN_GAP_S - now)
             else:
-                self._metrics_due.clear()  # the next connect publishes fresh metrics anyway
+                pending = False  # the next connect publishes fresh metrics anyway
                 timeout = DISCONNECTED_POLL_S
             if self.npu_exec is not None:
                 timeout = min(timeout, NPU_POLL_S)
@@ -492,14 +516,16 @@ class Node:
         job = run.job
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
+        payload = self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
+                                              result.generated_tokens, digest=job.digest))
+        # The answer first, the bookkeeping after: nobody waits on it. The record fits the
+        # work; start-up (loading a model that was not warm) apart.
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
-        # The record fits the work; start-up (loading a model that was not warm) apart.
         self.init_cost.observe(job.mode, run.warm, t.init_ms / 1000)
         self.record.observe(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, result.generated_tokens,
                             max(t.total_ms - t.init_ms, 0.0) / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
-        return self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
-                                           result.generated_tokens, digest=job.digest))
+        return payload
 
     def _failed(self, run: Run, exc: ExecutorError) -> bytes:
         log.warning("job %s failed: %s", run.job.rid, exc)

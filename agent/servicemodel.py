@@ -89,16 +89,22 @@ def _fit_nonneg(G: list[list[float]], h: list[float]) -> tuple[float, float, flo
 
     More tokens never take less time, and a fit from a few jobs that says otherwise
     predicts zero (or less) for a large prompt. With three coefficients, trying every
-    set of free ones and keeping the best that is non-negative is exact and cheap."""
+    set of free ones and keeping the best that is non-negative is exact and cheap; and the
+    objective is strictly convex, so an unconstrained optimum that is non-negative is the
+    answer (the common case: one solve, not seven)."""
+    ridged = [[G[i][j] + (RIDGE if i == j else 0.0) for j in range(3)] for i in range(3)]
+    full = _solve(ridged, h)
+    if full is not None and min(full) >= 0:
+        return full[0], full[1], full[2]
     best: tuple[float, tuple[float, float, float]] = (math.inf, (0.0, 0.0, 0.0))
-    for free in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
-        sub = _solve([[G[i][j] + (RIDGE if i == j else 0.0) for j in free] for i in free], [h[i] for i in free])
+    for free in ((0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
+        sub = _solve([[ridged[i][j] for j in free] for i in free], [h[i] for i in free])
         if sub is None or min(sub) < 0:
             continue
         theta = [0.0, 0.0, 0.0]
         for i, v in zip(free, sub, strict=True):
             theta[i] = v
-        loss = sum(theta[i] * (G[i][j] + (RIDGE if i == j else 0.0)) * theta[j] for i in range(3) for j in range(3)) \
+        loss = sum(theta[i] * ridged[i][j] * theta[j] for i in range(3) for j in range(3)) \
             - 2 * sum(h[i] * theta[i] for i in range(3))
         if loss < best[0]:
             best = (loss, (theta[0], theta[1], theta[2]))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
 
+import numpy as np
 import pytest
 
 from agent.gate import Gate
-from agent.servicemodel import ServiceRecord, expected_wait, remaining
+from agent.servicemodel import RIDGE, ServiceRecord, _fit_nonneg, expected_wait, remaining
 
 
 def test_the_record_learns_size_dependent_service_time() -> None:
@@ -20,6 +23,41 @@ def test_the_record_learns_size_dependent_service_time() -> None:
     # Answers used half their budget: 400 allowed, 200 expected.
     assert mean == pytest.approx(0.5 + 0.8 + 1.6, rel=0.05) and n > 15
     assert record.estimate("npu", 800, 200) is None, "modes are kept apart"
+
+
+def exhaustive_nonneg(G: list[list[float]], h: list[float]) -> list[float]:
+    """The reference: the best non-negative θ over every set of free coefficients."""
+    A = [[G[i][j] + (RIDGE if i == j else 0.0) for j in range(3)] for i in range(3)]
+
+    def loss(t: list[float]) -> float:
+        return sum(t[i] * A[i][j] * t[j] for i in range(3) for j in range(3)) - 2 * sum(h[i] * t[i] for i in range(3))
+
+    best = [0.0, 0.0, 0.0]
+    for k in (1, 2, 3):
+        for free in itertools.combinations(range(3), k):
+            sub = np.linalg.solve(np.array([[A[i][j] for j in free] for i in free]), np.array([h[i] for i in free]))
+            if (sub >= 0).all():
+                t = [0.0, 0.0, 0.0]
+                for i, v in zip(free, sub, strict=True):
+                    t[i] = float(v)
+                if loss(t) < loss(best):
+                    best = t
+    return best
+
+
+def test_the_non_negative_fit_is_the_exhaustive_optimum() -> None:
+    rng = random.Random(7)
+    constrained = 0
+    for _ in range(400):
+        rows = [(1.0, rng.uniform(0, 2), rng.uniform(0, 0.5)) for _ in range(rng.randint(1, 12))]
+        truth = [rng.uniform(-1, 2), rng.uniform(-1, 3), rng.uniform(-2, 10)]  # some fits want a negative
+        ys = [max(sum(t * x for t, x in zip(truth, row, strict=True)) + rng.gauss(0, 0.1), 0.0) for row in rows]
+        G = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+        h = [sum(y * r[i] for y, r in zip(ys, rows, strict=True)) for i in range(3)]
+        got, want = _fit_nonneg(G, h), exhaustive_nonneg(G, h)
+        constrained += min(want) == 0.0
+        assert min(got) >= 0 and got == pytest.approx(want, abs=1e-6)
+    assert constrained > 50, "the draw exercised the constrained cases too"
 
 
 def speed(prompt: int, new: int) -> float:
