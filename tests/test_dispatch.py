@@ -220,3 +220,21 @@ def test_a_second_end_event_is_ignored() -> None:
     a = attempt()
     a.on_result(Done("r1", "peer", "x", Timings()), 0.1)
     assert a.on_result(Done("r1", "peer", "x", Timings()), 0.2) == Step()
+
+
+def test_our_link_dropping_during_a_winners_grace_stops_the_clock() -> None:
+    """A streamed winner went offline (grace running), then our own link dropped: nothing
+    is concluded while we are cut off, however long that lasts."""
+    a = attempt()
+    a.on_result(Token("r1", "peer", 0, "x"), 0.1)
+    a.on_peer(False, 1.0, lambda: True)
+    assert a.on_link(False, 1.5) == Step()
+    assert a.on_tick(1.0 + ACCEPT_S + 5.0).verdict == "continue", "no grace runs out while we are away"
+
+
+def test_an_online_winner_that_was_never_gone_is_not_sent_the_job_again() -> None:
+    a = attempt(last=True)  # no runner-up: a vanished winner is waited for
+    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    assert not a.on_peer(True, 0.2, lambda: True).send
+    a.on_peer(False, 0.3, lambda: True)
+    assert a.on_peer(True, 0.4, lambda: True).send, "back from a blink: its session may have lost the job"

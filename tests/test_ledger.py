@@ -205,6 +205,7 @@ def test_memories_are_bounded_oldest_first_and_hold_exactly_keep() -> None:
     lg = ledger(keep=3)
     claims = [lg.offer(f"r{i}", "hub") for i in range(5)]
     assert isinstance(lg.receive(job(claims[0], rid="r0"), 0.0), Decline), "r0's claim was forgotten"
+    assert isinstance(lg.receive(job(claims[1], rid="r1"), 0.0), Decline), "... and r1's: exactly three kept"
     assert isinstance(lg.receive(job(claims[2], rid="r2"), 0.0), Admit), "the last three are kept"
     for i in range(5):
         lg.offer(f"c{i}", "hub")

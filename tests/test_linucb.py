@@ -161,6 +161,7 @@ def good_arm(**over: object) -> dict[str, object]:
     json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
     json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
     json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n=-1)}}).encode(),
     json.dumps({"v": 2, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
     json.dumps({"v": 2, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
     json.dumps({"v": 2, "d": D, "arms": {}, "cursor": "3"}).encode(),
@@ -194,3 +195,14 @@ def test_kill_during_save_leaves_old_or_new_store(tmp_path) -> None:
         state = ArmStore(tmp_path).load()
         assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
         assert state.arms["dev"].n >= 5
+
+
+def test_two_processes_of_a_device_see_each_others_training(tmp_path) -> None:
+    first, second = ArmStore(tmp_path), ArmStore(tmp_path)
+    x = features(snap(), 100, 100)
+    for i in range(1, 5):
+        writer, reader = (first, second) if i % 2 else (second, first)
+        reader.load()  # read and cached before the other process writes
+        writer.train("dev", x, 1.0, f"r{i}")
+        assert reader.load().arms["dev"].n == i, "a cached read notices the other's write"
+    assert ArmStore(tmp_path).load().arms["dev"].n == 4, "and nothing either wrote is lost"

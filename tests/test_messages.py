@@ -101,6 +101,8 @@ def test_size_limit_is_checked_before_parsing_and_is_inclusive() -> None:
         BidRequest.from_payload(obj(), max_bytes=10)
     payload = obj()
     assert BidRequest.from_payload(payload, max_bytes=len(payload)).rid == "r1"
+    with pytest.raises(MessageError, match="exceeds"):
+        BidRequest.from_payload(payload, max_bytes=len(payload) - 1)
 
 
 def test_nan_is_rejected() -> None:

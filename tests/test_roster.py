@@ -67,3 +67,12 @@ def test_a_job_for_a_model_waits_only_for_devices_that_serve_it() -> None:
     roster.handle_metrics(metrics("b"))  # serves no named model
     assert roster.bidders("llama") == {"a", "c"} == roster.bidders("l"), "c: no metrics yet, could"
     assert roster.bidders() == {"a", "b", "c"}
+
+
+def test_only_live_metrics_measure_a_clock_a_retained_one_may_be_old() -> None:
+    roster = Roster(TOPICS, "hub", wall=lambda: 160.0)
+    roster.handle_metrics(metrics("a"))  # retained, stamped 100: could be a minute old
+    assert roster.offsets.offset("a") is None and "a" in roster.metrics()
+    live = metrics("a")
+    roster.handle_metrics(Message(live.topic, live.payload, retain=False))
+    assert roster.offsets.offset("a") == 60.0

@@ -92,6 +92,14 @@ def test_backlog_in_seconds_is_added_to_the_service_estimate() -> None:
     assert order(d) == ["fast-busy", "slow-idle"], "a short wait is worth it"
 
 
+def test_a_cold_model_pays_its_start_up_in_the_score() -> None:
+    """Equal devices: the one whose model would have to load first loses (warm models win)."""
+    offers = [Offer("a-cold", snap(), init_s=30.0), Offer("b-warm", snap())]
+    arms = {"a-cold": trained(1.0), "b-warm": trained(1.0)}
+    d = select(offers, arms, **GREEDY)
+    assert order(d) == ["b-warm", "a-cold"]
+    assert d.ranking[1].score == pytest.approx(30.0 + d.ranking[1].mean)
+
 def test_a_device_estimate_counts_as_recent_observations() -> None:
     """An orchestrator that never used a device trusts what the device says of itself, in
     proportion to the recent jobs behind it."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.gate import Gate
-from agent.servicemodel import RIDGE, ServiceRecord, _fit_nonneg, expected_wait, remaining
+from agent.servicemodel import RIDGE, InitCost, ServiceRecord, _fit_nonneg, expected_wait, remaining
 
 
 def test_the_record_learns_size_dependent_service_time() -> None:
@@ -99,6 +99,26 @@ def test_garbage_observations_are_ignored() -> None:
     assert record.estimate("cpu", 100, 100) is None
 
 
+def test_a_cold_start_is_never_priced_below_a_warm_one_and_nothing_is_assumed_at_first() -> None:
+    cost = InitCost()
+    assert cost.expected("cpu", warm=True) == 0.0 and cost.expected("cpu", warm=False) == 0.0
+    cost.observe("cpu", True, 5.0)
+    cost.observe("cpu", False, 1.0)  # a noisy cold start that happened to be quick
+    assert cost.expected("cpu", warm=True) == 5.0
+    assert cost.expected("cpu", warm=False) == 5.0, "cold costs at least what warm does"
+
+
+def test_a_few_short_answers_do_not_make_every_answer_short() -> None:
+    """Three answers that used a few percent of a 4000-token budget: the prior (80 %, worth
+    one job) still counts, so the next one is expected to be far longer than they were."""
+    record = ServiceRecord()
+    for new in (400, 10, 200):
+        record.observe("cpu", 100, 4000, new, 0.2 + 0.01 * new)  # 10 ms a token
+    fill = (0.1 + 0.0025 + 0.05 + 0.8) / 4
+    mean, _ = record.estimate("cpu", 100, 4000)  # type: ignore[misc]
+    assert mean == pytest.approx(0.2 + 0.01 * 4000 * fill, rel=0.1)
+
+
 @pytest.mark.parametrize("slots,running,queued,wait", [
     (1, [], [], 0.0),
     (2, [3.0], [], 0.0),                 # a free slot: starts at once
@@ -165,3 +185,10 @@ def test_a_job_that_raises_does_not_take_its_slot_away() -> None:
         assert done.wait(10), "the slot thread survived the failing job"
     finally:
         gate.stop()
+
+
+def test_a_stopped_gate_takes_nothing_more() -> None:
+    gate: Gate[str] = Gate(1, 4, lambda item, slot: None, expected=lambda item: 1.0)
+    gate.start()
+    gate.stop()
+    assert gate.offer("late") is None and gate.depth == 0

@@ -61,3 +61,23 @@ def test_journal_compacts(tmp_path: Path) -> None:
     lines = (tmp_path / "completed.jsonl").read_text().splitlines()
     assert len(lines) < 100
     assert Journal(tmp_path, ttl_s=10, clock=lambda: now[0]).get("r299") == Recorded("d", b"{}")
+
+
+def test_a_record_after_a_torn_line_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    Journal(tmp_path).record("r1", "d1", b"{}")
+    with open(tmp_path / "completed.jsonl", "a") as fh:
+        fh.write('{"rid": "r2", "ts": 1')  # a crash mid-append
+    Journal(tmp_path).record("r3", "d3", b"{}")
+    again = Journal(tmp_path)
+    assert again.get("r1") == Recorded("d1", b"{}") and again.get("r3") == Recorded("d3", b"{}")
+
+
+def test_a_journal_full_of_expired_lines_is_compacted_soon_after_a_restart(tmp_path: Path) -> None:
+    now = [0.0]
+    j = Journal(tmp_path, ttl_s=10, clock=lambda: now[0])
+    for i in range(200):
+        j.record(f"old{i}", "d", b"{}")
+    now[0] = 100.0
+    Journal(tmp_path, ttl_s=10, clock=lambda: now[0]).record("new", "d", b"{}")
+    lines = (tmp_path / "completed.jsonl").read_text().splitlines()
+    assert not any('"old' in line for line in lines), "the expired lines read at start count toward compaction"

@@ -105,3 +105,13 @@ def test_journal_compaction_replaces_the_file_atomically(tmp_path: Path, monkeyp
         journal.record(f"r{i}", "d", b"{}")
     assert calls and all(path == journal.path for path, _ in calls), "compaction goes through atomic_write"
     assert stat.S_IMODE(os.stat(journal.path).st_mode) == 0o600
+
+
+def test_a_short_write_is_continued_until_everything_is_written(tmp_path: Path, monkeypatch) -> None:
+    real = os.write
+    monkeypatch.setattr(statefiles.os, "write", lambda fd, data: real(fd, bytes(data[:3])))
+    atomic_write(tmp_path / "f", b"0123456789" * 10)
+    statefiles.append_line(tmp_path / "log", b"a line of text\n")
+    monkeypatch.undo()
+    assert (tmp_path / "f").read_bytes() == b"0123456789" * 10
+    assert (tmp_path / "log").read_bytes() == b"a line of text\n"

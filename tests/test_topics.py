@@ -47,7 +47,8 @@ def test_public_names_keep_the_seed_layout() -> None:
 
 @pytest.mark.parametrize("topic", ["other/agent/d/metrics", "agent/d/unknown", "agent/d/metrics/extra",
                                    "bid/request/bad id", "result/hub/r", "exec/a/b/c", "", "agent//metrics",
-                                   "bid/reply/r/d", "exec/d/cancel", "result/hub/r/d/x", "agent/d\n/metrics"])
+                                   "bid/reply/r/d", "exec/d/cancel", "result/hub/r/d/x", "agent/d\n/metrics",
+                                   "result/hub/r/bad id", "result/hub/bad id/d", "bid/reply/hub/r/bad id"])
 def test_foreign_or_malformed_topics_parse_to_none(topic: str) -> None:
     assert Topics().parse(topic) is None
 
