@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.messages import Metrics
+from agent.messages import Job, Metrics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim
 from tests.support.launch import NodeProcess
@@ -238,6 +238,38 @@ def test_interrupting_trigger_cancels_the_remote_job(env: Env, sig: int, code: i
         (rid, counts), = executions(log).items()
         assert counts == {"start": 1, "done": 0}, "it never finished"
         assert "cancelled by hub" in peer.log_text()
+
+
+def test_a_job_cancelled_while_queued_never_starts(env: Env) -> None:
+    """One slot, held by a first job; a second waits in the queue; its trigger is
+    interrupted: the cancel reaches the node before the slot frees, so it never runs."""
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    hub = env.config("hub")
+    worker = env.config("worker", cpu=job(log, "hold", gate), slots=1)
+    with env.node_process(worker) as peer, env.spy(f"{env.prefix}result/#") as spy:
+        first = Background(env, hub, "first")
+        running = spy.wait_for(result_of("accepted", "worker"), what="the first job accepted")
+        second = subprocess.Popen([sys.executable, "-m", "agent", "trigger", "--config", str(hub), "-q", "second"],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        queued = spy.wait_for(result_of("accepted", "worker"), after=running, what="the second job queued")
+        assert json.loads(queued.payload)["queue_position"] == 1
+        second.send_signal(signal.SIGINT)
+        _, err = second.communicate(timeout=WAIT_S)
+        assert second.returncode == 130, err
+        # Know the node has handled the cancel: it handles its queue's messages in order,
+        # so a probe job sent after it is declined after it.
+        probe = Job("probe", "hub", "cpu", "not-a-claim", "probe", 8, 5.0, 60.0, env.topics.result_stem("hub", "probe"))
+        spy.publish(env.topics.exec("worker"), probe.to_payload())
+        spy.wait_for(result_of("declined", "worker"), what="the probe declined, after the cancel")
+        assert "cancelled by hub" in peer.log_text()
+        gate.release()
+        code, out, err = first.result()
+        assert code == 0 and out is not None and out["text"].strip() == "first", err
+        dropped = spy.wait_for(lambda m: result_of("error", "worker")(m) and json.loads(m.payload)["rid"] ==
+                               json.loads(queued.payload)["rid"], what="the queued job's end")
+        assert "before it started" in json.loads(dropped.payload)["reason"], "its model was never started"
+    (rid, counts), = executions(log).items()
+    assert rid == out["rid"] and counts == {"start": 1, "done": 1}, "only the first job ran"
 
 
 def test_sigterm_on_a_node_lets_its_running_job_finish(env: Env) -> None:

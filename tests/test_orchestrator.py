@@ -1,0 +1,161 @@
+"""The orchestration loop against a scripted fleet, no broker: what it sends, and what it
+learns. (The broker tests prove the wiring; these pin the loop's own decisions.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from agent.auction import Mailroom
+from agent.bus import Message
+from agent.config import Config, load_config
+from agent.linucb import Arms
+from agent.messages import Accepted, Bid, Done, Error, Job, ResultEvent, Snapshot, Timings, encode_result
+from agent.orchestrator import Orchestrator
+from agent.topics import Topics
+
+T = Topics("")
+CAP_S = 77.0
+
+# What a scripted peer does with a job: the events it sends back (none: silent).
+Script = Callable[[Job], list[ResultEvent]]
+
+
+def done(job: Job, device: str) -> list[ResultEvent]:
+    return [Accepted(job.rid, device, job.mode, digest=job.digest),
+            Done(job.rid, device, "answer", Timings(total_ms=5.0), digest=job.digest)]
+
+
+def failed(job: Job, device: str) -> list[ResultEvent]:
+    return [Accepted(job.rid, device, job.mode, digest=job.digest),
+            Error(job.rid, device, "the model crashed", kind="failed")]
+
+
+class ScriptedFleet:
+    """A bus, roster and mailroom in one: every peer bids at once; a job gets its script."""
+
+    def __init__(self, peers: dict[str, Callable[[Job, str], list[ResultEvent]] | None]):
+        self.peers = peers
+        self.published: list[tuple[str, bytes]] = []
+        self._subs: dict[str, Callable[[Message], None]] = {}
+        self.bus = self
+        self.roster = self
+        self.epoch, self.connected = 1, True
+        self.mail = Mailroom(self, T, "hub")  # type: ignore[arg-type]
+
+    # bus
+    def subscribe(self, topic_filter: str, handler: Callable[[Message], None], qos: int = 1, *,
+                  inline: bool = False) -> object:
+        self._subs[topic_filter] = handler
+        return object()
+
+    def on_link(self, listener: Callable[[bool, bool], None]) -> Callable[[], None]:
+        return lambda: None
+
+    def barrier(self, timeout: float) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+        self.published.append((topic, payload))
+        parsed = T.parse(topic)
+        assert parsed is not None, topic
+        if parsed.kind == "bid_request":
+            for device in self.peers:
+                bid = Bid(parsed.rid or "", device, "hub", f"claim-{device}", Snapshot(
+                    has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
+                    queue_depth=0))
+                self._subs[T.all_bid_replies("hub")](Message(T.bid_reply("hub", bid.rid, device), bid.to_payload()))
+        elif parsed.kind == "exec":
+            job = Job.from_payload(payload)
+            script = self.peers[parsed.device or ""]
+            for event in script(job, parsed.device or "") if script else []:
+                self._subs[T.all_results("hub")](Message(T.result("hub", job.rid, event.device), encode_result(event)))
+
+    def cancels(self) -> list[str]:
+        return [t for t, _ in self.published if (p := T.parse(t)) is not None and p.kind == "cancel"]
+
+    # roster
+    def bidders(self, model: str | None = None) -> frozenset[str]:
+        return frozenset(self.peers)
+
+    def listen(self, listener: Callable[[str, bool], None]) -> Callable[[], None]:
+        return lambda: None
+
+    def may_have_free_npu(self, device: str) -> bool:
+        return False
+
+    # fleet
+    def sync(self) -> None:
+        return None
+
+
+class RecordingArms:
+    def __init__(self) -> None:
+        self.trained: list[tuple[str, float]] = []
+
+    def load(self) -> Arms:
+        return Arms()
+
+    def train(self, device: str, x: np.ndarray, y: float, rid: str) -> bool:
+        self.trained.append((device, y))
+        return True
+
+    def mark_exploring(self, device: str, rid: str, until: float) -> None:
+        return None
+
+    def set_cursor(self, cursor: int) -> None:
+        return None
+
+
+def config(tmp_path: Path) -> Config:
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump({
+        "device_id": "hub", "state_dir": str(tmp_path / "state"), "npu": {"enabled": False},
+        "cpu": {"enabled": False},
+        "auction": {"bid_timeout_s": 5, "accept_timeout_s": 0.05, "job_timeout_s": 5,
+                    "linucb": {"latency_cap_s": CAP_S}}}))
+    return load_config(path, env={})
+
+
+def orchestrate(tmp_path: Path, fleet: ScriptedFleet) -> tuple[Any, RecordingArms]:
+    arms = RecordingArms()
+    idle = Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
+                    queue_depth=0)
+    connect: Any = lambda: fleet  # noqa: E731  (the scripted fleet stands in for agent.fleet.Fleet)
+    orch = Orchestrator(config(tmp_path), connect=connect, npu_exec=None, cpu_exec=None, arms=lambda: arms,
+                        local_snapshot=lambda: idle)
+    return orch.run("a prompt", max_new_tokens=8), arms
+
+
+def test_an_answer_trains_the_arm_of_the_device_that_gave_it(tmp_path: Path) -> None:
+    fleet = ScriptedFleet({"a": done})
+    out, arms = orchestrate(tmp_path, fleet)
+    assert out.ok and out.winner == "a" and out.text == "answer"
+    assert [d for d, _ in arms.trained] == ["a"] and arms.trained[0][1] < 1.0
+    assert fleet.cancels() == []
+
+
+def test_a_failure_is_learnt_as_the_latency_cap(tmp_path: Path) -> None:
+    out, arms = orchestrate(tmp_path, ScriptedFleet({"a": failed}))
+    assert not out.ok and "crashed" in (out.error or "")
+    assert arms.trained == [("a", CAP_S)], "a device that fails must look slow, never fast"
+
+
+def test_a_winner_that_never_accepts_is_told_to_drop_the_job_and_the_runner_up_answers(tmp_path: Path) -> None:
+    fleet = ScriptedFleet({"a-silent": None, "b": done})
+    out, arms = orchestrate(tmp_path, fleet)
+    assert out.ok and out.winner == "b"
+    assert [a["device"] for a in out.attempts] == ["a-silent", "b"]
+    assert fleet.cancels() == [T.cancel("a-silent", "hub")], "its copy of the job must not run later"
+    assert [d for d, _ in arms.trained] == ["b"]
+
+
+def test_the_job_sent_carries_the_claim_its_device_gave(tmp_path: Path) -> None:
+    fleet = ScriptedFleet({"a": done})
+    orchestrate(tmp_path, fleet)
+    jobs = [Job.from_payload(p) for t, p in fleet.published if (x := T.parse(t)) is not None and x.kind == "exec"]
+    assert [j.claim for j in jobs] == ["claim-a"] and jobs[0].cancel_check
