@@ -15,6 +15,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import psutil
+
 from tests.support.mosquitto import free_port
 
 
@@ -178,4 +180,20 @@ class LocalRabbit:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        # Debian's wrapper starts the node as the rabbitmq user in a session of its own, so
+        # stopping the wrapper's process group can leave the Erlang VM running (a suite
+        # left one idle node per run): end every process that is our node.
+        node = f"RABBITMQ_NODENAME=edge{self.port}@localhost"
+        ours = []
+        for proc in psutil.process_iter():
+            try:
+                if node in (f"{k}={v}" for k, v in proc.environ().items()):
+                    ours.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        for proc in ours:
+            proc.terminate()
+        _, alive = psutil.wait_procs(ours, timeout=15)
+        for proc in alive:
+            proc.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
