@@ -88,6 +88,7 @@ def test_the_book_keeps_bids_of_its_own_auction_only() -> None:
     book.add(bid_msg(bid("a")))
     book.add(bid_msg(bid("b", rid="r2")))                      # another auction
     book.add(bid_msg(bid("b", origin="other")))               # another orchestrator's
+    book.add(Message(T.bid_reply("other", "r1", "b"), bid("b").to_payload()))  # on another's topic
     book.add(bid_msg(bid("c"), topic_device="b"))             # speaking for another device
     book.add(Message(T.bid_reply("hub", "r1", "b"), b"{not json"))
     _, _, bids = book.view()

@@ -33,3 +33,9 @@ def test_age_prefers_the_broker_expiry_then_the_corrected_clock_then_fresh() -> 
     assert offsets.age("b", 0.0, 1123.0) == 0.0, "no timestamp: fresh"
     assert offsets.age("b", 1010.0, 1123.0) == 0.0, "never negative"
     assert offsets.age("b", 1000.0, 1123.0, expiry_set=30, expiry_left=26) == 4.0, "the broker's count first"
+
+
+def test_one_message_held_up_in_a_broker_is_not_skew() -> None:
+    offsets = ClockOffsets()
+    said = [offsets.observe("b", 1000.0, 1000.0 + late) for late in (0.01, 0.02, 5.0, 0.01)]
+    assert said == [None] * 4, "network and broker delay only ever add: the smallest sample is the clock"
