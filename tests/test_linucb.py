@@ -206,3 +206,9 @@ def test_two_processes_of_a_device_see_each_others_training(tmp_path) -> None:
         writer.train("dev", x, 1.0, f"r{i}")
         assert reader.load().arms["dev"].n == i, "a cached read notices the other's write"
     assert ArmStore(tmp_path).load().arms["dev"].n == 4, "and nothing either wrote is lost"
+
+
+def test_an_exploration_marker_holds_until_its_time_runs_out() -> None:
+    arms = Arms(exploring={"a": ("r1", 10.0), "b": ("r2", 5.0)})
+    assert arms.exploring_now(7.0) == {"a"}
+    assert arms.exploring_now(10.0) == set(), "until, not including"
