@@ -254,6 +254,7 @@ class Bus:
                 continue
             if self._address + 1 < len(self.broker.addresses):
                 self._address += 1
+                _close_sockets(self._client)
                 self._client = self._new_client()
                 continue
             break
@@ -278,6 +279,7 @@ class Bus:
         self._started = False
         self._client.disconnect()
         self._client.loop_stop()
+        _close_sockets(self._client)
         return False
 
     def _unsupported_protocol(self) -> bool:
@@ -290,6 +292,7 @@ class Bus:
         log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name, self.address,
                     self._last_error)
         self.protocol = "3.1.1"
+        _close_sockets(self._client)
         self._client = self._new_client()
         return True
 
@@ -327,6 +330,7 @@ class Bus:
                 props.SessionExpiryInterval = 0
             self._client.disconnect(properties=props)
             self._client.loop_stop()
+        _close_sockets(self._client)
         self._connected.clear()
         self._stop_dispatcher()
 
@@ -571,6 +575,16 @@ class Bus:
             fn(arg)
         except Exception:  # a handler's bug must not stop the dispatcher
             log.exception("%s: handler %r failed on %r", self.name, fn, getattr(arg, "topic", arg))
+
+
+def _close_sockets(client: mqtt.Client) -> None:
+    """Close what a client we are done with still holds. paho keeps its wake-up socket pair
+    (two loopback TCP sockets) after ``loop_stop`` until the client object is collected, and
+    a client in a reference cycle is collected late, or warns that its sockets were left
+    open: every stopped bus kept two descriptors, and a suite run failed on the warning."""
+    reset = getattr(client, "_reset_sockets", None)  # paho's own cleanup, also run by its __del__
+    if reset is not None:
+        reset()
 
 
 def expiry_interval(seconds: float) -> int:

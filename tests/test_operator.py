@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.bus import Message
+import psutil
+
+from agent.bus import Bus, Message
 from agent.config import BrokerConfig, parse_config
 from agent.fleet import ProtocolMemory
 from agent.linucb import ArmStore, features
@@ -117,3 +119,18 @@ def test_the_roster_waits_for_presence_answers_until_they_stop() -> None:
     metrics = Metrics(device="c", ts=1.0, snapshot=snapshot())
     roster.handle_metrics(Message(topics.metrics("c"), metrics.to_payload(), retain=False))
     assert roster.wait_quiet(asked, quiet_s=0.05, timeout_s=5.0) == {"a", "b", "c"}, "metrics count as an answer"
+
+
+def test_a_stopped_connection_leaves_no_socket_open(env: Env) -> None:
+    """A command, a trigger or a restarted bus must give back every descriptor it took
+    (paho's wake-up socket pair included), not leave them to the garbage collector."""
+    me = psutil.Process()
+    before = me.num_fds()
+    buses = []
+    for i in range(5):
+        bus = Bus(f"fd-check-{i}", BrokerConfig(host=env.broker.host, port=env.broker.port), persistent=False,
+                  sync_topic=env.topics.sync("fd-check", str(i)))
+        bus.connect(WAIT_S)
+        bus.stop()
+        buses.append(bus)  # still referenced: nothing is collected
+    assert me.num_fds() == before
