@@ -53,6 +53,7 @@ class OpenAIExecutor:
             with urllib.request.urlopen(request, timeout=timeout_s) as resp:
                 listing = json.loads(resp.read(1 << 20))
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the connection
             return f"{url} answered HTTP {exc.code} {exc.reason}"
         except (urllib.error.URLError, OSError) as exc:
             why = getattr(exc, "reason", exc)
@@ -126,7 +127,8 @@ class OpenAIExecutor:
                         parts.append(piece)
                         on_token(piece)
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[-_BODY_TAIL:].decode("utf-8", "replace").strip()
+            with exc:  # it holds the connection: a node that meets many errors must not run out of files
+                detail = exc.read()[-_BODY_TAIL:].decode("utf-8", "replace").strip()
             raise ExecutorError(self.name, f"{self.url} answered HTTP {exc.code} {exc.reason}"
                                            + (f": {detail}" if detail else "")) from None
         except urllib.error.URLError as exc:
