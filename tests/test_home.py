@@ -272,6 +272,18 @@ def test_a_job_cancelled_while_queued_never_starts(env: Env) -> None:
     assert rid == out["rid"] and counts == {"start": 1, "done": 1}, "only the first job ran"
 
 
+def test_a_node_holds_a_job_to_its_own_time_limit_whatever_the_job_asks(env: Env) -> None:
+    """An orchestrator may ask for more time than a device allows: the device's limit holds."""
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    worker = env.config("worker", cpu=job(log, "hold", gate), auction={"job_timeout_s": 1})
+    with env.node_process(worker):
+        code, out, _, err = env.trigger(env.config("hub", auction={"job_timeout_s": 8}), "never ends")
+    assert out is not None and not out["ok"] and code == 4, err
+    assert out["error"] == "worker: timed out after 1.0 s"
+    (_, counts), = executions(log).items()
+    assert counts == {"start": 1, "done": 0}, "stopped, not finished"
+
+
 def test_sigterm_on_a_node_lets_its_running_job_finish(env: Env) -> None:
     log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
     hub = env.config("hub")
