@@ -260,8 +260,10 @@ class Node:
 
     # ---------------------------------------------------------------- presence + metrics
     def _on_connect(self, session_present: bool) -> None:
-        self.bus.publish(self.topics.availability(self.me), b"online", retain=True)
+        # Metrics first: the broker keeps one connection's messages in order, so whoever
+        # sees this device online already has what it serves and whether it takes work.
         self._publish_metrics()
+        self.bus.publish(self.topics.availability(self.me), b"online", retain=True)
         if self.cfg.homeassistant.enabled:
             self._announce()
 
@@ -334,10 +336,10 @@ class Node:
                               and self._last_npu_free != self._npu_free()))
                 if metrics_due(now, next_at=next_at, urgent=urgent, pending=pending, published_at=published_at):
                     pending = False
-                    if self._presence_due.is_set():
+                    self._publish_metrics()
+                    if self._presence_due.is_set():  # metrics first, as after a connect
                         self._presence_due.clear()
                         self.bus.publish(self.topics.availability(self.me), b"online", retain=True)
-                    self._publish_metrics()
                     published_at = now
                     next_at = now + self.cfg.metrics_interval_s
                 timeout = next_at - now
