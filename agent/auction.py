@@ -210,10 +210,6 @@ class Inbox:
     events: queue.SimpleQueue[Event]
     unlink: Callable[[], None]
 
-    @property
-    def bus(self) -> Bus:
-        return self.mail.bus
-
     @classmethod
     def open(cls, mail: Mailroom, rid: str, max_bytes: int) -> Inbox:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()

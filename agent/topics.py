@@ -123,18 +123,12 @@ class Topics:
     def all_bid_requests(self) -> str:
         return f"{self.prefix}bid/request/+"
 
-    def bid_replies(self, origin: str, rid: str) -> str:
-        return f"{self.bid_reply_stem(origin, rid)}/+"
-
     def all_bid_replies(self, origin: str) -> str:
         """Every bid for every auction of ``origin``."""
         return f"{self.prefix}bid/reply/{_id(origin)}/+/+"
 
     def cancels(self, dev: str) -> str:
         return f"{self.prefix}exec/{_id(dev)}/cancel/+"
-
-    def results(self, origin: str, rid: str) -> str:
-        return f"{self.result_stem(origin, rid)}/+"
 
     def all_results(self, origin: str) -> str:
         """Every result of every job ``origin`` dispatched."""

@@ -30,9 +30,9 @@ def test_private_topics_name_who_may_read_and_write_them() -> None:
     """What the broker ACL relies on: the reader (origin) and the writer (device) are levels."""
     t = Topics("p/")
     assert t.bid_reply("hub", "r", "d") == "p/bid/reply/hub/r/d"
-    assert t.bid_replies("hub", "r") == "p/bid/reply/hub/r/+"
+    assert t.all_bid_replies("hub") == "p/bid/reply/hub/+/+"
     assert t.result("hub", "r", "d") == "p/result/hub/r/d"
-    assert t.results("hub", "r") == "p/result/hub/r/+"
+    assert t.all_results("hub") == "p/result/hub/+/+"
     assert t.cancel("d", "hub") == "p/exec/d/cancel/hub"
     assert t.cancels("d") == "p/exec/d/cancel/+"
     assert t.answer("d", "42") == "p/agent/d/answer/42"
