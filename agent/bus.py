@@ -75,6 +75,10 @@ UNSUPPORTED_PROTOCOL = (132, 1)    # MQTT 5 CONNACK reason code; 3.1.1 return co
 FLAP_WINDOW_S = 2.0                # dropped this soon after a connect ...
 FLAP_LIMIT = 4                     # ... this many times in a row: someone else has our client id
 PACKET_OVERHEAD = 4096             # topic, properties and headers on top of the payload limit
+# Until the first connection a refused attempt costs nothing (the broker is simply not up
+# yet: a board that boots before it, after a power cut), so try often: a broker that
+# appears is in use within a second.
+FIRST_CONNECT_MAX_S = 1.0
 CONNECT_ATTEMPT_S = 5.0            # the background connector's wait for one CONNACK
 
 
@@ -160,6 +164,7 @@ class Bus:
         self.protocol = "5" if broker.protocol in ("auto", "5") else "3.1.1"
         self._password = read_password(broker.password_file) if broker.username else None
         self._client = self._new_client()
+        self._client_used = False  # paho cannot re-aim a client after a connect attempt
         self.subscribe(sync_topic, self._handle_sync)
 
     # client -------------------------------------------------------------------------
@@ -209,24 +214,28 @@ class Bus:
     def start(self) -> None:
         """Start connecting in the background; returns at once (the node's way). Until the
         first connection, every address (and both protocols, with auto) is tried in turn,
-        backing off to ``reconnect_max_s``; after it, paho reconnects by itself."""
+        at least once a second (first_connect_delay); after it, paho reconnects by itself."""
         self._start_dispatcher()
         self._stopping.clear()
         self._connector = threading.Thread(target=self._connect_loop, name=f"{self.name}-connect", daemon=True)
         self._connector.start()
 
     def _connect_loop(self) -> None:
-        delay = RECONNECT_FIRST_S[1]
+        attempt = 0
         said = ""
         while not self._stopping.is_set():
-            if self._connect_once(CONNECT_ATTEMPT_S):
-                return
+            try:
+                if self._connect_once(CONNECT_ATTEMPT_S):
+                    return
+            except Exception as exc:  # never let the connector die quietly: a node would look alive
+                log.exception("%s: connect attempt failed unexpectedly; retrying", self.name)
+                self._last_error = self._reasons = _describe(exc)
             if self._last_error != said:  # once per distinct reason, not once per retry
                 said = self._last_error
                 log.warning("%s: %s; retrying", self.name, self._reasons)
-            if self._stopping.wait(random.uniform(0.5, 1.0) * delay):
+            if self._stopping.wait(first_connect_delay(attempt, random.random())):
                 return
-            delay = min(delay * 2, self.reconnect_max_s)
+            attempt += 1
 
     def connect(self, timeout: float) -> None:
         """Connect and wait for CONNACK; BrokerUnavailable if that cannot be had (the
@@ -254,16 +263,25 @@ class Bus:
                 continue
             if self._address + 1 < len(self.broker.addresses):
                 self._address += 1
-                _close_sockets(self._client)
-                self._client = self._new_client()
+                self._replace_client()
                 continue
             break
         self._reasons = "; ".join(reasons) or f"no answer within {timeout:g} s"
         return False
 
+    def _replace_client(self) -> None:
+        _close_sockets(self._client)
+        self._client = self._new_client()
+        self._client_used = False
+
     def _try_connect(self, timeout: float) -> bool:
         self._connack.clear()
         self._refused = False
+        if self._client_used:
+            # A paho client that has tried once refuses a new connect timeout (and keeps
+            # the failed attempt's state): each attempt gets a fresh one.
+            self._replace_client()
+        self._client_used = True
         self._client.connect_timeout = max(0.1, timeout)
         try:
             self._client.connect(**self._connect_args())
@@ -292,8 +310,7 @@ class Bus:
         log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name, self.address,
                     self._last_error)
         self.protocol = "3.1.1"
-        _close_sockets(self._client)
-        self._client = self._new_client()
+        self._replace_client()
         return True
 
     def wait_connected(self, timeout: float) -> bool:
@@ -585,6 +602,14 @@ def _close_sockets(client: mqtt.Client) -> None:
     reset = getattr(client, "_reset_sockets", None)  # paho's own cleanup, also run by its __del__
     if reset is not None:
         reset()
+
+
+def first_connect_delay(attempt: int, u: float) -> float:
+    """Wait before connect attempt ``attempt + 1`` when none has succeeded yet: doubling
+    from the first reconnect delay up to FIRST_CONNECT_MAX_S, jittered by ``u`` in [0, 1)
+    so that a fleet powered on together does not knock in step."""
+    ceiling = min(RECONNECT_FIRST_S[1] * 2 ** min(attempt, 16), FIRST_CONNECT_MAX_S)
+    return (0.5 + 0.5 * u) * ceiling
 
 
 def expiry_interval(seconds: float) -> int:

@@ -1,0 +1,53 @@
+"""The first hour of a new user and an operator: what a fleet set up by hand meets.
+
+A board that boots before its broker, interruptions that must not teach the learner,
+answers that always come, a `check` that changes nothing, a `forget` that forgets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.bus import FIRST_CONNECT_MAX_S, first_connect_delay
+from tests.support.broker import Broker
+from tests.support.fleet import WAIT_S, Env, sim
+from tests.support.launch import NodeProcess
+from tests.support.mosquitto import LocalMosquitto, free_port
+
+# --------------------------------------------------------------------- booting before the broker
+
+
+def test_before_a_first_connection_a_node_knocks_at_least_once_a_second() -> None:
+    delays = [first_connect_delay(n, u) for n in range(40) for u in (0.0, 0.5, 0.999)]
+    assert max(delays) <= FIRST_CONNECT_MAX_S <= 1.0
+    assert first_connect_delay(0, 0.0) < first_connect_delay(3, 0.0), "backs off from a quick first retry"
+    assert first_connect_delay(0, 0.0) < first_connect_delay(0, 0.999), "jittered"
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("role", ["worker", "only-asks"])
+@pytest.mark.parametrize("where", ["primary", "failover"])
+def test_a_node_started_before_its_broker_connects_when_it_appears(tmp_path: Path, role: str, where: str) -> None:
+    """The normal case after a power cut: nothing listens yet when the node starts."""
+    port, dead = free_port(), free_port()
+    broker = LocalMosquitto(tmp_path / "mosquitto", port=port)
+    world = Env(broker=Broker(broker.host, port, "mosquitto", local=broker), prefix="boot/", tmp=tmp_path)
+    extra = {"broker": {"host": "127.0.0.1", "port": dead, "keepalive_s": 2,
+                        "failover": [f"127.0.0.1:{port}"]}} if where == "failover" else {}
+    config = world.config("early", cpu=sim(base_ms=1) if role == "worker" else None, **extra)
+    node = NodeProcess(config, "early", arrivals=None, log=tmp_path / "early.log")  # type: ignore[arg-type]
+    node.launch()
+    try:
+        # The node is now retrying against a port where nothing listens.
+        assert node.wait_log("retrying", WAIT_S), node.log_text()
+        broker.start()
+        with world.spy(world.topics.availability("early")) as spy:
+            spy.wait_for(lambda m: m.payload == b"online", what="the early node online")
+        assert node.running
+        assert "Traceback" not in node.log_text()
+    finally:
+        node.stop()
+        world.close()
+        broker.stop()
