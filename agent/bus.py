@@ -608,7 +608,7 @@ def first_connect_delay(attempt: int, u: float) -> float:
     """Wait before connect attempt ``attempt + 1`` when none has succeeded yet: doubling
     from the first reconnect delay up to FIRST_CONNECT_MAX_S, jittered by ``u`` in [0, 1)
     so that a fleet powered on together does not knock in step."""
-    ceiling = min(RECONNECT_FIRST_S[1] * 2 ** min(attempt, 16), FIRST_CONNECT_MAX_S)
+    ceiling: float = min(RECONNECT_FIRST_S[1] * 2.0 ** min(attempt, 16), FIRST_CONNECT_MAX_S)
     return (0.5 + 0.5 * u) * ceiling
 
 
