@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
-from agent.dispatch import Answer, DispatchState, Step
+from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner
 from agent.errors import (
     AgentError,
     BrokerUnavailable,
@@ -332,10 +332,14 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                # The arm learns the work; a cold start is the device's to price (its bid).
-                t = answer.timings
-                service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
-                self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                if teaches_the_learner(answer):
+                    # The arm learns the work; a cold start is the device's to price (its bid).
+                    t = answer.timings
+                    service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
+                    self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                elif choice.explore:
+                    # Its exploration ended with the job: the device is free to be tried again.
+                    self.arms.mark_exploring(choice.device, req.rid, self.wall())
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
         fsm.fire("no_candidate")

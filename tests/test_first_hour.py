@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.bus import FIRST_CONNECT_MAX_S, first_connect_delay
+from agent.dispatch import Answer, teaches_the_learner
+from agent.errors import ExitCode
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, sim
 from tests.support.launch import NodeProcess
@@ -51,3 +53,11 @@ def test_a_node_started_before_its_broker_connects_when_it_appears(tmp_path: Pat
         node.stop()
         world.close()
         broker.stop()
+
+
+# --------------------------------------------------------------------- what the learner learns
+
+@pytest.mark.parametrize("code,teaches", [(ExitCode.OK, True), (ExitCode.FAILED, True), (ExitCode.TIMEOUT, True),
+                                          (ExitCode.INTERRUPTED, False), (ExitCode.TERMINATED, False)])
+def test_a_job_its_asker_gave_up_on_is_no_lesson_about_the_device(code: ExitCode, teaches: bool) -> None:
+    assert teaches_the_learner(Answer(code == ExitCode.OK, code)) is teaches

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.linucb import ArmStore
 from agent.messages import Job, Metrics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim
@@ -238,6 +239,8 @@ def test_interrupting_trigger_cancels_the_remote_job(env: Env, sig: int, code: i
         (rid, counts), = executions(log).items()
         assert counts == {"start": 1, "done": 0}, "it never finished"
         assert "cancelled by hub" in peer.log_text()
+    # Ctrl-C says nothing about the worker's speed: it was not trained as a failure.
+    assert "worker" not in ArmStore(env.tmp / "state" / "hub").load().arms
 
 
 def test_a_job_cancelled_while_queued_never_starts(env: Env) -> None:
