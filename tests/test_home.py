@@ -231,6 +231,7 @@ def test_interrupting_trigger_cancels_the_remote_job(env: Env, sig: int, code: i
             trigger.send_signal(sig)
             _, err = trigger.communicate(timeout=WAIT_S)
             assert trigger.returncode == code, err
+            assert "✗ interrupted; worker was told to stop" in err.decode() and b"went away" not in err, err
             spy.wait_for(lambda m: m.topic.endswith("/cancel/hub"), what="the cancel")
             spy.wait_for(result_of("error", "worker"), what="the job stopped on the worker")
         finally:
