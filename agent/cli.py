@@ -367,6 +367,7 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
         caught.append(signum)
         sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
 
+    winner: str | None = None
     handlers = _install_signals(on_signal)
     request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
                "model": args.model,
@@ -376,7 +377,8 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
             for event in control.request(sock, request):
                 kind = event.get("type")
                 if kind == "decision":
-                    printer.decision(event["winner"], event["path"], event.get("score"))
+                    winner = event["winner"]
+                    printer.decision(winner, event["path"], event.get("score"))
                 elif kind == "token":
                     printer.token(event["text"])
                 elif kind == "progress":
@@ -389,14 +391,18 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
                     code = int(event.get("exit_code", ExitCode.FAILED))
                     break
             else:
-                print("error: the node daemon went away before answering", file=printer.err)
+                if not caught:
+                    print("error: the node daemon went away before answering", file=printer.err)
                 code = ExitCode.FAILED
     except OSError as exc:
-        print(f"error: lost the node daemon: {exc}", file=printer.err)
+        if not caught:
+            print(f"error: lost the node daemon: {exc}", file=printer.err)
         code = ExitCode.FAILED
     finally:
         _restore_signals(handlers)
     if caught:
+        # The daemon cancelled the job on its device when we hung up.
+        print(f"\n✗ interrupted; {winner} was told to stop" if winner else "\n✗ interrupted", file=printer.err)
         return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
     return code
 
