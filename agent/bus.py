@@ -156,6 +156,7 @@ class Bus:
         self._address = 0
         self._failures_here = 0
         self._connected_at = 0.0
+        self._established = False  # has held a connection for longer than a flap
         self._flaps = 0
         self._fatal: AgentError | None = None
         self._stopping = threading.Event()
@@ -486,17 +487,21 @@ class Bus:
             listeners = list(self._link_listeners)
         for listener in listeners:
             self._run_listener(listener, False, False)
-        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+        taken_over = getattr(reason, "value", None) == SESSION_TAKEN_OVER
+        held_s = time.monotonic() - self._connected_at
+        verdict, self._flaps, self._established = identity_verdict(
+            taken_over=taken_over, held_s=held_s, flaps=self._flaps, established=self._established)
+        if verdict == "give_up":
             self._fail(DuplicateIdentity(self.client_id, "the broker gave our session to a new connection "
-                                                         "with the same client id"))
+                                                         "with the same client id" if taken_over else
+                                         f"the broker dropped us {self._flaps} times right after "
+                                         "connecting, as it does when two clients share an id"))
             return
-        quick = time.monotonic() - self._connected_at < FLAP_WINDOW_S
-        self._flaps = self._flaps + 1 if quick else 0
-        if self._flaps >= FLAP_LIMIT:
-            self._fail(DuplicateIdentity(self.client_id, f"the broker dropped us {self._flaps} times right after "
-                                                         "connecting, as it does when two clients share an id"))
-            return
-        log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
+        if taken_over:
+            log.warning("%s: another client connected as %s; this node has held that identity, so it takes "
+                        "it back (the newcomer gives up)", self.name, self.client_id)
+        else:
+            log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
         # A quick first retry with jitter, so a restarted broker is back in use at once
         # without every device of the fleet arriving in the same millisecond.
         client.reconnect_delay_set(min_delay=random.uniform(*RECONNECT_FIRST_S),  # type: ignore[arg-type]
@@ -602,6 +607,26 @@ def _close_sockets(client: mqtt.Client) -> None:
     reset = getattr(client, "_reset_sockets", None)  # paho's own cleanup, also run by its __del__
     if reset is not None:
         reset()
+
+
+def identity_verdict(*, taken_over: bool, held_s: float, flaps: int, established: bool) -> tuple[str, int, bool]:
+    """After a disconnect: ``give_up`` (another live node is this device) or ``reconnect``;
+    then the count of quick drops in a row and whether this node is established.
+
+    Two processes with one client id see the same disconnects, so a symmetric rule lets
+    either lose, and the one that loses may be the device that had run for weeks (its unit
+    does not restart on exit 2). So only a newcomer gives up: a node that has never held a
+    connection longer than FLAP_WINDOW_S. An established node reconnects, which takes the
+    identity back, and the newcomer is then the one dropped. ``taken_over``: the broker
+    said another connection took our session (MQTT 5); with MQTT 3.1.1 the only sign is
+    being dropped right after connecting, FLAP_LIMIT times in a row.
+    """
+    quick = held_s < FLAP_WINDOW_S
+    established = established or not quick
+    flaps = flaps + 1 if quick else 0
+    if not established and (taken_over or flaps >= FLAP_LIMIT):
+        return "give_up", flaps, established
+    return "reconnect", flaps, established
 
 
 def first_connect_delay(attempt: int, u: float) -> float:

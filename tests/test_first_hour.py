@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bus import FIRST_CONNECT_MAX_S, first_connect_delay
+from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, first_connect_delay, identity_verdict
 from agent.dispatch import Answer, teaches_the_learner
 from agent.errors import ExitCode
 from tests.support.broker import Broker
@@ -61,3 +61,22 @@ def test_a_node_started_before_its_broker_connects_when_it_appears(tmp_path: Pat
                                           (ExitCode.INTERRUPTED, False), (ExitCode.TERMINATED, False)])
 def test_a_job_its_asker_gave_up_on_is_no_lesson_about_the_device(code: ExitCode, teaches: bool) -> None:
     assert teaches_the_learner(Answer(code == ExitCode.OK, code)) is teaches
+
+
+# --------------------------------------------------------------------- two nodes, one device_id
+
+def test_only_a_newcomer_gives_up_its_identity() -> None:
+    taken = dict(taken_over=True, flaps=0)
+    assert identity_verdict(held_s=0.2, established=False, **taken)[0] == "give_up", "the newcomer"
+    assert identity_verdict(held_s=0.2, established=True, **taken)[0] == "reconnect", "taken back by the original"
+    assert identity_verdict(held_s=300.0, established=False, **taken) == ("reconnect", 0, True)
+    # MQTT 3.1.1: quick drops only; the newcomer gives up after FLAP_LIMIT of them, the original never.
+    flaps, verdicts = 0, []
+    for _ in range(FLAP_LIMIT):
+        verdict, flaps, est = identity_verdict(taken_over=False, held_s=0.1, flaps=flaps, established=False)
+        verdicts.append(verdict)
+    assert verdicts == ["reconnect"] * (FLAP_LIMIT - 1) + ["give_up"] and not est
+    assert all(identity_verdict(taken_over=False, held_s=0.1, flaps=n, established=True)[0] == "reconnect"
+               for n in range(3 * FLAP_LIMIT))
+    assert identity_verdict(taken_over=False, held_s=FLAP_WINDOW_S, flaps=FLAP_LIMIT - 1, established=False) == \
+        ("reconnect", 0, True), "a connection held past a flap resets the count"
