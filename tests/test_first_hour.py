@@ -12,11 +12,23 @@ import pytest
 
 from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, first_connect_delay, identity_verdict
 from agent.dispatch import Answer, teaches_the_learner
+from agent.bus import Message
 from agent.errors import ExitCode
+from agent.messages import Metrics, Snapshot
+from agent.roster import Roster
+from agent.topics import Topics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, sim
 from tests.support.launch import NodeProcess
 from tests.support.mosquitto import LocalMosquitto, free_port
+
+
+
+def metrics_payload(device: str, health: str = "draining") -> bytes:
+    snap = Snapshot(has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=1.0, mem_available_mb=100.0,
+                    load1=0.0, queue_depth=0)
+    return Metrics(device=device, ts=0.0, snapshot=snap, health=health).to_payload()
+
 
 # --------------------------------------------------------------------- booting before the broker
 
@@ -80,3 +92,37 @@ def test_only_a_newcomer_gives_up_its_identity() -> None:
                for n in range(3 * FLAP_LIMIT))
     assert identity_verdict(taken_over=False, held_s=FLAP_WINDOW_S, flaps=FLAP_LIMIT - 1, established=False) == \
         ("reconnect", 0, True), "a connection held past a flap resets the count"
+
+
+# --------------------------------------------------------------------- forget
+
+def test_a_cleared_retained_presence_removes_the_device_from_the_roster() -> None:
+    topics = Topics("")
+    roster = Roster(topics, "hub")
+    roster.handle(Message(topics.availability("old-pi"), b"offline", retain=True))
+    roster.handle_metrics(Message(topics.metrics("old-pi"), metrics_payload("old-pi"), retain=True))
+    assert "old-pi" in roster.known() and "old-pi" in roster.metrics()
+    roster.handle(Message(topics.availability("old-pi"), b"", retain=False))
+    roster.handle_metrics(Message(topics.metrics("old-pi"), b"", retain=False))
+    assert "old-pi" not in roster.known() and "old-pi" not in roster.metrics(), "no ghost row"
+
+
+@pytest.mark.broker
+def test_forget_through_the_daemon_leaves_no_ghost_and_refuses_an_unknown_device(env: Env) -> None:
+    hub = env.config("hub", cpu=sim(base_ms=1))
+    old = env.config("old-pi", cpu=sim(base_ms=1))
+    with env.node_process(hub):
+        with env.node_process(old):
+            pass  # it ran once, and is retired: offline, its metrics retained
+        with env.spy(env.topics.availability("old-pi")) as spy:
+            spy.wait_for(lambda m: m.payload == b"offline", what="old-pi offline")
+        code, out, _, err = env.run("forget", "--config", str(hub), "old-pi")
+        assert code == 0 and "forgot old-pi" in out, err
+        code, status, _, err = env.status(hub)
+        assert code == 0 and status is not None, err
+        assert [d["device"] for d in status["devices"]] == ["hub"], "forgotten through the daemon: no ghost"
+
+        code, out, _, err = env.run("forget", "--config", str(hub), "nosuchdevice")
+        assert code == 2 and "knows no device 'nosuchdevice'" in err and out == ""
+        code, status, _, err = env.status(hub)
+        assert [d["device"] for d in status["devices"]] == ["hub"], "no phantom row"
