@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, first_connect_delay, identity_verdict
+from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, Message, first_connect_delay, identity_verdict
 from agent.dispatch import Answer, teaches_the_learner
-from agent.bus import Message
 from agent.errors import ExitCode
 from agent.messages import Metrics, Snapshot
 from agent.roster import Roster
@@ -21,7 +20,6 @@ from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, sim
 from tests.support.launch import NodeProcess
 from tests.support.mosquitto import LocalMosquitto, free_port
-
 
 
 def metrics_payload(device: str, health: str = "draining") -> bytes:
