@@ -6,6 +6,7 @@ answers that always come, a `check` that changes nothing, a `forget` that forget
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, Message, first_connect_delay, identity_verdict
 from agent.dispatch import Answer, teaches_the_learner
 from agent.errors import ExitCode
-from agent.messages import Metrics, Snapshot
+from agent.messages import Metrics, Snapshot, TriggerRequest
 from agent.roster import Roster
 from agent.topics import Topics
 from tests.support.broker import Broker
@@ -124,3 +125,36 @@ def test_forget_through_the_daemon_leaves_no_ghost_and_refuses_an_unknown_device
         assert code == 2 and "knows no device 'nosuchdevice'" in err and out == ""
         code, status, _, err = env.status(hub)
         assert [d["device"] for d in status["devices"]] == ["hub"], "no phantom row"
+
+
+# --------------------------------------------------------------------- triggers always answered
+
+@pytest.mark.broker
+def test_a_bad_or_oversized_mqtt_trigger_with_an_id_gets_an_answer_saying_why(env: Env) -> None:
+    node = env.node_process(env.config("dev", cpu=sim(base_ms=1)))
+    mine = f"{env.prefix}clients/kitchen/reply"
+    huge = {"prompt": "x" * 1_000_000, "id": "b3"}
+    with node, env.spy(f"{env.prefix}agent/dev/answer/#") as answers, env.spy(mine) as replies:
+        answers.publish(env.topics.trigger("dev"), json.dumps({"promt": "typo", "id": "b2"}).encode())
+        answers.publish(env.topics.trigger("dev"), json.dumps(huge).encode())
+        answers.publish(env.topics.trigger("dev"), b"\xff not utf-8", response_topic=mine, correlation_data=b"b4")
+        typo = answers.wait_for(lambda m: m.topic.endswith("/answer/b2"), what="the answer to b2")
+        big = answers.wait_for(lambda m: m.topic.endswith("/answer/b3"), what="the answer to b3")
+        raw = replies.wait_for(lambda m: True, what="the answer on the response topic")
+    typo_a, big_a, raw_a = (json.loads(m.payload) for m in (typo, big, raw))
+    assert (typo_a["ok"], typo_a["id"]) == (False, "b2") and "promt" in typo_a["error"], typo_a
+    assert (big_a["ok"], big_a["id"]) == (False, "b3") and "exceeds" in big_a["error"], big_a["error"]
+    assert (raw_a["ok"], raw_a["id"]) == (False, "b4") and "UTF-8" in raw_a["error"], raw_a
+    assert "dropped trigger" in node.log_text() and "exceeds" in node.log_text()
+
+
+@pytest.mark.parametrize("payload,correlation,expected", [
+    (b'{"promt": "x", "id": "b2"}', None, "b2"),
+    (b'{"prompt": "x", "id": "not an id!"}', b"c-1", "c-1"),
+    (b"\xff\xfe", b"c-2", "c-2"),
+    (b"{broken", None, None),
+    (b'["id"]', b"bad id!", None),
+])
+def test_the_reply_id_of_a_trigger_that_cannot_be_used(payload: bytes, correlation: bytes | None,
+                                                       expected: str | None) -> None:
+    assert TriggerRequest.reply_id(payload, correlation) == expected
