@@ -128,8 +128,11 @@ class Bus:
                  will: Will | None = None, name: str = "bus",
                  on_connect: Callable[[bool], None] | None = None,
                  on_fatal: Callable[[AgentError], None] | None = None,
-                 reconnect_max_s: float = 5.0, max_packet_bytes: int | None = None):
+                 reconnect_max_s: float = 5.0, max_packet_bytes: int | None = None, look_only: bool = False):
+        """``look_only``: subscribe to nothing and acknowledge nothing, so a look at a
+        device's session (``check``) leaves it as it was, every queued message included."""
         self.client_id = client_id
+        self.look_only = look_only
         self.broker = broker
         self.persistent = persistent
         self.name = name
@@ -173,7 +176,8 @@ class Bus:
         v5 = self.protocol == "5"
         kwargs: dict[str, Any] = {} if v5 else {"clean_session": not self.persistent}
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True, **kwargs)
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True,
+                             manual_ack=self.look_only, **kwargs)
         client.enable_logger(_paho_log)
         client.reconnect_delay_set(min_delay=RECONNECT_FIRST_S[1], max_delay=self.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(10_000)
@@ -444,7 +448,7 @@ class Bus:
         with self._lock:
             filters = [(f, subs[0].qos) for f, subs in {**self._exact, **self._wild_filters}.items() if subs]
             listeners = list(self._link_listeners)
-        if filters:
+        if filters and not self.look_only:
             client.subscribe(filters)
         log.info("%s: connected to %s as %s (MQTT %s, session %s)", self.name, self.address, self.client_id,
                  self.protocol, "resumed" if flags.session_present else "new")

@@ -7,9 +7,13 @@ answers that always come, a `check` that changes nothing, a `forget` that forget
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.bus import FIRST_CONNECT_MAX_S, FLAP_LIMIT, FLAP_WINDOW_S, Message, first_connect_delay, identity_verdict
 from agent.dispatch import Answer, teaches_the_learner
@@ -20,7 +24,7 @@ from agent.topics import Topics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, sim
 from tests.support.launch import NodeProcess
-from tests.support.mosquitto import LocalMosquitto, free_port
+from tests.support.mosquitto import REPO, LocalMosquitto, free_port
 
 
 def metrics_payload(device: str, health: str = "draining") -> bytes:
@@ -158,3 +162,44 @@ def test_a_bad_or_oversized_mqtt_trigger_with_an_id_gets_an_answer_saying_why(en
 def test_the_reply_id_of_a_trigger_that_cannot_be_used(payload: bytes, correlation: bytes | None,
                                                        expected: str | None) -> None:
     assert TriggerRequest.reply_id(payload, correlation) == expected
+
+
+# --------------------------------------------------------------------- check
+
+def tree(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_mode) for p in root.rglob("*"))
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_check_on_every_shipped_config_reports_everything_at_once_and_writes_nothing(
+        env: Env, tmp_path: Path, config: str) -> None:
+    home, scratch = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    state = tmp_path / "state"
+    before = tree(home), tree(scratch)
+    proc = subprocess.run([sys.executable, "-m", "agent", "check", "--config", str(REPO / config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HOME": str(home), "TMPDIR": str(scratch),
+                               "AGENT_BROKER_HOST": env.broker.host, "AGENT_BROKER_PORT": str(env.broker.port),
+                               "AGENT_STATE_DIR": str(state)})
+    assert (tree(home), tree(scratch)) == before and not state.exists(), "check wrote something"
+    lines = {}
+    for line in proc.stdout.splitlines():
+        lines.setdefault(line.split()[1], []).append(line)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert set(lines) >= {"config", "state_dir", "broker"}, proc.stdout + proc.stderr
+    assert lines["state_dir"][0].startswith("✓") and "will be created" in lines["state_dir"][0]
+    doc = yaml.safe_load((REPO / config).read_text())
+    if not doc.get("cpu", {}).get("enabled", True) and not doc.get("npu", {}).get("enabled", False):
+        assert lines["runners"][0].startswith("✓ runners    none"), "a device that only asks is valid"
+    secured = "password_file" in doc.get("broker", {})
+    if secured:  # the files the example names do not exist here: said, and everything else too
+        assert [line.split()[2] for line in lines["files"]] == ["broker.tls.ca_file:", "broker.password_file:"]
+        assert lines["broker"][0].startswith("✗") and "answers on TCP" in lines["broker"][0]
+        assert any(mode in lines for mode in ("cpu", "npu")), "the model runner is checked as well"
+        assert proc.returncode == 2
+    else:  # the demo fleet and a device that only asks: ready
+        assert all(line.startswith("✓") for found in lines.values() for line in found), proc.stdout
+        assert proc.returncode == 0
