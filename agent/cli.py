@@ -327,8 +327,10 @@ class _Printer:
 
     def outcome(self, result: dict[str, Any]) -> int:
         """The end: the JSON, or the summary lines; returns the exit code."""
+        if self.streaming and not self.args.dry_run and result["text"] and not result["text"].endswith("\n"):
+            print(file=self.out, flush=True)  # end the answer's line before anything on stderr
         for warning in result["warnings"]:
-            print(f"warning: {warning}", file=self.err)
+            print(f"warning: {warning}", file=self.err, flush=True)
         if self.args.json:
             print(json.dumps(result, ensure_ascii=False), file=self.out)
         elif self.args.dry_run:
@@ -339,8 +341,6 @@ class _Printer:
                 score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
                 print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=self.out)
         else:
-            if result["text"] and not result["text"].endswith("\n"):
-                self.out.write("\n")
             if result["ok"]:
                 auction = (f"; auction {result['auction_ms']:.1f} ms, {len(result['bids'])} bid(s) from "
                            f"{len(result['roster'])} device(s) online" if result["path"] != "local-npu" else "")

@@ -186,7 +186,7 @@ class Orchestrator:
         try:
             fleet = self._connect()
         except BrokerUnavailable as exc:
-            log.warning("%s; running locally", exc)
+            log.info("%s; running locally", exc)  # a warning of the outcome: the caller shows it once
             fsm.fire("broker_down")
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],
                                         None, (f"{exc}; running locally",))

@@ -203,3 +203,16 @@ def test_check_on_every_shipped_config_reports_everything_at_once_and_writes_not
     else:  # the demo fleet and a device that only asks: ready
         assert all(line.startswith("✓") for found in lines.values() for line in found), proc.stdout
         assert proc.returncode == 0
+
+
+# --------------------------------------------------------------------- no broker
+
+def test_without_a_broker_trigger_warns_once_and_never_inside_the_answer(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "agent", "trigger", "--config", str(REPO / "configs/fleet/laptop.yaml"),
+                           "hello there"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "AGENT_BROKER_PORT": str(free_port()),
+                               "AGENT_STATE_DIR": str(tmp_path / "state")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("not reachable") == 1, proc.stderr
+    assert proc.stderr.startswith("warning: broker"), "the first thing on stderr, on its own line"
+    assert proc.stdout.endswith("hello there\n"), "the answer's line is ended before the warning"
