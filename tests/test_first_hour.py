@@ -208,8 +208,9 @@ def test_check_on_every_shipped_config_reports_everything_at_once_and_writes_not
 # --------------------------------------------------------------------- no broker
 
 def test_without_a_broker_trigger_warns_once_and_never_inside_the_answer(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "agent", "trigger", "--config", str(REPO / "configs/fleet/laptop.yaml"),
-                           "hello there"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    laptop = REPO / "configs/fleet/laptop.yaml"
+    proc = subprocess.run([sys.executable, "-m", "agent", "trigger", "--config", str(laptop), "hello there"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "AGENT_BROKER_PORT": str(free_port()),
                                "AGENT_STATE_DIR": str(tmp_path / "state")})
     assert proc.returncode == 0, proc.stderr
