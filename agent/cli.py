@@ -197,6 +197,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         print("\ninterrupted", file=err)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "agent":
+            # A Python without our dependencies: a set-up problem, not a bug.
+            print(f"error: this Python ({sys.executable}) lacks the module {exc.name.split('.')[0]!r} that edge-agent "
+                  "needs. Use the Python it was installed into (in a clone: .venv/bin/python -m agent …, "
+                  "or 'source .venv/bin/activate' first; bash scripts/setup.sh creates .venv), or install "
+                  "it into this one", file=err)
+            return ExitCode.USAGE
         print(f"internal error: {type(exc).__name__}: {exc}", file=err)
         if verbosity:
             traceback.print_exc(file=err)

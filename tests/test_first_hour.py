@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -217,3 +220,45 @@ def test_without_a_broker_trigger_warns_once_and_never_inside_the_answer(tmp_pat
     assert proc.stderr.count("not reachable") == 1, proc.stderr
     assert proc.stderr.startswith("warning: broker"), "the first thing on stderr, on its own line"
     assert proc.stdout.endswith("hello there\n"), "the answer's line is ended before the warning"
+
+
+# --------------------------------------------------------------------- the demo, pasted
+
+def test_a_python_without_the_dependencies_is_a_setup_error_not_a_bug() -> None:
+    code = "import sys; sys.modules['paho'] = None; from agent.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "status", "--device-id", "d", "--broker", "127.0.0.1:1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "lacks the module 'paho'" in proc.stderr and ".venv/bin/python" in proc.stderr
+    assert "report it" not in proc.stderr
+
+
+@pytest.mark.broker
+def test_the_demos_printed_commands_work_when_pasted_into_a_new_shell(tmp_path: Path) -> None:
+    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--rounds", "1", "--stay"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()], daemon=True)
+    reader.start()
+    printed: list[str] = []
+    try:
+        while True:
+            line = lines.get(timeout=120)
+            printed.append(line)
+            if "stays up" in line:
+                break
+        triggers = [line[2:].strip() for line in printed if line.startswith("$ ") and " trigger " in line]
+        assert triggers and all(" .venv/bin/python -m agent " in t for t in triggers), printed
+        # A new shell: no virtualenv on PATH, nothing of the demo's environment.
+        clean = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+        pasted = subprocess.run(["bash", "-c", triggers[1]], cwd=REPO, env=clean, capture_output=True, text=True,
+                                timeout=60)
+        assert pasted.returncode == 0, pasted.stderr
+        assert "✓ Winner: board-npu (NPU - Peer)" in pasted.stdout and "warning" not in pasted.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        code = demo.wait(60)
+        reader.join(10)  # the pipe's end: everything read
+        if demo.stdout is not None:
+            demo.stdout.close()
+    assert code == 0, "".join(printed[-20:])
