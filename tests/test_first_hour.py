@@ -262,3 +262,27 @@ def test_the_demos_printed_commands_work_when_pasted_into_a_new_shell(tmp_path: 
         if demo.stdout is not None:
             demo.stdout.close()
     assert code == 0, "".join(printed[-20:])
+
+
+# --------------------------------------------------------------------- a broker by hand
+
+@pytest.mark.broker
+def test_scripts_broker_runs_a_private_broker_and_refuses_a_taken_port(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "scripts/broker.py", "--port", str(port), "--dir", str(tmp_path / "b")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        said = [proc.stdout.readline() for _ in range(3)]
+        assert f"export AGENT_BROKER_HOST=127.0.0.1 AGENT_BROKER_PORT={port}" in said[2], said
+        world = Env(broker=Broker("127.0.0.1", port, "external"), prefix="byhand/", tmp=tmp_path)
+        with world.spy("byhand/#") as spy:
+            spy.publish("byhand/hello", b"hi")
+            spy.wait_for(lambda m: m.payload == b"hi", what="our own message back")
+        taken = subprocess.run([sys.executable, "scripts/broker.py", "--port", str(port), "--dir", str(tmp_path / "c")],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and "already listens" in taken.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped" in out, err
