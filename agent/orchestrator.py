@@ -160,8 +160,9 @@ class Orchestrator:
 
         try:
             fleet = self._connect()
-        except BrokerUnavailable:
-            return  # the first request will say so, and run locally
+        except BrokerUnavailable as exc:  # said at start, not first at the first request
+            log.warning("%s; until it can be reached, requests run on this device alone", exc)
+            return
         fleet.sync()
 
     def _check_prompt(self, req: Request) -> None:

@@ -286,3 +286,20 @@ def test_scripts_broker_runs_a_private_broker_and_refuses_a_taken_port(tmp_path:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "stopped" in out, err
+
+
+def test_serve_says_at_start_that_its_broker_cannot_be_reached(tmp_path: Path) -> None:
+    laptop = REPO / "configs/fleet/laptop.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "serve", "--config", str(laptop), "--port", "0"],
+                            cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "AGENT_BROKER_PORT": str(free_port()),
+                                 "AGENT_STATE_DIR": str(tmp_path / "state")})
+    try:
+        assert proc.stderr is not None
+        said = [proc.stderr.readline() for _ in range(2)]
+        assert "serving the fleet" in said[0]
+        assert "not reachable" in said[1] and "requests run on this device alone" in said[1], said
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

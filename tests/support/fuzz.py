@@ -8,7 +8,9 @@ runner) and must either return or raise one of its typed errors; anything else i
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from agent.node import _trigger_request
 from agent.topics import Topics
 
 _WORK = Path(tempfile.mkdtemp(prefix="edge-agent-fuzz-"))
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)  # scratch for the targets: gone with the process
 
 
 @dataclass
