@@ -35,6 +35,9 @@ POLICIES = ("linucb", "least_backlog", "jsq", "round_robin", "random")
 CHAT_TEMPLATES = ("raw", "llama3", "chatml")
 
 
+DEFAULT_STATE_DIR = "~/.local/state/edge-agent"
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     ca_file: str | None = None
@@ -217,7 +220,7 @@ class Config:
     device_id: str
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     topic_prefix: str = ""
-    state_dir: Path = Path("~/.local/state/edge-agent").expanduser()
+    state_dir: Path = Path(DEFAULT_STATE_DIR)  # expanded when a config is parsed
     metrics_interval_s: float = 10.0
     max_payload_bytes: int = DEFAULT_MAX_BYTES
     npu: NPUConfig = field(default_factory=NPUConfig)
@@ -610,7 +613,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     if problems:
         raise ConfigError(source, problems)
 
-    resolved_state = Path(state_dir).expanduser() if state_dir else Config.state_dir
+    resolved_state = Path(state_dir or DEFAULT_STATE_DIR).expanduser()  # $HOME now, not at import
     assert device_id is not None
     return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
                   state_dir=resolved_state, metrics_interval_s=metrics_interval_s,

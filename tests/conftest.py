@@ -36,31 +36,27 @@ def env(broker: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
 
 
 # ------------------------------------------------------------------ a suite that leaves nothing behind
-# Every test process (and what it starts) gets a HOME and a TMPDIR of the session's own;
-# at the end, anything left in them other than pytest's own temporary tree is a leak:
-# the run fails naming it, and the directories are removed either way.
-_HERMETIC: dict[str, Path] = {}
+# Every test process (and what it starts) gets a HOME and a TMPDIR of the session's own
+# (so suites run side by side cannot meet in a shared HOME either); at the end, anything
+# left in them but pytest's own temporary tree is a leak: the run fails naming it, and
+# the directories are removed either way.
+_HERMETIC: list[Path] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):
-        return
     root = Path(tempfile.mkdtemp(prefix="edge-agent-suite-"))
-    for name, var in (("home", "HOME"), ("tmp", "TMPDIR")):
-        _HERMETIC[var] = root / name
-        _HERMETIC[var].mkdir()
-        os.environ[var] = str(_HERMETIC[var])
-    tempfile.tempdir = str(_HERMETIC["TMPDIR"])  # pytest's tmp_path too (it reads this lazily)
-    _HERMETIC["root"] = root
+    for var in ("HOME", "TMPDIR"):
+        (root / var).mkdir()
+        os.environ[var] = str(root / var)
+    tempfile.tempdir = str(root / "TMPDIR")  # pytest's tmp_path too (it reads this lazily)
+    _HERMETIC.append(root)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    root = _HERMETIC.get("root")
-    if root is None:
-        return
-    left = sorted(str(p.relative_to(root)) for p in root.glob("*/*")
-                  if not p.name.startswith("pytest-of-"))
-    shutil.rmtree(root, ignore_errors=True)
-    if left:
-        print(f"\nerror: the suite left files behind (in its own HOME/TMPDIR): {', '.join(left)}", file=sys.stderr)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    for root in _HERMETIC:
+        left = sorted(str(p.relative_to(root)) for p in root.glob("*/*") if not p.name.startswith("pytest-of-"))
+        shutil.rmtree(root, ignore_errors=True)
+        if left:
+            print(f"\nerror: the suite left files behind (in its own HOME/TMPDIR): {', '.join(left)}",
+                  file=sys.stderr)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -50,8 +50,21 @@ from agent.messages import (
 from agent.node import _trigger_request
 from agent.topics import Topics
 
-_WORK = Path(tempfile.mkdtemp(prefix="edge-agent-fuzz-"))
-atexit.register(shutil.rmtree, _WORK, ignore_errors=True)  # scratch for the targets: gone with the process
+_SCRATCH: list[Path] = []
+
+
+def _work() -> Path:
+    """A scratch directory for the targets that need files, made on first use."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="edge-agent-fuzz-")))
+        atexit.register(remove_scratch)
+    return _SCRATCH[0]
+
+
+def remove_scratch() -> None:
+    """Remove the scratch directory (the suite calls it when the fuzz tests end)."""
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
 
 
 @dataclass
@@ -115,7 +128,7 @@ SEEDS: dict[str, list[bytes]] = {
 
 
 def _config(data: bytes) -> None:
-    path = _WORK / "config.yaml"
+    path = _work() / "config.yaml"
     path.write_bytes(data)
     load_config(path, env={})
 
@@ -129,14 +142,14 @@ def _genie_stdout(data: bytes) -> None:
 
 
 def _profile(data: bytes) -> None:
-    path = _WORK / "profile.json"
+    path = _work() / "profile.json"
     path.write_bytes(data)
     merge_profile(Kpis(), read_profile(path))
 
 
 def _store(cls: Callable[[Path], object], name: str) -> Callable[[bytes], object]:
     def run(data: bytes) -> None:
-        state = _WORK / f"state-{name}"
+        state = _work() / f"state-{name}"
         state.mkdir(exist_ok=True)
         (state / name).write_bytes(data)
         store = cls(state)
