@@ -549,11 +549,13 @@ class Node:
             req = TriggerRequest.from_payload(msg.payload, self.cfg.max_payload_bytes)
         except MessageError as exc:
             log.warning("dropped trigger on %s: %s", msg.topic, exc)
-            # Whoever gave an id (or a response topic) is waiting: tell them why.
+            # Whoever gave an id (or a response topic) is waiting: tell them why. (Not on
+            # last_result: garbage from anyone must not replace a dashboard's answer.)
             reply_id = TriggerRequest.reply_id(msg.payload, msg.correlation_data)
-            self._answer(TriggerRequest("-", id=reply_id), msg.response_topic, LastResult(
-                rid="-", device=self.me, winner=None, path=None, ok=False, text="", total_ms=0.0, id=reply_id,
-                error=f"bad trigger: {exc}"))
+            if reply_id is not None or msg.response_topic:
+                self._answer(TriggerRequest("-", id=reply_id), msg.response_topic, LastResult(
+                    rid="-", device=self.me, winner=None, path=None, ok=False, text="", total_ms=0.0, id=reply_id,
+                    error=f"bad trigger: {exc}"), dashboard=False)
             return
         if req.id is None:
             req = replace(req, id=TriggerRequest.reply_id(b"", msg.correlation_data))
@@ -579,11 +581,13 @@ class Node:
                               text=out.text, error=out.error, total_ms=round(out.total_ms, 1), id=req.id)
         self._answer(req, response_topic, last)
 
-    def _answer(self, req: TriggerRequest, response_topic: str | None, last: LastResult) -> None:
+    def _answer(self, req: TriggerRequest, response_topic: str | None, last: LastResult, *,
+                dashboard: bool = True) -> None:
         """On last_result (retained, for dashboards), on the trigger's own answer topic if
         it had an id, and on its MQTT 5 response topic if it named one."""
         payload = last.to_payload()
-        self.bus.publish(self.topics.last_result(self.me), payload, retain=True)
+        if dashboard:
+            self.bus.publish(self.topics.last_result(self.me), payload, retain=True)
         if req.id is not None:
             self.bus.publish(self.topics.answer(self.me, req.id), payload)
         if response_topic:

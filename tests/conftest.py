@@ -45,8 +45,9 @@ _HERMETIC: list[Path] = []
 
 def pytest_configure(config: pytest.Config) -> None:
     root = Path(tempfile.mkdtemp(prefix="edge-agent-suite-"))
+    root.chmod(0o711)  # traversable: a broker run as its own user (RabbitMQ) has its directory in TMPDIR
     for var in ("HOME", "TMPDIR"):
-        (root / var).mkdir()
+        (root / var).mkdir(mode=0o711)
         os.environ[var] = str(root / var)
     tempfile.tempdir = str(root / "TMPDIR")  # pytest's tmp_path too (it reads this lazily)
     _HERMETIC.append(root)
