@@ -9,6 +9,7 @@ the agent at it. It never touches a broker already running on the machine.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -41,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Mosquitto on 127.0.0.1:{args.port}, data in {args.dir}. Ctrl-C stops it.\n"
           f"In another shell, point the agent at it:\n"
           f"    export AGENT_BROKER_HOST=127.0.0.1 AGENT_BROKER_PORT={args.port}", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):  # short waits: Python runs signal handlers on the main thread
+            pass
     finally:
         broker.stop()
     print("stopped", flush=True)
