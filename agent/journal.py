@@ -30,14 +30,21 @@ class Recorded(NamedTuple):
 
 
 class Journal:
+    """Two locks, so that a lookup never waits for the disk: ``_lock`` guards the entries
+    in memory (held for microseconds; a node looks a rid up on every job, and the ledger
+    does it under its own lock, which the bid handler on paho's network thread takes);
+    ``_disk`` orders the writes (held through an fsync, which on an SD card can take
+    hundreds of milliseconds)."""
+
     def __init__(self, state_dir: Path, ttl_s: float = DEFAULT_TTL_S,
                  clock: Callable[[], float] = time.time):
         self.path = Path(state_dir) / "completed.jsonl"
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._disk = threading.Lock()
         self._entries: dict[str, tuple[float, Recorded]] = {}
-        self._unwritten: list[bytes] = []  # lines the disk refused; retried by flush()
+        self._unwritten: list[bytes] = []  # lines not on disk yet (or that the disk refused); flush() retries
         self._lines = 0
         self._load()
 
@@ -77,28 +84,36 @@ class Journal:
         with self._lock:
             self._entries[rid] = (now, entry)
             self._unwritten.append(_line(rid, now, entry))
-            self._flush()
+        self.flush()
 
     def flush(self) -> None:
-        """Write what the disk refused before; StateError if it still cannot."""
-        with self._lock:
-            self._flush()
-
-    def _flush(self) -> None:
-        while self._unwritten:
-            append_line(self.path, self._unwritten[0])
-            self._unwritten.pop(0)
-            self._lines += 1
-        now = self._clock()
-        if self._lines % 64 == 0:
-            cutoff = now - self.ttl_s
-            self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
-        if self._lines > 2 * len(self._entries) + 64:
-            self._compact()
+        """Write what is not on disk yet (lines the disk refused before included); StateError
+        if it still cannot. Lookups go on meanwhile."""
+        with self._disk:
+            while True:
+                with self._lock:
+                    if not self._unwritten:
+                        break
+                    line = self._unwritten[0]
+                append_line(self.path, line)  # the fsync: outside the entries' lock
+                with self._lock:
+                    self._unwritten.pop(0)
+                    self._lines += 1
+            with self._lock:
+                if self._lines % 64 == 0:
+                    cutoff = self._clock() - self.ttl_s
+                    self._entries = {r: e for r, e in self._entries.items() if e[0] >= cutoff}
+                compact = self._lines > 2 * len(self._entries) + 64
+            if compact:
+                self._compact()
 
     def _compact(self) -> None:
-        atomic_write(self.path, b"".join(_line(rid, ts, entry) for rid, (ts, entry) in self._entries.items()))
-        self._lines = len(self._entries)
+        """Rewrite the file with the live entries only (``_disk`` held, or no writer)."""
+        with self._lock:
+            live = list(self._entries.items())
+        atomic_write(self.path, b"".join(_line(rid, ts, entry) for rid, (ts, entry) in live))
+        with self._lock:
+            self._lines = len(live)
 
 
 def _line(rid: str, ts: float, entry: Recorded) -> bytes:
