@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -90,14 +91,16 @@ def provision(*argv: str) -> str:
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     work = tmp_path_factory.mktemp("secured")
     pki, port = work / "pki", free_port()
+    # Both listeners, as a default provisioning writes them: devices use the TLS one.
     provision("--dir", str(pki), "init", "--broker-host", "127.0.0.1", "--broker-host", "localhost",
-              "--port", str(port), "--loopback-port", "0", "--prefix", PREFIX,
+              "--port", str(port), "--loopback-port", str(free_port()), "--prefix", PREFIX,
               "--broker-dir", str(pki / "broker"), "--device-dir", str(pki / "devices" / "{device}"))
     for device in DEVICES:
         assert f"device_id: {device}" in provision("--dir", str(pki), "add", device)
     for operator in ("homeassistant", "dashboard"):  # one connection each: client id = username
         provision("--dir", str(pki), "add", operator, "--operator")
-    broker = LocalMosquitto(work / "mosquitto", port=port, conf=pki / "broker" / "edge-agent.conf")
+    broker = LocalMosquitto(work / "mosquitto", port=port, conf=pki / "broker" / "edge-agent.conf",
+                            listeners_as_written=True)
     broker.start()
     yield Secured(broker, pki, work)
     broker.stop()
@@ -222,9 +225,13 @@ def test_no_device_can_take_over_anothers_session(secured: Secured, watch: Arriv
     presence = Spy(ha, T.availability("worker"))
     try:
         with secured.node("worker", watch, cpu=job(runs, "quick")) as worker:
+            # On the TLS listener devices use (what the device's own config names).
+            assert secured.broker_config("bob").tls is not None
             impostor = secured.client("bob", client_id="worker")  # the broker makes it "bob"
             impostor.stop()
             assert ha.barrier(WAIT_S)
+            taken = [line for line in secured.broker.log_lines if "already connected" in line]
+            assert not taken, taken
             assert worker.running and not [m for m in presence.seen if m.payload == b"offline" and not m.retain], \
                 "worker was never knocked off"
             code, out, err = trigger(secured.config("alice"), "still there")
@@ -290,8 +297,10 @@ def test_the_broker_files_work_the_debian_way(secured: Secured, tmp_path: Path) 
     persistence (repeating its location stops Mosquitto) and includes conf.d."""
     confd = tmp_path / "conf.d"
     confd.mkdir()
-    (confd / "edge-agent.conf").write_text((secured.pki / "broker" / "edge-agent.conf").read_text()
-                                           .replace(f"listener {secured.broker.port}\n", f"listener {free_port()}\n"))
+    conf = (secured.pki / "broker" / "edge-agent.conf").read_text()
+    conf = re.sub(r"^listener \d+ 127\.0\.0\.1$", f"listener {free_port()} 127.0.0.1", conf, flags=re.M)
+    conf = conf.replace(f"listener {secured.broker.port}\n", f"listener {free_port()}\n")
+    (confd / "edge-agent.conf").write_text(conf)
     main_conf = tmp_path / "mosquitto.conf"
     main_conf.write_text(f"persistence true\npersistence_location {tmp_path}/\nlog_dest stderr\nlog_type information\n"
                          f"include_dir {confd}\n")
@@ -303,3 +312,12 @@ def test_the_broker_files_work_the_debian_way(secured: Secured, tmp_path: Path) 
     finally:
         broker.stop()
     assert problems == [], problems
+
+
+def test_every_listener_provision_writes_makes_the_username_the_client_id(secured: Secured) -> None:
+    """Mosquitto applies use_username_as_clientid to the listener it follows only."""
+    conf = (secured.pki / "broker" / "edge-agent.conf").read_text()
+    blocks = re.split(r"^(?=listener )", conf, flags=re.M)[1:]
+    assert len(blocks) == 2, conf
+    for block in blocks:
+        assert re.search(r"^use_username_as_clientid true$", block, flags=re.M), block.splitlines()[0]
