@@ -27,7 +27,9 @@ Rules, each one a line below:
   is a failure with the partial text;
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
-  the one chosen, or for another job under our rid (its digest differs), are ignored.
+  the one chosen, or that do not carry the digest of the job we sent (every event about a
+  job does: an event without one, or for another job under our rid, is not about ours),
+  are ignored.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class DispatchState:
     """The orchestrator's side of one job on one device."""
 
     def __init__(self, rid: str, device: str, now: float, *, accept_timeout_s: float,
-                 job_timeout_s: float, last: bool, digest: str = ""):
+                 job_timeout_s: float, last: bool, digest: str):
         self.rid = rid
         self.device = device
         self.digest = digest                 # of the job we sent (messages.Job.digest)
@@ -126,8 +128,8 @@ class DispatchState:
     def on_result(self, ev: ResultEvent, now: float) -> Step:
         if ev.device != self.device or ev.rid != self.rid:
             return CONTINUE  # not ours: another device's (or another job's) event
-        if isinstance(ev, (Accepted, Declined, Done)) and self.digest and ev.digest and ev.digest != self.digest:
-            return CONTINUE  # about some other job under our rid (a forged one): not about ours
+        if not ev.digest or ev.digest != self.digest:
+            return CONTINUE  # no digest, or another job's under our rid (a forged one): not about ours
         self._heard_from(now)
         if isinstance(ev, Declined):
             if self.state != "dispatched":

@@ -471,6 +471,7 @@ class Token:
     device: str
     seq: int
     text: str
+    digest: str = ""        # of the job it streams (Job.digest): every event about a job names it
     type: ClassVar[str] = "token"
 
 
@@ -494,6 +495,7 @@ class Error:
     kind: str = "failed"            # one of errors.ERROR_KINDS: what happened, for machines
     exit_code: int | None = None    # the executor's process exit code, if it had one
     partial_text: str = ""
+    digest: str = ""                # of the job that failed (Job.digest)
     type: ClassVar[str] = "error"
 
 
@@ -517,7 +519,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
     if typ == "declined":
         return Declined(rid, device, f.text("reason", 200) or "", f.text("digest", 64, optional=True) or "")
     if typ == "token":
-        return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "")
+        return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "",
+                     f.text("digest", 64, optional=True) or "")
     if typ == "done":
         return Done(rid, device, f.text("text", max_bytes) or "",
                     Timings.from_obj(f.get("timings", dict), kind),
@@ -527,7 +530,7 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
     kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
     return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),
-                 f.text("partial_text", max_bytes, optional=True) or "")
+                 f.text("partial_text", max_bytes, optional=True) or "", f.text("digest", 64, optional=True) or "")
 
 
 # ------------------------------------------------------------------------- triggers

@@ -493,7 +493,7 @@ class Node:
             run.warm = executor.is_warm()
 
             def on_token(text: str) -> None:
-                self._send(job.origin, Token(job.rid, self.me, next(seq), text))
+                self._send(job.origin, Token(job.rid, self.me, next(seq), text, job.digest))
 
             final = self._done(run, executor.run(job.prompt, params, on_token, run.cancel), queue_ms)
             ok = True
@@ -533,7 +533,7 @@ class Node:
         log.warning("job %s failed: %s", run.job.rid, exc)
         return self._send(run.job.origin, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
                                                 exit_code=getattr(exc, "returncode", None),
-                                                partial_text=exc.partial_text))
+                                                partial_text=exc.partial_text, digest=run.job.digest))
 
     # ---------------------------------------------------------------- triggers (HA, mosquitto_pub)
     def _on_trigger(self, msg: Message) -> None:

@@ -32,7 +32,7 @@ def done(job: Job, device: str) -> list[ResultEvent]:
 
 def failed(job: Job, device: str) -> list[ResultEvent]:
     return [Accepted(job.rid, device, job.mode, digest=job.digest),
-            Error(job.rid, device, "the model crashed", kind="failed")]
+            Error(job.rid, device, "the model crashed", kind="failed", digest=job.digest)]
 
 
 class ScriptedFleet:

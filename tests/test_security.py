@@ -206,6 +206,9 @@ def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, 
             bob.publish(T.result("alice", rid, "worker"),
                         b'{"v":2,"type":"done","rid":"' + rid.encode() + b'","device":"worker","text":"pwned",'
                         b'"timings":{}}')
+            bob.publish(T.result("alice", rid, "worker"), json.dumps(
+                {"v": 2, "type": "error", "rid": rid, "device": "worker", "reason": "bob says it failed",
+                 "digest": forged.digest}).encode())
             assert bob.barrier(WAIT_S)
             gate.release()
             code, out, err = asked.result()
@@ -321,3 +324,30 @@ def test_every_listener_provision_writes_makes_the_username_the_client_id(secure
     assert len(blocks) == 2, conf
     for block in blocks:
         assert re.search(r"^use_username_as_clientid true$", block, flags=re.M), block.splitlines()[0]
+
+
+def test_on_an_open_broker_a_result_without_the_jobs_digest_is_not_believed(env: Env) -> None:
+    """Without the ACL anyone may publish in the worker's name. A forged ``done`` or
+    ``error`` that does not carry the digest of the job sent is not about it: the user
+    gets the genuine answer, not the forgery, and the job is not aborted."""
+    runs, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    t = env.topics
+    with env.node_process(env.config("worker", cpu=job(runs, "hold", gate))), env.spy(f"{env.prefix}#") as spy:
+        answer: list[tuple[int, dict[str, Any] | None, str, str]] = []
+        asking = threading.Thread(target=lambda: answer.append(env.trigger(env.config("hub"),
+                                                                           "the real question")))
+        asking.start()
+        try:
+            accepted = spy.wait_for(lambda m: (p := t.parse(m.topic)) is not None and p.kind == "result"
+                                    and b'"accepted"' in m.payload, what="the job accepted")
+            rid = json.loads(accepted.payload)["rid"]
+            for forged in ({"type": "error", "reason": "bob says it failed", "kind": "failed"},
+                           {"type": "done", "text": "pwned", "timings": {}}):
+                spy.publish(t.result("hub", rid, "worker"),
+                            json.dumps({"v": 2, "rid": rid, "device": "worker", **forged}).encode())
+        finally:
+            gate.release()
+            asking.join(60)
+    code, out, _, err = answer[0]
+    assert code == 0, err
+    assert out is not None and out["text"].split() == ["the", "real", "question"]
