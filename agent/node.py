@@ -358,14 +358,14 @@ class Node:
     def _age(self, origin: str, sent_at: float, msg: Message, lifetime_s: float) -> float:
         """How long ago ``origin`` sent it (``agent.clock``): no two clocks compared."""
         return self.fleet.roster.offsets.age(origin, sent_at, self.wall(), expiry_left=msg.expiry_left,
-                                             expiry_set=float(expiry_interval(lifetime_s)))
+                                             expiry_set=float(expiry_interval(lifetime_s)), retained=msg.retain)
 
     def _on_bid_request(self, msg: Message) -> None:
         parsed = self.topics.parse(msg.topic)
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="call for bids", logger=log,
                       matches=lambda r: parsed is not None and parsed.rid == r.rid)
-        if req is None:
+        if req is None or _retained(msg, "call for bids"):
             return
         if not self.taking_work:
             return  # an unhealthy or draining node stays out of auctions
@@ -402,7 +402,7 @@ class Node:
     def _on_job(self, msg: Message) -> None:
         job = decoded(msg.topic, msg.payload, lambda p: Job.from_payload(p, self.cfg.max_payload_bytes),
                       what="job", logger=log)
-        if job is None:
+        if job is None or _retained(msg, "job"):
             return
         verdict = self.ledger.receive(job, self._age(job.origin, job.sent_at, msg, job.timeout_s))
         if isinstance(verdict, Replay):
@@ -667,6 +667,14 @@ def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
         raise UsageError("temperature must be a number from 0 to 10")
     return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model,
                           None if temperature is None else float(temperature))
+
+
+def _retained(msg: Message, what: str) -> bool:
+    """A retained call for bids or job is never genuine (orchestrators never retain them):
+    one a device left on the broker would be acted on by every node that connects later."""
+    if msg.retain:
+        log.debug("dropped a retained %s on %s", what, msg.topic)
+    return msg.retain
 
 
 def _describe(executor: Served | None, slots: int | None = None) -> str:

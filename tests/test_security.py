@@ -351,3 +351,32 @@ def test_on_an_open_broker_a_result_without_the_jobs_digest_is_not_believed(env:
     code, out, _, err = answer[0]
     assert code == 0, err
     assert out is not None and out["text"].split() == ["the", "real", "question"]
+
+
+def test_retained_calls_for_bids_and_jobs_are_never_acted_on(secured: Secured, watch: ArrivalWatch) -> None:
+    """bob leaves a call for bids and a job retained on the broker: every node that
+    connects later would bid on the call and answer the job. Neither is ever genuine."""
+    runs = secured.work / "runs-retained.log"
+    bob = secured.client("bob")
+    answers = Spy(bob, f"{PREFIX}#")  # bob reads the bids and results addressed to him
+    retained = [(T.bid_request("left-behind"), BidRequest("left-behind", "bob", 3600.0, 1, 8).to_payload()),
+                (T.exec("worker"), Job("left-job", "bob", "cpu", "a-guess", "bob's question", 8, 3600.0, 3600.0,
+                                       T.result_stem("bob", "left-job")).to_payload())]
+    try:
+        for topic, payload in retained:
+            bob.publish(topic, payload, retain=True)
+        assert bob.barrier(WAIT_S)
+        with secured.node("worker", watch, cpu=job(runs, "quick")):
+            # A genuine job after them: the node has seen both retained ones by then.
+            code, out, err = trigger(secured.config("alice"), "after the retained ones")
+            assert code == 0 and out is not None and out["winner"] == "worker", err
+        assert bob.barrier(WAIT_S)
+    finally:
+        for topic, _ in retained:
+            bob.publish(topic, b"", retain=True)
+        bob.barrier(WAIT_S)
+        bob.stop()
+    acted = [m.topic for m in answers.seen if (p := T.parse(m.topic)) is not None
+             and p.kind in ("bid_reply", "result") and p.rid in ("left-behind", "left-job")]
+    assert acted == [], f"the node acted on retained messages: {acted}"
+    assert "left-job" not in executions(runs)
