@@ -34,8 +34,9 @@ Rules, each one a line below:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
@@ -246,3 +247,32 @@ class DispatchState:
         first = not self.announced
         self.announced = True
         return first
+
+
+C = TypeVar("C")
+
+
+def worth_trying(choices: Sequence[C], device_of: Callable[[C], str], offline: Callable[[str], bool]
+                 ) -> Iterator[tuple[C, bool]]:
+    """The ranked ways to run a job, each with whether it is the last one worth trying,
+    skipping the devices that are offline when their turn comes (``next_to_try``)."""
+    devices = [device_of(c) for c in choices]
+    i = next_to_try(devices, 0, offline)
+    while i is not None:
+        yield choices[i], next_to_try(devices, i + 1, offline) is None
+        i = next_to_try(devices, i + 1, offline)  # asked again: a device may have died meanwhile
+
+
+def next_to_try(devices: Sequence[str], start: int, offline: Callable[[str], bool]) -> int | None:
+    """The index, from ``start`` on, of the next way to run a job worth trying: every mode
+    of a device whose Will has fired is skipped while it is offline (trying its CPU after
+    its NPU would wait out an accept timeout on the dead, and leave a job in its session).
+    None if none is left. ``offline`` is asked once per device."""
+    seen: dict[str, bool] = {}
+    for i in range(start, len(devices)):
+        device = devices[i]
+        if device not in seen:
+            seen[device] = offline(device)
+        if not seen[device]:
+            return i
+    return None

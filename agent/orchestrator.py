@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
-from agent.dispatch import Answer, DispatchState, Step
+from agent.dispatch import Answer, DispatchState, Step, worth_trying
 from agent.errors import (
     AgentError,
     BrokerUnavailable,
@@ -247,6 +247,11 @@ class Orchestrator:
         return (bus.connected and bus.epoch == wire.epoch
                 and bus.barrier(STEADY_CHECK_S) and bus.epoch == wire.epoch)
 
+    def _offline(self, wire: _Wire | None, device: str) -> bool:
+        """Has ``device``'s Will fired (and our own link is sound, so it is not a broker
+        going away)? Its modes are not tried while it is offline."""
+        return wire is not None and wire.fleet.roster.known().get(device) is False and self._steady(wire)
+
     def _auction(self, req: Request, wire: _Wire, fsm: Machine) -> AuctionResult:
         fsm.fire("open")
         window = self.cfg.auction.bid_timeout_s
@@ -306,7 +311,8 @@ class Orchestrator:
                            total_ms=(self.clock() - started) * 1000)
 
         attempts: list[dict[str, str]] = []
-        for choice in decision.ranking:
+        for choice, last in worth_trying(decision.ranking, lambda c: c.device if c.device in bids else "",
+                                         lambda device: self._offline(wire, device)):
             path = path_of(choice.mode, choice.is_self)
             if choice.explore:
                 self.arms.mark_exploring(choice.device, req.rid, self.wall() + self.cfg.auction.job_timeout_s)
@@ -321,7 +327,6 @@ class Orchestrator:
                 assert wire is not None, "peers come from an auction"
                 fsm.fire("dispatch")
                 claim = bids[choice.device].claim
-                last = choice is decision.ranking[-1]
                 step = self._dispatch(wire, req, choice.device, choice.mode, claim, Decided(choice.device, path,
                                                                                              choice.score), last)
                 attempts.append({"device": choice.device, "outcome": step.outcome or "?"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step
+from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step, next_to_try, worth_trying
 from agent.errors import ExitCode
 from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
 
@@ -252,3 +252,28 @@ def test_an_event_without_the_jobs_digest_is_dropped(event: ResultEvent) -> None
     assert a.on_result(event, 0.1) == Step()
     assert a.state == "dispatched" and a.text == ""
     assert a.on_result(Done("r1", "peer", "genuine", Timings(), digest=D), 0.2).verdict == "finished"
+
+
+def test_failover_skips_every_mode_of_a_device_whose_will_fired() -> None:
+    """b's NPU, then b's CPU, then c: b died under its NPU attempt, so c is next, at once."""
+    ranking = ["b", "b", "c"]
+    dead: set[str] = set()
+    asked: list[str] = []
+
+    def offline(device: str) -> bool:
+        asked.append(device)
+        return device in dead
+    tried = []
+    for device, last in worth_trying(ranking, lambda d: d, offline):
+        tried.append((device, last))
+        dead.add("b")  # its Will fires during the attempt
+    assert tried == [("b", False), ("c", True)]
+    assert next_to_try(["b", "b"], 0, lambda d: True) is None
+    asked.clear()
+    assert next_to_try(["b", "b", "b", "c"], 0, lambda d: asked.append(d) or d == "b") == 3
+    assert asked == ["b", "c"], "each device is asked once (a round trip each)"
+
+
+def test_the_last_device_alive_is_the_last_attempt_even_if_dead_ones_rank_after_it() -> None:
+    """The last attempt is never failed over to nobody: a dead runner-up does not count."""
+    assert list(worth_trying(["a", "b"], lambda d: d, lambda d: d == "b")) == [("a", True)]

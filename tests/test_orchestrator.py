@@ -88,6 +88,9 @@ class ScriptedFleet:
     def may_have_free_npu(self, device: str) -> bool:
         return False
 
+    def known(self) -> dict[str, bool]:
+        return {device: True for device in self.peers}
+
     # fleet
     def sync(self) -> None:
         return None
