@@ -373,9 +373,10 @@ class Node:
         if age > req.window_s:
             log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
             return
-        if req.model is not None and not any(e is not None and e.serves(req.model)
-                                             for e in (self.npu_exec, self.cpu_exec)):
-            return  # a job for a model this device does not run
+        npu_ok = self.npu_exec is not None and self.npu_exec.serves(req.model)
+        cpu_ok = self.cpu_exec is not None and self.gate.slots > 0 and self.cpu_exec.serves(req.model)
+        if not (npu_ok or (cpu_ok and req.need == "any")):
+            return  # nothing here could take it (roster.can_take): no bid, and nobody waits for one
         claim = self.ledger.offer(req.rid, req.origin)
         if not claim:
             log.warning("dropped call for bids %s from %s: that rid was called by another origin", req.rid,

@@ -266,7 +266,7 @@ class Orchestrator:
                         correlation_data=req.rid.encode())
 
         # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
-        expected = wire.fleet.roster.bidders(req.model)
+        expected = wire.fleet.roster.bidders(req.model, req.need)
         call()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,

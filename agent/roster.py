@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import Metrics, decoded, serves
+from agent.messages import Metrics, Snapshot, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -119,18 +119,18 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
-    def bidders(self, model: str | None = None) -> frozenset[str]:
+    def bidders(self, model: str | None = None, need: str = "any") -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
-        unhealthy node says so and sits auctions out, and a node bids only for models it
-        serves (or any job that names none), so nobody waits for a bid that will not come."""
+        unhealthy node says so and sits auctions out, and a node bids only on jobs it could
+        take (``can_take``), so nobody waits for a bid that will not come."""
         def expected(d: str) -> bool:
             m = self._metrics.get(d)
-            return m is None or (m.health == "ok" and (model is None or any(
-                serves(m.snapshot, mode, model) for mode in m.snapshot.models)))
+            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model))
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and expected(d))
 
     def known(self) -> dict[str, bool]:
+        """Every device heard of: online (True) or offline (False)."""
         with self._lock:
             return dict(self._state)
 
@@ -154,3 +154,11 @@ class Roster:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
         return remove
+
+
+def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None) -> bool:
+    """Whether a device with this snapshot could take a job: its NPU (serving the model),
+    or, for a job that does not need an NPU, a CPU slot (serving it). A node bids only on
+    such jobs (a device that only asks never bids), and auctions wait only for them."""
+    npu = snapshot.has_npu and serves(snapshot, "npu", model)
+    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model))

@@ -76,3 +76,15 @@ def test_only_live_metrics_measure_a_clock_a_retained_one_may_be_old() -> None:
     live = metrics("a")
     roster.handle_metrics(Message(live.topic, live.payload, retain=False))
     assert roster.offsets.offset("a") == 60.0
+
+
+def test_an_auction_does_not_wait_for_a_device_that_can_run_nothing() -> None:
+    """A device that only asks (no NPU, no CPU runner) never bids: nobody waits for it."""
+    from dataclasses import replace
+    roster = roster_of(asker=True, cpu=True, npu=True)
+    for device, npu, slots in (("asker", False, 0), ("cpu", False, 1), ("npu", True, 0)):
+        m = Metrics.from_payload(metrics(device, npu=npu).payload)
+        roster.handle_metrics(Message(TOPICS.metrics(device), replace(
+            m, snapshot=replace(m.snapshot, cpu_slots=slots)).to_payload(), retain=True))
+    assert roster.bidders() == {"cpu", "npu"}
+    assert roster.bidders(need="npu") == {"npu"}, "a job that needs an NPU waits for the NPUs only"
