@@ -21,7 +21,8 @@ arrival with one verdict:
 A ``cancel`` must carry the key whose ``cancel_check`` the job carried (only its origin
 knows it; ``messages.Cancel``). It marks a queued run so it never starts and a running
 one so it stops. One that arrives before its job is kept, if this node offered that rid
-to that origin, and declines the job when it comes, if the key fits it. Every memory is bounded, oldest first, so
+to that origin, and declines the job when it comes, if the key fits it; a forged one for
+the same rid is kept beside it, never instead of it. Every memory is bounded, oldest first, so
 a flood of ids cannot grow it. The ledger is thread-safe and never blocks.
 """
 
@@ -43,6 +44,10 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 KEPT = 4096  # claims, declines and cancels remembered
+# Cancels kept per rid before its job arrives (newest first): the origin sends one per
+# job, so more than one is a forgery at work (a broker without the ACL); a flood of them
+# can push the genuine one out, never grow the memory.
+CANCELS_PER_RID = 4
 
 
 @dataclass
@@ -103,7 +108,7 @@ class JobLedger:
         self._claim_seq = itertools.count(1)
         self._offers: OrderedDict[str, tuple[str, str]] = OrderedDict()      # rid -> (origin, claim)
         self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (rid, mode) -> payload
-        self._cancelled: OrderedDict[str, str] = OrderedDict()               # rid -> cancel_check
+        self._cancelled: OrderedDict[str, tuple[str, ...]] = OrderedDict()   # rid -> cancel_checks
         self._runs: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ bids
@@ -136,7 +141,7 @@ class JobLedger:
             declined = self._declines.get((job.rid, job.mode))
             if declined is not None:
                 return Replay(declined)
-            if job.cancel_check and self._cancelled.get(job.rid) == job.cancel_check:
+            if job.cancel_check and job.cancel_check in self._cancelled.get(job.rid, ()):
                 return self._decline(job, "cancelled")
             if age_s > job.accept_s or age_s > job.timeout_s:
                 return Ignore(f"too late to start (sent {age_s:.1f} s ago, accept within {job.accept_s:g} s)")
@@ -185,7 +190,11 @@ class JobLedger:
                     return None
             elif (self._offers.get(cancel.rid) or ("",))[0] != cancel.origin:
                 return None  # not a bid we made to this origin: nothing of theirs to cancel
-            _remember(self._cancelled, cancel.rid, check, self._keep)
+            # Before its job, which key fits cannot be told yet: keep every one (a few per
+            # rid), so a forged cancel never overwrites the genuine one that came first.
+            checks = self._cancelled.get(cancel.rid, ())
+            if check not in checks:
+                _remember(self._cancelled, cancel.rid, (check, *checks)[:CANCELS_PER_RID], self._keep)
         if run is not None:
             run.cancel.set()
         return run
@@ -193,7 +202,7 @@ class JobLedger:
     def cancelled(self, cancel: Cancel) -> bool:
         """Whether ``cancel`` was taken (for logging)."""
         with self._lock:
-            return self._cancelled.get(cancel.rid) == cancel_check(cancel.key)
+            return cancel_check(cancel.key) in self._cancelled.get(cancel.rid, ())
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, run: Run) -> bool:

@@ -150,6 +150,17 @@ def test_a_cancel_that_came_first_with_the_wrong_key_does_not_stop_the_job() -> 
     assert isinstance(lg.receive(job(claim), 0.0), Admit)
 
 
+def test_a_forged_cancel_does_not_overwrite_a_genuine_one_that_came_before_the_job() -> None:
+    """Without the ACL anyone can cancel in the origin's name, with a key of their own."""
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    lg.cancel(Cancel("r1", "hub", KEY, "failed over"))
+    lg.cancel(Cancel("r1", "hub", "a-guess", "forged"))
+    assert lg.cancelled(Cancel("r1", "hub", KEY))
+    verdict = lg.receive(job(claim), 0.0)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "cancelled", "the abandoned job never starts"
+
+
 @pytest.mark.parametrize("forged", [Cancel("r1", "hub", "a-guess"), Cancel("r1", "hub", ""),
                                     Cancel("r1", "evil", KEY), Cancel("r1", "hub", cancel_check(KEY))])
 def test_only_the_key_of_the_job_cancels_it(forged: Cancel) -> None:
