@@ -364,7 +364,8 @@ class Node:
         parsed = self.topics.parse(msg.topic)
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="call for bids", logger=log,
-                      matches=lambda r: parsed is not None and parsed.rid == r.rid)
+                      matches=lambda r: parsed is not None and parsed.rid == r.rid
+                      and parsed.origin in (None, r.origin))
         if req is None or _retained(msg, "call for bids"):
             return
         if not self.taking_work:
@@ -377,7 +378,10 @@ class Node:
         cpu_ok = self.cpu_exec is not None and self.gate.slots > 0 and self.cpu_exec.serves(req.model)
         if not (npu_ok or (cpu_ok and req.need == "any")):
             return  # nothing here could take it (roster.can_take): no bid, and nobody waits for one
-        claim = self.ledger.offer(req.rid, req.origin)
+        claim = self.ledger.offer(req.rid, req.origin, time.monotonic())
+        if claim is None:
+            log.debug("dropped call for bids %s from %s: over its share of calls", req.rid, req.origin)
+            return
         if not claim:
             log.warning("dropped call for bids %s from %s: that rid was called by another origin", req.rid,
                         req.origin)

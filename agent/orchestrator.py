@@ -261,7 +261,7 @@ class Orchestrator:
             request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
                                  need=req.need, model=req.model)
-            bus.publish(self.topics.bid_request(req.rid), request.to_payload(), qos=1, expiry_s=window,
+            bus.publish(self.topics.bid_request(req.rid, self.me), request.to_payload(), qos=1, expiry_s=window,
                         response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                         correlation_data=req.rid.encode())
 

@@ -7,7 +7,8 @@
     agent/<dev>/answer/<id>              the answer to the trigger that carried this id
     agent/<dev>/sync/<nonce>             a client's own round trip (retained-delivery barrier)
     agent/<dev>/presence                 <dev> asks who is online: nodes announce themselves again
-    bid/request/<rid>                    call for bids (public: every device bids)
+    bid/request/<rid>/<origin>           call for bids from <origin> (public: every device may bid)
+    bid/request/<rid>                    the same, from before calls named their caller (still heard)
     bid/reply/<origin>/<rid>/<dev>       a bid: from <dev>, for <origin> only
     exec/<dev>                           a job for <dev>
     exec/<dev>/cancel/<origin>           <origin> abandons a job it sent to <dev>
@@ -20,8 +21,8 @@ device's private data (bids with their claims, results, answers) or an action on
 work (a job's cancel) names the devices allowed to read or write it, so that a broker ACL
 of ``%u`` patterns can enforce it (``mosquitto/edge-agent.acl``): only ``<dev>`` writes
 ``.../<dev>``, only ``<origin>`` reads ``bid/reply/<origin>/#`` and ``result/<origin>/#``
-and writes ``exec/+/cancel/<origin>``. The agent checks the same rules on what it
-receives. Ids are one topic level each, from a character set every tested broker
+and writes ``bid/request/+/<origin>`` and ``exec/+/cancel/<origin>``. The agent checks
+the same rules on what it receives. Ids are one topic level each, from a character set every tested broker
 accepts.
 """
 
@@ -81,8 +82,13 @@ class Topics:
     def presence(self, dev: str) -> str:
         return f"{self.prefix}agent/{_id(dev)}/presence"
 
-    def bid_request(self, rid: str) -> str:
-        return f"{self.prefix}bid/request/{_id(rid)}"
+    def bid_request(self, rid: str, origin: str | None = None) -> str:
+        """A call for bids; with ``origin`` (what orchestrators send) the topic names its
+        caller, so the ACL lets a device call only as itself and a node can bound each
+        caller's share (``ledger.JobLedger.offer``). Without, the older form."""
+        if origin is None:
+            return f"{self.prefix}bid/request/{_id(rid)}"
+        return f"{self.prefix}bid/request/{_id(rid)}/{_id(origin)}"
 
     def bid_reply(self, origin: str, rid: str, dev: str) -> str:
         return f"{self.bid_reply_stem(origin, rid)}/{_id(dev)}"
@@ -121,7 +127,8 @@ class Topics:
         return f"{self.prefix}agent/+/presence"
 
     def all_bid_requests(self) -> str:
-        return f"{self.prefix}bid/request/+"
+        """Every call for bids, in both forms."""
+        return f"{self.prefix}bid/request/#"
 
     def all_bid_replies(self, origin: str) -> str:
         """Every bid for every auction of ``origin``."""
@@ -149,6 +156,8 @@ class Topics:
                 return ParsedTopic(kind, device=dev, nonce=nonce) if _ids(dev, nonce) else None
             case ["bid", "request", rid]:
                 return ParsedTopic("bid_request", rid=rid) if is_id(rid) else None
+            case ["bid", "request", rid, origin]:
+                return ParsedTopic("bid_request", rid=rid, origin=origin) if _ids(rid, origin) else None
             case ["bid", "reply", origin, rid, dev]:
                 return ParsedTopic("bid_reply", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
             case ["exec", dev]:
@@ -180,12 +189,13 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     since Mosquitto warns about a pattern without ``%u`` (scripts/provision writes it)."""
     p, ha = topics.prefix, topics.discovery_prefix
     own = [("readwrite", f"{p}agent/%u/#"),                    # presence, metrics, trigger, answers, sync
+           ("write", f"{p}bid/request/+/%u"),                   # calls for bids: as yourself
            ("write", f"{p}bid/reply/+/+/%u"), ("read", f"{p}bid/reply/%u/#"),   # bids: as yourself, for you
            ("read", f"{p}exec/%u"),                              # your job queue
            ("write", f"{p}exec/+/cancel/%u"), ("read", f"{p}exec/%u/cancel/+"),  # cancels: only the origin
            ("write", f"{p}result/+/+/%u"), ("read", f"{p}result/%u/#"),          # results: only the origin reads
            ("write", f"{ha}/device/%u/config")]                 # your Home Assistant discovery
-    shared = [("readwrite", f"{p}bid/request/+"), ("read", f"{p}agent/+/availability"),
+    shared = [("read", f"{p}bid/request/#"), ("read", f"{p}agent/+/availability"),
               ("read", f"{p}agent/+/metrics"), ("read", f"{p}agent/+/presence"), ("write", f"{p}exec/+"),
               ("read", f"{ha}/status")]
     operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#"),

@@ -355,21 +355,23 @@ def test_on_an_open_broker_a_result_without_the_jobs_digest_is_not_believed(env:
 
 def test_retained_calls_for_bids_and_jobs_are_never_acted_on(secured: Secured, watch: ArrivalWatch) -> None:
     """bob leaves a call for bids and a job retained on the broker: every node that
-    connects later would bid on the call and answer the job. Neither is ever genuine."""
+    connects later would bid on the call and answer the job. Neither is ever genuine.
+    (alice's node: a device that never had a node session, so its subscriptions are new
+    and the broker hands it the retained messages as such.)"""
     runs = secured.work / "runs-retained.log"
     bob = secured.client("bob")
     answers = Spy(bob, f"{PREFIX}#")  # bob reads the bids and results addressed to him
-    retained = [(T.bid_request("left-behind"), BidRequest("left-behind", "bob", 3600.0, 1, 8).to_payload()),
-                (T.exec("worker"), Job("left-job", "bob", "cpu", "a-guess", "bob's question", 8, 3600.0, 3600.0,
+    retained = [(T.bid_request("left-behind", "bob"), BidRequest("left-behind", "bob", 3600.0, 1, 8).to_payload()),
+                (T.exec("alice"), Job("left-job", "bob", "cpu", "a-guess", "bob's question", 8, 3600.0, 3600.0,
                                        T.result_stem("bob", "left-job")).to_payload())]
     try:
         for topic, payload in retained:
             bob.publish(topic, payload, retain=True)
         assert bob.barrier(WAIT_S)
-        with secured.node("worker", watch, cpu=job(runs, "quick")):
+        with secured.node("alice", watch, cpu=job(runs, "quick")):
             # A genuine job after them: the node has seen both retained ones by then.
-            code, out, err = trigger(secured.config("alice"), "after the retained ones")
-            assert code == 0 and out is not None and out["winner"] == "worker", err
+            code, out, err = trigger(secured.config("worker"), "after the retained ones")
+            assert code == 0 and out is not None and out["winner"] == "alice", err
         assert bob.barrier(WAIT_S)
     finally:
         for topic, _ in retained:
@@ -380,3 +382,35 @@ def test_retained_calls_for_bids_and_jobs_are_never_acted_on(secured: Secured, w
              and p.kind in ("bid_reply", "result") and p.rid in ("left-behind", "left-job")]
     assert acted == [], f"the node acted on retained messages: {acted}"
     assert "left-job" not in executions(runs)
+
+
+def test_a_flood_of_calls_from_one_device_does_not_void_anothers_auction(secured: Secured,
+                                                                         watch: ArrivalWatch) -> None:
+    """6000 calls for bids from bob between worker's bid to alice and alice's job: the
+    claim worker gave alice is still good (each caller has its own share of claims)."""
+    runs = secured.work / "runs-flood.log"
+    alice, bob = secured.client("alice"), secured.client("bob")
+    try:
+        with secured.node("worker", watch, cpu=job(runs, "quick")):
+            mail = Spy(alice, f"{PREFIX}#")
+
+            def call(rid: str) -> Bid:
+                mail.publish(T.bid_request(rid, "alice"), BidRequest(rid, "alice", 30.0, 1, 8).to_payload())
+                return Bid.from_payload(mail.wait_for(lambda m: m.topic == T.bid_reply("alice", rid, "worker"),
+                                                      what=f"worker's bid for {rid}").payload)
+            bid = call("genuine")
+            for i in range(6000):
+                bob.publish(T.bid_request(f"flood-{i}", "bob"), BidRequest(f"flood-{i}", "bob", 30.0, 1, 8)
+                            .to_payload())
+            assert bob.barrier(60)
+            call("after-the-flood")  # worker has handled every call of the flood by then
+            mail.publish(T.exec("worker"), Job("genuine", "alice", "cpu", bid.claim, "the genuine job", 8, 30.0, 60.0,
+                                               T.result_stem("alice", "genuine")).to_payload())
+            end = mail.wait_for(lambda m: m.topic == T.result("alice", "genuine", "worker")
+                                and decode_result(m.payload).type in ("done", "declined", "error"), what="its end")
+    finally:
+        alice.stop()
+        bob.stop()
+    event = decode_result(end.payload)
+    assert event.type == "done", event
+    assert executions(runs) == {"genuine": {"start": 1, "done": 1}}
