@@ -260,6 +260,32 @@ class Snapshot:
         )
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What the operator allows a device to claim, on ``capabilities/<dev>`` (retained;
+    written by ``scripts/provision publish`` with an operator's login, which the ACL alone
+    allows): whether it may offer an NPU, and which models it may say it serves (None:
+    any). Orchestrators ignore claims in bids beyond it (``roster.Roster.vouched``)."""
+
+    KIND: ClassVar[str] = "capabilities"
+    device: str
+    npu: bool = False
+    models: tuple[str, ...] | None = None
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, "device": self.device, "npu": self.npu,
+                            "models": None if self.models is None else list(self.models)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Capabilities:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        models = f.get("models", list, optional=True)
+        if models is not None and (len(models) > 64 or not all(isinstance(m, str) and 0 < len(m) <= 128
+                                                                 for m in models)):
+            raise f.fail("models", "must be up to 64 model names")
+        return cls(device=f.id("device"), npu=f.boolean("npu"), models=None if models is None else tuple(models))
+
+
 # ------------------------------------------------------------------------- auction
 
 

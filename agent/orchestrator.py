@@ -201,6 +201,8 @@ class Orchestrator:
                 return Outcome(req.rid, Answer(False, ExitCode.INTERRUPTED, error="interrupted during the auction"),
                                roster=auction.roster, auction_ms=auction.auction_ms,
                                total_ms=(self.clock() - started) * 1000)
+            # Claims beyond what the operator granted a device (an NPU, models) are ignored.
+            auction = replace(auction, bids=wire.fleet.roster.vouched(auction.bids))
             offers = [self._offer_from_bid(b) for b in auction.bids.values()]
             if me.snapshot.cpu_slots and self.me not in auction.bids:
                 offers.append(me)  # no daemon here: this process runs it, under the same slot locks

@@ -13,6 +13,7 @@
     exec/<dev>                           a job for <dev>
     exec/<dev>/cancel/<origin>           <origin> abandons a job it sent to <dev>
     result/<origin>/<rid>/<dev>          result events of a job: from <dev>, for <origin> only
+    capabilities/<dev>                   what the operator allows <dev> to claim, retained (operators write)
     <discovery>/device/<dev>/config      Home Assistant device discovery (not prefixed)
     <discovery>/status                   Home Assistant's birth/will (not prefixed)
 
@@ -46,7 +47,7 @@ def is_id(value: object) -> bool:
 @dataclass(frozen=True)
 class ParsedTopic:
     kind: str  # availability | metrics | trigger | last_result | presence | answer | sync | bid_request |
-    #            bid_reply | exec | cancel | result | ha_status
+    #            bid_reply | exec | cancel | result | capabilities | ha_status
     device: str | None = None   # whose topic it is (the speaker, or the job's executor)
     rid: str | None = None
     origin: str | None = None   # the orchestrator a private topic belongs to
@@ -110,6 +111,9 @@ class Topics:
         """Where the results of ``rid`` go, without the device level (a job's reply_to)."""
         return f"{self.prefix}result/{_id(origin)}/{_id(rid)}"
 
+    def capabilities(self, dev: str) -> str:
+        return f"{self.prefix}capabilities/{_id(dev)}"
+
     def ha_config(self, dev: str) -> str:
         return f"{self.discovery_prefix}/device/{_id(dev)}/config"
 
@@ -122,6 +126,9 @@ class Topics:
 
     def all_metrics(self) -> str:
         return f"{self.prefix}agent/+/metrics"
+
+    def all_capabilities(self) -> str:
+        return f"{self.prefix}capabilities/+"
 
     def all_presence(self) -> str:
         return f"{self.prefix}agent/+/presence"
@@ -160,6 +167,8 @@ class Topics:
                 return ParsedTopic("bid_request", rid=rid, origin=origin) if _ids(rid, origin) else None
             case ["bid", "reply", origin, rid, dev]:
                 return ParsedTopic("bid_reply", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
+            case ["capabilities", dev]:
+                return ParsedTopic("capabilities", device=dev) if is_id(dev) else None
             case ["exec", dev]:
                 return ParsedTopic("exec", device=dev) if is_id(dev) else None
             case ["exec", dev, "cancel", origin]:
@@ -197,11 +206,13 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
            ("write", f"{ha}/device/%u/config")]                 # your Home Assistant discovery
     shared = [("read", f"{p}bid/request/#"), ("read", f"{p}agent/+/availability"),
               ("read", f"{p}agent/+/metrics"), ("read", f"{p}agent/+/presence"), ("write", f"{p}exec/+"),
-              ("read", f"{ha}/status")]
+              ("read", f"{p}capabilities/+"), ("read", f"{ha}/status")]
     operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#"),
                 # `forget` clears a retired device's retained topics
                 ("write", f"{p}agent/+/availability"), ("write", f"{p}agent/+/metrics"),
-                ("write", f"{p}agent/+/last_result")]
+                ("write", f"{p}agent/+/last_result"),
+                # what each device may claim (scripts/provision publish): operators alone write it
+                ("readwrite", f"{p}capabilities/+")]
     lines = ["# edge-agent broker ACL, generated (scripts/provision; agent.topics.broker_acl).",
              f"# topic_prefix {p!r}; %u is the authenticated username, which for a device is its device_id.",
              "", "# --- every device, about itself"]
@@ -209,7 +220,7 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     for name in sorted(set(devices) - set(operators)):
         lines += ["", f"user {_id(name)}"] + [f"topic {access} {topic}" for access, topic in shared]
     for name in sorted(set(operators)):
-        lines += ["", "# operator: reads every device's state and answers, sends prompts, forgets devices",
+        lines += ["", "# operator: reads every device's state and answers, sends prompts, forgets devices, grants",
                   f"user {_id(name)}"]
         lines += [f"topic {access} {topic}" for access, topic in operator]
     return "\n".join(lines) + "\n"

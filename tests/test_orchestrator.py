@@ -88,6 +88,9 @@ class ScriptedFleet:
     def may_have_free_npu(self, device: str) -> bool:
         return False
 
+    def vouched(self, bids: dict[str, Bid]) -> dict[str, Bid]:
+        return bids
+
     def known(self) -> dict[str, bool]:
         return {device: True for device in self.peers}
 

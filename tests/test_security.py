@@ -31,6 +31,7 @@ from agent.messages import (
     Bid,
     BidRequest,
     Cancel,
+    Capabilities,
     Job,
     Metrics,
     cancel_check,
@@ -97,11 +98,12 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
               "--broker-dir", str(pki / "broker"), "--device-dir", str(pki / "devices" / "{device}"))
     for device in DEVICES:
         assert f"device_id: {device}" in provision("--dir", str(pki), "add", device)
-    for operator in ("homeassistant", "dashboard"):  # one connection each: client id = username
+    for operator in ("homeassistant", "dashboard", "admin"):  # one connection each: client id = username
         provision("--dir", str(pki), "add", operator, "--operator")
     broker = LocalMosquitto(work / "mosquitto", port=port, conf=pki / "broker" / "edge-agent.conf",
                             listeners_as_written=True)
     broker.start()
+    provision("--dir", str(pki), "publish", "--as", "admin")  # what each device may claim: no NPU
     yield Secured(broker, pki, work)
     broker.stop()
 
@@ -177,7 +179,7 @@ def test_a_device_reads_nothing_addressed_to_another(secured: Secured, watch: Ar
         bob.stop()
     kinds = {T.parse(topic).kind for topic in seen if T.parse(topic)}  # type: ignore[union-attr]
     assert "bid_request" in kinds, "bob does see the public calls for bids (the spy works)"
-    assert kinds <= {"bid_request", "availability", "metrics", "presence"}, seen
+    assert kinds <= {"bid_request", "availability", "metrics", "presence", "capabilities"}, seen
 
 
 def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, watch: ArrivalWatch) -> None:
@@ -414,3 +416,24 @@ def test_a_flood_of_calls_from_one_device_does_not_void_anothers_auction(secured
     event = decode_result(end.payload)
     assert event.type == "done", event
     assert executions(runs) == {"genuine": {"start": 1, "done": 1}}
+
+
+def test_a_device_that_claims_hardware_it_was_not_granted_is_not_picked_for_it(secured: Secured,
+                                                                                watch: ArrivalWatch) -> None:
+    """bob's node bids a free NPU; the operator's record for bob (provision publish) grants
+    none, so alice's orchestrator ignores the claim and the prompt goes to worker. And bob
+    cannot write his own record."""
+    bob_runs, worker_runs = secured.work / "runs-liar.log", secured.work / "runs-honest.log"
+    bob = secured.client("bob")
+    try:
+        bob.publish(T.capabilities("bob"), Capabilities("bob", npu=True).to_payload(), retain=True)
+        assert bob.barrier(WAIT_S)
+    finally:
+        bob.stop()
+    with secured.node("worker", watch, cpu=job(worker_runs, "quick")), \
+            secured.node("bob", watch, npu=job(bob_runs, "quick")):
+        code, out, err = trigger(secured.config("alice"), "who has an NPU?")
+    assert code == 0 and out is not None, err
+    assert [b["has_npu"] for b in out["bids"] if b["device"] == "bob"] == [False], "its claim, as vouched for"
+    assert (out["winner"], out["path"]) == ("worker", "peer-cpu")
+    assert executions(bob_runs) == {}
