@@ -437,3 +437,25 @@ def test_a_device_that_claims_hardware_it_was_not_granted_is_not_picked_for_it(s
     assert [b["has_npu"] for b in out["bids"] if b["device"] == "bob"] == [False], "its claim, as vouched for"
     assert (out["winner"], out["path"]) == ("worker", "peer-cpu")
     assert executions(bob_runs) == {}
+
+
+def test_provision_keeps_what_each_device_may_claim_and_clears_a_removed_ones(tmp_path: Path) -> None:
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("provision_script", str(REPO / "scripts" / "provision"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    script = importlib.util.module_from_spec(spec)
+    loader.exec_module(script)
+    pki = tmp_path / "pki"
+    provision("--dir", str(pki), "init", "--broker-host", "127.0.0.1", "--prefix", PREFIX)
+    provision("--dir", str(pki), "add", "board", "--npu", "--model", "llama")
+    provision("--dir", str(pki), "add", "laptop")
+    provision("--dir", str(pki), "add", "gone")
+    provision("--dir", str(pki), "remove", "gone")
+    provision("--dir", str(pki), "grant", "laptop", "--model", "qwen")
+    records = dict(script.Pki(pki).records())
+    assert records[T.capabilities("gone")] == b"", "a removed device's record is cleared"
+    assert Capabilities.from_payload(records[T.capabilities("board")]) == Capabilities("board", True, ("llama",))
+    assert Capabilities.from_payload(records[T.capabilities("laptop")]) == Capabilities("laptop", False, ("qwen",))
+    assert "an NPU, models llama" in provision("--dir", str(pki), "list")
