@@ -459,3 +459,23 @@ def test_provision_keeps_what_each_device_may_claim_and_clears_a_removed_ones(tm
     assert Capabilities.from_payload(records[T.capabilities("board")]) == Capabilities("board", True, ("llama",))
     assert Capabilities.from_payload(records[T.capabilities("laptop")]) == Capabilities("laptop", False, ("qwen",))
     assert "an NPU, models llama" in provision("--dir", str(pki), "list")
+
+
+def test_on_an_open_broker_a_forged_cancel_does_not_undo_a_genuine_one_before_the_job(env: Env) -> None:
+    """hub abandons a job before it reaches worker (its cancel comes first); bob, who reads
+    everything here, cancels the same rid in hub's name with a key of his own. The job,
+    when it arrives, must still be declined, never run."""
+    runs = env.tmp / "runs.log"
+    t = env.topics
+    with env.node_process(env.config("worker", cpu=job(runs, "quick"))), env.spy(f"{env.prefix}#") as spy:
+        bid = bid_for(spy, t, "r1", "worker")
+        key = new_cancel_key()
+        spy.publish(t.cancel("worker", "hub"), Cancel("r1", "hub", key, "failed over").to_payload())
+        spy.publish(t.cancel("worker", "hub"), Cancel("r1", "hub", new_cancel_key(), "bob's").to_payload())
+        spy.publish(t.exec("worker"), Job("r1", "hub", "cpu", bid.claim, "abandoned", 8, 5.0, 60.0,
+                                          t.result_stem("hub", "r1"), cancel_check=cancel_check(key)).to_payload())
+        end = decode_result(spy.wait_for(lambda m: m.topic == t.result("hub", "r1", "worker")
+                                         and decode_result(m.payload).type in ("declined", "accepted"),
+                                         what="the job's fate").payload)
+    assert end.type == "declined" and getattr(end, "reason", "") == "cancelled", end
+    assert executions(runs) == {}
