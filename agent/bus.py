@@ -75,6 +75,10 @@ UNSUPPORTED_PROTOCOL = (132, 1)    # MQTT 5 CONNACK reason code; 3.1.1 return co
 FLAP_WINDOW_S = 2.0                # dropped this soon after a connect ...
 FLAP_LIMIT = 4                     # ... this many times in a row: someone else has our client id
 PACKET_OVERHEAD = 4096             # topic, properties and headers on top of the payload limit
+# Until the first connection a refused attempt costs nothing (the broker is simply not up
+# yet: a board that boots before it, after a power cut), so try often: a broker that
+# appears is in use within a second.
+FIRST_CONNECT_MAX_S = 1.0
 CONNECT_ATTEMPT_S = 5.0            # the background connector's wait for one CONNACK
 
 
@@ -124,8 +128,11 @@ class Bus:
                  will: Will | None = None, name: str = "bus",
                  on_connect: Callable[[bool], None] | None = None,
                  on_fatal: Callable[[AgentError], None] | None = None,
-                 reconnect_max_s: float = 5.0, max_packet_bytes: int | None = None):
+                 reconnect_max_s: float = 5.0, max_packet_bytes: int | None = None, look_only: bool = False):
+        """``look_only``: subscribe to nothing and acknowledge nothing, so a look at a
+        device's session (``check``) leaves it as it was, every queued message included."""
         self.client_id = client_id
+        self.look_only = look_only
         self.broker = broker
         self.persistent = persistent
         self.name = name
@@ -152,6 +159,7 @@ class Bus:
         self._address = 0
         self._failures_here = 0
         self._connected_at = 0.0
+        self._established = False  # has held a connection for longer than a flap
         self._flaps = 0
         self._fatal: AgentError | None = None
         self._stopping = threading.Event()
@@ -160,6 +168,7 @@ class Bus:
         self.protocol = "5" if broker.protocol in ("auto", "5") else "3.1.1"
         self._password = read_password(broker.password_file) if broker.username else None
         self._client = self._new_client()
+        self._client_used = False  # paho cannot re-aim a client after a connect attempt
         self.subscribe(sync_topic, self._handle_sync)
 
     # client -------------------------------------------------------------------------
@@ -167,7 +176,8 @@ class Bus:
         v5 = self.protocol == "5"
         kwargs: dict[str, Any] = {} if v5 else {"clean_session": not self.persistent}
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True, **kwargs)
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True,
+                             manual_ack=self.look_only, **kwargs)
         client.enable_logger(_paho_log)
         client.reconnect_delay_set(min_delay=RECONNECT_FIRST_S[1], max_delay=self.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(10_000)
@@ -209,24 +219,28 @@ class Bus:
     def start(self) -> None:
         """Start connecting in the background; returns at once (the node's way). Until the
         first connection, every address (and both protocols, with auto) is tried in turn,
-        backing off to ``reconnect_max_s``; after it, paho reconnects by itself."""
+        at least once a second (first_connect_delay); after it, paho reconnects by itself."""
         self._start_dispatcher()
         self._stopping.clear()
         self._connector = threading.Thread(target=self._connect_loop, name=f"{self.name}-connect", daemon=True)
         self._connector.start()
 
     def _connect_loop(self) -> None:
-        delay = RECONNECT_FIRST_S[1]
+        attempt = 0
         said = ""
         while not self._stopping.is_set():
-            if self._connect_once(CONNECT_ATTEMPT_S):
-                return
+            try:
+                if self._connect_once(CONNECT_ATTEMPT_S):
+                    return
+            except Exception as exc:  # never let the connector die quietly: a node would look alive
+                log.exception("%s: connect attempt failed unexpectedly; retrying", self.name)
+                self._last_error = self._reasons = _describe(exc)
             if self._last_error != said:  # once per distinct reason, not once per retry
                 said = self._last_error
                 log.warning("%s: %s; retrying", self.name, self._reasons)
-            if self._stopping.wait(random.uniform(0.5, 1.0) * delay):
+            if self._stopping.wait(first_connect_delay(attempt, random.random())):
                 return
-            delay = min(delay * 2, self.reconnect_max_s)
+            attempt += 1
 
     def connect(self, timeout: float) -> None:
         """Connect and wait for CONNACK; BrokerUnavailable if that cannot be had (the
@@ -254,16 +268,25 @@ class Bus:
                 continue
             if self._address + 1 < len(self.broker.addresses):
                 self._address += 1
-                _close_sockets(self._client)
-                self._client = self._new_client()
+                self._replace_client()
                 continue
             break
         self._reasons = "; ".join(reasons) or f"no answer within {timeout:g} s"
         return False
 
+    def _replace_client(self) -> None:
+        _close_sockets(self._client)
+        self._client = self._new_client()
+        self._client_used = False
+
     def _try_connect(self, timeout: float) -> bool:
         self._connack.clear()
         self._refused = False
+        if self._client_used:
+            # A paho client that has tried once refuses a new connect timeout (and keeps
+            # the failed attempt's state): each attempt gets a fresh one.
+            self._replace_client()
+        self._client_used = True
         self._client.connect_timeout = max(0.1, timeout)
         try:
             self._client.connect(**self._connect_args())
@@ -292,8 +315,7 @@ class Bus:
         log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name, self.address,
                     self._last_error)
         self.protocol = "3.1.1"
-        _close_sockets(self._client)
-        self._client = self._new_client()
+        self._replace_client()
         return True
 
     def wait_connected(self, timeout: float) -> bool:
@@ -426,7 +448,7 @@ class Bus:
         with self._lock:
             filters = [(f, subs[0].qos) for f, subs in {**self._exact, **self._wild_filters}.items() if subs]
             listeners = list(self._link_listeners)
-        if filters:
+        if filters and not self.look_only:
             client.subscribe(filters)
         log.info("%s: connected to %s as %s (MQTT %s, session %s)", self.name, self.address, self.client_id,
                  self.protocol, "resumed" if flags.session_present else "new")
@@ -469,17 +491,21 @@ class Bus:
             listeners = list(self._link_listeners)
         for listener in listeners:
             self._run_listener(listener, False, False)
-        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+        taken_over = getattr(reason, "value", None) == SESSION_TAKEN_OVER
+        held_s = time.monotonic() - self._connected_at
+        verdict, self._flaps, self._established = identity_verdict(
+            taken_over=taken_over, held_s=held_s, flaps=self._flaps, established=self._established)
+        if verdict == "give_up":
             self._fail(DuplicateIdentity(self.client_id, "the broker gave our session to a new connection "
-                                                         "with the same client id"))
+                                                         "with the same client id" if taken_over else
+                                         f"the broker dropped us {self._flaps} times right after "
+                                         "connecting, as it does when two clients share an id"))
             return
-        quick = time.monotonic() - self._connected_at < FLAP_WINDOW_S
-        self._flaps = self._flaps + 1 if quick else 0
-        if self._flaps >= FLAP_LIMIT:
-            self._fail(DuplicateIdentity(self.client_id, f"the broker dropped us {self._flaps} times right after "
-                                                         "connecting, as it does when two clients share an id"))
-            return
-        log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
+        if taken_over:
+            log.warning("%s: another client connected as %s; this node has held that identity, so it takes "
+                        "it back (the newcomer gives up)", self.name, self.client_id)
+        else:
+            log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
         # A quick first retry with jitter, so a restarted broker is back in use at once
         # without every device of the fleet arriving in the same millisecond.
         client.reconnect_delay_set(min_delay=random.uniform(*RECONNECT_FIRST_S),  # type: ignore[arg-type]
@@ -585,6 +611,34 @@ def _close_sockets(client: mqtt.Client) -> None:
     reset = getattr(client, "_reset_sockets", None)  # paho's own cleanup, also run by its __del__
     if reset is not None:
         reset()
+
+
+def identity_verdict(*, taken_over: bool, held_s: float, flaps: int, established: bool) -> tuple[str, int, bool]:
+    """After a disconnect: ``give_up`` (another live node is this device) or ``reconnect``;
+    then the count of quick drops in a row and whether this node is established.
+
+    Two processes with one client id see the same disconnects, so a symmetric rule lets
+    either lose, and the one that loses may be the device that had run for weeks (its unit
+    does not restart on exit 2). So only a newcomer gives up: a node that has never held a
+    connection longer than FLAP_WINDOW_S. An established node reconnects, which takes the
+    identity back, and the newcomer is then the one dropped. ``taken_over``: the broker
+    said another connection took our session (MQTT 5); with MQTT 3.1.1 the only sign is
+    being dropped right after connecting, FLAP_LIMIT times in a row.
+    """
+    quick = held_s < FLAP_WINDOW_S
+    established = established or not quick
+    flaps = flaps + 1 if quick else 0
+    if not established and (taken_over or flaps >= FLAP_LIMIT):
+        return "give_up", flaps, established
+    return "reconnect", flaps, established
+
+
+def first_connect_delay(attempt: int, u: float) -> float:
+    """Wait before connect attempt ``attempt + 1`` when none has succeeded yet: doubling
+    from the first reconnect delay up to FIRST_CONNECT_MAX_S, jittered by ``u`` in [0, 1)
+    so that a fleet powered on together does not knock in step."""
+    ceiling: float = min(RECONNECT_FIRST_S[1] * 2.0 ** min(attempt, 16), FIRST_CONNECT_MAX_S)
+    return (0.5 + 0.5 * u) * ceiling
 
 
 def expiry_interval(seconds: float) -> int:

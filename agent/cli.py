@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     trig.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
     status = sub.add_parser("status", help="show every device the broker knows: online, NPU, load",
-                            description="Show the roster from the retained availability and metrics topics.")
+                            description="Show the roster from the retained availability and metrics topics.",
+                            epilog="Exit codes: 0 shown, 2 usage or config error, 5 broker not reachable, "
+                                   "130 interrupted (--watch ends with Ctrl-C).")
     _common(status, suppress=True)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("-w", "--watch", action="store_true",
@@ -141,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "and Home Assistant discovery",
                             description="Clear what the broker keeps for a device that is gone for good, so "
                                         "status and Home Assistant stop listing it. An online device is "
-                                        "refused (it would announce itself again) unless --force.")
+                                        "refused (it would announce itself again) unless --force.",
+                            epilog="Exit codes: 0 forgotten, 1 the broker kept something (its ACL: use an "
+                                   "operator's config), 2 usage error, an online device without --force, or a "
+                                   "device the broker does not know, 5 broker not reachable.")
     _common(forget, suppress=True)
     forget.add_argument("device", metavar="DEVICE", help="the device_id to forget")
     forget.add_argument("--force", action="store_true", help="forget it even if it is online now")
@@ -171,14 +176,15 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     verbosity = args.verbose or 0
     _setup_logging(None, args, verbosity, command)
     try:
-        cfg = _load(args)
+        files: list[str] = []  # check reports unusable credential/TLS files with the rest
+        cfg = _load(args, files if command == "check" else None)
         _setup_logging(cfg, args, verbosity, command)
         if command == "node":
             return _node(cfg, err)
         if command == "trigger":
             return _trigger(cfg, args, out, err)
         if command == "check":
-            return _check(cfg, out)
+            return _check(cfg, out, files)
         if command == "forget":
             return _forget(cfg, args, out, err)
         if command == "serve":
@@ -191,6 +197,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         print("\ninterrupted", file=err)
         return ExitCode.INTERRUPTED
     except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "agent":
+            # A Python without our dependencies: a set-up problem, not a bug.
+            print(f"error: this Python ({sys.executable}) lacks the module {exc.name.split('.')[0]!r} that edge-agent "
+                  "needs. Use the Python it was installed into (in a clone: .venv/bin/python -m agent …, "
+                  "or 'source .venv/bin/activate' first; bash scripts/setup.sh creates .venv), or install "
+                  "it into this one", file=err)
+            return ExitCode.USAGE
         print(f"internal error: {type(exc).__name__}: {exc}", file=err)
         if verbosity:
             traceback.print_exc(file=err)
@@ -199,14 +212,14 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         return ExitCode.INTERNAL
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, file_problems: list[str] | None = None) -> Config:
     flags: dict[str, Any] = {"device_id": args.device_id}
     if args.broker:
         host, sep, port = args.broker.rpartition(":")
         if not sep or not host:
             raise UsageError(f"--broker: expected HOST:PORT, got {args.broker!r}")
         flags.update(host=host, port=port)
-    return load_config(args.config, flags=flags)
+    return load_config(args.config, flags=flags, file_problems=file_problems)
 
 
 def _setup_logging(cfg: Config | None, args: argparse.Namespace, verbosity: int, command: str) -> None:
@@ -321,8 +334,10 @@ class _Printer:
 
     def outcome(self, result: dict[str, Any]) -> int:
         """The end: the JSON, or the summary lines; returns the exit code."""
+        if self.streaming and not self.args.dry_run and result["text"] and not result["text"].endswith("\n"):
+            print(file=self.out, flush=True)  # end the answer's line before anything on stderr
         for warning in result["warnings"]:
-            print(f"warning: {warning}", file=self.err)
+            print(f"warning: {warning}", file=self.err, flush=True)
         if self.args.json:
             print(json.dumps(result, ensure_ascii=False), file=self.out)
         elif self.args.dry_run:
@@ -333,8 +348,6 @@ class _Printer:
                 score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
                 print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=self.out)
         else:
-            if result["text"] and not result["text"].endswith("\n"):
-                self.out.write("\n")
             if result["ok"]:
                 auction = (f"; auction {result['auction_ms']:.1f} ms, {len(result['bids'])} bid(s) from "
                            f"{len(result['roster'])} device(s) online" if result["path"] != "local-npu" else "")
@@ -367,6 +380,7 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
         caught.append(signum)
         sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
 
+    winner: str | None = None
     handlers = _install_signals(on_signal)
     request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
                "model": args.model,
@@ -376,7 +390,8 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
             for event in control.request(sock, request):
                 kind = event.get("type")
                 if kind == "decision":
-                    printer.decision(event["winner"], event["path"], event.get("score"))
+                    winner = event["winner"]
+                    printer.decision(winner, event["path"], event.get("score"))
                 elif kind == "token":
                     printer.token(event["text"])
                 elif kind == "progress":
@@ -389,14 +404,18 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
                     code = int(event.get("exit_code", ExitCode.FAILED))
                     break
             else:
-                print("error: the node daemon went away before answering", file=printer.err)
+                if not caught:
+                    print("error: the node daemon went away before answering", file=printer.err)
                 code = ExitCode.FAILED
     except OSError as exc:
-        print(f"error: lost the node daemon: {exc}", file=printer.err)
+        if not caught:
+            print(f"error: lost the node daemon: {exc}", file=printer.err)
         code = ExitCode.FAILED
     finally:
         _restore_signals(handlers)
     if caught:
+        # The daemon cancelled the job on its device when we hung up.
+        print(f"\n✗ interrupted; {winner} was told to stop" if winner else "\n✗ interrupted", file=printer.err)
         return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
     return code
 
@@ -599,12 +618,13 @@ def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
 # ---------------------------------------------------------------------------- check
 
 
-def _check(cfg: Config, out: TextIO) -> int:
-    """One line per thing a node needs; the worst finding decides the exit code."""
+def _check(cfg: Config, out: TextIO, file_problems: Sequence[str] = ()) -> int:
+    """One line per thing a node needs; the worst finding decides the exit code. Writes
+    nothing: not the state_dir, not a lock, not the broker session of the device."""
     from agent import control
-    from agent.errors import BrokerUnavailable, StateError
+    from agent.errors import BrokerUnavailable
     from agent.executors import build_executor
-    from agent.statefiles import check_writable
+    from agent.statefiles import writable_problem
 
     codes: list[int] = []
 
@@ -614,35 +634,53 @@ def _check(cfg: Config, out: TextIO) -> int:
             codes.append(code)
 
     report("config", None, f"{cfg.source}: device_id {cfg.device_id}")
-    try:
-        check_writable(cfg.state_dir)
-        report("state_dir", None, f"{cfg.state_dir} (writable)")
-    except StateError as exc:
-        report("state_dir", str(exc), "")
+    for problem in file_problems:
+        report("files", problem, "")
+    state_problem, state_detail = writable_problem(cfg.state_dir)
+    report("state_dir", state_problem, f"{cfg.state_dir} ({state_detail})")
     runners = [(mode, section.executor) for mode, section in (("npu", cfg.npu), ("cpu", cfg.cpu)) if section.enabled]
     if not runners:
-        report("runners", "npu and cpu are both disabled: this node can run nothing", "")
+        report("runners", None, "none: this device only asks (its prompts run on the fleet's devices)")
     for mode, exe_cfg in runners:
         executor = build_executor(exe_cfg, name=f"{cfg.device_id}:{mode}")
         probe = getattr(executor, "probe", executor.check)  # a server is asked, a binary looked up
         report(mode, probe(), f"{exe_cfg.kind} ready")
-    broker = f"{cfg.broker.host}:{cfg.broker.port}"
+    broker = ", ".join(f"{h}:{p}" for h, p in cfg.broker.addresses)
     daemon = control.connect(cfg.state_dir)
     if daemon is not None:
         with daemon:
             answered = any(e.get("type") == "status" for e in control.request(daemon, {"op": "status"}))
         report("broker", None if answered else "the node daemon of this state_dir did not answer",
                f"{broker}: a node daemon runs here and owns the connection")
+    elif any(p.startswith("broker.") for p in file_problems):
+        unreachable = _unreachable(cfg)
+        report("broker", f"{broker}: " + ("answers on TCP" if unreachable is None else f"not reachable ({unreachable})")
+               + "; not tried with this device's login until the files above are fixed",
+               "", ExitCode.USAGE if unreachable is None else ExitCode.BROKER)
     else:
-        from agent.fleet import Fleet
+        from agent.fleet import probe_broker
 
         try:
-            Fleet.open(cfg, role="check").close()
+            protocol = probe_broker(cfg)
             user = f" as {cfg.broker.username}" if cfg.broker.username else ""
-            report("broker", None, f"{broker}{' (TLS)' if cfg.broker.tls.enabled else ''}: connected{user}")
+            report("broker", None, f"{broker}{' (TLS)' if cfg.broker.tls.enabled else ''}: connected{user} "
+                                   f"(MQTT {protocol})")
         except BrokerUnavailable as exc:
             report("broker", str(exc), "", ExitCode.BROKER)
     return ExitCode.USAGE if ExitCode.USAGE in codes else max(codes, default=ExitCode.OK)
+
+
+def _unreachable(cfg: Config) -> str | None:
+    """None if some broker address takes a TCP connection, else why none does."""
+    reasons = []
+    for host, port in cfg.broker.addresses:
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            return None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            reasons.append(reason if len(cfg.broker.addresses) == 1 else f"{host}:{port}: {reason}")
+    return "; ".join(reasons)
 
 
 # ---------------------------------------------------------------------------- serve

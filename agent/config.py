@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 POLICIES = ("linucb", "least_backlog", "jsq", "round_robin", "random")
 CHAT_TEMPLATES = ("raw", "llama3", "chatml")
+
+
+DEFAULT_STATE_DIR = "~/.local/state/edge-agent"
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class Config:
     device_id: str
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     topic_prefix: str = ""
-    state_dir: Path = Path("~/.local/state/edge-agent").expanduser()
+    state_dir: Path = Path(DEFAULT_STATE_DIR)  # expanded when a config is parsed
     metrics_interval_s: float = 10.0
     max_payload_bytes: int = DEFAULT_MAX_BYTES
     npu: NPUConfig = field(default_factory=NPUConfig)
@@ -335,6 +339,23 @@ def _type_name(value: Any) -> str:
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
 
+# Where problems with the files a config names go instead of failing the parse: `check`
+# reports them beside everything else it finds (every problem at once), where a node or
+# a trigger must refuse the config.
+_DEFERRED_FILES: ContextVar[list[str] | None] = ContextVar("deferred_file_problems", default=None)
+
+
+def _file(s: _Section, key: str, path: str, *, private: bool) -> None:
+    problem = file_problem(path, private=private)
+    if problem is None:
+        return
+    deferred = _DEFERRED_FILES.get()
+    if deferred is None:
+        s.problem(key, problem)
+    else:
+        deferred.append(f"{s.key_path(key)}: {problem}")
+
+
 def _parse_tls(s: _Section) -> TLSConfig:
     tls = TLSConfig(
         ca_file=s.string("ca_file", None),
@@ -345,9 +366,8 @@ def _parse_tls(s: _Section) -> TLSConfig:
         s.problem(None, "cert_file and key_file go together")
     for key, path, private in (("ca_file", tls.ca_file, False), ("cert_file", tls.cert_file, False),
                                ("key_file", tls.key_file, True)):
-        problem = path and file_problem(path, private=private)
-        if problem:
-            s.problem(key, problem)
+        if path:
+            _file(s, key, path, private=private)
     s.finish()
     return tls
 
@@ -366,9 +386,8 @@ def _parse_broker(s: _Section) -> BrokerConfig:
     )
     if cfg.password_file is not None and cfg.username is None:
         s.problem("password_file", "needs username")
-    problem = cfg.password_file and file_problem(cfg.password_file, private=True)
-    if problem:
-        s.problem("password_file", problem)
+    if cfg.password_file:
+        _file(s, "password_file", cfg.password_file, private=True)
     s.finish()
     return cfg
 
@@ -543,9 +562,8 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                         max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True))
     if serve.api_key_file and serve.api_key_env:
         serve_s.problem("api_key_file", "give api_key_file or api_key_env, not both")
-    problem = serve.api_key_file and file_problem(serve.api_key_file, private=True)
-    if problem:
-        serve_s.problem("api_key_file", problem)
+    if serve.api_key_file:
+        _file(serve_s, "api_key_file", serve.api_key_file, private=True)
     serve_s.finish()
 
     trig_s = top.sub("triggers")
@@ -595,7 +613,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     if problems:
         raise ConfigError(source, problems)
 
-    resolved_state = Path(state_dir).expanduser() if state_dir else Config.state_dir
+    resolved_state = Path(state_dir or DEFAULT_STATE_DIR).expanduser()  # $HOME now, not at import
     assert device_id is not None
     return Config(device_id=device_id, broker=broker, topic_prefix=topic_prefix,
                   state_dir=resolved_state, metrics_interval_s=metrics_interval_s,
@@ -604,8 +622,19 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
 
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,
-                flags: Mapping[str, Any] | None = None) -> Config:
-    """Load and validate a config file (or defaults when path is None); raise ConfigError."""
+                flags: Mapping[str, Any] | None = None, file_problems: list[str] | None = None) -> Config:
+    """Load and validate a config file (or defaults when path is None); raise ConfigError.
+    With ``file_problems``, missing or unsafe credential and TLS files are listed there
+    instead of making the config invalid (for ``check``, which reports them itself)."""
+    token = _DEFERRED_FILES.set(file_problems)
+    try:
+        return _load_config(path, env=env, flags=flags)
+    finally:
+        _DEFERRED_FILES.reset(token)
+
+
+def _load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None,
+                 flags: Mapping[str, Any] | None) -> Config:
     import yaml
 
     env = os.environ if env is None else env

@@ -60,6 +60,13 @@ class Answer:
     prompt_tokens: int = 0
 
 
+def teaches_the_learner(answer: Answer) -> bool:
+    """Whether a job's end says anything about its device's speed. A job its asker gave
+    up on (Ctrl-C, SIGTERM, an HTTP client that hung up) does not: training it with the
+    failure cap would make a good device look slow every time someone clicks "Stop"."""
+    return answer.exit_code not in (ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+
+
 @dataclass(frozen=True)
 class Step:
     verdict: str = "continue"          # continue | next | finished

@@ -127,6 +127,23 @@ class Fleet:
             self._identity = None
 
 
+def probe_broker(cfg: Config, timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """Connect once and leave, changing nothing (``check``): the MQTT version the broker
+    took; BrokerUnavailable if it cannot be had. With a username the broker makes the
+    client id the device's own, so the look resumes the device's session, keeps its
+    expiry, subscribes to nothing and acknowledges nothing: what is queued there stays for
+    the node. No lock is taken and no file written."""
+    nonce = new_nonce()
+    as_device = cfg.broker.username is not None
+    bus = Bus(cfg.device_id if as_device else f"{cfg.device_id}-check-{nonce}",
+              ProtocolMemory(cfg.state_dir).apply(cfg.broker), persistent=as_device, name="check",
+              sync_topic=Topics(cfg.topic_prefix).sync(cfg.device_id, nonce), look_only=True)
+    bus.connect(timeout)
+    protocol = bus.protocol
+    bus.stop()
+    return protocol
+
+
 class ProtocolMemory:
     """With ``protocol: auto``, the MQTT version a broker took, remembered per broker in
     ``state_dir/broker-protocol.json`` for a week: a short-lived trigger does not pay a

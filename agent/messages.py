@@ -562,6 +562,9 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
 # ------------------------------------------------------------------------- triggers
 
 
+TRIGGER_FIELDS = frozenset({"prompt", "max_new_tokens", "id", "v", "model"})
+
+
 @dataclass(frozen=True)
 class TriggerRequest:
     """A prompt sent to ``agent/<dev>/trigger``: plain text, or JSON with a ``prompt``.
@@ -596,10 +599,11 @@ class TriggerRequest:
             if not isinstance(obj, dict):
                 raise MessageError(cls.KIND, None, "JSON must be an object")
             f = _Fields(obj, cls.KIND)
+            unknown = set(obj) - TRIGGER_FIELDS
+            if unknown:  # first: a misspelt "prompt" is named as such, not as a missing prompt
+                raise MessageError(cls.KIND, sorted(unknown)[0],
+                                   f"unknown field (a trigger takes {', '.join(sorted(TRIGGER_FIELDS - {'v'}))})")
             prompt = f.text("prompt", max_bytes) or ""
-            unknown = set(obj) - {"prompt", "max_new_tokens", "id", "v", "model"}
-            if unknown:
-                raise MessageError(cls.KIND, sorted(unknown)[0], "unknown field")
             max_new = f.integer("max_new_tokens", 1, MAX_TOKENS, optional=True)
             answer_id = f.id("id") if "id" in obj else None
             model = f.text("model", 128, optional=True)
@@ -608,6 +612,23 @@ class TriggerRequest:
         if not prompt.strip():
             raise MessageError(cls.KIND, "prompt", "is empty")
         return cls(prompt=prompt, max_new_tokens=max_new, id=answer_id, model=model)
+
+    @staticmethod
+    def reply_id(payload: bytes, correlation_data: bytes | None) -> str | None:
+        """The answer id of a trigger, even one that cannot be used (a typo in a field,
+        an oversized prompt): whoever gave an id is waiting on its answer topic and must
+        hear why nothing will come. The JSON ``id`` if it is a valid id, else MQTT 5
+        correlation data that is one."""
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str) and is_id(obj["id"]):
+            return str(obj["id"])
+        if correlation_data is not None:
+            correlation = correlation_data.decode("utf-8", "replace")
+            return correlation if is_id(correlation) else None
+        return None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from agent.errors import (
     ExecutionTimeout,
     ExecutorError,
     ExitCode,
+    MessageError,
     StateError,
     UsageError,
 )
@@ -86,6 +87,13 @@ def metrics_due(now: float, *, next_at: float, urgent: bool, pending: bool, publ
     return now >= next_at or urgent or (pending and now >= published_at + METRICS_MIN_GAP_S)
 
 
+# The node takes packets up to this many times max_payload_bytes: a trigger somewhat over
+# the limit reaches it and is refused with an answer saying so (a client waiting on its
+# answer topic hears why). Past that the broker drops the packet (MQTT 5 Maximum Packet
+# Size), so nothing huge is ever read into a small device's memory.
+RECEIVE_FACTOR = 16
+
+
 class Node:
     def __init__(self, cfg: Config, *, wall: Callable[[], float] = time.time,
                  on_fatal: Callable[[AgentError], None] | None = None):
@@ -110,7 +118,7 @@ class Node:
         self.bus = Bus(self.me, cfg.broker, persistent=True, name=f"node-{self.me}",
                        sync_topic=self.topics.sync(self.me, new_nonce()),
                        will=Will(self.topics.availability(self.me), b"offline"), on_connect=self._on_connect,
-                       on_fatal=self._fatal, max_packet_bytes=cfg.max_payload_bytes)
+                       on_fatal=self._fatal, max_packet_bytes=RECEIVE_FACTOR * cfg.max_payload_bytes)
         self.fleet = Fleet(self.bus, self.topics, self.me, max_bytes=cfg.max_payload_bytes)
         self.gate: Gate[Run] = Gate(slots, cfg.cpu.max_queue, self._execute, expected=self._expected)
         # MQTT/Home Assistant prompts: a fixed pool of orchestrations, a bounded line behind it.
@@ -542,13 +550,20 @@ class Node:
 
     # ---------------------------------------------------------------- triggers (HA, mosquitto_pub)
     def _on_trigger(self, msg: Message) -> None:
-        req = decoded(msg.topic, msg.payload, lambda p: TriggerRequest.from_payload(p, self.cfg.max_payload_bytes),
-                      what="trigger", logger=log)
-        if req is None:
+        try:
+            req = TriggerRequest.from_payload(msg.payload, self.cfg.max_payload_bytes)
+        except MessageError as exc:
+            log.warning("dropped trigger on %s: %s", msg.topic, exc)
+            # Whoever gave an id (or a response topic) is waiting: tell them why. (Not on
+            # last_result: garbage from anyone must not replace a dashboard's answer.)
+            reply_id = TriggerRequest.reply_id(msg.payload, msg.correlation_data)
+            if reply_id is not None or msg.response_topic:
+                self._answer(TriggerRequest("-", id=reply_id), msg.response_topic, LastResult(
+                    rid="-", device=self.me, winner=None, path=None, ok=False, text="", total_ms=0.0, id=reply_id,
+                    error=f"bad trigger: {exc}"), dashboard=False)
             return
-        if req.id is None and msg.correlation_data is not None:
-            correlation = msg.correlation_data.decode("utf-8", "replace")
-            req = replace(req, id=correlation if is_id(correlation) else None)
+        if req.id is None:
+            req = replace(req, id=TriggerRequest.reply_id(b"", msg.correlation_data))
         if self.triggers.offer((req, msg.response_topic)) is None:
             log.warning("trigger refused: %d already running or waiting", self.triggers.depth)
             self._answer(req, msg.response_topic, LastResult(
@@ -571,11 +586,13 @@ class Node:
                               text=out.text, error=out.error, total_ms=round(out.total_ms, 1), id=req.id)
         self._answer(req, response_topic, last)
 
-    def _answer(self, req: TriggerRequest, response_topic: str | None, last: LastResult) -> None:
+    def _answer(self, req: TriggerRequest, response_topic: str | None, last: LastResult, *,
+                dashboard: bool = True) -> None:
         """On last_result (retained, for dashboards), on the trigger's own answer topic if
         it had an id, and on its MQTT 5 response topic if it named one."""
         payload = last.to_payload()
-        self.bus.publish(self.topics.last_result(self.me), payload, retain=True)
+        if dashboard:
+            self.bus.publish(self.topics.last_result(self.me), payload, retain=True)
         if req.id is not None:
             self.bus.publish(self.topics.answer(self.me, req.id), payload)
         if response_topic:

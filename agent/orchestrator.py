@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
-from agent.dispatch import Answer, DispatchState, Step, worth_trying
+from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner, worth_trying
 from agent.errors import (
     AgentError,
     BrokerUnavailable,
@@ -160,8 +160,9 @@ class Orchestrator:
 
         try:
             fleet = self._connect()
-        except BrokerUnavailable:
-            return  # the first request will say so, and run locally
+        except BrokerUnavailable as exc:  # said at start, not first at the first request
+            log.warning("%s; until it can be reached, requests run on this device alone", exc)
+            return
         fleet.sync()
 
     def _check_prompt(self, req: Request) -> None:
@@ -186,7 +187,7 @@ class Orchestrator:
         try:
             fleet = self._connect()
         except BrokerUnavailable as exc:
-            log.warning("%s; running locally", exc)
+            log.info("%s; running locally", exc)  # a warning of the outcome: the caller shows it once
             fsm.fire("broker_down")
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],
                                         None, (f"{exc}; running locally",))
@@ -339,10 +340,14 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                # The arm learns the work; a cold start is the device's to price (its bid).
-                t = answer.timings
-                service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
-                self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                if teaches_the_learner(answer):
+                    # The arm learns the work; a cold start is the device's to price (its bid).
+                    t = answer.timings
+                    service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
+                    self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                elif choice.explore:
+                    # Its exploration ended with the job: the device is free to be tried again.
+                    self.arms.mark_exploring(choice.device, req.rid, self.wall())
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
         fsm.fire("no_candidate")

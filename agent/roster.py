@@ -54,7 +54,8 @@ class Roster:
         if msg.payload in (b"online", b"offline"):
             online = msg.payload == b"online"
         elif msg.payload == b"":
-            online = False  # retained availability cleared: the device was retired
+            self.drop(parsed.device)  # retained availability cleared: the device was retired
+            return
         else:
             log.warning("ignoring availability %r for %s (want online/offline)", msg.payload[:40], parsed.device)
             return
@@ -73,11 +74,27 @@ class Roster:
             for listener in listeners:
                 listener(device, online)
 
+    def drop(self, device: str) -> None:
+        """Forget a retired device altogether (``forget`` cleared its retained topics)."""
+        with self._lock:
+            was_online = self._state.pop(device, False)
+            self._metrics.pop(device, None)
+            self._heard.pop(device, None)
+            listeners = list(self._listeners)
+        if was_online:
+            for listener in listeners:
+                listener(device, False)
+
     def handle_metrics(self, msg: Message) -> None:
         """Bus handler for ``agent/+/metrics``."""
         parsed = self.topics.parse(msg.topic)
-        if msg.payload == b"" or parsed is None:
-            return  # a retired device's metrics, cleared
+        if parsed is None:
+            return
+        if msg.payload == b"":  # a retired device's metrics, cleared
+            if parsed.device is not None:
+                with self._lock:
+                    self._metrics.pop(parsed.device, None)
+            return
         metrics = decoded(msg.topic, msg.payload, lambda p: Metrics.from_payload(p, self._max_bytes),
                           what="metrics", logger=log, matches=lambda m: parsed.device == m.device)
         if metrics is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from agent.errors import StateError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+LOW_DISK_BYTES = 16 * 2**20  # journals and the arm store are small; below this, writes will fail
 
 
 def ensure_dir(path: Path) -> Path:
@@ -45,6 +47,27 @@ def check_writable(directory: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StateError(directory, f"cannot write here: {describe(exc)}") from None
+
+
+def writable_problem(directory: Path) -> tuple[str | None, str]:
+    """Whether a node could keep its state in ``directory``, found without writing:
+    (the problem or None, a note for a good answer). For ``check``, which changes nothing."""
+    d = Path(directory)
+    if d.exists():
+        if not d.is_dir():
+            return f"{d} is not a directory", ""
+        if not os.access(d, os.W_OK | os.X_OK):
+            return f"{d}: this user cannot write here", ""
+        note = "writable"
+    else:
+        parent = next(p for p in d.parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return f"{d} does not exist, and this user cannot create it in {parent}", ""
+        d, note = parent, "will be created"
+    free = shutil.disk_usage(d).free
+    if free < LOW_DISK_BYTES:
+        return f"{d}: only {free // 2**20} MiB free", ""
+    return None, f"{note}, {free / 2**30:.1f} GiB free"
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

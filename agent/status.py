@@ -72,6 +72,10 @@ def forget(fleet: Fleet, device: str, *, force: bool) -> dict[str, Any]:
     and an empty discovery config makes Home Assistant drop the device). The event the
     CLI prints: {"type": "forgot", "cleared": [...]}, or an error."""
     topics = fleet.topics
+    if device not in fleet.roster.known() and device not in fleet.roster.metrics():
+        return {"type": "error", "exit_code": 2,
+                "error": f"the broker knows no device {device!r} (nothing retained under its id); "
+                         "`status` lists the devices there are"}
     if fleet.roster.known().get(device) and not force:
         return {"type": "error", "exit_code": 2,
                 "error": f"{device} is online: stop its node first (it would announce itself again), or --force"}

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,9 @@ from tests.support.launch import ArrivalWatch, NodeProcess  # noqa: E402
 from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 
 FLEET = ["board-npu", "laptop", "phone"]
+# The demo's own Python (.venv's): the printed commands name it, so they work when pasted
+# into a shell that has not activated the virtualenv.
+PYTHON = os.path.relpath(sys.executable, REPO) if Path(sys.executable).is_relative_to(REPO) else sys.executable
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
@@ -67,7 +71,7 @@ class Demo:
                 config = REPO / "configs" / "fleet" / f"{device}.yaml"
                 node = NodeProcess(config, device, arrivals=arrivals, log=self.workdir / f"{device}.log",
                                    env=self.env(device))
-                self.show(device, ["python", "-m", "agent", "--role", "node", "--config",
+                self.show(device, [PYTHON, "-m", "agent", "--role", "node", "--config",
                                    f"configs/fleet/{device}.yaml"], f" &   (log: {node.log})")
                 node.start(timeout=20)
                 self.nodes.append(node)
@@ -77,7 +81,7 @@ class Demo:
 
     def trigger(self, device: str, prompt: str, *extra: str) -> int:
         cmd = [sys.executable, "-m", "agent", "trigger", "--config", f"configs/fleet/{device}.yaml", *extra, prompt]
-        self.show(device, ["python", *cmd[1:]])
+        self.show(device, [PYTHON, *cmd[1:]])
         return subprocess.run(cmd, cwd=REPO, env=self.env(device)).returncode
 
     def mqtt_trigger(self) -> int:
@@ -123,8 +127,9 @@ class Demo:
         failures += self.mqtt_trigger()
 
         banner("Fleet status")
-        subprocess.run([sys.executable, "-m", "agent", "status", "--config", "configs/fleet/phone.yaml"],
-                       cwd=REPO, env=self.env("phone"))
+        status = [sys.executable, "-m", "agent", "status", "--config", "configs/fleet/phone.yaml"]
+        self.show("phone", [PYTHON, *status[1:]])
+        subprocess.run(status, cwd=REPO, env=self.env("phone"))
         return 1 if failures else 0
 
     def stop(self) -> None:
@@ -137,13 +142,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6, help="CPU-path triggers in step 3 (default 6)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, state)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep the broker and the fleet running until Ctrl-C, so that the commands the "
+                             "demo printed can be pasted into another shell (from this directory)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     demo = Demo(workdir, args.rounds)
     try:
         code = demo.run()
+        if args.stay:
+            banner(f"The fleet stays up on 127.0.0.1:{demo.broker.port}: paste the commands above into another "
+                   f"shell, in {REPO}. Ctrl-C stops everything.")
+            threading.Event().wait()
     except KeyboardInterrupt:
-        code = 130
+        code = 130 if not args.stay else 0
     finally:
         demo.stop()
         if args.keep:
@@ -151,6 +163,9 @@ def main() -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print("\ndemo finished: everything it started has been stopped" + ("" if code == 0 else " (with failures)"))
+    if not args.stay:
+        print("(to try the printed commands yourself, run scripts/demo --stay: the broker and the fleet then "
+              "stay up until Ctrl-C)")
     return code
 
 

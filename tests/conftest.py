@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,3 +33,31 @@ def env(broker: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
     world = Env(broker=broker, prefix=f"test/{name}-{uuid.uuid4().hex[:8]}/", tmp=tmp_path)
     yield world
     world.close()
+
+
+# ------------------------------------------------------------------ a suite that leaves nothing behind
+# Every test process (and what it starts) gets a HOME and a TMPDIR of the session's own
+# (so suites run side by side cannot meet in a shared HOME either); at the end, anything
+# left in them but pytest's own temporary tree is a leak: the run fails naming it, and
+# the directories are removed either way.
+_HERMETIC: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = Path(tempfile.mkdtemp(prefix="edge-agent-suite-"))
+    root.chmod(0o711)  # traversable: a broker run as its own user (RabbitMQ) has its directory in TMPDIR
+    for var in ("HOME", "TMPDIR"):
+        (root / var).mkdir(mode=0o711)
+        os.environ[var] = str(root / var)
+    tempfile.tempdir = str(root / "TMPDIR")  # pytest's tmp_path too (it reads this lazily)
+    _HERMETIC.append(root)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for root in _HERMETIC:
+        left = sorted(str(p.relative_to(root)) for p in root.glob("*/*") if not p.name.startswith("pytest-of-"))
+        shutil.rmtree(root, ignore_errors=True)
+        if left:
+            print(f"\nerror: the suite left files behind (in its own HOME/TMPDIR): {', '.join(left)}",
+                  file=sys.stderr)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -142,7 +142,7 @@ def test_a_password_file_gone_after_loading_is_a_config_error(tmp_path, monkeypa
     from agent import config, credentials
     pw = write(tmp_path, "d.pw", "secret")
     cfg = write(tmp_path, "c.yaml", f"device_id: d\nbroker: {{username: d, password_file: {pw}, port: 1}}\n"
-                                    "cpu: {enabled: false}\n")
+                                    f"cpu: {{enabled: false}}\nstate_dir: {tmp_path / 'state'}\n")
     monkeypatch.delenv(credentials.PASSWORD_ENV, raising=False)
     monkeypatch.setattr(config, "file_problem", lambda path, private: None)  # it was there when loaded
     pw.unlink()

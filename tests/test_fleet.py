@@ -198,10 +198,11 @@ def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -
 def test_an_oversized_message_never_reaches_the_node(env: Env, caplog) -> None:
     """The node tells the broker its largest packet (MQTT 5 Maximum Packet Size), so a
     huge message is dropped there instead of being read into the node's memory."""
+    from agent.node import RECEIVE_FACTOR
     caplog.set_level("INFO", logger="agent.node")
     worker = env.config("worker", cpu=sim(base_ms=1), max_payload_bytes=8192)
     with env.node(worker), env.spy("nothing") as spy:
-        spy.publish(env.topics.bid_request("big"), b"{" + b" " * 100_000 + b"}")
+        spy.publish(env.topics.bid_request("big"), b"{" + b" " * (RECEIVE_FACTOR * 8192 + 10_000) + b"}")
         spy.publish(env.topics.bid_request("small"), b"{not json")
         spy.bus.barrier(5)
         assert env.trigger(env.config("hub"), "after")[0] == 0  # processed in order after both

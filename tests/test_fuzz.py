@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,13 @@ from agent.executors.genie import (
     parse_kpis,
 )
 from agent.messages import Job
-from tests.support.fuzz import TARGETS, inputs
+from tests.support.fuzz import TARGETS, inputs, remove_scratch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_removed() -> Iterator[None]:
+    yield
+    remove_scratch()
 
 BRIEF = settings(max_examples=150, derandomize=True, deadline=None, database=None,
                  suppress_health_check=list(HealthCheck))

@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.bus import FLAP_WINDOW_S
+from agent.linucb import ArmStore
 from agent.messages import Job, Metrics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim
@@ -230,6 +232,7 @@ def test_interrupting_trigger_cancels_the_remote_job(env: Env, sig: int, code: i
             trigger.send_signal(sig)
             _, err = trigger.communicate(timeout=WAIT_S)
             assert trigger.returncode == code, err
+            assert "✗ interrupted; worker was told to stop" in err.decode() and b"went away" not in err, err
             spy.wait_for(lambda m: m.topic.endswith("/cancel/hub"), what="the cancel")
             spy.wait_for(result_of("error", "worker"), what="the job stopped on the worker")
         finally:
@@ -238,6 +241,8 @@ def test_interrupting_trigger_cancels_the_remote_job(env: Env, sig: int, code: i
         (rid, counts), = executions(log).items()
         assert counts == {"start": 1, "done": 0}, "it never finished"
         assert "cancelled by hub" in peer.log_text()
+    # Ctrl-C says nothing about the worker's speed: it was not trained as a failure.
+    assert "worker" not in ArmStore(env.tmp / "state" / "hub").load().arms
 
 
 def test_a_job_cancelled_while_queued_never_starts(env: Env) -> None:
@@ -322,23 +327,26 @@ def test_a_second_signal_stops_a_draining_node_at_once(env: Env) -> None:
 
 # --------------------------------------------------------------------- identity, bounds
 
-def test_two_nodes_with_the_same_device_id_do_not_fight(env: Env) -> None:
-    config = env.config("twin", cpu=sim(base_ms=1))
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_second_node_with_the_same_device_id_gives_up_and_the_first_keeps_running(env: Env, protocol: str) -> None:
+    """Only the newcomer may lose: the original may be a device that has run for weeks,
+    and its unit does not restart it after exit 2. Tried three times against one original."""
+    config = env.config("twin", cpu=sim(base_ms=1), broker={"protocol": protocol})
     first = NodeProcess(config, "twin", arrivals=env.arrivals, log=env.tmp / "first.log")
-    second = NodeProcess(config, "twin", arrivals=env.arrivals, log=env.tmp / "second.log")
     first.start()
     try:
-        second.start()
-        gone, alive = psutil.wait_procs([psutil.Process(first.pid), psutil.Process(second.pid)], timeout=WAIT_S)
-        assert len(gone) == 1 and len(alive) == 1, "one of them gives up, at once"
-        loser = first if gone[0].pid == first.pid else second
-        assert gone[0].returncode == 2
-        assert "another node is already connected as 'twin'" in loser.log_text()
-        winner = second if loser is first else first
-        assert winner.running, "the other one keeps the identity, and does not flap"
+        # The fault: an original that has held its connection for a while (past a flap).
+        threading.Event().wait(FLAP_WINDOW_S + 0.5)
+        for attempt in range(3):
+            second = NodeProcess(config, "twin", arrivals=env.arrivals, log=env.tmp / f"second-{attempt}.log")
+            second.launch()
+            assert second.wait(WAIT_S * 2) == 2, second.log_text()
+            assert "another node is already connected as 'twin'" in second.log_text()
+            assert first.running, f"attempt {attempt}: the original gave up:\n{first.log_text()[-2000:]}"
+        with env.spy(env.topics.availability("twin")) as spy:
+            spy.wait_for(lambda m: m.payload == b"online", what="the original online")
     finally:
         first.stop()
-        second.stop()
 
 
 def test_a_burst_of_1000_mqtt_triggers_is_bounded_and_every_one_is_answered(env: Env) -> None:

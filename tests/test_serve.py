@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.linucb import ArmStore
 from agent.messages import decode_result
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim
 from tests.support.launch import NodeProcess
@@ -95,7 +96,8 @@ def test_a_client_that_hangs_up_cancels_its_job(env: Env, mode: str) -> None:
     worker = env.config("worker", cpu={**job(runs, mode, Gate(env.tmp / "gate") if mode == "hold" else None),
                                        "model": "slow"})
     path, port = gateway_config(env)
-    with env.node_process(worker), env.node_process(path), env.spy(f"{env.prefix}exec/worker/cancel/+") as cancels, \
+    with env.node_process(worker), env.node_process(path) as gw, \
+            env.spy(f"{env.prefix}exec/worker/cancel/+") as cancels, \
             env.spy(f"{env.prefix}result/gw/+/worker") as results:
         body = json.dumps({"model": "slow", "stream": True,
                            "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(60))}]})
@@ -109,8 +111,10 @@ def test_a_client_that_hangs_up_cancels_its_job(env: Env, mode: str) -> None:
         cancel = cancels.wait_for(lambda m: True, what="the cancel of the abandoned job")
         rid = json.loads(cancel.payload)["rid"]
         stopped = results.wait_for(lambda m: decode_result(m.payload).type in ("error", "done"), what="its end")
+        assert gw.wait_log("went away", WAIT_S), "the gateway has finished with the request"
     assert decode_result(stopped.payload).type == "error", "stopped, not finished"
     assert executions(runs).get(rid, {"start": 0, "done": 0})["done"] == 0, "its model never finished"
+    assert "worker" not in ArmStore(env.tmp / "state" / "gw").load().arms, "a hang-up teaches the learner nothing"
 
 
 def test_twenty_concurrent_streams_all_complete(env: Env) -> None:

@@ -8,7 +8,9 @@ runner) and must either return or raise one of its typed errors; anything else i
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +51,21 @@ from agent.messages import (
 from agent.node import _trigger_request
 from agent.topics import Topics
 
-_WORK = Path(tempfile.mkdtemp(prefix="edge-agent-fuzz-"))
+_SCRATCH: list[Path] = []
+
+
+def _work() -> Path:
+    """A scratch directory for the targets that need files, made on first use."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="edge-agent-fuzz-")))
+        atexit.register(remove_scratch)
+    return _SCRATCH[0]
+
+
+def remove_scratch() -> None:
+    """Remove the scratch directory (the suite calls it when the fuzz tests end)."""
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
 
 
 @dataclass
@@ -116,7 +132,7 @@ SEEDS: dict[str, list[bytes]] = {
 
 
 def _config(data: bytes) -> None:
-    path = _WORK / "config.yaml"
+    path = _work() / "config.yaml"
     path.write_bytes(data)
     load_config(path, env={})
 
@@ -130,14 +146,14 @@ def _genie_stdout(data: bytes) -> None:
 
 
 def _profile(data: bytes) -> None:
-    path = _WORK / "profile.json"
+    path = _work() / "profile.json"
     path.write_bytes(data)
     merge_profile(Kpis(), read_profile(path))
 
 
 def _store(cls: Callable[[Path], object], name: str) -> Callable[[bytes], object]:
     def run(data: bytes) -> None:
-        state = _WORK / f"state-{name}"
+        state = _work() / f"state-{name}"
         state.mkdir(exist_ok=True)
         (state / name).write_bytes(data)
         store = cls(state)

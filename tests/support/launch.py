@@ -100,6 +100,8 @@ class NodeProcess:
         self.log = log
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._said = threading.Condition()
+        self._lines: list[str] = []
 
     def __enter__(self) -> NodeProcess:
         self.start()
@@ -108,13 +110,35 @@ class NodeProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def launch(self) -> None:
+        """Start it and return at once; its output goes to the log (and to wait_log)."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--role", "node", "--config", str(self.config)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = proc
+
+        def copy() -> None:
+            assert proc.stdout is not None
+            with open(self.log, "ab") as out:
+                for raw in proc.stdout:
+                    out.write(raw)
+                    out.flush()
+                    with self._said:
+                        self._lines.append(raw.decode(errors="replace"))
+                        self._said.notify_all()
+            proc.stdout.close()
+
+        threading.Thread(target=copy, name=f"log-{self.device}", daemon=True).start()
+
+    def wait_log(self, text: str, timeout: float) -> bool:
+        """Wait until the process has printed a line containing ``text``."""
+        with self._said:
+            return self._said.wait_for(lambda: any(text in line for line in self._lines), timeout)
+
     def start(self, timeout: float = ONLINE_TIMEOUT_S) -> None:
         """Start it and return once it has announced itself online."""
         self.arrivals.expect(self.device)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--role", "node", "--config", str(self.config)],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        self.launch()
         if not self.arrivals.wait(self.device, timeout):
             self.stop()
             raise RuntimeError(f"node {self.device} did not come online within {timeout:g} s:\n"

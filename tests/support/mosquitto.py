@@ -31,6 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex((host, port)) == 0
+
+
 class LocalMosquitto:
     def __init__(self, workdir: Path, *, port: int | None = None, conf: Path = DEV_CONF,
                  extra_conf: str = "", persistence: bool = True, listeners_as_written: bool = False):
