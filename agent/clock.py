@@ -9,7 +9,8 @@ two devices' clocks. A message's age comes from, in order:
 2. the sender's wall clock in the payload, corrected by the offset between the two
    clocks as measured from the sender's live metrics (``local time on receipt − its
    timestamp``, the smallest of the recent samples, since network delay only adds);
-3. neither: the message is taken as fresh.
+3. neither: a live message is taken as fresh; a retained one (it may have waited on the
+   broker for any time) as infinitely old.
 
 ``ClockOffsets`` also says when a device's clock is off by more than ``SKEW_WARN_S``,
 once per device and only after a few samples agree, so the log shows it.
@@ -56,12 +57,13 @@ class ClockOffsets:
             return min(samples) if samples else None
 
     def age(self, device: str, sent_wall: float, local_wall: float, *, expiry_set: float | None = None,
-            expiry_left: int | None = None) -> float:
+            expiry_left: int | None = None, retained: bool = False) -> float:
         """Seconds since ``device`` sent a message stamped ``sent_wall``, as well as can be
-        told (see the module docstring); never negative."""
+        told (see the module docstring); never negative, infinite for a retained message
+        whose age cannot be told."""
         if expiry_set is not None and expiry_left is not None:
             return max(0.0, math.ceil(expiry_set) - expiry_left)
         offset = self.offset(device)
         if offset is None or not sent_wall:
-            return 0.0
+            return math.inf if retained else 0.0
         return max(0.0, local_wall - (sent_wall + offset))

@@ -27,13 +27,16 @@ Rules, each one a line below:
   is a failure with the partial text;
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
-  the one chosen, or for another job under our rid (its digest differs), are ignored.
+  the one chosen, or that do not carry the digest of the job we sent (every event about a
+  job does: an event without one, or for another job under our rid, is not about ours),
+  are ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
@@ -83,7 +86,7 @@ class DispatchState:
     """The orchestrator's side of one job on one device."""
 
     def __init__(self, rid: str, device: str, now: float, *, accept_timeout_s: float,
-                 job_timeout_s: float, last: bool, digest: str = ""):
+                 job_timeout_s: float, last: bool, digest: str):
         self.rid = rid
         self.device = device
         self.digest = digest                 # of the job we sent (messages.Job.digest)
@@ -133,8 +136,8 @@ class DispatchState:
     def on_result(self, ev: ResultEvent, now: float) -> Step:
         if ev.device != self.device or ev.rid != self.rid:
             return CONTINUE  # not ours: another device's (or another job's) event
-        if isinstance(ev, (Accepted, Declined, Done)) and self.digest and ev.digest and ev.digest != self.digest:
-            return CONTINUE  # about some other job under our rid (a forged one): not about ours
+        if not ev.digest or ev.digest != self.digest:
+            return CONTINUE  # no digest, or another job's under our rid (a forged one): not about ours
         self._heard_from(now)
         if isinstance(ev, Declined):
             if self.state != "dispatched":
@@ -251,3 +254,32 @@ class DispatchState:
         first = not self.announced
         self.announced = True
         return first
+
+
+C = TypeVar("C")
+
+
+def worth_trying(choices: Sequence[C], device_of: Callable[[C], str], offline: Callable[[str], bool]
+                 ) -> Iterator[tuple[C, bool]]:
+    """The ranked ways to run a job, each with whether it is the last one worth trying,
+    skipping the devices that are offline when their turn comes (``next_to_try``)."""
+    devices = [device_of(c) for c in choices]
+    i = next_to_try(devices, 0, offline)
+    while i is not None:
+        yield choices[i], next_to_try(devices, i + 1, offline) is None
+        i = next_to_try(devices, i + 1, offline)  # asked again: a device may have died meanwhile
+
+
+def next_to_try(devices: Sequence[str], start: int, offline: Callable[[str], bool]) -> int | None:
+    """The index, from ``start`` on, of the next way to run a job worth trying: every mode
+    of a device whose Will has fired is skipped while it is offline (trying its CPU after
+    its NPU would wait out an accept timeout on the dead, and leave a job in its session).
+    None if none is left. ``offline`` is asked once per device."""
+    seen: dict[str, bool] = {}
+    for i in range(start, len(devices)):
+        device = devices[i]
+        if device not in seen:
+            seen[device] = offline(device)
+        if not seen[device]:
+            return i
+    return None

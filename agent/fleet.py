@@ -52,6 +52,7 @@ class Fleet:
         self.roster = Roster(topics, me, max_bytes=max_bytes)
         bus.subscribe(topics.all_availability(), self.roster.handle)
         bus.subscribe(topics.all_metrics(), self.roster.handle_metrics)
+        bus.subscribe(topics.all_capabilities(), self.roster.handle_capabilities)
         self.mail = Mailroom(bus, topics, me)  # the bids and results of our orchestrations
         self._synced = False
         self._lock = threading.Lock()

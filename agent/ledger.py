@@ -21,7 +21,8 @@ arrival with one verdict:
 A ``cancel`` must carry the key whose ``cancel_check`` the job carried (only its origin
 knows it; ``messages.Cancel``). It marks a queued run so it never starts and a running
 one so it stops. One that arrives before its job is kept, if this node offered that rid
-to that origin, and declines the job when it comes, if the key fits it. Every memory is bounded, oldest first, so
+to that origin, and declines the job when it comes, if the key fits it; a forged one for
+the same rid is kept beside it, never instead of it. Every memory is bounded, oldest first, so
 a flood of ids cannot grow it. The ledger is thread-safe and never blocks.
 """
 
@@ -42,7 +43,28 @@ from agent.messages import Accepted, Cancel, Declined, Job, cancel_check
 K = TypeVar("K")
 V = TypeVar("V")
 
-KEPT = 4096  # claims, declines and cancels remembered
+KEPT = 4096  # declines and cancels remembered
+# Each calling device has its own share of claims and of call rate: a flood of calls
+# from one device forgets that device's own older claims, never another's auction, and
+# costs each node at most CALL_RATE bids a second for it after a burst of CALL_BURST.
+# (The call's topic names its caller, which the ACL enforces; on a broker without it a
+# device can call in another's name, and use up that share.)
+CLAIMS_PER_CALLER = 256
+CALL_BURST, CALL_RATE = 1000.0, 500.0  # far above any real asker (a benchmark runs ~300 auctions back to back)
+CALLERS = 256  # the callers remembered, least recently heard forgotten first
+# Cancels kept per rid before its job arrives (newest first): the origin sends one per
+# job, so more than one is a forgery at work (a broker without the ACL); a flood of them
+# can push the genuine one out, never grow the memory.
+CANCELS_PER_RID = 4
+
+
+@dataclass
+class _Caller:
+    """One calling device's share: its outstanding claims and its call-rate bucket."""
+
+    claims: OrderedDict[str, str]   # rid -> claim, oldest first
+    tokens: float
+    at: float
 
 
 @dataclass
@@ -91,33 +113,58 @@ class JobLedger:
     """Offers, runs, declines and cancels of one node process."""
 
     def __init__(self, me: str, *, recorded: Callable[[str], Recorded | None],
-                 encode: Callable[[Declined], bytes], keep: int = KEPT):
+                 encode: Callable[[Declined], bytes], keep: int = KEPT, claims_per_caller: int = CLAIMS_PER_CALLER,
+                 callers: int = CALLERS, call_burst: float = CALL_BURST, call_rate: float = CALL_RATE):
         self.me = me
         self._recorded = recorded        # the journal: rid -> (digest, final event)
         self._encode = encode
         self._keep = keep
+        self._per_caller = claims_per_caller
+        self._max_callers = callers
+        self._burst, self._rate = call_burst, call_rate
         self._lock = threading.Lock()
         # Claims are unguessable and unique to this process: a restarted node issues new
         # ones, and nobody who did not see the bid can produce one.
         self._secret = secrets.token_hex(8)
         self._claim_seq = itertools.count(1)
-        self._offers: OrderedDict[str, tuple[str, str]] = OrderedDict()      # rid -> (origin, claim)
+        self._callers: OrderedDict[str, _Caller] = OrderedDict()             # origin -> its share
+        self._owner: dict[str, str] = {}                                     # rid -> origin (its claim)
         self._declines: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (rid, mode) -> payload
-        self._cancelled: OrderedDict[str, str] = OrderedDict()               # rid -> cancel_check
+        self._cancelled: OrderedDict[str, tuple[str, ...]] = OrderedDict()   # rid -> cancel_checks
         self._runs: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ bids
-    def offer(self, rid: str, origin: str) -> str:
-        """The claim to put in a bid for ``rid`` to ``origin`` (the same one if asked again)."""
+    def offer(self, rid: str, origin: str, now: float = 0.0) -> str | None:
+        """The claim to put in a bid for ``rid`` to ``origin`` (the same one if asked again);
+        "" if another origin called that rid first; None if ``origin`` is over its call
+        rate (``now``: a monotonic clock). Claims are bounded per caller, oldest first."""
         with self._lock:
-            held = self._offers.get(rid)
-            if held is not None and held[0] == origin:
-                return held[1]
-            if held is not None:
-                return ""  # a call for the same rid from someone else: no claim for them
+            owner = self._owner.get(rid)
+            if owner is not None:
+                return self._callers[owner].claims[rid] if owner == origin else ""
+            caller = self._callers.get(origin)
+            if caller is None:
+                caller = self._callers[origin] = _Caller(OrderedDict(), self._burst, now)
+            self._callers.move_to_end(origin)
+            caller.tokens = min(self._burst, caller.tokens + max(now - caller.at, 0.0) * self._rate)
+            caller.at = now
+            if caller.tokens < 1.0:
+                return None
+            caller.tokens -= 1.0
             claim = f"{self._secret}{next(self._claim_seq):x}"
-            _remember(self._offers, rid, (origin, claim), self._keep)
+            caller.claims[rid] = claim
+            self._owner[rid] = origin
+            while len(caller.claims) > self._per_caller:
+                self._owner.pop(caller.claims.popitem(last=False)[0], None)
+            while len(self._callers) > self._max_callers:
+                for forgotten in self._callers.popitem(last=False)[1].claims:
+                    self._owner.pop(forgotten, None)
             return claim
+
+    def _claim(self, rid: str, origin: str) -> str | None:
+        """The claim issued to ``origin`` for ``rid``, if it is still held (under the lock)."""
+        caller = self._callers.get(origin) if self._owner.get(rid) == origin else None
+        return None if caller is None else caller.claims.get(rid)
 
     # ------------------------------------------------------------------ jobs
     def receive(self, job: Job, age_s: float) -> Verdict:
@@ -136,11 +183,11 @@ class JobLedger:
             declined = self._declines.get((job.rid, job.mode))
             if declined is not None:
                 return Replay(declined)
-            if job.cancel_check and self._cancelled.get(job.rid) == job.cancel_check:
+            if job.cancel_check and job.cancel_check in self._cancelled.get(job.rid, ()):
                 return self._decline(job, "cancelled")
             if age_s > job.accept_s or age_s > job.timeout_s:
                 return Ignore(f"too late to start (sent {age_s:.1f} s ago, accept within {job.accept_s:g} s)")
-            if self._offers.get(job.rid) != (job.origin, job.claim):
+            if not job.claim or self._claim(job.rid, job.origin) != job.claim:
                 # Not remembered: a forged job under a rid someone called for must not
                 # decline the genuine one that comes after it.
                 return self._refuse(job, "stale_claim")
@@ -158,7 +205,9 @@ class JobLedger:
                   Accepted(job.rid, self.me, job.mode, queue_position=queue_position, digest=job.digest), resource)
         run.fsm.fire("accept")
         with self._lock:
-            self._offers.pop(job.rid, None)  # a claim is honoured once
+            origin = self._owner.pop(job.rid, None)  # a claim is honoured once
+            if origin is not None:
+                self._callers[origin].claims.pop(job.rid, None)
             self._runs[job.rid] = run
         return run
 
@@ -183,9 +232,13 @@ class JobLedger:
             if run is not None:
                 if run.job.origin != cancel.origin or not run.job.cancel_check or run.job.cancel_check != check:
                     return None
-            elif (self._offers.get(cancel.rid) or ("",))[0] != cancel.origin:
+            elif self._owner.get(cancel.rid) != cancel.origin:
                 return None  # not a bid we made to this origin: nothing of theirs to cancel
-            _remember(self._cancelled, cancel.rid, check, self._keep)
+            # Before its job, which key fits cannot be told yet: keep every one (a few per
+            # rid), so a forged cancel never overwrites the genuine one that came first.
+            checks = self._cancelled.get(cancel.rid, ())
+            if check not in checks:
+                _remember(self._cancelled, cancel.rid, (check, *checks)[:CANCELS_PER_RID], self._keep)
         if run is not None:
             run.cancel.set()
         return run
@@ -193,7 +246,7 @@ class JobLedger:
     def cancelled(self, cancel: Cancel) -> bool:
         """Whether ``cancel`` was taken (for logging)."""
         with self._lock:
-            return self._cancelled.get(cancel.rid) == cancel_check(cancel.key)
+            return cancel_check(cancel.key) in self._cancelled.get(cancel.rid, ())
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, run: Run) -> bool:

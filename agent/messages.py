@@ -260,6 +260,32 @@ class Snapshot:
         )
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What the operator allows a device to claim, on ``capabilities/<dev>`` (retained;
+    written by ``scripts/provision publish`` with an operator's login, which the ACL alone
+    allows): whether it may offer an NPU, and which models it may say it serves (None:
+    any). Orchestrators ignore claims in bids beyond it (``roster.Roster.vouched``)."""
+
+    KIND: ClassVar[str] = "capabilities"
+    device: str
+    npu: bool = False
+    models: tuple[str, ...] | None = None
+
+    def to_payload(self) -> bytes:
+        return encode_json({"v": SCHEMA_VERSION, "device": self.device, "npu": self.npu,
+                            "models": None if self.models is None else list(self.models)})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Capabilities:
+        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        models = f.get("models", list, optional=True)
+        if models is not None and (len(models) > 64 or not all(isinstance(m, str) and 0 < len(m) <= 128
+                                                                 for m in models)):
+            raise f.fail("models", "must be up to 64 model names")
+        return cls(device=f.id("device"), npu=f.boolean("npu"), models=None if models is None else tuple(models))
+
+
 # ------------------------------------------------------------------------- auction
 
 
@@ -471,6 +497,7 @@ class Token:
     device: str
     seq: int
     text: str
+    digest: str = ""        # of the job it streams (Job.digest): every event about a job names it
     type: ClassVar[str] = "token"
 
 
@@ -494,6 +521,7 @@ class Error:
     kind: str = "failed"            # one of errors.ERROR_KINDS: what happened, for machines
     exit_code: int | None = None    # the executor's process exit code, if it had one
     partial_text: str = ""
+    digest: str = ""                # of the job that failed (Job.digest)
     type: ClassVar[str] = "error"
 
 
@@ -517,7 +545,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
     if typ == "declined":
         return Declined(rid, device, f.text("reason", 200) or "", f.text("digest", 64, optional=True) or "")
     if typ == "token":
-        return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "")
+        return Token(rid, device, f.integer("seq", 0, 2**53) or 0, f.text("text", max_bytes) or "",
+                     f.text("digest", 64, optional=True) or "")
     if typ == "done":
         return Done(rid, device, f.text("text", max_bytes) or "",
                     Timings.from_obj(f.get("timings", dict), kind),
@@ -527,7 +556,7 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
     kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
     return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),
-                 f.text("partial_text", max_bytes, optional=True) or "")
+                 f.text("partial_text", max_bytes, optional=True) or "", f.text("digest", 64, optional=True) or "")
 
 
 # ------------------------------------------------------------------------- triggers

@@ -366,14 +366,15 @@ class Node:
     def _age(self, origin: str, sent_at: float, msg: Message, lifetime_s: float) -> float:
         """How long ago ``origin`` sent it (``agent.clock``): no two clocks compared."""
         return self.fleet.roster.offsets.age(origin, sent_at, self.wall(), expiry_left=msg.expiry_left,
-                                             expiry_set=float(expiry_interval(lifetime_s)))
+                                             expiry_set=float(expiry_interval(lifetime_s)), retained=msg.retain)
 
     def _on_bid_request(self, msg: Message) -> None:
         parsed = self.topics.parse(msg.topic)
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="call for bids", logger=log,
-                      matches=lambda r: parsed is not None and parsed.rid == r.rid)
-        if req is None:
+                      matches=lambda r: parsed is not None and parsed.rid == r.rid
+                      and parsed.origin in (None, r.origin))
+        if req is None or _retained(msg, "call for bids"):
             return
         if not self.taking_work:
             return  # an unhealthy or draining node stays out of auctions
@@ -381,10 +382,14 @@ class Node:
         if age > req.window_s:
             log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
             return
-        if req.model is not None and not any(e is not None and e.serves(req.model)
-                                             for e in (self.npu_exec, self.cpu_exec)):
-            return  # a job for a model this device does not run
-        claim = self.ledger.offer(req.rid, req.origin)
+        npu_ok = self.npu_exec is not None and self.npu_exec.serves(req.model)
+        cpu_ok = self.cpu_exec is not None and self.gate.slots > 0 and self.cpu_exec.serves(req.model)
+        if not (npu_ok or (cpu_ok and req.need == "any")):
+            return  # nothing here could take it (roster.can_take): no bid, and nobody waits for one
+        claim = self.ledger.offer(req.rid, req.origin, time.monotonic())
+        if claim is None:
+            log.debug("dropped call for bids %s from %s: over its share of calls", req.rid, req.origin)
+            return
         if not claim:
             log.warning("dropped call for bids %s from %s: that rid was called by another origin", req.rid,
                         req.origin)
@@ -410,7 +415,7 @@ class Node:
     def _on_job(self, msg: Message) -> None:
         job = decoded(msg.topic, msg.payload, lambda p: Job.from_payload(p, self.cfg.max_payload_bytes),
                       what="job", logger=log)
-        if job is None:
+        if job is None or _retained(msg, "job"):
             return
         verdict = self.ledger.receive(job, self._age(job.origin, job.sent_at, msg, job.timeout_s))
         if isinstance(verdict, Replay):
@@ -501,7 +506,7 @@ class Node:
             run.warm = executor.is_warm()
 
             def on_token(text: str) -> None:
-                self._send(job.origin, Token(job.rid, self.me, next(seq), text))
+                self._send(job.origin, Token(job.rid, self.me, next(seq), text, job.digest))
 
             final = self._done(run, executor.run(job.prompt, params, on_token, run.cancel), queue_ms)
             ok = True
@@ -541,7 +546,7 @@ class Node:
         log.warning("job %s failed: %s", run.job.rid, exc)
         return self._send(run.job.origin, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
                                                 exit_code=getattr(exc, "returncode", None),
-                                                partial_text=exc.partial_text))
+                                                partial_text=exc.partial_text, digest=run.job.digest))
 
     # ---------------------------------------------------------------- triggers (HA, mosquitto_pub)
     def _on_trigger(self, msg: Message) -> None:
@@ -684,6 +689,14 @@ def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
         raise UsageError("temperature must be a number from 0 to 10")
     return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model,
                           None if temperature is None else float(temperature))
+
+
+def _retained(msg: Message, what: str) -> bool:
+    """A retained call for bids or job is never genuine (orchestrators never retain them):
+    one a device left on the broker would be acted on by every node that connects later."""
+    if msg.retain:
+        log.debug("dropped a retained %s on %s", what, msg.topic)
+    return msg.retain
 
 
 def _describe(executor: Served | None, slots: int | None = None) -> str:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.auction import AuctionResult, Inbox, Stragglers, collect
 from agent.config import Config
-from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner
+from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner, worth_trying
 from agent.errors import (
     AgentError,
     BrokerUnavailable,
@@ -202,6 +202,8 @@ class Orchestrator:
                 return Outcome(req.rid, Answer(False, ExitCode.INTERRUPTED, error="interrupted during the auction"),
                                roster=auction.roster, auction_ms=auction.auction_ms,
                                total_ms=(self.clock() - started) * 1000)
+            # Claims beyond what the operator granted a device (an NPU, models) are ignored.
+            auction = replace(auction, bids=wire.fleet.roster.vouched(auction.bids))
             offers = [self._offer_from_bid(b) for b in auction.bids.values()]
             if me.snapshot.cpu_slots and self.me not in auction.bids:
                 offers.append(me)  # no daemon here: this process runs it, under the same slot locks
@@ -248,6 +250,11 @@ class Orchestrator:
         return (bus.connected and bus.epoch == wire.epoch
                 and bus.barrier(STEADY_CHECK_S) and bus.epoch == wire.epoch)
 
+    def _offline(self, wire: _Wire | None, device: str) -> bool:
+        """Has ``device``'s Will fired (and our own link is sound, so it is not a broker
+        going away)? Its modes are not tried while it is offline."""
+        return wire is not None and wire.fleet.roster.known().get(device) is False and self._steady(wire)
+
     def _auction(self, req: Request, wire: _Wire, fsm: Machine) -> AuctionResult:
         fsm.fire("open")
         window = self.cfg.auction.bid_timeout_s
@@ -257,12 +264,12 @@ class Orchestrator:
             request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
                                  need=req.need, model=req.model)
-            bus.publish(self.topics.bid_request(req.rid), request.to_payload(), qos=1, expiry_s=window,
+            bus.publish(self.topics.bid_request(req.rid, self.me), request.to_payload(), qos=1, expiry_s=window,
                         response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                         correlation_data=req.rid.encode())
 
         # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
-        expected = wire.fleet.roster.bidders(req.model)
+        expected = wire.fleet.roster.bidders(req.model, req.need)
         call()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
@@ -307,7 +314,8 @@ class Orchestrator:
                            total_ms=(self.clock() - started) * 1000)
 
         attempts: list[dict[str, str]] = []
-        for choice in decision.ranking:
+        for choice, last in worth_trying(decision.ranking, lambda c: c.device if c.device in bids else "",
+                                         lambda device: self._offline(wire, device)):
             path = path_of(choice.mode, choice.is_self)
             if choice.explore:
                 self.arms.mark_exploring(choice.device, req.rid, self.wall() + self.cfg.auction.job_timeout_s)
@@ -322,7 +330,6 @@ class Orchestrator:
                 assert wire is not None, "peers come from an auction"
                 fsm.fire("dispatch")
                 claim = bids[choice.device].claim
-                last = choice is decision.ranking[-1]
                 step = self._dispatch(wire, req, choice.device, choice.mode, claim, Decided(choice.device, path,
                                                                                              choice.score), last)
                 attempts.append({"device": choice.device, "outcome": step.outcome or "?"})

@@ -7,8 +7,9 @@ messages on wildcard subscriptions (RabbitMQ 3.10) leaves it empty at first: the
 ``Fleet.sync`` asks on ``agent/<me>/presence`` and every node announces itself again.
 Metrics come from ``agent/<dev>/metrics``: the roster keeps each device's last snapshot
 (does it have an NPU?) and, from the live ones, how far its clock is from ours
-(``agent.clock``). Listeners hear every change of availability; they are called on the
-bus dispatcher thread and must only queue.
+(``agent.clock``). The operator's capabilities records (``capabilities/<dev>``) say what
+each device may claim; ``vouched`` holds bids to them. Listeners hear every change of
+availability; they are called on the bus dispatcher thread and must only queue.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import Metrics, decoded, serves
+from agent.messages import Bid, Capabilities, Metrics, Snapshot, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Roster:
         self._listeners: list[Listener] = []
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
+        self._granted: dict[str, Capabilities] = {}  # device -> what the operator allows it to claim
 
     def handle(self, msg: Message) -> None:
         """Bus handler for ``agent/+/availability``."""
@@ -105,6 +108,37 @@ class Roster:
                 log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel "
                             "as durations so nothing breaks, but check its time sync", metrics.device, -skew)
 
+    def handle_capabilities(self, msg: Message) -> None:
+        """Bus handler for ``capabilities/+`` (the operator's records, retained)."""
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None or parsed.kind != "capabilities" or parsed.device is None:
+            return
+        if msg.payload == b"":
+            with self._lock:
+                self._granted.pop(parsed.device, None)  # a retired device's record, cleared
+            return
+        record = decoded(msg.topic, msg.payload, lambda p: Capabilities.from_payload(p, self._max_bytes),
+                         what="capabilities", logger=log, matches=lambda c: c.device == parsed.device)
+        if record is not None:
+            with self._lock:
+                self._granted[record.device] = record
+
+    def vouched(self, bids: Mapping[str, Bid]) -> dict[str, Bid]:
+        """The bids with every claim beyond what the operator granted each device taken out
+        (``within``); all of them as they are in a fleet with no capabilities records."""
+        with self._lock:
+            granted = dict(self._granted)
+        if not granted:
+            return dict(bids)
+        out: dict[str, Bid] = {}
+        for device, bid in bids.items():
+            snap = within(bid.snapshot, granted.get(device))
+            if snap != bid.snapshot:
+                log.info("%s claims more than it was granted (%s); ignoring the rest", device,
+                         "an NPU" if bid.snapshot.has_npu and not snap.has_npu else "models")
+            out[device] = bid if snap == bid.snapshot else replace(bid, snapshot=snap)
+        return out
+
     def _heard_live(self, device: str) -> None:
         with self._live:
             self._heard[device] = time.monotonic()
@@ -136,18 +170,18 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
-    def bidders(self, model: str | None = None) -> frozenset[str]:
+    def bidders(self, model: str | None = None, need: str = "any") -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
-        unhealthy node says so and sits auctions out, and a node bids only for models it
-        serves (or any job that names none), so nobody waits for a bid that will not come."""
+        unhealthy node says so and sits auctions out, and a node bids only on jobs it could
+        take (``can_take``), so nobody waits for a bid that will not come."""
         def expected(d: str) -> bool:
             m = self._metrics.get(d)
-            return m is None or (m.health == "ok" and (model is None or any(
-                serves(m.snapshot, mode, model) for mode in m.snapshot.models)))
+            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model))
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and expected(d))
 
     def known(self) -> dict[str, bool]:
+        """Every device heard of: online (True) or offline (False)."""
         with self._lock:
             return dict(self._state)
 
@@ -160,6 +194,8 @@ class Roster:
         device we know nothing about could)."""
         with self._lock:
             m = self._metrics.get(device)
+            if self._granted and not (device in self._granted and self._granted[device].npu):
+                return False  # the operator did not grant it one
         return m is None or m.snapshot.has_npu
 
     def listen(self, listener: Listener) -> Callable[[], None]:
@@ -171,3 +207,24 @@ class Roster:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
         return remove
+
+
+def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None) -> bool:
+    """Whether a device with this snapshot could take a job: its NPU (serving the model),
+    or, for a job that does not need an NPU, a CPU slot (serving it). A node bids only on
+    such jobs (a device that only asks never bids), and auctions wait only for them."""
+    npu = snapshot.has_npu and serves(snapshot, "npu", model)
+    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model))
+
+
+def within(snapshot: Snapshot, granted: Capabilities | None) -> Snapshot:
+    """A device's claims cut down to what the operator granted it: no NPU unless granted
+    (no record at all: none), and only the models named (a record without a list: any)."""
+    npu = granted is not None and granted.npu
+    allowed = None if granted is None else granted.models
+    models = {mode: info for mode, info in snapshot.models.items()
+              if (npu or mode != "npu") and (allowed is None or info.name in allowed)}
+    has_npu, npu_free = snapshot.has_npu and npu, snapshot.npu_free and npu
+    if (has_npu, npu_free, models) == (snapshot.has_npu, snapshot.npu_free, dict(snapshot.models)):
+        return snapshot
+    return replace(snapshot, has_npu=has_npu, npu_free=npu_free, models=models)

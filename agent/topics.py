@@ -7,11 +7,13 @@
     agent/<dev>/answer/<id>              the answer to the trigger that carried this id
     agent/<dev>/sync/<nonce>             a client's own round trip (retained-delivery barrier)
     agent/<dev>/presence                 <dev> asks who is online: nodes announce themselves again
-    bid/request/<rid>                    call for bids (public: every device bids)
+    bid/request/<rid>/<origin>           call for bids from <origin> (public: every device may bid)
+    bid/request/<rid>                    the same, from before calls named their caller (still heard)
     bid/reply/<origin>/<rid>/<dev>       a bid: from <dev>, for <origin> only
     exec/<dev>                           a job for <dev>
     exec/<dev>/cancel/<origin>           <origin> abandons a job it sent to <dev>
     result/<origin>/<rid>/<dev>          result events of a job: from <dev>, for <origin> only
+    capabilities/<dev>                   what the operator allows <dev> to claim, retained (operators write)
     <discovery>/device/<dev>/config      Home Assistant device discovery (not prefixed)
     <discovery>/status                   Home Assistant's birth/will (not prefixed)
 
@@ -20,8 +22,8 @@ device's private data (bids with their claims, results, answers) or an action on
 work (a job's cancel) names the devices allowed to read or write it, so that a broker ACL
 of ``%u`` patterns can enforce it (``mosquitto/edge-agent.acl``): only ``<dev>`` writes
 ``.../<dev>``, only ``<origin>`` reads ``bid/reply/<origin>/#`` and ``result/<origin>/#``
-and writes ``exec/+/cancel/<origin>``. The agent checks the same rules on what it
-receives. Ids are one topic level each, from a character set every tested broker
+and writes ``bid/request/+/<origin>`` and ``exec/+/cancel/<origin>``. The agent checks
+the same rules on what it receives. Ids are one topic level each, from a character set every tested broker
 accepts.
 """
 
@@ -45,7 +47,7 @@ def is_id(value: object) -> bool:
 @dataclass(frozen=True)
 class ParsedTopic:
     kind: str  # availability | metrics | trigger | last_result | presence | answer | sync | bid_request |
-    #            bid_reply | exec | cancel | result | ha_status
+    #            bid_reply | exec | cancel | result | capabilities | ha_status
     device: str | None = None   # whose topic it is (the speaker, or the job's executor)
     rid: str | None = None
     origin: str | None = None   # the orchestrator a private topic belongs to
@@ -81,8 +83,13 @@ class Topics:
     def presence(self, dev: str) -> str:
         return f"{self.prefix}agent/{_id(dev)}/presence"
 
-    def bid_request(self, rid: str) -> str:
-        return f"{self.prefix}bid/request/{_id(rid)}"
+    def bid_request(self, rid: str, origin: str | None = None) -> str:
+        """A call for bids; with ``origin`` (what orchestrators send) the topic names its
+        caller, so the ACL lets a device call only as itself and a node can bound each
+        caller's share (``ledger.JobLedger.offer``). Without, the older form."""
+        if origin is None:
+            return f"{self.prefix}bid/request/{_id(rid)}"
+        return f"{self.prefix}bid/request/{_id(rid)}/{_id(origin)}"
 
     def bid_reply(self, origin: str, rid: str, dev: str) -> str:
         return f"{self.bid_reply_stem(origin, rid)}/{_id(dev)}"
@@ -104,6 +111,9 @@ class Topics:
         """Where the results of ``rid`` go, without the device level (a job's reply_to)."""
         return f"{self.prefix}result/{_id(origin)}/{_id(rid)}"
 
+    def capabilities(self, dev: str) -> str:
+        return f"{self.prefix}capabilities/{_id(dev)}"
+
     def ha_config(self, dev: str) -> str:
         return f"{self.discovery_prefix}/device/{_id(dev)}/config"
 
@@ -117,11 +127,15 @@ class Topics:
     def all_metrics(self) -> str:
         return f"{self.prefix}agent/+/metrics"
 
+    def all_capabilities(self) -> str:
+        return f"{self.prefix}capabilities/+"
+
     def all_presence(self) -> str:
         return f"{self.prefix}agent/+/presence"
 
     def all_bid_requests(self) -> str:
-        return f"{self.prefix}bid/request/+"
+        """Every call for bids, in both forms."""
+        return f"{self.prefix}bid/request/#"
 
     def all_bid_replies(self, origin: str) -> str:
         """Every bid for every auction of ``origin``."""
@@ -149,8 +163,12 @@ class Topics:
                 return ParsedTopic(kind, device=dev, nonce=nonce) if _ids(dev, nonce) else None
             case ["bid", "request", rid]:
                 return ParsedTopic("bid_request", rid=rid) if is_id(rid) else None
+            case ["bid", "request", rid, origin]:
+                return ParsedTopic("bid_request", rid=rid, origin=origin) if _ids(rid, origin) else None
             case ["bid", "reply", origin, rid, dev]:
                 return ParsedTopic("bid_reply", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
+            case ["capabilities", dev]:
+                return ParsedTopic("capabilities", device=dev) if is_id(dev) else None
             case ["exec", dev]:
                 return ParsedTopic("exec", device=dev) if is_id(dev) else None
             case ["exec", dev, "cancel", origin]:
@@ -180,18 +198,21 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     since Mosquitto warns about a pattern without ``%u`` (scripts/provision writes it)."""
     p, ha = topics.prefix, topics.discovery_prefix
     own = [("readwrite", f"{p}agent/%u/#"),                    # presence, metrics, trigger, answers, sync
+           ("write", f"{p}bid/request/+/%u"),                   # calls for bids: as yourself
            ("write", f"{p}bid/reply/+/+/%u"), ("read", f"{p}bid/reply/%u/#"),   # bids: as yourself, for you
            ("read", f"{p}exec/%u"),                              # your job queue
            ("write", f"{p}exec/+/cancel/%u"), ("read", f"{p}exec/%u/cancel/+"),  # cancels: only the origin
            ("write", f"{p}result/+/+/%u"), ("read", f"{p}result/%u/#"),          # results: only the origin reads
            ("write", f"{ha}/device/%u/config")]                 # your Home Assistant discovery
-    shared = [("readwrite", f"{p}bid/request/+"), ("read", f"{p}agent/+/availability"),
+    shared = [("read", f"{p}bid/request/#"), ("read", f"{p}agent/+/availability"),
               ("read", f"{p}agent/+/metrics"), ("read", f"{p}agent/+/presence"), ("write", f"{p}exec/+"),
-              ("read", f"{ha}/status")]
+              ("read", f"{p}capabilities/+"), ("read", f"{ha}/status")]
     operator = [("read", f"{p}agent/#"), ("write", f"{p}agent/+/trigger"), ("readwrite", f"{ha}/#"),
                 # `forget` clears a retired device's retained topics
                 ("write", f"{p}agent/+/availability"), ("write", f"{p}agent/+/metrics"),
-                ("write", f"{p}agent/+/last_result")]
+                ("write", f"{p}agent/+/last_result"),
+                # what each device may claim (scripts/provision publish): operators alone write it
+                ("readwrite", f"{p}capabilities/+")]
     lines = ["# edge-agent broker ACL, generated (scripts/provision; agent.topics.broker_acl).",
              f"# topic_prefix {p!r}; %u is the authenticated username, which for a device is its device_id.",
              "", "# --- every device, about itself"]
@@ -199,7 +220,7 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     for name in sorted(set(devices) - set(operators)):
         lines += ["", f"user {_id(name)}"] + [f"topic {access} {topic}" for access, topic in shared]
     for name in sorted(set(operators)):
-        lines += ["", "# operator: reads every device's state and answers, sends prompts, forgets devices",
+        lines += ["", "# operator: reads every device's state and answers, sends prompts, forgets devices, grants",
                   f"user {_id(name)}"]
         lines += [f"topic {access} {topic}" for access, topic in operator]
     return "\n".join(lines) + "\n"

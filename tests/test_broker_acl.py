@@ -72,11 +72,13 @@ def test_a_device_cannot_speak_for_another(secured: LocalMosquitto, tmp_path: Pa
         public = Spy(ha, "#")          # what Home Assistant may read
         private = Spy(bob, "#")        # what bob may read (his bids and results)
         spoofs = [T.bid_reply("bob", "r1", "bob"), T.result("bob", "r1", "bob"), T.availability("bob"),
-                  T.metrics("bob"), T.ha_config("bob"), T.cancel("carol", "bob")]
+                  T.metrics("bob"), T.ha_config("bob"), T.cancel("carol", "bob"),
+                  T.bid_request("r2", "bob"), T.bid_request("r3"),  # calls: as yourself, naming yourself
+                  T.capabilities("alice"), T.capabilities("bob")]  # what a device may claim: operators only
         for topic in spoofs:
             alice.publish(topic, b"spoof")
         honest = [(T.bid_reply("bob", "r1", "alice"), private), (T.result("bob", "r1", "alice"), private),
-                  (T.availability("alice"), public)]
+                  (T.availability("alice"), public), (T.bid_request("r4", "alice"), private)]
         for topic, _ in honest:
             alice.publish(topic, b"honest")
         assert alice.barrier(5)

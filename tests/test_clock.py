@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from agent.clock import SKEW_WARN_S, WARN_AFTER, ClockOffsets
@@ -39,3 +41,12 @@ def test_one_message_held_up_in_a_broker_is_not_skew() -> None:
     offsets = ClockOffsets()
     said = [offsets.observe("b", 1000.0, 1000.0 + late) for late in (0.01, 0.02, 5.0, 0.01)]
     assert said == [None] * 4, "network and broker delay only ever add: the smallest sample is the clock"
+
+
+def test_a_retained_message_whose_age_cannot_be_told_is_never_fresh() -> None:
+    offsets = ClockOffsets()
+    assert offsets.age("b", 900.0, 1000.0, retained=True) == math.inf, "no offset known"
+    assert offsets.age("b", 0.0, 1000.0, retained=True) == math.inf, "no timestamp"
+    offsets.observe("b", 1000.0, 1120.0)
+    assert offsets.age("b", 1000.0, 1123.0, retained=True) == pytest.approx(3.0), "its clock, corrected"
+    assert offsets.age("b", 1000.0, 1123.0, expiry_set=30, expiry_left=26, retained=True) == 4.0

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import pytest
 
-from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step
+from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step, next_to_try, worth_trying
 from agent.errors import ExitCode
-from agent.messages import Accepted, Declined, Done, Error, Timings, Token
+from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
 
 ACCEPT_S, JOB_S = 3.0, 60.0
+D = "d1"  # the digest of the job the attempt sent
 
 
 def attempt(*, last: bool = False, now: float = 0.0) -> DispatchState:
-    return DispatchState("r1", "peer", now, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=last)
+    return DispatchState("r1", "peer", now, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=last, digest=D)
 
 
 def test_accepted_then_tokens_then_done_streams_and_finishes() -> None:
     a = attempt()
-    step = a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    step = a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     assert step.verdict == "continue" and step.announce and a.state == "running"
-    step = a.on_result(Token("r1", "peer", 0, "hello "), 0.2)
+    step = a.on_result(Token("r1", "peer", 0, "hello ", digest=D), 0.2)
     assert step.tokens == ("hello ",) and not step.announce, "announced once"
-    step = a.on_result(Token("r1", "peer", 1, "world"), 0.3)
+    step = a.on_result(Token("r1", "peer", 1, "world", digest=D), 0.3)
     assert step.tokens == ("world",) and a.state == "streaming"
-    step = a.on_result(Done("r1", "peer", "hello world", Timings(total_ms=5.0), 3, 2), 0.4)
+    step = a.on_result(Done("r1", "peer", "hello world", Timings(total_ms=5.0), 3, 2, digest=D), 0.4)
     assert step.verdict == "finished" and step.outcome == "done"
     assert step.answer is not None and step.answer.ok and step.answer.text == "hello world"
     assert step.answer.exit_code == ExitCode.OK and step.answer.timings.total_ms == 5.0
@@ -31,15 +32,15 @@ def test_accepted_then_tokens_then_done_streams_and_finishes() -> None:
 
 def test_a_redelivered_token_is_streamed_once() -> None:
     a = attempt()
-    assert a.on_result(Token("r1", "peer", 0, "a"), 0.1).tokens == ("a",)
-    assert a.on_result(Token("r1", "peer", 0, "a"), 0.2).tokens == ()
+    assert a.on_result(Token("r1", "peer", 0, "a", digest=D), 0.1).tokens == ("a",)
+    assert a.on_result(Token("r1", "peer", 0, "a", digest=D), 0.2).tokens == ()
     assert a.text == "a"
 
 
 def test_tokens_are_joined_in_sequence_order_and_gaps_counted() -> None:
     a = attempt()
     for seq, text in ((2, "c"), (0, "a")):
-        a.on_result(Token("r1", "peer", seq, text), 0.1)
+        a.on_result(Token("r1", "peer", seq, text, digest=D), 0.1)
     assert a.text == "ac" and a.gaps == 1
 
 
@@ -53,14 +54,14 @@ def test_events_from_another_device_or_job_are_ignored(event) -> None:
 
 
 def test_a_decline_moves_on_without_a_cancel() -> None:
-    step = attempt().on_result(Declined("r1", "peer", "npu_busy"), 0.1)
+    step = attempt().on_result(Declined("r1", "peer", "npu_busy", digest=D), 0.1)
     assert (step.verdict, step.outcome, step.cancel) == ("next", "declined: npu_busy", None)
 
 
 def test_a_stale_decline_after_accept_is_ignored() -> None:
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
-    assert a.on_result(Declined("r1", "peer", "npu_busy"), 0.2) == Step()
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    assert a.on_result(Declined("r1", "peer", "npu_busy", digest=D), 0.2) == Step()
     assert a.state == "running"
 
 
@@ -75,7 +76,7 @@ def test_no_accept_in_time_moves_on_and_cancels_the_copy_it_holds() -> None:
 
 def test_after_accept_the_job_deadline_applies() -> None:
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     assert a.deadline == JOB_S and a.on_tick(ACCEPT_S + 1) == Step()
     step = a.on_tick(JOB_S)
     assert step.verdict == "finished" and step.answer is not None
@@ -84,17 +85,17 @@ def test_after_accept_the_job_deadline_applies() -> None:
 
 def test_an_error_event_keeps_its_kind_and_partial_text() -> None:
     a = attempt()
-    a.on_result(Token("r1", "peer", 0, "part"), 0.1)
-    step = a.on_result(Error("r1", "peer", "killed after 5 s", kind="timeout"), 0.2)
+    a.on_result(Token("r1", "peer", 0, "part", digest=D), 0.1)
+    step = a.on_result(Error("r1", "peer", "killed after 5 s", kind="timeout", digest=D), 0.2)
     assert step.answer is not None and step.answer.exit_code == ExitCode.TIMEOUT
     assert step.answer.text == "part" and "killed" in (step.answer.error or "")
-    step = attempt().on_result(Error("r1", "peer", "timed out, says the text", kind="failed"), 0.1)
+    step = attempt().on_result(Error("r1", "peer", "timed out, says the text", kind="failed", digest=D), 0.1)
     assert step.answer is not None and step.answer.exit_code == ExitCode.FAILED, "the kind decides, not the text"
 
 
 def test_winner_gone_with_a_steady_link_and_a_runner_up_fails_over_at_once() -> None:
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     step = a.on_peer(False, 1.0, lambda: True)
     assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
 
@@ -109,7 +110,7 @@ def test_nothing_is_concluded_while_our_own_link_is_down() -> None:
         return False
 
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     step = a.on_peer(False, 1.0, shaky)
     assert step.verdict == "continue" and step.progress and asked
     assert a.deadline == JOB_S, "no grace timer runs while we are cut off"
@@ -135,7 +136,7 @@ def test_after_a_broker_outage_a_streamed_winner_gets_time_to_reconnect_before_i
     """Its reconnect backoff may keep it away for seconds after the broker is back (the
     restart tests lost answers to a 3 s grace)."""
     a = attempt(last=True)
-    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
+    a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.1)
     a.on_link(False, 1.0)
     a.on_peer(False, 1.0, lambda: pytest.fail("our link is known to be down"))
     a.on_link(True, 6.0)
@@ -170,7 +171,7 @@ def test_the_last_candidate_gets_no_accept_deadline_but_the_job_deadline_holds()
 
 def test_the_job_deadline_holds_while_a_winner_is_gone() -> None:
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     a.on_link(False, JOB_S - 1)
     a.on_peer(False, JOB_S - 1, lambda: False)
     step = a.on_tick(JOB_S)
@@ -179,7 +180,7 @@ def test_the_job_deadline_holds_while_a_winner_is_gone() -> None:
 
 def test_a_streamed_winner_that_vanishes_gets_a_grace_then_fails_with_the_partial_text() -> None:
     a = attempt()
-    a.on_result(Token("r1", "peer", 0, "partial "), 0.1)
+    a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.1)
     step = a.on_peer(False, 1.0, lambda: True)
     assert step.verdict == "continue" and a.deadline == 1.0 + ACCEPT_S
     step = a.on_tick(1.0 + ACCEPT_S)
@@ -189,9 +190,9 @@ def test_a_streamed_winner_that_vanishes_gets_a_grace_then_fails_with_the_partia
 
 def test_an_event_from_the_winner_cancels_its_grace() -> None:
     a = attempt()
-    a.on_result(Token("r1", "peer", 0, "x"), 0.1)
+    a.on_result(Token("r1", "peer", 0, "x", digest=D), 0.1)
     a.on_peer(False, 1.0, lambda: True)
-    a.on_result(Token("r1", "peer", 1, "y"), 1.5)
+    a.on_result(Token("r1", "peer", 1, "y", digest=D), 1.5)
     assert a.on_tick(1.0 + ACCEPT_S) == Step()
 
 
@@ -206,27 +207,28 @@ def test_events_for_another_job_under_our_rid_are_not_our_answer() -> None:
 
 def test_redelivered_accepts_progress_and_announcements() -> None:
     a = attempt()
-    assert a.on_result(Token("r1", "peer", 0, "x"), 0.1).announce, "a token can come before any accept"
-    assert a.on_result(Accepted("r1", "peer", "cpu", 2), 0.2) == Step(progress="peer accepted; queue position 2")
+    assert a.on_result(Token("r1", "peer", 0, "x", digest=D), 0.1).announce, "a token can come before any accept"
+    assert a.on_result(Accepted("r1", "peer", "cpu", 2, digest=D), 0.2) == Step(
+        progress="peer accepted; queue position 2")
     assert a.state == "streaming"
     b = attempt()
-    assert b.on_result(Done("r1", "peer", "x", Timings()), 0.1).announce, "a replayed done is the first event"
+    assert b.on_result(Done("r1", "peer", "x", Timings(), digest=D), 0.1).announce, "a replayed done is the first event"
     c = attempt()
-    step = c.on_result(Error("r1", "peer", "boom", partial_text="abc"), 0.1)
+    step = c.on_result(Error("r1", "peer", "boom", partial_text="abc", digest=D), 0.1)
     assert step.answer is not None and step.answer.text == "abc"
 
 
 def test_a_second_end_event_is_ignored() -> None:
     a = attempt()
-    a.on_result(Done("r1", "peer", "x", Timings()), 0.1)
-    assert a.on_result(Done("r1", "peer", "x", Timings()), 0.2) == Step()
+    a.on_result(Done("r1", "peer", "x", Timings(), digest=D), 0.1)
+    assert a.on_result(Done("r1", "peer", "x", Timings(), digest=D), 0.2) == Step()
 
 
 def test_our_link_dropping_during_a_winners_grace_stops_the_clock() -> None:
     """A streamed winner went offline (grace running), then our own link dropped: nothing
     is concluded while we are cut off, however long that lasts."""
     a = attempt()
-    a.on_result(Token("r1", "peer", 0, "x"), 0.1)
+    a.on_result(Token("r1", "peer", 0, "x", digest=D), 0.1)
     a.on_peer(False, 1.0, lambda: True)
     assert a.on_link(False, 1.5) == Step()
     assert a.on_tick(1.0 + ACCEPT_S + 5.0).verdict == "continue", "no grace runs out while we are away"
@@ -234,7 +236,44 @@ def test_our_link_dropping_during_a_winners_grace_stops_the_clock() -> None:
 
 def test_an_online_winner_that_was_never_gone_is_not_sent_the_job_again() -> None:
     a = attempt(last=True)  # no runner-up: a vanished winner is waited for
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     assert not a.on_peer(True, 0.2, lambda: True).send
     a.on_peer(False, 0.3, lambda: True)
     assert a.on_peer(True, 0.4, lambda: True).send, "back from a blink: its session may have lost the job"
+
+
+@pytest.mark.parametrize("event", [
+    Done("r1", "peer", "forged answer", Timings()), Error("r1", "peer", "forged failure"),
+    Token("r1", "peer", 0, "forged text"), Accepted("r1", "peer", "cpu"), Declined("r1", "peer", "npu_busy")])
+def test_an_event_without_the_jobs_digest_is_dropped(event: ResultEvent) -> None:
+    """Every event about a job carries its digest; one without it (forged, on a broker
+    without the ACL) is not about our job: no answer, no abort, no text, no failover."""
+    a = attempt()
+    assert a.on_result(event, 0.1) == Step()
+    assert a.state == "dispatched" and a.text == ""
+    assert a.on_result(Done("r1", "peer", "genuine", Timings(), digest=D), 0.2).verdict == "finished"
+
+
+def test_failover_skips_every_mode_of_a_device_whose_will_fired() -> None:
+    """b's NPU, then b's CPU, then c: b died under its NPU attempt, so c is next, at once."""
+    ranking = ["b", "b", "c"]
+    dead: set[str] = set()
+    asked: list[str] = []
+
+    def offline(device: str) -> bool:
+        asked.append(device)
+        return device in dead
+    tried = []
+    for device, last in worth_trying(ranking, lambda d: d, offline):
+        tried.append((device, last))
+        dead.add("b")  # its Will fires during the attempt
+    assert tried == [("b", False), ("c", True)]
+    assert next_to_try(["b", "b"], 0, lambda d: True) is None
+    asked.clear()
+    assert next_to_try(["b", "b", "b", "c"], 0, lambda d: asked.append(d) or d == "b") == 3
+    assert asked == ["b", "c"], "each device is asked once (a round trip each)"
+
+
+def test_the_last_device_alive_is_the_last_attempt_even_if_dead_ones_rank_after_it() -> None:
+    """The last attempt is never failed over to nobody: a dead runner-up does not count."""
+    assert list(worth_trying(["a", "b"], lambda d: d, lambda d: d == "b")) == [("a", True)]

@@ -97,6 +97,24 @@ def test_peer_whose_will_fired_is_not_waited_for(env: Env) -> None:
     assert out["auction_ms"] < 5000
 
 
+def test_a_device_that_only_asks_neither_bids_nor_is_waited_for(env: Env) -> None:
+    """configs/orchestrator.yaml: a node with no NPU and no CPU runner. Its peers'
+    auctions close on the other devices' bids, even while it is frozen."""
+    caller = env.config("caller", auction={"bid_timeout_s": 20})
+    worker = env.config("worker", cpu=sim(base_ms=1))
+    with env.node(worker), env.node_process(env.config("asker")) as asker:
+        code, out, _, err = env.trigger(caller, "first")
+        assert code == 0 and out is not None, err
+        assert [b["device"] for b in out["bids"]] == ["worker"] and out["roster"] == ["worker"]
+        asker.pause()  # online by keepalive, answering nothing
+        try:
+            code, out, _, err = env.trigger(caller, "while it is frozen")
+        finally:
+            asker.resume()
+    assert code == 0 and out is not None, err
+    assert out["roster"] == ["worker"] and out["warnings"] == [], out["warnings"]
+
+
 def test_peer_dying_mid_auction_shrinks_the_roster(env: Env) -> None:
     hub = env.config("hub", auction={"bid_timeout_s": 20})
     alive = env.config("alive", cpu=sim(base_ms=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -13,9 +14,9 @@ from agent.ledger import Admit, Attach, Decline, Ignore, JobLedger, Replay
 from agent.messages import Cancel, Declined, Job, cancel_check, encode_result
 
 
-def ledger(recorded: dict[str, Recorded] | None = None, keep: int = 4096) -> JobLedger:
+def ledger(recorded: dict[str, Recorded] | None = None, keep: int = 4096, **shares: Any) -> JobLedger:
     journal = recorded if recorded is not None else {}
-    return JobLedger("node", recorded=journal.get, encode=encode_result, keep=keep)
+    return JobLedger("node", recorded=journal.get, encode=encode_result, keep=keep, **shares)
 
 
 KEY = "the-origins-secret-key"
@@ -150,6 +151,17 @@ def test_a_cancel_that_came_first_with_the_wrong_key_does_not_stop_the_job() -> 
     assert isinstance(lg.receive(job(claim), 0.0), Admit)
 
 
+def test_a_forged_cancel_does_not_overwrite_a_genuine_one_that_came_before_the_job() -> None:
+    """Without the ACL anyone can cancel in the origin's name, with a key of their own."""
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    lg.cancel(Cancel("r1", "hub", KEY, "failed over"))
+    lg.cancel(Cancel("r1", "hub", "a-guess", "forged"))
+    assert lg.cancelled(Cancel("r1", "hub", KEY))
+    verdict = lg.receive(job(claim), 0.0)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "cancelled", "the abandoned job never starts"
+
+
 @pytest.mark.parametrize("forged", [Cancel("r1", "hub", "a-guess"), Cancel("r1", "hub", ""),
                                     Cancel("r1", "evil", KEY), Cancel("r1", "hub", cancel_check(KEY))])
 def test_only_the_key_of_the_job_cancels_it(forged: Cancel) -> None:
@@ -202,8 +214,8 @@ def test_finish_forgets_the_run_and_the_lifecycle_follows_the_table() -> None:
 
 
 def test_memories_are_bounded_oldest_first_and_hold_exactly_keep() -> None:
-    lg = ledger(keep=3)
-    claims = [lg.offer(f"r{i}", "hub") for i in range(5)]
+    lg = ledger(keep=3, claims_per_caller=3)
+    claims = [lg.offer(f"r{i}", "hub") or "" for i in range(5)]
     assert isinstance(lg.receive(job(claims[0], rid="r0"), 0.0), Decline), "r0's claim was forgotten"
     assert isinstance(lg.receive(job(claims[1], rid="r1"), 0.0), Decline), "... and r1's: exactly three kept"
     assert isinstance(lg.receive(job(claims[2], rid="r2"), 0.0), Admit), "the last three are kept"
@@ -211,3 +223,31 @@ def test_memories_are_bounded_oldest_first_and_hold_exactly_keep() -> None:
         lg.offer(f"c{i}", "hub")
         lg.cancel(Cancel(f"c{i}", "hub", KEY))
     assert not lg.cancelled(Cancel("c0", "hub", KEY)) and lg.cancelled(Cancel("c4", "hub", KEY))
+
+
+def test_a_flood_of_calls_from_one_device_forgets_only_its_own_claims() -> None:
+    """6000 calls from bob while alice's auction is open: alice's claim is still good."""
+    lg = ledger()
+    claim = lg.offer("alice-job", "alice", 0.0) or ""
+    for i in range(6000):
+        lg.offer(f"flood-{i}", "bob", 1.0 + i)  # spread out: never over his rate
+    admitted(lg, job(claim, rid="alice-job", origin="alice"))
+
+
+def test_each_caller_has_its_own_call_rate() -> None:
+    lg = ledger(call_burst=3, call_rate=2.0)
+    assert [lg.offer(f"b{i}", "bob", 0.0) is not None for i in range(5)] == [True] * 3 + [False] * 2
+    assert lg.offer("b0", "bob", 0.0), "a call asked again is no new call: the same claim"
+    assert lg.offer("a0", "alice", 0.0), "alice has her own share"
+    assert lg.offer("b5", "bob", 0.5) and lg.offer("b6", "bob", 0.5) is None, "one more call per 1/rate s"
+
+
+def test_callers_are_bounded_least_recently_heard_first() -> None:
+    lg = ledger(callers=2)
+    kept = lg.offer("r-a", "a", 0.0) or ""
+    gone = lg.offer("r-b", "b", 0.0) or ""
+    lg.offer("r-a2", "a", 0.0)
+    lg.offer("r-c", "c", 0.0)  # b is forgotten, not a
+    admitted(lg, job(kept, rid="r-a", origin="a"))
+    assert isinstance(lg.receive(job(gone, rid="r-b", origin="b"), 0.0), Decline)
+    assert lg.offer("r-b", "c", 0.0), "a forgotten rid belongs to nobody"

@@ -32,7 +32,7 @@ def done(job: Job, device: str) -> list[ResultEvent]:
 
 def failed(job: Job, device: str) -> list[ResultEvent]:
     return [Accepted(job.rid, device, job.mode, digest=job.digest),
-            Error(job.rid, device, "the model crashed", kind="failed")]
+            Error(job.rid, device, "the model crashed", kind="failed", digest=job.digest)]
 
 
 class ScriptedFleet:
@@ -79,7 +79,7 @@ class ScriptedFleet:
         return [t for t, _ in self.published if (p := T.parse(t)) is not None and p.kind == "cancel"]
 
     # roster
-    def bidders(self, model: str | None = None) -> frozenset[str]:
+    def bidders(self, model: str | None = None, need: str = "any") -> frozenset[str]:
         return frozenset(self.peers)
 
     def listen(self, listener: Callable[[str, bool], None]) -> Callable[[], None]:
@@ -87,6 +87,12 @@ class ScriptedFleet:
 
     def may_have_free_npu(self, device: str) -> bool:
         return False
+
+    def vouched(self, bids: dict[str, Bid]) -> dict[str, Bid]:
+        return bids
+
+    def known(self) -> dict[str, bool]:
+        return {device: True for device in self.peers}
 
     # fleet
     def sync(self) -> None:

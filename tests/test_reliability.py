@@ -237,6 +237,29 @@ def test_winner_killed_before_any_token_fails_over_under_the_same_rid(env: Env) 
     assert executions(env.tmp / "first.log").get(out["rid"], {"done": 0})["done"] == 0
 
 
+def test_a_dead_winners_other_mode_is_never_tried_the_runner_up_gets_it_at_once(env: Env) -> None:
+    """aa-first wins on its NPU and has a CPU too (it ranks above zz-second's): killed after
+    ``accepted``, its Will fires and zz-second is sent the job next, without a try of
+    aa-first's CPU that would wait out the accept timeout on the dead device."""
+    hub = env.config("hub", auction={"accept_timeout_s": 30})
+    never = Gate(env.tmp / "never")
+    first = env.config("aa-first", npu=job(env.tmp / "first.log", "hold", never),
+                       cpu=job(env.tmp / "first.log", "hold", never))
+    second = env.config("zz-second", cpu=job(env.tmp / "second.log", "quick"))
+    t = env.topics
+    with env.node_process(second), env.node_process(first) as doomed, env.spy(f"{env.prefix}#") as spy:
+        bg = Background(env, hub, "the prompt")
+        spy.wait_for(result_of("accepted", "aa-first"), what="accepted by aa-first")
+        doomed.kill()
+        code, out, err = bg.result()
+        said = list(spy.seen)
+    assert code == 0 and out is not None, err
+    assert out["attempts"] == [{"device": "aa-first", "outcome": "went offline"},
+                               {"device": "zz-second", "outcome": "done"}]
+    jobs = [Job.from_payload(m.payload).mode for m in said if m.topic == t.exec("aa-first")]
+    assert jobs == ["npu"], "the dead device's CPU was never sent the job"
+
+
 def test_winner_killed_after_streaming_reports_the_partial_text(env: Env) -> None:
     code, out, _ = kill_the_winner(env, "token-then-hold", kill_when="token")
     assert code == 1

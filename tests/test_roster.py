@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.bus import Message
 from agent.messages import Metrics, Snapshot
 from agent.roster import Roster
@@ -76,3 +78,51 @@ def test_only_live_metrics_measure_a_clock_a_retained_one_may_be_old() -> None:
     live = metrics("a")
     roster.handle_metrics(Message(live.topic, live.payload, retain=False))
     assert roster.offsets.offset("a") == 60.0
+
+
+def test_an_auction_does_not_wait_for_a_device_that_can_run_nothing() -> None:
+    """A device that only asks (no NPU, no CPU runner) never bids: nobody waits for it."""
+    from dataclasses import replace
+    roster = roster_of(asker=True, cpu=True, npu=True)
+    for device, npu, slots in (("asker", False, 0), ("cpu", False, 1), ("npu", True, 0)):
+        m = Metrics.from_payload(metrics(device, npu=npu).payload)
+        roster.handle_metrics(Message(TOPICS.metrics(device), replace(
+            m, snapshot=replace(m.snapshot, cpu_slots=slots)).to_payload(), retain=True))
+    assert roster.bidders() == {"cpu", "npu"}
+    assert roster.bidders(need="npu") == {"npu"}, "a job that needs an NPU waits for the NPUs only"
+
+
+def caps(device: str, npu: bool = False, models: tuple[str, ...] | None = None) -> Message:
+    from agent.messages import Capabilities
+    return Message(TOPICS.capabilities(device), Capabilities(device, npu, models).to_payload(), retain=True)
+
+
+def bid(device: str, *, npu: bool, models: dict[str, str] | None = None) -> Any:
+    from agent.messages import Bid, ModelInfo
+    snap = Snapshot(has_npu=npu, npu_free=npu, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1.0, load1=0.0,
+                    queue_depth=0, models={mode: ModelInfo(name) for mode, name in (models or {}).items()})
+    return Bid("r1", device, "hub", "claim", snap)
+
+
+def test_claims_beyond_what_the_operator_granted_are_ignored() -> None:
+    roster = roster_of(liar=True, board=True, cpu=True)
+    bids = {"liar": bid("liar", npu=True), "board": bid("board", npu=True, models={"npu": "llama", "cpu": "qwen"}),
+            "cpu": bid("cpu", npu=False, models={"cpu": "qwen"})}
+    assert roster.vouched(bids) == bids, "no records in the fleet: claims are taken as they are"
+    roster.handle_capabilities(caps("board", npu=True, models=("llama",)))
+    roster.handle_capabilities(caps("cpu"))
+    vouched = roster.vouched(bids)
+    assert not vouched["liar"].snapshot.has_npu and not vouched["liar"].snapshot.npu_free, "no record: no NPU"
+    assert vouched["board"].snapshot.npu_free and set(vouched["board"].snapshot.models) == {"npu"}, "llama only"
+    assert vouched["cpu"] == bids["cpu"], "within its grant: untouched"
+    assert not roster.may_have_free_npu("liar") and roster.may_have_free_npu("board")
+
+
+def test_a_capabilities_record_must_name_its_own_device_and_can_be_cleared() -> None:
+    roster = roster_of(liar=True)
+    forged = caps("liar", npu=True)
+    roster.handle_capabilities(Message(TOPICS.capabilities("other"), forged.payload, retain=True))
+    roster.handle_capabilities(caps("someone"))
+    assert not roster.vouched({"liar": bid("liar", npu=True)})["liar"].snapshot.has_npu
+    roster.handle_capabilities(Message(TOPICS.capabilities("someone"), b"", retain=True))
+    assert roster.vouched({"liar": bid("liar", npu=True)})["liar"].snapshot.has_npu, "no records left"

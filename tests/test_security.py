@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from agent.messages import (
     Bid,
     BidRequest,
     Cancel,
+    Capabilities,
     Job,
     Metrics,
     cancel_check,
@@ -90,15 +92,18 @@ def provision(*argv: str) -> str:
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     work = tmp_path_factory.mktemp("secured")
     pki, port = work / "pki", free_port()
+    # Both listeners, as a default provisioning writes them: devices use the TLS one.
     provision("--dir", str(pki), "init", "--broker-host", "127.0.0.1", "--broker-host", "localhost",
-              "--port", str(port), "--loopback-port", "0", "--prefix", PREFIX,
+              "--port", str(port), "--loopback-port", str(free_port()), "--prefix", PREFIX,
               "--broker-dir", str(pki / "broker"), "--device-dir", str(pki / "devices" / "{device}"))
     for device in DEVICES:
         assert f"device_id: {device}" in provision("--dir", str(pki), "add", device)
-    for operator in ("homeassistant", "dashboard"):  # one connection each: client id = username
+    for operator in ("homeassistant", "dashboard", "admin"):  # one connection each: client id = username
         provision("--dir", str(pki), "add", operator, "--operator")
-    broker = LocalMosquitto(work / "mosquitto", port=port, conf=pki / "broker" / "edge-agent.conf")
+    broker = LocalMosquitto(work / "mosquitto", port=port, conf=pki / "broker" / "edge-agent.conf",
+                            listeners_as_written=True)
     broker.start()
+    provision("--dir", str(pki), "publish", "--as", "admin")  # what each device may claim: no NPU
     yield Secured(broker, pki, work)
     broker.stop()
 
@@ -174,7 +179,7 @@ def test_a_device_reads_nothing_addressed_to_another(secured: Secured, watch: Ar
         bob.stop()
     kinds = {T.parse(topic).kind for topic in seen if T.parse(topic)}  # type: ignore[union-attr]
     assert "bid_request" in kinds, "bob does see the public calls for bids (the spy works)"
-    assert kinds <= {"bid_request", "availability", "metrics", "presence"}, seen
+    assert kinds <= {"bid_request", "availability", "metrics", "presence", "capabilities"}, seen
 
 
 def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, watch: ArrivalWatch) -> None:
@@ -203,6 +208,9 @@ def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, 
             bob.publish(T.result("alice", rid, "worker"),
                         b'{"v":2,"type":"done","rid":"' + rid.encode() + b'","device":"worker","text":"pwned",'
                         b'"timings":{}}')
+            bob.publish(T.result("alice", rid, "worker"), json.dumps(
+                {"v": 2, "type": "error", "rid": rid, "device": "worker", "reason": "bob says it failed",
+                 "digest": forged.digest}).encode())
             assert bob.barrier(WAIT_S)
             gate.release()
             code, out, err = asked.result()
@@ -222,9 +230,13 @@ def test_no_device_can_take_over_anothers_session(secured: Secured, watch: Arriv
     presence = Spy(ha, T.availability("worker"))
     try:
         with secured.node("worker", watch, cpu=job(runs, "quick")) as worker:
+            # On the TLS listener devices use (what the device's own config names).
+            assert secured.broker_config("bob").tls is not None
             impostor = secured.client("bob", client_id="worker")  # the broker makes it "bob"
             impostor.stop()
             assert ha.barrier(WAIT_S)
+            taken = [line for line in secured.broker.log_lines if "already connected" in line]
+            assert not taken, taken
             assert worker.running and not [m for m in presence.seen if m.payload == b"offline" and not m.retain], \
                 "worker was never knocked off"
             code, out, err = trigger(secured.config("alice"), "still there")
@@ -290,8 +302,10 @@ def test_the_broker_files_work_the_debian_way(secured: Secured, tmp_path: Path) 
     persistence (repeating its location stops Mosquitto) and includes conf.d."""
     confd = tmp_path / "conf.d"
     confd.mkdir()
-    (confd / "edge-agent.conf").write_text((secured.pki / "broker" / "edge-agent.conf").read_text()
-                                           .replace(f"listener {secured.broker.port}\n", f"listener {free_port()}\n"))
+    conf = (secured.pki / "broker" / "edge-agent.conf").read_text()
+    conf = re.sub(r"^listener \d+ 127\.0\.0\.1$", f"listener {free_port()} 127.0.0.1", conf, flags=re.M)
+    conf = conf.replace(f"listener {secured.broker.port}\n", f"listener {free_port()}\n")
+    (confd / "edge-agent.conf").write_text(conf)
     main_conf = tmp_path / "mosquitto.conf"
     main_conf.write_text(f"persistence true\npersistence_location {tmp_path}/\nlog_dest stderr\nlog_type information\n"
                          f"include_dir {confd}\n")
@@ -303,3 +317,165 @@ def test_the_broker_files_work_the_debian_way(secured: Secured, tmp_path: Path) 
     finally:
         broker.stop()
     assert problems == [], problems
+
+
+def test_every_listener_provision_writes_makes_the_username_the_client_id(secured: Secured) -> None:
+    """Mosquitto applies use_username_as_clientid to the listener it follows only."""
+    conf = (secured.pki / "broker" / "edge-agent.conf").read_text()
+    blocks = re.split(r"^(?=listener )", conf, flags=re.M)[1:]
+    assert len(blocks) == 2, conf
+    for block in blocks:
+        assert re.search(r"^use_username_as_clientid true$", block, flags=re.M), block.splitlines()[0]
+
+
+def test_on_an_open_broker_a_result_without_the_jobs_digest_is_not_believed(env: Env) -> None:
+    """Without the ACL anyone may publish in the worker's name. A forged ``done`` or
+    ``error`` that does not carry the digest of the job sent is not about it: the user
+    gets the genuine answer, not the forgery, and the job is not aborted."""
+    runs, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    t = env.topics
+    with env.node_process(env.config("worker", cpu=job(runs, "hold", gate))), env.spy(f"{env.prefix}#") as spy:
+        answer: list[tuple[int, dict[str, Any] | None, str, str]] = []
+        asking = threading.Thread(target=lambda: answer.append(env.trigger(env.config("hub"),
+                                                                           "the real question")))
+        asking.start()
+        try:
+            accepted = spy.wait_for(lambda m: (p := t.parse(m.topic)) is not None and p.kind == "result"
+                                    and b'"accepted"' in m.payload, what="the job accepted")
+            rid = json.loads(accepted.payload)["rid"]
+            for forged in ({"type": "error", "reason": "bob says it failed", "kind": "failed"},
+                           {"type": "done", "text": "pwned", "timings": {}}):
+                spy.publish(t.result("hub", rid, "worker"),
+                            json.dumps({"v": 2, "rid": rid, "device": "worker", **forged}).encode())
+        finally:
+            gate.release()
+            asking.join(60)
+    code, out, _, err = answer[0]
+    assert code == 0, err
+    assert out is not None and out["text"].split() == ["the", "real", "question"]
+
+
+def test_retained_calls_for_bids_and_jobs_are_never_acted_on(secured: Secured, watch: ArrivalWatch) -> None:
+    """bob leaves a call for bids and a job retained on the broker: every node that
+    connects later would bid on the call and answer the job. Neither is ever genuine.
+    (alice's node: a device that never had a node session, so its subscriptions are new
+    and the broker hands it the retained messages as such.)"""
+    runs = secured.work / "runs-retained.log"
+    bob = secured.client("bob")
+    answers = Spy(bob, f"{PREFIX}#")  # bob reads the bids and results addressed to him
+    retained = [(T.bid_request("left-behind", "bob"), BidRequest("left-behind", "bob", 3600.0, 1, 8).to_payload()),
+                (T.exec("alice"), Job("left-job", "bob", "cpu", "a-guess", "bob's question", 8, 3600.0, 3600.0,
+                                       T.result_stem("bob", "left-job")).to_payload())]
+    try:
+        for topic, payload in retained:
+            bob.publish(topic, payload, retain=True)
+        assert bob.barrier(WAIT_S)
+        with secured.node("alice", watch, cpu=job(runs, "quick")):
+            # A genuine job after them: the node has seen both retained ones by then.
+            code, out, err = trigger(secured.config("worker"), "after the retained ones")
+            assert code == 0 and out is not None and out["winner"] == "alice", err
+        assert bob.barrier(WAIT_S)
+    finally:
+        for topic, _ in retained:
+            bob.publish(topic, b"", retain=True)
+        bob.barrier(WAIT_S)
+        bob.stop()
+    acted = [m.topic for m in answers.seen if (p := T.parse(m.topic)) is not None
+             and p.kind in ("bid_reply", "result") and p.rid in ("left-behind", "left-job")]
+    assert acted == [], f"the node acted on retained messages: {acted}"
+    assert "left-job" not in executions(runs)
+
+
+def test_a_flood_of_calls_from_one_device_does_not_void_anothers_auction(secured: Secured,
+                                                                         watch: ArrivalWatch) -> None:
+    """6000 calls for bids from bob between worker's bid to alice and alice's job: the
+    claim worker gave alice is still good (each caller has its own share of claims)."""
+    runs = secured.work / "runs-flood.log"
+    alice, bob = secured.client("alice"), secured.client("bob")
+    try:
+        with secured.node("worker", watch, cpu=job(runs, "quick")):
+            mail = Spy(alice, f"{PREFIX}#")
+
+            def call(rid: str) -> Bid:
+                mail.publish(T.bid_request(rid, "alice"), BidRequest(rid, "alice", 30.0, 1, 8).to_payload())
+                return Bid.from_payload(mail.wait_for(lambda m: m.topic == T.bid_reply("alice", rid, "worker"),
+                                                      what=f"worker's bid for {rid}").payload)
+            bid = call("genuine")
+            for i in range(6000):
+                bob.publish(T.bid_request(f"flood-{i}", "bob"), BidRequest(f"flood-{i}", "bob", 30.0, 1, 8)
+                            .to_payload())
+            assert bob.barrier(60)
+            call("after-the-flood")  # worker has handled every call of the flood by then
+            mail.publish(T.exec("worker"), Job("genuine", "alice", "cpu", bid.claim, "the genuine job", 8, 30.0, 60.0,
+                                               T.result_stem("alice", "genuine")).to_payload())
+            end = mail.wait_for(lambda m: m.topic == T.result("alice", "genuine", "worker")
+                                and decode_result(m.payload).type in ("done", "declined", "error"), what="its end")
+    finally:
+        alice.stop()
+        bob.stop()
+    event = decode_result(end.payload)
+    assert event.type == "done", event
+    assert executions(runs) == {"genuine": {"start": 1, "done": 1}}
+
+
+def test_a_device_that_claims_hardware_it_was_not_granted_is_not_picked_for_it(secured: Secured,
+                                                                                watch: ArrivalWatch) -> None:
+    """bob's node bids a free NPU; the operator's record for bob (provision publish) grants
+    none, so alice's orchestrator ignores the claim and the prompt goes to worker. And bob
+    cannot write his own record."""
+    bob_runs, worker_runs = secured.work / "runs-liar.log", secured.work / "runs-honest.log"
+    bob = secured.client("bob")
+    try:
+        bob.publish(T.capabilities("bob"), Capabilities("bob", npu=True).to_payload(), retain=True)
+        assert bob.barrier(WAIT_S)
+    finally:
+        bob.stop()
+    with secured.node("worker", watch, cpu=job(worker_runs, "quick")), \
+            secured.node("bob", watch, npu=job(bob_runs, "quick")):
+        code, out, err = trigger(secured.config("alice"), "who has an NPU?")
+    assert code == 0 and out is not None, err
+    assert [b["has_npu"] for b in out["bids"] if b["device"] == "bob"] == [False], "its claim, as vouched for"
+    assert (out["winner"], out["path"]) == ("worker", "peer-cpu")
+    assert executions(bob_runs) == {}
+
+
+def test_provision_keeps_what_each_device_may_claim_and_clears_a_removed_ones(tmp_path: Path) -> None:
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("provision_script", str(REPO / "scripts" / "provision"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    script = importlib.util.module_from_spec(spec)
+    loader.exec_module(script)
+    pki = tmp_path / "pki"
+    provision("--dir", str(pki), "init", "--broker-host", "127.0.0.1", "--prefix", PREFIX)
+    provision("--dir", str(pki), "add", "board", "--npu", "--model", "llama")
+    provision("--dir", str(pki), "add", "laptop")
+    provision("--dir", str(pki), "add", "gone")
+    provision("--dir", str(pki), "remove", "gone")
+    provision("--dir", str(pki), "grant", "laptop", "--model", "qwen")
+    records = dict(script.Pki(pki).records())
+    assert records[T.capabilities("gone")] == b"", "a removed device's record is cleared"
+    assert Capabilities.from_payload(records[T.capabilities("board")]) == Capabilities("board", True, ("llama",))
+    assert Capabilities.from_payload(records[T.capabilities("laptop")]) == Capabilities("laptop", False, ("qwen",))
+    assert "an NPU, models llama" in provision("--dir", str(pki), "list")
+
+
+def test_on_an_open_broker_a_forged_cancel_does_not_undo_a_genuine_one_before_the_job(env: Env) -> None:
+    """hub abandons a job before it reaches worker (its cancel comes first); bob, who reads
+    everything here, cancels the same rid in hub's name with a key of his own. The job,
+    when it arrives, must still be declined, never run."""
+    runs = env.tmp / "runs.log"
+    t = env.topics
+    with env.node_process(env.config("worker", cpu=job(runs, "quick"))), env.spy(f"{env.prefix}#") as spy:
+        bid = bid_for(spy, t, "r1", "worker")
+        key = new_cancel_key()
+        spy.publish(t.cancel("worker", "hub"), Cancel("r1", "hub", key, "failed over").to_payload())
+        spy.publish(t.cancel("worker", "hub"), Cancel("r1", "hub", new_cancel_key(), "bob's").to_payload())
+        spy.publish(t.exec("worker"), Job("r1", "hub", "cpu", bid.claim, "abandoned", 8, 5.0, 60.0,
+                                          t.result_stem("hub", "r1"), cancel_check=cancel_check(key)).to_payload())
+        end = decode_result(spy.wait_for(lambda m: m.topic == t.result("hub", "r1", "worker")
+                                         and decode_result(m.payload).type in ("declined", "accepted"),
+                                         what="the job's fate").payload)
+    assert end.type == "declined" and getattr(end, "reason", "") == "cancelled", end
+    assert executions(runs) == {}

@@ -40,7 +40,9 @@ def test_private_topics_name_who_may_read_and_write_them() -> None:
 
 def test_public_names_keep_the_seed_layout() -> None:
     t = Topics("p/")
-    assert t.bid_request("r") == "p/bid/request/r" and t.all_bid_requests() == "p/bid/request/+"
+    assert t.bid_request("r") == "p/bid/request/r", "still heard from orchestrators before calls named their caller"
+    assert t.bid_request("r", "hub") == "p/bid/request/r/hub" and t.all_bid_requests() == "p/bid/request/#"
+    assert t.parse("p/bid/request/r/hub") == ParsedTopic("bid_request", rid="r", origin="hub")
     assert t.exec("d") == "p/exec/d"
     assert t.ha_config("d") == "homeassistant/device/d/config", "HA discovery is not prefixed"
 
@@ -48,7 +50,8 @@ def test_public_names_keep_the_seed_layout() -> None:
 @pytest.mark.parametrize("topic", ["other/agent/d/metrics", "agent/d/unknown", "agent/d/metrics/extra",
                                    "bid/request/bad id", "result/hub/r", "exec/a/b/c", "", "agent//metrics",
                                    "bid/reply/r/d", "exec/d/cancel", "result/hub/r/d/x", "agent/d\n/metrics",
-                                   "result/hub/r/bad id", "result/hub/bad id/d", "bid/reply/hub/r/bad id"])
+                                   "result/hub/r/bad id", "result/hub/bad id/d", "bid/reply/hub/r/bad id",
+                                   "bid/request/r/bad id", "bid/request/r/hub/x"])
 def test_foreign_or_malformed_topics_parse_to_none(topic: str) -> None:
     assert Topics().parse(topic) is None
 

@@ -39,19 +39,23 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 class LocalMosquitto:
     def __init__(self, workdir: Path, *, port: int | None = None, conf: Path = DEV_CONF,
-                 extra_conf: str = "", persistence: bool = True):
+                 extra_conf: str = "", persistence: bool = True, listeners_as_written: bool = False):
         self.workdir = Path(workdir)
         self.persistence = persistence
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.conf = conf
         self.extra_conf = extra_conf
+        # True: keep every listener of ``conf`` (its own ports; ``port`` is the one clients
+        # use), as a provisioned broker has them; False: one listener, on ``port``.
+        self.listeners_as_written = listeners_as_written
         self.log_lines: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
         text = self.conf.read_text()
-        text = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", text, flags=re.M)
+        if not self.listeners_as_written:
+            text = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", text, flags=re.M)
         text = re.sub(r"^persistence_location .*$", f"persistence_location {self.workdir}/", text, flags=re.M)
         text = re.sub(r"^persistence .*$", f"persistence {'true' if self.persistence else 'false'}", text, flags=re.M)
         if not re.search(r"^persistence ", text, flags=re.M):  # a conf.d file: the main file would say
