@@ -42,6 +42,7 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("dispatched", "done"): "done",
     ("dispatched", "error"): "failed",
     ("dispatched", "declined"): "passed",
+    ("dispatched", "unavailable"): "passed",  # its model server is down: nothing ran, fail over
     ("dispatched", "accept_timeout"): "passed",
     ("dispatched", "winner_offline"): "passed",
     ("dispatched", "timeout"): "failed",      # no runner-up, and it never answered
@@ -50,6 +51,7 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("running", "done"): "done",
     ("running", "error"): "failed",
     ("running", "winner_offline"): "passed",  # nothing streamed yet: fail over
+    ("running", "unavailable"): "passed",
     ("running", "timeout"): "failed",
     ("streaming", "token"): "streaming",
     ("streaming", "done"): "done",

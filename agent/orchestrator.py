@@ -464,7 +464,7 @@ class Orchestrator:
                 claim.release()
         fsm.fire("done")
         return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens,
-                      result.prompt_tokens), "done"
+                      result.prompt_tokens, result.finish_reason), "done"
 
     def _slot_progress(self) -> Callable[[float], None]:
         shown = [0.0]

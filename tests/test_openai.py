@@ -27,9 +27,11 @@ def test_streams_the_answer_and_measures_ttft() -> None:
     assert result.text == "The quick brown fox jumps." == "".join(parts)
     assert len(parts) == 5
     assert result.timings.prefill_ms >= 5 and result.timings.decode_ms >= 4 * 5
-    assert (result.prompt_tokens, result.generated_tokens) == (7, 5)
+    assert (result.prompt_tokens, result.generated_tokens) == (3, 5)  # the server's counts: 1 + a word each
+    assert result.finish_reason == "stop"
     body = server.requests[0]["body"]
     assert body["stream"] is True and body["max_tokens"] == 50 and body["temperature"] == 0.3
+    assert body["stream_options"] == {"include_usage": True}
     assert body["messages"] == [{"role": "user", "content": "say it"}]
     assert body["model"] == "llama3.2:1b"
 
