@@ -32,6 +32,7 @@ ORCHESTRATION: Mapping[tuple[str, str], str] = {
     ("dispatched", "answered"): "done",
     ("dispatched", "failed"): "failed",
     ("running_local", "done"): "done",
+    ("running_local", "passed"): "closed",    # its model server is down: the runner-up
     ("running_local", "error"): "failed",
 }
 

@@ -376,3 +376,66 @@ def test_a_node_whose_engine_is_down_passes_the_job_on_and_sits_out_until_it_ret
                              what="a's metrics saying it is back")
                 code, out, _, err = env.trigger(c, "hello once more", "--max-new-tokens", "4")
                 assert code == 0 and out is not None and len(out["bids"]) == 2, out
+
+
+def _two_at_once(port: int, max_tokens: int) -> list[Any]:
+    """Two chat requests to `serve` at the same time: each answer, or the error it raised."""
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=WAIT_S)
+    out: list[Any] = [None, None]
+
+    def one(i: int) -> None:
+        try:
+            out[i] = api.chat.completions.create(model=MODEL, max_tokens=max_tokens,
+                                                 messages=[{"role": "user", "content": f"tell me story {i}"}])
+        except Exception as exc:  # reported by the caller
+            out[i] = exc
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    return out
+
+
+def test_two_jobs_on_a_node_with_two_slots_come_back_whole(eng: Engine, env: Env) -> None:
+    port = free_port()
+    path = env.config("gw", cpu=openai_cpu(eng.base_url), slots=2, serve={"enabled": True, "port": port})
+    with env.node(path):
+        answers = _two_at_once(port, 200)
+    for a in answers:
+        assert not isinstance(a, BaseException), a
+        assert a.choices[0].finish_reason == "length"
+        assert a.usage.completion_tokens == 200 or not eng.reports_stream_usage
+
+
+@pytest.mark.parametrize("kind", ["stand-in", "llama-cpp-python"])
+def test_a_job_cut_off_by_the_engine_fails_through_the_fleet(kind: str, model: Path, env: Env) -> None:
+    """llama-cpp-python's server at its default: with two jobs at once on a node with two
+    slots, the engine cuts one off — which used to come back ok, with a third of its answer."""
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    with engine(kind, model, interrupt=True) as e:
+        path = env.config("gw", cpu=openai_cpu(e.base_url), slots=2, serve={"enabled": True, "port": port})
+        with env.node(path):
+            answers = _two_at_once(port, 200)
+    failed = [a for a in answers if isinstance(a, openai.APIStatusError)]
+    assert failed, answers
+    assert all("without a finish reason" in str(a) for a in failed), failed
+    for a in answers:
+        if not isinstance(a, BaseException):
+            assert a.choices[0].finish_reason == "length"
+
+
+def test_a_trigger_whose_own_engine_is_down_passes_the_job_on(env: Env) -> None:
+    """No node daemon on the device: `trigger` runs its own CPU share in-process."""
+    with FakeOpenAI(answer=None, models=(MODEL,)) as fake:
+        a = env.config("a", cpu=openai_cpu(f"http://127.0.0.1:{free_port()}/v1"),
+                       auction={"policy": "round_robin", "bid_timeout_s": 20})  # a (itself) first
+        b = env.config("b", cpu=openai_cpu(fake.base_url))
+        with env.node(b):
+            code, out, _, err = env.trigger(a, "hello there", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out is not None and out["winner"] == "b" and out["finish_reason"] == "length"
+    assert [x["device"] for x in out["attempts"]] == ["a", "b"]
+    assert out["attempts"][0]["outcome"].startswith("unavailable:"), out["attempts"]
