@@ -328,6 +328,9 @@ def test_the_fleet_answers_with_the_engines_finish_reason_and_counts(eng: Engine
         assert out is not None and out["finish_reason"] == "length" and out["text"]
         if eng.reports_stream_usage:
             assert out["usage"] == {"prompt_tokens": truth["usage"]["prompt_tokens"], "completion_tokens": 12}
+        t = out["timings"]
+        if eng.kind != "llama-cpp-python":  # the engine's timings: what the node's service record learns from
+            assert t["init_ms"] > 0 and t["prefill_ms"] > 0 and t["decode_ms"] > 0, t
 
 
 def test_serve_passes_the_engines_finish_reason_when_it_stopped_short(env: Env) -> None:

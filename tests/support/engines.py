@@ -148,7 +148,7 @@ def engine(kind: str, model: Path, *, slots: int = 1, api_key: str | None = None
     port = port or free_port()
     if kind == "stand-in":
         with FakeOpenAI(answer=None, models=(MODEL,), api_key=api_key, slots=slots, context=context,
-                        interrupt=interrupt, port=port, timings=True) as fake:
+                        interrupt=interrupt, port=port, timings=True, prefill_ms=2) as fake:
             yield Engine(kind, fake.base_url, slots, api_key, fake=fake)
         return
     log_lines: list[str] = []
