@@ -58,6 +58,7 @@ class Answer:
     timings: Timings = field(default_factory=Timings)
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    finish_reason: str = ""            # the engine's, where it said ("stop", "length", …)
 
 
 def teaches_the_learner(answer: Answer) -> bool:
@@ -159,9 +160,13 @@ class DispatchState:
             return CONTINUE  # an end event after the end (a redelivered copy)
         if isinstance(ev, Done):
             self.fsm.fire("done")
-            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens)
+            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens,
+                            ev.finish_reason)
             return Step("finished", announce=self._announce(), outcome="done", answer=answer)
         assert isinstance(ev, Error)
+        if ev.kind == "unavailable" and self.fsm.can("unavailable"):
+            self.fsm.fire("unavailable")  # its model server is down and nothing streamed: the runner-up
+            return Step("next", outcome=f"unavailable: {ev.reason}")
         self.fsm.fire("error")
         answer = Answer(False, ERROR_KINDS.get(ev.kind, ExitCode.FAILED), ev.partial_text or self.text,
                         f"{self.device}: {ev.reason}")

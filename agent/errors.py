@@ -14,6 +14,7 @@
     │   ├── ExecutableNotFound    the binary is not on PATH (command)
     │   ├── CommandFailed         non-zero exit (argv, returncode, output_tail)
     │   ├── ExecutionTimeout      the wall-clock limit was hit (timeout_s)              → 4
+    │   ├── EngineUnavailable     the model server cannot be reached: fail over, mark the mode down
     │   └── Cancelled             the caller gave up on the job (why)
     └── NoCandidate            no device, local or peer, can run the job               → 3
 
@@ -205,6 +206,13 @@ class Cancelled(ExecutorError):
         super().__init__(executor, why, partial_text=partial_text)
 
 
+class EngineUnavailable(ExecutorError):
+    """The model server behind an executor cannot be reached (connection refused, no
+    route, still loading): nothing was run, so another device may take the job."""
+
+    kind = "unavailable"
+
+
 class NoCandidate(AgentError):
     """No device can run the job."""
 
@@ -220,4 +228,5 @@ ERROR_KINDS: dict[str, ExitCode] = {
     "cancelled": ExitCode.FAILED,
     "internal": ExitCode.FAILED,
     "busy": ExitCode.FAILED,
+    "unavailable": ExitCode.FAILED,
 }

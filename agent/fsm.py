@@ -32,6 +32,7 @@ ORCHESTRATION: Mapping[tuple[str, str], str] = {
     ("dispatched", "answered"): "done",
     ("dispatched", "failed"): "failed",
     ("running_local", "done"): "done",
+    ("running_local", "passed"): "closed",    # its model server is down: the runner-up
     ("running_local", "error"): "failed",
 }
 
@@ -42,6 +43,7 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("dispatched", "done"): "done",
     ("dispatched", "error"): "failed",
     ("dispatched", "declined"): "passed",
+    ("dispatched", "unavailable"): "passed",  # its model server is down: nothing ran, fail over
     ("dispatched", "accept_timeout"): "passed",
     ("dispatched", "winner_offline"): "passed",
     ("dispatched", "timeout"): "failed",      # no runner-up, and it never answered
@@ -50,6 +52,7 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("running", "done"): "done",
     ("running", "error"): "failed",
     ("running", "winner_offline"): "passed",  # nothing streamed yet: fail over
+    ("running", "unavailable"): "passed",
     ("running", "timeout"): "failed",
     ("streaming", "token"): "streaming",
     ("streaming", "done"): "done",

@@ -510,6 +510,7 @@ class Done:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     digest: str = ""        # of the job it answers (Job.digest)
+    finish_reason: str = ""  # the engine's ("stop", "length", …); "" if it did not say (or an older node)
     type: ClassVar[str] = "done"
 
 
@@ -552,7 +553,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
                     Timings.from_obj(f.get("timings", dict), kind),
                     f.integer("prompt_tokens", 0, MAX_TOKENS, optional=True) or 0,
                     f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0,
-                    f.text("digest", 64, optional=True) or "")
+                    f.text("digest", 64, optional=True) or "",
+                    f.text("finish_reason", 32, optional=True) or "")
     kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
     return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),

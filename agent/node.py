@@ -14,7 +14,10 @@ hands work to a worker (the NPU thread, the CPU gate's slot threads, the trigger
 - Execution: tokens are streamed as result events; the final event is written to the
   on-disk journal before the run is forgotten, so a redelivered copy is answered from it.
 - Health: a state_dir that cannot be written makes the node unhealthy — it stops bidding
-  and taking jobs, says why in its metrics, and recovers when the disk does. A node that
+  and taking jobs, says why in its metrics, and recovers when the disk does. A mode whose
+  model server cannot be reached (``Served.down``) is taken off the offer at once — no
+  CPU slots or model in the metrics and bids, its jobs declined, and with no mode left
+  the node's health says so and it sits auctions out — until a connect succeeds again. A node that
   finds another live node with its device_id stops (the caller exits 2).
 - Draining (SIGTERM): no more bids or jobs; what runs or waits is given ``drain_s`` to
   finish; then the node goes offline.
@@ -76,6 +79,7 @@ log = logging.getLogger(__name__)
 NPU_POLL_S = 0.5          # how quickly a claim by another process shows in metrics
 DISCONNECTED_POLL_S = 1.0  # with no broker there is nothing to publish to
 HEALTH_RETRY_S = 5.0       # how often an unhealthy node tries its state_dir again
+ENGINE_RETRY_S = 1.0       # how often a mode whose model server is down tries to connect
 # Metrics after a job changes state: soon, not per change (every peer decodes each one).
 METRICS_MIN_GAP_S = 0.2
 
@@ -295,15 +299,28 @@ class Node:
             self._metrics_due.set()
 
     def _npu_free(self) -> bool:
-        return self.npu_exec is not None and not self._npu_busy_here and self.npu_lock.is_free()
+        return self.npu_exec is not None and self.npu_exec.down is None and not self._npu_busy_here \
+            and self.npu_lock.is_free()
 
     def snapshot(self) -> Snapshot:
         models = {mode: info for mode, e in (("npu", self.npu_exec), ("cpu", self.cpu_exec))
-                  if e is not None and (info := e.model_info()) is not None}
+                  if e is not None and e.down is None and (info := e.model_info()) is not None}
+        cpu_up = self.cpu_exec is not None and self.cpu_exec.down is None
         return snapshot(self.sampler.sample(), has_npu=self.npu_exec is not None, npu_free=self._npu_free(),
                         models=models,
-                        cpu_slots=self.gate.slots, queue_depth=self.gate.depth, recent=self.latency.summary(),
-                        backlog_s=self.gate.backlog_s())
+                        cpu_slots=self.gate.slots if cpu_up else 0, queue_depth=self.gate.depth,
+                        recent=self.latency.summary(), backlog_s=self.gate.backlog_s())
+
+    def _engines_down(self) -> str | None:
+        """Why no mode can run anything now: every executor's model server is down."""
+        executors = [e for e in (self.npu_exec, self.cpu_exec) if e is not None]
+        if not executors or any(e.down is None for e in executors):
+            return None
+        return "model server down: " + "; ".join(e.down or "" for e in executors)
+
+    def _retry_engines(self) -> bool:
+        """Try the model servers that are down; True if one came back."""
+        return any(e.down is not None and e.back() for e in (self.npu_exec, self.cpu_exec) if e is not None)
 
     def _expected(self, run: Run) -> float:
         """A queued job's expected service time, from this device's own record."""
@@ -319,7 +336,9 @@ class Node:
         self.bus.publish(self.topics.metrics(self.me), msg.to_payload(), retain=True)
 
     def _health_word(self) -> str:
-        return self.health if self.health != "ok" else ("draining" if self.draining else "ok")
+        if self.health != "ok":
+            return self.health
+        return "draining" if self.draining else (self._engines_down() or "ok")
 
     def _metrics_loop(self) -> None:
         """Publish metrics every interval, and soon after a job changes state — at most
@@ -328,6 +347,7 @@ class Node:
         the NPU (seen by polling); retry an unwritable state_dir while unhealthy."""
         next_at = time.monotonic()
         next_health = next_at
+        next_engines = next_at
         published_at = -math.inf
         pending = False  # a job changed state since the last publish
         while not self._stop.is_set():
@@ -338,6 +358,11 @@ class Node:
             if self.health != "ok" and now >= next_health:
                 self._check_health()
                 next_health = now + HEALTH_RETRY_S
+            engines_down = any(e is not None and e.down is not None for e in (self.npu_exec, self.cpu_exec))
+            if engines_down and now >= next_engines:
+                if self._retry_engines():
+                    pending = True
+                next_engines = now + ENGINE_RETRY_S
             if self.bus.connected:
                 urgent = (self._presence_due.is_set() or self._last_health != self._health_word()
                           or (self.npu_exec is not None and self._last_npu_free is not None
@@ -360,6 +385,8 @@ class Node:
                 timeout = min(timeout, NPU_POLL_S)
             if self.health != "ok":
                 timeout = min(timeout, HEALTH_RETRY_S)
+            if engines_down:
+                timeout = min(timeout, next_engines - now)
             self._metrics_due.wait(max(timeout, 0.0))
 
     # ---------------------------------------------------------------- bids
@@ -376,7 +403,7 @@ class Node:
                       and parsed.origin in (None, r.origin))
         if req is None or _retained(msg, "call for bids"):
             return
-        if not self.taking_work:
+        if not self.taking_work or self._engines_down():
             return  # an unhealthy or draining node stays out of auctions
         age = self._age(req.origin, req.sent_at, msg, req.window_s)
         if age > req.window_s:
@@ -396,7 +423,8 @@ class Node:
             return
         # This device's own orchestrations get a bid too: their CPU jobs come back through
         # exec/<self> and the same gate as everyone else's.
-        cpu = self.cpu_exec if self.cpu_exec is not None and self.cpu_exec.serves(req.model) else None
+        cpu = self.cpu_exec if self.cpu_exec is not None and self.cpu_exec.down is None \
+            and self.cpu_exec.serves(req.model) else None
         estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if cpu else None
         init_s = self.init_cost.expected("cpu", cpu.is_warm()) if cpu else 0.0
         bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self.snapshot(),
@@ -444,6 +472,9 @@ class Node:
         executor = self.npu_exec if job.mode == "npu" else self.cpu_exec
         if executor is not None and not executor.serves(job.model):
             self._decline(job, f"model_not_served: {job.model}")
+            return
+        if executor is not None and executor.down is not None:
+            self._decline(job, "model_server_down")
             return
         if job.mode == "npu":
             claim = self.npu_lock.try_claim(owner=job.rid) if self.npu_exec is not None else None
@@ -532,7 +563,8 @@ class Node:
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
         payload = self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
-                                              result.generated_tokens, digest=job.digest))
+                                              result.generated_tokens, digest=job.digest,
+                                              finish_reason=result.finish_reason))
         # The answer first, the bookkeeping after: nobody waits on it. The record fits the
         # work; start-up (loading a model that was not warm) apart.
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)

@@ -324,8 +324,10 @@ class Orchestrator:
                 self.on_decision(Decided(self.me, path, choice.score))
                 executor = self.cpu_exec
                 assert executor is not None, "a self offer with CPU slots has a CPU executor"
-                answer, outcome = self._run_here(executor, req, fsm, slots=self.cpu_slots)
+                answer, outcome = self._run_here(executor, req, fsm, slots=self.cpu_slots, pass_on=True)
                 attempts.append({"device": self.me, "outcome": outcome})
+                if outcome.startswith("unavailable:"):
+                    continue  # its model server is down and nothing ran: the runner-up
             else:
                 assert wire is not None, "peers come from an auction"
                 fsm.fire("dispatch")
@@ -442,9 +444,11 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ local execution
     def _run_here(self, executor: Served, req: Request, fsm: Machine,
-                  slots: CpuSlots | None = None) -> tuple[Answer, str]:
+                  slots: CpuSlots | None = None, pass_on: bool = False) -> tuple[Answer, str]:
         """Run it in this process: on the NPU (already claimed), or on a CPU slot of this
-        device, waiting for one if the daemon or other triggers hold them all."""
+        device, waiting for one if the daemon or other triggers hold them all. With
+        ``pass_on``, a model server that cannot be reached sends the walk back to the
+        ranking (outcome ``unavailable: …``)."""
         parts: list[str] = []
 
         def on_token(text: str) -> None:
@@ -466,6 +470,9 @@ class Orchestrator:
         try:
             result = executor.run(req.prompt, params, on_token, self.interrupted)
         except ExecutorError as exc:
+            if pass_on and exc.kind == "unavailable":
+                fsm.fire("passed")
+                return Answer(False, ExitCode.FAILED, "", str(exc)), f"unavailable: {exc.reason}"
             fsm.fire("error")
             code = ExitCode.TIMEOUT if exc.kind == "timeout" else ExitCode.FAILED
             if self.interrupted.is_set():
@@ -476,7 +483,7 @@ class Orchestrator:
                 claim.release()
         fsm.fire("done")
         return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens,
-                      result.prompt_tokens), "done"
+                      result.prompt_tokens, result.finish_reason), "done"
 
     def _slot_progress(self) -> Callable[[float], None]:
         shown = [0.0]

@@ -80,7 +80,8 @@ class Outcome:
                 "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking),
                 "dry_run": self.dry_run, "model": self.model,
                 "usage": {"prompt_tokens": self.answer.prompt_tokens,
-                          "completion_tokens": self.answer.generated_tokens}}
+                          "completion_tokens": self.answer.generated_tokens},
+                "finish_reason": self.answer.finish_reason or None}
 
 
 def bid_summary(bid: Bid, score: float | None) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class Answered:
     prompt_tokens: int
     completion_tokens: int
     total_ms: float
+    finish_reason: str = ""   # the engine's; "" when it did not say
 
 
 class Backend(Protocol):
@@ -84,7 +85,8 @@ class Backend(Protocol):
 def _answered(out: Any) -> Answered:
     return Answered(ok=out.ok, text=out.text, winner=out.winner, path=out.path, rid=out.rid,
                     exit_code=int(out.exit_code), error=out.error, prompt_tokens=out.answer.prompt_tokens,
-                    completion_tokens=out.answer.generated_tokens, total_ms=out.total_ms)
+                    completion_tokens=out.answer.generated_tokens, total_ms=out.total_ms,
+                    finish_reason=out.answer.finish_reason)
 
 
 class OrchestratorBackend:
@@ -223,7 +225,7 @@ class DaemonBackend:
                                         rid=out["rid"], exit_code=out["exit_code"], error=out["error"],
                                         prompt_tokens=usage.get("prompt_tokens", 0),
                                         completion_tokens=usage.get("completion_tokens", 0),
-                                        total_ms=out["total_ms"])
+                                        total_ms=out["total_ms"], finish_reason=out.get("finish_reason") or "")
                     elif kind == "error":
                         raise _DaemonError(event.get("error", "the daemon refused"), event.get("exit_code", 1))
         finally:
@@ -541,8 +543,10 @@ class _Handler(BaseHTTPRequestHandler):
             status = STATUS_OF.get(code, 502)
             err_code = "model_not_found" if ask.model and "serves model" in (answered.error or "") else None
             failure = (404 if err_code else status, answered.error or "failed", err_code or "edge_agent_error")
-        finish = "stop"
-        if answered is not None and answered.completion_tokens >= ask.max_new_tokens:
+        finish = "stop"  # the engine's reason where it gave one; a guess for executors that cannot say
+        if answered is not None and answered.finish_reason:
+            finish = answered.finish_reason
+        elif answered is not None and answered.completion_tokens >= ask.max_new_tokens:
             finish = "length"
         extension = {} if answered is None else {"edge_agent": {"device": answered.winner, "path": answered.path,
                                                                 "rid": answered.rid,

@@ -15,6 +15,8 @@ Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measure
 5. node      idle CPU and RSS of one node daemon, and RSS after a few hundred jobs.
    serve     time to first token through `serve` (HTTP in, auction, a peer, the first SSE
              chunk out) against the same executor called directly.
+   engine    the same with a real engine: llama.cpp's llama-server (scripts/engines) with
+             the tests' tiny model, called directly against through the fleet (a ratio).
 6. concurrency  K orchestrators at once against the N=8 fleet: auctions/s and p95.
 7. frozen   one of the N=8 nodes SIGSTOPped (online by keepalive, never bidding): the
              first auction (waits the window out), then the p50 of the ones after it,
@@ -375,6 +377,66 @@ def measure_serve(port: int, workdir: Path, requests: int) -> dict[str, Any]:
     return {"direct": d.json(), "through_serve": t.json(), "added_p50_ms": round(t.p50 - d.p50, 2)}
 
 
+def _first_token_ms(port: int, body: bytes, headers: dict[str, str] | None = None) -> float:
+    """POST a streamed chat completion to 127.0.0.1:port; ms until the first text piece."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        for raw in resp:
+            if not raw.startswith(b"data: {"):
+                continue
+            choices = json.loads(raw[6:]).get("choices") or [{}]
+            if (choices[0].get("delta") or {}).get("content"):
+                ttft = (time.perf_counter() - t0) * 1000
+                resp.read()
+                return ttft
+    finally:
+        conn.close()
+    raise RuntimeError(f"127.0.0.1:{port} streamed no token")
+
+
+def measure_engine(port: int, workdir: Path, requests: int) -> dict[str, Any]:
+    """Time to first token from a real engine (llama.cpp's llama-server, built by
+    scripts/engines, serving the tests' tiny model): called directly, against the whole
+    path through `serve` (HTTP in, auction, a peer whose openai executor calls the engine,
+    the first SSE chunk out)."""
+    from tests.support.engines import EngineMissing, engine, llama_server_binary
+    from tests.support.tiny_gguf import write_tiny_gguf
+
+    try:
+        llama_server_binary()
+    except EngineMissing as exc:
+        return {"skipped": str(exc)}
+    model = write_tiny_gguf(workdir / "tiny.gguf")
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 4, "temperature": 0,
+                       "messages": [{"role": "user", "content": "how far is the edge"}]}).encode()
+    with engine("llama-server", model, slots=2) as eng:
+        direct = [_first_token_ms(eng.port, body) for _ in range(requests + 5)][5:]
+        fleet = NodeFleet(port, workdir, 0)
+        gw_port = free_port()
+        arrivals = ArrivalWatch("127.0.0.1", port, fleet.prefix)
+        cpu = {"kind": "openai", "base_url": eng.base_url, "model": "tiny"}
+        nodes = [NodeProcess(fleet.config("engine-peer", cpu=cpu), "engine-peer", arrivals=arrivals,
+                             log=Path(os.devnull)),
+                 NodeProcess(fleet.config("engine-gw", cpu=None, serve={"enabled": True, "port": gw_port}),
+                             "engine-gw", arrivals=arrivals, log=Path(os.devnull))]
+        try:
+            for node in nodes:
+                node.start(timeout=60)
+            through = [_first_token_ms(gw_port, body) for _ in range(requests + 10)][10:]
+        finally:
+            for node in nodes:
+                node.stop()
+            arrivals.close()
+    d, t = Dist.of(direct), Dist.of(through)
+    return {"direct": d.json(), "through_fleet": t.json(), "ratio_p50": round(t.p50 / d.p50, 2)}
+
+
 def measure_cli(workdir: Path, iters: int) -> dict[str, Any]:
     stamp = workdir / "exec-start"
     cfg = workdir / "cli-npu.yaml"
@@ -479,6 +541,9 @@ def main() -> int:
         log("time to first token through serve")
         (workdir / "serve").mkdir()
         results["serve"] = measure_serve(broker.port, workdir / "serve", 20 if args.quick else 50)
+        log("time to first token from a real engine (llama-server), directly and through the fleet")
+        (workdir / "engine").mkdir()
+        results["engine"] = measure_engine(broker.port, workdir / "engine", 10 if args.quick else 50)
         log("local NPU path")
         results["local_npu_ms"] = measure_local_npu(workdir, iters).json()
         results["cli"] = {k: (v.json() if isinstance(v, Dist) else v)
@@ -555,6 +620,13 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
     print(f"\ntime to first token, p50: the executor directly {sv['direct']['p50']:.1f} ms, through serve "
           f"(HTTP, auction, a peer, SSE) {sv['through_serve']['p50']:.1f} ms: +{sv['added_p50_ms']:.1f} ms "
           f"(p95 {sv['through_serve']['p95']:.1f} ms)")
+    en = r["engine"]
+    if "skipped" in en:
+        print(f"real engine: skipped ({en['skipped']})")
+    else:
+        print(f"time to first token from llama-server (tiny model), p50: directly {en['direct']['p50']:.1f} ms, "
+              f"through the fleet (serve, auction, a peer's openai executor) {en['through_fleet']['p50']:.1f} ms: "
+              f"ratio {en['ratio_p50']:.2f} (p95 {en['through_fleet']['p95']:.1f} ms)")
     fz = r["frozen"]
     healthy = r["auction"][fz["n"]]["p50"]
     print(f"\none frozen node of {fz['n']} (window {fz['window_s']:g} s): first auction {fz['first_ms']:.0f} ms, "

@@ -52,7 +52,8 @@ def test_metrics_round_trip() -> None:
 @pytest.mark.parametrize("event", [
     Accepted("r1", "d", "npu", 3, digest="abc"), Declined("r1", "d", "npu_busy"), Token("r1", "d", 7, "tok"),
     Done("r1", "d", "text", Timings(1, 2, 3, 4, 10), 5, 6, digest="abc"),
-    Error("r1", "d", "boom", "timeout", 2, "par"),
+    Done("r1", "d", "text", Timings(), 5, 6, digest="abc", finish_reason="length"),
+    Error("r1", "d", "boom", "timeout", 2, "par"), Error("r1", "d", "refused", "unavailable"),
 ])
 def test_result_events_round_trip(event) -> None:
     assert decode_result(encode_result(event)) == event
@@ -118,6 +119,8 @@ def test_bad_nested_fields() -> None:
     with pytest.raises(MessageError, match="unknown mode"):
         Bid.from_payload(json.dumps(bid).encode())
     done = json.loads(encode_result(Done("r1", "d", "t", Timings())))
+    older = {k: v for k, v in done.items() if k != "finish_reason"}  # a node from before finish_reason
+    assert decode_result(json.dumps(older).encode()) == Done("r1", "d", "t", Timings())
     done["timings"] = {"total_ms": "fast"}
     with pytest.raises(MessageError, match="total_ms"):
         decode_result(json.dumps(done).encode())

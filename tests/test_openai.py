@@ -7,7 +7,7 @@ import pytest
 from agent.config import OpenAIExecutorConfig
 from agent.errors import ExecutionTimeout, ExecutorError
 from agent.executors import Params
-from agent.executors.openai import OpenAIExecutor
+from agent.executors.openai import OpenAIExecutor, StreamState
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.mosquitto import free_port
 
@@ -27,9 +27,11 @@ def test_streams_the_answer_and_measures_ttft() -> None:
     assert result.text == "The quick brown fox jumps." == "".join(parts)
     assert len(parts) == 5
     assert result.timings.prefill_ms >= 5 and result.timings.decode_ms >= 4 * 5
-    assert (result.prompt_tokens, result.generated_tokens) == (7, 5)
+    assert (result.prompt_tokens, result.generated_tokens) == (3, 5)  # the server's counts: 1 + a word each
+    assert result.finish_reason == "stop"
     body = server.requests[0]["body"]
     assert body["stream"] is True and body["max_tokens"] == 50 and body["temperature"] == 0.3
+    assert body["stream_options"] == {"include_usage": True}
     assert body["messages"] == [{"role": "user", "content": "say it"}]
     assert body["model"] == "llama3.2:1b"
 
@@ -76,3 +78,31 @@ def test_slow_server_hits_the_wall_clock_limit() -> None:
         with pytest.raises(ExecutionTimeout) as info:
             run(executor(server.base_url), timeout_s=0.3)
     assert info.value.partial_text.startswith("tok")
+
+
+def test_an_engines_error_message_comes_through() -> None:
+    """Ollama and OpenAI refuse a model they do not serve (llama.cpp's servers take any
+    name: `check` compares the name with their /v1/models)."""
+    with FakeOpenAI(strict_models=True, models=("other",)) as server:
+        ex = executor(server.base_url)
+        with pytest.raises(ExecutorError) as info:
+            run(ex)
+        assert "HTTP 404" in info.value.reason and "model 'llama3.2:1b' not found" in info.value.reason
+        assert "does not serve model 'llama3.2:1b'" in (ex.probe() or "")
+
+
+def test_probe_of_a_server_that_is_not_there_answers_at_once() -> None:
+    problem = executor(f"http://127.0.0.1:{free_port()}/v1").probe()
+    assert problem is not None and "nothing accepts connections" in problem
+
+
+def test_only_a_finish_reason_completes_an_answer_and_timings_count() -> None:
+    state = StreamState()
+    state.feed(b'{"choices": [{"delta": {"content": "a"}, "finish_reason": null}]}', name="n", url="u")
+    with pytest.raises(ExecutorError, match="closed the stream before the answer was complete"):
+        state.result("n", "u", 0.0, 1.0, 3)
+    state.feed(b'{"choices": [{"delta": {}, "finish_reason": "length"}], '
+               b'"timings": {"prompt_n": 5, "cache_n": 2, "prompt_ms": 40.0, "predicted_n": 9}}', name="n", url="u")
+    result = state.result("n", "u", 10.0, 10.5, 3)
+    assert (result.prompt_tokens, result.generated_tokens, result.finish_reason) == (7, 9, "length")
+    assert result.timings.prefill_ms == 40.0 and result.timings.total_ms == 500.0

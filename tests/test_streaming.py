@@ -97,4 +97,4 @@ def test_failed_executor_on_a_peer_reports_partial_text_and_exit_1(env: Env) -> 
     assert code == 1, err
     assert out is not None and out["ok"] is False
     assert out["text"].startswith("one"), "the partial answer is kept"
-    assert out["error"].startswith("laptop: ") and "closed the stream before [DONE]" in out["error"]
+    assert out["error"].startswith("laptop: ") and "closed the stream before the answer was complete" in out["error"]

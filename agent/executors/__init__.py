@@ -8,6 +8,7 @@ can refuse to bid for work it cannot do.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,10 @@ from agent.config import (
     OpenAIExecutorConfig,
     SimExecutorConfig,
 )
+from agent.errors import EngineUnavailable
 from agent.messages import ModelInfo, Timings
+
+log = logging.getLogger(__name__)
 
 OnToken = Callable[[str], None]
 
@@ -44,6 +48,7 @@ class Result:
     timings: Timings
     prompt_tokens: int
     generated_tokens: int
+    finish_reason: str = ""   # the engine's ("stop", "length", …); "" when it does not say
 
 
 class Executor(Protocol):
@@ -58,12 +63,17 @@ class Executor(Protocol):
 class Served:
     """An executor and the model it serves: whether a job may name it, and whether it is
     warm — loaded, because a job ended less than ``keep_warm_s`` ago (a server keeps its
-    model; ``genie-t2t-run`` and a CLI load it for every job: ``keep_warm_s`` 0)."""
+    model; ``genie-t2t-run`` and a CLI load it for every job: ``keep_warm_s`` 0).
+
+    ``down`` says why its model server cannot be reached (the last run met
+    ``EngineUnavailable``), None while it can: the node offers the mode only when it is
+    None, and ``back()`` — a connect, no request — tells when to offer it again."""
 
     def __init__(self, inner: Executor, served: ModelConfig):
         self.inner = inner
         self.served = served
         self.name = inner.name
+        self.down: str | None = None
         self._warm_until = 0.0
         self._lock = threading.Lock()
 
@@ -87,10 +97,31 @@ class Served:
 
     def run(self, prompt: str, params: Params, on_token: OnToken,
             cancel: threading.Event | None = None) -> Result:
-        result = self.inner.run(prompt, replace(params, warm=self.is_warm()), on_token, cancel)
+        try:
+            result = self.inner.run(prompt, replace(params, warm=self.is_warm()), on_token, cancel)
+        except EngineUnavailable as exc:
+            if self.down is None:
+                log.error("%s: its model server is down, not offering it until it is back: %s", self.name, exc.reason)
+            self.down = exc.reason
+            with self._lock:
+                self._warm_until = 0.0
+            raise
+        self.down = None
         with self._lock:
             self._warm_until = time.monotonic() + self.served.keep_warm_s
         return result
+
+    def back(self) -> bool:
+        """While ``down``: whether the model server accepts connections again (then it is
+        no longer down). An executor with no server to reach is back at once."""
+        if self.down is None:
+            return True
+        reachable = getattr(self.inner, "reachable", None)
+        if reachable is None or reachable(1.0):
+            log.info("%s: its model server is reachable again", self.name)
+            self.down = None
+            return True
+        return False
 
 
 _BYTES_PER_TOKEN = 4

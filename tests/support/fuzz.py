@@ -35,7 +35,7 @@ from agent.executors.genie import (
     parse_kpis,
     read_profile,
 )
-from agent.executors.openai import parse_event, usage_counts
+from agent.executors.openai import StreamState, parse_event, usage_counts
 from agent.journal import Journal
 from agent.linucb import ArmStore
 from agent.messages import (
@@ -166,6 +166,10 @@ def _store(cls: Callable[[Path], object], name: str) -> Callable[[bytes], object
 def _sse(data: bytes) -> None:
     _, usage = parse_event(data, [], name="fuzz", url="http://fuzz/v1/chat/completions")
     usage_counts(usage)
+    state = StreamState()
+    state.feed(data, name="fuzz", url="http://fuzz/v1/chat/completions")
+    if state.ended:
+        state.result("fuzz", "http://fuzz/v1/chat/completions", 0.0, 1.0, 0)
 
 
 def _control(data: bytes) -> None:
