@@ -95,17 +95,17 @@ def test_an_error_event_keeps_its_kind_and_partial_text() -> None:
 
 def test_a_model_server_that_is_down_passes_the_job_on_unless_it_streamed() -> None:
     a = attempt()
-    a.on_result(Accepted("r1", "peer", "cpu"), 0.1)
-    step = a.on_result(Error("r1", "peer", "cannot reach http://x/v1", kind="unavailable"), 0.2)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    step = a.on_result(Error("r1", "peer", "cannot reach http://x/v1", kind="unavailable", digest=D), 0.2)
     assert step.verdict == "next" and (step.outcome or "").startswith("unavailable:") and step.answer is None
     b = attempt()
-    b.on_result(Token("r1", "peer", 0, "part"), 0.1)
-    step = b.on_result(Error("r1", "peer", "cannot reach http://x/v1", kind="unavailable"), 0.2)
+    b.on_result(Token("r1", "peer", 0, "part", digest=D), 0.1)
+    step = b.on_result(Error("r1", "peer", "cannot reach http://x/v1", kind="unavailable", digest=D), 0.2)
     assert step.verdict == "finished" and step.answer is not None and step.answer.text == "part"
 
 
 def test_the_engines_finish_reason_is_part_of_the_answer() -> None:
-    step = attempt().on_result(Done("r1", "peer", "hi", Timings(), 3, 2, finish_reason="length"), 0.1)
+    step = attempt().on_result(Done("r1", "peer", "hi", Timings(), 3, 2, finish_reason="length", digest=D), 0.1)
     assert step.answer is not None and step.answer.finish_reason == "length"
 
 
