@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
-from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
+from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
 
 # A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
 # margin: after a broker outage that is how long a winner may take to reappear.
@@ -55,6 +55,7 @@ class Answer:
     timings: Timings = field(default_factory=Timings)
     generated_tokens: int = 0
     prompt_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ class DispatchState:
             return CONTINUE  # an end event after the end (a redelivered copy)
         if isinstance(ev, Done):
             self.fsm.fire("done")
-            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens)
+            answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens,
+                            ev.tool_calls)
             return Step("finished", announce=self._announce(), outcome="done", answer=answer)
         assert isinstance(ev, Error)
         self.fsm.fire("error")

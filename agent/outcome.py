@@ -80,7 +80,8 @@ class Outcome:
                 "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking),
                 "dry_run": self.dry_run, "model": self.model,
                 "usage": {"prompt_tokens": self.answer.prompt_tokens,
-                          "completion_tokens": self.answer.generated_tokens}}
+                          "completion_tokens": self.answer.generated_tokens},
+                "tool_calls": [c.to_obj() for c in self.answer.tool_calls]}
 
 
 def bid_summary(bid: Bid, score: float | None) -> dict[str, Any]:

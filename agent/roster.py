@@ -119,14 +119,14 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
-    def bidders(self, model: str | None = None) -> frozenset[str]:
+    def bidders(self, model: str | None = None, tools: bool = False) -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
         unhealthy node says so and sits auctions out, and a node bids only for models it
         serves (or any job that names none), so nobody waits for a bid that will not come."""
         def expected(d: str) -> bool:
             m = self._metrics.get(d)
-            return m is None or (m.health == "ok" and (model is None or any(
-                serves(m.snapshot, mode, model) for mode in m.snapshot.models)))
+            return m is None or (m.health == "ok" and ((model is None and not tools) or any(
+                serves(m.snapshot, mode, model, tools) for mode in m.snapshot.models)))
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and expected(d))
 

@@ -22,7 +22,7 @@ from typing import Any
 from agent.config import OpenAIExecutorConfig
 from agent.errors import Cancelled, ExecutionTimeout, ExecutorError
 from agent.executors import OnToken, Params, Result, estimate_tokens
-from agent.messages import MAX_TOKENS, Timings
+from agent.messages import MAX_TOKENS, ChatMessage, Timings, ToolCall
 
 _BODY_TAIL = 300
 
@@ -85,11 +85,8 @@ class OpenAIExecutor:
             cancel: threading.Event | None = None) -> Result:
         start = time.monotonic()
         deadline = start + min(params.timeout_s, self.cfg.timeout_s)
-        body: dict[str, Any] = {"model": self.cfg.model, "stream": True,
-                                "messages": [{"role": "user", "content": prompt}],
-                                "max_tokens": params.max_new_tokens}
-        if params.temperature is not None:
-            body["temperature"] = params.temperature
+        body = request_body(self.cfg.model, prompt, params)
+        calls = ToolCallDeltas() if "tools" in body else None
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         key = self._api_key()
         if key:
@@ -120,6 +117,8 @@ class OpenAIExecutor:
                         finished = True
                         break
                     piece, chunk_usage = parse_event(data, parts, name=self.name, url=self.url)
+                    if calls is not None:
+                        calls.feed(data)
                     usage.update(chunk_usage)
                     if piece:
                         if first_at is None:
@@ -153,7 +152,93 @@ class OpenAIExecutor:
                       timings=Timings(prefill_ms=(first - start) * 1000, decode_ms=(end - first) * 1000,
                                       total_ms=(end - start) * 1000),
                       prompt_tokens=prompt_tokens if prompt_tokens is not None else estimate_tokens(prompt),
-                      generated_tokens=generated if generated is not None else len(parts))
+                      generated_tokens=generated if generated is not None else len(parts),
+                      tool_calls=calls.calls() if calls is not None else ())
+
+
+# ----------------------------------------------------------------------------- chat and tools
+
+def request_body(model: str, prompt: str, params: Params) -> dict[str, Any]:
+    """The chat completion request for one job: the conversation as it came (or the prompt
+    as one user message), its tools and output format."""
+    chat = params.chat
+    messages = [{"role": "user", "content": prompt}] if chat is None else \
+        [openai_message(m, i) for i, m in enumerate(chat.messages)]
+    body: dict[str, Any] = {"model": model, "stream": True, "messages": messages,
+                            "max_tokens": params.max_new_tokens}
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if chat is not None and chat.tools:
+        body["tools"] = [dict(t) for t in chat.tools]
+    fmt = chat.format if chat is not None else None
+    if isinstance(fmt, str):
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None:
+        schema = {"name": "output", "schema": dict(fmt)}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return body
+
+
+def openai_message(m: ChatMessage, index: int) -> dict[str, Any]:
+    """One turn in OpenAI's shape (tool call arguments as a JSON string)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id or f"call_{index}_{j}", "type": "function",
+                              "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
+                             for j, c in enumerate(m.tool_calls)]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id or f"call_{index}"
+        if m.name:
+            out["name"] = m.name
+    return out
+
+
+class ToolCallDeltas:
+    """Tool calls assembled from streamed ``delta.tool_calls`` pieces: each names its
+    ``index``; the first piece of a call brings its id and name, the arguments arrive as
+    string fragments to join."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def feed(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+            deltas = event["choices"][0]["delta"].get("tool_calls") or []
+        except (ValueError, RecursionError, LookupError, TypeError, AttributeError):
+            return
+        if not isinstance(deltas, list):
+            return
+        for d in deltas:
+            if not isinstance(d, dict):
+                continue
+            index = d.get("index", len(self._calls))
+            call = self._calls.setdefault(index if type(index) is int else len(self._calls),
+                                          {"id": "", "name": "", "arguments": ""})
+            raw_fn = d.get("function")
+            fn: dict[str, Any] = raw_fn if isinstance(raw_fn, dict) else {}
+            if isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            if isinstance(fn.get("name"), str):
+                call["name"] += fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                call["arguments"] += fn["arguments"]
+            elif isinstance(fn.get("arguments"), dict):
+                call["arguments"] = json.dumps(fn["arguments"])
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        out = []
+        for _, call in sorted(self._calls.items()):
+            if not call["name"]:
+                continue
+            try:
+                arguments = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+            except (ValueError, RecursionError):
+                arguments = {"_raw": call["arguments"]}  # what the model wrote, kept for the client to see
+            if not isinstance(arguments, dict):
+                arguments = {"_raw": arguments}
+            out.append(ToolCall(name=call["name"], arguments=arguments, id=call["id"]))
+        return tuple(out)
 
 def parse_event(data: bytes, parts: list[str], *, name: str, url: str) -> tuple[str, dict[str, Any]]:
     """One SSE ``data:`` payload -> (the text piece, its usage object or {}); an error
