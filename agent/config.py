@@ -192,8 +192,10 @@ class HomeAssistantConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The OpenAI-compatible HTTP endpoint (agent.serve): ``serve`` runs it; with
-    ``enabled`` the node daemon runs it too."""
+    """The HTTP endpoint (agent.serve: OpenAI's API and Ollama's): ``serve`` runs it;
+    with ``enabled`` the node daemon runs it too. Past ``max_concurrent`` requests wait,
+    up to ``max_queue`` of them for up to ``max_wait_s`` each (Ollama holds 512), then
+    get 503 with Retry-After."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -201,6 +203,8 @@ class ServeConfig:
     api_key_file: str | None = None
     api_key_env: str | None = None
     max_concurrent: int = 8
+    max_queue: int = 512
+    max_wait_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -548,7 +552,9 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                         port=serve_s.number("port", 8080, minimum=0, maximum=65535, integer=True),
                         api_key_file=serve_s.string("api_key_file", None),
                         api_key_env=serve_s.string("api_key_env", None),
-                        max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True))
+                        max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True),
+                        max_queue=serve_s.number("max_queue", 512, minimum=0, maximum=100_000, integer=True),
+                        max_wait_s=float(serve_s.number("max_wait_s", 300.0, minimum=0, maximum=86400)))
     if serve.api_key_file and serve.api_key_env:
         serve_s.problem("api_key_file", "give api_key_file or api_key_env, not both")
     problem = serve.api_key_file and file_problem(serve.api_key_file, private=True)
