@@ -175,13 +175,12 @@ class Node:
 
     def _start_gateway(self) -> None:
         """The OpenAI-compatible endpoint (agent.serve), on this node's connection."""
-        from agent.serve import Gateway, OrchestratorBackend
+        from agent.serve import Gateway, OrchestratorBackend, own_models
 
         def make() -> Any:
             return self._orchestrator(self.cfg)
 
-        own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
-               for e in (self.npu_exec, self.cpu_exec) if e is not None and (i := e.model_info()) is not None]
+        own = own_models(self.npu_exec, self.cpu_exec)
         self.gateway = Gateway(self.cfg, OrchestratorBackend(make, lambda: self.fleet, own, self.me))
         self.gateway.start()
 
@@ -375,8 +374,9 @@ class Node:
         if age > req.window_s:
             log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
             return
-        if not any(e is not None and e.serves(req.model) and (e.tools or not req.tools)
-                   for e in (self.npu_exec, self.cpu_exec)):
+        if (req.model is not None or req.tools) and not any(
+                e is not None and e.serves(req.model) and (e.tools or not req.tools)
+                for e in (self.npu_exec, self.cpu_exec)):
             return  # a job for a model this device does not run, or with tools it cannot call
         claim = self.ledger.offer(req.rid, req.origin)
         if not claim:

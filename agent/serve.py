@@ -255,6 +255,19 @@ class _DaemonError(AgentError):
         self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILED
 
 
+def own_models(*executors: Any) -> list[dict[str, Any]]:
+    """The models this process's own executors serve (None: not running), one entry a name."""
+    entries: dict[str, dict[str, Any]] = {}
+    for e in executors:
+        if e is None:
+            continue
+        i = e.model_info()
+        entry = entries.setdefault(i.name, {"name": i.name, "aliases": list(i.aliases), "context": i.context,
+                                            "tools": False})
+        entry["tools"] = entry["tools"] or i.tools
+    return list(entries.values())
+
+
 def _listed(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [entries[name] for name in sorted(entries)]
 
@@ -544,8 +557,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path in ("/health", "/v1/health"):
             connected = self.gateway.backend.connected()
+            admission = self.gateway.admission
             self._json(200 if connected else 503, {"status": "ok" if connected else "broker not connected",
-                                                   "device": self.gateway.cfg.device_id})
+                                                   "device": self.gateway.cfg.device_id,
+                                                   "running": admission.running, "waiting": admission.waiting})
             return
         if path == "/" or path.startswith("/api/"):
             from agent import ollama

@@ -162,8 +162,7 @@ def request_body(model: str, prompt: str, params: Params) -> dict[str, Any]:
     """The chat completion request for one job: the conversation as it came (or the prompt
     as one user message), its tools and output format."""
     chat = params.chat
-    messages = [{"role": "user", "content": prompt}] if chat is None else \
-        [openai_message(m, i) for i, m in enumerate(chat.messages)]
+    messages = [{"role": "user", "content": prompt}] if chat is None else openai_messages(chat.messages)
     body: dict[str, Any] = {"model": model, "stream": True, "messages": messages,
                             "max_tokens": params.max_new_tokens}
     if params.temperature is not None:
@@ -179,17 +178,27 @@ def request_body(model: str, prompt: str, params: Params) -> dict[str, Any]:
     return body
 
 
-def openai_message(m: ChatMessage, index: int) -> dict[str, Any]:
-    """One turn in OpenAI's shape (tool call arguments as a JSON string)."""
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id or f"call_{index}_{j}", "type": "function",
-                              "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
-                             for j, c in enumerate(m.tool_calls)]
-    if m.role == "tool":
-        out["tool_call_id"] = m.tool_call_id or f"call_{index}"
-        if m.name:
-            out["name"] = m.name
+def openai_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
+    """The turns in OpenAI's shape: tool call arguments as a JSON string, and every call
+    with an id that its tool result names (Ollama's clients send neither: a call gets one,
+    and a result answers the earliest call not yet answered)."""
+    out: list[dict[str, Any]] = []
+    unanswered: list[str] = []
+    for i, m in enumerate(messages):
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            ids = [c.id or f"call_{i}_{j}" for j, c in enumerate(m.tool_calls)]
+            turn["tool_calls"] = [{"id": cid, "type": "function",
+                                   "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
+                                  for cid, c in zip(ids, m.tool_calls, strict=True)]
+            unanswered = ids
+        if m.role == "tool":
+            cid = m.tool_call_id or (unanswered[0] if unanswered else f"call_{i}")
+            unanswered = [u for u in unanswered if u != cid]
+            turn["tool_call_id"] = cid
+            if m.name:
+                turn["name"] = m.name
+        out.append(turn)
     return out
 
 
