@@ -507,7 +507,7 @@ class Job:
     model: str | None = None  # the model asked for (the node's executor for the mode must serve it)
     chat: Chat | None = None  # a conversation instead of ``prompt`` (which is then empty)
 
-    @property
+    @cached_property
     def text_prompt(self) -> str:
         """The prompt for executors that take text: ``prompt``, or the chat's transcript."""
         return self.chat.transcript() if self.chat is not None else self.prompt

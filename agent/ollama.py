@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.config import DEFAULT_MODEL
 from agent.messages import Chat, ChatMessage, ToolCall
-from agent.serve import NO_PREFERENCE, Ask, BadRequest, arguments_of, text_of, tools_of
+from agent.serve import NO_PREFERENCE, Ask, BadRequest, Stop, arguments_of, text_of, tools_of
 
 if TYPE_CHECKING:
     from agent.serve import Answered, _Handler
@@ -290,7 +290,7 @@ def _pulled(h: _Handler, stream: bool) -> None:
 
 def _answer(h: _Handler, ask: Ask, *, chat: bool, stream: bool, shown: str) -> None:
     """Run one /api/chat or /api/generate request and write the answer in Ollama's shape."""
-    stop = threading.Event()
+    stop = Stop()
     lock = threading.Lock()
     started = {"headers": False}
 

@@ -79,13 +79,45 @@ class Answered:
     timings: Timings = Timings()
 
 
+class Stop(threading.Event):
+    """Set when the request is over for its client (it hung up, a write failed); hooks
+    registered with ``on_set`` run at that moment, in the thread that sets it, so a
+    backend cancels its job without a thread of its own watching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+        self._guard = threading.Lock()
+
+    def on_set(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run ``hook`` when this is set (now, if it is); returns what unregisters it."""
+        with self._guard:
+            if not self.is_set():
+                self._hooks.append(hook)
+                return lambda: self._drop(hook)
+        hook()
+        return lambda: None
+
+    def _drop(self, hook: Callable[[], None]) -> None:
+        with self._guard:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+    def set(self) -> None:
+        with self._guard:
+            hooks, self._hooks = self._hooks, []
+            super().set()
+        for hook in hooks:
+            hook()
+
+
 class Backend(Protocol):
     def models(self) -> list[dict[str, Any]]: ...
 
     def connected(self) -> bool: ...
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered: ...
+            stop: Stop) -> Answered: ...
 
 
 # ----------------------------------------------------------------------------- backends
@@ -142,7 +174,7 @@ class OrchestratorBackend:
             return False
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered:
+            stop: Stop) -> Answered:
         try:
             orch = self._idle.get_nowait()
         except queue.Empty:
@@ -150,20 +182,12 @@ class OrchestratorBackend:
         orch.on_token = on_token
         orch.on_decision = lambda d: on_decision(d.winner, d.path)
         orch.interrupted.clear()
-        watching = True
-
-        def watch() -> None:
-            while watching and not stop.wait(0.5):
-                pass
-            if watching:
-                orch.interrupt()
-        watcher = threading.Thread(target=watch, name="serve-watch", daemon=True)
-        watcher.start()
+        unhook = stop.on_set(orch.interrupt)  # the client left: cancel the job where it runs
         try:
             out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, model=ask.model,
                            temperature=ask.temperature, chat=ask.chat)
         finally:
-            watching = False
+            unhook()
             orch.on_token = lambda t: None
             orch.on_decision = lambda d: None
             self._idle.put(orch)  # its next rid is already subscribed
@@ -203,22 +227,18 @@ class DaemonBackend:
         return control.running(self.cfg.state_dir)
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered:
+            stop: Stop) -> Answered:
         from agent import control
         sock = control.connect(self.cfg.state_dir)
         if sock is None:
             raise AgentError("the node daemon of this device stopped")
-        watching = True
 
-        def watch() -> None:
-            while watching and not stop.wait(0.5):
+        def leave() -> None:
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
+            except OSError:
                 pass
-            if watching:
-                try:
-                    sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
-                except OSError:
-                    pass
-        threading.Thread(target=watch, name="serve-watch", daemon=True).start()
+        unhook = stop.on_set(leave)
         try:
             with sock:
                 for event in control.request(sock, {"op": "trigger", "prompt": ask.prompt,
@@ -245,7 +265,7 @@ class DaemonBackend:
                     elif kind == "error":
                         raise _DaemonError(event.get("error", "the daemon refused"), event.get("exit_code", 1))
         finally:
-            watching = False
+            unhook()
         raise AgentError("the node daemon hung up before answering")
 
 
@@ -409,8 +429,13 @@ class Gateway:
         class Handler(_Handler):
             pass
         Handler.gateway = gateway
-        server = ThreadingHTTPServer((self.cfg.serve.host, self.cfg.serve.port), Handler)
-        server.daemon_threads = True
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            # The listen backlog: socketserver's default of 5 resets the sixth client of a
+            # burst before it is accepted; the line holds max_queue of them.
+            request_queue_size = min(max(64, self.cfg.serve.max_concurrent + self.cfg.serve.max_queue), 4096)
+        server = Server((self.cfg.serve.host, self.cfg.serve.port), Handler)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="serve", daemon=True)
@@ -516,7 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def watch_gone(self, stop: threading.Event) -> threading.Thread:
+    def watch_gone(self, stop: Stop) -> threading.Thread:
         """A thread that sets ``stop`` when the client hangs up (an EOF on its socket).
         (It waits for readability with select, so the socket's own timeout, which the
         writes use, is left alone.)"""
@@ -624,7 +649,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ one completion
     def _complete(self, ask: Ask, *, chat: bool, stream: bool, usage_in_stream: bool, shown_model: str) -> None:
-        stop = threading.Event()
+        stop = Stop()
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         started = {"headers": False}
@@ -714,7 +739,7 @@ class _Handler(BaseHTTPRequestHandler):
                        headers={"X-Edge-Agent-Device": answered.winner or ""})
 
     def run_backend(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-                    stop: threading.Event) -> tuple[Answered | None, tuple[int, str, str] | None]:
+                    stop: Stop) -> tuple[Answered | None, tuple[int, str, str] | None]:
         """Run one request through the backend while watching for the client to hang up:
         (the answer, or None; the failure as (status, message, code), or None). The code
         "client_gone" means the client left and its job was cancelled: nothing to send."""

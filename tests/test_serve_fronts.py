@@ -87,13 +87,18 @@ def test_thirty_streams_through_both_fronts_past_max_concurrent_4_all_complete(e
         ol = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=60)
 
         def one(i: int) -> None:
+            try:
+                results[i] = stream(i)
+            except Exception as exc:  # noqa: BLE001 (reported in the assertion below)
+                results[i] = repr(exc)
+
+        def stream(i: int) -> str:
             text = f"stream {i} of thirty"
             if i % 2:
-                results[i] = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
+                return "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
                     model="tiny", messages=[{"role": "user", "content": text}], stream=True) if c.choices)
-            else:
-                results[i] = "".join(p.message.content or "" for p in ol.chat(
-                    "tiny", messages=[{"role": "user", "content": text}], stream=True))
+            return "".join(p.message.content or "" for p in ol.chat(
+                "tiny", messages=[{"role": "user", "content": text}], stream=True))
         threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
         for t in threads:
             t.start()
