@@ -346,6 +346,7 @@ def _answer(h: _Handler, ask: Ask, *, chat: bool, stream: bool, shown: str) -> N
         assert answered is not None
         final = final_fields(answered, ask.max_new_tokens)
         extension = {"edge_agent": {"device": answered.winner, "path": answered.path, "rid": answered.rid,
+                                    "total_ms": round(answered.total_ms, 1),
                                     "gateway_ms": round((time.monotonic() - began) * 1000, 1)}}
         calls = tool_calls_out(answered.tool_calls)
         if stream:
