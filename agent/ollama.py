@@ -246,6 +246,10 @@ def post(h: _Handler, path: str) -> None:
         max_new, temperature = options_of(body)
         stream = body.get("stream") is not False
         chat: Chat | None
+        if path == "/api/chat" and body.get("messages") == []:  # Ollama's way to load a model
+            _send(h, 200, {"model": requested, "created_at": now_iso(),
+                           "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+            return
         if path == "/api/chat":
             chat = chat_of_ollama(body)
         else:

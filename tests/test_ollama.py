@@ -118,6 +118,8 @@ def test_generate_streamed_and_not(env: Env) -> None:
         assert "".join(p.response or "" for p in streamed) == "a b c" and streamed[-1].done
         loaded = api.generate("tiny", "")
         assert loaded.done and loaded.done_reason == "load", "an empty prompt only loads the model"
+        loaded_chat = api.chat("tiny", messages=[], stream=False)
+        assert loaded_chat.done and loaded_chat.done_reason == "load", "so do no messages"
         with_system = api.generate("tiny", "hello", system="be brief")
         assert "System: be brief" in (with_system.response or "")
 
@@ -168,7 +170,7 @@ def test_the_same_bearer_key_as_the_openai_front(env: Env) -> None:
 def test_errors_are_ollama_shaped(env: Env) -> None:
     with fleet(env) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        for path, body, status in (("/api/chat", {"model": "tiny", "messages": []}, 400),
+        for path, body, status in (("/api/chat", {"model": "tiny", "messages": "hi"}, 400),
                                    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
                                                                                  "images": ["aGk="]}]}, 400),
                                    ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, 400),
