@@ -691,7 +691,7 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
     from dataclasses import replace
 
     from agent import control
-    from agent.serve import Backend, DaemonBackend, Gateway, OrchestratorBackend
+    from agent.serve import Backend, DaemonBackend, Gateway, OrchestratorBackend, own_models
 
     serve_cfg = replace(cfg.serve, host=args.host or cfg.serve.host,
                         port=cfg.serve.port if args.port is None else args.port)
@@ -718,8 +718,7 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
             return Orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
                                 arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
 
-        own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
-               for e in (npu_exec, cpu_exec) if e is not None and (i := e.model_info()) is not None]
+        own = own_models(npu_exec, cpu_exec)
         backend, how = OrchestratorBackend(make, fleet, own, cfg.device_id), "as this device"
     gateway = Gateway(cfg, backend)
     try:

@@ -72,18 +72,25 @@ class BrokerConfig:
         return ((self.host, self.port), *self.failover)
 
 
+# The name an executor that names no model is listed under (GET /v1/models, /api/tags).
+# A request for it through `serve` (or for "default", or none) goes to any device.
+DEFAULT_MODEL = "edge-agent"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model an executor serves: jobs that name a model go only where it is served.
-    An executor without a name takes only jobs that name none."""
+    An executor without a name is listed as DEFAULT_MODEL and takes jobs that name none
+    (or that name DEFAULT_MODEL)."""
 
     name: str | None = None
     aliases: tuple[str, ...] = ()
     context_tokens: int | None = None
     keep_warm_s: float = 0.0   # how long it stays loaded after a job (0: it loads for every job)
+    tools: bool = False        # the executor passes tools to the model and returns its tool calls
 
     def serves(self, model: str | None) -> bool:
-        return model is None or model == self.name or model in self.aliases
+        return model is None or model == (self.name or DEFAULT_MODEL) or model in self.aliases
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,7 @@ class OpenAIExecutorConfig:
     api_key_file: str | None = None
     api_key_env: str | None = None
     timeout_s: float = 600.0
-    served: ModelConfig = field(default_factory=lambda: ModelConfig(name="default", keep_warm_s=300.0))
+    served: ModelConfig = field(default_factory=lambda: ModelConfig(name="default", keep_warm_s=300.0, tools=True))
 
 
 ExecutorConfig = SimExecutorConfig | CommandExecutorConfig | GenieExecutorConfig | OpenAIExecutorConfig
@@ -189,8 +196,10 @@ class HomeAssistantConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """The OpenAI-compatible HTTP endpoint (agent.serve): ``serve`` runs it; with
-    ``enabled`` the node daemon runs it too."""
+    """The HTTP endpoint (agent.serve: OpenAI's API and Ollama's): ``serve`` runs it;
+    with ``enabled`` the node daemon runs it too. Past ``max_concurrent`` requests wait,
+    up to ``max_queue`` of them for up to ``max_wait_s`` each (Ollama holds 512), then
+    get 503 with Retry-After."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -198,6 +207,8 @@ class ServeConfig:
     api_key_file: str | None = None
     api_key_env: str | None = None
     max_concurrent: int = 8
+    max_queue: int = 512
+    max_wait_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -412,7 +423,7 @@ def _addresses(s: _Section, key: str) -> tuple[tuple[str, int], ...]:
 MODEL_NAME_RE = re.compile(r"[^\s/#+]{1,128}")
 
 
-def _parse_model(s: _Section, *, name: str | None, keep_warm_s: float) -> ModelConfig:
+def _parse_model(s: _Section, *, name: str | None, keep_warm_s: float, tools: bool = False) -> ModelConfig:
     """The keys every executor takes about the model it serves."""
     hint = "1-128 characters without spaces, '/', '#' or '+'"
     model = s.string("model", name, pattern=MODEL_NAME_RE, hint=hint)
@@ -427,7 +438,8 @@ def _parse_model(s: _Section, *, name: str | None, keep_warm_s: float) -> ModelC
         s.problem("aliases", "need a model name")
     context = s.number("context_tokens", 0, minimum=1, integer=True) or None
     return ModelConfig(name=model, aliases=tuple(aliases), context_tokens=context,
-                       keep_warm_s=float(s.number("keep_warm_s", keep_warm_s, minimum=0, maximum=86400 * 7)))
+                       keep_warm_s=float(s.number("keep_warm_s", keep_warm_s, minimum=0, maximum=86400 * 7)),
+                       tools=s.boolean("tools", tools))
 
 
 def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> ExecutorConfig:
@@ -486,7 +498,7 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
         base_url = (s.string("base_url", OpenAIExecutorConfig.base_url,
                              pattern=re.compile(r"https?://.+"), hint="must start with http:// or https://")
                     or OpenAIExecutorConfig.base_url)
-        served = _parse_model(s, name="default", keep_warm_s=300.0)
+        served = _parse_model(s, name="default", keep_warm_s=300.0, tools=True)
         cfg = OpenAIExecutorConfig(
             base_url=base_url,
             model=served.name or "default",
@@ -559,7 +571,9 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                         port=serve_s.number("port", 8080, minimum=0, maximum=65535, integer=True),
                         api_key_file=serve_s.string("api_key_file", None),
                         api_key_env=serve_s.string("api_key_env", None),
-                        max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True))
+                        max_concurrent=serve_s.number("max_concurrent", 8, minimum=1, maximum=1024, integer=True),
+                        max_queue=serve_s.number("max_queue", 512, minimum=0, maximum=100_000, integer=True),
+                        max_wait_s=float(serve_s.number("max_wait_s", 300.0, minimum=0, maximum=86400)))
     if serve.api_key_file and serve.api_key_env:
         serve_s.problem("api_key_file", "give api_key_file or api_key_env, not both")
     if serve.api_key_file:

@@ -40,7 +40,7 @@ from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
-from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
+from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
 
 # A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
 # margin: after a broker outage that is how long a winner may take to reappear.
@@ -59,6 +59,7 @@ class Answer:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str = ""            # the engine's, where it said ("stop", "length", …)
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def teaches_the_learner(answer: Answer) -> bool:
@@ -161,7 +162,7 @@ class DispatchState:
         if isinstance(ev, Done):
             self.fsm.fire("done")
             answer = Answer(True, ExitCode.OK, ev.text, None, ev.timings, ev.generated_tokens, ev.prompt_tokens,
-                            ev.finish_reason)
+                            ev.finish_reason, ev.tool_calls)
             return Step("finished", announce=self._announce(), outcome="done", answer=answer)
         assert isinstance(ev, Error)
         if ev.kind == "unavailable" and self.fsm.can("unavailable"):

@@ -22,13 +22,19 @@ from agent.topics import is_id
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2          # 2: durations instead of deadlines, private reply topics, digests
+# 2: durations instead of deadlines, private reply topics, digests
+# 3: chat in jobs (messages, tools, format), tool calls in answers, tool-capable models
+SCHEMA_VERSION = 3
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_SECONDS = 7 * 24 * 3600
 MODES = ("npu", "cpu")
 NEEDS = ("any", "npu")
 RESULT_TYPES = ("accepted", "declined", "token", "done", "error")
 MAX_TOKENS = 1_000_000
+ROLES = ("system", "user", "assistant", "tool")
+MAX_MESSAGES = 1024
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 64
 
 
 def decode_json(payload: bytes, kind: str, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
@@ -185,12 +191,14 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     context: int | None = None
     warm: bool = False
+    tools: bool = False      # its executor passes tools to the model and returns its tool calls
 
     def serves(self, model: str | None) -> bool:
         return model is None or model == self.name or model in self.aliases
 
     def to_obj(self) -> dict[str, Any]:
-        return {"name": self.name, "aliases": list(self.aliases), "context": self.context, "warm": self.warm}
+        return {"name": self.name, "aliases": list(self.aliases), "context": self.context, "warm": self.warm,
+                "tools": self.tools}
 
     @classmethod
     def from_obj(cls, obj: Any, kind: str, where: str) -> ModelInfo:
@@ -201,16 +209,18 @@ class ModelInfo:
         if len(aliases) > 16 or not all(isinstance(a, str) and 0 < len(a) <= 128 for a in aliases):
             raise MessageError(kind, f"{where}.aliases", "must be up to 16 names")
         return cls(name=f.text("name", 128) or "", aliases=tuple(aliases),
-                   context=f.integer("context", 1, 10**8, optional=True), warm=bool(obj.get("warm") is True))
+                   context=f.integer("context", 1, 10**8, optional=True), warm=bool(obj.get("warm") is True),
+                   tools=bool(obj.get("tools") is True))
 
 
-def serves(snapshot: Snapshot, mode: str, model: str | None) -> bool:
+def serves(snapshot: Snapshot, mode: str, model: str | None, tools: bool = False) -> bool:
     """Whether ``snapshot``'s device runs ``model`` in ``mode`` (any model, if None: a job
-    that names none goes where it always went)."""
-    if model is None:
+    that names none goes where it always went), and, for a job with ``tools``, whether
+    that mode's executor can call tools."""
+    if model is None and not tools:
         return True
     info = snapshot.models.get(mode)
-    return info is not None and info.serves(model)
+    return info is not None and info.serves(model) and (info.tools or not tools)
 
 
 @dataclass(frozen=True)
@@ -304,6 +314,7 @@ class BidRequest:
     need: str = "any"
     sent_at: float = 0.0
     model: str | None = None   # only devices that serve it bid; None: any
+    tools: bool = False        # the job has tools: only devices whose executor can call them bid
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
@@ -315,7 +326,7 @@ class BidRequest:
                    prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
                    need=f.choice("need", NEEDS), sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0,
-                   model=f.text("model", 128, optional=True))
+                   model=f.text("model", 128, optional=True), tools=f.obj.get("tools") is True)
 
 
 @dataclass(frozen=True)
@@ -366,6 +377,138 @@ class Metrics:
                    health=f.text("health", 300, optional=True) or "ok")
 
 
+# ------------------------------------------------------------------------- chat
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a tool the model asked for; ``arguments`` is a JSON object (the
+    OpenAI front sends it on as a string, the Ollama front as an object)."""
+
+    name: str
+    arguments: Mapping[str, Any]
+    id: str = ""
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": dict(self.arguments)}
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str, where: str) -> ToolCall:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, where, "must be an object")
+        f = _Fields(obj, kind)
+        name = f.text("name", 256) or ""
+        if not name:
+            raise MessageError(kind, f"{where}.name", "is empty")
+        arguments = obj.get("arguments")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise MessageError(kind, f"{where}.arguments", "must be an object")
+        return cls(name=name, arguments=arguments, id=f.text("id", 128, optional=True) or "")
+
+
+def tool_calls_of(raw: Any, kind: str, where: str) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_TOOL_CALLS:
+        raise MessageError(kind, where, f"must be a list of up to {MAX_TOOL_CALLS} tool calls")
+    return tuple(ToolCall.from_obj(c, kind, f"{where}[{i}]") for i, c in enumerate(raw))
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation, in the fleet's own neutral shape."""
+
+    role: str                          # system | user | assistant | tool
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()   # an assistant turn that called tools
+    tool_call_id: str = ""             # a tool turn: the call it answers
+    name: str = ""                     # a tool turn: the tool's name
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            obj["tool_calls"] = [c.to_obj() for c in self.tool_calls]
+        if self.tool_call_id:
+            obj["tool_call_id"] = self.tool_call_id
+        if self.name:
+            obj["name"] = self.name
+        return obj
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str, where: str, max_len: int) -> ChatMessage:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, where, "must be an object")
+        f = _Fields(obj, f"{kind}.{where}")
+        role = f.choice("role", ROLES)
+        return cls(role=role, content=f.text("content", max_len, optional=True) or "",
+                   tool_calls=tool_calls_of(obj.get("tool_calls"), kind, f"{where}.tool_calls"),
+                   tool_call_id=f.text("tool_call_id", 128, optional=True) or "",
+                   name=f.text("name", 256, optional=True) or "")
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation as the client sent it: the turns, the tools the model may call
+    (OpenAI's function-tool objects, which Ollama shares), and an optional output format
+    ("json", or a JSON schema object). Executors that speak chat receive it as it is; the
+    others run ``transcript()`` through their model's chat template."""
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[Mapping[str, Any], ...] = ()
+    format: str | Mapping[str, Any] | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"messages": [m.to_obj() for m in self.messages], "tools": [dict(t) for t in self.tools],
+                "format": self.format if not isinstance(self.format, Mapping) else dict(self.format)}
+
+    @classmethod
+    def from_obj(cls, obj: Any, kind: str, max_len: int) -> Chat:
+        if not isinstance(obj, dict):
+            raise MessageError(kind, "chat", "must be an object")
+        raw = obj.get("messages")
+        if not isinstance(raw, list) or not 0 < len(raw) <= MAX_MESSAGES:
+            raise MessageError(kind, "chat.messages", f"must be a list of 1 to {MAX_MESSAGES} messages")
+        messages = tuple(ChatMessage.from_obj(m, kind, f"chat.messages[{i}]", max_len) for i, m in enumerate(raw))
+        tools = obj.get("tools") or []
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise MessageError(kind, "chat.tools", f"must be a list of up to {MAX_TOOLS} tools")
+        for i, tool in enumerate(tools):
+            if tool_name(tool) is None:
+                raise MessageError(kind, f"chat.tools[{i}]", 'must be {"type": "function", "function": {"name": …}}')
+        fmt = obj.get("format")
+        if fmt is not None and fmt != "json" and not isinstance(fmt, dict):
+            raise MessageError(kind, "chat.format", 'must be "json" or a JSON schema object')
+        return cls(messages=messages, tools=tuple(tools), format=fmt)
+
+    def transcript(self) -> str:
+        """One prompt, for executors that apply their own chat template: a single user
+        message as it is, several as a "Role: text" transcript ending in "Assistant:"."""
+        if len(self.messages) == 1 and self.messages[0].role == "user" and not self.tools:
+            return self.messages[0].content
+        lines = []
+        if self.tools:
+            names = ", ".join(n for t in self.tools if (n := tool_name(t)))
+            lines.append(f"Tools: {names}")
+        for m in self.messages:
+            text = m.content
+            if m.tool_calls:
+                calls = "; ".join(f"{c.name}({encode_json(c.arguments).decode()})" for c in m.tool_calls)
+                text = f"{text}\n[called {calls}]" if text else f"[called {calls}]"
+            lines.append(f"{m.role.capitalize()}: {text}")
+        return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+def tool_name(tool: Any) -> str | None:
+    """A function tool's name, or None if ``tool`` is not one."""
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        return None
+    fn = tool.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    return name if isinstance(name, str) and 0 < len(name) <= 256 else None
+
+
 # ------------------------------------------------------------------------- execution
 
 
@@ -388,27 +531,38 @@ class Job:
     sent_at: float = 0.0     # the sender's wall clock (see BidRequest)
     cancel_check: str = ""   # cancel_check(key): only a cancel carrying the key stops this job
     model: str | None = None  # the model asked for (the node's executor for the mode must serve it)
+    chat: Chat | None = None  # a conversation instead of ``prompt`` (which is then empty)
+
+    @cached_property
+    def text_prompt(self) -> str:
+        """The prompt for executors that take text: ``prompt``, or the chat's transcript."""
+        return self.chat.transcript() if self.chat is not None else self.prompt
 
     @cached_property
     def digest(self) -> str:
         """What the job asks for, in 16 hex digits: a second job under the same rid that
         asks for something else is not the same job (and is refused)."""
-        what = encode_json({"rid": self.rid, "origin": self.origin, "mode": self.mode, "prompt": self.prompt,
-                            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                            "model": self.model})
-        return hashlib.sha256(what).hexdigest()[:16]
+        what: dict[str, Any] = {"rid": self.rid, "origin": self.origin, "mode": self.mode, "prompt": self.prompt,
+                                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                                "model": self.model}
+        if self.chat is not None:
+            what["chat"] = self.chat.to_obj()
+        return hashlib.sha256(encode_json(what)).hexdigest()[:16]
 
     def to_payload(self) -> bytes:
         return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "origin": self.origin, "mode": self.mode,
                             "claim": self.claim, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
                             "accept_s": self.accept_s, "timeout_s": self.timeout_s, "reply_to": self.reply_to,
                             "cancel_check": self.cancel_check, "temperature": self.temperature,
-                            "sent_at": self.sent_at, "model": self.model})
+                            "sent_at": self.sent_at, "model": self.model,
+                            "chat": None if self.chat is None else self.chat.to_obj()})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Job:
         f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
-        return cls(rid=f.id("rid"), origin=f.id("origin"), mode=f.choice("mode", MODES),
+        raw_chat = f.obj.get("chat")
+        return cls(chat=None if raw_chat is None else Chat.from_obj(raw_chat, cls.KIND, max_bytes),
+                   rid=f.id("rid"), origin=f.id("origin"), mode=f.choice("mode", MODES),
                    claim=f.text("claim", 128) or "", prompt=f.text("prompt", max_bytes) or "",
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
                    accept_s=f.number("accept_s", 0, MAX_SECONDS) or 0.0,
@@ -511,6 +665,7 @@ class Done:
     generated_tokens: int = 0
     digest: str = ""        # of the job it answers (Job.digest)
     finish_reason: str = ""  # the engine's ("stop", "length", …); "" if it did not say (or an older node)
+    tool_calls: tuple[ToolCall, ...] = ()   # the tools the model called (a job with tools)
     type: ClassVar[str] = "done"
 
 
@@ -531,6 +686,8 @@ ResultEvent = Accepted | Declined | Token | Done | Error
 
 def encode_result(event: ResultEvent) -> bytes:
     obj: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event.type, **asdict(event)}
+    if isinstance(event, Done):
+        obj["tool_calls"] = [c.to_obj() for c in event.tool_calls]
     return encode_json(obj)
 
 
@@ -554,7 +711,8 @@ def decode_result(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ResultE
                     f.integer("prompt_tokens", 0, MAX_TOKENS, optional=True) or 0,
                     f.integer("generated_tokens", 0, MAX_TOKENS, optional=True) or 0,
                     f.text("digest", 64, optional=True) or "",
-                    f.text("finish_reason", 32, optional=True) or "")
+                    f.text("finish_reason", 32, optional=True) or "",
+                    tool_calls_of(f.obj.get("tool_calls"), kind, "tool_calls"))
     kind_ = f.choice("kind", tuple(ERROR_KINDS)) if "kind" in f.obj else "failed"
     return Error(rid, device, f.text("reason", 4096) or "", kind_,
                  f.integer("exit_code", -1024, 1024, optional=True),

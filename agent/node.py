@@ -57,6 +57,7 @@ from agent.messages import (
     Bid,
     BidRequest,
     Cancel,
+    Chat,
     Done,
     Error,
     Job,
@@ -185,13 +186,12 @@ class Node:
 
     def _start_gateway(self) -> None:
         """The OpenAI-compatible endpoint (agent.serve), on this node's connection."""
-        from agent.serve import Gateway, OrchestratorBackend
+        from agent.serve import Gateway, OrchestratorBackend, own_models
 
         def make() -> Any:
             return self._orchestrator(self.cfg)
 
-        own = [{"name": i.name, "aliases": list(i.aliases), "context": i.context}
-               for e in (self.npu_exec, self.cpu_exec) if e is not None and (i := e.model_info()) is not None]
+        own = own_models(self.npu_exec, self.cpu_exec)
         self.gateway = Gateway(self.cfg, OrchestratorBackend(make, lambda: self.fleet, own, self.me))
         self.gateway.start()
 
@@ -409,8 +409,10 @@ class Node:
         if age > req.window_s:
             log.info("ignored call for bids %s: its window closed %.1f s ago", req.rid, age - req.window_s)
             return
-        npu_ok = self.npu_exec is not None and self.npu_exec.serves(req.model)
-        cpu_ok = self.cpu_exec is not None and self.gate.slots > 0 and self.cpu_exec.serves(req.model)
+        npu_ok = self.npu_exec is not None and self.npu_exec.serves(req.model) \
+            and (self.npu_exec.tools or not req.tools)
+        cpu_ok = self.cpu_exec is not None and self.gate.slots > 0 and self.cpu_exec.serves(req.model) \
+            and (self.cpu_exec.tools or not req.tools)
         if not (npu_ok or (cpu_ok and req.need == "any")):
             return  # nothing here could take it (roster.can_take): no bid, and nobody waits for one
         claim = self.ledger.offer(req.rid, req.origin, time.monotonic())
@@ -424,7 +426,7 @@ class Node:
         # This device's own orchestrations get a bid too: their CPU jobs come back through
         # exec/<self> and the same gate as everyone else's.
         cpu = self.cpu_exec if self.cpu_exec is not None and self.cpu_exec.down is None \
-            and self.cpu_exec.serves(req.model) else None
+            and self.cpu_exec.serves(req.model) and (self.cpu_exec.tools or not req.tools) else None
         estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if cpu else None
         init_s = self.init_cost.expected("cpu", cpu.is_warm()) if cpu else 0.0
         bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self.snapshot(),
@@ -475,6 +477,9 @@ class Node:
             return
         if executor is not None and executor.down is not None:
             self._decline(job, "model_server_down")
+            return
+        if executor is not None and job.chat is not None and job.chat.tools and not executor.tools:
+            self._decline(job, "no_tools: this device's executor cannot call tools")
             return
         if job.mode == "npu":
             claim = self.npu_lock.try_claim(owner=job.rid) if self.npu_exec is not None else None
@@ -533,13 +538,13 @@ class Node:
                 raise Cancelled(executor.name, "cancelled before it started")
             params = Params(max_new_tokens=job.max_new_tokens, temperature=job.temperature,
                             timeout_s=remaining, rid=job.rid,
-                            hold_fds=(run.resource.fd,) if run.resource is not None else ())
+                            hold_fds=(run.resource.fd,) if run.resource is not None else (), chat=job.chat)
             run.warm = executor.is_warm()
 
             def on_token(text: str) -> None:
                 self._send(job.origin, Token(job.rid, self.me, next(seq), text, job.digest))
 
-            final = self._done(run, executor.run(job.prompt, params, on_token, run.cancel), queue_ms)
+            final = self._done(run, executor.run(job.text_prompt, params, on_token, run.cancel), queue_ms)
             ok = True
         except ExecutorError as exc:
             final = self._failed(run, exc)
@@ -564,12 +569,13 @@ class Node:
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
         payload = self._send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
                                               result.generated_tokens, digest=job.digest,
-                                              finish_reason=result.finish_reason))
+                                              finish_reason=result.finish_reason,
+                                              tool_calls=result.tool_calls))
         # The answer first, the bookkeeping after: nobody waits on it. The record fits the
         # work; start-up (loading a model that was not warm) apart.
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
         self.init_cost.observe(job.mode, run.warm, t.init_ms / 1000)
-        self.record.observe(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, result.generated_tokens,
+        self.record.observe(job.mode, estimate_tokens(job.text_prompt), job.max_new_tokens, result.generated_tokens,
                             max(t.total_ms - t.init_ms, 0.0) / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)
         return payload
@@ -669,7 +675,7 @@ class Node:
                                       on_progress=lambda text: channel.send({"type": "progress", "text": text}))
             channel.watch(orch.interrupt)  # the client hung up (Ctrl-C): cancel its job
             out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
-                           model=ask.model, temperature=ask.temperature)
+                           model=ask.model, temperature=ask.temperature, chat=ask.chat)
         except AgentError as exc:
             channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
         else:
@@ -699,6 +705,7 @@ class ControlTrigger:
     bid_timeout_s: float | None = None
     model: str | None = None
     temperature: float | None = None
+    chat: Chat | None = None
 
 
 def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
@@ -719,8 +726,14 @@ def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 10):
         raise UsageError("temperature must be a number from 0 to 10")
+    chat = None
+    if req.get("chat") is not None:
+        try:
+            chat = Chat.from_obj(req["chat"], "trigger", 256 * 1024 * 1024)
+        except MessageError as exc:
+            raise UsageError(str(exc)) from None
     return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model,
-                          None if temperature is None else float(temperature))
+                          None if temperature is None else float(temperature), chat)
 
 
 def _retained(msg: Message, what: str) -> bool:

@@ -47,6 +47,7 @@ from agent.messages import (
     Bid,
     BidRequest,
     Cancel,
+    Chat,
     Job,
     Snapshot,
     cancel_check,
@@ -75,6 +76,11 @@ class Request:
     dry_run: bool
     model: str | None = None
     temperature: float | None = None
+    chat: Chat | None = None   # a conversation; ``prompt`` is then its transcript
+
+    @property
+    def tools(self) -> bool:
+        return self.chat is not None and bool(self.chat.tools)
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,14 @@ class Orchestrator:
     # ------------------------------------------------------------------ entry point
     def run(self, prompt: str, *, max_new_tokens: int = 256, need: str = "any",
             rid: str | None = None, dry_run: bool = False, model: str | None = None,
-            temperature: float | None = None) -> Outcome:
+            temperature: float | None = None, chat: Chat | None = None) -> Outcome:
         """Answer one prompt. Raises PromptTooLarge before anything is published.
 
         ``dry_run`` holds the auction and makes the decision, but runs nothing: the outcome
         names the device that would have won, and the ranking behind it."""
-        req = Request(rid or uuid.uuid4().hex, prompt, max_new_tokens, need, dry_run, model, temperature)
+        if chat is not None:
+            prompt = chat.transcript()
+        req = Request(rid or uuid.uuid4().hex, prompt, max_new_tokens, need, dry_run, model, temperature, chat)
         self._check_prompt(req)
         return replace(self._run(req, self.clock()), model=req.model)
 
@@ -168,9 +176,9 @@ class Orchestrator:
     def _check_prompt(self, req: Request) -> None:
         try:
             req.prompt.encode("utf-8")
+            probe = self._job(req, "cpu", "x" * 32).to_payload()  # the chat, if any, is in it
         except UnicodeEncodeError:  # a lone surrogate (from JSON's "\ud800", or a bad argv)
             raise UsageError("the prompt is not valid Unicode text (it has a lone surrogate)") from None
-        probe = self._job(req, "cpu", "x" * 32).to_payload()
         if len(probe) > self.cfg.max_payload_bytes:
             raise PromptTooLarge(len(probe), self.cfg.max_payload_bytes)
 
@@ -220,7 +228,8 @@ class Orchestrator:
             self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
 
     def _own_npu(self, req: Request, started: float, fsm: Machine) -> Outcome | None:
-        if self.npu_exec is None or not self.npu_exec.serves(req.model) or self.npu_exec.check() is not None:
+        if self.npu_exec is None or not self.npu_exec.serves(req.model) or self.npu_exec.check() is not None \
+                or (req.tools and not self.npu_exec.tools):
             return None
         if req.dry_run:
             if not self.npu_lock.is_free():
@@ -263,13 +272,13 @@ class Orchestrator:
         def call() -> None:
             request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
-                                 need=req.need, model=req.model)
+                                 need=req.need, model=req.model, tools=req.tools)
             bus.publish(self.topics.bid_request(req.rid, self.me), request.to_payload(), qos=1, expiry_s=window,
                         response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                         correlation_data=req.rid.encode())
 
         # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
-        expected = wire.fleet.roster.bidders(req.model, req.need)
+        expected = wire.fleet.roster.bidders(req.model, req.need, req.tools)
         call()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
@@ -292,7 +301,7 @@ class Orchestrator:
         decision = select(offers, state.arms, prompt_tokens=estimate_tokens(req.prompt),
                           max_new_tokens=req.max_new_tokens, alpha=lin.alpha, lam=lin.lambda_, policy=policy,
                           exploring=set(state.exploring), need=req.need, rng=self.rng, cursor=state.cursor,
-                          model=req.model)
+                          model=req.model, tools=req.tools)
         decide_ms = (self.clock() - deciding) * 1000
         if decision.cursor != state.cursor and not req.dry_run:
             self.arms.set_cursor(decision.cursor)
@@ -360,6 +369,9 @@ class Orchestrator:
             known = self._models_known(wire)
             error = (f"no device serves model {req.model!r} now; "
                      + (f"the fleet serves: {', '.join(known)}" if known else "no device has announced a model"))
+        if req.tools and not tried:
+            error = ("no device can call tools" + (f" with model {req.model!r}" if req.model else "")
+                     + " now (an executor takes tools with `tools: true`; openai executors do by default)")
         return replace(seen, answer=Answer(False, ExitCode.NO_DEVICE, error=error), attempts=tuple(attempts),
                        total_ms=(self.clock() - started) * 1000)
 
@@ -466,7 +478,7 @@ class Orchestrator:
                                                                f"{timeout_s:g} s"), "no free slot")
             timeout_s -= self.clock() - began
         params = Params(max_new_tokens=req.max_new_tokens, temperature=req.temperature, timeout_s=timeout_s,
-                        rid=req.rid, hold_fds=(claim.fd,) if claim is not None else ())
+                        rid=req.rid, hold_fds=(claim.fd,) if claim is not None else (), chat=req.chat)
         try:
             result = executor.run(req.prompt, params, on_token, self.interrupted)
         except ExecutorError as exc:
@@ -483,7 +495,7 @@ class Orchestrator:
                 claim.release()
         fsm.fire("done")
         return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens,
-                      result.prompt_tokens, result.finish_reason), "done"
+                      result.prompt_tokens, result.finish_reason, result.tool_calls), "done"
 
     def _slot_progress(self) -> Callable[[float], None]:
         shown = [0.0]
@@ -496,10 +508,10 @@ class Orchestrator:
 
     def _job(self, req: Request, mode: str, claim: str) -> Job:
         auction = self.cfg.auction
-        return Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt=req.prompt,
+        return Job(rid=req.rid, origin=self.me, mode=mode, claim=claim, prompt="" if req.chat else req.prompt,
                    max_new_tokens=req.max_new_tokens, accept_s=auction.accept_timeout_s,
                    timeout_s=auction.job_timeout_s, reply_to=self.topics.result_stem(self.me, req.rid),
-                   sent_at=round(self.wall(), 3), model=req.model, temperature=req.temperature)
+                   sent_at=round(self.wall(), 3), model=req.model, temperature=req.temperature, chat=req.chat)
 
     def _offer_from_bid(self, bid: Bid) -> Any:
         from agent.selection import Offer

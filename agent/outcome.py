@@ -81,7 +81,8 @@ class Outcome:
                 "dry_run": self.dry_run, "model": self.model,
                 "usage": {"prompt_tokens": self.answer.prompt_tokens,
                           "completion_tokens": self.answer.generated_tokens},
-                "finish_reason": self.answer.finish_reason or None}
+                "finish_reason": self.answer.finish_reason or None,
+                "tool_calls": [c.to_obj() for c in self.answer.tool_calls]}
 
 
 def bid_summary(bid: Bid, score: float | None) -> dict[str, Any]:

@@ -170,13 +170,13 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up)
 
-    def bidders(self, model: str | None = None, need: str = "any") -> frozenset[str]:
+    def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
         unhealthy node says so and sits auctions out, and a node bids only on jobs it could
         take (``can_take``), so nobody waits for a bid that will not come."""
         def expected(d: str) -> bool:
             m = self._metrics.get(d)
-            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model))
+            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model, tools))
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and expected(d))
 
@@ -209,12 +209,13 @@ class Roster:
         return remove
 
 
-def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None) -> bool:
-    """Whether a device with this snapshot could take a job: its NPU (serving the model),
-    or, for a job that does not need an NPU, a CPU slot (serving it). A node bids only on
-    such jobs (a device that only asks never bids), and auctions wait only for them."""
-    npu = snapshot.has_npu and serves(snapshot, "npu", model)
-    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model))
+def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None, tools: bool = False) -> bool:
+    """Whether a device with this snapshot could take a job: its NPU (serving the model,
+    calling tools if the job has them), or, for a job that does not need an NPU, a CPU
+    slot (likewise). A node bids only on such jobs (a device that only asks never bids),
+    and auctions wait only for them."""
+    npu = snapshot.has_npu and serves(snapshot, "npu", model, tools)
+    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model, tools))
 
 
 def within(snapshot: Snapshot, granted: Capabilities | None) -> Snapshot:

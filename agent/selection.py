@@ -86,16 +86,17 @@ class Decision:
 def select(offers: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: int,
            max_new_tokens: int, alpha: float, lam: float, policy: str = "linucb", floor: float = 0.0,
            exploring: Collection[str] = (), need: str = "any", rng: np.random.Generator | None = None,
-           cursor: int = 0, model: str | None = None) -> Decision:
-    """Rank every way the job could run, best first; with ``model``, only ways that run it."""
+           cursor: int = 0, model: str | None = None, tools: bool = False) -> Decision:
+    """Rank every way the job could run, best first; with ``model``, only ways that run it;
+    with ``tools``, only ways whose executor can call tools."""
     npu = sorted((o for o in offers
-                  if o.snapshot.has_npu and o.snapshot.npu_free and serves(o.snapshot, "npu", model)),
+                  if o.snapshot.has_npu and o.snapshot.npu_free and serves(o.snapshot, "npu", model, tools)),
                  key=lambda o: (_npu_latency(o.snapshot), o.device))
     ranking = [Choice(o.device, "npu", o.is_self) for o in npu]
     if need == "npu":
         return Decision(tuple(ranking), cursor)
 
-    cpu = sorted((o for o in offers if o.snapshot.cpu_slots > 0 and serves(o.snapshot, "cpu", model)),
+    cpu = sorted((o for o in offers if o.snapshot.cpu_slots > 0 and serves(o.snapshot, "cpu", model, tools)),
                  key=lambda o: o.device)
     if not cpu:
         return Decision(tuple(ranking), cursor)

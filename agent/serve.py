@@ -1,7 +1,9 @@
-"""The fleet behind an OpenAI-compatible HTTP endpoint.
+"""The fleet behind an HTTP endpoint that speaks OpenAI's API and Ollama's.
 
     POST /v1/chat/completions   POST /v1/completions   (streamed as SSE, or not)
     GET  /v1/models             GET  /health
+    Ollama's API (agent/ollama.py): GET /, /api/tags, /api/ps, /api/version,
+    POST /api/chat, /api/generate, /api/show, /api/pull
 
 Theory of operation. Each request is one orchestration from this device — own NPU first,
 else the auction — through the same code as ``trigger``. A ``Backend`` runs it: inside
@@ -13,17 +15,20 @@ device's node runs — the node itself, over its local socket.
 The HTTP layer is the standard library's threading server: a thread per connection is
 what a handful of streaming clients on a phone or a board need, it adds no dependency,
 and a blocked client blocks only its own thread. Concurrency is bounded
-(``serve.max_concurrent``; past it, 429 at once). Response headers wait for the
+(``serve.max_concurrent``); past it requests wait in one line shared by both fronts
+(agent/admission.py), and past ``serve.max_queue`` get 503 at once. Response headers wait for the
 decision, so ``X-Edge-Agent-Device`` names who answers and an error before any token is
 a proper HTTP status; a client that hangs up (noticed by a peek on its socket, or a
 failed write) cancels its job on whichever device runs it.
 
-Chat messages become one prompt: a single user message as it is, several as a
-"Role: text" transcript; the executor applies its model's chat template to it.
+Chat travels as chat (messages, tools, output format) to executors that speak it; the
+others get a "Role: text" transcript and apply their model's chat template. Tool calls
+come back with arguments as an object; this front sends them on as a JSON string.
 """
 
 from __future__ import annotations
 
+import _thread
 import hmac
 import json
 import logging
@@ -39,8 +44,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from agent.config import Config
+from agent.admission import FULL, Admission
+from agent.config import DEFAULT_MODEL, Config
 from agent.errors import AgentError, ExitCode, PromptTooLarge, UsageError
+from agent.messages import Chat, ChatMessage, Timings, ToolCall, tool_name
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,7 @@ class Ask:
     max_new_tokens: int
     model: str | None
     temperature: float | None = None
+    chat: Chat | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,40 @@ class Answered:
     completion_tokens: int
     total_ms: float
     finish_reason: str = ""   # the engine's; "" when it did not say
+    tool_calls: tuple[ToolCall, ...] = ()
+    timings: Timings = Timings()
+
+
+class Stop(threading.Event):
+    """Set when the request is over for its client (it hung up, a write failed); hooks
+    registered with ``on_set`` run at that moment, in the thread that sets it, so a
+    backend cancels its job without a thread of its own watching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+        self._guard = threading.Lock()
+
+    def on_set(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run ``hook`` when this is set (now, if it is); returns what unregisters it."""
+        with self._guard:
+            if not self.is_set():
+                self._hooks.append(hook)
+                return lambda: self._drop(hook)
+        hook()
+        return lambda: None
+
+    def _drop(self, hook: Callable[[], None]) -> None:
+        with self._guard:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+    def set(self) -> None:
+        with self._guard:
+            hooks, self._hooks = self._hooks, []
+            super().set()
+        for hook in hooks:
+            hook()
 
 
 class Backend(Protocol):
@@ -77,7 +119,7 @@ class Backend(Protocol):
     def connected(self) -> bool: ...
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered: ...
+            stop: Stop) -> Answered: ...
 
 
 # ----------------------------------------------------------------------------- backends
@@ -86,7 +128,8 @@ def _answered(out: Any) -> Answered:
     return Answered(ok=out.ok, text=out.text, winner=out.winner, path=out.path, rid=out.rid,
                     exit_code=int(out.exit_code), error=out.error, prompt_tokens=out.answer.prompt_tokens,
                     completion_tokens=out.answer.generated_tokens, total_ms=out.total_ms,
-                    finish_reason=out.answer.finish_reason)
+                    finish_reason=out.answer.finish_reason, tool_calls=out.answer.tool_calls,
+                    timings=out.timings)
 
 
 class OrchestratorBackend:
@@ -111,7 +154,7 @@ class OrchestratorBackend:
         self._idle.put(orch)
 
     def models(self) -> list[dict[str, Any]]:
-        entries = {m["name"]: {**m, "devices": [self._me]} for m in self._own}
+        entries = {m["name"]: {"tools": False, **m, "devices": [self._me]} for m in self._own}
         try:
             roster = self._fleet().roster
         except AgentError:
@@ -122,8 +165,9 @@ class OrchestratorBackend:
                 continue
             for info in metrics.snapshot.models.values():
                 entry = entries.setdefault(info.name, {"name": info.name, "aliases": list(info.aliases),
-                                                       "context": info.context, "devices": []})
+                                                       "context": info.context, "devices": [], "tools": False})
                 entry["devices"] = sorted({*entry["devices"], device})
+                entry["tools"] = entry["tools"] or info.tools
         return _listed(entries)
 
     def connected(self) -> bool:
@@ -133,7 +177,7 @@ class OrchestratorBackend:
             return False
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered:
+            stop: Stop) -> Answered:
         try:
             orch = self._idle.get_nowait()
         except queue.Empty:
@@ -141,20 +185,12 @@ class OrchestratorBackend:
         orch.on_token = on_token
         orch.on_decision = lambda d: on_decision(d.winner, d.path)
         orch.interrupted.clear()
-        watching = True
-
-        def watch() -> None:
-            while watching and not stop.wait(0.5):
-                pass
-            if watching:
-                orch.interrupt()
-        watcher = threading.Thread(target=watch, name="serve-watch", daemon=True)
-        watcher.start()
+        unhook = stop.on_set(orch.interrupt)  # the client left: cancel the job where it runs
         try:
             out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, model=ask.model,
-                           temperature=ask.temperature)
+                           temperature=ask.temperature, chat=ask.chat)
         finally:
-            watching = False
+            unhook()
             orch.on_token = lambda t: None
             orch.on_decision = lambda d: None
             self._idle.put(orch)  # its next rid is already subscribed
@@ -183,8 +219,10 @@ class DaemonBackend:
                     continue
                 for info in (row.get("models") or {}).values():
                     entry = entries.setdefault(info["name"], {"name": info["name"], "aliases": info.get("aliases", []),
-                                                              "context": None, "devices": []})
+                                                              "context": info.get("context"), "devices": [],
+                                                              "tools": False})
                     entry["devices"] = sorted({*entry["devices"], row["device"]})
+                    entry["tools"] = entry["tools"] or info.get("tools") is True
         return _listed(entries)
 
     def connected(self) -> bool:
@@ -192,27 +230,24 @@ class DaemonBackend:
         return control.running(self.cfg.state_dir)
 
     def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
-            stop: threading.Event) -> Answered:
+            stop: Stop) -> Answered:
         from agent import control
         sock = control.connect(self.cfg.state_dir)
         if sock is None:
             raise AgentError("the node daemon of this device stopped")
-        watching = True
 
-        def watch() -> None:
-            while watching and not stop.wait(0.5):
+        def leave() -> None:
+            try:
+                sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
+            except OSError:
                 pass
-            if watching:
-                try:
-                    sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
-                except OSError:
-                    pass
-        threading.Thread(target=watch, name="serve-watch", daemon=True).start()
+        unhook = stop.on_set(leave)
         try:
             with sock:
                 for event in control.request(sock, {"op": "trigger", "prompt": ask.prompt,
                                                     "max_new_tokens": ask.max_new_tokens, "model": ask.model,
-                                                    "temperature": ask.temperature}):
+                                                    "temperature": ask.temperature,
+                                                    "chat": None if ask.chat is None else ask.chat.to_obj()}):
                     kind = event.get("type")
                     if kind == "decision":
                         on_decision(event["winner"], event.get("path"))
@@ -225,11 +260,15 @@ class DaemonBackend:
                                         rid=out["rid"], exit_code=out["exit_code"], error=out["error"],
                                         prompt_tokens=usage.get("prompt_tokens", 0),
                                         completion_tokens=usage.get("completion_tokens", 0),
-                                        total_ms=out["total_ms"], finish_reason=out.get("finish_reason") or "")
+                                        total_ms=out["total_ms"], finish_reason=out.get("finish_reason") or "",
+                                        tool_calls=tuple(ToolCall(c["name"], c["arguments"], c.get("id", ""))
+                                                         for c in out.get("tool_calls") or ()),
+                                        timings=Timings(**{k: float(v) for k, v in (out.get("timings") or {}).items()
+                                                           if k in Timings.__dataclass_fields__}))
                     elif kind == "error":
                         raise _DaemonError(event.get("error", "the daemon refused"), event.get("exit_code", 1))
         finally:
-            watching = False
+            unhook()
         raise AgentError("the node daemon hung up before answering")
 
 
@@ -237,6 +276,19 @@ class _DaemonError(AgentError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILED
+
+
+def own_models(*executors: Any) -> list[dict[str, Any]]:
+    """The models this process's own executors serve (None: not running), one entry a name."""
+    entries: dict[str, dict[str, Any]] = {}
+    for e in executors:
+        if e is None:
+            continue
+        i = e.model_info()
+        entry = entries.setdefault(i.name, {"name": i.name, "aliases": list(i.aliases), "context": i.context,
+                                            "tools": False})
+        entry["tools"] = entry["tools"] or i.tools
+    return list(entries.values())
 
 
 def _listed(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,26 +303,81 @@ class BadRequest(Exception):
         self.status, self.code, self.param = status, code, param
 
 
-def prompt_of_messages(messages: Any) -> str:
-    """One prompt from OpenAI chat messages (see the module docstring)."""
+def text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or text content parts (null: empty)."""
+    if content is None:
+        return ""
+    if isinstance(content, list):  # content parts: text only
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise BadRequest(400, f"{where}: only text content is supported", param="messages")
+        return "".join(t for t in texts if isinstance(t, str))
+    if not isinstance(content, str):
+        raise BadRequest(400, f"{where}.content must be text", param="messages")
+    return content
+
+
+def arguments_of(raw: Any, where: str) -> dict[str, Any]:
+    """Tool call arguments: an object, or a string holding one (OpenAI's shape)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError):
+            raise BadRequest(400, f"{where}.arguments is not JSON", param="messages") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadRequest(400, f"{where}.arguments must be a JSON object", param="messages")
+    return raw
+
+
+def tools_of(raw: Any) -> tuple[dict[str, Any], ...]:
+    """Function tools, as both APIs spell them ({"type": "function", "function": {...}})."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > 128:
+        raise BadRequest(400, "tools must be a list of up to 128 tools", param="tools")
+    for i, tool in enumerate(raw):
+        if tool_name(tool) is None:
+            raise BadRequest(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": …}}}}',
+                             param="tools")
+    return tuple(raw)
+
+
+def chat_of_openai(body: dict[str, Any]) -> Chat:
+    """The conversation of a chat completion request: messages, tools, response format."""
+    messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest(400, "messages must be a non-empty list", param="messages")
     turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(400, f"messages[{i}] must be an object with a role", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-                raise BadRequest(400, f"messages[{i}]: only text content is supported", param="messages")
-            content = "".join(t for t in texts if isinstance(t, str))
-        if not isinstance(content, str):
-            raise BadRequest(400, f"messages[{i}].content must be text", param="messages")
-        turns.append((m["role"], content))
-    if len(turns) == 1 and turns[0][0] == "user":
-        return turns[0][1]
-    return "\n\n".join(f"{role.capitalize()}: {text}" for role, text in turns) + "\n\nAssistant:"
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise BadRequest(400, f"{where} must be an object with a role (system, user, assistant, tool)",
+                             param="messages")
+        calls = []
+        for j, c in enumerate(m.get("tool_calls") or []):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise BadRequest(400, f"{where}.tool_calls[{j}] must name a function", param="messages")
+            calls.append(ToolCall(fn["name"], arguments_of(fn.get("arguments"), f"{where}.tool_calls[{j}]"),
+                                  str(c.get("id") or "")))
+        role = "system" if m["role"] == "developer" else m["role"]
+        turns.append(ChatMessage(role, text_of(m.get("content"), where), tuple(calls),
+                                 str(m.get("tool_call_id") or ""), str(m.get("name") or "")))
+    fmt: Any = None
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_object":
+        fmt = "json"
+    elif isinstance(rf, dict) and rf.get("type") == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest(400, "response_format.json_schema.schema must be an object", param="response_format")
+        fmt = schema
+    elif rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise BadRequest(400, "response_format must be text, json_object or json_schema", param="response_format")
+    tools = tools_of(body.get("tools")) if body.get("tool_choice") != "none" else ()
+    return Chat(tuple(turns), tools, fmt)
 
 
 def max_tokens_of(body: dict[str, Any]) -> int:
@@ -291,9 +398,13 @@ def temperature_of(body: dict[str, Any]) -> float | None:
     return float(value)
 
 
+# Model names that ask for no model in particular: any device answers.
+NO_PREFERENCE = ("", "default", DEFAULT_MODEL)
+
+
 def model_of(body: dict[str, Any]) -> str | None:
     model = body.get("model")
-    if model is None or model in ("", "default", "edge-agent"):
+    if model is None or model in NO_PREFERENCE:
         return None  # no preference: any device, as a trigger without a model
     if not isinstance(model, str) or len(model) > 128:
         raise BadRequest(400, "model must be a model name", param="model")
@@ -310,7 +421,7 @@ class Gateway:
     def __init__(self, cfg: Config, backend: Backend):
         self.cfg = cfg
         self.backend = backend
-        self.slots = threading.BoundedSemaphore(cfg.serve.max_concurrent)
+        self.admission = Admission(cfg.serve.max_concurrent, cfg.serve.max_queue, cfg.serve.max_wait_s)
         self.key = _api_key(cfg)
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -321,8 +432,13 @@ class Gateway:
         class Handler(_Handler):
             pass
         Handler.gateway = gateway
-        server = ThreadingHTTPServer((self.cfg.serve.host, self.cfg.serve.port), Handler)
-        server.daemon_threads = True
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            # The listen backlog: socketserver's default of 5 resets the sixth client of a
+            # burst before it is accepted; the line holds max_queue of them.
+            request_queue_size = min(max(64, self.cfg.serve.max_concurrent + self.cfg.serve.max_queue), 4096)
+        server = Server((self.cfg.serve.host, self.cfg.serve.port), Handler)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="serve", daemon=True)
@@ -331,7 +447,7 @@ class Gateway:
         if warm is not None:
             threading.Thread(target=warm, name="serve-warm-up", daemon=True).start()
         host, port = server.server_address[:2]
-        log.info("serving the fleet on http://%s:%d/v1 (OpenAI-compatible%s)", host, port,
+        log.info("serving the fleet on http://%s:%d (OpenAI's API under /v1, Ollama's under /api%s)", host, port,
                  ", API key required" if self.key else "")
         return str(host), int(port)
 
@@ -382,16 +498,72 @@ class _Handler(BaseHTTPRequestHandler):
                param: str | None = None, headers: dict[str, str] | None = None) -> None:
         self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers)
 
-    def _authorised(self) -> bool:
+    def key_ok(self) -> bool:
+        """Whether the request carries the API key (if this gateway has one)."""
         key = self.gateway.key
         if key is None:
             return True
         given = self.headers.get("Authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode()):
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
+
+    def _authorised(self) -> bool:
+        if self.key_ok():
             return True
         self._error(401, "missing or wrong API key (Authorization: Bearer …)", kind="authentication_error",
                     code="invalid_api_key")
         return False
+
+    def admit(self, refuse: Callable[[int, str, dict[str, str]], None]) -> bool:
+        """Take a slot of the gateway, waiting in line if need be; else answer through
+        ``refuse`` (503 with Retry-After) and return False. A True must be paired with
+        ``self.gateway.admission.leave()``."""
+        admission = self.gateway.admission
+        why = admission.enter(gone=self.client_gone)
+        if why is None:
+            return True
+        if why == FULL:
+            message = (f"server busy: {admission.limit} requests are running and {admission.max_waiting} "
+                       "waiting on this gateway; try again shortly")
+        elif why == "timeout":
+            message = f"server busy: no slot came free within {admission.max_wait_s:g} s; try again shortly"
+        else:
+            log.info("a client waiting for a slot hung up")
+            self.close_connection = True
+            return False
+        refuse(503, message, {"Retry-After": "1" if why == FULL else "5"})
+        return False
+
+    def client_gone(self) -> bool:
+        """Whether the client has hung up (an EOF waits on its socket), without reading."""
+        conn = self.connection
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            return bool(readable) and not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+
+    def watch_gone(self, stop: Stop) -> None:
+        """Start a thread that sets ``stop`` when the client hangs up (an EOF on its
+        socket). (It waits for readability with select, so the socket's own timeout, which
+        the writes use, is left alone.) A bare thread: ``threading.Thread.start`` waits
+        for the new thread to run, which on a busy machine put a millisecond or more
+        before every request's orchestration."""
+        conn = self.connection
+
+        def watch() -> None:
+            try:
+                while not stop.is_set():
+                    readable, _, _ = select.select([conn], [], [], 0.5)
+                    if not readable:
+                        continue
+                    if not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                        stop.set()
+                    return  # data: the client's next request, not ours to read
+            except (OSError, ValueError):
+                stop.set()
+        _thread.start_new_thread(watch, ())
 
     def _body(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length")
@@ -413,8 +585,14 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path in ("/health", "/v1/health"):
             connected = self.gateway.backend.connected()
+            admission = self.gateway.admission
             self._json(200 if connected else 503, {"status": "ok" if connected else "broker not connected",
-                                                   "device": self.gateway.cfg.device_id})
+                                                   "device": self.gateway.cfg.device_id,
+                                                   "running": admission.running, "waiting": admission.waiting})
+            return
+        if path == "/" or path.startswith("/api/"):
+            from agent import ollama
+            ollama.get(self, path)
             return
         if not self._authorised():
             return
@@ -426,8 +604,17 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._error(404, f"no route {path}", code="not_found")
 
+    def do_HEAD(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        from agent import ollama
+        ollama.head(self, path)
+
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
+        if path.startswith("/api/"):
+            from agent import ollama
+            ollama.post(self, path)
+            return
         if path not in ("/v1/chat/completions", "/v1/completions"):
             self._error(404, f"no route {path}", code="not_found")
             return
@@ -436,8 +623,10 @@ class _Handler(BaseHTTPRequestHandler):
         chat = path == "/v1/chat/completions"
         try:
             body = self._body()
+            conversation = None
             if chat:
-                prompt = prompt_of_messages(body.get("messages"))
+                conversation = chat_of_openai(body)
+                prompt = conversation.transcript()
             else:
                 raw: Any = body.get("prompt")
                 if isinstance(raw, list) and len(raw) == 1:
@@ -445,48 +634,30 @@ class _Handler(BaseHTTPRequestHandler):
                 if not isinstance(raw, str) or not raw.strip():
                     raise BadRequest(400, "prompt must be a non-empty string", param="prompt")
                 prompt = raw
-            ask = Ask(prompt, max_tokens_of(body), model_of(body), temperature_of(body))
+            ask = Ask(prompt, max_tokens_of(body), model_of(body), temperature_of(body), conversation)
             stream = body.get("stream") is True
             usage_in_stream = isinstance(body.get("stream_options"), dict) and \
                 body["stream_options"].get("include_usage") is True
         except BadRequest as exc:
             self._error(exc.status, str(exc), code=exc.code, param=exc.param)
             return
-        if not self.gateway.slots.acquire(blocking=False):
-            self._error(429, f"{self.gateway.cfg.serve.max_concurrent} requests are already running on this "
-                             "gateway; try again shortly", kind="rate_limit_error", code="too_many_requests",
-                        headers={"Retry-After": "1"})
+        if not self.admit(lambda status, message, headers: self._error(
+                status, message, kind="server_error", code="server_busy", headers=headers)):
             return
         try:
             self._complete(ask, chat=chat, stream=stream, usage_in_stream=usage_in_stream,
-                           shown_model=str(body.get("model") or "edge-agent"))
+                           shown_model=str(body.get("model") or DEFAULT_MODEL))
         finally:
-            self.gateway.slots.release()
+            self.gateway.admission.leave()
 
     # ------------------------------------------------------------------ one completion
     def _complete(self, ask: Ask, *, chat: bool, stream: bool, usage_in_stream: bool, shown_model: str) -> None:
-        stop = threading.Event()
+        stop = Stop()
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         started = {"headers": False}
         lock = threading.Lock()
         obj_kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def gone_watch() -> None:
-            """A client that hangs up cancels its job: an EOF on its socket says so. (It
-            waits for readability with select, so the socket's own timeout, which the
-            writes use, is left alone.)"""
-            conn = self.connection
-            try:
-                while not stop.is_set():
-                    readable, _, _ = select.select([conn], [], [], 0.5)
-                    if not readable:
-                        continue
-                    if not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                        stop.set()
-                    return  # data: the client's next request, not ours to read
-            except (OSError, ValueError):
-                stop.set()
 
         def headers(device: str | None) -> None:
             if started["headers"] or not stream:
@@ -517,37 +688,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
                              "choices": [{"index": 0, **piece, "finish_reason": None}]}, stop)
 
-        watcher = threading.Thread(target=gone_watch, name="serve-gone", daemon=True)
-        watcher.start()
-        try:
-            answered = self.gateway.backend.run(ask, on_decision, on_token, stop)
-        except PromptTooLarge as exc:
-            answered = None
-            failure: tuple[int, str, str] | None = (413, str(exc), "prompt_too_large")
-        except AgentError as exc:
-            answered = None
-            failure = (STATUS_OF.get(exc.exit_code, 500), str(exc), "edge_agent_error")
-        else:
-            failure = None
-        finally:
-            stop_was = stop.is_set()
-            stop.set()  # ends the watcher
-            watcher.join(1.0)
-        if stop_was and answered is not None and not answered.ok:
-            log.info("client of %s went away; its job was cancelled", answered.rid)
-            self.close_connection = True
+        answered, failure = self.run_backend(ask, on_decision, on_token, stop)
+        if failure is not None and failure[2] == "client_gone":
             return
-        if answered is not None and not answered.ok:
-            code = ExitCode(answered.exit_code) if answered.exit_code in ExitCode._value2member_map_ \
-                else ExitCode.FAILED
-            status = STATUS_OF.get(code, 502)
-            err_code = "model_not_found" if ask.model and "serves model" in (answered.error or "") else None
-            failure = (404 if err_code else status, answered.error or "failed", err_code or "edge_agent_error")
         finish = "stop"  # the engine's reason where it gave one; a guess for executors that cannot say
         if answered is not None and answered.finish_reason:
             finish = answered.finish_reason
         elif answered is not None and answered.completion_tokens >= ask.max_new_tokens:
             finish = "length"
+        if answered is not None and answered.tool_calls:
+            finish = "tool_calls"
         extension = {} if answered is None else {"edge_agent": {"device": answered.winner, "path": answered.path,
                                                                 "rid": answered.rid,
                                                                 "total_ms": round(answered.total_ms, 1)}}
@@ -565,8 +715,16 @@ class _Handler(BaseHTTPRequestHandler):
                                 code=code_name)
                 return
             assert answered is not None and usage is not None
+            calls = [{"id": c.id or f"call_{i}", "type": "function",
+                      "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments), ensure_ascii=False)}}
+                     for i, c in enumerate(answered.tool_calls)]
             if stream:
                 headers(answered.winner)
+                if calls:
+                    self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
+                                 "choices": [{"index": 0, "delta": {"tool_calls": [
+                                     {"index": i, **c} for i, c in enumerate(calls)]}, "finish_reason": None}]},
+                                stop)
                 last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
                 self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
                              "choices": [{"index": 0, **last, "finish_reason": finish}], **extension}, stop)
@@ -575,13 +733,47 @@ class _Handler(BaseHTTPRequestHandler):
                                  "choices": [], "usage": usage}, stop)
                 self._done_stream()
                 return
-            choice: dict[str, Any] = ({"message": {"role": "assistant", "content": answered.text}} if chat
-                                      else {"text": answered.text})
+            reply: dict[str, Any] = {"role": "assistant", "content": answered.text or (None if calls else "")}
+            if calls:
+                reply["tool_calls"] = calls
+            choice: dict[str, Any] = {"message": reply} if chat else {"text": answered.text}
             self._json(200, {"id": cid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": shown_model,
                              "choices": [{"index": 0, **choice, "finish_reason": finish}],
                              "usage": usage, **extension},
                        headers={"X-Edge-Agent-Device": answered.winner or ""})
+
+    def run_backend(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
+                    stop: Stop) -> tuple[Answered | None, tuple[int, str, str] | None]:
+        """Run one request through the backend while watching for the client to hang up:
+        (the answer, or None; the failure as (status, message, code), or None). The code
+        "client_gone" means the client left and its job was cancelled: nothing to send."""
+        self.watch_gone(stop)
+        try:
+            answered = self.gateway.backend.run(ask, on_decision, on_token, stop)
+        except PromptTooLarge as exc:
+            return None, (413, str(exc), "prompt_too_large")
+        except AgentError as exc:
+            return None, (STATUS_OF.get(exc.exit_code, 500), str(exc), "edge_agent_error")
+        finally:
+            stop_was = stop.is_set()
+            # Ends the watcher, at its next look (within 0.5 s). Not joined: waiting for it
+            # held every answer's end back by up to 0.5 s; it only peeks, so a next
+            # request on the connection is left for the handler to read.
+            stop.set()
+        if answered.ok:
+            return answered, None
+        if stop_was:
+            log.info("client of %s went away; its job was cancelled", answered.rid)
+            self.close_connection = True
+            return answered, (499, "client gone", "client_gone")
+        code = ExitCode(answered.exit_code) if answered.exit_code in ExitCode._value2member_map_ \
+            else ExitCode.FAILED
+        err_code = "model_not_found" if ask.model and "serves model" in (answered.error or "") else None
+        if answered.error and answered.error.startswith("no device can call tools"):
+            err_code = "tools_not_supported"
+        status = 404 if err_code == "model_not_found" else 400 if err_code else STATUS_OF.get(code, 502)
+        return answered, (status, answered.error or "failed", err_code or "edge_agent_error")
 
     def _event(self, obj: dict[str, Any], stop: threading.Event) -> None:
         try:

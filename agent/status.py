@@ -33,7 +33,8 @@ def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
             "backlog_s": s.backlog_s if s else None,
             "last_latency_ms": m.last_latency_ms if m else None,
             "health": m.health if m else None,
-            "models": {mode: {"name": i.name, "aliases": list(i.aliases), "warm": i.warm}
+            "models": {mode: {"name": i.name, "aliases": list(i.aliases), "warm": i.warm, "context": i.context,
+                              "tools": i.tools}
                        for mode, i in s.models.items()} if s else {},
             "metrics_age_s": round(max(now - (m.ts + offset), 0.0), 1) if m else None,
         })

@@ -13,8 +13,9 @@ Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measure
 4. local NPU run() -> executor start in-process; `python -m agent trigger` wall time to
              executor start; import time of the CLI module.
 5. node      idle CPU and RSS of one node daemon, and RSS after a few hundred jobs.
-   serve     time to first token through `serve` (HTTP in, auction, a peer, the first SSE
-             chunk out) against the same executor called directly.
+   serve     time to first token through `serve`'s two fronts, OpenAI's and Ollama's (HTTP
+             in, auction, a peer, the first streamed chunk out), against the same executor
+             called directly (`scripts/bench --serve` runs only this).
    engine    the same with a real engine: llama.cpp's llama-server (scripts/engines) with
              the tests' tiny model, called directly against through the fleet (a ratio).
 6. concurrency  K orchestrators at once against the N=8 fleet: auctions/s and p95.
@@ -347,34 +348,54 @@ def measure_serve(port: int, workdir: Path, requests: int) -> dict[str, Any]:
                          log=Path(os.devnull)),
              NodeProcess(fleet.config("serve-gw", cpu=None, serve={"enabled": True, "port": gw_port}), "serve-gw",
                          arrivals=arrivals, log=Path(os.devnull))]
-    body = json.dumps({"model": "bench", "stream": True, "max_tokens": 4,
-                       "messages": [{"role": "user", "content": "how far is the edge"}]})
-    through = []
+    messages = [{"role": "user", "content": "how far is the edge"}]
+    fronts = {  # path, body, a line that carries the first token
+        "openai": ("/v1/chat/completions", json.dumps({"model": "bench", "stream": True, "max_tokens": 4,
+                                                       "messages": messages}),
+                   lambda raw: raw.startswith(b"data: {") and b'"content": "' in raw and b'"content": ""' not in raw),
+        "ollama": ("/api/chat", json.dumps({"model": "bench", "stream": True, "options": {"num_predict": 4},
+                                            "messages": messages}),
+                   lambda raw: raw.startswith(b"{") and b'"content": "' in raw and b'"content": ""' not in raw),
+    }
+    through: dict[str, list[float]] = {front: [] for front in fronts}
+    whole: dict[str, list[float]] = {front: [] for front in fronts}
     try:
         for node in nodes:
             node.start(timeout=60)
         for i in range(requests + 10):
-            conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            ttft = None
-            for raw in resp:
-                if raw.startswith(b"data: {") and b'"content": "' in raw and b'"content": ""' not in raw:
-                    ttft = (time.perf_counter() - t0) * 1000
-                    break
-            resp.read()
-            conn.close()
-            if ttft is None:
-                raise RuntimeError("serve streamed no token")
-            if i >= 10:  # the first ones warm up the arms and the connection
-                through.append(ttft)
+            for front, (path, body, first) in fronts.items():  # interleaved: both see the same machine
+                conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
+                t0 = time.perf_counter()
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                ttft = None
+                for raw in resp:
+                    if first(raw):
+                        ttft = (time.perf_counter() - t0) * 1000
+                        break
+                resp.read()
+                conn.close()
+                if ttft is None:
+                    raise RuntimeError(f"serve streamed no token through the {front} front")
+                if i >= 10:  # the first ones warm up the arms and the connection
+                    through[front].append(ttft)
+        for _ in range(20):  # not streamed: the whole answer, against the orchestration inside it
+            for front, (path, body, _) in fronts.items():
+                conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
+                t0 = time.perf_counter()
+                conn.request("POST", path, body=body.replace('"stream": true', '"stream": false'),
+                             headers={"Content-Type": "application/json"})
+                answer = json.loads(conn.getresponse().read())
+                whole[front].append((time.perf_counter() - t0) * 1000 - answer["edge_agent"]["total_ms"])
+                conn.close()
     finally:
         for node in nodes:
             node.stop()
         arrivals.close()
-    d, t = Dist.of(direct), Dist.of(through)
-    return {"direct": d.json(), "through_serve": t.json(), "added_p50_ms": round(t.p50 - d.p50, 2)}
+    d, t, o = Dist.of(direct), Dist.of(through["openai"]), Dist.of(through["ollama"])
+    return {"direct": d.json(), "through_serve": t.json(), "added_p50_ms": round(t.p50 - d.p50, 2),
+            "through_ollama": o.json(), "ollama_added_p50_ms": round(o.p50 - d.p50, 2),
+            "whole_answer_added_p50_ms": {front: round(Dist.of(xs).p50, 2) for front, xs in whole.items()}}
 
 
 def _first_token_ms(port: int, body: bytes, headers: dict[str, str] | None = None) -> float:
@@ -497,6 +518,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small N, few iterations: a smoke run (~30 s)")
     ap.add_argument("--out", default="bench-results.json", help="where to write the JSON (default %(default)s)")
+    ap.add_argument("--serve", action="store_true",
+                    help="only: time to first token through serve's two fronts against the executor directly")
     ap.add_argument("--scheduling", action="store_true",
                     help="instead: every auction.policy over a real broker (scripts/bench_scheduling.py)")
     ap.add_argument("--jobs", type=int, default=300, help="with --scheduling: prompts per policy (default 300)")
@@ -506,6 +529,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.scheduling:
         return scheduling(args)
+    if args.serve:
+        return serve_only(args)
     sizes = [1, 4] if args.quick else [1, 8, 32]
     iters, warmup = (30, 5) if args.quick else (300, 30)
     ks = [1, 4] if args.quick else [1, 8, 32]
@@ -616,10 +641,7 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
         lat = c["latency"] or {"p50": float("nan"), "p95": float("nan")}
         print(f"  K={c['k']:>2}: {c['auctions_per_s']:>7.1f} auctions/s, p50 {lat['p50']:.2f} ms, "
               f"p95 {lat['p95']:.2f} ms, errors {c['errors']}")
-    sv = r["serve"]
-    print(f"\ntime to first token, p50: the executor directly {sv['direct']['p50']:.1f} ms, through serve "
-          f"(HTTP, auction, a peer, SSE) {sv['through_serve']['p50']:.1f} ms: +{sv['added_p50_ms']:.1f} ms "
-          f"(p95 {sv['through_serve']['p95']:.1f} ms)")
+    print_serve(r["serve"])
     en = r["engine"]
     if "skipped" in en:
         print(f"real engine: skipped ({en['skipped']})")
@@ -632,6 +654,33 @@ def print_table(r: dict[str, Any], sizes: list[int]) -> None:
     print(f"\none frozen node of {fz['n']} (window {fz['window_s']:g} s): first auction {fz['first_ms']:.0f} ms, "
           f"then p50 {fz['after']['p50']:.1f} ms, p95 {fz['after']['p95']:.1f} ms "
           f"({fz['after']['p50'] / healthy:.1f}x the healthy fleet's p50 {healthy:.2f} ms)")
+
+
+def print_serve(sv: dict[str, Any]) -> None:
+    print(f"\ntime to first token, p50: the executor directly {sv['direct']['p50']:.1f} ms; through serve "
+          f"(HTTP, auction, a peer, streamed): OpenAI front {sv['through_serve']['p50']:.1f} ms, "
+          f"+{sv['added_p50_ms']:.1f} ms (p95 {sv['through_serve']['p95']:.1f}); Ollama front "
+          f"{sv['through_ollama']['p50']:.1f} ms, +{sv['ollama_added_p50_ms']:.1f} ms "
+          f"(p95 {sv['through_ollama']['p95']:.1f}); target <= +5 ms")
+    added = sv["whole_answer_added_p50_ms"]
+    print(f"a whole answer (not streamed), p50 beyond the orchestration inside it: OpenAI front "
+          f"+{added['openai']:.1f} ms, Ollama front +{added['ollama']:.1f} ms")
+
+
+def serve_only(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
+    broker = LocalMosquitto(workdir / "mosquitto")
+    broker.start()
+    try:
+        (workdir / "serve").mkdir()
+        result = measure_serve(broker.port, workdir / "serve", 20 if args.quick else 50)
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    Path(args.out).write_text(json.dumps({"serve": result}, indent=2))
+    print_serve(result)
+    print(f"\nJSON: {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

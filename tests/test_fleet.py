@@ -171,12 +171,12 @@ def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -
     garbage = [
         (t.bid_request("g1"), b"\xff\xfe not utf-8"),
         (t.bid_request("g2"), b"{not json"),
-        (t.bid_request("g3"), json.dumps({"v": 2, "rid": "g3", "origin": 5}).encode()),
-        (t.bid_request("g5"), valid_request.replace(b'"v":2', b'"v":99')),
+        (t.bid_request("g3"), json.dumps({"v": 3, "rid": "g3", "origin": 5}).encode()),
+        (t.bid_request("g5"), valid_request.replace(b'"v":3', b'"v":99')),
         (t.bid_request("g6"), b"[" * 10_000),                      # nested too deeply
         (t.bid_request("r2"), stale_request),
         (t.exec("worker"), b"\x00\x01\x02"),
-        (t.exec("worker"), json.dumps({"v": 2, "rid": "j1", "mode": "gpu"}).encode()),
+        (t.exec("worker"), json.dumps({"v": 3, "rid": "j1", "mode": "gpu"}).encode()),
         (t.exec("worker"), stale_job),
         (t.cancel("worker", "hub"), b"{}"),
     ]

@@ -50,8 +50,8 @@ def test_a_parser_survives_whatever_arrives(name: str) -> None:
 
 
 REGRESSIONS = {
-    "bid_request": [b"[" * 5000, b'{"v": 2, "window_s": 1' + b"0" * 400 + b"}", b'{"v": true}',
-                    b'{"v": 2, "rid": "r\\n", "origin": "hub"}', b'{"v": 2, "rid": ' + b"9" * 5000 + b"}"],
+    "bid_request": [b"[" * 5000, b'{"v": 3, "window_s": 1' + b"0" * 400 + b"}", b'{"v": true}',
+                    b'{"v": 3, "rid": "r\\n", "origin": "hub"}', b'{"v": 3, "rid": ' + b"9" * 5000 + b"}"],
     "trigger": [b'{"prompt": "\\ud800"}', b"{" + b"[" * 5000],
     "config": [b"x: !!timestamp foo\n", b"x: !!int\n", b"x: !!bool\n", b"- " * 3000,
                b"device_id: d\nbroker: {session_expiry_s: 4294967296}\n",

@@ -13,6 +13,8 @@ from agent.messages import (
     Bid,
     BidRequest,
     Cancel,
+    Chat,
+    ChatMessage,
     Declined,
     Done,
     Error,
@@ -23,6 +25,7 @@ from agent.messages import (
     Snapshot,
     Timings,
     Token,
+    ToolCall,
     TriggerRequest,
     decode_result,
     encode_result,
@@ -60,10 +63,10 @@ def test_result_events_round_trip(event) -> None:
 
 
 def test_every_message_says_its_schema_version() -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     for payload in (JOB.to_payload(), encode_result(Token("r1", "d", 0, "x")),
                     LastResult("r1", "d", None, None, False, "", None, 0.0).to_payload()):
-        assert json.loads(payload)["v"] == 2
+        assert json.loads(payload)["v"] == 3
 
 
 def test_the_job_digest_covers_what_it_asks_for_not_how_it_travels() -> None:
@@ -170,11 +173,11 @@ def test_job_field_limits_are_inclusive() -> None:
 
 
 @pytest.mark.parametrize("payload", [
-    b"[" * 5000, b'{"v": 2, "rid": ' + b"[" * 5000,
+    b"[" * 5000, b'{"v": 3, "rid": ' + b"[" * 5000,
     json.dumps({"v": True, "rid": "r1"}).encode(),
-    b'{"v": 2, "rid": "r1", "origin": "hub", "window_s": 1' + b"0" * 400 + b', "prompt_tokens": 1, '
+    b'{"v": 3, "rid": "r1", "origin": "hub", "window_s": 1' + b"0" * 400 + b', "prompt_tokens": 1, '
     b'"max_new_tokens": 1, "need": "any"}',
-    b'{"v": 2, "rid": "r1", "origin": "hub", "window_s": 1, "prompt_tokens": 1' + b"0" * 400 + b', '
+    b'{"v": 3, "rid": "r1", "origin": "hub", "window_s": 1, "prompt_tokens": 1' + b"0" * 400 + b', '
     b'"max_new_tokens": 1, "need": "any"}',
 ])
 def test_hostile_payloads_are_typed_errors(payload: bytes) -> None:
@@ -189,7 +192,54 @@ def test_a_lone_surrogate_is_not_text() -> None:
 
 
 def test_an_error_event_without_a_kind_is_a_failure_and_an_unknown_kind_is_refused() -> None:
-    plain = json.dumps({"v": 2, "type": "error", "rid": "r1", "device": "d", "reason": "boom"}).encode()
+    plain = json.dumps({"v": 3, "type": "error", "rid": "r1", "device": "d", "reason": "boom"}).encode()
     assert decode_result(plain) == Error("r1", "d", "boom")
     with pytest.raises(MessageError, match="kind"):
         decode_result(plain.replace(b'"reason"', b'"kind": "weird", "reason"'))
+
+
+# ------------------------------------------------------------------------- chat (schema 3)
+
+CHAT = Chat(messages=(ChatMessage("system", "be brief"), ChatMessage("user", "lights off"),
+                      ChatMessage("assistant", "", (ToolCall("HassTurnOff", {"name": "kitchen"}, "c1"),)),
+                      ChatMessage("tool", '{"ok": true}', tool_call_id="c1", name="HassTurnOff")),
+            tools=({"type": "function", "function": {"name": "HassTurnOff", "parameters": {"type": "object"}}},),
+            format={"type": "object", "properties": {"a": {"type": "string"}}})
+
+
+def test_a_job_carries_a_conversation_its_tools_and_format() -> None:
+    from dataclasses import replace
+    job = replace(JOB, prompt="", chat=CHAT)
+    back = Job.from_payload(job.to_payload())
+    assert back == job
+    assert back.chat is not None and back.chat.messages[2].tool_calls[0].arguments == {"name": "kitchen"}
+    assert "User: lights off" in back.text_prompt and back.text_prompt.endswith("Assistant:")
+    assert replace(job, chat=replace(CHAT, tools=())).digest != job.digest
+
+
+def test_a_done_carries_tool_calls_with_object_arguments() -> None:
+    done = Done("r1", "d", "", Timings(total_ms=1.0), tool_calls=(ToolCall("f", {"x": [1, 2]}, "c9"),))
+    assert decode_result(encode_result(done)) == done
+    assert json.loads(encode_result(done))["tool_calls"] == [{"id": "c9", "name": "f", "arguments": {"x": [1, 2]}}]
+
+
+@pytest.mark.parametrize("chat", [
+    {"messages": []},
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"messages": [{"role": "user", "content": 3}]},
+    {"messages": [{"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{}"}]}]},
+    {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]},
+    {"messages": [{"role": "user", "content": "x"}], "format": "yaml"},
+])
+def test_a_bad_conversation_is_refused_naming_the_field(chat) -> None:
+    obj = json.loads(JOB.to_payload())
+    obj["chat"] = chat
+    with pytest.raises(MessageError, match="chat"):
+        Job.from_payload(json.dumps(obj).encode())
+
+
+def test_a_version_2_job_is_refused() -> None:
+    obj = json.loads(JOB.to_payload())
+    obj["v"] = 2
+    with pytest.raises(MessageError, match="unsupported schema version 2"):
+        Job.from_payload(json.dumps(obj).encode())

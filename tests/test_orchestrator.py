@@ -79,7 +79,7 @@ class ScriptedFleet:
         return [t for t, _ in self.published if (p := T.parse(t)) is not None and p.kind == "cancel"]
 
     # roster
-    def bidders(self, model: str | None = None, need: str = "any") -> frozenset[str]:
+    def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
         return frozenset(self.peers)
 
     def listen(self, listener: Callable[[str, bool], None]) -> Callable[[], None]:

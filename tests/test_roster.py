@@ -71,6 +71,20 @@ def test_a_job_for_a_model_waits_only_for_devices_that_serve_it() -> None:
     assert roster.bidders() == {"a", "b", "c"}
 
 
+def test_a_job_with_tools_waits_only_for_devices_that_can_call_them() -> None:
+    from dataclasses import replace
+
+    from agent.messages import ModelInfo
+    roster = roster_of(a=True, b=True, c=True)
+    for device, tools in (("a", True), ("b", False)):
+        m = Metrics.from_payload(metrics(device).payload)
+        roster.handle_metrics(Message(TOPICS.metrics(device), replace(m, snapshot=replace(
+            m.snapshot, models={"cpu": ModelInfo("edge-agent", tools=tools)})).to_payload(), retain=True))
+    assert roster.bidders(None, tools=True) == {"a", "c"}, "c: no metrics yet, could"
+    assert roster.bidders("edge-agent", tools=True) == {"a", "c"}
+    assert roster.bidders() == {"a", "b", "c"}
+
+
 def test_only_live_metrics_measure_a_clock_a_retained_one_may_be_old() -> None:
     roster = Roster(TOPICS, "hub", wall=lambda: 160.0)
     roster.handle_metrics(metrics("a"))  # retained, stamped 100: could be a minute old

@@ -204,9 +204,9 @@ def test_a_device_cannot_cancel_replace_or_crash_anothers_job(secured: Secured, 
             forged = Job(rid, "alice", "cpu", "a-guess", "bob's question", 8, 5.0, 60.0, T.result_stem("alice", rid))
             bob.publish(T.exec("worker"), forged.to_payload())
             bob.publish(T.result("alice", rid, "bob"), b"[" * 5000)
-            bob.publish(T.result("alice", rid, "bob"), b'{"v": 2, "type": "done", "rid": "' + rid.encode() + b'"}')
+            bob.publish(T.result("alice", rid, "bob"), b'{"v": 3, "type": "done", "rid": "' + rid.encode() + b'"}')
             bob.publish(T.result("alice", rid, "worker"),
-                        b'{"v":2,"type":"done","rid":"' + rid.encode() + b'","device":"worker","text":"pwned",'
+                        b'{"v":3,"type":"done","rid":"' + rid.encode() + b'","device":"worker","text":"pwned",'
                         b'"timings":{}}')
             bob.publish(T.result("alice", rid, "worker"), json.dumps(
                 {"v": 2, "type": "error", "rid": rid, "device": "worker", "reason": "bob says it failed",

@@ -183,3 +183,14 @@ def test_every_policy_ranks_every_cpu_offer_once_and_keeps_the_context(policy: s
 def test_an_unknown_policy_is_an_error() -> None:
     with pytest.raises(ValueError, match="policy"):
         select([Offer("a", snap())], {}, **KW, policy="fastest-guess")
+
+
+def test_a_job_with_tools_goes_only_to_modes_whose_executor_can_call_them() -> None:
+    from dataclasses import replace
+
+    from agent.messages import ModelInfo
+    caller = replace(snap(npu=True), models={"cpu": ModelInfo("m", tools=True), "npu": ModelInfo("m")})
+    plain = replace(snap(), models={"cpu": ModelInfo("m")})
+    offers = [Offer("caller", caller), Offer("plain", plain), Offer("unknown", snap())]
+    assert [(c.device, c.mode) for c in select(offers, {}, **KW, tools=True).ranking] == [("caller", "cpu")]
+    assert {c.device for c in select(offers, {}, **KW).ranking} == {"caller", "plain", "unknown"}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent.config import (
+    DEFAULT_MODEL,
     CommandExecutorConfig,
     ExecutorConfig,
     GenieExecutorConfig,
@@ -24,7 +25,7 @@ from agent.config import (
     SimExecutorConfig,
 )
 from agent.errors import EngineUnavailable
-from agent.messages import ModelInfo, Timings
+from agent.messages import Chat, ModelInfo, Timings, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class Params:
     hold_fds: tuple[int, ...] = ()     # inherited by the child: the NPU lock stays held
                                        # for as long as the process using the NPU lives
     warm: bool = False                 # the model was loaded when the job started (Served)
+    chat: Chat | None = None           # the conversation, for executors that speak chat
+                                       # (the others get its transcript as the prompt)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Result:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str = ""   # the engine's ("stop", "length", …); "" when it does not say
+    tool_calls: tuple[ToolCall, ...] = ()   # the tools the model called, if it had tools
 
 
 class Executor(Protocol):
@@ -90,10 +94,15 @@ class Served:
         with self._lock:
             return time.monotonic() < self._warm_until
 
-    def model_info(self) -> ModelInfo | None:
-        if self.served.name is None:
-            return None
-        return ModelInfo(self.served.name, self.served.aliases, self.served.context_tokens, self.is_warm())
+    @property
+    def tools(self) -> bool:
+        """Whether it passes tools to its model and returns the model's tool calls."""
+        return self.served.tools
+
+    def model_info(self) -> ModelInfo:
+        """What it serves, as bids and metrics advertise it (DEFAULT_MODEL if unnamed)."""
+        return ModelInfo(self.served.name or DEFAULT_MODEL, self.served.aliases, self.served.context_tokens,
+                         self.is_warm(), self.served.tools)
 
     def run(self, prompt: str, params: Params, on_token: OnToken,
             cancel: threading.Event | None = None) -> Result:

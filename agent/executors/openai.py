@@ -45,7 +45,7 @@ from typing import Any
 from agent.config import OpenAIExecutorConfig
 from agent.errors import Cancelled, EngineUnavailable, ExecutionTimeout, ExecutorError
 from agent.executors import OnToken, Params, Result, estimate_tokens
-from agent.messages import MAX_TOKENS, Timings
+from agent.messages import MAX_TOKENS, ChatMessage, Timings, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,9 @@ class OpenAIExecutor:
                            prompt_estimate=estimate_tokens(prompt))
 
     def request_body(self, prompt: str, params: Params) -> dict[str, Any]:
-        """The JSON of one chat completion request for ``prompt``."""
-        body: dict[str, Any] = {"model": self.cfg.model, "stream": True,
-                                "stream_options": {"include_usage": True},
-                                "messages": [{"role": "user", "content": prompt}],
-                                "max_tokens": params.max_new_tokens}
-        if params.temperature is not None:
-            body["temperature"] = params.temperature
-        return body
+        """The JSON of one chat completion request for ``prompt`` (or the job's conversation),
+        asking for the engine's token counts in the stream."""
+        return {**request_body(self.cfg.model, prompt, params), "stream_options": {"include_usage": True}}
 
     def stream(self, body: dict[str, Any], params: Params, on_token: OnToken,
                cancel: threading.Event | None = None, *, prompt_estimate: int = 0) -> Result:
@@ -167,7 +162,7 @@ class OpenAIExecutor:
             headers["Authorization"] = f"Bearer {key}"
         if cancel is not None and cancel.is_set():
             raise Cancelled(self.name, "cancelled before it started")
-        state = StreamState()
+        state = StreamState(calls=ToolCallDeltas() if "tools" in body else None)
         conn = self._connection(min(CONNECT_TIMEOUT_S, limit_s))
         watch = _Watch(cancel, deadline)
         resp: http.client.HTTPResponse | None = None
@@ -253,6 +248,7 @@ class StreamState:
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
     done: bool = False          # [DONE] seen
+    calls: ToolCallDeltas | None = None  # a job with tools: the calls, assembled from their pieces
 
     @property
     def text(self) -> str:
@@ -269,6 +265,8 @@ class StreamState:
             self.done = True
             return ""
         event = parse_json_event(data, self.parts, name=name, url=url)
+        if self.calls is not None:
+            self.calls.feed(data)
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.usage.update(usage)
@@ -306,7 +304,8 @@ class StreamState:
                                       decode_ms=(end - first) * 1000, total_ms=(end - start) * 1000),
                       prompt_tokens=prompt_tokens if prompt_tokens is not None else prompt_estimate,
                       generated_tokens=generated if generated is not None else len(self.parts),
-                      finish_reason=self.finish_reason)
+                      finish_reason=self.finish_reason,
+                      tool_calls=self.calls.calls() if self.calls is not None else ())
 
 
 def parse_json_event(data: bytes, parts: list[str], *, name: str, url: str) -> dict[str, Any]:
@@ -428,3 +427,97 @@ class _Watch:
 
     def stop(self) -> None:
         self._finished.set()
+
+
+# ----------------------------------------------------------------------------- chat and tools
+
+def request_body(model: str, prompt: str, params: Params) -> dict[str, Any]:
+    """The chat completion request for one job: the conversation as it came (or the prompt
+    as one user message), its tools and output format."""
+    chat = params.chat
+    messages = [{"role": "user", "content": prompt}] if chat is None else openai_messages(chat.messages)
+    body: dict[str, Any] = {"model": model, "stream": True, "messages": messages,
+                            "max_tokens": params.max_new_tokens}
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if chat is not None and chat.tools:
+        body["tools"] = [dict(t) for t in chat.tools]
+    fmt = chat.format if chat is not None else None
+    if isinstance(fmt, str):
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None:
+        schema = {"name": "output", "schema": dict(fmt)}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return body
+
+
+def openai_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
+    """The turns in OpenAI's shape: tool call arguments as a JSON string, and every call
+    with an id that its tool result names (Ollama's clients send neither: a call gets one,
+    and a result answers the earliest call not yet answered)."""
+    out: list[dict[str, Any]] = []
+    unanswered: list[str] = []
+    for i, m in enumerate(messages):
+        turn: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            ids = [c.id or f"call_{i}_{j}" for j, c in enumerate(m.tool_calls)]
+            turn["tool_calls"] = [{"id": cid, "type": "function",
+                                   "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
+                                  for cid, c in zip(ids, m.tool_calls, strict=True)]
+            unanswered = ids
+        if m.role == "tool":
+            cid = m.tool_call_id or (unanswered[0] if unanswered else f"call_{i}")
+            unanswered = [u for u in unanswered if u != cid]
+            turn["tool_call_id"] = cid
+            if m.name:
+                turn["name"] = m.name
+        out.append(turn)
+    return out
+
+
+class ToolCallDeltas:
+    """Tool calls assembled from streamed ``delta.tool_calls`` pieces: each names its
+    ``index``; the first piece of a call brings its id and name, the arguments arrive as
+    string fragments to join."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def feed(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+            deltas = event["choices"][0]["delta"].get("tool_calls") or []
+        except (ValueError, RecursionError, LookupError, TypeError, AttributeError):
+            return
+        if not isinstance(deltas, list):
+            return
+        for d in deltas:
+            if not isinstance(d, dict):
+                continue
+            index = d.get("index", len(self._calls))
+            call = self._calls.setdefault(index if type(index) is int else len(self._calls),
+                                          {"id": "", "name": "", "arguments": ""})
+            raw_fn = d.get("function")
+            fn: dict[str, Any] = raw_fn if isinstance(raw_fn, dict) else {}
+            if isinstance(d.get("id"), str):
+                call["id"] = d["id"]
+            if isinstance(fn.get("name"), str):
+                call["name"] += fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                call["arguments"] += fn["arguments"]
+            elif isinstance(fn.get("arguments"), dict):
+                call["arguments"] = json.dumps(fn["arguments"])
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        out = []
+        for _, call in sorted(self._calls.items()):
+            if not call["name"]:
+                continue
+            try:
+                arguments = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+            except (ValueError, RecursionError):
+                arguments = {"_raw": call["arguments"]}  # what the model wrote, kept for the client to see
+            if not isinstance(arguments, dict):
+                arguments = {"_raw": arguments}
+            out.append(ToolCall(name=call["name"], arguments=arguments, id=call["id"]))
+        return tuple(out)

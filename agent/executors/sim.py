@@ -9,6 +9,11 @@ Latency model (documented, deterministic for a given seed):
 The answer is ``text`` from the config, or the prompt echoed back, cut to
 ``max_new_tokens`` whitespace-separated tokens. Everything it produces is labelled as
 simulated in logs and status.
+
+With ``tools: true`` it stands in for a model that calls tools: given a conversation with
+tools whose last turn is not a tool's result, it answers with one call of the first tool,
+``{"text": <the last user message>}``, and no text; after a tool's result it answers in
+text as usual.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from agent.config import SimExecutorConfig
 from agent.errors import Cancelled, ExecutionTimeout
 from agent.executors import OnToken, Params, Result, estimate_tokens
-from agent.messages import Timings
+from agent.messages import Chat, Timings, ToolCall, tool_name
 
 _TOKEN_RE = re.compile(r"\s*\S+")
 
@@ -43,8 +48,9 @@ class SimExecutor:
         cancel = cancel or threading.Event()
         start = time.monotonic()
         deadline = start + params.timeout_s
+        call = sim_tool_call(params.chat) if self.cfg.served.tools else None
         tokens = _TOKEN_RE.findall(self.cfg.text if self.cfg.text is not None else prompt)
-        tokens = tokens[:params.max_new_tokens] or ["…"]
+        tokens = [] if call is not None else (tokens[:params.max_new_tokens] or ["…"])
         with self._rng_lock:
             delays = [(self.cfg.ms_per_token + self._rng.uniform(0, self.cfg.jitter_ms)) / 1000
                       for _ in tokens]
@@ -69,4 +75,15 @@ class SimExecutor:
                       timings=Timings(init_ms=(init_done - start) * 1000, prefill_ms=0.0,
                                       decode_ms=(end - init_done) * 1000,
                                       total_ms=(end - start) * 1000),
-                      prompt_tokens=estimate_tokens(prompt), generated_tokens=len(produced))
+                      prompt_tokens=estimate_tokens(prompt), generated_tokens=len(produced) or int(call is not None),
+                      tool_calls=(call,) if call is not None else ())
+
+
+def sim_tool_call(chat: Chat | None) -> ToolCall | None:
+    """The deterministic tool call of the module docstring, or None (answer in text)."""
+    if chat is None or not chat.tools or chat.messages[-1].role == "tool":
+        return None
+    name = tool_name(chat.tools[0])
+    users = [m.content for m in chat.messages if m.role == "user"]
+    return None if name is None else ToolCall(name=name, arguments={"text": users[-1] if users else ""},
+                                              id="call_sim_0")
