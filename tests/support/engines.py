@@ -148,7 +148,8 @@ def engine(kind: str, model: Path, *, slots: int = 1, api_key: str | None = None
     port = port or free_port()
     if kind == "stand-in":
         with FakeOpenAI(answer=None, models=(MODEL,), api_key=api_key, slots=slots, context=context,
-                        interrupt=interrupt, port=port, timings=True, prefill_ms=2) as fake:
+                        interrupt=interrupt, interrupt_hold_s=30.0 if interrupt else 0.0, port=port, timings=True,
+                        prefill_ms=2) as fake:
             yield Engine(kind, fake.base_url, slots, api_key, fake=fake)
         return
     log_lines: list[str] = []

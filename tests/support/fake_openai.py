@@ -45,7 +45,7 @@ class FakeOpenAI:
     def __init__(self, *, mode: str = "ok", answer: str | None = "Hello from the server.", delay_ms: float = 1,
                  api_key: str | None = None, models: tuple[str, ...] = ("llama3.2:1b",), slots: int = 4,
                  context: int = 4096, interrupt: bool = False, strict_models: bool = False, timings: bool = False,
-                 prefill_ms: float = 0.0, port: int = 0):
+                 prefill_ms: float = 0.0, port: int = 0, interrupt_hold_s: float = 0.0):
         self.mode = mode
         self.models = models
         self.answer = answer
@@ -54,6 +54,10 @@ class FakeOpenAI:
         self.api_key = api_key
         self.context = context
         self.interrupt = interrupt
+        # With interrupt: the first stream, once begun, waits (up to this long) for another
+        # request to arrive, as a real engine is still busy with it when the next one comes.
+        self.interrupt_hold_s = interrupt_hold_s
+        self._arrival = threading.Condition()
         self.strict_models = strict_models
         self.timings = timings
         self.requests: list[dict[str, Any]] = []
@@ -84,7 +88,7 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization")})
-                outer.arrivals += 1
+                outer.arrived()
                 if self.path != "/v1/models":
                     return self._plain(404, {"error": "not found"})
                 if not self._authorised():
@@ -96,7 +100,7 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                outer.arrivals += 1
+                outer.arrived()
                 chat = self.path == "/v1/chat/completions"
                 if not chat and self.path != "/v1/completions":
                     return self._plain(404, {"error": "not found"})
@@ -170,6 +174,10 @@ class FakeOpenAI:
                 for i, token in enumerate(tokens):
                     if outer.mode in ("slow", "ok") and outer.delay_s:
                         time.sleep(outer.delay_s)  # a stand-in server simulating per-token work
+                    if outer.interrupt and i == 1 and outer.interrupt_hold_s:
+                        with outer._arrival:
+                            hold, outer.interrupt_hold_s = outer.interrupt_hold_s, 0.0  # the first stream only
+                            outer._arrival.wait_for(lambda: outer.arrivals != arrived, hold)
                     if outer.interrupt and outer.arrivals != arrived:
                         self.wfile.write(b"data: [DONE]\n\n")  # llama-cpp-python's interrupt_requests
                         self.wfile.flush()
@@ -233,6 +241,12 @@ class FakeOpenAI:
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def arrived(self) -> None:
+        """Count a request, and wake a stream holding for one (interrupt_hold_s)."""
+        with self._arrival:
+            self.arrivals += 1
+            self._arrival.notify_all()
 
     def __enter__(self) -> FakeOpenAI:
         self._thread.start()
