@@ -308,6 +308,7 @@ class Orchestrator:
         attempts: list[dict[str, str]] = []
         for choice in decision.ranking:
             path = path_of(choice.mode, choice.is_self)
+            dispatched = self.clock()  # the device's promise runs from here
             if choice.explore:
                 self.arms.mark_exploring(choice.device, req.rid, self.wall() + self.cfg.auction.job_timeout_s)
             if choice.device not in bids:  # this device, with no daemon to hand it to
@@ -332,10 +333,9 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                # The arm learns the work; a cold start is the device's to price (its bid).
-                t = answer.timings
-                service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
-                self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                # The arm learns what the device's promise missed, as seen from here.
+                self._train(choice.device, choice.x, answer.ok, self.clock() - dispatched, req.rid,
+                            choice.promise)
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
         fsm.fire("no_candidate")
@@ -501,13 +501,16 @@ class Orchestrator:
         from agent.selection import Offer
         return Offer(self.me, self.local_snapshot(), is_self=True)
 
-    def _train(self, device: str, x: tuple[float, ...], ok: bool, seconds: float, rid: str) -> None:
+    def _train(self, device: str, x: tuple[float, ...], ok: bool, seconds: float, rid: str,
+               promise: float | None) -> None:
+        """Teach the arm the residual (seen − promised); a job with no promise (a device
+        with no record yet) only ends its exploration."""
         import numpy as np
 
-        from agent.linucb import training_target
-        y = training_target(ok, seconds, self.cfg.auction.linucb.latency_cap_s)
+        from agent.linucb import residual_target
+        y = None if promise is None else residual_target(ok, seconds, self.cfg.auction.linucb.latency_cap_s, promise)
         try:
-            self.arms.train(device, np.array(x), y, rid)
+            self.arms.train(device, np.array(x), y, rid, base=promise or 0.0)
         except (OSError, AgentError) as exc:
             log.error("could not train the arm store: %s", exc)
 

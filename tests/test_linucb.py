@@ -1,4 +1,4 @@
-"""LinUCB on service time: the arm algebra, forgetting, noise scaling, and the store."""
+"""LinUCB on the residual over a device's promise: the arm algebra, forgetting, noise scaling, and the store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from agent.linucb import TRAINED_RIDS_KEPT, Arm, Arms, ArmStore, D, features, predict_many, training_target
+from agent.linucb import (
+    TRAINED_RIDS_KEPT,
+    Arm,
+    Arms,
+    ArmStore,
+    D,
+    features,
+    predict_many,
+    residual_target,
+    solve_arms,
+    training_target,
+)
 from agent.messages import Snapshot
 from agent.servicemodel import decay_for
 
@@ -23,13 +34,14 @@ def snap(**kw: object) -> Snapshot:
 
 
 def test_features_are_bounded_and_normalised() -> None:
-    x = features(snap(), prompt_tokens=512, max_new_tokens=256)
+    x = features(snap(), prompt_tokens=512, max_new_tokens=256, promise_s=5.0)
     assert x.shape == (D,)
-    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.5, 0.5, 0.5])
+    assert x.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.5, 0.5])
     extreme = features(snap(cpu_percent=800.0, mem_available_mb=0.0, temperature_c=150.0),
-                       prompt_tokens=10**6, max_new_tokens=10**6)
+                       prompt_tokens=10**6, max_new_tokens=10**6, promise_s=1e9)
     assert extreme.max() <= 4.0 and extreme.min() >= 0.0
     assert features(snap(temperature_c=None), 1, 1)[5] == 0.0
+    assert features(snap(), 1, 1, promise_s=-3.0)[1] == 0.0
 
 
 def test_without_forgetting_an_arm_is_the_closed_form_ridge_solution() -> None:
@@ -212,3 +224,31 @@ def test_an_exploration_marker_holds_until_its_time_runs_out() -> None:
     arms = Arms(exploring={"a": ("r1", 10.0), "b": ("r2", 5.0)})
     assert arms.exploring_now(7.0) == {"a"}
     assert arms.exploring_now(10.0) == set(), "until, not including"
+
+
+def test_an_arm_learns_the_residual_over_the_promise_and_a_job_without_one_only_ends_exploring() -> None:
+    assert residual_target(True, 7.5, cap=120.0, promise=5.0) == 2.5
+    assert residual_target(False, 0.1, cap=120.0, promise=5.0) == 115.0, "a failure is the cap, late"
+    arms = Arms(exploring={"new": ("r1", 1e9)})
+    assert arms.train("new", np.ones(D), None, "r1", 0.0, lam=1.0, gamma=1.0)
+    assert arms.exploring == {} and "new" not in arms.arms, "nothing to learn, the exploration is over"
+    assert not arms.train("new", np.ones(D), 3.0, "r1", 0.0, lam=1.0, gamma=1.0), "still once per rid"
+
+
+def test_arms_are_solved_once_and_alike_batched_or_not() -> None:
+    rng = np.random.default_rng(3)
+    arms = []
+    for i in range(4):
+        arm = Arm.fresh()
+        for _ in range(i + 2):
+            arm = arm.updated(rng.uniform(0, 1, D), float(rng.normal()), lam=1.0, gamma=0.95)
+        arms.append(arm)
+    theta, inv = solve_arms(arms, 0.5)
+    xs = rng.uniform(0, 1, size=(4, D))
+    for arm, x, t, v in zip(arms, xs, theta, inv, strict=True):
+        mean, width = arm.predict(x, 0.5)
+        assert x @ t == pytest.approx(mean, rel=1e-9) and np.sqrt(x @ v @ x) == pytest.approx(width, rel=1e-9)
+    again, _ = solve_arms(arms, 0.5)
+    assert again.tolist() == theta.tolist()
+    other, _ = solve_arms(arms, 2.0)
+    assert not np.allclose(other, theta), "another λ is another solve"
