@@ -54,7 +54,7 @@ from agent.statefiles import atomic_write, describe, ensure_dir
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 3           # 3: arms learn the residual over the device's promise (2: service time)
-# Context: [1, promise/P, prompt_tokens/T, max_new_tokens/T, cpu/100, temperature].
+# Context: [1, w, w·cpu/100, w·temperature, prompt_tokens/T, max_new_tokens/T], w = promise/P.
 D = 6
 TOKEN_SCALE = 1024          # T: prompts and answers are measured in units of 1k tokens
 PROMISE_SCALE = 10.0        # P: a promise is measured in units of 10 s (capped at 4, i.e. 40 s)
@@ -73,9 +73,11 @@ def context(snapshot: Snapshot, prompt_tokens: int, max_new_tokens: int, promise
     """The context as a plain list (a decision builds one per offer)."""
     temp = snapshot.temperature_c
     temp_f = 0.0 if temp is None else (temp - TEMP_COOL_C) / (TEMP_HOT_C - TEMP_COOL_C)
-    return [1.0, min(max(promise_s, 0.0) / PROMISE_SCALE, 4.0), min(prompt_tokens / TOKEN_SCALE, 4.0),
-            min(max_new_tokens / TOKEN_SCALE, 4.0), min(snapshot.cpu_percent / 100.0, 1.0),
-            min(max(temp_f, 0.0), 1.0)]
+    # The device's state scales the work it promised: a CPU shared with other programs, a
+    # hot device that throttles, make the same job proportionally slower.
+    work = min(max(promise_s, 0.0) / PROMISE_SCALE, 4.0)
+    return [1.0, work, work * min(snapshot.cpu_percent / 100.0, 1.0), work * min(max(temp_f, 0.0), 1.0),
+            min(prompt_tokens / TOKEN_SCALE, 4.0), min(max_new_tokens / TOKEN_SCALE, 4.0)]
 
 
 def training_target(ok: bool, seconds: float, cap: float) -> float:

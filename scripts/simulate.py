@@ -79,7 +79,7 @@ from agent.servicemodel import (  # noqa: E402
     remaining,
 )
 
-ALPHA, LAMBDA, HALF_LIFE = 0.3, 1.0, 20.0    # the shipped defaults (config.py)
+ALPHA, LAMBDA, HALF_LIFE = 0.0, 1.0, 20.0    # the shipped defaults (config.py)
 CAP_S = 120.0
 ORCHESTRATORS = 3
 WARMUP_SHARE = 0.1                           # jobs left out of the steady-state means

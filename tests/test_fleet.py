@@ -65,7 +65,7 @@ def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
     store = ArmStore.for_config(env.load(hub))
     arm = store.load().arms["zz-fast"]
     assert arm.n >= 5, "every answer with a promise trains the arm"
-    residual, _ = arm.predict(np.array([1.0, 0.005, 0.01, 0.25, 0.1, 0.0]), store.lam)
+    residual, _ = arm.predict(np.array([1.0, 0.005, 0.0, 0.0, 0.01, 0.25]), store.lam)
     assert abs(residual) < 0.3, f"a loopback link and honest estimates leave little to learn: {residual}"
 
 

@@ -36,11 +36,11 @@ def snap(**kw: object) -> Snapshot:
 def test_features_are_bounded_and_normalised() -> None:
     x = features(snap(), prompt_tokens=512, max_new_tokens=256, promise_s=5.0)
     assert x.shape == (D,)
-    assert x.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.5, 0.5])
+    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.25, 0.5, 0.25]), "state scales the promised work"
     extreme = features(snap(cpu_percent=800.0, mem_available_mb=0.0, temperature_c=150.0),
                        prompt_tokens=10**6, max_new_tokens=10**6, promise_s=1e9)
     assert extreme.max() <= 4.0 and extreme.min() >= 0.0
-    assert features(snap(temperature_c=None), 1, 1)[5] == 0.0
+    assert features(snap(temperature_c=None), 1, 1, promise_s=5.0)[3] == 0.0
     assert features(snap(), 1, 1, promise_s=-3.0)[1] == 0.0
 
 
@@ -93,7 +93,7 @@ def test_a_surprising_observation_makes_the_arm_forget_faster() -> None:
 
 
 def test_width_shrinks_with_data_and_noise_is_learnt_in_seconds() -> None:
-    x = features(snap(), 100, 100)
+    x = features(snap(), 100, 100, promise_s=10.0)
     arm = Arm.fresh()
     widths = []
     rng = np.random.default_rng(1)
