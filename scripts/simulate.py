@@ -238,18 +238,19 @@ class Device:
         everything not yet started)."""
         free = [j.end - now for j in self.running] + [0.0] * (self.h.slots - len(self.running))
         busy = len(self.running)
-        warm = self.warm(now) or bool(self.running)
+        # A job behind another finds the model warm if the device keeps it loaded.
+        after = self.h.keep_warm_s > 0 and (self.warm(now) or bool(self.running))
         for q in self.queue:
             i = min(range(self.h.slots), key=free.__getitem__)
-            free[i] += self._expected_true(q, min(busy, self.h.slots - 1), warm)
-            warm = True
+            free[i] += self._expected_true(q, min(busy, self.h.slots - 1), after)
+            after = self.h.keep_warm_s > 0
         wait = min(free)
-        warm = warm if wait > 0 else self.warm(now)
+        warm = after if wait > 0 else self.warm(now)
         return (wait + self._expected_true(job, min(busy + len(self.queue), self.h.slots - 1), warm)
                 + self.h.link_s(job.origin, (1 + FILL_LOW) / 2 * job.max_new))
 
     def _expected_true(self, job: Job, others: int, warm: bool) -> float:
-        start = self.h.init if warm and self.h.keep_warm_s > 0 else self.h.load
+        start = self.h.init if warm else self.h.load
         return start + self.h.work(job.prompt, (1 + FILL_LOW) / 2 * job.max_new, max(others, 0), self.background,
                                    self.heat, self.apps_on)
 
@@ -267,7 +268,7 @@ class Device:
         started = []
         while self.queue and len(self.running) < self.h.slots:
             job = self.queue.popleft()
-            job.warm = self.warm(now) or bool(self.running)
+            job.warm = self.warm(now)   # as the executors say: loaded by an earlier job, kept warm
             startup = self.h.init if job.warm else self.h.load
             noise = float(self.rng.lognormal(0.0, self.h.noise))
             prefill = self.h.work(job.prompt, 0, len(self.running), self.background, self.heat, self.apps_on) * noise
@@ -277,14 +278,12 @@ class Device:
             job.end = now + startup + work
             job.reported_init = startup + (prefill if self.h.ttft_init else 0.0)
             self.running.append(job)
-            self.warm_until = math.inf      # loaded while it runs
             started.append(job)
         return started
 
     def finish(self, job: Job, now: float) -> None:
         self.running.remove(job)
-        if not self.running:
-            self.warm_until = now + self.h.keep_warm_s
+        self.warm_until = now + self.h.keep_warm_s
         # What the node records (agent.node): start-up from init_ms, the rest as service.
         self.init_cost.observe("cpu", job.warm, job.reported_init, job.prompt)
         self.record.observe("cpu", job.prompt, job.max_new, job.new, job.end - job.start - job.reported_init)
