@@ -333,9 +333,10 @@ class Orchestrator:
                 fsm.fire("answered" if answer.ok else "failed")
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
-                # The arm learns what the device's promise missed, as seen from here.
-                self._train(choice.device, choice.x, answer.ok, self.clock() - dispatched, req.rid,
-                            choice.promise)
+                # The arm learns what the device's promise of start-up + service missed, as
+                # seen from here: the wait in its queue is the backlog's part, not the job's.
+                seen_s = self.clock() - dispatched - answer.timings.queue_ms / 1000
+                self._train(choice.device, choice.x, answer.ok, seen_s, req.rid, choice.promise)
             return replace(seen, answer=answer, winner=choice.device, path=path, score=choice.score,
                            attempts=tuple(attempts), total_ms=total_ms)
         fsm.fire("no_candidate")

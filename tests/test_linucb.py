@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.linucb import (
+    STORE_VERSION,
     TRAINED_RIDS_KEPT,
     Arm,
     Arms,
@@ -164,19 +165,23 @@ def good_arm(**over: object) -> dict[str, object]:
     return {"G": np.eye(D).tolist(), "b": [0.0] * D, "n": 1, "w": 1.0, "sse": 0.0, **over}
 
 
+V = STORE_VERSION
+
+
 @pytest.mark.parametrize("content", [
     b"{not json", b"[" * 5000,
-    json.dumps({"v": 1, "d": 7, "arms": {}}).encode(),                       # the old format
-    json.dumps({"v": 2, "d": D, "arms": []}).encode(),                        # right JSON, wrong shape
-    json.dumps({"v": 2, "d": D, "arms": {"x": "nope"}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=[[1]])}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n=-1)}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "cursor": "3"}).encode(),
+    json.dumps({"v": 1, "d": 7, "arms": {}}).encode(),                       # an old format
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm()}}).encode(),        # v2: service-time arms
+    json.dumps({"v": V, "d": D, "arms": []}).encode(),                        # right JSON, wrong shape
+    json.dumps({"v": V, "d": D, "arms": {"x": "nope"}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(G=[[1]])}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(n=-1)}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "cursor": "3"}).encode(),
 ])
 def test_corrupt_or_wrong_shaped_store_is_set_aside_and_replaced(tmp_path, caplog, content: bytes) -> None:
     (tmp_path / "arms.json").write_bytes(content)

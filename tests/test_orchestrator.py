@@ -147,6 +147,20 @@ def test_an_answer_trains_the_arm_of_the_device_that_gave_it(tmp_path: Path) -> 
     assert fleet.cancels() == []
 
 
+def queued(job: Job, device: str) -> list[ResultEvent]:
+    return [Accepted(job.rid, device, job.mode, digest=job.digest),
+            Done(job.rid, device, "answer", Timings(queue_ms=1500.0, total_ms=1505.0), digest=job.digest)]
+
+
+def test_the_time_a_job_waited_in_the_device_queue_is_not_its_residual(tmp_path: Path) -> None:
+    """The wait is priced by the device's backlog; the arm learns only the job's own time
+    against its promise (here the scripted answer is instant: all of it was queue)."""
+    out, arms = orchestrate(tmp_path, ScriptedFleet({"a": queued}))
+    assert out.ok
+    y = arms.trained[0][1]
+    assert y is not None and y < -PROMISE_S - 1.4, y
+
+
 def test_a_device_with_no_estimate_teaches_nothing_but_ends_its_exploration(tmp_path: Path) -> None:
     out, arms = orchestrate(tmp_path, ScriptedFleet({"new": done}))
     assert out.ok and arms.trained == [("new", None)]
