@@ -166,7 +166,7 @@ class CPUConfig:
 @dataclass(frozen=True)
 class LinUCBConfig:
     # Exploration bonus, in units of each arm's own noise (tuned with scripts/simulate).
-    alpha: float = 1.0
+    alpha: float = 0.0
     lambda_: float = 1.0
     # Service time (s) a failure or timeout counts as, and the most any observation counts.
     latency_cap_s: float = 120.0
@@ -540,7 +540,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
 
     auction_s = top.sub("auction")
     lin_s = auction_s.sub("linucb")
-    linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 1.0, minimum=0, maximum=100)),
+    linucb = LinUCBConfig(alpha=float(lin_s.number("alpha", 0.0, minimum=0, maximum=100)),
                           lambda_=float(lin_s.number("lambda", 1.0, minimum=0, exclusive_min=True, maximum=1e6)),
                           latency_cap_s=lin_s.seconds("latency_cap_s", 120.0),
                           half_life_jobs=float(lin_s.number("half_life_jobs", 20.0, minimum=1, maximum=1e6)))

@@ -71,7 +71,7 @@ from agent.messages import (
     encode_result,
 )
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.servicemodel import UNKNOWN_JOB_S, InitCost, ServiceRecord
+from agent.servicemodel import InitCost, ServiceRecord, job_seconds
 from agent.statefiles import check_writable
 from agent.topics import Topics, is_id
 
@@ -323,9 +323,12 @@ class Node:
         return any(e.down is not None and e.back() for e in (self.npu_exec, self.cpu_exec) if e is not None)
 
     def _expected(self, run: Run) -> float:
-        """A queued job's expected service time, from this device's own record."""
+        """A queued job's expected time from its start — start-up and service, from this
+        device's own records — the basis on which the gate ages a running job."""
         job = run.job
-        return self.record.expected(job.mode, estimate_tokens(job.prompt), job.max_new_tokens, UNKNOWN_JOB_S)
+        executor = self.npu_exec if job.mode == "npu" else self.cpu_exec
+        return job_seconds(self.record, self.init_cost, job.mode, estimate_tokens(job.text_prompt), job.max_new_tokens,
+                           warm=executor.is_warm() if executor is not None else True)
 
     def _publish_metrics(self) -> None:
         snap = self.snapshot()
@@ -428,7 +431,7 @@ class Node:
         cpu = self.cpu_exec if self.cpu_exec is not None and self.cpu_exec.down is None \
             and self.cpu_exec.serves(req.model) and (self.cpu_exec.tools or not req.tools) else None
         estimate = self.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if cpu else None
-        init_s = self.init_cost.expected("cpu", cpu.is_warm()) if cpu else 0.0
+        init_s = self.init_cost.expected("cpu", cpu.is_warm(), req.prompt_tokens) if cpu else 0.0
         bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self.snapshot(),
                   service_s=round(estimate[0], 4) if estimate else None,
                   service_n=round(estimate[1], 2) if estimate else 0.0, init_s=round(init_s, 4))
@@ -574,7 +577,7 @@ class Node:
         # The answer first, the bookkeeping after: nobody waits on it. The record fits the
         # work; start-up (loading a model that was not warm) apart.
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
-        self.init_cost.observe(job.mode, run.warm, t.init_ms / 1000)
+        self.init_cost.observe(job.mode, run.warm, t.init_ms / 1000, estimate_tokens(job.text_prompt))
         self.record.observe(job.mode, estimate_tokens(job.text_prompt), job.max_new_tokens, result.generated_tokens,
                             max(t.total_ms - t.init_ms, 0.0) / 1000)
         log.info("job %s done in %.0f ms (%d tokens)", job.rid, timings.total_ms, result.generated_tokens)

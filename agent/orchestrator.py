@@ -326,6 +326,7 @@ class Orchestrator:
         for choice, last in worth_trying(decision.ranking, lambda c: c.device if c.device in bids else "",
                                          lambda device: self._offline(wire, device)):
             path = path_of(choice.mode, choice.is_self)
+            dispatched = self.clock()  # the device's promise runs from here
             if choice.explore:
                 self.arms.mark_exploring(choice.device, req.rid, self.wall() + self.cfg.auction.job_timeout_s)
             if choice.device not in bids:  # this device, with no daemon to hand it to
@@ -352,10 +353,10 @@ class Orchestrator:
             total_ms = (self.clock() - started) * 1000
             if choice.mode == "cpu" and choice.x is not None:
                 if teaches_the_learner(answer):
-                    # The arm learns the work; a cold start is the device's to price (its bid).
-                    t = answer.timings
-                    service_s = max(t.total_ms - t.queue_ms - t.init_ms, 0.0) / 1000
-                    self._train(choice.device, choice.x, answer.ok, service_s, req.rid)
+                    # The arm learns what the device's promise of start-up + service missed, as
+                    # seen from here: the wait in its queue is the backlog's part, not the job's.
+                    seen_s = self.clock() - dispatched - answer.timings.queue_ms / 1000
+                    self._train(choice.device, choice.x, answer.ok, seen_s, req.rid, choice.promise)
                 elif choice.explore:
                     # Its exploration ended with the job: the device is free to be tried again.
                     self.arms.mark_exploring(choice.device, req.rid, self.wall())
@@ -532,13 +533,16 @@ class Orchestrator:
         from agent.selection import Offer
         return Offer(self.me, self.local_snapshot(), is_self=True)
 
-    def _train(self, device: str, x: tuple[float, ...], ok: bool, seconds: float, rid: str) -> None:
+    def _train(self, device: str, x: tuple[float, ...], ok: bool, seconds: float, rid: str,
+               promise: float | None) -> None:
+        """Teach the arm the residual (seen − promised); a job with no promise (a device
+        with no record yet) only ends its exploration."""
         import numpy as np
 
-        from agent.linucb import training_target
-        y = training_target(ok, seconds, self.cfg.auction.linucb.latency_cap_s)
+        from agent.linucb import residual_target
+        y = None if promise is None else residual_target(ok, seconds, self.cfg.auction.linucb.latency_cap_s, promise)
         try:
-            self.arms.train(device, np.array(x), y, rid)
+            self.arms.train(device, np.array(x), y, rid, base=promise or 0.0)
         except (OSError, AgentError) as exc:
             log.error("could not train the arm store: %s", exc)
 

@@ -5,20 +5,24 @@ free NPU, lowest recent NPU latency first, then device id, so the choice is
 deterministic. Pass 2: every offer that runs CPU jobs (this device included), ranked by
 the policy (``auction.policy``):
 
-- ``linucb`` (default): expected completion = the device's own backlog in seconds (from
-  its bid) + the start-up it would pay (a model that is not warm, from its bid) + a lower
-  confidence bound on its service time for this job (its arm, which learns the work). An arm
-  with no observations is priced optimistically — at the device's advertised estimate
-  for this job, or the best prediction any trained arm makes — and only one exploratory
-  job per untrained arm is in flight at a time; while one is, that arm goes to the back.
-- ``least_backlog``: the smallest advertised backlog in seconds.
+- ``linucb`` (default): expected completion = the device's own promise — its backlog in
+  seconds, the start-up it would pay (a model that is not warm, a long prompt's
+  prefill) and its estimate of the job's service time, all from its bid — plus what this
+  orchestrator has learnt the device's promises miss (its arm: the residual between the
+  latency seen here and the promise; ``agent.linucb``), used with a lower confidence
+  bound. With nothing learnt the ranking is the devices' own estimates. A device with no
+  record at all (no estimate in its bid) is priced as fast as the fastest estimate, so it
+  is tried; while this orchestrator has such a job in flight there, it is priced as the
+  slowest estimate instead (the job also shows in its backlog), so it is not flooded.
+- ``least_backlog``: the smallest advertised backlog plus start-up, in seconds.
 - ``jsq``: join the shortest queue, by jobs per slot (the classic baseline).
 - ``round_robin``: the next device in turn (the cursor is kept by the caller).
 - ``random``: uniformly at random.
 
-Ties go to the device with more headroom (less backlog, fewer jobs per slot), then to
-the device id. The result is a full ranking, not just a winner: the orchestrator walks it
-when a winner declines or goes silent.
+Ties go to the device with more headroom (less backlog, fewer jobs per slot), then to the
+one whose own estimate is lower, then to one not tried yet, then at random — never by name, which would send a
+cold fleet's first jobs to whichever device sorts first. The result is a full ranking,
+not just a winner: the orchestrator walks it when a winner declines or goes silent.
 """
 
 from __future__ import annotations
@@ -29,24 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.config import POLICIES
-from agent.linucb import Arm, D, features_matrix, noise, solve_many
+from agent.linucb import Arm, context, noise, solve_arms
 from agent.messages import Snapshot, serves
 
 __all__ = ["POLICIES", "Choice", "Decision", "Offer", "select"]
-# How many of its own observations one of the device's recent jobs is worth to an arm,
-# and how many jobs a device's record needs before it is trusted at all (its fit has
-# three coefficients: from fewer jobs it extrapolates blindly to other job sizes).
-NODE_TRUST = 1.0
-NODE_MIN_JOBS = 2.0
-
-
-_ZERO_G = np.zeros((D, D))
-_ZERO_B = np.zeros(D)
-
-
-def node_weight(service_n: float) -> float:
-    """Pseudo-observations for a device estimate resting on ``service_n`` recent jobs."""
-    return NODE_TRUST * max(service_n - NODE_MIN_JOBS, 0.0)
+# A learnt residual is trusted beyond this many widths of its own noise band.
+SHRINK = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,10 +59,11 @@ class Choice:
     mode: str                       # npu | cpu
     is_self: bool
     score: float | None = None      # expected completion (s) under the policy; None on the NPU pass
-    mean: float | None = None       # service-time estimate (s)
+    mean: float | None = None       # expected start-up + service (s): the device's estimate + learnt residual
     width: float | None = None
     x: tuple[float, ...] | None = None  # context at decision time, for training
-    explore: bool = False           # untrained arm: this job is its exploration
+    explore: bool = False           # a device with no record: this job is its exploration
+    promise: float | None = None    # the device's own start-up + service estimate (s): what the arm corrects
 
 
 @dataclass(frozen=True)
@@ -96,59 +89,79 @@ def select(offers: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: i
     if need == "npu":
         return Decision(tuple(ranking), cursor)
 
+    # Sorted only so that a seeded rng gives the same ranking whatever order the bids came in.
     cpu = sorted((o for o in offers if o.snapshot.cpu_slots > 0 and serves(o.snapshot, "cpu", model, tools)),
                  key=lambda o: o.device)
     if not cpu:
         return Decision(tuple(ranking), cursor)
-    X = features_matrix([o.snapshot for o in cpu], prompt_tokens, max_new_tokens)
     rng = rng or np.random.default_rng()
+    jitter = rng.random(len(cpu)).tolist()  # the last tie-break: equal devices share the work
     if policy == "linucb":
-        scored = _linucb(cpu, X, arms, alpha=alpha, lam=lam, floor=floor, exploring=exploring)
+        scored = _linucb(cpu, arms, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, alpha=alpha,
+                         lam=lam, floor=floor, exploring=exploring, jitter=jitter)
     else:
-        scored = _baseline(policy, cpu, X, rng, cursor)
+        rows = [context(o.snapshot, prompt_tokens, max_new_tokens, 0.0) for o in cpu]
+        scored = _baseline(policy, cpu, rows, jitter, cursor)
         if policy == "round_robin":
             cursor = (cursor + 1) % max(len(cpu), 1)
     ranking.extend(scored)
     return Decision(tuple(ranking), cursor)
 
 
-def _linucb(cpu: Sequence[Offer], X: np.ndarray, arms: Mapping[str, Arm], *, alpha: float, lam: float,
-            floor: float, exploring: Collection[str]) -> list[Choice]:
-    own = [arms.get(o.device) for o in cpu]
-    trained = np.array([a is not None and a.n > 0 for a in own])
-    G = np.stack([a.G if a is not None else _ZERO_G for a in own])
-    b = np.stack([a.b if a is not None else _ZERO_B for a in own])
-    # The device's own estimate for this job enters its arm as pseudo-observations at this
-    # context, as many as the recent jobs it rests on: a device re-learns its speed from
-    # every job it runs, for every orchestrator, so a slowdown shows at once everywhere.
-    advertised = np.array([o.service_s if o.service_s is not None else 0.0 for o in cpu])
-    weight = np.array([node_weight(o.service_n) if o.service_s is not None else 0.0 for o in cpu])
-    G += weight[:, None, None] * (X[:, :, None] * X[:, None, :])
-    b += (weight * advertised)[:, None] * X
-    means, widths = solve_many(G, b, X, lam)  # every arm's prediction, once, in one batched solve
-    informed = trained | (weight > 0)
-    # Nothing known about a device: price it as fast as the best known one, so it is tried.
-    means[~informed] = means[informed].min() if informed.any() else 0.0
-    sse = np.array([a.sse if a is not None else 0.0 for a in own])
-    w = np.array([a.w if a is not None else 0.0 for a in own])
-    service = np.maximum(means - alpha * noise(sse, w, means) * widths, floor)
-    # Expected completion: the wait, the start-up (a model that is not warm), the work.
-    scores = np.array([o.snapshot.backlog_s + o.init_s for o in cpu]) + service
-    rows = X.tolist()
+def _linucb(cpu: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: int, max_new_tokens: int,
+            alpha: float, lam: float, floor: float, exploring: Collection[str],
+            jitter: Sequence[float]) -> list[Choice]:
+    estimates = [o.service_s for o in cpu if o.service_s is not None]
+    optimistic = min(estimates) if estimates else 0.0   # an unknown device: as fast as the fastest
+    cautious = max(estimates) if estimates else 0.0     # ... with a job of ours already exploring it
+    n = len(cpu)
+    services, work, rows = [0.0] * n, [0.0] * n, []
+    for i, o in enumerate(cpu):
+        if o.service_s is not None:
+            services[i] = o.service_s
+        else:
+            services[i] = cautious if o.device in exploring else optimistic
+        work[i] = o.init_s + services[i]
+        rows.append(context(o.snapshot, prompt_tokens, max_new_tokens, work[i]))
+    X = np.array(rows)
+    # The residual each arm has learnt, with its width; an arm with no data predicts 0 with
+    # the prior width sqrt(xᵀx/λ). Each arm is solved once (linucb.solve_arms).
+    means = np.zeros(n)
+    widths = np.sqrt(np.einsum("kd,kd->k", X, X) / lam)
+    sse, w = np.zeros(n), np.zeros(n)
+    learnt = [i for i, o in enumerate(cpu) if (a := arms.get(o.device)) is not None and a.n > 0]
+    if learnt:
+        own = [arms[cpu[i].device] for i in learnt]
+        theta, inv = solve_arms(own, lam)
+        Xl = X[learnt]
+        means[learnt] = np.einsum("kd,kd->k", Xl, theta)
+        widths[learnt] = np.sqrt(np.maximum(np.einsum("kd,kde,ke->k", Xl, inv, Xl), 0.0))
+        sse[learnt] = [a.sse for a in own]
+        w[learnt] = [a.w for a in own]
+    # The arm's noise is shrunk towards a share of the job's own time (start-up and work).
+    # A learnt residual counts only by what exceeds its own band (soft thresholding): with
+    # honest estimates the correction stays at zero and the ranking is the devices' own;
+    # a bias larger than the noise shows within tens of jobs.
+    band = noise(sse, w, np.array(work)) * widths
+    corrected = np.sign(means) * np.maximum(np.abs(means) - SHRINK * band, 0.0)
+    backlog = np.array([o.snapshot.backlog_s for o in cpu])
+    scores = (backlog + np.maximum(np.array(work) + corrected - alpha * band, floor)).tolist()
+    corr, wd = corrected.tolist(), widths.tolist()
     keyed = []
     for i, o in enumerate(cpu):
-        untrained = not trained[i]
-        choice = Choice(o.device, "cpu", o.is_self, score=float(scores[i]), mean=float(means[i]),
-                        width=float(widths[i]), x=tuple(rows[i]), explore=untrained)
-        keyed.append(((untrained and o.device in exploring, float(scores[i]), *_headroom(o)), choice))
+        score = scores[i]
+        unknown = o.service_s is None
+        choice = Choice(o.device, "cpu", o.is_self, score=score, mean=work[i] + corr[i],
+                        width=wd[i], x=tuple(rows[i]), explore=unknown,
+                        promise=None if unknown else work[i])
+        keyed.append(((score, *_headroom(o), services[i], not unknown, jitter[i]), choice))
     keyed.sort(key=lambda kv: kv[0])
     return [c for _, c in keyed]
 
 
-def _baseline(policy: str, cpu: Sequence[Offer], X: np.ndarray, rng: np.random.Generator,
+def _baseline(policy: str, cpu: Sequence[Offer], rows: Sequence[list[float]], jitter: Sequence[float],
               cursor: int) -> list[Choice]:
     n = len(cpu)
-    jitter = rng.random(n)  # random tie-break, so equal devices share the work
     if policy == "least_backlog":
         keys = [(o.snapshot.backlog_s + o.init_s, jitter[i]) for i, o in enumerate(cpu)]
     elif policy == "jsq":
@@ -160,13 +173,12 @@ def _baseline(policy: str, cpu: Sequence[Offer], X: np.ndarray, rng: np.random.G
     else:
         raise ValueError(f"unknown policy {policy!r} (one of {', '.join(POLICIES)})")
     order = sorted(range(n), key=lambda i: keys[i])
-    rows = X.tolist()
     return [Choice(cpu[i].device, "cpu", cpu[i].is_self, score=float(keys[i][0]), x=tuple(rows[i]))
             for i in order]
 
 
-def _headroom(o: Offer) -> tuple[float, float, str]:
-    return o.snapshot.backlog_s, _per_slot(o.snapshot), o.device
+def _headroom(o: Offer) -> tuple[float, float]:
+    return o.snapshot.backlog_s, _per_slot(o.snapshot)
 
 
 def _per_slot(s: Snapshot) -> float:

@@ -179,32 +179,75 @@ class ServiceRecord:
 
 class InitCost:
     """What starting a job costs on a device, per mode, when its model is warm (already
-    loaded) and when it is cold: two forgetting means of the executors' ``init_ms``. The
-    service record fits the work after it; a bid adds the start-up the job would pay now."""
+    loaded) and when it is cold, as ``a + b·prompt_tokens`` fitted to the executors'
+    ``init_ms`` (non-negative coefficients, forgetting). An executor that reports the
+    prompt's processing apart (genie) fits ``b ≈ 0``; one that reports the time to the first
+    token as start-up (a CLI such as llama-cli: load + prefill) fits the prefill as ``b``, so
+    a long prompt's start-up is priced as long, not as the average. The service record fits
+    the work after it; a bid adds the start-up the job would pay now."""
 
     def __init__(self, half_life_jobs: float = 20.0):
         self._gamma = decay_for(half_life_jobs)
-        self._sums: dict[tuple[str, bool], tuple[float, float]] = {}  # (mode, warm) -> (Σ γ^k s, Σ γ^k)
+        # (mode, warm) -> [Σ γ^k, Σ γ^k p, Σ γ^k p², Σ γ^k s, Σ γ^k s·p]  (p in thousands of tokens)
+        self._sums: dict[tuple[str, bool], list[float]] = {}
         self._lock = threading.Lock()
 
-    def observe(self, mode: str, warm: bool, seconds: float) -> None:
-        if not math.isfinite(seconds) or seconds < 0:
+    def observe(self, mode: str, warm: bool, seconds: float, prompt_tokens: int = 0) -> None:
+        if not math.isfinite(seconds) or seconds < 0 or prompt_tokens < 0:
             return
+        p = prompt_tokens / TOKEN_SCALE
         with self._lock:
-            total, weight = self._sums.get((mode, warm), (0.0, 0.0))
-            self._sums[(mode, warm)] = (self._gamma * total + seconds, self._gamma * weight + 1.0)
+            sums = self._sums.setdefault((mode, warm), [0.0] * 5)
+            for i, v in enumerate((1.0, p, p * p, seconds, seconds * p)):
+                sums[i] = self._gamma * sums[i] + v
 
-    def expected(self, mode: str, warm: bool) -> float:
-        """Seconds of start-up a job would pay now; a cold start never counts as cheaper
-        than a warm one, and nothing is assumed before the first job."""
+    def expected(self, mode: str, warm: bool, prompt_tokens: int = 0) -> float:
+        """Seconds of start-up a job of ``prompt_tokens`` would pay now; a cold start never
+        counts as cheaper than a warm one, and nothing is assumed before the first job."""
+        p = prompt_tokens / TOKEN_SCALE
         with self._lock:
-            def mean(w: bool) -> float | None:
-                total, weight = self._sums.get((mode, w), (0.0, 0.0))
-                return total / weight if weight else None
-            warm_s, cold_s = mean(True), mean(False)
+            warm_s = self._predict(self._sums.get((mode, True)), p)
+            cold_s = self._predict(self._sums.get((mode, False)), p)
         if warm:
             return warm_s if warm_s is not None else 0.0
         return max(cold_s if cold_s is not None else 0.0, warm_s or 0.0)
+
+    @staticmethod
+    def _predict(sums: list[float] | None, p: float) -> float | None:
+        if sums is None or sums[0] <= 0:
+            return None
+        w, sp, spp, sy, syp = sums
+        a, b = _fit_line_nonneg(w, sp, spp, sy, syp)
+        return a + b * p
+
+
+def _fit_line_nonneg(w: float, sp: float, spp: float, sy: float, syp: float) -> tuple[float, float]:
+    """Ridge least squares of y ≈ a + b·p with a, b ≥ 0, from the weighted sums (exact:
+    the unconstrained optimum if it is feasible, else the better of the two one-sided fits)."""
+    g00, g01, g11 = w + RIDGE, sp, spp + RIDGE
+    det = g00 * g11 - g01 * g01
+    if det > 1e-12:
+        a = (g11 * sy - g01 * syp) / det
+        b = (g00 * syp - g01 * sy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    candidates = [(max(sy, 0.0) / g00, 0.0), (0.0, max(syp, 0.0) / g11)]
+
+    def loss(ab: tuple[float, float]) -> float:
+        a, b = ab
+        return g00 * a * a + 2 * g01 * a * b + g11 * b * b - 2 * (sy * a + syp * b)
+    return min(candidates, key=loss)
+
+
+def job_seconds(record: ServiceRecord, init: InitCost, mode: str, prompt_tokens: int, max_new_tokens: int, *,
+                warm: bool, default: float = UNKNOWN_JOB_S) -> float:
+    """A job's expected time from the moment it starts: its start-up plus its service. This
+    is the basis ``remaining()`` compares with a running job's age (which includes the
+    start-up), so a device's queue and its running jobs are priced alike."""
+    found = record.estimate(mode, prompt_tokens, max_new_tokens)
+    if found is None:
+        return default + init.expected(mode, warm, prompt_tokens)
+    return found[0] + init.expected(mode, warm, prompt_tokens)
 
 
 def expected_wait(slots: int, running_left: Iterable[float], queued: Iterable[float]) -> float:

@@ -42,9 +42,10 @@ def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
 
 
 def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
-    """Add what this device's LinUCB store expects of each device's CPU for a reference
-    job (``estimate_s``) and how many jobs taught it (``learnt_jobs``); None when there
-    is nothing learnt, or the store cannot be read here."""
+    """Add what this device's LinUCB store has learnt about each device's CPU for a
+    reference job (``estimate_s``: how many seconds later (+) or sooner (−) than the
+    device's own promise its answers reach this device) and how many jobs taught it
+    (``learnt_jobs``); None when there is nothing learnt, or the store cannot be read here."""
     from agent.errors import StateError
     from agent.linucb import ArmStore, features
     from agent.messages import Snapshot
@@ -63,7 +64,7 @@ def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]
                             load1=0.0, queue_depth=row["queue_depth"] or 0)
             mean, _ = arm.predict(features(snap, REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS),
                                   cfg.auction.linucb.lambda_)
-            estimate = round(max(mean, 0.0), 2)
+            estimate = round(mean, 2)
         out.append({**row, "estimate_s": estimate, "learnt_jobs": arm.n if arm is not None else 0})
     return out
 

@@ -136,8 +136,10 @@ def print_scheduling(results: Sequence[dict[str, Any]], load: float) -> None:
           f"each policy from a cold start\n")
     print(f"{'policy':<14} {'answered':>9} {'mean ms':>9} {'p95 ms':>9}   share of jobs " +
           " ".join(f"{d:>7}" for d, _, _ in DEVICES))
-    base = next((r["mean_ms"] for r in results if r["policy"] == "jsq"), None)
+    bases = {p: next((r["mean_ms"] for r in results if r["policy"] == p), None) for p in ("least_backlog", "jsq")}
     for r in results:
-        vs = f" ({(1 - r['mean_ms'] / base) * 100:+.0f} % vs jsq)" if base and r["policy"] != "jsq" else ""
+        # How much lower the mean latency is than each baseline's, in the same run.
+        vs = "".join(f" ({(1 - r['mean_ms'] / base) * 100:+.0f} % vs {p})" for p, base in bases.items()
+                     if base and r["policy"] != p)
         print(f"{r['policy']:<14} {r['answered']:>5}/{r['jobs']:<3} {r['mean_ms']:>9.0f} {r['p95_ms']:>9.0f}   "
               + " " * 14 + " ".join(f"{r['share'][d]:>7.2f}" for d, _, _ in DEVICES) + vs)

@@ -23,7 +23,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert cfg.topic_prefix == "" and cfg.metrics_interval_s == 10
     assert cfg.npu.enabled is False and cfg.cpu.enabled is True and cfg.cpu.slots == 1
     assert isinstance(cfg.cpu.executor, CommandExecutorConfig)
-    assert cfg.auction.bid_timeout_s == 30 and cfg.auction.linucb.alpha == 1.0
+    assert cfg.auction.bid_timeout_s == 30 and cfg.auction.linucb.alpha == 0.0
     assert cfg.auction.policy == "linucb" and cfg.auction.linucb.half_life_jobs == 20
     assert cfg.auction.linucb.lambda_ == 1.0
     assert cfg.homeassistant.enabled and cfg.homeassistant.discovery_prefix == "homeassistant"

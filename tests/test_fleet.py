@@ -42,14 +42,14 @@ def test_busy_own_npu_goes_to_a_peer_with_a_free_npu(env: Env) -> None:
 
 
 def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
-    """Asserted on what was learnt (the arm store) and on clear-cut choices: the two
-    devices are 50x apart in the work an arm learns (service time: decoding, here), far
-    beyond the timing noise of a loaded CI machine on the fast one (a few ms a job) and
-    the ridge's pull on a slow arm tried once or twice (about half its one observation)."""
+    """Asserted on clear-cut choices and on what was learnt: the two devices are 50x apart,
+    far beyond the timing noise of a loaded CI machine on the fast one (a few ms a job).
+    Each device's own estimate ranks it once it has run a job; the arm store learns only
+    what those estimates miss, which on a loopback broker is close to nothing."""
     import numpy as np
 
     from agent.linucb import ArmStore
-    # Names chosen so that alphabetical tie-breaking favours the slow peer.
+    # Names chosen so that alphabetical tie-breaking would favour the slow peer.
     hub = env.config("hub")
     slow = env.config("aa-slow", cpu=sim(base_ms=300, ms_per_token=50, seed=1))
     fast = env.config("zz-fast", cpu=sim(base_ms=10, ms_per_token=1, seed=2))
@@ -60,13 +60,13 @@ def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
             assert code == 0, err
             assert out is not None and out["path"] == "peer-cpu"
             winners.append(out["winner"])
-    assert set(winners) == {"aa-slow", "zz-fast"}, f"both arms should have been explored: {winners}"
+    assert set(winners) == {"aa-slow", "zz-fast"}, f"both devices should have been tried: {winners}"
     assert winners[-6:] == ["zz-fast"] * 6, f"once both are known, the fast one wins: {winners}"
     store = ArmStore.for_config(env.load(hub))
-    arms = store.load().arms
-    x = np.array([1.0, 0.01, 0.25, 0.1, 0.0, 0.0])
-    fast_s, slow_s = (arms[d].predict(x, store.lam)[0] for d in ("zz-fast", "aa-slow"))
-    assert 0 < fast_s < slow_s / 5, (fast_s, slow_s)
+    arm = store.load().arms["zz-fast"]
+    assert arm.n >= 5, "every answer with a promise trains the arm"
+    residual, _ = arm.predict(np.array([1.0, 0.005, 0.0, 0.0, 0.01, 0.25]), store.lam)
+    assert abs(residual) < 0.3, f"a loopback link and honest estimates leave little to learn: {residual}"
 
 
 def test_auction_closes_on_the_roster_not_the_timeout(env: Env) -> None:

@@ -1,4 +1,4 @@
-"""LinUCB on service time: the arm algebra, forgetting, noise scaling, and the store."""
+"""LinUCB on the residual over a device's promise: the arm algebra, forgetting, noise scaling, and the store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from agent.linucb import TRAINED_RIDS_KEPT, Arm, Arms, ArmStore, D, features, predict_many, training_target
+from agent.linucb import (
+    STORE_VERSION,
+    TRAINED_RIDS_KEPT,
+    Arm,
+    Arms,
+    ArmStore,
+    D,
+    features,
+    predict_many,
+    residual_target,
+    solve_arms,
+    training_target,
+)
 from agent.messages import Snapshot
 from agent.servicemodel import decay_for
 
@@ -23,13 +35,14 @@ def snap(**kw: object) -> Snapshot:
 
 
 def test_features_are_bounded_and_normalised() -> None:
-    x = features(snap(), prompt_tokens=512, max_new_tokens=256)
+    x = features(snap(), prompt_tokens=512, max_new_tokens=256, promise_s=5.0)
     assert x.shape == (D,)
-    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.5, 0.5, 0.5])
+    assert x.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.25, 0.5, 0.25]), "state scales the promised work"
     extreme = features(snap(cpu_percent=800.0, mem_available_mb=0.0, temperature_c=150.0),
-                       prompt_tokens=10**6, max_new_tokens=10**6)
+                       prompt_tokens=10**6, max_new_tokens=10**6, promise_s=1e9)
     assert extreme.max() <= 4.0 and extreme.min() >= 0.0
-    assert features(snap(temperature_c=None), 1, 1)[5] == 0.0
+    assert features(snap(temperature_c=None), 1, 1, promise_s=5.0)[3] == 0.0
+    assert features(snap(), 1, 1, promise_s=-3.0)[1] == 0.0
 
 
 def test_without_forgetting_an_arm_is_the_closed_form_ridge_solution() -> None:
@@ -81,7 +94,7 @@ def test_a_surprising_observation_makes_the_arm_forget_faster() -> None:
 
 
 def test_width_shrinks_with_data_and_noise_is_learnt_in_seconds() -> None:
-    x = features(snap(), 100, 100)
+    x = features(snap(), 100, 100, promise_s=10.0)
     arm = Arm.fresh()
     widths = []
     rng = np.random.default_rng(1)
@@ -152,19 +165,23 @@ def good_arm(**over: object) -> dict[str, object]:
     return {"G": np.eye(D).tolist(), "b": [0.0] * D, "n": 1, "w": 1.0, "sse": 0.0, **over}
 
 
+V = STORE_VERSION
+
+
 @pytest.mark.parametrize("content", [
     b"{not json", b"[" * 5000,
-    json.dumps({"v": 1, "d": 7, "arms": {}}).encode(),                       # the old format
-    json.dumps({"v": 2, "d": D, "arms": []}).encode(),                        # right JSON, wrong shape
-    json.dumps({"v": 2, "d": D, "arms": {"x": "nope"}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=[[1]])}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm(n=-1)}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
-    json.dumps({"v": 2, "d": D, "arms": {}, "cursor": "3"}).encode(),
+    json.dumps({"v": 1, "d": 7, "arms": {}}).encode(),                       # an old format
+    json.dumps({"v": 2, "d": D, "arms": {"x": good_arm()}}).encode(),        # v2: service-time arms
+    json.dumps({"v": V, "d": D, "arms": []}).encode(),                        # right JSON, wrong shape
+    json.dumps({"v": V, "d": D, "arms": {"x": "nope"}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(G=[[1]])}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(G=(-np.eye(D)).tolist())}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(n="1")}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(w=-1)}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {"x": good_arm(n=-1)}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "trained": [1, 2]}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "exploring": {"d": []}}).encode(),
+    json.dumps({"v": V, "d": D, "arms": {}, "cursor": "3"}).encode(),
 ])
 def test_corrupt_or_wrong_shaped_store_is_set_aside_and_replaced(tmp_path, caplog, content: bytes) -> None:
     (tmp_path / "arms.json").write_bytes(content)
@@ -212,3 +229,31 @@ def test_an_exploration_marker_holds_until_its_time_runs_out() -> None:
     arms = Arms(exploring={"a": ("r1", 10.0), "b": ("r2", 5.0)})
     assert arms.exploring_now(7.0) == {"a"}
     assert arms.exploring_now(10.0) == set(), "until, not including"
+
+
+def test_an_arm_learns_the_residual_over_the_promise_and_a_job_without_one_only_ends_exploring() -> None:
+    assert residual_target(True, 7.5, cap=120.0, promise=5.0) == 2.5
+    assert residual_target(False, 0.1, cap=120.0, promise=5.0) == 115.0, "a failure is the cap, late"
+    arms = Arms(exploring={"new": ("r1", 1e9)})
+    assert arms.train("new", np.ones(D), None, "r1", 0.0, lam=1.0, gamma=1.0)
+    assert arms.exploring == {} and "new" not in arms.arms, "nothing to learn, the exploration is over"
+    assert not arms.train("new", np.ones(D), 3.0, "r1", 0.0, lam=1.0, gamma=1.0), "still once per rid"
+
+
+def test_arms_are_solved_once_and_alike_batched_or_not() -> None:
+    rng = np.random.default_rng(3)
+    arms = []
+    for i in range(4):
+        arm = Arm.fresh()
+        for _ in range(i + 2):
+            arm = arm.updated(rng.uniform(0, 1, D), float(rng.normal()), lam=1.0, gamma=0.95)
+        arms.append(arm)
+    theta, inv = solve_arms(arms, 0.5)
+    xs = rng.uniform(0, 1, size=(4, D))
+    for arm, x, t, v in zip(arms, xs, theta, inv, strict=True):
+        mean, width = arm.predict(x, 0.5)
+        assert x @ t == pytest.approx(mean, rel=1e-9) and np.sqrt(x @ v @ x) == pytest.approx(width, rel=1e-9)
+    again, _ = solve_arms(arms, 0.5)
+    assert again.tolist() == theta.tolist()
+    other, _ = solve_arms(arms, 2.0)
+    assert not np.allclose(other, theta), "another λ is another solve"

@@ -67,7 +67,7 @@ class ScriptedFleet:
             for device in self.peers:
                 bid = Bid(parsed.rid or "", device, "hub", f"claim-{device}", Snapshot(
                     has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
-                    queue_depth=0))
+                    queue_depth=0), service_s=None if device.startswith("new") else ESTIMATES.get(device, PROMISE_S))
                 self._subs[T.all_bid_replies("hub")](Message(T.bid_reply("hub", bid.rid, device), bid.to_payload()))
         elif parsed.kind == "exec":
             job = Job.from_payload(payload)
@@ -101,12 +101,13 @@ class ScriptedFleet:
 
 class RecordingArms:
     def __init__(self) -> None:
-        self.trained: list[tuple[str, float]] = []
+        self.trained: list[tuple[str, float | None]] = []
 
     def load(self) -> Arms:
         return Arms()
 
-    def train(self, device: str, x: np.ndarray, y: float, rid: str) -> bool:
+    def train(self, device: str, x: np.ndarray, y: float | None, rid: str, base: float = 0.0) -> bool:
+        assert y is None or base == PROMISE_S, "the promise judges a surprise"
         self.trained.append((device, y))
         return True
 
@@ -115,6 +116,10 @@ class RecordingArms:
 
     def set_cursor(self, cursor: int) -> None:
         return None
+
+
+PROMISE_S = 2.0  # a scripted device's own estimate of the job
+ESTIMATES = {"a-silent": 1.0}  # ... the one that must be tried first says it is quicker
 
 
 def config(tmp_path: Path) -> Config:
@@ -138,17 +143,39 @@ def orchestrate(tmp_path: Path, fleet: ScriptedFleet) -> tuple[Any, RecordingArm
 
 
 def test_an_answer_trains_the_arm_of_the_device_that_gave_it(tmp_path: Path) -> None:
+    """With what its promise missed: here the answer came far sooner than promised."""
     fleet = ScriptedFleet({"a": done})
     out, arms = orchestrate(tmp_path, fleet)
     assert out.ok and out.winner == "a" and out.text == "answer"
-    assert [d for d, _ in arms.trained] == ["a"] and arms.trained[0][1] < 1.0
+    assert [d for d, _ in arms.trained] == ["a"]
+    y = arms.trained[0][1]
+    assert y is not None and -PROMISE_S < y < -PROMISE_S + 1.0
     assert fleet.cancels() == []
+
+
+def queued(job: Job, device: str) -> list[ResultEvent]:
+    return [Accepted(job.rid, device, job.mode, digest=job.digest),
+            Done(job.rid, device, "answer", Timings(queue_ms=1500.0, total_ms=1505.0), digest=job.digest)]
+
+
+def test_the_time_a_job_waited_in_the_device_queue_is_not_its_residual(tmp_path: Path) -> None:
+    """The wait is priced by the device's backlog; the arm learns only the job's own time
+    against its promise (here the scripted answer is instant: all of it was queue)."""
+    out, arms = orchestrate(tmp_path, ScriptedFleet({"a": queued}))
+    assert out.ok
+    y = arms.trained[0][1]
+    assert y is not None and y < -PROMISE_S - 1.4, y
+
+
+def test_a_device_with_no_estimate_teaches_nothing_but_ends_its_exploration(tmp_path: Path) -> None:
+    out, arms = orchestrate(tmp_path, ScriptedFleet({"new": done}))
+    assert out.ok and arms.trained == [("new", None)]
 
 
 def test_a_failure_is_learnt_as_the_latency_cap(tmp_path: Path) -> None:
     out, arms = orchestrate(tmp_path, ScriptedFleet({"a": failed}))
     assert not out.ok and "crashed" in (out.error or "")
-    assert arms.trained == [("a", CAP_S)], "a device that fails must look slow, never fast"
+    assert arms.trained == [("a", CAP_S - PROMISE_S)], "a device that fails must look slow, never fast"
 
 
 def test_a_winner_that_never_accepts_is_told_to_drop_the_job_and_the_runner_up_answers(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from agent.linucb import Arm, features
 from agent.messages import LatencySummary, Snapshot
-from agent.selection import POLICIES, Offer, node_weight, select
+from agent.selection import POLICIES, Offer, select
 
 
 def snap(*, npu: bool | None = None, cpu: int = 1, npu_p50: float | None = None, npu_n: int = 3,
@@ -70,63 +70,93 @@ def test_no_offers_no_winner() -> None:
 # ---------------------------------------------------------------- pass 2: linucb
 
 
-def test_lowest_expected_completion_wins_and_self_is_a_candidate() -> None:
-    offers = [Offer("slow", snap()), Offer("me", snap(), is_self=True), Offer("fast", snap())]
-    arms = {"slow": trained(3.0), "me": trained(1.5), "fast": trained(0.5)}
-    d = select(offers, arms, **KW)
+def residual_arm(residual: float, n: int = 30, work: float = 1.0, s: Snapshot | None = None,
+                 jitter: float = 0.0) -> Arm:
+    """An arm that saw ``n`` jobs come in ``residual`` seconds later than promised (± jitter)."""
+    x = features(s or snap(), 100, 100, work)
+    arm = Arm.fresh()
+    for k in range(n):
+        arm = arm.updated(x, residual + (jitter if k % 2 else -jitter), lam=1.0, gamma=1.0, base=work)
+    return arm
+
+
+def test_with_nothing_learnt_the_ranking_is_the_devices_own_promises() -> None:
+    """Backlog + start-up + the device's estimate of the job: the self offer competes too."""
+    offers = [Offer("slow", snap(), service_s=3.0), Offer("me", snap(), is_self=True, service_s=1.5),
+              Offer("fast", snap(), service_s=0.5)]
+    d = select(offers, {}, **GREEDY)
     assert order(d) == ["fast", "me", "slow"] and d.ranking[1].is_self
-    best = d.ranking[0]
-    mean, width = arms["fast"].predict(np.array(best.x), 1.0)
-    assert best.mean == pytest.approx(mean)
-    assert best.score == pytest.approx(max(mean - 1.0 * arms["fast"].noise(mean) * width, 0.0))
+    assert [c.score for c in d.ranking] == pytest.approx([0.5, 1.5, 3.0])
+    assert [c.promise for c in d.ranking] == pytest.approx([0.5, 1.5, 3.0])
+    assert not any(c.explore for c in d.ranking), "a device with its own estimate is known"
 
 
 def test_backlog_in_seconds_is_added_to_the_service_estimate() -> None:
     """A fast device with a queue loses to a slower idle one when its wait is longer."""
-    offers = [Offer("fast-busy", snap(backlog=5.0, depth=3)), Offer("slow-idle", snap())]
-    arms = {"fast-busy": trained(1.0), "slow-idle": trained(3.0)}
-    d = select(offers, arms, **GREEDY)
+    offers = [Offer("fast-busy", snap(backlog=5.0, depth=3), service_s=1.0), Offer("slow-idle", snap(), service_s=3.0)]
+    d = select(offers, {}, **GREEDY)
     assert order(d) == ["slow-idle", "fast-busy"]
-    assert d.ranking[1].score == pytest.approx(5.0 + d.ranking[1].mean)
-    d = select([Offer("fast-busy", snap(backlog=1.0, depth=3)), Offer("slow-idle", snap())], arms, **GREEDY)
+    assert d.ranking[1].score == pytest.approx(6.0)
+    d = select([Offer("fast-busy", snap(backlog=1.0, depth=3), service_s=1.0),
+                Offer("slow-idle", snap(), service_s=3.0)], {}, **GREEDY)
     assert order(d) == ["fast-busy", "slow-idle"], "a short wait is worth it"
 
 
 def test_a_cold_model_pays_its_start_up_in_the_score() -> None:
     """Equal devices: the one whose model would have to load first loses (warm models win)."""
-    offers = [Offer("a-cold", snap(), init_s=30.0), Offer("b-warm", snap())]
-    arms = {"a-cold": trained(1.0), "b-warm": trained(1.0)}
-    d = select(offers, arms, **GREEDY)
+    offers = [Offer("a-cold", snap(), service_s=1.0, init_s=30.0), Offer("b-warm", snap(), service_s=1.0)]
+    d = select(offers, {}, **GREEDY)
     assert order(d) == ["b-warm", "a-cold"]
-    assert d.ranking[1].score == pytest.approx(30.0 + d.ranking[1].mean)
-
-def test_a_device_estimate_counts_as_recent_observations() -> None:
-    """An orchestrator that never used a device trusts what the device says of itself, in
-    proportion to the recent jobs behind it."""
-    offers = [Offer("known", snap()), Offer("says-fast", snap(), service_s=0.5, service_n=30)]
-    d = select(offers, {"known": trained(2.0)}, **GREEDY)
-    assert order(d) == ["says-fast", "known"]
-    assert d.ranking[0].mean == pytest.approx(0.5, rel=0.1) and d.ranking[0].explore
-    assert node_weight(1.0) == 0.0, "a record of one or two jobs cannot fit a size model yet"
-    # Its estimate also corrects a stale arm: the device says it is now 3x slower.
-    stale = {"known": trained(2.0), "says-fast": trained(0.5, n=10)}
-    slowed = [Offer("known", snap()), Offer("says-fast", snap(), service_s=1.5, service_n=30)]
-    assert select(slowed, stale, **GREEDY).ranking[1].mean > 1.0
+    assert d.ranking[1].score == pytest.approx(31.0) and d.ranking[1].promise == pytest.approx(31.0)
+    busy = select([Offer("busy", snap(backlog=2.0), service_s=1.0, init_s=0.5)], {}, **GREEDY).ranking[0]
+    assert (busy.score, busy.promise) == pytest.approx((3.5, 1.5)), "the promise is the job's own time"
 
 
-def test_an_unknown_device_is_priced_as_fast_as_the_best_known_one_and_tried_once() -> None:
-    offers = [Offer("a", snap()), Offer("b", snap()), Offer("new", snap())]
-    arms = {"a": trained(1.0), "b": trained(3.0)}
-    d = select(offers, arms, **KW)
+def test_the_arm_learns_what_a_device_cannot_see_about_itself() -> None:
+    """The fast device's answers reach this orchestrator 3 s later than it promises (a slow
+    link, a biased estimate): the arm's residual moves this orchestrator elsewhere."""
+    offers = [Offer("fast", snap(), service_s=1.0), Offer("steady", snap(), service_s=2.5)]
+    assert order(select(offers, {}, **KW))[0] == "fast"
+    d = select(offers, {"fast": residual_arm(3.0, n=20)}, **KW)
+    assert order(d) == ["steady", "fast"]
+    assert d.ranking[1].score == pytest.approx(4.0, abs=0.5) and d.ranking[1].promise == pytest.approx(1.0)
+
+
+def test_with_honest_estimates_the_learnt_residual_changes_nothing() -> None:
+    """Residuals that are noise around zero stay inside their own band: the score is the
+    promise exactly, so learning never costs what the devices' estimates get right."""
+    offers = [Offer("a", snap(backlog=0.4), service_s=1.0, init_s=0.1), Offer("b", snap(), service_s=1.4)]
+    arms = {"a": residual_arm(0.02, jitter=0.3), "b": residual_arm(-0.03, jitter=0.4, work=1.4)}
+    d = select(offers, arms, **GREEDY)
+    assert [c.score for c in d.ranking] == pytest.approx([1.4, 1.5])
+    assert [c.promise for c in d.ranking] == pytest.approx([1.4, 1.1]), "the job's own time; the wait apart"
+
+
+def test_an_optimistic_device_is_corrected_within_tens_of_jobs() -> None:
+    """A device that promises 1 s and takes 2.5 s: after 10 jobs it no longer wins."""
+    offers = [Offer("optimist", snap(), service_s=1.0), Offer("honest", snap(), service_s=2.0)]
+    noisy = residual_arm(1.5, n=10, jitter=0.3)
+    assert order(select(offers, {"optimist": noisy}, **KW))[0] == "honest"
+
+
+def test_an_unknown_device_is_priced_as_fast_as_the_best_estimate_and_tried_once() -> None:
+    offers = [Offer("a", snap(), service_s=1.0), Offer("b", snap(), service_s=3.0), Offer("new", snap())]
+    d = select(offers, {}, **GREEDY, rng=np.random.default_rng(0))
     new = next(c for c in d.ranking if c.device == "new")
-    a = next(c for c in d.ranking if c.device == "a")
-    assert new.explore and new.mean == pytest.approx(a.mean)
-    assert order(d)[0] == "new", "optimism: the same mean, but the wider bound goes first"
-    held = select(offers, arms, **KW, exploring={"new"})
-    assert order(held)[-1] == "new", "one exploration in flight at a time"
-    both = {"a": trained(1.0), "b": trained(2.0)}
-    assert order(select([Offer("a", snap()), Offer("b", snap())], both, **KW, exploring={"a"}))[0] == "a", \
-        "only untrained arms are held back"
+    assert new.explore and new.promise is None and new.score == pytest.approx(1.0)
+    # With a job of this orchestrator's exploring it: priced as the slowest estimate (its
+    # backlog shows that job as well), so it is not flooded.
+    held = select(offers, {}, **GREEDY, exploring={"new"})
+    assert order(held)[0] == "a"
+    assert next(c for c in held.ranking if c.device == "new").score == pytest.approx(3.0)
+
+
+def test_a_device_with_its_own_estimate_is_not_held_back_as_exploring() -> None:
+    """Exploration is fleet-wide: a device whose record covers the job is known, whether or
+    not this orchestrator has used it; it is never sent to the back of the ranking."""
+    offers = [Offer("fast", snap(), service_s=1.0, service_n=12), Offer("slow", snap(), service_s=4.0, service_n=12)]
+    d = select(offers, {}, **KW, exploring={"fast"})
+    assert order(d) == ["fast", "slow"] and not any(c.explore for c in d.ranking)
 
 
 def test_with_nothing_known_anywhere_every_device_is_a_guess_at_zero() -> None:
@@ -134,10 +164,18 @@ def test_with_nothing_known_anywhere_every_device_is_a_guess_at_zero() -> None:
     assert all(c.explore and c.mean == 0.0 for c in d.ranking)
 
 
-def test_ties_go_to_the_device_with_more_headroom_not_the_alphabet() -> None:
-    offers = [Offer("aa", snap(depth=2, cpu=2)), Offer("zz", snap(depth=0, cpu=2))]
-    arms = {"aa": trained(1.0), "zz": trained(1.0)}
-    assert order(select(offers, arms, **GREEDY)) == ["zz", "aa"]
+def test_cold_ties_go_by_headroom_then_the_devices_estimates_never_by_name() -> None:
+    offers = [Offer("aa", snap(depth=2, cpu=2), service_s=1.0), Offer("zz", snap(depth=0, cpu=2), service_s=1.0)]
+    assert order(select(offers, {}, **GREEDY)) == ["zz", "aa"]
+    # Nothing learnt anywhere, equal scores: the device whose own estimate is lower first,
+    # even if its estimate rests on a single job.
+    offers = [Offer("aa-slow", snap(), service_s=5.0, service_n=1),
+              Offer("zz-fast", snap(), service_s=1.0, service_n=1)]
+    assert order(select(offers, {}, **GREEDY))[0] == "zz-fast"
+    # Nothing known at all: equal devices share the first jobs, whatever their names.
+    equal = [Offer(d, snap()) for d in ("aa", "bb", "cc")]
+    firsts = {order(select(equal, {}, **GREEDY, rng=np.random.default_rng(seed)))[0] for seed in range(30)}
+    assert firsts == {"aa", "bb", "cc"}
 
 
 # ---------------------------------------------------------------- baselines

@@ -35,3 +35,19 @@ def test_the_simulated_node_uses_the_agents_own_code() -> None:
     assert simulate.select is agent.selection.select
     assert simulate.ServiceRecord is agent.servicemodel.ServiceRecord
     assert simulate.expected_wait is agent.servicemodel.expected_wait
+    assert simulate.job_seconds is agent.servicemodel.job_seconds
+    assert simulate.InitCost is agent.servicemodel.InitCost
+
+
+def test_every_world_runs_and_its_biases_are_hidden_from_the_policies() -> None:
+    """Each world changes the hidden fleet only: the offers are built by the node's code."""
+    import simulate
+
+    for world in simulate.WORLDS:
+        fleet = simulate.reference_fleet(world)
+        assert len(fleet) == 6
+        sc = simulate.Scenario(f"{world} smoke", 0.7, 60, world=world)
+        run = simulate.simulate("linucb", sc, seed=1)
+        assert len(run.chosen) == 60 and all(x == x for x in run.latencies), world  # every job answered
+    assert any(h.link for h in simulate.reference_fleet("link"))
+    assert all(h.ttft_init for h in simulate.reference_fleet("ttft"))
