@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import threading
 
 from agent.messages import BidRequest, Job
 from tests.support.broker import REPO, free_port
-from tests.support.fleet import Env, hold_npu_in_other_process, sim
+from tests.support.fleet import WAIT_S, Env, hold_npu_in_other_process, sim
 
 
 def test_own_free_npu_runs_locally_without_touching_the_broker(env: Env) -> None:
@@ -160,6 +162,15 @@ def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -
     from agent.messages import Metrics, Snapshot
 
     caplog.set_level("INFO", logger="agent.node")
+    said = threading.Condition()
+
+    class Notify(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with said:
+                said.notify_all()
+
+    notify = Notify()
+    logging.getLogger("agent.node").addHandler(notify)
     hub = env.config("hub")
     worker = env.config("worker", cpu=sim(base_ms=1))
     t = env.topics
@@ -190,9 +201,15 @@ def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -
         assert out is not None and out["winner"] == "worker" and out["text"] == "still there?"
         assert not [m for m in results.seen if b'"j1"' in m.payload or b'"r3"' in m.payload]
         results.publish(t.metrics("hub"), b"", retain=True)
-    dropped = [r for r in caplog.records if r.name == "agent.node" and
-               str(r.msg).startswith(("dropped", "ignored"))]
-    assert len(dropped) == len(garbage), "\n".join(r.getMessage() for r in dropped)
+        # Each message is handled on a thread of its own kind (bids on paho's, jobs on the
+        # dispatcher): wait for every line, not for the order they come in.
+        def dropped() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "agent.node" and
+                    str(r.msg).startswith(("dropped", "ignored"))]
+        with said:
+            said.wait_for(lambda: len(dropped()) >= len(garbage), WAIT_S)
+    logging.getLogger("agent.node").removeHandler(notify)
+    assert len(dropped()) == len(garbage), "\n".join(r.getMessage() for r in dropped())
 
 
 def test_an_oversized_message_never_reaches_the_node(env: Env, caplog) -> None:

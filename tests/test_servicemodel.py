@@ -228,7 +228,7 @@ def test_a_queued_job_is_priced_from_its_start_as_a_running_job_is_aged(tmp_path
     for _ in range(5):
         node.record.observe("cpu", tokens, 100, 80, 3.0)
         node.init_cost.observe("cpu", False, 2.0)
-    job = SimpleNamespace(job=SimpleNamespace(mode="cpu", prompt=prompt, max_new_tokens=100))
+    job = SimpleNamespace(job=SimpleNamespace(mode="cpu", text_prompt=prompt, max_new_tokens=100))
     assert node._expected(job) == pytest.approx(5.0, rel=0.01), "start-up (2 s) + service (3 s)"
 
     clock = [100.0]
