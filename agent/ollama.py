@@ -315,13 +315,7 @@ def _answer(h: _Handler, ask: Ask, *, chat: bool, stream: bool, shown: str) -> N
         if started["headers"] or not stream:
             return
         started["headers"] = True
-        h.send_response(200)
-        h.send_header("Content-Type", "application/x-ndjson")
-        h.send_header("Cache-Control", "no-cache")
-        h.send_header("Connection", "close")
-        if device:
-            h.send_header("X-Edge-Agent-Device", device)
-        h.end_headers()
+        h.begin_stream("application/x-ndjson", device)
 
     def on_decision(device: str, path: str | None) -> None:
         with lock:

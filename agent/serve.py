@@ -663,13 +663,7 @@ class _Handler(BaseHTTPRequestHandler):
             if started["headers"] or not stream:
                 return
             started["headers"] = True
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            if device:
-                self.send_header("X-Edge-Agent-Device", device)
-            self.end_headers()
+            self.begin_stream("text/event-stream", device)
             if chat:
                 self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
                              "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -742,6 +736,17 @@ class _Handler(BaseHTTPRequestHandler):
                              "choices": [{"index": 0, **choice, "finish_reason": finish}],
                              "usage": usage, **extension},
                        headers={"X-Edge-Agent-Device": answered.winner or ""})
+
+    def begin_stream(self, content_type: str, device: str | None) -> None:
+        """The headers of a streamed answer (SSE, NDJSON): not cached, the connection closed
+        at its end, and who answers once that is known."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        if device:
+            self.send_header("X-Edge-Agent-Device", device)
+        self.end_headers()
 
     def run_backend(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
                     stop: Stop) -> tuple[Answered | None, tuple[int, str, str] | None]:
