@@ -318,9 +318,6 @@ class Bus:
         self._replace_client()
         return True
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     @property
     def connected(self) -> bool:
         return self._connected.is_set()

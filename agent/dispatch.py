@@ -102,7 +102,6 @@ class DispatchState:
         self.announced = False
         self.link_up = True                  # our own connection to the broker
         self.winner_online = True
-        self.offline_since: float | None = None
         self.grace_until: float | None = None  # a vanished winner is given until then
 
     # ------------------------------------------------------------------ queries
@@ -184,7 +183,6 @@ class DispatchState:
         if not self.winner_online:
             return CONTINUE
         self.winner_online = False
-        self.offline_since = now
         if not self.link_up:
             return CONTINUE  # we are cut off too: nothing to conclude until we are back
         if not steady():
@@ -240,7 +238,6 @@ class DispatchState:
 
     def _heard_from(self, now: float) -> None:
         self.winner_online = True
-        self.offline_since = None
         self.grace_until = None
 
     def _passed(self, outcome: str, *, event: str = "winner_offline", cancel: str = "went offline; failed over"

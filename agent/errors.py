@@ -10,13 +10,12 @@
     ├── IllegalTransition      a state machine was driven off its table (a bug)         → 70
     ├── BrokerUnavailable      the broker could not be reached (host, port, reason)     → 5
     ├── DeviceBusy             another process of this device holds its broker identity → 1
-    ├── ExecutorError          an executor could not produce an answer (executor)       → 1
-    │   ├── ExecutableNotFound    the binary is not on PATH (command)
-    │   ├── CommandFailed         non-zero exit (argv, returncode, output_tail)
-    │   ├── ExecutionTimeout      the wall-clock limit was hit (timeout_s)              → 4
-    │   ├── EngineUnavailable     the model server cannot be reached: fail over, mark the mode down
-    │   └── Cancelled             the caller gave up on the job (why)
-    └── NoCandidate            no device, local or peer, can run the job               → 3
+    └── ExecutorError          an executor could not produce an answer (executor)       → 1
+        ├── ExecutableNotFound    the binary is not on PATH (command)
+        ├── CommandFailed         non-zero exit (argv, returncode, output_tail)
+        ├── ExecutionTimeout      the wall-clock limit was hit (timeout_s)              → 4
+        ├── EngineUnavailable     the model server cannot be reached: fail over, mark the mode down
+        └── Cancelled             the caller gave up on the job (why)
 
 Every ``ExecutorError`` has a ``kind`` that travels on the wire in an ``error`` result
 event, so an orchestrator never has to read a reason string to know what happened.
@@ -211,12 +210,6 @@ class EngineUnavailable(ExecutorError):
     route, still loading): nothing was run, so another device may take the job."""
 
     kind = "unavailable"
-
-
-class NoCandidate(AgentError):
-    """No device can run the job."""
-
-    exit_code = ExitCode.NO_DEVICE
 
 
 # What an ``error`` result event's ``kind`` field may say, and the exit code it means to

@@ -14,9 +14,6 @@ from agent.dispatch import Answer
 from agent.errors import ExitCode
 from agent.messages import Bid, Timings
 
-PATHS = ("local-npu", "peer-npu", "peer-cpu", "local-cpu")
-
-
 def path_of(mode: str, is_self: bool) -> str:
     return ("local-" if is_self else "peer-") + mode
 
