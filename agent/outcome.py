@@ -14,6 +14,7 @@ from agent.dispatch import Answer
 from agent.errors import ExitCode
 from agent.messages import Bid, Timings
 
+
 def path_of(mode: str, is_self: bool) -> str:
     return ("local-" if is_self else "peer-") + mode
 
