@@ -60,7 +60,7 @@ GRACE_MIN_S, GRACE_MAX_S = 0.05, 1.0
 # than PATIENCE_FLOOR_S (a healthy peer on a loaded 2-core board can stall that long) and
 # never more than PATIENCE_MAX_S (one outlier does not make a frozen peer cost the window).
 PATIENCE_NEW_S, PATIENCE_FLOOR_S, PATIENCE_FACTOR, PATIENCE_MAX_S = 1.0, 1.0, 4.0, 10.0
-LATENCY_WEIGHT = 0.3  # of the newest bid in the moving average: a link that got slower is learnt in 2-3 calls
+LATENCY_WEIGHT = 0.3  # of the newest bid in the moving average: after one slower bid, 4 x 0.3 of it is waited for
 
 
 class BidBook:
