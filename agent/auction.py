@@ -14,19 +14,29 @@ window closes (``should_close``, a pure function) at the first of:
 - ``stragglers``: the only peers missing are ones that missed recent calls for bids (a
   frozen peer: online by keepalive, never bidding), and the others have been in for the
   same short grace — their late bids are still welcome until then;
+- ``overdue``: at least one bid is in and every peer still missing is well past what its
+  bids usually take (``patience``: its usual latency times 4, at least 1 s; 1 s for a
+  peer never heard from), so a peer frozen since its last bid costs its first auction
+  about a second, not the window, while a slow-but-alive peer on a bad link is waited
+  for as long as it usually needs. With no bid in at all there is nothing to run, so
+  the window stays open for whoever bids first;
 - ``timeout``: ``bid_timeout_s``, the seed's upper bound.
 
 ``Stragglers`` remembers, per device, how many calls in a row it missed, in a small file
 under ``state_dir`` that the node and every trigger share, so a frozen peer costs one
-auction, not every auction; a bid clears its record.
+auction, not every auction; a bid clears its record. ``BidLatency`` remembers, the same
+way, how long after the call each device's bids usually arrive (late bids included: a
+peer on a slow link that missed one window gets a longer patience next time).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +54,29 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
 GRACE_MIN_S, GRACE_MAX_S = 0.05, 1.0
+# Patience with a missing peer, counted from the call. A frozen peer with no history costs
+# PATIENCE_NEW_S; a peer on a slow link is waited for PATIENCE_FACTOR times its usual
+# bid latency (a bad moment on a slow link is a few times its usual, not ten), never less
+# than PATIENCE_FLOOR_S (a healthy peer on a loaded 2-core board can stall that long) and
+# never more than PATIENCE_MAX_S (one outlier does not make a frozen peer cost the window).
+PATIENCE_NEW_S, PATIENCE_FLOOR_S, PATIENCE_FACTOR, PATIENCE_MAX_S = 1.0, 1.0, 4.0, 10.0
+LATENCY_WEIGHT = 0.3  # of the newest bid in the moving average: after one slower bid, 4 x 0.3 of it is waited for
 
 
 class BidBook:
     """The bids of one auction, gathered on the network thread."""
 
-    def __init__(self, rid: str, origin: str, topics: Topics, max_bytes: int):
+    def __init__(self, rid: str, origin: str, topics: Topics, max_bytes: int,
+                 clock: Callable[[], float] = time.monotonic):
         self.rid = rid
         self.origin = origin
         self._topics = topics
         self._max_bytes = max_bytes
+        self._clock = clock
         self._lock = threading.Lock()
         self._bids: dict[str, Bid] = {}
+        self._opened: float | None = None
+        self._arrived: dict[str, float] = {}  # device -> when its (first) bid arrived, late ones too
         self._expected: set[str] | None = None
         self._suspects: set[str] = set()
         self._late: set[str] = set()   # bid after the window closed: punctual again next time
@@ -73,6 +94,7 @@ class BidBook:
         if bid is None:
             return
         with self._lock:
+            self._arrived.setdefault(bid.device, self._clock())
             if not self._open:
                 self._late.add(bid.device)
                 return
@@ -82,14 +104,16 @@ class BidBook:
             missing = self._expected - self._bids.keys()
             # Wake the orchestrator only when this bid could close the window: the last
             # one it waits for (measured: a wake-up per bid cost ~120 µs), the last of the
-            # punctual ones, or a free NPU.
-            if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free):
+            # punctual ones, a free NPU, or the first bid (the overdue rule needs one).
+            if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free) \
+                    or len(self._bids) == 1:
                 self.wake.set()
 
-    def expect(self, devices: Iterable[str], suspects: Iterable[str] = ()) -> set[str]:
+    def expect(self, devices: Iterable[str], suspects: Iterable[str] = (), opened: float | None = None) -> set[str]:
         """The peers that must bid for the window to close early, and those of them that
-        have been missing calls lately."""
+        have been missing calls lately; ``opened``: when the call went out (on ``clock``)."""
         with self._lock:
+            self._opened = self._clock() if opened is None else opened
             self._expected = set(devices)
             self._suspects = set(suspects) & self._expected
             self.wake.set()
@@ -120,6 +144,13 @@ class BidBook:
         with self._lock:
             return set(self._bids) | self._late
 
+    def latencies(self) -> dict[str, float]:
+        """Seconds from the call to each device's bid, in the window or after it."""
+        with self._lock:
+            if self._opened is None:
+                return {}
+            return {d: max(0.0, at - self._opened) for d, at in self._arrived.items()}
+
 
 def decided(*, expected: set[str], bids: Mapping[str, Bid], may_have_free_npu: Callable[[str], bool],
             need: str) -> bool:
@@ -132,10 +163,13 @@ def decided(*, expected: set[str], bids: Mapping[str, Bid], may_have_free_npu: C
 
 
 def should_close(*, expected: set[str], suspects: set[str], bids: Mapping[str, Bid], now: float, opened: float,
-                 punctual_at: float | None, decided_at: float | None) -> str | None:
+                 punctual_at: float | None, decided_at: float | None,
+                 patience: Mapping[str, float] | None = None) -> str | None:
     """Why the bid window closes now, or None to keep waiting (see the module docstring).
     ``punctual_at``: when every expected peer but the suspects had bid; ``decided_at``:
-    when the winner became known (``decided``)."""
+    when the winner became known (``decided``); ``patience``: how long after the call
+    each peer is waited for (``patience()`` of its usual latency; absent: a newcomer's),
+    None for no such limit."""
     missing = expected - bids.keys()
     if not missing:
         return "roster_complete"
@@ -143,7 +177,22 @@ def should_close(*, expected: set[str], suspects: set[str], bids: Mapping[str, B
         return "decided"
     if missing <= suspects and punctual_at is not None and now >= punctual_at + grace(punctual_at - opened):
         return "stragglers"
+    if patience is not None and bids and now >= overdue_at(missing, opened, patience):
+        return "overdue"
     return None
+
+
+def overdue_at(missing: Iterable[str], opened: float, patience: Mapping[str, float]) -> float:
+    """When every one of ``missing`` is past its patience (the ``overdue`` rule)."""
+    return opened + max((patience.get(d, PATIENCE_NEW_S) for d in missing), default=0.0)
+
+
+def patience(usual_s: float | None) -> float:
+    """How long after the call a peer whose bids usually take ``usual_s`` is waited for
+    (None: never heard from)."""
+    if usual_s is None:
+        return PATIENCE_NEW_S
+    return min(max(PATIENCE_FACTOR * usual_s, PATIENCE_FLOOR_S), PATIENCE_MAX_S)
 
 
 def grace(punctual_took: float) -> float:
@@ -211,9 +260,9 @@ class Inbox:
     unlink: Callable[[], None]
 
     @classmethod
-    def open(cls, mail: Mailroom, rid: str, max_bytes: int) -> Inbox:
+    def open(cls, mail: Mailroom, rid: str, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> Inbox:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        book = BidBook(rid, mail.me, mail.topics, max_bytes)
+        book = BidBook(rid, mail.me, mail.topics, max_bytes, clock)
 
         def on_link(up: bool, session_present: bool) -> None:
             events.put(("link", up, session_present))
@@ -238,20 +287,22 @@ class AuctionResult:
     bids: dict[str, Bid]
     roster: tuple[str, ...]
     auction_ms: float
-    closing: str                   # roster_complete | decided | stragglers | timeout
+    closing: str                   # roster_complete | decided | stragglers | overdue | timeout
     missing: tuple[str, ...] = ()  # expected peers that did not bid
 
 
 def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], window_s: float, need: str,
             may_have_free_npu: Callable[[str], bool], clock: Callable[[], float], steady: Callable[[], bool],
             resend: Callable[[], None], on_progress: Callable[[str], None],
-            interrupted: threading.Event | None = None) -> AuctionResult:
+            interrupted: threading.Event | None = None, latency: Mapping[str, float] | None = None) -> AuctionResult:
     """Wait for the bids (the call has been published); return when the window closes.
     ``resend`` publishes the call again (after our link came back without its session);
-    ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``."""
+    ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``; ``latency``:
+    how long each device's bids usually take (``BidLatency``), None for no ``overdue`` rule."""
     book = inbox.book
     opened = clock()
-    roster = tuple(sorted(book.expect(expected, suspects)))
+    roster = tuple(sorted(book.expect(expected, suspects, opened)))
+    waits = None if latency is None else {d: patience(latency.get(d)) for d in roster}
     deadline = opened + window_s
     next_progress = opened + PROGRESS_EVERY_S
     punctual_at: float | None = None
@@ -264,7 +315,7 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
         if decided_at is None and decided(expected=want, bids=bids, may_have_free_npu=may_have_free_npu, need=need):
             decided_at = now
         closing = should_close(expected=want, suspects=late, bids=bids, now=now, opened=opened,
-                               punctual_at=punctual_at, decided_at=decided_at)
+                               punctual_at=punctual_at, decided_at=decided_at, patience=waits)
         if closing is None and now >= deadline:
             closing = "timeout"
         if interrupted is not None and interrupted.is_set():
@@ -280,6 +331,8 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
         for since in (punctual_at, decided_at):
             if since is not None:
                 wake_at = min(wake_at, since + grace(since - opened))
+        if waits is not None and bids:
+            wake_at = min(wake_at, overdue_at(want - bids.keys(), opened, waits))
         book.wake.wait(max(0.0, wake_at - now))
         book.wake.clear()
         while True:  # roster and link changes
@@ -322,3 +375,29 @@ class Stragglers:
                 atomic_write(self.path, json.dumps(after, sort_keys=True).encode(), durable=False)
             except StateError as exc:
                 log.warning("could not remember late peers: %s", exc)
+
+
+class BidLatency:
+    """How long after the call each device's bids usually arrive (seconds, a moving
+    average), learnt by this asker and shared by its processes through
+    ``state_dir/bid_latency.json`` (best effort, as ``Stragglers``)."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "bid_latency.json"
+
+    def load(self) -> dict[str, float]:
+        return {str(d): float(s) for d, s in read_json_object(self.path).items()
+                if type(s) in (int, float) and math.isfinite(s) and s >= 0}
+
+    def update(self, took: Mapping[str, float]) -> None:
+        """After an auction: fold each bidder's latency into its average."""
+        if not took:
+            return
+        after = self.load()
+        for device, seconds in took.items():
+            old = after.get(device)
+            after[device] = round(seconds if old is None else old + LATENCY_WEIGHT * (seconds - old), 4)
+        try:
+            atomic_write(self.path, json.dumps(after, sort_keys=True).encode(), durable=False)
+        except StateError as exc:
+            log.warning("could not remember bid latencies: %s", exc)

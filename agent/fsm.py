@@ -24,6 +24,7 @@ ORCHESTRATION: Mapping[tuple[str, str], str] = {
     ("collecting", "timeout"): "closed",
     ("collecting", "decided"): "closed",      # a free NPU bid and no other NPU can still bid
     ("collecting", "stragglers"): "closed",   # only peers that missed recent calls are missing
+    ("collecting", "overdue"): "closed",      # the missing peers are well past their usual bid latency
     ("collecting", "interrupted"): "failed",  # Ctrl-C before anything was sent
     ("closed", "dispatch"): "dispatched",
     ("closed", "run_local"): "running_local",

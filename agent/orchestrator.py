@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from agent.auction import AuctionResult, Inbox, Stragglers, collect
+from agent.auction import AuctionResult, BidLatency, Inbox, Stragglers, collect
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner, worth_trying
 from agent.errors import (
@@ -114,6 +114,7 @@ class Orchestrator:
         self.cpu_slots = CpuSlots(cfg.state_dir, cfg.cpu.slots if cpu_exec is not None else 0)
         self._rng = rng  # numpy's, made on first use: the local NPU path never imports numpy
         self.stragglers = Stragglers(cfg.state_dir)
+        self.latency = BidLatency(cfg.state_dir)
         # Set from a signal handler (Ctrl-C): the job in flight is cancelled on its device.
         self.interrupted = threading.Event()
         self._active: Inbox | None = None
@@ -199,7 +200,7 @@ class Orchestrator:
             fsm.fire("broker_down")
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],
                                         None, (f"{exc}; running locally",))
-        inbox = Inbox.open(fleet.mail, req.rid, self.cfg.max_payload_bytes)
+        inbox = Inbox.open(fleet.mail, req.rid, self.cfg.max_payload_bytes, self.clock)
         self._active = inbox
         fleet.sync()  # once per connection: the retained roster, and our mail's subscriptions
         wire = _Wire(fleet, inbox, fleet.bus.epoch)
@@ -221,11 +222,14 @@ class Orchestrator:
                             f"{', '.join(auction.missing)}",)
             elif auction.closing == "stragglers":
                 warnings = (f"did not wait for {', '.join(auction.missing)}: missed recent calls for bids",)
+            elif auction.closing == "overdue":
+                warnings = (f"did not wait for {', '.join(auction.missing)}: no bid long after it usually comes",)
             return self._decide_and_run(req, started, fsm, wire, offers, auction, warnings)
         finally:
             stop_listening()
             inbox.close()
             self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
+            self.latency.update(inbox.book.latencies())
 
     def _own_npu(self, req: Request, started: float, fsm: Machine) -> Outcome | None:
         if self.npu_exec is None or not self.npu_exec.serves(req.model) or self.npu_exec.check() is not None \
@@ -283,7 +287,7 @@ class Orchestrator:
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
                          steady=lambda: self._steady(wire), resend=call, on_progress=self.on_progress,
-                         interrupted=self.interrupted)
+                         interrupted=self.interrupted, latency=self.latency.load())
         for _ in result.bids:
             fsm.fire("bid")
         fsm.fire(result.closing)

@@ -9,7 +9,22 @@ from typing import Any
 
 import pytest
 
-from agent.auction import GRACE_MAX_S, GRACE_MIN_S, BidBook, Inbox, Mailroom, Stragglers, decided, grace, should_close
+from agent.auction import (
+    GRACE_MAX_S,
+    GRACE_MIN_S,
+    PATIENCE_FLOOR_S,
+    PATIENCE_MAX_S,
+    PATIENCE_NEW_S,
+    BidBook,
+    BidLatency,
+    Inbox,
+    Mailroom,
+    Stragglers,
+    decided,
+    grace,
+    patience,
+    should_close,
+)
 from agent.bus import Message
 from agent.messages import Bid, Snapshot, Token, encode_result
 from agent.topics import Topics
@@ -31,9 +46,10 @@ def bid_msg(b: Bid, *, topic_device: str | None = None, topic_rid: str | None = 
 
 
 def close(expected: set[str], bids: dict[str, Bid], now: float, *, suspects: frozenset[str] = frozenset(),
-          punctual_at: float | None = None, decided_at: float | None = None) -> str | None:
+          punctual_at: float | None = None, decided_at: float | None = None,
+          patience: dict[str, float] | None = None) -> str | None:
     return should_close(expected=expected, suspects=set(suspects), bids=bids, now=now, opened=0.0,
-                        punctual_at=punctual_at, decided_at=decided_at)
+                        punctual_at=punctual_at, decided_at=decided_at, patience=patience)
 
 
 # ----------------------------------------------------------------------------- when the window closes
@@ -60,6 +76,37 @@ def test_missing_stragglers_are_not_waited_for_once_the_punctual_peers_are_in() 
     assert close({"a", "frozen"}, bids, at + GRACE_MIN_S, **kw) == "stragglers"
     assert close({"a", "frozen", "b"}, bids, 10.0, **kw) is None, "a punctual peer is still missing"
     assert close({"a", "frozen"}, bids, 10.0, punctual_at=at) is None, "an unsuspected peer is waited for"
+
+
+def test_a_frozen_peer_never_heard_from_costs_the_first_auction_about_a_second_not_the_window() -> None:
+    bids = {"a": bid("a")}  # "a" bid at once; "frozen" has no record and no straggler history
+    assert close({"a", "frozen"}, bids, PATIENCE_NEW_S - 1e-3, punctual_at=0.004, patience={}) is None
+    assert close({"a", "frozen"}, bids, PATIENCE_NEW_S, punctual_at=0.004, patience={}) == "overdue"
+    assert PATIENCE_NEW_S <= 1.0
+
+
+def test_a_peer_is_overdue_only_past_its_own_usual_latency() -> None:
+    bids = {"a": bid("a")}
+    slow = {"a": patience(0.002), "slow": patience(0.4)}  # a bad link: its bids usually take 400 ms
+    assert close({"a", "slow"}, bids, 1.5, patience=slow) is None, "still within 4x its usual 400 ms"
+    assert close({"a", "slow"}, bids, 1.6, patience=slow) == "overdue"
+    fast = {"a": patience(0.002), "b": patience(0.002)}
+    assert close({"a", "b"}, bids, PATIENCE_FLOOR_S - 1e-3, patience=fast) is None, "the floor"
+    assert close({"a", "b"}, bids, PATIENCE_FLOOR_S, patience=fast) == "overdue"
+
+
+def test_the_window_closes_when_the_last_missing_peer_is_overdue_and_only_with_a_bid_in() -> None:
+    waits = {"a": 1.0, "b": 3.0, "c": 1.0}
+    assert close({"a", "b", "c"}, {"a": bid("a")}, 2.9, patience=waits) is None, "b may still come"
+    assert close({"a", "b", "c"}, {"a": bid("a")}, 3.0, patience=waits) == "overdue"
+    assert close({"a", "b"}, {}, 25.0, patience=waits) is None, "no bid in: nobody to run it, keep waiting"
+
+
+def test_patience_is_the_usual_latency_times_a_factor_within_bounds() -> None:
+    assert patience(None) == PATIENCE_NEW_S
+    assert patience(0.0) == PATIENCE_FLOOR_S
+    assert patience(0.5) == pytest.approx(2.0)
+    assert patience(60.0) == PATIENCE_MAX_S
 
 
 def test_the_grace_is_twice_what_the_punctual_peers_took_within_bounds() -> None:
@@ -97,14 +144,17 @@ def test_the_book_keeps_bids_of_its_own_auction_only() -> None:
 
 def test_the_book_wakes_its_orchestrator_only_when_a_bid_could_close_the_window() -> None:
     book = BidBook("r1", "hub", T, 64 * 1024)
-    book.expect({"a", "b", "n"})
+    book.expect({"a", "b", "c", "n"})
     book.wake.clear()
     book.add(bid_msg(bid("a")))
-    assert not book.wake.is_set(), "one CPU bid of three changes nothing"
+    assert book.wake.is_set(), "the first bid: peers missing from now on may become overdue"
+    book.wake.clear()
+    book.add(bid_msg(bid("b")))
+    assert not book.wake.is_set(), "a second CPU bid of four changes nothing"
     book.add(bid_msg(bid("n", npu=True, free=True)))
     assert book.wake.is_set(), "a free NPU may decide it"
     book.wake.clear()
-    book.add(bid_msg(bid("b")))
+    book.add(bid_msg(bid("c")))
     assert book.wake.is_set(), "the last one completes the roster"
 
 
@@ -115,6 +165,21 @@ def test_bids_after_the_window_count_as_punctual_next_time_but_not_as_bids() -> 
     assert set(book.close()) == {"a"}
     book.add(bid_msg(bid("b")))
     assert set(book.close()) == {"a"} and book.all_bidders() == {"a", "b"}
+
+
+def test_the_book_times_each_bid_from_the_call_late_ones_too() -> None:
+    now = [100.0]
+    book = BidBook("r1", "hub", T, 64 * 1024, clock=lambda: now[0])
+    book.expect({"a", "b", "c"}, opened=100.0)
+    book.wake.clear()
+    now[0] = 100.25
+    book.add(bid_msg(bid("a")))
+    assert book.wake.is_set(), "the first bid may let the overdue rule close"
+    book.close()
+    now[0] = 101.5
+    book.add(bid_msg(bid("b")))   # after the window: still how long its bids take
+    book.add(bid_msg(bid("a")))   # a duplicate keeps its first arrival
+    assert book.latencies() == pytest.approx({"a": 0.25, "b": 1.5})
 
 
 def test_a_peer_whose_will_fired_is_no_longer_expected() -> None:
@@ -135,6 +200,18 @@ def test_stragglers_count_missed_calls_and_a_bid_clears_the_record(tmp_path: Pat
     s.update({"a", "b", "c"}, {"a", "c"})
     assert s.load() == {"b": 2}, "c bid the second time: punctual again"
     assert Stragglers(tmp_path).suspects() == {"b"}, "shared through state_dir"
+
+
+def test_bid_latency_is_a_moving_average_shared_through_state_dir(tmp_path: Path) -> None:
+    rec = BidLatency(tmp_path)
+    assert rec.load() == {}
+    rec.update({"a": 0.010, "slow": 0.400})
+    rec.update({"a": 0.020})
+    other = BidLatency(tmp_path).load()
+    assert other["slow"] == pytest.approx(0.4), "shared, and kept while it does not bid"
+    assert 0.010 < other["a"] < 0.020, "moves towards the newest"
+    (tmp_path / "bid_latency.json").write_text('{"a": "fast", "b": -1, "c": 0.5}')
+    assert BidLatency(tmp_path).load() == {"c": 0.5}, "garbage is ignored"
 
 
 # ----------------------------------------------------------------------------- the mailroom

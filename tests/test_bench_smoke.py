@@ -28,4 +28,6 @@ def test_quick_benchmark_reports_every_section(tmp_path: Path) -> None:
     assert r["node"]["rss_mb"] > 0
     assert [c["k"] for c in r["concurrency"]] == [1, 4] and all(c["errors"] == 0 for c in r["concurrency"])
     assert "auction/floor" in proc.stdout
+    assert 0 < r["frozen"]["first_ms"] < r["frozen"]["window_s"] * 1000, "the frozen node is overdue, not timed out"
+    assert 0 < r["frozen"]["first_never_heard_from_ms"] < r["frozen"]["window_s"] * 1000
     assert "skipped" in r["engine"] or r["engine"]["ratio_p50"] > 0, r["engine"]

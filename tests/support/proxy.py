@@ -5,18 +5,24 @@
         proxy.cut()      # every live connection is reset, as a network blink would
 
 New connections are accepted again right after a cut, so the client's reconnect works.
+``delay_s`` makes it a slow link: every byte is held that long in each direction (a
+round trip costs twice it), without limiting throughput.
 """
 
 from __future__ import annotations
 
+import queue
 import selectors
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int):
+    def __init__(self, target_host: str, target_port: int, delay_s: float = 0.0):
         self.target = (target_host, target_port)
+        self.delay_s = delay_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -62,21 +68,47 @@ class CuttableProxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         sel = selectors.DefaultSelector()
-        sel.register(a, selectors.EVENT_READ, b)
-        sel.register(b, selectors.EVENT_READ, a)
+        sel.register(a, selectors.EVENT_READ, self._sender(b))
+        sel.register(b, selectors.EVENT_READ, self._sender(a))
         try:
             while True:
                 for key, _ in sel.select():
                     data = key.fileobj.recv(65536)  # type: ignore[union-attr]
                     if not data:
                         return
-                    key.data.sendall(data)
+                    key.data(data)
         except (OSError, ValueError):
             return
         finally:
+            for key in list(sel.get_map().values()):
+                try:
+                    key.data(b"")  # a slow link's carrier thread ends (what it still holds is lost, as on a cut)
+                except OSError:
+                    pass
             sel.close()
             for s in (a, b):
                 try:
                     s.close()
                 except OSError:
                     pass
+
+    def _sender(self, dest: socket.socket) -> Callable[[bytes], None]:
+        """How bytes are passed on to ``dest``: at once, or ``delay_s`` after they were read
+        (by a thread of their own, in order, so a slow link still carries a stream)."""
+        if not self.delay_s:
+            return dest.sendall
+        line: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+
+        def carry() -> None:
+            while True:
+                due, data = line.get()
+                if not data:
+                    return
+                time.sleep(max(0.0, due - time.monotonic()))  # the link's latency, not synchronisation
+                try:
+                    dest.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=carry, daemon=True, name="proxy-slow-link").start()
+        return lambda data: line.put((time.monotonic() + self.delay_s, data))
