@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every device the broker knows: online, NPU, load",
                             description="Show the roster from the retained availability and metrics topics.",
                             epilog="Exit codes: 0 shown, 2 usage or config error, 5 broker not reachable, "
-                                   "130 interrupted (--watch ends with Ctrl-C).")
+                                   "130 interrupted (except --watch, which ends with Ctrl-C and exits 0).")
     _common(status, suppress=True)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("-w", "--watch", action="store_true",
@@ -126,15 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
                         help="with --watch: seconds between refreshes (default 2)")
 
-    serve = sub.add_parser("serve", help="the fleet behind an OpenAI-compatible HTTP endpoint (/v1)",
-                           description="Serve POST /v1/chat/completions, POST /v1/completions (streamed or not), "
-                                       "GET /v1/models and GET /health. Each request is one orchestration from "
+    serve = sub.add_parser("serve", help="the fleet behind OpenAI's (/v1) and Ollama's (/api) HTTP APIs",
+                           description="Serve OpenAI's API (POST /v1/chat/completions, POST /v1/completions, "
+                                       "streamed or not, GET /v1/models, GET /health) and Ollama's on the same "
+                                       "address (/, /api/tags, /api/ps, /api/show, /api/chat, /api/generate, "
+                                       "/api/pull, /api/version). Each request is one orchestration from "
                                        "this device, as with trigger. With this device's node running, its node "
                                        "does the work (or set serve.enabled in the node's config: one daemon "
                                        "for both).",
                            epilog="HTTP errors: 400 bad request, 401 API key, 404 unknown model, 413 prompt too "
-                                  "large, 429 too many at once, 502 execution failed, 503 no device, 504 timed "
-                                  "out. Exit codes: 0 stopped, 2 config error or port taken.")
+                                  "large, 502 execution failed, 503 no device or the waiting line full (with "
+                                  "Retry-After), 504 timed out. Exit codes: 0 stopped, 2 config error or port taken.")
     _common(serve, suppress=True)
     serve.add_argument("--host", metavar="ADDR", help="listen address (serve.host, default 127.0.0.1)")
     serve.add_argument("--port", type=int, metavar="PORT", help="listen port (serve.port, default 8080; 0: any)")
@@ -196,6 +199,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     except KeyboardInterrupt:
         print("\ninterrupted", file=err)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `status | head`: whoever read our output has had enough
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return ExitCode.OK
     except Exception as exc:  # a bug: one line for the user, the traceback on request
         if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "agent":
             # A Python without our dependencies: a set-up problem, not a bug.
@@ -725,7 +734,8 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
         host, port = gateway.start()
     except OSError as exc:
         raise UsageError(f"cannot listen on {serve_cfg.host}:{serve_cfg.port}: {exc.strerror or exc}") from None
-    print(f"serving the fleet {how} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=err, flush=True)
+    print(f"serving the fleet {how} on http://{host}:{port} (OpenAI's API under /v1, Ollama's under /api; "
+          "Ctrl-C to stop)", file=err, flush=True)
     stop = threading.Event()
     previous = _install_signals(lambda signum, frame: stop.set())
     try:

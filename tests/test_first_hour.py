@@ -303,3 +303,19 @@ def test_serve_says_at_start_that_its_broker_cannot_be_reached(tmp_path: Path) -
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_output_into_a_closed_pipe_is_not_reported_as_a_bug(tmp_path: Path) -> None:
+    """`… | head -1`: the reader has gone; that is not an internal error."""
+    laptop = REPO / "configs/fleet/laptop.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "trigger", "--config", str(laptop), "-q",
+                             "word " * 20_000], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "AGENT_BROKER_PORT": str(free_port()),
+                                 "AGENT_STATE_DIR": str(tmp_path / "state")})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(5)  # the first bytes, as head -c 5 reads them
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == 0, err
+    assert "internal error" not in err
