@@ -361,7 +361,10 @@ def test_a_second_node_with_the_same_device_id_gives_up_and_the_first_keeps_runn
         for attempt in range(3):
             second = NodeProcess(config, "twin", arrivals=env.arrivals, log=env.tmp / f"second-{attempt}.log")
             second.launch()
-            assert second.wait(WAIT_S * 2) == 2, second.log_text()
+            try:
+                assert second.wait(WAIT_S * 2) == 2, second.log_text()
+            finally:
+                second.stop()  # a newcomer that did not give up must not outlive the test
             assert "another node is already connected as 'twin'" in second.log_text()
             assert first.running, f"attempt {attempt}: the original gave up:\n{first.log_text()[-2000:]}"
         with env.spy(env.topics.availability("twin")) as spy:
