@@ -9,6 +9,7 @@
     agent/<dev>/presence                 <dev> asks who is online: nodes announce themselves again
     bid/request/<rid>/<origin>           call for bids from <origin> (public: every device may bid)
     bid/request/<rid>                    the same, from before calls named their caller (still heard)
+    bid/invite/<dev>/<rid>/<origin>      a call for bids from <origin> to <dev> alone (large fleets invite)
     bid/reply/<origin>/<rid>/<dev>       a bid: from <dev>, for <origin> only
     exec/<dev>                           a job for <dev>
     exec/<dev>/cancel/<origin>           <origin> abandons a job it sent to <dev>
@@ -22,7 +23,8 @@ device's private data (bids with their claims, results, answers) or an action on
 work (a job's cancel) names the devices allowed to read or write it, so that a broker ACL
 of ``%u`` patterns can enforce it (``mosquitto/edge-agent.acl``): only ``<dev>`` writes
 ``.../<dev>``, only ``<origin>`` reads ``bid/reply/<origin>/#`` and ``result/<origin>/#``
-and writes ``bid/request/+/<origin>`` and ``exec/+/cancel/<origin>``. The agent checks
+and writes ``bid/request/+/<origin>`` and ``bid/invite/+/+/<origin>``, only ``<dev>`` reads
+``bid/invite/<dev>/#``, and ``exec/+/cancel/<origin>``. The agent checks
 the same rules on what it receives. Ids are one topic level each, from a character set every tested broker
 accepts.
 """
@@ -47,8 +49,8 @@ def is_id(value: object) -> bool:
 @dataclass(frozen=True)
 class ParsedTopic:
     kind: str  # availability | metrics | trigger | last_result | presence | answer | sync | bid_request |
-    #            bid_reply | exec | cancel | result | capabilities | ha_status
-    device: str | None = None   # whose topic it is (the speaker, or the job's executor)
+    #            bid_invite | bid_reply | exec | cancel | result | capabilities | ha_status
+    device: str | None = None   # whose topic it is (the speaker, the job's executor, the invitee)
     rid: str | None = None
     origin: str | None = None   # the orchestrator a private topic belongs to
     nonce: str | None = None    # sync nonce, answer id
@@ -90,6 +92,12 @@ class Topics:
         if origin is None:
             return f"{self.prefix}bid/request/{_id(rid)}"
         return f"{self.prefix}bid/request/{_id(rid)}/{_id(origin)}"
+
+    def bid_invite(self, dev: str, rid: str, origin: str) -> str:
+        """A call for bids addressed to ``dev`` alone: in a large fleet an orchestrator
+        invites a few devices instead of calling everyone, and the broker delivers the call
+        only to them. The payload is a call's."""
+        return f"{self.prefix}bid/invite/{_id(dev)}/{_id(rid)}/{_id(origin)}"
 
     def bid_reply(self, origin: str, rid: str, dev: str) -> str:
         return f"{self.bid_reply_stem(origin, rid)}/{_id(dev)}"
@@ -137,6 +145,10 @@ class Topics:
         """Every call for bids, in both forms."""
         return f"{self.prefix}bid/request/#"
 
+    def bid_invites(self, dev: str) -> str:
+        """Every invitation addressed to ``dev``."""
+        return f"{self.prefix}bid/invite/{_id(dev)}/+/+"
+
     def all_bid_replies(self, origin: str) -> str:
         """Every bid for every auction of ``origin``."""
         return f"{self.prefix}bid/reply/{_id(origin)}/+/+"
@@ -165,6 +177,8 @@ class Topics:
                 return ParsedTopic("bid_request", rid=rid) if is_id(rid) else None
             case ["bid", "request", rid, origin]:
                 return ParsedTopic("bid_request", rid=rid, origin=origin) if _ids(rid, origin) else None
+            case ["bid", "invite", dev, rid, origin]:
+                return ParsedTopic("bid_invite", device=dev, rid=rid, origin=origin) if _ids(dev, rid, origin) else None
             case ["bid", "reply", origin, rid, dev]:
                 return ParsedTopic("bid_reply", device=dev, rid=rid, origin=origin) if _ids(origin, rid, dev) else None
             case ["capabilities", dev]:
@@ -199,6 +213,7 @@ def broker_acl(topics: Topics, devices: Sequence[str], operators: Sequence[str] 
     p, ha = topics.prefix, topics.discovery_prefix
     own = [("readwrite", f"{p}agent/%u/#"),                    # presence, metrics, trigger, answers, sync
            ("write", f"{p}bid/request/+/%u"),                   # calls for bids: as yourself
+           ("write", f"{p}bid/invite/+/+/%u"), ("read", f"{p}bid/invite/%u/#"),  # invitations: as yourself, to you
            ("write", f"{p}bid/reply/+/+/%u"), ("read", f"{p}bid/reply/%u/#"),   # bids: as yourself, for you
            ("read", f"{p}exec/%u"),                              # your job queue
            ("write", f"{p}exec/+/cancel/%u"), ("read", f"{p}exec/%u/cancel/+"),  # cancels: only the origin

@@ -17,6 +17,7 @@ def test_every_builder_parses_back(prefix: str) -> None:
         t.sync("dev", "n1"): ParsedTopic("sync", device="dev", nonce="n1"),
         t.bid_request("r1"): ParsedTopic("bid_request", rid="r1"),
         t.bid_reply("hub", "r1", "dev"): ParsedTopic("bid_reply", device="dev", rid="r1", origin="hub"),
+        t.bid_invite("dev", "r1", "hub"): ParsedTopic("bid_invite", device="dev", rid="r1", origin="hub"),
         t.exec("dev"): ParsedTopic("exec", device="dev"),
         t.cancel("dev", "hub"): ParsedTopic("cancel", device="dev", origin="hub"),
         t.result("hub", "r1", "dev"): ParsedTopic("result", device="dev", rid="r1", origin="hub"),
@@ -29,6 +30,7 @@ def test_every_builder_parses_back(prefix: str) -> None:
 def test_private_topics_name_who_may_read_and_write_them() -> None:
     """What the broker ACL relies on: the reader (origin) and the writer (device) are levels."""
     t = Topics("p/")
+    assert t.bid_invite("d", "r", "hub") == "p/bid/invite/d/r/hub"
     assert t.bid_reply("hub", "r", "d") == "p/bid/reply/hub/r/d"
     assert t.all_bid_replies("hub") == "p/bid/reply/hub/+/+"
     assert t.result("hub", "r", "d") == "p/result/hub/r/d"
