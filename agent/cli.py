@@ -163,11 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = ("node", "trigger", "status", "serve", "forget", "check")
+
+
+def _role_node_help(argv: list[str]) -> list[str]:
+    """``--role node --help`` is help for the daemon (``node --help``), not the overview."""
+    role_node = any(a == "--role=node" or (a == "--role" and argv[i + 1:i + 2] == ["node"])
+                    for i, a in enumerate(argv))
+    if role_node and ("-h" in argv or "--help" in argv) and not set(argv) & set(COMMANDS[1:]):
+        return ["node", "--help"]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     parser = build_parser()
+    argv = _role_node_help(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help

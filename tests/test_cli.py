@@ -23,6 +23,14 @@ def test_help_names_the_commands_and_exit_codes(capsys) -> None:
     assert "--json" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--role", "node", "--help"], ["--role=node", "-h"],
+                                  ["-c", "x.yaml", "--role", "node", "-h"]])
+def test_role_node_help_is_the_daemons_help(capsys, argv: list[str]) -> None:
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m agent node") and "drains" in text
+
+
 def test_usage_errors_exit_2(capsys) -> None:
     assert main([]) == 2
     assert main(["frobnicate"]) == 2

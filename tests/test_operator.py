@@ -24,6 +24,9 @@ from tests.support.mosquitto import REPO
 
 
 def test_status_watch_marks_a_killed_node_offline_within_its_keepalive(env: Env) -> None:
+    """A killed node says nothing: the broker publishes its Will once the keepalive (1 s here)
+    runs out, and `status --watch` follows the Will. Proven by events, not by a stopwatch: the
+    Will is what marks it offline (a watch that waited for stale metrics would not follow it)."""
     hub = env.config("hub")
     doomed = env.node_process(env.config("doomed", cpu=sim(base_ms=1), broker={"keepalive_s": 1}))
     doomed.start()
@@ -34,20 +37,21 @@ def test_status_watch_marks_a_killed_node_offline_within_its_keepalive(env: Env)
         frames = iter(proc.stdout)  # one JSON object per refresh
         first = json.loads(next(frames))
         assert [d["online"] for d in first["devices"] if d["device"] == "doomed"] == [True]
-        doomed.kill()
-        killed = time.monotonic()
+        with env.spy(env.topics.availability("doomed")) as will:
+            doomed.kill()
+            will.wait_for(lambda m: m.payload == b"offline", what="the killed node's Will")
+        shown = False
         for line in frames:
             frame = json.loads(line)
             if [d["online"] for d in frame["devices"] if d["device"] == "doomed"] == [False]:
+                shown = True
                 break
-            assert time.monotonic() - killed < WAIT_S, "never shown offline"
-        waited = time.monotonic() - killed
     finally:
         proc.terminate()
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-    assert waited < 1.5 * 1 + 1.0, f"shown offline {waited:.1f} s after the kill (keepalive 1 s)"
+    assert shown, "status --watch never showed the killed node offline"
 
 
 def test_forget_clears_a_retired_device_and_refuses_an_online_one(env: Env) -> None:
@@ -113,9 +117,10 @@ def test_the_roster_waits_for_presence_answers_until_they_stop() -> None:
         roster.handle(Message(topics.availability(dev), b"online", retain=False))
     roster.handle(Message(topics.availability("old"), b"online", retain=True))  # stored, not an answer
     start = time.monotonic()
-    heard = roster.wait_quiet(asked, quiet_s=0.05, timeout_s=5.0)
+    heard = roster.wait_quiet(asked, quiet_s=0.05, timeout_s=60.0)
     assert heard == {"a", "b"}
-    assert time.monotonic() - start < 1.0, "it ends when answers stop, not at the timeout"
+    # Not a stopwatch: 0.05 s of quiet against a 60 s timeout; only waiting for the timeout fails.
+    assert time.monotonic() - start < 30.0, "it ends when answers stop, not at the timeout"
     metrics = Metrics(device="c", ts=1.0, snapshot=snapshot())
     roster.handle_metrics(Message(topics.metrics("c"), metrics.to_payload(), retain=False))
     assert roster.wait_quiet(asked, quiet_s=0.05, timeout_s=5.0) == {"a", "b", "c"}, "metrics count as an answer"
