@@ -196,6 +196,10 @@ class Orchestrator:
         try:
             fleet = self._connect()
         except BrokerUnavailable as exc:
+            if not me.snapshot.cpu_slots:  # nothing here can run it: no "running locally"
+                return Outcome(req.rid, Answer(False, ExitCode.NO_DEVICE,
+                                               error=f"{exc}, and this device has no usable executor to run it alone"),
+                               total_ms=(self.clock() - started) * 1000)
             log.info("%s; running locally", exc)  # a warning of the outcome: the caller shows it once
             fsm.fire("broker_down")
             return self._decide_and_run(req, started, fsm, None, [me] if me.snapshot.cpu_slots else [],

@@ -153,7 +153,8 @@ def test_unreachable_broker_and_nothing_local_exits_3(env: Env) -> None:
     code, out, _, err = env.trigger(hub, "nobody can run this")
     assert code == 3
     assert out is not None and out["path"] is None
-    assert "not reachable" in err
+    assert "not reachable" in err and "no usable executor" in err
+    assert "running locally" not in err + "".join(out["warnings"]), "nothing here can run it"
 
 
 def test_garbage_is_logged_and_dropped_and_service_continues(env: Env, caplog) -> None:
