@@ -296,7 +296,7 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
             resend: Callable[[], None], on_progress: Callable[[str], None],
             interrupted: threading.Event | None = None, latency: Mapping[str, float] | None = None) -> AuctionResult:
     """Wait for the bids (the call has been published); return when the window closes.
-    ``resend`` publishes the call again (after our link came back without its session);
+    ``resend`` publishes the call again (after our link came back: bids are QoS 0);
     ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``; ``latency``:
     how long each device's bids usually take (``BidLatency``), None for no ``overdue`` rule."""
     book = inbox.book
@@ -342,8 +342,10 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
                 break
             if event[0] == "roster" and not event[2] and steady():
                 book.drop(event[1])  # its Will fired: not waited for
-            elif event[0] == "link" and event[1] and not event[2]:
-                resend()  # back, but the session (and the bids queued in it) is gone
+            elif event[0] == "link" and event[1]:
+                # Back: bids come at QoS 0, so the ones sent while we were away are gone
+                # even where our session survived. Call again; a node bids the same claim.
+                resend()
     want, _, _ = book.view()
     bids = book.close()
     return AuctionResult(bids, roster, (clock() - opened) * 1000, closing, tuple(sorted(want - bids.keys())))
@@ -380,24 +382,75 @@ class Stragglers:
 class BidLatency:
     """How long after the call each device's bids usually arrive (seconds, a moving
     average), learnt by this asker and shared by its processes through
-    ``state_dir/bid_latency.json`` (best effort, as ``Stragglers``)."""
+    ``state_dir/bid_latency.json`` (best effort, as ``Stragglers``).
 
-    def __init__(self, state_dir: Path):
+    The averages live in memory; the file is rewritten only when one of them moved by more
+    than ``REWRITE_CHANGE`` of what was last written, a device is new, or ``REWRITE_S``
+    passed with anything unwritten (and always on a process's first auction, so a one-shot
+    ``trigger`` leaves what it learnt). A rename per auction was a fifth of a busy asker's
+    CPU; the patience it feeds (``patience``: four times the average, at least a second)
+    does not notice a fifth. What another process wrote is read when the file changes."""
+
+    REWRITE_CHANGE = 0.2
+    REWRITE_S = 30.0
+
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.monotonic):
         self.path = Path(state_dir) / "bid_latency.json"
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None    # the file as last read or written: (mtime_ns, size)
+        self._mine: dict[str, float] = {}             # every average this process knows
+        self._written: dict[str, float] = {}          # what the file holds, as far as this process knows
+        self._written_at: float | None = None
 
     def load(self) -> dict[str, float]:
-        return {str(d): float(s) for d, s in read_json_object(self.path).items()
-                if type(s) in (int, float) and math.isfinite(s) and s >= 0}
+        with self._lock:
+            self._refresh()
+            return dict(self._mine)
 
     def update(self, took: Mapping[str, float]) -> None:
         """After an auction: fold each bidder's latency into its average."""
         if not took:
             return
-        after = self.load()
-        for device, seconds in took.items():
-            old = after.get(device)
-            after[device] = round(seconds if old is None else old + LATENCY_WEIGHT * (seconds - old), 4)
-        try:
-            atomic_write(self.path, json.dumps(after, sort_keys=True).encode(), durable=False)
-        except StateError as exc:
-            log.warning("could not remember bid latencies: %s", exc)
+        with self._lock:
+            self._refresh()
+            for device, seconds in took.items():
+                old = self._mine.get(device)
+                self._mine[device] = round(seconds if old is None else old + LATENCY_WEIGHT * (seconds - old), 4)
+            now = self._clock()
+            if not self._due(now):
+                return
+            try:
+                atomic_write(self.path, json.dumps(self._mine, sort_keys=True).encode(), durable=False)
+            except StateError as exc:
+                log.warning("could not remember bid latencies: %s", exc)
+                return
+            self._seen, self._written, self._written_at = _stamp(self.path), dict(self._mine), now
+
+    def _due(self, now: float) -> bool:
+        if self._mine == self._written:
+            return False
+        if self._written_at is None or now - self._written_at >= self.REWRITE_S:
+            return True
+        for device, value in self._mine.items():
+            was = self._written.get(device)
+            if was is None or abs(value - was) > self.REWRITE_CHANGE * max(was, 1e-3):
+                return True
+        return False
+
+    def _refresh(self) -> None:
+        stamp = _stamp(self.path)
+        if stamp is None or stamp == self._seen:
+            return
+        disk = {str(d): float(s) for d, s in read_json_object(self.path).items()
+                if type(s) in (int, float) and math.isfinite(s) and s >= 0}
+        self._mine.update(disk)  # another process's newer view, for the devices it names
+        self._written, self._seen = disk, stamp
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

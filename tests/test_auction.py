@@ -3,6 +3,9 @@ and the mailroom that sorts replies by rid."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from agent.auction import (
     Inbox,
     Mailroom,
     Stragglers,
+    collect,
     decided,
     grace,
     patience,
@@ -214,6 +218,30 @@ def test_bid_latency_is_a_moving_average_shared_through_state_dir(tmp_path: Path
     assert BidLatency(tmp_path).load() == {"c": 0.5}, "garbage is ignored"
 
 
+def test_bid_latency_rewrites_its_file_only_when_an_average_moved(tmp_path: Path) -> None:
+    now = [0.0]
+    rec = BidLatency(tmp_path, clock=lambda: now[0])
+    path = tmp_path / "bid_latency.json"
+    rec.update({"a": 0.010})
+    assert json.loads(path.read_bytes()) == {"a": 0.01}, "a process's first auction is written"
+    for _ in range(5):
+        rec.update({"a": 0.0105})  # within a fifth of what is written: memory only
+    assert json.loads(path.read_bytes()) == {"a": 0.01}
+    assert rec.load()["a"] > 0.0102, "this process uses what it learnt"
+    rec.update({"a": 0.010, "b": 0.2})
+    assert set(json.loads(path.read_bytes())) == {"a", "b"}, "a new device is written at once"
+    rec.update({"a": 0.100})
+    assert json.loads(path.read_bytes())["a"] > 0.03, "a big move is written at once"
+    rec.update({"a": 0.101})
+    written = json.loads(path.read_bytes())["a"]
+    now[0] += BidLatency.REWRITE_S
+    rec.update({"a": 0.101})
+    assert json.loads(path.read_bytes())["a"] != written, "small moves are written after REWRITE_S"
+    other = BidLatency(tmp_path, clock=lambda: now[0])
+    other.update({"c": 1.0})
+    assert rec.load()["c"] == 1.0, "what another process wrote is read when the file changes"
+
+
 # ----------------------------------------------------------------------------- the mailroom
 
 class FakeBus:
@@ -260,3 +288,28 @@ def test_the_mailroom_subscribes_once_and_sorts_bids_and_results_by_rid() -> Non
     bus.deliver(bid_msg(bid("b", rid="r9")))
     assert one.events.empty(), "a closed inbox gets nothing more, and unknown rids are dropped"
 
+
+
+def test_a_link_that_comes_back_calls_again_even_with_its_session() -> None:
+    """Bids are QoS 0: those sent while our link was down are gone even where the broker
+    kept our session, so the call goes out again (a node bids the same claim)."""
+    bus = FakeBus()
+    mail = Mailroom(bus, T, "hub")  # type: ignore[arg-type]
+    inbox = Inbox.open(mail, "r1", 64 * 1024)
+    resent = threading.Event()
+
+    def resend() -> None:
+        resent.set()
+        bus.deliver(bid_msg(bid("a", rid="r1")))  # the node answers the second call
+
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(collect(
+        inbox, expected={"a"}, suspects=(), window_s=30.0, need="any", may_have_free_npu=lambda d: False,
+        clock=time.monotonic, steady=lambda: True, resend=resend, on_progress=lambda s: None)), daemon=True)
+    worker.start()
+    for listener in list(bus.listeners):
+        listener(False, False)
+        listener(True, True)  # back, session present
+    assert resent.wait(10), "the call was not sent again"
+    worker.join(10)
+    assert result and set(result[0].bids) == {"a"} and result[0].closing != "timeout"
