@@ -264,9 +264,9 @@ class Bus:
         with self._link_lock:
             try:
                 self._link, action = connection.step(self._link, event, time.monotonic())
-            except connection.IllegalTransition:
+            except connection.IllegalTransition as exc:
                 # A bug of this shell, never worth killing paho's network thread over.
-                log.exception("%s: connection policy", self.name)
+                log.error("%s: %s (ignored)", self.name, exc)
                 return self._link, connection.Nothing()
             return self._link, action
 

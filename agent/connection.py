@@ -93,7 +93,6 @@ class Link:
     phase: Phase = Phase.IDLE
     address: int = 0               # index into the addresses
     deadline: float = math.inf     # end of the current round
-    tries: int = 0                 # attempts in the current round
     rounds: int = 0                # rounds that ended without a connection (the backoff exponent)
     failures_here: int = 0         # paho's failed reconnects at this address
     connected_at: float = 0.0
@@ -212,7 +211,7 @@ class IllegalTransition(Exception):
 # The table ------------------------------------------------------------------------
 def _begin(link: Link, event: Event, now: float) -> tuple[Link, Action]:
     assert isinstance(event, Begin)
-    link = replace(link, phase=Phase.TRYING, address=0, tries=0, deadline=event.deadline)
+    link = replace(link, phase=Phase.TRYING, address=0, deadline=event.deadline)
     return link, Try(0, link.protocol)
 
 
@@ -220,10 +219,10 @@ def _attempt_failed(link: Link, event: Event, now: float) -> tuple[Link, Action]
     # Also taken while UP or DOWN: a connection made (and maybe lost) inside the attempt
     # after the shell had stopped waiting for it; the shell has torn that client down.
     assert isinstance(event, AttemptFailed)
-    tries = link.tries + 1
-    link = replace(link, phase=Phase.TRYING, tries=tries)
-    # Each address at most once per protocol: with a fallback, twice per round.
-    if now < link.deadline and tries < 2 * link.addresses:
+    # Each address at most once per protocol: the fallback happens once, the addresses
+    # only move forward, so a round is at most addresses + 1 attempts.
+    link = replace(link, phase=Phase.TRYING)
+    if now < link.deadline:
         if link.auto and link.protocol == "5" and event.failure in (Failure.OLD_PROTOCOL, Failure.HUNG_UP):
             return replace(link, protocol="3.1.1"), Try(link.address, "3.1.1", fell_back=True)
         if link.address + 1 < link.addresses:
