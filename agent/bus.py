@@ -341,10 +341,11 @@ class Bus:
         deadline = time.monotonic() + timeout
         reasons: list[str] = []
         _, action = self._step(connection.Begin(deadline))
+        outcome: _Outcome | None = None
         while isinstance(action, connection.Try) and not self._stopping.is_set():
-            if action.fell_back:
+            if action.fell_back and outcome is not None:
                 log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name,
-                            self.address, reasons[-1])
+                            self.address, outcome.text)
             outcome = self._try_connect(action, deadline - time.monotonic())
             if outcome is None:
                 return None

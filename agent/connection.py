@@ -12,7 +12,13 @@ and raises ``IllegalTransition`` naming both)::
     IDLE ──Begin──▶ TRYING ──AttemptFailed──▶ TRYING (next protocol or address)
                       │                     └▶ WAITING ──Begin──▶ TRYING (next round)
                       └──Connected──▶ UP ──Dropped──▶ DOWN ──Connected──▶ UP
-                                          └─Dropped─▶ GAVE_UP (another node is us)
+                                          │            └─ReconnectFailed─▶ DOWN (maybe Retarget)
+                                          └─Dropped─▶ GAVE_UP (another node is us; absorbs all)
+
+and a few the threads make possible: a CONNACK that arrives in any phase (the attempt
+timed out a moment before) is UP; an attempt that connected and was lost before the
+connector looked is a failed attempt in UP or DOWN; paho's retries of a client the
+round is replacing (ReconnectFailed in TRYING or WAITING) change nothing.
 
 Rules, each one a line of code below:
 
