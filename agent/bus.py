@@ -38,7 +38,7 @@ Threads, and who owns what:
 - the connector (``{name}-connect``; ``connect()``'s caller instead for a trigger) runs
   the rounds of attempts before the first connection: it alone creates and replaces the
   paho client (a fresh one per attempt, another protocol, another address), and owns
-  ``_client_used`` and ``_reasons``;
+  ``_client_used``, ``_reasons`` and ``_refused``;
 - paho's network thread runs the callbacks: it owns ``epoch`` and sets ``_connected``
   and ``_connack``;
 - callers of ``publish``/``subscribe``/``unsubscribe``/``barrier`` (any thread) read the
@@ -199,6 +199,7 @@ class Bus:
         self._stopping = threading.Event()
         self._connector: threading.Thread | None = None
         self._reasons = ""                       # the last round's failures, for the operator
+        self._refused = False                    # the last round's last attempt reached a broker that said no
         self._password = read_password(broker.password_file) if broker.username else None
         self._link_lock = threading.Lock()       # see the module docstring: never held across I/O
         self._link = Link.initial(len(broker.addresses), broker.protocol, reconnect_max_s)
@@ -332,8 +333,7 @@ class Bus:
         if self._connect_once(timeout) is not None:
             self._stop_dispatcher()
             host, port = self.broker.addresses[0]
-            last = self._last_outcome()
-            raise BrokerUnavailable(host, port, self._reasons, refused=last is not None and last.failure.refused)
+            raise BrokerUnavailable(host, port, self._reasons, refused=self._refused)
 
     def _connect_once(self, timeout: float) -> connection.Action | None:
         """One round over the addresses (and protocols), as the policy orders it: None
@@ -352,6 +352,7 @@ class Bus:
             reasons.append(f"{self.address}: {outcome.text}" if len(self.broker.addresses) > 1 else outcome.text)
             _, action = self._step(connection.AttemptFailed(outcome.failure, random.random()))
         self._reasons = "; ".join(reasons) or f"no answer within {timeout:g} s"
+        self._refused = outcome is not None and outcome.failure.refused
         return action
 
     def _try_connect(self, attempt: connection.Try, timeout: float) -> _Outcome | None:
