@@ -34,7 +34,7 @@ class HangUp:
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self.connects = 0
+        self.levels: list[int] = []   # the protocol level of each CONNECT read: 5, or 4 (3.1.1)
         self._thread = threading.Thread(target=self._serve, daemon=True, name="hang-up")
         self._thread.start()
 
@@ -47,9 +47,8 @@ class HangUp:
             with conn:
                 conn.settimeout(WAIT_S)
                 try:
-                    if conn.recv(4096):
-                        self.connects += 1
-                except OSError:
+                    self.levels.append(protocol_level(conn.recv(4096)))
+                except (OSError, IndexError):
                     pass
 
     def close(self) -> None:
@@ -59,6 +58,15 @@ class HangUp:
             pass  # closed already
         self._listener.close()
         self._thread.join(WAIT_S)
+
+
+def protocol_level(connect: bytes) -> int:
+    """The protocol level of an MQTT CONNECT packet: after the fixed header's
+    variable-length size, the protocol name (two length bytes and "MQTT")."""
+    i = 1
+    while connect[i] & 0x80:
+        i += 1
+    return connect[i + 1 + 2 + 4]
 
 
 @pytest.fixture
@@ -138,7 +146,7 @@ def test_concurrent_publishers_survive_a_fallback_a_failover_and_a_broker_restar
         assert writer_links.get(timeout=WAIT_S) is True, "the writer connects"
         assert (writer.protocol, writer.address) == ("3.1.1", f"127.0.0.1:{broker.port}"), \
             "fell back to 3.1.1 at the hanging-up primary, then failed over"
-        assert hang_up.connects == 2, "one MQTT 5 CONNECT, one 3.1.1 CONNECT"
+        assert hang_up.levels[:2] == [5, 4], "an MQTT 5 CONNECT, then a 3.1.1 one"
         hang_up.close()  # from here the primary refuses: a retry that lands there moves on
 
         broker.restart()
