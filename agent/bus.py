@@ -42,7 +42,9 @@ Threads, and who owns what:
 - paho's network thread runs the callbacks: it owns ``epoch`` and sets ``_connected``
   and ``_connack``;
 - callers of ``publish``/``subscribe``/``unsubscribe``/``barrier`` (any thread) read the
-  client through ``_current()``.
+  client through ``_current()``;
+- the owner's thread calls ``start``/``connect``/``stop``, which alone set ``_connector``,
+  ``_dispatcher`` and ``_stopping``; the dispatcher thread only runs handlers.
 
 ``_link_lock`` guards the client handle (``_handle``: the client, its protocol and
 address, replaced whole), the policy state ``_link``, the last attempt's ``_outcome``,
