@@ -28,6 +28,31 @@ not conclude anything about its peers while its own link is down).
 Another client taking our client id — MQTT 5 says so with reason code 142, with 3.1.1
 it shows as connections dropped right after they are made — is fatal: two processes
 must never share an identity (``on_fatal``).
+
+What to try next, when to fall back, how long to wait and when to give up is decided
+by ``agent.connection.step``, a pure state table; this module only reports to it what
+happened (a typed ``Failure``, never its own error text) and carries out its answer.
+
+Threads, and who owns what:
+
+- the connector (``{name}-connect``; ``connect()``'s caller instead for a trigger) runs
+  the rounds of attempts before the first connection: it alone creates and replaces the
+  paho client (a fresh one per attempt, another protocol, another address), and owns
+  ``_client_used``, ``_reasons`` and ``_refused``;
+- paho's network thread runs the callbacks: it owns ``epoch`` and sets ``_connected``
+  and ``_connack``;
+- callers of ``publish``/``subscribe``/``unsubscribe``/``barrier`` (any thread) read the
+  client through ``_current()``;
+- the owner's thread calls ``start``/``connect``/``stop``, which alone set ``_connector``,
+  ``_dispatcher`` and ``_stopping``; the dispatcher thread only runs handlers.
+
+``_link_lock`` guards the client handle (``_handle``: the client, its protocol and
+address, replaced whole), the policy state ``_link``, the last attempt's ``_outcome``,
+``_started`` and ``_fatal``. It is held only to read or replace those references, never
+across a paho call or any network I/O, so a caller publishing on a client that is being
+replaced publishes on the old or on the new one, with that one's protocol, and nothing
+waits on the network. ``_lock`` guards the subscription tables, link listeners and
+barriers, again only for the dict work.
 """
 
 from __future__ import annotations
@@ -50,7 +75,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent import connection
 from agent.config import BrokerConfig
+from agent.connection import (
+    FIRST_CONNECT_MAX_S as FIRST_CONNECT_MAX_S,  # re-exported: the policy's numbers, where callers look
+)
+from agent.connection import FLAP_LIMIT as FLAP_LIMIT
+from agent.connection import FLAP_WINDOW_S as FLAP_WINDOW_S
+from agent.connection import RECONNECT_FIRST_S, Failure, Link
+from agent.connection import first_connect_delay as first_connect_delay
+from agent.connection import identity_verdict as identity_verdict
 from agent.credentials import read_password
 from agent.errors import AgentError, BrokerUnavailable, ConfigError, DuplicateIdentity
 
@@ -69,16 +103,7 @@ _paho_log = logging.getLogger("agent.bus.paho")
 _paho_log.addFilter(_DropShutdownRace())
 
 _STOP = None  # on the dispatcher's queue: the dispatcher exits
-RECONNECT_FIRST_S = (0.05, 0.3)   # first retry after a drop: uniformly in this range
-SESSION_TAKEN_OVER = 142           # MQTT 5 DISCONNECT reason code
-UNSUPPORTED_PROTOCOL = (132, 1)    # MQTT 5 CONNACK reason code; 3.1.1 return code
-FLAP_WINDOW_S = 2.0                # dropped this soon after a connect ...
-FLAP_LIMIT = 4                     # ... this many times in a row: someone else has our client id
 PACKET_OVERHEAD = 4096             # topic, properties and headers on top of the payload limit
-# Until the first connection a refused attempt costs nothing (the broker is simply not up
-# yet: a board that boots before it, after a power cut), so try often: a broker that
-# appears is in use within a second.
-FIRST_CONNECT_MAX_S = 1.0
 CONNECT_ATTEMPT_S = 5.0            # the background connector's wait for one CONNACK
 
 
@@ -109,6 +134,26 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """The paho client in use, the protocol it speaks and the address it is aimed at:
+    replaced whole under ``Bus._link_lock``, so a reader never sees one client with the
+    other's protocol."""
+
+    client: mqtt.Client
+    protocol: str
+    address: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """Why the current attempt failed: the typed reason the policy decides on, and the
+    words the operator reads."""
+
+    failure: Failure
+    text: str
 
 
 class Subscription:
@@ -153,27 +198,23 @@ class Bus:
         self._barriers: dict[bytes, threading.Event] = {}
         self.sync_topic = sync_topic  # only this client reads it: barrier() round trips
         self._dispatcher: threading.Thread | None = None
-        self._started = False
-        self._last_error = "no connection attempt yet"
-        self._refused = False
-        self._address = 0
-        self._failures_here = 0
-        self._connected_at = 0.0
-        self._established = False  # has held a connection for longer than a flap
-        self._flaps = 0
-        self._fatal: AgentError | None = None
         self._stopping = threading.Event()
         self._connector: threading.Thread | None = None
-        self._reasons = ""
-        self.protocol = "5" if broker.protocol in ("auto", "5") else "3.1.1"
+        self._reasons = ""                       # the last round's failures, for the operator
+        self._refused = False                    # the last round's last attempt reached a broker that said no
         self._password = read_password(broker.password_file) if broker.username else None
-        self._client = self._new_client()
+        self._link_lock = threading.Lock()       # see the module docstring: never held across I/O
+        self._link = Link.initial(len(broker.addresses), broker.protocol, reconnect_max_s)
+        self._outcome: _Outcome | None = None
+        self._started = False                    # a client's loop runs, and a drop is not ours
+        self._fatal: AgentError | None = None
+        self._handle = _Handle(self._new_client(self._link.protocol), self._link.protocol, 0)
         self._client_used = False  # paho cannot re-aim a client after a connect attempt
         self.subscribe(sync_topic, self._handle_sync)
 
     # client -------------------------------------------------------------------------
-    def _new_client(self) -> mqtt.Client:
-        v5 = self.protocol == "5"
+    def _new_client(self, protocol: str) -> mqtt.Client:
+        v5 = protocol == "5"
         kwargs: dict[str, Any] = {} if v5 else {"clean_session": not self.persistent}
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=True,
@@ -198,10 +239,10 @@ class Bus:
             client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         return client
 
-    def _connect_args(self) -> dict[str, Any]:
-        host, port = self.broker.addresses[self._address]
+    def _connect_args(self, handle: _Handle) -> dict[str, Any]:
+        host, port = self.broker.addresses[handle.address]
         args: dict[str, Any] = {"host": host, "port": port, "keepalive": self.broker.keepalive_s}
-        if self.protocol == "5":
+        if handle.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             if self.persistent:
                 props.SessionExpiryInterval = self.broker.session_expiry_s
@@ -210,9 +251,54 @@ class Bus:
             args.update(clean_start=not self.persistent, properties=props)
         return args
 
+    def _current(self) -> _Handle:
+        """The client to use now (any thread)."""
+        with self._link_lock:
+            return self._handle
+
+    def _swap(self, handle: _Handle) -> _Handle:
+        """Make ``handle`` current; returns the one it replaces (close it outside the lock)."""
+        with self._link_lock:
+            old, self._handle = self._handle, handle
+        return old
+
+    def _step(self, event: connection.Event) -> tuple[Link, connection.Action]:
+        """Feed the policy one event (any thread); the lock is held for the pure step only."""
+        with self._link_lock:
+            try:
+                self._link, action = connection.step(self._link, event, time.monotonic())
+            except connection.IllegalTransition as exc:
+                # A bug of this shell, never worth killing paho's network thread over.
+                log.error("%s: %s (ignored)", self.name, exc)
+                return self._link, connection.Nothing()
+            return self._link, action
+
+    def _record(self, outcome: _Outcome) -> None:
+        with self._link_lock:
+            self._outcome = outcome
+
+    def _last_outcome(self) -> _Outcome | None:
+        with self._link_lock:
+            return self._outcome
+
+    def _set_started(self, started: bool) -> bool:
+        """Set ``_started``; returns what it was."""
+        with self._link_lock:
+            was, self._started = self._started, started
+        return was
+
+    def _is_started(self) -> bool:
+        with self._link_lock:
+            return self._started
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version of the client in use: "5" or "3.1.1"."""
+        return self._current().protocol
+
     @property
     def address(self) -> str:
-        host, port = self.broker.addresses[self._address]
+        host, port = self.broker.addresses[self._current().address]
         return f"{host}:{port}"
 
     # lifecycle ----------------------------------------------------------------------
@@ -226,97 +312,83 @@ class Bus:
         self._connector.start()
 
     def _connect_loop(self) -> None:
-        attempt = 0
         said = ""
         while not self._stopping.is_set():
             try:
-                if self._connect_once(CONNECT_ATTEMPT_S):
-                    return
+                action = self._connect_once(CONNECT_ATTEMPT_S)
             except Exception as exc:  # never let the connector die quietly: a node would look alive
                 log.exception("%s: connect attempt failed unexpectedly; retrying", self.name)
-                self._last_error = self._reasons = _describe(exc)
-            if self._last_error != said:  # once per distinct reason, not once per retry
-                said = self._last_error
-                log.warning("%s: %s; retrying", self.name, self._reasons)
-            if self._stopping.wait(first_connect_delay(attempt, random.random())):
+                self._reasons = _describe(exc)
+                action = connection.Wait(FIRST_CONNECT_MAX_S)
+            if not isinstance(action, connection.Wait):  # connected, stopped, or gave up
                 return
-            attempt += 1
+            if self._reasons != said:  # once per distinct reason, not once per retry
+                said = self._reasons
+                log.warning("%s: %s; retrying", self.name, self._reasons)
+            if self._stopping.wait(action.seconds):
+                return
 
     def connect(self, timeout: float) -> None:
         """Connect and wait for CONNACK; BrokerUnavailable if that cannot be had (the
         trigger's way). Every address and, with protocol auto, both versions are tried."""
         self._start_dispatcher()
-        if not self._connect_once(timeout):
+        if self._connect_once(timeout) is not None:
             self._stop_dispatcher()
             host, port = self.broker.addresses[0]
             raise BrokerUnavailable(host, port, self._reasons, refused=self._refused)
 
-    def _connect_once(self, timeout: float) -> bool:
-        """One round over the addresses (and protocols); True once connected."""
+    def _connect_once(self, timeout: float) -> connection.Action | None:
+        """One round over the addresses (and protocols), as the policy orders it: None
+        once connected, else the policy's last word (a Wait, or Stop)."""
         deadline = time.monotonic() + timeout
-        reasons = []
-        self._address = 0
-        for _ in range(2 * len(self.broker.addresses)):
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stopping.is_set():
-                break
-            if self._try_connect(left):
-                return True
-            reasons.append(f"{self.address}: {self._last_error}" if len(self.broker.addresses) > 1
-                           else self._last_error)
-            if self._unsupported_protocol() and self._fall_back_to_311():
-                continue
-            if self._address + 1 < len(self.broker.addresses):
-                self._address += 1
-                self._replace_client()
-                continue
-            break
+        reasons: list[str] = []
+        _, action = self._step(connection.Begin(deadline))
+        outcome: _Outcome | None = None
+        while isinstance(action, connection.Try) and not self._stopping.is_set():
+            if action.fell_back and outcome is not None:
+                log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name,
+                            self.address, outcome.text)
+            outcome = self._try_connect(action, deadline - time.monotonic())
+            if outcome is None:
+                return None
+            reasons.append(f"{self.address}: {outcome.text}" if len(self.broker.addresses) > 1 else outcome.text)
+            _, action = self._step(connection.AttemptFailed(outcome.failure, random.random()))
         self._reasons = "; ".join(reasons) or f"no answer within {timeout:g} s"
-        return False
+        self._refused = outcome is not None and outcome.failure.refused
+        return action
 
-    def _replace_client(self) -> None:
-        _close_sockets(self._client)
-        self._client = self._new_client()
-        self._client_used = False
-
-    def _try_connect(self, timeout: float) -> bool:
+    def _try_connect(self, attempt: connection.Try, timeout: float) -> _Outcome | None:
+        """One attempt; None once connected, else why not."""
         self._connack.clear()
-        self._refused = False
-        if self._client_used:
+        with self._link_lock:
+            self._outcome = None
+            current = self._handle
+        if self._client_used or (current.protocol, current.address) != (attempt.protocol, attempt.address):
             # A paho client that has tried once refuses a new connect timeout (and keeps
             # the failed attempt's state): each attempt gets a fresh one.
-            self._replace_client()
+            _close_sockets(self._swap(_Handle(self._new_client(attempt.protocol), attempt.protocol,
+                                              attempt.address)).client)
+        handle = self._current()
+        client = handle.client
         self._client_used = True
-        self._client.connect_timeout = max(0.1, timeout)
+        client.connect_timeout = max(0.1, timeout)
         try:
-            self._client.connect(**self._connect_args())
+            client.connect(**self._connect_args(handle))
         except (OSError, ValueError) as exc:
-            self._last_error = _describe(exc)
-            return False
-        self._client.loop_start()
-        self._started = True
-        if not self._connack.wait(timeout) and not self._last_error.startswith("disconnected"):
-            self._last_error = f"no answer within {timeout:g} s"
+            return _Outcome(Failure.UNREACHABLE, _describe(exc))
+        client.loop_start()
+        self._set_started(True)
+        answered = self._connack.wait(timeout)
         if self._connected.is_set():
-            return True
-        self._started = False
-        self._client.disconnect()
-        self._client.loop_stop()
-        _close_sockets(self._client)
-        return False
-
-    def _unsupported_protocol(self) -> bool:
-        return self.protocol == "5" and self.broker.protocol == "auto" and (
-            "nsupported protocol" in self._last_error or "hung up" in self._last_error)
-
-    def _fall_back_to_311(self) -> bool:
-        if self.protocol != "5" or self.broker.protocol != "auto":
-            return False
-        log.warning("%s: the broker at %s does not take MQTT 5 (%s); using MQTT 3.1.1", self.name, self.address,
-                    self._last_error)
-        self.protocol = "3.1.1"
-        self._replace_client()
-        return True
+            return None
+        outcome = self._last_outcome()
+        if outcome is None or not answered and outcome.failure is not Failure.DROPPED:
+            outcome = _Outcome(Failure.NO_ANSWER, f"no answer within {timeout:g} s")
+        self._set_started(False)
+        client.disconnect()
+        client.loop_stop()
+        _close_sockets(client)
+        return outcome
 
     @property
     def connected(self) -> bool:
@@ -331,12 +403,12 @@ class Bus:
         self._stopping.set()
         if self._connector is not None and self._connector is not threading.current_thread():
             self._connector.join(timeout=CONNECT_ATTEMPT_S + 1)
-        if self._started:
-            self._started = False  # from here on a disconnect is ours, not a lost broker
+        client = self._current().client
+        if self._set_started(False):  # from here on a disconnect is ours, not a lost broker
             infos = []
             if self._connected.is_set():
                 for topic, payload, retain in final:
-                    infos.append(self._client.publish(topic, payload, qos=1, retain=retain))
+                    infos.append(client.publish(topic, payload, qos=1, retain=retain))
             deadline = time.monotonic() + timeout
             for info in infos:
                 try:
@@ -347,9 +419,9 @@ class Bus:
             if end_session and self.persistent and self.protocol == "5":
                 props = Properties(PacketTypes.DISCONNECT)
                 props.SessionExpiryInterval = 0
-            self._client.disconnect(properties=props)
-            self._client.loop_stop()
-        _close_sockets(self._client)
+            client.disconnect(properties=props)
+            client.loop_stop()
+        _close_sockets(client)
         self._connected.clear()
         self._stop_dispatcher()
 
@@ -370,7 +442,7 @@ class Bus:
             if _is_wild(topic_filter):
                 self._wild[topic_filter] = table[topic_filter]
         if first and self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            self._current().client.subscribe(topic_filter, qos=qos)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -385,7 +457,7 @@ class Bus:
                 if _is_wild(sub.topic_filter):
                     del self._wild[sub.topic_filter]
         if last and self._connected.is_set():
-            self._client.unsubscribe(sub.topic_filter)
+            self._current().client.unsubscribe(sub.topic_filter)
 
     def on_link(self, listener: LinkListener) -> Callable[[], None]:
         """Call ``listener(up, session_present)`` on every connect and disconnect (on the
@@ -405,8 +477,9 @@ class Bus:
         """Queue a message; with QoS 1 paho keeps it and resends it after a reconnect.
         The MQTT 5 properties are dropped on a 3.1.1 connection (their meaning is in the
         payload too)."""
+        handle = self._current()  # one client and its protocol, even while it is being replaced
         props = None
-        if self.protocol == "5" and (expiry_s is not None or response_topic or correlation_data):
+        if handle.protocol == "5" and (expiry_s is not None or response_topic or correlation_data):
             props = Properties(PacketTypes.PUBLISH)
             if expiry_s is not None:
                 props.MessageExpiryInterval = expiry_interval(expiry_s)
@@ -414,7 +487,7 @@ class Bus:
                 props.ResponseTopic = response_topic
             if correlation_data:
                 props.CorrelationData = correlation_data
-        self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        handle.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def barrier(self, timeout: float) -> bool:
         """Round-trip one QoS 1 message through the broker.
@@ -435,11 +508,14 @@ class Bus:
     # paho callbacks (network thread: decode and queue only) ----------------------------
     def _handle_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
                         reason: ReasonCode, properties: Properties | None) -> None:
+        handle = self._current()
+        if client is not handle.client:
+            return  # a client already replaced: what it says is no longer about us
         if reason.is_failure:
-            self._refused = True
-            self._last_error = f"refused the connection: {reason}"
-            if reason.value in UNSUPPORTED_PROTOCOL:
-                self._last_error = f"refused the connection: unsupported protocol version ({reason})"
+            failure = connection.connack_failure(reason.value)
+            self._record(_Outcome(failure, "refused the connection: unsupported protocol version "
+                                           f"({reason})" if failure is Failure.OLD_PROTOCOL
+                                  else f"refused the connection: {reason}"))
             self._connack.set()
             return
         with self._lock:
@@ -448,10 +524,9 @@ class Bus:
         if filters and not self.look_only:
             client.subscribe(filters)
         log.info("%s: connected to %s as %s (MQTT %s, session %s)", self.name, self.address, self.client_id,
-                 self.protocol, "resumed" if flags.session_present else "new")
+                 handle.protocol, "resumed" if flags.session_present else "new")
+        self._step(connection.Connected())
         self.epoch += 1
-        self._failures_here = 0
-        self._connected_at = time.monotonic()
         self._connected.set()
         self._connack.set()
         for listener in listeners:
@@ -460,42 +535,53 @@ class Bus:
             self._inbox.put((bool(flags.session_present), None))
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        self._last_error = "connection failed"
-        self._failures_here += 1
-        if self._failures_here == 1:
+        if client is not self._current().client:
+            return
+        link, action = self._step(connection.ReconnectFailed())
+        if link.phase is not connection.Phase.DOWN:
+            return  # paho retrying a client the current round is about to replace
+        self._record(_Outcome(Failure.UNREACHABLE, "connection failed"))
+        if link.failures_here == 1:
             log.warning("%s: cannot reach the broker at %s; retrying", self.name, self.address)
-        self._next_address_if_stuck()
+        if isinstance(action, connection.Retarget):
+            with self._link_lock:
+                self._handle = handle = _Handle(self._handle.client, self._handle.protocol, action.address)
+            log.warning("%s: trying the next broker address, %s", self.name, self.address)
+            client.connect_async(**self._connect_args(handle))
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: object,
                            flags: mqtt.DisconnectFlags, reason: ReasonCode,
                            properties: Properties | None) -> None:
+        handle = self._current()
+        if client is not handle.client:
+            return
         was = self._connected.is_set()
         self._connected.clear()
         if not self._connack.is_set():
             # Reached, and it said no without saying why (RabbitMQ to an MQTT 5 CONNECT).
-            self._last_error = (f"the broker hung up before answering the MQTT {self.protocol} CONNECT"
-                                + (" (set broker.protocol: 3.1.1 if it only speaks that)"
-                                   if self.protocol == "5" and self.broker.protocol == "5" else ""))
-            self._refused = True
+            self._record(_Outcome(Failure.HUNG_UP, f"the broker hung up before answering the MQTT "
+                                  f"{handle.protocol} CONNECT"
+                                  + (" (set broker.protocol: 3.1.1 if it only speaks that)"
+                                     if handle.protocol == "5" and self.broker.protocol == "5" else "")))
             self._connack.set()
-        elif not (self._refused and not was):
+        else:
             # (A refusal is followed by a disconnect of paho's own: its reason would
             # hide the broker's, which says why; keep the broker's.)
-            self._last_error = f"disconnected: {reason}"
-        if not (was and self._started):
+            last = self._last_outcome()
+            if was or last is None or not last.failure.refused:
+                self._record(_Outcome(Failure.DROPPED, f"disconnected: {reason}"))
+        if not (was and self._is_started()):
             return
         with self._lock:
             listeners = list(self._link_listeners)
         for listener in listeners:
             self._run_listener(listener, False, False)
-        taken_over = getattr(reason, "value", None) == SESSION_TAKEN_OVER
-        held_s = time.monotonic() - self._connected_at
-        verdict, self._flaps, self._established = identity_verdict(
-            taken_over=taken_over, held_s=held_s, flaps=self._flaps, established=self._established)
-        if verdict == "give_up":
+        taken_over = getattr(reason, "value", None) == connection.SESSION_TAKEN_OVER
+        _, action = self._step(connection.Dropped(taken_over, random.random()))
+        if isinstance(action, connection.GiveUp):
             self._fail(DuplicateIdentity(self.client_id, "the broker gave our session to a new connection "
-                                                         "with the same client id" if taken_over else
-                                         f"the broker dropped us {self._flaps} times right after "
+                                                         "with the same client id" if action.taken_over else
+                                         f"the broker dropped us {action.flaps} times right after "
                                          "connecting, as it does when two clients share an id"))
             return
         if taken_over:
@@ -503,29 +589,24 @@ class Bus:
                         "it back (the newcomer gives up)", self.name, self.client_id)
         else:
             log.warning("%s: lost the broker at %s (%s); reconnecting", self.name, self.address, reason)
-        # A quick first retry with jitter, so a restarted broker is back in use at once
-        # without every device of the fleet arriving in the same millisecond.
-        client.reconnect_delay_set(min_delay=random.uniform(*RECONNECT_FIRST_S),  # type: ignore[arg-type]
-                                   max_delay=self.reconnect_max_s)  # type: ignore[arg-type]
-
-    def _next_address_if_stuck(self) -> None:
-        if len(self.broker.addresses) > 1 and self._failures_here >= 2:
-            self._address = (self._address + 1) % len(self.broker.addresses)
-            self._failures_here = 0
-            log.warning("%s: trying the next broker address, %s", self.name, self.address)
-            self._client.connect_async(**self._connect_args())
+        if isinstance(action, connection.Reconnect):
+            # A quick first retry with jitter, so a restarted broker is back in use at once
+            # without every device of the fleet arriving in the same millisecond.
+            client.reconnect_delay_set(min_delay=action.first_s, max_delay=action.max_s)  # type: ignore[arg-type]
 
     def _fail(self, error: AgentError) -> None:
-        if self._fatal is not None:
-            return
-        self._fatal = error
+        with self._link_lock:
+            if self._fatal is not None:
+                return
+            self._fatal = error
         log.error("%s: %s", self.name, error)
         if self._on_fatal is not None:
             threading.Thread(target=self._on_fatal, args=(error,), name=f"{self.name}-fatal", daemon=True).start()
 
     @property
     def fatal(self) -> AgentError | None:
-        return self._fatal
+        with self._link_lock:
+            return self._fatal
 
     def _run_listener(self, listener: LinkListener, up: bool, session_present: bool) -> None:
         try:
@@ -608,34 +689,6 @@ def _close_sockets(client: mqtt.Client) -> None:
     reset = getattr(client, "_reset_sockets", None)  # paho's own cleanup, also run by its __del__
     if reset is not None:
         reset()
-
-
-def identity_verdict(*, taken_over: bool, held_s: float, flaps: int, established: bool) -> tuple[str, int, bool]:
-    """After a disconnect: ``give_up`` (another live node is this device) or ``reconnect``;
-    then the count of quick drops in a row and whether this node is established.
-
-    Two processes with one client id see the same disconnects, so a symmetric rule lets
-    either lose, and the one that loses may be the device that had run for weeks (its unit
-    does not restart on exit 2). So only a newcomer gives up: a node that has never held a
-    connection longer than FLAP_WINDOW_S. An established node reconnects, which takes the
-    identity back, and the newcomer is then the one dropped. ``taken_over``: the broker
-    said another connection took our session (MQTT 5); with MQTT 3.1.1 the only sign is
-    being dropped right after connecting, FLAP_LIMIT times in a row.
-    """
-    quick = held_s < FLAP_WINDOW_S
-    established = established or not quick
-    flaps = flaps + 1 if quick else 0
-    if not established and (taken_over or flaps >= FLAP_LIMIT):
-        return "give_up", flaps, established
-    return "reconnect", flaps, established
-
-
-def first_connect_delay(attempt: int, u: float) -> float:
-    """Wait before connect attempt ``attempt + 1`` when none has succeeded yet: doubling
-    from the first reconnect delay up to FIRST_CONNECT_MAX_S, jittered by ``u`` in [0, 1)
-    so that a fleet powered on together does not knock in step."""
-    ceiling: float = min(RECONNECT_FIRST_S[1] * 2.0 ** min(attempt, 16), FIRST_CONNECT_MAX_S)
-    return (0.5 + 0.5 * u) * ceiling
 
 
 def expiry_interval(seconds: float) -> int:

@@ -1,0 +1,173 @@
+"""The bus under concurrent publishers while its client is replaced and its broker restarts.
+
+A private Mosquitto (restarting the session's broker would disturb other tests) behind a
+primary address that hangs up on every CONNECT: with ``protocol: auto`` the bus falls
+back to 3.1.1 there, then fails over to Mosquitto — two client replacements — while four
+threads publish; then the broker restarts under them. Nothing may raise, and every
+message published once both ends are back is received.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.bus import Bus, Message
+from agent.config import BrokerConfig
+from tests.support.fleet import WAIT_S
+from tests.support.mosquitto import LocalMosquitto, MosquittoNotAvailable
+
+PUBLISHERS = 4
+AFTER_EACH = 50   # messages each publisher sends once the reconnect is complete
+
+
+class HangUp:
+    """A listener that reads a client's CONNECT and closes without a CONNACK (as RabbitMQ
+    does to MQTT 5)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.levels: list[int] = []   # the protocol level of each CONNECT read: 5, or 4 (3.1.1)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="hang-up")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(WAIT_S)
+                try:
+                    self.levels.append(protocol_level(conn.recv(4096)))
+                except (OSError, IndexError):
+                    pass
+
+    def close(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass  # closed already
+        self._listener.close()
+        self._thread.join(WAIT_S)
+
+
+def protocol_level(connect: bytes) -> int:
+    """The protocol level of an MQTT CONNECT packet: after the fixed header's
+    variable-length size, the protocol name (two length bytes and "MQTT")."""
+    i = 1
+    while connect[i] & 0x80:
+        i += 1
+    return connect[i + 1 + 2 + 4]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalMosquitto]:
+    local = LocalMosquitto(tmp_path / "mosquitto")
+    try:
+        local.start()
+    except MosquittoNotAvailable as exc:
+        pytest.skip(str(exc))
+    yield local
+    local.stop()
+
+
+class Publisher:
+    """A thread publishing numbered QoS 1 messages until it has sent ``AFTER_EACH`` of
+    them after ``after`` was set; every exception it meets is kept."""
+
+    def __init__(self, bus: Bus, topic: str, n: int, after: threading.Event):
+        self.bus, self.topic, self.n, self.after = bus, topic, n, after
+        self.sent_after: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"publisher-{n}", daemon=True)
+
+    def _run(self) -> None:
+        seq = 0
+        try:
+            while len(self.sent_after) < AFTER_EACH:
+                late = self.after.is_set()  # read before publishing: a late message left after it
+                payload = f"{self.n}:{seq}:{'after' if late else 'before'}".encode()
+                self.bus.publish(self.topic, payload, qos=1, expiry_s=60)
+                if late:
+                    self.sent_after.append(payload)
+                seq += 1
+                # Pacing, not synchronisation: a few hundred messages a second per thread
+                # keep the publishers busy through the swaps without starving the broker.
+                self.after.wait(0.002) if not late else None
+        except BaseException as exc:  # the point of the test: nothing may escape publish()
+            self.errors.append(exc)
+        finally:
+            self.done.set()
+
+
+@pytest.mark.broker
+def test_concurrent_publishers_survive_a_fallback_a_failover_and_a_broker_restart(
+        broker: LocalMosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.bus")
+    hang_up = HangUp()
+    topic = "reconnect/test"
+    received: set[bytes] = set()
+    arrived = threading.Condition()
+
+    def got(msg: Message) -> None:
+        with arrived:
+            received.add(msg.payload)
+            arrived.notify_all()
+
+    reader = Bus("reconnect-reader", BrokerConfig(host=broker.host, port=broker.port), persistent=False,
+                 sync_topic="reconnect/sync/reader", name="reader")
+    reader.subscribe(topic, got)
+    reader_links: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    reader.on_link(lambda up, _: reader_links.put(up))
+    reader.connect(WAIT_S)
+    assert reader_links.get(timeout=WAIT_S) is True
+
+    config = BrokerConfig(host="127.0.0.1", port=hang_up.port, failover=(("127.0.0.1", broker.port),),
+                          protocol="auto")
+    writer = Bus("reconnect-writer", config, persistent=False, sync_topic="reconnect/sync/writer", name="writer")
+    writer_links: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    writer.on_link(lambda up, _: writer_links.put(up))
+    after = threading.Event()
+    publishers = [Publisher(writer, topic, n, after) for n in range(PUBLISHERS)]
+    try:
+        for p in publishers:
+            p.thread.start()  # publishing before and while the bus replaces its client
+        writer.start()
+        assert writer_links.get(timeout=WAIT_S) is True, "the writer connects"
+        assert (writer.protocol, writer.address) == ("3.1.1", f"127.0.0.1:{broker.port}"), \
+            "fell back to 3.1.1 at the hanging-up primary, then failed over"
+        assert hang_up.levels[:2] == [5, 4], "an MQTT 5 CONNECT, then a 3.1.1 one"
+        hang_up.close()  # from here the primary refuses: a retry that lands there moves on
+
+        broker.restart()
+        assert writer_links.get(timeout=WAIT_S) is False and reader_links.get(timeout=WAIT_S) is False
+        assert writer_links.get(timeout=WAIT_S) is True, "the writer reconnects"
+        assert reader_links.get(timeout=WAIT_S) is True, "the reader reconnects"
+        assert reader.barrier(WAIT_S), "the reader's subscription is back"
+        after.set()
+        for p in publishers:
+            assert p.done.wait(WAIT_S), f"publisher {p.n} finished"
+        expected = {m for p in publishers for m in p.sent_after}
+        assert len(expected) == PUBLISHERS * AFTER_EACH
+        with arrived:
+            complete = arrived.wait_for(lambda: expected <= received, timeout=WAIT_S)
+        assert complete, f"{len(expected - received)} of {len(expected)} messages lost after the reconnect"
+        assert [e for p in publishers for e in p.errors] == []
+        assert writer.fatal is None and reader.fatal is None
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "agent.bus"], \
+            "no error logged by the bus"
+    finally:
+        after.set()
+        writer.stop()
+        reader.stop()
+        hang_up.close()
