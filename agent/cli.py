@@ -434,7 +434,7 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
     from dataclasses import replace
 
     from agent.fleet import Fleet
-    from agent.orchestrator import Orchestrator
+    from agent.fronts import orchestrator
 
     if args.bid_timeout is not None:
         cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
@@ -455,9 +455,8 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
         fleets.append(fleet)
         return fleet
 
-    local_snapshot = _self_snapshot(cfg, npu_exec, cpu_exec)
-    orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=printer.token,
+    orch = orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                        local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec), on_token=printer.token,
                         on_decision=lambda d: printer.decision(d.winner, d.path, d.score),
                         on_progress=printer.progress)
     # Ctrl-C or SIGTERM: the job in flight is cancelled on its device, then we exit 130/143.
@@ -510,11 +509,6 @@ def _self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
                         queue_depth=busy, recent={}, backlog_s=0.0 if busy < slots else UNKNOWN_JOB_S,
                         models=models)
     return local_snapshot
-
-
-def _arm_store(cfg: Config) -> Any:
-    from agent.linucb import ArmStore  # numpy: imported only when an auction decides
-    return ArmStore.for_config(cfg)
 
 
 def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
@@ -711,7 +705,7 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
         backend, how = DaemonBackend(cfg), "through this device's node daemon"
     else:
         from agent.fleet import Fleet
-        from agent.orchestrator import Orchestrator
+        from agent.fronts import orchestrator
 
         npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
         cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
@@ -724,8 +718,8 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
                 return fleets[0]
 
         def make() -> Any:
-            return Orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                                arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
+            return orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                                local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
 
         own = own_models(npu_exec, cpu_exec)
         backend, how = OrchestratorBackend(make, fleet, own, cfg.device_id), "as this device"

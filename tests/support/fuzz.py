@@ -36,6 +36,7 @@ from agent.executors.genie import (
     read_profile,
 )
 from agent.executors.openai import StreamState, parse_event, usage_counts
+from agent.fronts import _trigger_request
 from agent.journal import Journal
 from agent.linucb import ArmStore
 from agent.messages import (
@@ -48,7 +49,6 @@ from agent.messages import (
     TriggerRequest,
     decode_result,
 )
-from agent.node import _trigger_request
 from agent.topics import Topics
 
 _SCRATCH: list[Path] = []
