@@ -378,6 +378,12 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     return _trigger_here(cfg, prompt, args, printer)
 
 
+def _prompt_of(args: argparse.Namespace, prompt: str) -> Any:
+    """The command line's prompt request, checked as every front checks one."""
+    from agent.messages import Prompt
+    return Prompt(prompt, args.max_new_tokens, args.need, args.dry_run, args.bid_timeout, args.model)
+
+
 def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
     from agent import control
 
@@ -390,32 +396,32 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
         sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
 
     winner: str | None = None
+    request = control.PromptRequest(_prompt_of(args, prompt))
     handlers = _install_signals(on_signal)
-    request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
-               "model": args.model,
-               "dry_run": args.dry_run, "bid_timeout_s": args.bid_timeout}
     try:
         with sock:
             for event in control.request(sock, request):
-                kind = event.get("type")
-                if kind == "decision":
-                    winner = event["winner"]
-                    printer.decision(winner, event["path"], event.get("score"))
-                elif kind == "token":
-                    printer.token(event["text"])
-                elif kind == "progress":
-                    printer.progress(event["text"])
-                elif kind == "outcome":
-                    code = printer.outcome(event["outcome"])
+                if isinstance(event, control.Decision):
+                    winner = event.winner
+                    printer.decision(winner, event.path, event.score)
+                elif isinstance(event, control.Text):
+                    printer.token(event.text)
+                elif isinstance(event, control.Progress):
+                    printer.progress(event.text)
+                elif isinstance(event, control.Outcome):
+                    code = printer.outcome(event.outcome)
                     break
-                elif kind == "error":
-                    print(f"error: {event['error']}", file=printer.err)
-                    code = int(event.get("exit_code", ExitCode.FAILED))
+                elif isinstance(event, control.Failure):
+                    print(f"error: {event.error}", file=printer.err)
+                    code = event.exit_code
                     break
             else:
                 if not caught:
                     print("error: the node daemon went away before answering", file=printer.err)
                 code = ExitCode.FAILED
+    except ValueError as exc:
+        print(f"error: the node daemon sent something unexpected: {exc}", file=printer.err)
+        code = ExitCode.FAILED
     except OSError as exc:
         if not caught:
             print(f"error: lost the node daemon: {exc}", file=printer.err)
@@ -436,8 +442,9 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
     from agent.fleet import Fleet
     from agent.fronts import orchestrator
 
-    if args.bid_timeout is not None:
-        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
+    ask = _prompt_of(args, prompt)
+    if ask.bid_timeout_s is not None:
+        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=ask.bid_timeout_s))
     npu_exec = _usable(cfg, "npu", printer.err) if cfg.npu.enabled else None
     cpu_exec = _usable(cfg, "cpu", printer.err) if cfg.cpu.enabled else None
     fleets: list[Fleet] = []
@@ -470,8 +477,8 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
 
     handlers = _install_signals(on_signal)
     try:
-        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run,
-                          model=args.model)
+        result = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
+                          model=ask.model)
     finally:
         _restore_signals(handlers)
         for fleet in fleets:
@@ -548,8 +555,8 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             if daemon is None:
                 raise UsageError("the node daemon of this state_dir stopped; run status again")
             with daemon:
-                events = list(control.request(daemon, {"op": "status"}))
-            found = next((e["devices"] for e in events if e.get("type") == "status"), None)
+                events = list(control.request(daemon, control.StatusRequest()))
+            found = next((e.devices for e in events if isinstance(e, control.Status)), None)
             if found is None:
                 raise AgentError(f"the node daemon did not answer: {events}")
             devices = found
@@ -594,13 +601,12 @@ def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     device = args.device
     if not is_id(device):
         raise UsageError(f"{device!r} is not a device id")
-    request = {"op": "forget", "device": device, "force": bool(args.force)}
-    final: dict[str, Any]
+    final: control.Event
     daemon = control.connect(cfg.state_dir)
     if daemon is not None:
         with daemon:
-            events = list(control.request(daemon, request))
-        final = events[-1] if events else {"type": "error", "error": "no answer", "exit_code": 1}
+            events = list(control.request(daemon, control.ForgetRequest(device, bool(args.force))))
+        final = events[-1] if events else control.Failure("no answer", ExitCode.FAILED)
     else:
         from agent.fleet import Fleet
         from agent.status import forget
@@ -611,10 +617,13 @@ def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             final = forget(fleet, device, force=bool(args.force))
         finally:
             fleet.close()
-    if final.get("type") == "error":
-        print(f"error: {final['error']}", file=err)
-        return int(final.get("exit_code", ExitCode.FAILED))
-    print(f"forgot {device}: cleared {', '.join(final['cleared'])}", file=out)
+    if isinstance(final, control.Failure):
+        print(f"error: {final.error}", file=err)
+        return final.exit_code
+    if not isinstance(final, control.Forgot):
+        print(f"error: the node daemon answered {final.type!r}", file=err)
+        return ExitCode.FAILED
+    print(f"forgot {device}: cleared {', '.join(final.cleared)}", file=out)
     return ExitCode.OK
 
 
@@ -652,7 +661,7 @@ def _check(cfg: Config, out: TextIO, file_problems: Sequence[str] = ()) -> int:
     daemon = control.connect(cfg.state_dir)
     if daemon is not None:
         with daemon:
-            answered = any(e.get("type") == "status" for e in control.request(daemon, {"op": "status"}))
+            answered = any(isinstance(e, control.Status) for e in control.request(daemon, control.StatusRequest()))
         report("broker", None if answered else "the node daemon of this state_dir did not answer",
                f"{broker}: a node daemon runs here and owns the connection")
     elif any(p.startswith("broker.") for p in file_problems):

@@ -18,16 +18,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from agent.bus import Message
 from agent.config import Config
-from agent.control import Channel, ControlServer
-from agent.errors import AgentError, ExitCode, MessageError, UsageError
+from agent.control import (
+    Channel,
+    ControlServer,
+    Decision,
+    Failure,
+    ForgetRequest,
+    Outcome,
+    Progress,
+    Request,
+    Status,
+    StatusRequest,
+    Text,
+)
+from agent.errors import AgentError, ExitCode, MessageError
 from agent.gate import Gate
-from agent.messages import Chat, LastResult, Snapshot, TriggerRequest
-from agent.topics import Topics, is_id
+from agent.messages import LastResult, Snapshot, TriggerRequest
+from agent.topics import Topics
 
 log = logging.getLogger("agent.node")  # the daemon's parts log under its name
 
@@ -99,7 +111,8 @@ class Fronts:
     def _orchestrate(self, req: TriggerRequest, response_topic: str | None) -> None:
         orch = self._make(self.cfg)
         try:
-            out = orch.run(req.prompt, max_new_tokens=req.max_new_tokens or 256, model=req.model)
+            ask = req.ask()
+            out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, model=ask.model)
         except AgentError as exc:
             log.warning("trigger refused: %s", exc)
             last = LastResult(rid="-", device=self.me, winner=None, path=None, ok=False, text="", error=str(exc),
@@ -124,92 +137,37 @@ class Fronts:
             self._publish(response_topic, payload)
 
     # ---------------------------------------------------------------- the local control socket
-    def on_control(self, request: dict[str, Any], channel: Channel) -> None:
+    def on_control(self, request: Request, channel: Channel) -> None:
         """A trigger or status request from a process of this device (agent/control.py)."""
-        op = request.get("op")
-        if op == "status":
+        if isinstance(request, StatusRequest):
             from agent.status import rows
-            channel.send({"type": "status", "devices": rows(self._fleet().roster, self._wall())})
+            channel.send(Status(rows(self._fleet().roster, self._wall())))
             return
-        if op == "forget":
+        if isinstance(request, ForgetRequest):
             from agent.status import forget
-            device = request.get("device")
-            if not isinstance(device, str) or not is_id(device) or device == self.me:
-                channel.send({"type": "error", "error": "forget: a device id other than this node's",
-                              "exit_code": ExitCode.USAGE})
+            if request.device == self.me:
+                channel.send(Failure("forget: a device id other than this node's", ExitCode.USAGE))
                 return
-            channel.send(forget(self._fleet(), device, force=request.get("force") is True))
+            channel.send(forget(self._fleet(), request.device, force=request.force))
             return
-        if op != "trigger":
-            channel.send({"type": "error", "error": f"unknown request {op!r}", "exit_code": ExitCode.USAGE})
-            return
-        try:
-            ask = _trigger_request(request)
-        except UsageError as exc:
-            channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
-            return
+        ask = request.ask
         if not self._control_busy.acquire(blocking=False):
-            channel.send({"type": "error", "error": "busy: too many prompts are running or waiting on this device; "
-                                                    "try again later", "exit_code": ExitCode.FAILED})
+            channel.send(Failure("busy: too many prompts are running or waiting on this device; try again later",
+                                 ExitCode.FAILED))
             return
         try:
             cfg = self.cfg
             if ask.bid_timeout_s is not None:
                 cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=ask.bid_timeout_s))
-            orch = self._make(cfg, on_token=lambda text: channel.send({"type": "token", "text": text}),
-                              on_decision=lambda d: channel.send({"type": "decision", "winner": d.winner,
-                                                                  "path": d.path, "score": d.score}),
-                              on_progress=lambda text: channel.send({"type": "progress", "text": text}))
+            orch = self._make(cfg, on_token=lambda text: channel.send(Text(text)),
+                              on_decision=lambda d: channel.send(Decision(d.winner, d.path, d.score)),
+                              on_progress=lambda text: channel.send(Progress(text)))
             channel.watch(orch.interrupt)  # the client hung up (Ctrl-C): cancel its job
             out = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
                            model=ask.model, temperature=ask.temperature, chat=ask.chat)
         except AgentError as exc:
-            channel.send({"type": "error", "error": str(exc), "exit_code": exc.exit_code})
+            channel.send(Failure(str(exc), exc.exit_code))
         else:
-            channel.send({"type": "outcome", "outcome": out.to_json()})
+            channel.send(Outcome(out.to_json(), out.answer.kind))
         finally:
             self._control_busy.release()
-
-
-@dataclass(frozen=True)
-class ControlTrigger:
-    """A trigger handed over the control socket (by ``trigger`` or ``serve`` of this device)."""
-
-    prompt: str
-    max_new_tokens: int = 256
-    need: str = "any"
-    dry_run: bool = False
-    bid_timeout_s: float | None = None
-    model: str | None = None
-    temperature: float | None = None
-    chat: Chat | None = None
-
-
-def _trigger_request(req: dict[str, Any]) -> ControlTrigger:
-    """The fields of a control-socket trigger, checked; UsageError if one is wrong."""
-    prompt, max_new, need = req.get("prompt"), req.get("max_new_tokens", 256), req.get("need", "any")
-    dry_run, bid_timeout, model = req.get("dry_run", False), req.get("bid_timeout_s"), req.get("model")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UsageError("the prompt is empty")
-    if type(max_new) is not int or max_new < 1:
-        raise UsageError("max_new_tokens must be a positive integer")
-    if need not in ("any", "npu") or type(dry_run) is not bool:
-        raise UsageError("need must be any or npu, dry_run true or false")
-    if bid_timeout is not None and (not isinstance(bid_timeout, (int, float)) or not 0 < bid_timeout < 86400):
-        raise UsageError("bid_timeout_s must be a number of seconds > 0")
-    if model is not None and not (isinstance(model, str) and 0 < len(model) <= 128):
-        raise UsageError("model must be a model name")
-    temperature = req.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 10):
-        raise UsageError("temperature must be a number from 0 to 10")
-    chat = None
-    if req.get("chat") is not None:
-        try:
-            chat = Chat.from_obj(req["chat"], "trigger", 256 * 1024 * 1024)
-        except MessageError as exc:
-            raise UsageError(str(exc)) from None
-    return ControlTrigger(prompt, max_new, need, dry_run, None if bid_timeout is None else float(bid_timeout), model,
-                          None if temperature is None else float(temperature), chat)
-
-

@@ -15,7 +15,7 @@ from agent.bids import Bids
 from agent.bus import Message
 from agent.capacity import Capacity
 from agent.config import Config, parse_config
-from agent.errors import StateError
+from agent.errors import ExitCode, StateError
 from agent.fronts import Fronts
 from agent.jobs import Jobs
 from agent.messages import Accepted, Bid, BidRequest, Declined, Done, Job, Metrics, Snapshot, decode_result
@@ -272,19 +272,20 @@ def test_a_bad_trigger_with_an_id_is_answered_on_its_topic_not_on_last_result(tm
     assert len(wire.sent) == 1
 
 
-def test_a_control_request_of_an_unknown_kind_is_refused(tmp_path: Path) -> None:
+def test_the_control_socket_will_not_forget_its_own_node(tmp_path: Path) -> None:
+    from agent.control import Failure, ForgetRequest
+
     class Channel:
         def __init__(self) -> None:
-            self.events: list[dict[str, Any]] = []
+            self.events: list[Any] = []
 
-        def send(self, event: dict[str, Any]) -> None:
+        def send(self, event: Any) -> None:
             self.events.append(event)
 
     fronts = Fronts(config(tmp_path), T, publish=Wire().publish, make=NoOrchestrator(), fleet=lambda: None)
     channel = Channel()
-    fronts.on_control({"op": "launch"}, channel)  # type: ignore[arg-type]
-    fronts.on_control({"op": "trigger", "prompt": " "}, channel)  # type: ignore[arg-type]
-    assert [e["exit_code"] for e in channel.events] == [2, 2]
+    fronts.on_control(ForgetRequest("dev"), channel)  # type: ignore[arg-type]
+    assert channel.events == [Failure("forget: a device id other than this node's", ExitCode.USAGE)]
 
 
 @pytest.mark.parametrize("answer_id", [None, "q2"])

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from agent.auction import Stragglers
 from agent.config import load_config
-from agent.control import parse_request
+from agent.control import decode_request, parse_request
 from agent.errors import (
     ConfigError,
     ExecutorError,
@@ -36,7 +36,6 @@ from agent.executors.genie import (
     read_profile,
 )
 from agent.executors.openai import StreamState, parse_event, usage_counts
-from agent.fronts import _trigger_request
 from agent.journal import Journal
 from agent.linucb import ArmStore
 from agent.messages import (
@@ -173,9 +172,7 @@ def _sse(data: bytes) -> None:
 
 
 def _control(data: bytes) -> None:
-    request = parse_request(data)
-    if request.get("op") == "trigger":
-        _trigger_request(request)
+    decode_request(parse_request(data))
 
 
 _TOPICS = Topics("p/")
