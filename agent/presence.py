@@ -57,7 +57,7 @@ class Link(Protocol):
 class Presence:
     def __init__(self, cfg: Config, capacity: Capacity, jobs: Jobs, topics: Topics, link: Link, *,
                  changed: threading.Event, stop: threading.Event, wall: Callable[[], float] = time.time,
-                 sample: Callable[[], HostSample] | None = None):
+                 sample: Callable[[], HostSample] | None = None, clock: Callable[[], float] = time.monotonic):
         """``changed`` is set by whoever changes what the metrics say; ``stop`` ends the loop."""
         self.cfg = cfg
         self.me = cfg.device_id
@@ -72,6 +72,7 @@ class Presence:
         self._last_npu_free: bool | None = None
         self._last_health = "ok"
         self._presence_due = threading.Event()
+        self._clock = clock
 
     def snapshot(self) -> Snapshot:
         cap, gate = self.capacity, self.jobs.gate
@@ -129,13 +130,13 @@ class Presence:
         at once when the health changes or another process on this device takes or frees
         the NPU (seen by polling); retry an unwritable state_dir while unhealthy."""
         cap = self.capacity
-        next_at = time.monotonic()
+        next_at = self._clock()
         next_health = next_at
         next_engines = next_at
         published_at = -math.inf
         pending = False  # a job changed state since the last publish
         while not self._stop.is_set():
-            now = time.monotonic()
+            now = self._clock()
             if self.changed.is_set():
                 self.changed.clear()
                 pending = True

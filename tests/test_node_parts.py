@@ -63,6 +63,7 @@ class Parts:
         self.cfg = cfg = config(tmp_path)
         self.wire = Wire()
         self.changes = 0
+        self.changed = threading.Event()  # what the node hands Presence: set on every change
         self.now = [100.0]
         self.age_s = age_s
         self.capacity = Capacity(cfg.state_dir, None, _executor(cfg, "cpu"), cfg.cpu.slots, on_change=self._changed)
@@ -78,6 +79,7 @@ class Parts:
 
     def _changed(self) -> None:
         self.changes += 1
+        self.changed.set()
 
     def _age(self, origin: str, sent_at: float, msg: Message, lifetime_s: float) -> float:
         return self.age_s
@@ -253,6 +255,30 @@ def test_presence_metrics_say_draining(tmp_path: Path) -> None:
     parts.capacity.drain()
     presence.publish_metrics()
     assert Metrics.from_payload(parts.wire.sent[-1][1]).health == "draining"
+
+
+def test_the_loop_publishes_at_once_then_on_a_change_and_retries_the_disk(tmp_path: Path) -> None:
+    """A fake clock that stands still: only a change (or the health retry) makes it publish."""
+    parts = Parts(tmp_path)
+    changed, stop = parts.changed, threading.Event()
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=changed, stop=stop,
+                        clock=lambda: 50.0)
+    parts.capacity.unhealthy("disk gone")  # the first look at the disk finds it writable again
+    loop = threading.Thread(target=presence.loop, name="metrics-under-test", daemon=True)
+    loop.start()
+    try:
+        first = Metrics.from_payload(parts.wire.next_on(T.metrics("dev")))
+        assert first.health in ("ok", "disk gone")
+        while first.health != "ok":  # the retry found the disk writable: published at once
+            first = Metrics.from_payload(parts.wire.next_on(T.metrics("dev")))
+        parts.capacity.drain()  # sets ``changed``: the health differs, so it goes out now
+        while Metrics.from_payload(parts.wire.next_on(T.metrics("dev"))).health != "draining":
+            pass
+    finally:
+        stop.set()
+        changed.set()
+        loop.join(WAIT_S)
+    assert not loop.is_alive(), "a stop ends the loop"
 
 
 # ---------------------------------------------------------------- fronts
