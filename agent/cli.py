@@ -391,6 +391,12 @@ def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) ->
     return _trigger_here(cfg, prompt, args, printer)
 
 
+def _prompt_of(args: argparse.Namespace, prompt: str) -> Any:
+    """The command line's prompt request, checked as every front checks one."""
+    from agent.messages import Prompt
+    return Prompt(prompt, args.max_new_tokens, args.need, args.dry_run, args.bid_timeout, args.model)
+
+
 def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
     from agent import control
 
@@ -403,32 +409,32 @@ def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printe
         sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
 
     winner: str | None = None
+    request = control.PromptRequest(_prompt_of(args, prompt))
     handlers = _install_signals(on_signal)
-    request = {"op": "trigger", "prompt": prompt, "max_new_tokens": args.max_new_tokens, "need": args.need,
-               "model": args.model,
-               "dry_run": args.dry_run, "bid_timeout_s": args.bid_timeout}
     try:
         with sock:
             for event in control.request(sock, request):
-                kind = event.get("type")
-                if kind == "decision":
-                    winner = event["winner"]
-                    printer.decision(winner, event["path"], event.get("score"))
-                elif kind == "token":
-                    printer.token(event["text"])
-                elif kind == "progress":
-                    printer.progress(event["text"])
-                elif kind == "outcome":
-                    code = printer.outcome(event["outcome"])
+                if isinstance(event, control.Decision):
+                    winner = event.winner
+                    printer.decision(winner, event.path, event.score)
+                elif isinstance(event, control.Text):
+                    printer.token(event.text)
+                elif isinstance(event, control.Progress):
+                    printer.progress(event.text)
+                elif isinstance(event, control.Outcome):
+                    code = printer.outcome(event.outcome)
                     break
-                elif kind == "error":
-                    print(f"error: {event['error']}", file=printer.err)
-                    code = int(event.get("exit_code", ExitCode.FAILED))
+                elif isinstance(event, control.Failure):
+                    print(f"error: {event.error}", file=printer.err)
+                    code = event.exit_code
                     break
             else:
                 if not caught:
                     print("error: the node daemon went away before answering", file=printer.err)
                 code = ExitCode.FAILED
+    except ValueError as exc:
+        print(f"error: the node daemon sent something unexpected: {exc}", file=printer.err)
+        code = ExitCode.FAILED
     except OSError as exc:
         if not caught:
             print(f"error: lost the node daemon: {exc}", file=printer.err)
@@ -447,10 +453,11 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
     from dataclasses import replace
 
     from agent.fleet import Fleet
-    from agent.orchestrator import Orchestrator
+    from agent.fronts import orchestrator
 
-    if args.bid_timeout is not None:
-        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=args.bid_timeout))
+    ask = _prompt_of(args, prompt)
+    if ask.bid_timeout_s is not None:
+        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=ask.bid_timeout_s))
     npu_exec = _usable(cfg, "npu", printer.err) if cfg.npu.enabled else None
     cpu_exec = _usable(cfg, "cpu", printer.err) if cfg.cpu.enabled else None
     fleets: list[Fleet] = []
@@ -468,9 +475,8 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
         fleets.append(fleet)
         return fleet
 
-    local_snapshot = _self_snapshot(cfg, npu_exec, cpu_exec)
-    orch = Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        arms=lambda: _arm_store(cfg), local_snapshot=local_snapshot, on_token=printer.token,
+    orch = orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                        local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec), on_token=printer.token,
                         on_decision=lambda d: printer.decision(d.winner, d.path, d.score),
                         on_progress=printer.progress)
     # Ctrl-C or SIGTERM: the job in flight is cancelled on its device, then we exit 130/143.
@@ -484,8 +490,8 @@ def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _
 
     handlers = _install_signals(on_signal)
     try:
-        result = orch.run(prompt, max_new_tokens=args.max_new_tokens, need=args.need, dry_run=args.dry_run,
-                          model=args.model)
+        result = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
+                          model=ask.model)
     finally:
         _restore_signals(handlers)
         for fleet in fleets:
@@ -525,11 +531,6 @@ def _self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
     return local_snapshot
 
 
-def _arm_store(cfg: Config) -> Any:
-    from agent.linucb import ArmStore  # numpy: imported only when an auction decides
-    return ArmStore.for_config(cfg)
-
-
 def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
     from agent.executors import usable
 
@@ -567,8 +568,8 @@ def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             if daemon is None:
                 raise UsageError("the node daemon of this state_dir stopped; run status again")
             with daemon:
-                events = list(control.request(daemon, {"op": "status"}))
-            found = next((e["devices"] for e in events if e.get("type") == "status"), None)
+                events = list(control.request(daemon, control.StatusRequest()))
+            found = next((e.devices for e in events if isinstance(e, control.Status)), None)
             if found is None:
                 raise AgentError(f"the node daemon did not answer: {events}")
             devices = found
@@ -613,13 +614,12 @@ def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     device = args.device
     if not is_id(device):
         raise UsageError(f"{device!r} is not a device id")
-    request = {"op": "forget", "device": device, "force": bool(args.force)}
-    final: dict[str, Any]
+    final: control.Event
     daemon = control.connect(cfg.state_dir)
     if daemon is not None:
         with daemon:
-            events = list(control.request(daemon, request))
-        final = events[-1] if events else {"type": "error", "error": "no answer", "exit_code": 1}
+            events = list(control.request(daemon, control.ForgetRequest(device, bool(args.force))))
+        final = events[-1] if events else control.Failure("no answer", ExitCode.FAILED)
     else:
         from agent.fleet import Fleet
         from agent.status import forget
@@ -630,10 +630,13 @@ def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> 
             final = forget(fleet, device, force=bool(args.force))
         finally:
             fleet.close()
-    if final.get("type") == "error":
-        print(f"error: {final['error']}", file=err)
-        return int(final.get("exit_code", ExitCode.FAILED))
-    print(f"forgot {device}: cleared {', '.join(final['cleared'])}", file=out)
+    if isinstance(final, control.Failure):
+        print(f"error: {final.error}", file=err)
+        return final.exit_code
+    if not isinstance(final, control.Forgot):
+        print(f"error: the node daemon answered {final.type!r}", file=err)
+        return ExitCode.FAILED
+    print(f"forgot {device}: cleared {', '.join(final.cleared)}", file=out)
     return ExitCode.OK
 
 
@@ -671,7 +674,7 @@ def _check(cfg: Config, out: TextIO, file_problems: Sequence[str] = ()) -> int:
     daemon = control.connect(cfg.state_dir)
     if daemon is not None:
         with daemon:
-            answered = any(e.get("type") == "status" for e in control.request(daemon, {"op": "status"}))
+            answered = any(isinstance(e, control.Status) for e in control.request(daemon, control.StatusRequest()))
         report("broker", None if answered else "the node daemon of this state_dir did not answer",
                f"{broker}: a node daemon runs here and owns the connection")
     elif any(p.startswith("broker.") for p in file_problems):
@@ -724,7 +727,7 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
         backend, how = DaemonBackend(cfg), "through this device's node daemon"
     else:
         from agent.fleet import Fleet
-        from agent.orchestrator import Orchestrator
+        from agent.fronts import orchestrator
 
         npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
         cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
@@ -737,8 +740,8 @@ def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
                 return fleets[0]
 
         def make() -> Any:
-            return Orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                                arms=lambda: _arm_store(cfg), local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
+            return orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
+                                local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
 
         own = own_models(npu_exec, cpu_exec)
         backend, how = OrchestratorBackend(make, fleet, own, cfg.device_id), "as this device"

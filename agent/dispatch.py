@@ -60,6 +60,7 @@ class Answer:
     prompt_tokens: int = 0
     finish_reason: str = ""            # the engine's, where it said ("stop", "length", …)
     tool_calls: tuple[ToolCall, ...] = ()
+    kind: str = ""                     # why no device ran it: "model_not_served" | "no_tools" | ""
 
 
 def teaches_the_learner(answer: Answer) -> bool:

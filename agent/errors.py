@@ -2,6 +2,7 @@
 
     AgentError
     ├── UsageError             a command line that cannot be acted on (what)            → 2
+    │   └── BadPrompt             a prompt request out of its bounds (field)
     ├── ConfigError            every problem of a config, as "path.to.key: message"      → 2
     ├── StateError             state_dir or a file in it is unusable (path, reason)     → 2
     ├── DuplicateIdentity      another live node uses this device_id (device)            → 2
@@ -51,6 +52,15 @@ class UsageError(AgentError):
     """A command line (or request) that cannot be acted on."""
 
     exit_code = ExitCode.USAGE
+
+
+class BadPrompt(UsageError):
+    """A prompt request outside the bounds every front shares (``messages.Prompt``):
+    ``field`` names what is wrong, so each front reports it in its own terms."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
 
 
 class ConfigError(AgentError):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
-from agent.errors import ERROR_KINDS, MessageError
+from agent.errors import ERROR_KINDS, BadPrompt, MessageError
 from agent.topics import is_id
 
 T = TypeVar("T")
@@ -31,6 +31,12 @@ MODES = ("npu", "cpu")
 NEEDS = ("any", "npu")
 RESULT_TYPES = ("accepted", "declined", "token", "done", "error")
 MAX_TOKENS = 1_000_000
+# The bounds of a prompt request (``Prompt``), the same on every front. Temperature: 0 to
+# 2, the range OpenAI's API documents (the only public statement of one we answer to).
+MAX_TEMPERATURE = 2.0
+MAX_MODEL_NAME = 128
+MAX_BID_TIMEOUT_S = 86400.0
+DEFAULT_NEW_TOKENS = 256
 ROLES = ("system", "user", "assistant", "tool")
 MAX_MESSAGES = 1024
 MAX_TOOLS = 128
@@ -726,6 +732,74 @@ TRIGGER_FIELDS = frozenset({"prompt", "max_new_tokens", "id", "v", "model"})
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """One prompt request, checked once, with one set of bounds, whichever front it came
+    through: ``trigger``, the control socket, an MQTT trigger, OpenAI's or Ollama's API.
+    Constructing one validates it (types too: the fields may come straight from JSON);
+    ``BadPrompt`` names the field that is wrong."""
+
+    prompt: str
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
+    need: str = "any"
+    dry_run: bool = False
+    bid_timeout_s: float | None = None
+    model: str | None = None
+    temperature: float | None = None
+    chat: Chat | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise BadPrompt("prompt", "the prompt is empty")
+        if type(self.max_new_tokens) is not int or not 1 <= self.max_new_tokens <= MAX_TOKENS:
+            raise BadPrompt("max_new_tokens", f"max_new_tokens must be an integer from 1 to {MAX_TOKENS}")
+        if self.need not in NEEDS:
+            raise BadPrompt("need", "need must be any or npu")
+        if type(self.dry_run) is not bool:
+            raise BadPrompt("dry_run", "dry_run must be true or false")
+        if self.bid_timeout_s is not None and not _number_in(self.bid_timeout_s, 0.0, MAX_BID_TIMEOUT_S, open_=True):
+            raise BadPrompt("bid_timeout_s", "bid_timeout_s must be a number of seconds > 0")
+        if self.model is not None and not (isinstance(self.model, str) and 0 < len(self.model) <= MAX_MODEL_NAME):
+            raise BadPrompt("model", "model must be a model name")
+        if self.temperature is not None and not _number_in(self.temperature, 0.0, MAX_TEMPERATURE):
+            raise BadPrompt("temperature", f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}")
+        if self.chat is not None and not isinstance(self.chat, Chat):
+            raise BadPrompt("chat", "chat must be a conversation")
+        # JSON numbers arrive as int or float: keep one type downstream.
+        if self.bid_timeout_s is not None:
+            object.__setattr__(self, "bid_timeout_s", float(self.bid_timeout_s))
+        if self.temperature is not None:
+            object.__setattr__(self, "temperature", float(self.temperature))
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "max_new_tokens": self.max_new_tokens, "need": self.need,
+                "dry_run": self.dry_run, "bid_timeout_s": self.bid_timeout_s, "model": self.model,
+                "temperature": self.temperature, "chat": None if self.chat is None else self.chat.to_obj()}
+
+    @classmethod
+    def from_obj(cls, obj: Mapping[str, Any], max_bytes: int = 256 * 1024 * 1024) -> Prompt:
+        """A prompt from JSON fields (absent ones take their defaults); BadPrompt if wrong."""
+        chat = None
+        if obj.get("chat") is not None:
+            try:
+                chat = Chat.from_obj(obj["chat"], "trigger", max_bytes)
+            except MessageError as exc:
+                raise BadPrompt("chat", str(exc)) from None
+        return cls(obj.get("prompt"), obj.get("max_new_tokens", DEFAULT_NEW_TOKENS),  # type: ignore[arg-type]
+                   obj.get("need", "any"), obj.get("dry_run", False), obj.get("bid_timeout_s"), obj.get("model"),
+                   obj.get("temperature"), chat)
+
+
+def _number_in(value: object, lo: float, hi: float, *, open_: bool = False) -> bool:
+    """A JSON number (not a bool) in [lo, hi] — or (lo, hi) with ``open_`` — and finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and (lo < value < hi if open_ else lo <= value <= hi)
+    except OverflowError:
+        return False
+
+
+@dataclass(frozen=True)
 class TriggerRequest:
     """A prompt sent to ``agent/<dev>/trigger``: plain text, or JSON with a ``prompt``.
 
@@ -764,14 +838,20 @@ class TriggerRequest:
                 raise MessageError(cls.KIND, sorted(unknown)[0],
                                    f"unknown field (a trigger takes {', '.join(sorted(TRIGGER_FIELDS - {'v'}))})")
             prompt = f.text("prompt", max_bytes) or ""
-            max_new = f.integer("max_new_tokens", 1, MAX_TOKENS, optional=True)
+            max_new = obj.get("max_new_tokens")
             answer_id = f.id("id") if "id" in obj else None
-            model = f.text("model", 128, optional=True)
+            model = f.text("model", MAX_MODEL_NAME, optional=True) or None  # "": no preference
         else:
             prompt, max_new, model = text, None, None
-        if not prompt.strip():
-            raise MessageError(cls.KIND, "prompt", "is empty")
+        try:  # the bounds every front shares
+            Prompt(prompt, DEFAULT_NEW_TOKENS if max_new is None else max_new, model=model)
+        except BadPrompt as exc:
+            raise MessageError(cls.KIND, exc.field, str(exc)) from None
         return cls(prompt=prompt, max_new_tokens=max_new, id=answer_id, model=model)
+
+    def ask(self) -> Prompt:
+        """The prompt request this trigger makes (checked when it was decoded)."""
+        return Prompt(self.prompt, self.max_new_tokens or DEFAULT_NEW_TOKENS, model=self.model)
 
     @staticmethod
     def reply_id(payload: bytes, correlation_data: bytes | None) -> str | None:

@@ -5,7 +5,7 @@ Assistant's ``ollama`` integration, Open WebUI, most local-LLM tools).
     GET  /api/version   GET /api/tags   GET /api/ps
     POST /api/show      POST /api/pull  POST /api/chat   POST /api/generate
 
-Theory of operation. This module only translates: a request becomes the same ``Ask``
+Theory of operation. This module only translates: a request becomes the same ``Prompt``
 the OpenAI front builds (a chat, with tools and format, for /api/chat), runs through the
 same line of waiting requests and the same backend (agent/serve.py), and the answer is
 written in Ollama's shapes: NDJSON (``application/x-ndjson``, one object a line, the last
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import DEFAULT_MODEL
-from agent.messages import Chat, ChatMessage, ToolCall
-from agent.serve import NO_PREFERENCE, Ask, BadRequest, Stop, arguments_of, text_of, tools_of
+from agent.messages import Chat, ChatMessage, Prompt, ToolCall
+from agent.serve import NO_PREFERENCE, BadRequest, Stop, arguments_of, prompt_of, text_of, tools_of
 
 if TYPE_CHECKING:
     from agent.serve import Answered, _Handler
@@ -74,7 +74,11 @@ def not_found(requested: Any) -> BadRequest:
     return BadRequest(404, f'model "{requested}" not found, try pulling it first')
 
 
-def options_of(body: dict[str, Any]) -> tuple[int, float | None]:
+# Our names of a prompt's fields -> Ollama's, for the errors.
+OLLAMA_NAMES = {"max_new_tokens": "options.num_predict", "temperature": "options.temperature"}
+
+
+def options_of(body: dict[str, Any]) -> tuple[int, Any]:
     """(max new tokens, temperature) from ``options``; other options (num_ctx, …) may
     arrive as floats and are accepted and left to the device."""
     options = body.get("options") or {}
@@ -87,11 +91,7 @@ def options_of(body: dict[str, Any]) -> tuple[int, float | None]:
         max_new = max(1, min(int(predict), 1_000_000))
     else:
         raise BadRequest(400, "options.num_predict must be an integer")
-    temperature = options.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 10):
-        raise BadRequest(400, "options.temperature must be a number from 0 to 10")
-    return max_new, None if temperature is None else float(temperature)
+    return max_new, options.get("temperature")  # checked with the rest of the request (Prompt)
 
 
 def format_of(raw: Any) -> str | dict[str, Any] | None:
@@ -268,7 +268,8 @@ def post(h: _Handler, path: str) -> None:
             fmt = format_of(body.get("format"))
             turns = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt),)
             chat = Chat(turns, (), fmt) if system or fmt is not None else None
-        ask = Ask(chat.transcript() if chat is not None else str(body["prompt"]), max_new, model, temperature, chat)
+        ask = prompt_of(chat.transcript() if chat is not None else str(body["prompt"]), max_new, model, temperature,
+                        chat, names=OLLAMA_NAMES)
         if chat is not None and chat.tools and entry.get("devices") and not entry.get("tools"):
             raise BadRequest(400, f'"{requested}" does not support tools (no device serving it can call tools)')
     except BadRequest as exc:
@@ -294,7 +295,7 @@ def _pulled(h: _Handler, stream: bool) -> None:
     h.wfile.write(lines)
 
 
-def _answer(h: _Handler, ask: Ask, *, chat: bool, stream: bool, shown: str) -> None:
+def _answer(h: _Handler, ask: Prompt, *, chat: bool, stream: bool, shown: str) -> None:
     """Run one /api/chat or /api/generate request and write the answer in Ollama's shape."""
     stop = Stop()
     lock = threading.Lock()

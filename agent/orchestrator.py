@@ -374,14 +374,17 @@ class Orchestrator:
         tried = ", ".join(f"{a['device']}: {a['outcome']}" for a in attempts)
         error = "no device can run this job" + (f" (tried {tried})" if tried else
                                                 " (no peer bid and this device has no usable executor)")
+        kind = ""
         if req.model is not None and not tried:
             known = self._models_known(wire)
             error = (f"no device serves model {req.model!r} now; "
                      + (f"the fleet serves: {', '.join(known)}" if known else "no device has announced a model"))
+            kind = "model_not_served"
         if req.tools and not tried:
             error = ("no device can call tools" + (f" with model {req.model!r}" if req.model else "")
                      + " now (an executor takes tools with `tools: true`; openai executors do by default)")
-        return replace(seen, answer=Answer(False, ExitCode.NO_DEVICE, error=error), attempts=tuple(attempts),
+            kind = "no_tools"
+        return replace(seen, answer=Answer(False, ExitCode.NO_DEVICE, error=error, kind=kind), attempts=tuple(attempts),
                        total_ms=(self.clock() - started) * 1000)
 
     def _dispatch(self, wire: _Wire, req: Request, device: str, mode: str, claim: str, decided: Decided,

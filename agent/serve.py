@@ -44,24 +44,16 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from agent import control
 from agent.admission import FULL, Admission
 from agent.config import DEFAULT_MODEL, Config
-from agent.errors import AgentError, ExitCode, PromptTooLarge, UsageError
-from agent.messages import Chat, ChatMessage, Timings, ToolCall, tool_name
+from agent.errors import AgentError, BadPrompt, ExitCode, PromptTooLarge, UsageError
+from agent.messages import Chat, ChatMessage, Prompt, Timings, ToolCall, tool_name
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class Ask:
-    prompt: str
-    max_new_tokens: int
-    model: str | None
-    temperature: float | None = None
-    chat: Chat | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +71,7 @@ class Answered:
     finish_reason: str = ""   # the engine's; "" when it did not say
     tool_calls: tuple[ToolCall, ...] = ()
     timings: Timings = Timings()
+    kind: str = ""            # why no device ran it, where that has a name (dispatch.Answer.kind)
 
 
 class Stop(threading.Event):
@@ -118,7 +111,7 @@ class Backend(Protocol):
 
     def connected(self) -> bool: ...
 
-    def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
+    def run(self, ask: Prompt, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
             stop: Stop) -> Answered: ...
 
 
@@ -129,7 +122,7 @@ def _answered(out: Any) -> Answered:
                     exit_code=int(out.exit_code), error=out.error, prompt_tokens=out.answer.prompt_tokens,
                     completion_tokens=out.answer.generated_tokens, total_ms=out.total_ms,
                     finish_reason=out.answer.finish_reason, tool_calls=out.answer.tool_calls,
-                    timings=out.timings)
+                    timings=out.timings, kind=out.answer.kind)
 
 
 class OrchestratorBackend:
@@ -176,7 +169,7 @@ class OrchestratorBackend:
         except AgentError:
             return False
 
-    def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
+    def run(self, ask: Prompt, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
             stop: Stop) -> Answered:
         try:
             orch = self._idle.get_nowait()
@@ -203,8 +196,7 @@ class DaemonBackend:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def _request(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        from agent import control
+    def _request(self, req: control.Request) -> Iterator[control.Event]:
         sock = control.connect(self.cfg.state_dir)
         if sock is None:
             raise AgentError("the node daemon of this device stopped")
@@ -213,8 +205,10 @@ class DaemonBackend:
 
     def models(self) -> list[dict[str, Any]]:
         entries: dict[str, dict[str, Any]] = {}
-        for event in self._request({"op": "status"}):
-            for row in event.get("devices", []):
+        for event in self._request(control.StatusRequest()):
+            if not isinstance(event, control.Status):
+                continue
+            for row in event.devices:
                 if not row.get("online"):
                     continue
                 for info in (row.get("models") or {}).values():
@@ -226,12 +220,10 @@ class DaemonBackend:
         return _listed(entries)
 
     def connected(self) -> bool:
-        from agent import control
         return control.running(self.cfg.state_dir)
 
-    def run(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
+    def run(self, ask: Prompt, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
             stop: Stop) -> Answered:
-        from agent import control
         sock = control.connect(self.cfg.state_dir)
         if sock is None:
             raise AgentError("the node daemon of this device stopped")
@@ -244,38 +236,40 @@ class DaemonBackend:
         unhook = stop.on_set(leave)
         try:
             with sock:
-                for event in control.request(sock, {"op": "trigger", "prompt": ask.prompt,
-                                                    "max_new_tokens": ask.max_new_tokens, "model": ask.model,
-                                                    "temperature": ask.temperature,
-                                                    "chat": None if ask.chat is None else ask.chat.to_obj()}):
-                    kind = event.get("type")
-                    if kind == "decision":
-                        on_decision(event["winner"], event.get("path"))
-                    elif kind == "token":
-                        on_token(event["text"])
-                    elif kind == "outcome":
-                        out = event["outcome"]
-                        usage = out.get("usage") or {}
-                        return Answered(ok=out["ok"], text=out["text"], winner=out["winner"], path=out["path"],
-                                        rid=out["rid"], exit_code=out["exit_code"], error=out["error"],
-                                        prompt_tokens=usage.get("prompt_tokens", 0),
-                                        completion_tokens=usage.get("completion_tokens", 0),
-                                        total_ms=out["total_ms"], finish_reason=out.get("finish_reason") or "",
-                                        tool_calls=tuple(ToolCall(c["name"], c["arguments"], c.get("id", ""))
-                                                         for c in out.get("tool_calls") or ()),
-                                        timings=Timings(**{k: float(v) for k, v in (out.get("timings") or {}).items()
-                                                           if k in Timings.__dataclass_fields__}))
-                    elif kind == "error":
-                        raise _DaemonError(event.get("error", "the daemon refused"), event.get("exit_code", 1))
+                for event in control.request(sock, control.PromptRequest(ask)):
+                    if isinstance(event, control.Decision):
+                        on_decision(event.winner, event.path)
+                    elif isinstance(event, control.Text):
+                        on_token(event.text)
+                    elif isinstance(event, control.Outcome):
+                        return _from_outcome(event)
+                    elif isinstance(event, control.Failure):
+                        raise _DaemonError(event.error, event.exit_code)
+        except ValueError as exc:
+            raise AgentError(f"the node daemon sent something unexpected: {exc}") from None
         finally:
             unhook()
         raise AgentError("the node daemon hung up before answering")
 
 
+def _from_outcome(event: control.Outcome) -> Answered:
+    """What the daemon's outcome (the ``trigger --json`` object) says, for an HTTP answer."""
+    out = event.outcome
+    usage = out.get("usage") or {}
+    return Answered(ok=out["ok"], text=out["text"], winner=out["winner"], path=out["path"], rid=out["rid"],
+                    exit_code=out["exit_code"], error=out["error"], prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0), total_ms=out["total_ms"],
+                    finish_reason=out.get("finish_reason") or "",
+                    tool_calls=tuple(ToolCall(c["name"], c["arguments"], c.get("id", ""))
+                                     for c in out.get("tool_calls") or ()),
+                    timings=Timings(**{k: float(v) for k, v in (out.get("timings") or {}).items()
+                                       if k in Timings.__dataclass_fields__}), kind=event.kind)
+
+
 class _DaemonError(AgentError):
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: ExitCode):
         super().__init__(message)
-        self.exit_code = ExitCode(code) if code in ExitCode._value2member_map_ else ExitCode.FAILED
+        self.exit_code = code
 
 
 def own_models(*executors: Any) -> list[dict[str, Any]]:
@@ -380,23 +374,20 @@ def chat_of_openai(body: dict[str, Any]) -> Chat:
     return Chat(tuple(turns), tools, fmt)
 
 
-def max_tokens_of(body: dict[str, Any]) -> int:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    if value is None:
-        return DEFAULT_MAX_TOKENS
-    if type(value) is not int or not 1 <= value <= 1_000_000:
-        raise BadRequest(400, "max_tokens must be a positive integer", param="max_tokens")
-    return value
+def prompt_of(prompt: str, max_new_tokens: Any, model: str | None, temperature: Any, chat: Chat | None, *,
+              names: dict[str, str]) -> Prompt:
+    """The request as a ``Prompt`` (the bounds every front shares); a 400 naming the
+    field in the API's own terms (``names``: ours -> theirs) if one is out of bounds."""
+    try:
+        return Prompt(prompt, max_new_tokens, model=model, temperature=temperature, chat=chat)
+    except BadPrompt as exc:
+        theirs = names.get(exc.field, exc.field)
+        message = str(exc).replace(exc.field, theirs, 1)
+        raise BadRequest(400, message, param=theirs) from None
 
 
-def temperature_of(body: dict[str, Any]) -> float | None:
-    value = body.get("temperature")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-        raise BadRequest(400, "temperature must be a number from 0 to 2", param="temperature")
-    return float(value)
-
+# Our names of a prompt's fields -> OpenAI's, for the errors.
+OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 
 # Model names that ask for no model in particular: any device answers.
 NO_PREFERENCE = ("", "default", DEFAULT_MODEL)
@@ -406,10 +397,13 @@ def model_of(body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is None or model in NO_PREFERENCE:
         return None  # no preference: any device, as a trigger without a model
-    if not isinstance(model, str) or len(model) > 128:
+    if not isinstance(model, str):
         raise BadRequest(400, "model must be a model name", param="model")
-    return model
+    return model  # its length is checked with the rest of the request (Prompt)
 
+
+# Why no device ran a job (dispatch.Answer.kind) -> OpenAI's error code for it.
+ERROR_CODES = {"model_not_served": "model_not_found", "no_tools": "tools_not_supported"}
 
 STATUS_OF = {ExitCode.NO_DEVICE: 503, ExitCode.TIMEOUT: 504, ExitCode.USAGE: 400, ExitCode.BROKER: 503,
              ExitCode.INTERRUPTED: 499, ExitCode.FAILED: 502}
@@ -634,7 +628,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if not isinstance(raw, str) or not raw.strip():
                     raise BadRequest(400, "prompt must be a non-empty string", param="prompt")
                 prompt = raw
-            ask = Ask(prompt, max_tokens_of(body), model_of(body), temperature_of(body), conversation)
+            max_new = body.get("max_completion_tokens", body.get("max_tokens"))
+            ask = prompt_of(prompt, DEFAULT_MAX_TOKENS if max_new is None else max_new, model_of(body),
+                            body.get("temperature"), conversation, names=OPENAI_NAMES)
             stream = body.get("stream") is True
             usage_in_stream = isinstance(body.get("stream_options"), dict) and \
                 body["stream_options"].get("include_usage") is True
@@ -651,7 +647,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.gateway.admission.leave()
 
     # ------------------------------------------------------------------ one completion
-    def _complete(self, ask: Ask, *, chat: bool, stream: bool, usage_in_stream: bool, shown_model: str) -> None:
+    def _complete(self, ask: Prompt, *, chat: bool, stream: bool, usage_in_stream: bool, shown_model: str) -> None:
         stop = Stop()
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -748,7 +744,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Edge-Agent-Device", device)
         self.end_headers()
 
-    def run_backend(self, ask: Ask, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
+    def run_backend(self, ask: Prompt, on_decision: Callable[[str, str | None], None], on_token: Callable[[str], None],
                     stop: Stop) -> tuple[Answered | None, tuple[int, str, str] | None]:
         """Run one request through the backend while watching for the client to hang up:
         (the answer, or None; the failure as (status, message, code), or None). The code
@@ -774,9 +770,7 @@ class _Handler(BaseHTTPRequestHandler):
             return answered, (499, "client gone", "client_gone")
         code = ExitCode(answered.exit_code) if answered.exit_code in ExitCode._value2member_map_ \
             else ExitCode.FAILED
-        err_code = "model_not_found" if ask.model and "serves model" in (answered.error or "") else None
-        if answered.error and answered.error.startswith("no device can call tools"):
-            err_code = "tools_not_supported"
+        err_code = ERROR_CODES.get(answered.kind)
         status = 404 if err_code == "model_not_found" else 400 if err_code else STATUS_OF.get(code, 502)
         return answered, (status, answered.error or "failed", err_code or "edge_agent_error")
 

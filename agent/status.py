@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agent.control import Failure, Forgot
+from agent.errors import ExitCode
 from agent.roster import Roster
 
 if TYPE_CHECKING:
@@ -69,24 +71,23 @@ def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]
     return out
 
 
-def forget(fleet: Fleet, device: str, *, force: bool) -> dict[str, Any]:
+def forget(fleet: Fleet, device: str, *, force: bool) -> Forgot | Failure:
     """Clear a retired device's retained topics (an empty retained message deletes one,
-    and an empty discovery config makes Home Assistant drop the device). The event the
-    CLI prints: {"type": "forgot", "cleared": [...]}, or an error."""
+    and an empty discovery config makes Home Assistant drop the device): what was
+    cleared, or why not (the control socket's events)."""
     topics = fleet.topics
     if device not in fleet.roster.known() and device not in fleet.roster.metrics():
-        return {"type": "error", "exit_code": 2,
-                "error": f"the broker knows no device {device!r} (nothing retained under its id); "
-                         "`status` lists the devices there are"}
+        return Failure(f"the broker knows no device {device!r} (nothing retained under its id); "
+                       "`status` lists the devices there are", ExitCode.USAGE)
     if fleet.roster.known().get(device) and not force:
-        return {"type": "error", "exit_code": 2,
-                "error": f"{device} is online: stop its node first (it would announce itself again), or --force"}
+        return Failure(f"{device} is online: stop its node first (it would announce itself again), or --force",
+                       ExitCode.USAGE)
     cleared = [topics.availability(device), topics.metrics(device), topics.last_result(device),
                topics.ha_config(device)]
     for topic in cleared:
         fleet.bus.publish(topic, b"", retain=True)
     if not fleet.bus.barrier(5.0):
-        return {"type": "error", "exit_code": 5, "error": "the broker did not confirm"}
+        return Failure("the broker did not confirm", ExitCode.BROKER)
     # Look again: a broker with the ACL drops what we may not clear, without telling.
     kept: list[str] = []
     subs = [fleet.bus.subscribe(t, lambda m: kept.append(m.topic) if m.retain and m.payload else None)
@@ -95,10 +96,9 @@ def forget(fleet: Fleet, device: str, *, force: bool) -> dict[str, Any]:
     for sub in subs:
         fleet.bus.unsubscribe(sub)
     if kept:
-        return {"type": "error", "exit_code": 1,
-                "error": f"the broker kept {', '.join(sorted(set(kept)))}: this device may not clear them "
-                         "(with the production ACL, run forget with an operator's config)"}
-    return {"type": "forgot", "cleared": cleared}
+        return Failure(f"the broker kept {', '.join(sorted(set(kept)))}: this device may not clear them "
+                       "(with the production ACL, run forget with an operator's config)", ExitCode.FAILED)
+    return Forgot(cleared)
 
 
 def table(devices: list[dict[str, Any]]) -> list[str]:

@@ -59,7 +59,7 @@ def test_a_peer_job_the_own_trigger_and_20_mqtt_triggers_never_run_at_once(env: 
         own = results["own"][1]
         assert results["own"][0] == 0 and own is not None
         assert (own["winner"], own["path"]) == ("dev", "local-cpu")
-        assert node.journal.get(own["rid"]) is not None, "its own daemon ran it, through its gate"
+        assert node.jobs.journal.get(own["rid"]) is not None, "its own daemon ran it, through its gate"
         # The device's metrics count its own jobs too: a latency, and a queue while busy.
         seen = [Metrics.from_payload(m.payload) for m in metrics.seen]
         assert any(m.last_latency_ms is not None for m in seen)

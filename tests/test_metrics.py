@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.metrics import HostSampler, LatencyWindow, snapshot
-from agent.node import METRICS_MIN_GAP_S, metrics_due
+from agent.presence import METRICS_MIN_GAP_S, metrics_due
 
 
 def test_the_latency_window_summarises_the_last_jobs_per_mode_and_follows_each_new_one() -> None:

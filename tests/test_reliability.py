@@ -347,7 +347,7 @@ def test_crashing_executor_frees_the_npu_and_the_node_keeps_serving(env: Env) ->
         code, out, _, _ = env.trigger(hub, "crash please")
         assert code == 1 and out is not None and "exited with code 3" in out["error"]
         assert out["text"] == "partial "
-        assert n.npu_lock.is_free()
+        assert n.capacity.npu_lock.is_free()
         code, out, _, _ = env.trigger(hub, "again")
         assert code == 1 and out is not None and out["path"] == "peer-npu", "the NPU was offered again"
 

@@ -221,6 +221,10 @@ def test_the_serve_command_alone_or_through_this_devices_node(env: Env, with_dae
             chat = client(port).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi you"}])
             assert chat.choices[0].message.content == "hi you"
             assert chat.model_extra["edge_agent"]["device"] == "worker"
+            # A model nobody serves is a 404 model_not_found, by its kind, either way.
+            with pytest.raises(openai.NotFoundError) as missing:
+                client(port).chat.completions.create(model="nosuch", messages=[{"role": "user", "content": "x"}])
+            assert missing.value.code == "model_not_found", missing.value
         finally:
             proc.terminate()
             assert proc.wait(15) == 0, "SIGTERM stops it cleanly"

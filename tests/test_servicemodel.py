@@ -226,10 +226,10 @@ def test_a_queued_job_is_priced_from_its_start_as_a_running_job_is_aged(tmp_path
     prompt = "word " * 400
     tokens = estimate_tokens(prompt)
     for _ in range(5):
-        node.record.observe("cpu", tokens, 100, 80, 3.0)
-        node.init_cost.observe("cpu", False, 2.0)
+        node.jobs.record.observe("cpu", tokens, 100, 80, 3.0)
+        node.jobs.init_cost.observe("cpu", False, 2.0)
     job = SimpleNamespace(job=SimpleNamespace(mode="cpu", text_prompt=prompt, max_new_tokens=100))
-    assert node._expected(job) == pytest.approx(5.0, rel=0.01), "start-up (2 s) + service (3 s)"
+    assert node.jobs.expected(job) == pytest.approx(5.0, rel=0.01), "start-up (2 s) + service (3 s)"
 
     clock = [100.0]
     release, began = threading.Event(), threading.Semaphore(0)
@@ -238,7 +238,7 @@ def test_a_queued_job_is_priced_from_its_start_as_a_running_job_is_aged(tmp_path
         began.release()
         release.wait(10)
 
-    gate: Gate[str] = Gate(1, 2, work, expected=lambda item: node._expected(job), clock=lambda: clock[0])
+    gate: Gate[str] = Gate(1, 2, work, expected=lambda item: node.jobs.expected(job), clock=lambda: clock[0])
     gate.start()
     try:
         gate.offer("running")

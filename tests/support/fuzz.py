@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from agent.auction import Stragglers
 from agent.config import load_config
-from agent.control import parse_request
+from agent.control import decode_request, parse_request
 from agent.errors import (
     ConfigError,
     ExecutorError,
@@ -48,7 +48,6 @@ from agent.messages import (
     TriggerRequest,
     decode_result,
 )
-from agent.node import _trigger_request
 from agent.topics import Topics
 
 _SCRATCH: list[Path] = []
@@ -173,9 +172,7 @@ def _sse(data: bytes) -> None:
 
 
 def _control(data: bytes) -> None:
-    request = parse_request(data)
-    if request.get("op") == "trigger":
-        _trigger_request(request)
+    decode_request(parse_request(data))
 
 
 _TOPICS = Topics("p/")

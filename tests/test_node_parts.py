@@ -1,0 +1,331 @@
+"""The parts the node daemon is wired from, each alone: no broker, a recording publisher,
+a fake clock where time matters (agent/capacity.py, jobs.py, bids.py, presence.py, fronts.py)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.bids import Bids
+from agent.bus import Message
+from agent.capacity import Capacity
+from agent.config import Config, parse_config
+from agent.errors import ExitCode, StateError
+from agent.fronts import Fronts
+from agent.jobs import Jobs
+from agent.messages import Accepted, Bid, BidRequest, Declined, Done, Job, Metrics, Snapshot, decode_result
+from agent.node import _executor
+from agent.presence import Presence
+from agent.topics import Topics
+
+WAIT_S = 10.0
+T = Topics("p/")
+
+
+class Wire:
+    """Stands in for the bus: what was published, in order, and whether it is connected."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bool]] = []
+        self.arrived: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connected = True
+        self.qos: dict[str, int] = {}  # the QoS each topic was last published at
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        self.sent.append((topic, payload, retain))
+        self.qos[topic] = qos
+        self.arrived.put((topic, payload))
+
+    def topics(self) -> list[str]:
+        return [topic for topic, _, _ in self.sent]
+
+    def next_on(self, topic: str) -> bytes:
+        while True:
+            got, payload = self.arrived.get(timeout=WAIT_S)
+            if got == topic:
+                return payload
+
+
+def config(tmp_path: Path, **extra: Any) -> Config:
+    return parse_config({"device_id": "dev", "state_dir": str(tmp_path), "topic_prefix": "p/",
+                         "homeassistant": {"enabled": False},
+                         "cpu": {"enabled": True, "slots": 1, "max_queue": 1,
+                                 "executor": {"kind": "sim", "base_ms": 1, "ms_per_token": 0}}, **extra})
+
+
+class Parts:
+    """Capacity, Jobs and Bids wired as the node wires them, on a fake wire and clock."""
+
+    def __init__(self, tmp_path: Path, *, age_s: float = 0.0):
+        self.cfg = cfg = config(tmp_path)
+        self.wire = Wire()
+        self.changes = 0
+        self.changed = threading.Event()  # what the node hands Presence: set on every change
+        self.now = [100.0]
+        self.age_s = age_s
+        self.capacity = Capacity(cfg.state_dir, None, _executor(cfg, "cpu"), cfg.cpu.slots, on_change=self._changed)
+        self.jobs = Jobs("dev", cfg.state_dir, self.capacity, T, publish=self.wire.publish, age=self._age,
+                         max_queue=cfg.cpu.max_queue, job_timeout_s=60.0, half_life_jobs=20.0,
+                         max_payload_bytes=cfg.max_payload_bytes, on_change=self._changed, clock=self.clock)
+        self.bids = Bids("dev", self.capacity, self.jobs, T, publish=self.wire.publish, age=self._age,
+                         snapshot=lambda: Metrics.from_payload(_METRICS).snapshot,
+                         max_payload_bytes=cfg.max_payload_bytes, clock=self.clock)
+
+    def clock(self) -> float:
+        return self.now[0]
+
+    def _changed(self) -> None:
+        self.changes += 1
+        self.changed.set()
+
+    def _age(self, origin: str, sent_at: float, msg: Message, lifetime_s: float) -> float:
+        return self.age_s
+
+    def call(self, rid: str = "r1", **kw: Any) -> str | None:
+        """Send a call for bids; the claim of the bid it got (None: no bid)."""
+        before = len(self.wire.sent)
+        req = BidRequest(rid, "hub", 30.0, 3, 8, **kw)
+        self.bids.on_bid_request(Message(T.bid_request(rid), req.to_payload()))
+        reply = T.bid_reply("hub", rid, "dev")
+        bids = [Bid.from_payload(p) for topic, p, _ in self.wire.sent[before:] if topic == reply]
+        return bids[0].claim if bids else None
+
+    def job(self, rid: str, claim: str, **kw: Any) -> Job:
+        job = Job(rid, "hub", "cpu", claim, "hello there", 4, 3.0, 60.0, f"p/result/hub/{rid}", **kw)
+        self.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+        return job
+
+    def results(self, rid: str) -> list[Any]:
+        return [decode_result(p) for topic, p, _ in self.wire.sent if topic == T.result("hub", rid, "dev")]
+
+
+_METRICS = Metrics("dev", 1.0, Snapshot(False, False, 1, 0.0, 1000.0, 0.0, 0)).to_payload()
+
+
+# ---------------------------------------------------------------- capacity
+def test_capacity_says_why_it_takes_no_work(tmp_path: Path) -> None:
+    changes: list[int] = []
+    cfg = config(tmp_path)
+    cap = Capacity(cfg.state_dir, None, _executor(cfg, "cpu"), 2, on_change=lambda: changes.append(1))
+    assert cap.taking_work and cap.health_word() == "ok" and cap.slots == 2
+    cap.unhealthy("disk full")
+    assert not cap.taking_work and cap.health_word() == "disk full" and changes
+
+    def refused() -> None:
+        raise StateError(tmp_path, "still full")
+    cap.check_health(refused)
+    assert cap.health.endswith("still full"), "what the journal could not write keeps it unhealthy"
+    cap.check_health(lambda: None)
+    assert cap.taking_work and cap.health_word() == "ok"
+    cap.drain()
+    assert not cap.taking_work and cap.health_word() == "draining"
+
+
+def test_capacity_without_cpu_has_no_slots_and_no_npu(tmp_path: Path) -> None:
+    cap = Capacity(tmp_path, None, None, 4)
+    assert cap.slots == 0 and not cap.npu_free() and cap.engines_down() is None and not cap.simulated
+
+
+# ---------------------------------------------------------------- bids
+def test_a_bid_goes_to_the_origin_with_a_claim_and_none_while_draining(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    claim = parts.call("r1")
+    assert claim, "a node that takes work bids"
+    assert parts.wire.qos[T.bid_reply("hub", "r1", "dev")] == 0, "a late bid is useless: QoS 0"
+    assert parts.call("r1") == claim, "asked again: the same claim"
+    parts.capacity.drain()
+    assert parts.call("r2") is None, "a draining node sits auctions out"
+
+
+def test_no_bid_once_the_window_closed_or_for_a_retained_call(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, age_s=31.0)
+    assert parts.call("late") is None
+    parts.age_s = 0.0
+    req = BidRequest("kept", "hub", 30.0, 3, 8)
+    parts.bids.on_bid_request(Message(T.bid_request("kept"), req.to_payload(), retain=True))
+    assert not parts.wire.sent
+
+
+def test_no_bid_for_a_model_this_device_does_not_serve(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    assert parts.call("m", model="some-other-model") is None
+
+
+# ---------------------------------------------------------------- jobs
+def test_a_job_with_its_claim_is_accepted_run_and_journalled(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    parts.jobs.gate.start()
+    try:
+        claim = parts.call("r1")
+        assert claim
+        job = parts.job("r1", claim)
+        done = decode_result(parts.wire.next_on(T.result("hub", "r1", "dev")))
+        assert isinstance(done, Accepted)
+        while not isinstance(done, Done):
+            done = decode_result(parts.wire.next_on(T.result("hub", "r1", "dev")))
+        assert done.text and done.digest == job.digest
+        assert parts.jobs.gate.wait_idle(WAIT_S)
+        assert parts.jobs.journal.get("r1") is not None, "the final event is recorded for a redelivery"
+    finally:
+        parts.jobs.stop()
+
+
+def test_a_job_is_declined_with_the_reason(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)  # the gate is not started: admitted jobs wait in its line
+    first, second, third = parts.call("a"), parts.call("b"), parts.call("c")
+    assert first and second and third
+    parts.job("a", first)
+    parts.job("b", second)          # one slot and one place in the line: both fit
+    parts.job("c", third)
+    (declined,) = parts.results("c")
+    assert isinstance(declined, Declined) and declined.reason == "queue_full"
+    parts.capacity.drain()
+    fourth = parts.jobs.ledger.offer("d", "hub", 0.0)
+    assert fourth
+    parts.job("d", fourth)
+    (declined,) = parts.results("d")
+    assert isinstance(declined, Declined) and declined.reason == "draining"
+
+
+def test_a_job_for_an_unserved_model_or_the_npu_here_is_declined(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    claim = parts.jobs.ledger.offer("n", "hub", 0.0)
+    assert claim
+    job = Job("n", "hub", "npu", claim, "x", 4, 3.0, 60.0, "p/result/hub/n")
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+    (declined,) = parts.results("n")
+    assert isinstance(declined, Declined) and declined.reason == "no_npu"
+
+
+def test_a_job_past_its_deadline_in_the_line_fails_without_running(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    claim = parts.call("old")
+    assert claim
+    parts.job("old", claim)
+    (run,) = parts.jobs.ledger.running()
+    parts.now[0] += 61.0  # the fake clock passes the node's job_timeout_s while it waits
+    ran: list[str] = []
+    executor = parts.capacity.cpu
+    assert executor is not None
+    executor.run = lambda prompt, *args: ran.append(prompt)  # type: ignore[method-assign]
+    parts.jobs.execute(run, None)
+    kinds = [type(e).__name__ for e in parts.results("old")]
+    assert kinds == ["Accepted", "Error"], kinds
+    assert not ran and parts.results("old")[1].kind == "timeout"
+    assert parts.jobs.journal.get("old") is not None
+
+
+def test_a_job_is_cancelled_only_with_its_key(tmp_path: Path) -> None:
+    from agent.messages import Cancel, cancel_check
+    parts = Parts(tmp_path)
+    claim = parts.call("r")
+    assert claim
+    parts.job("r", claim, cancel_check=cancel_check("secret"))
+    (run,) = parts.jobs.ledger.running()
+    parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "guess").to_payload()))
+    assert not run.cancel.is_set(), "someone without the key cannot stop it"
+    parts.jobs.on_cancel(Message(T.cancel("dev", "other"), Cancel("r", "hub", "secret").to_payload()))
+    assert not run.cancel.is_set(), "a cancel whose topic names another origin is dropped"
+    parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "secret").to_payload()))
+    assert run.cancel.is_set()
+
+
+# ---------------------------------------------------------------- presence
+def test_presence_sends_metrics_before_online_and_again_when_asked(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    changed, stop = threading.Event(), threading.Event()
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=changed, stop=stop,
+                        wall=lambda: 1234.5)
+    presence.on_connect(False)
+    assert parts.wire.topics()[:2] == [T.metrics("dev"), T.availability("dev")]
+    metrics = Metrics.from_payload(parts.wire.sent[0][1])
+    assert metrics.ts == 1234.5 and metrics.health == "ok" and metrics.snapshot.cpu_slots == 1
+    presence.on_presence_query(Message(T.presence("dev"), b""))
+    assert not changed.is_set(), "its own query is not a reason"
+    presence.on_presence_query(Message(T.presence("other"), b""))
+    assert changed.is_set()
+
+
+def test_presence_metrics_say_draining(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=threading.Event(),
+                        stop=threading.Event())
+    parts.capacity.drain()
+    presence.publish_metrics()
+    assert Metrics.from_payload(parts.wire.sent[-1][1]).health == "draining"
+
+
+def test_the_loop_publishes_at_once_then_on_a_change_and_retries_the_disk(tmp_path: Path) -> None:
+    """A fake clock that stands still: only a change (or the health retry) makes it publish."""
+    parts = Parts(tmp_path)
+    changed, stop = parts.changed, threading.Event()
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=changed, stop=stop,
+                        clock=lambda: 50.0)
+    parts.capacity.unhealthy("disk gone")  # the first look at the disk finds it writable again
+    loop = threading.Thread(target=presence.loop, name="metrics-under-test", daemon=True)
+    loop.start()
+    try:
+        first = Metrics.from_payload(parts.wire.next_on(T.metrics("dev")))
+        assert first.health in ("ok", "disk gone")
+        while first.health != "ok":  # the retry found the disk writable: published at once
+            first = Metrics.from_payload(parts.wire.next_on(T.metrics("dev")))
+        parts.capacity.drain()  # sets ``changed``: the health differs, so it goes out now
+        while Metrics.from_payload(parts.wire.next_on(T.metrics("dev"))).health != "draining":
+            pass
+    finally:
+        stop.set()
+        changed.set()
+        loop.join(WAIT_S)
+    assert not loop.is_alive(), "a stop ends the loop"
+
+
+# ---------------------------------------------------------------- fronts
+class NoOrchestrator:
+    def __call__(self, cfg: Config, **hooks: Any) -> Any:
+        raise AssertionError("garbage must never reach an orchestrator")
+
+
+def test_a_bad_trigger_with_an_id_is_answered_on_its_topic_not_on_last_result(tmp_path: Path) -> None:
+    wire = Wire()
+    fronts = Fronts(config(tmp_path), T, publish=wire.publish, make=NoOrchestrator(), fleet=lambda: None)
+    fronts.on_trigger(Message(T.trigger("dev"), json.dumps({"id": "q1", "prompt": ""}).encode()))
+    assert wire.topics() == [T.answer("dev", "q1")]
+    answer = json.loads(wire.sent[0][1])
+    assert answer["ok"] is False and answer["error"].startswith("bad trigger")
+    fronts.on_trigger(Message(T.trigger("dev"), b"\xff\xfe"))  # no id, no response topic: nobody waits
+    assert len(wire.sent) == 1
+
+
+def test_the_control_socket_will_not_forget_its_own_node(tmp_path: Path) -> None:
+    from agent.control import Failure, ForgetRequest
+
+    class Channel:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def send(self, event: Any) -> None:
+            self.events.append(event)
+
+    fronts = Fronts(config(tmp_path), T, publish=Wire().publish, make=NoOrchestrator(), fleet=lambda: None)
+    channel = Channel()
+    fronts.on_control(ForgetRequest("dev"), channel)  # type: ignore[arg-type]
+    assert channel.events == [Failure("forget: a device id other than this node's", ExitCode.USAGE)]
+
+
+@pytest.mark.parametrize("answer_id", [None, "q2"])
+def test_a_trigger_that_finds_the_line_full_is_refused(tmp_path: Path, answer_id: str | None) -> None:
+    cfg = config(tmp_path, triggers={"workers": 1, "max_waiting": 0})
+    wire = Wire()
+    fronts = Fronts(cfg, T, publish=wire.publish, make=NoOrchestrator(), fleet=lambda: None)
+    # The pool is not started: the first trigger takes the only place, the second is refused.
+    body = {"prompt": "hi"} if answer_id is None else {"prompt": "hi", "id": answer_id}
+    fronts.on_trigger(Message(T.trigger("dev"), json.dumps(body).encode()))
+    fronts.on_trigger(Message(T.trigger("dev"), json.dumps(body).encode()))
+    refused = json.loads(wire.next_on(T.last_result("dev")))
+    assert refused["error"].startswith("busy") and refused["id"] == answer_id
+
