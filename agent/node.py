@@ -164,6 +164,7 @@ class Node:
     def start(self) -> None:
         t = self.topics
         self.bus.subscribe(t.all_bid_requests(), self._on_bid_request, inline=True)
+        self.bus.subscribe(t.bid_invites(self.me), self._on_bid_request, inline=True)  # a large fleet's call
         self.bus.subscribe(t.exec(self.me), self._on_job)
         self.bus.subscribe(t.cancels(self.me), self._on_cancel)
         self.bus.subscribe(t.trigger(self.me), self._on_trigger)
@@ -403,7 +404,7 @@ class Node:
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self.cfg.max_payload_bytes),
                       what="call for bids", logger=log,
                       matches=lambda r: parsed is not None and parsed.rid == r.rid
-                      and parsed.origin in (None, r.origin))
+                      and parsed.origin in (None, r.origin) and parsed.device in (None, self.me))
         if req is None or _retained(msg, "call for bids"):
             return
         if not self.taking_work or self._engines_down():
