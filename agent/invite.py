@@ -70,7 +70,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
            rng: np.random.Generator, model: str | None = None, need: str = "any", tools: bool = False,
            known_s: Mapping[str, float] | None = None,
            npu_granted: Callable[[str], bool] = lambda d: True,
-           exclude: Collection[str] = ()) -> Invitation:
+           exclude: Collection[str] = (), spread: int = 1) -> Invitation:
     """The invitation for one job. ``devices``: every online device that may bid, with its
     last metrics (None: none seen yet); ``known_s``: the asker's own expected seconds per
     device, preferred over the metrics' where given; ``npu_granted``: whether the operator
@@ -96,22 +96,34 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     npus = sorted((d for d in others if free_npu(d)), key=lambda d: (_npu_latency(devices[d]), jitter[d]))
     npu = tuple(npus[:best])
     rest = [d for d in others if d not in npu]
+    services = [e for d in rest if (snap := devices[d]) is not None and (e := _service_s(snap)) is not None]
+    optimistic = min(services, default=0.0)  # a device that has run nothing yet: as fast as the fastest
     scored: list[tuple[float, float, float, str]] = []
     for d in rest:
         snap = devices[d]
         cost = known_s.get(d)
         if cost is None and snap is not None:
-            cost = expected_s(snap)
+            service = _service_s(snap)
+            cost = snap.backlog_s + (optimistic if service is None else service)
         if cost is None:
             continue  # nothing known: only the random draw can pick it
         per_slot = 0.0 if snap is None else snap.queue_depth / max(snap.cpu_slots, 1)
         scored.append((cost, per_slot, jitter[d], d))
     scored.sort()
+    if spread > 1 and len(scored) > best:
+        pool = scored[:best * spread]
+        keep = sorted(rng.permutation(len(pool))[:best].tolist())
+        scored = [pool[i] for i in keep]
     top = tuple(d for *_, d in scored[:best])
     chosen = set(top)
     pool = [d for d in rest if d not in chosen]
     picks = rng.permutation(len(pool))[:explore].tolist() if pool and explore else []
     return Invitation(own=own, npu=npu, best=top, explore=tuple(pool[i] for i in sorted(picks)), me=me)
+
+
+def _service_s(snapshot: Snapshot) -> float | None:
+    recent = snapshot.recent.get("cpu")
+    return None if recent is None or recent.n <= 0 else recent.p50_ms / 1000
 
 
 def _npu_latency(snapshot: Snapshot | None) -> float:
