@@ -12,8 +12,10 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
   anything, and it is the candidate the seed always had (never counted twice);
 - every device with a free NPU that serves the model, fastest recent NPU first, at most
   ``best`` of them (pass 1 takes a free NPU whatever the CPUs say);
-- the ``best`` devices with the lowest expected completion as far as the asker knows
-  (backlog + service), ties broken at random so equal devices share the work;
+- ``best`` devices among those with the lowest expected completion as far as the asker
+  knows (backlog + recent median latency; a device with no record yet as fast as the
+  fastest), drawn at random among the ``SPREAD``·``best`` lowest so that askers reading
+  the same metrics do not all pile onto the same few;
 - ``explore`` devices drawn at random among the rest, known or not (the "power of d
   choices": a few random probes keep a stale view honest and let unknown devices be
   learnt).
@@ -34,6 +36,11 @@ from agent.roster import can_take
 
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
 DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 32, 8, 2
+# The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
+# retained metrics (up to metrics_interval_s old), and a strict top k would send every
+# job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean
+# latency of calling everyone at 70 % load on 100 devices, against 1.19x with 4).
+SPREAD = 4
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
            rng: np.random.Generator, model: str | None = None, need: str = "any", tools: bool = False,
            known_s: Mapping[str, float] | None = None,
            npu_granted: Callable[[str], bool] = lambda d: True,
-           exclude: Collection[str] = (), spread: int = 1) -> Invitation:
+           exclude: Collection[str] = (), spread: int = SPREAD) -> Invitation:
     """The invitation for one job. ``devices``: every online device that may bid, with its
     last metrics (None: none seen yet); ``known_s``: the asker's own expected seconds per
     device, preferred over the metrics' where given; ``npu_granted``: whether the operator
@@ -116,9 +123,9 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
         scored = [pool[i] for i in keep]
     top = tuple(d for *_, d in scored[:best])
     chosen = set(top)
-    pool = [d for d in rest if d not in chosen]
-    picks = rng.permutation(len(pool))[:explore].tolist() if pool and explore else []
-    return Invitation(own=own, npu=npu, best=top, explore=tuple(pool[i] for i in sorted(picks)), me=me)
+    unpicked = [d for d in rest if d not in chosen]
+    picks = rng.permutation(len(unpicked))[:explore].tolist() if unpicked and explore else []
+    return Invitation(own=own, npu=npu, best=top, explore=tuple(unpicked[i] for i in sorted(picks)), me=me)
 
 
 def _service_s(snapshot: Snapshot) -> float | None:

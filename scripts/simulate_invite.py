@@ -68,9 +68,6 @@ from agent.messages import LatencySummary, Snapshot  # noqa: E402
 from agent.selection import select  # noqa: E402
 from agent.servicemodel import decay_for  # noqa: E402
 
-import os  # noqa: E402
-MEMORY = os.environ.get("MEMORY") == "1"
-SPREAD = int(os.environ.get("SPREAD", "1"))
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
 ARRIVAL, DONE, METRICS, BACKGROUND = 1, 0, 2, 3
 
@@ -86,6 +83,7 @@ def big_fleet(n: int) -> list[Hidden]:
 class Policy:
     label: str
     invite: tuple[int, int] | None   # (k, d); None: everyone
+    memory: bool = False             # each asker remembers the bids it got and the jobs it sent (not shipped)
 
 
 @dataclass
@@ -104,8 +102,9 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     decide_rng = np.random.default_rng(seed + 1000)
     invite_rng = np.random.default_rng(seed + 2000)
     recent: dict[str, deque[float]] = {name: deque(maxlen=RECENT) for name in devices}
-    view: dict[str, Snapshot | None] = dict.fromkeys(devices)
-    memory: list[dict[str, tuple[float, float, float]]] = [{} for _ in range(ORCHESTRATORS)]   # the retained metrics every asker sees
+    view: dict[str, Snapshot | None] = dict.fromkeys(devices)   # the retained metrics every asker sees
+    # each asker's own: device -> (free at, service s, when heard)
+    memory: list[dict[str, tuple[float, float, float]]] = [{} for _ in range(ORCHESTRATORS)]
     out = Result(latencies=[math.nan] * len(jobs))
     events: list[tuple[float, int, int, Any]] = [(j.arrival, ARRIVAL, j.jid, j) for j in jobs]
     seq = len(jobs)
@@ -167,7 +166,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             mem = memory[job.origin]
             known = {dv: max(0.0, free_at - now) + svc for dv, (free_at, svc, at) in mem.items() if now - at < 30}
             asked = list(choose(view, me=f"asker-{job.origin}", best=k, explore=d, rng=invite_rng,
-                                spread=SPREAD, known_s=known if MEMORY else None).devices)
+                                known_s=known if policy.memory else None).devices)
         out.calls.append(len(asked))
         offers = [devices[name].offer(job, now) for name in asked]
         if policy.invite is not None:
@@ -220,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--invite", type=pair, default=(8, 2), help="k,d of the invited policy (default 8,2)")
     ap.add_argument("--also", type=pair, action="append", default=[],
                     help="another k,d to compare (repeatable; 0,10: ten at random)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also run the invited policy with each asker remembering the bids it received and "
+                         "the jobs it sent (expected free time per device): a variant the orchestrator does not "
+                         "ship yet")
     ap.add_argument("--metrics-s", type=float, default=10.0,
                     help="how often each device publishes its metrics (default 10, the shipped default)")
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -231,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = args.jobs or 10 * args.devices
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d)) for k, d in [args.invite,
                                                                                                 *args.also]]
+    if args.memory:
+        k, d = args.invite
+        policies.append(Policy(f"invite k={k} d={d} + memory", (k, d), memory=True))
     loads = [float(x) for x in args.loads.split(",")]
     results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
                                "metrics_s": args.metrics_s, "loads": {}}

@@ -34,7 +34,7 @@ def test_threshold() -> None:
 
 def test_the_k_best_by_what_the_asker_knows_and_d_at_random() -> None:
     devices = fleet(100)
-    inv = choose(devices, me="asker", best=8, explore=2, rng=np.random.default_rng(1))
+    inv = choose(devices, me="asker", best=8, explore=2, rng=np.random.default_rng(1), spread=1)
     assert inv.best == tuple(f"dev-{i:03d}" for i in range(8))
     assert len(inv.explore) == 2 and not set(inv.explore) & set(inv.best)
     assert inv.npu == () and not inv.own
@@ -44,15 +44,33 @@ def test_the_k_best_by_what_the_asker_knows_and_d_at_random() -> None:
 def test_backlog_counts_against_a_fast_device() -> None:
     devices = fleet(20)
     devices["dev-000"] = snap(p50_ms=1000.0, backlog=30.0)  # the fastest, but 30 s of work queued
-    inv = choose(devices, me="asker", best=3, explore=0, rng=np.random.default_rng(0))
+    inv = choose(devices, me="asker", best=3, explore=0, rng=np.random.default_rng(0), spread=1)
     assert inv.best == ("dev-001", "dev-002", "dev-003")
 
 
 def test_the_askers_own_estimates_come_first() -> None:
     devices = fleet(20)
-    inv = choose(devices, me="asker", best=2, explore=0, rng=np.random.default_rng(0),
+    inv = choose(devices, me="asker", best=2, explore=0, rng=np.random.default_rng(0), spread=1,
                  known_s={"dev-019": 0.1, "dev-018": 0.2})
     assert inv.best == ("dev-019", "dev-018")
+
+
+def test_the_best_are_drawn_among_the_spread_times_k_best_so_askers_do_not_herd() -> None:
+    devices = fleet(100)
+    picked: set[str] = set()
+    for seed in range(50):
+        inv = choose(devices, me="asker", best=4, explore=0, rng=np.random.default_rng(seed), spread=4)
+        assert len(inv.best) == 4
+        picked.update(inv.best)
+    assert picked == {f"dev-{i:03d}" for i in range(16)}, "all of the 16 best, none beyond"
+
+
+def test_a_device_with_no_record_counts_as_fast_as_the_fastest() -> None:
+    devices = fleet(20)
+    devices["fresh"] = snap(p50_ms=None)              # idle, never ran a job: worth a try
+    devices["fresh-busy"] = snap(p50_ms=None, backlog=60.0)
+    inv = choose(devices, me="asker", best=2, explore=0, rng=np.random.default_rng(0), spread=1)
+    assert set(inv.best) == {"dev-000", "fresh"}
 
 
 def test_deterministic_given_the_seed_whatever_the_order() -> None:
