@@ -11,7 +11,7 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
 - the asker's own daemon, if it could take the job: its bid costs no other device
   anything, and it is the candidate the seed always had (never counted twice);
 - every device with a free NPU that serves the model, fastest recent NPU first, at most
-  ``best`` of them (pass 1 takes a free NPU whatever the CPUs say);
+  ``max(best, 1)`` of them (pass 1 takes a free NPU whatever the CPUs say);
 - ``best`` devices among those with the lowest expected completion as far as the asker
   knows (backlog + recent median latency; a device with no record yet as fast as the
   fastest), drawn at random among the ``SPREAD``·``best`` lowest so that askers reading
@@ -101,7 +101,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
                 and npu_granted(d))
 
     npus = sorted((d for d in others if free_npu(d)), key=lambda d: (_npu_latency(devices[d]), jitter[d]))
-    npu = tuple(npus[:best])
+    npu = tuple(npus[:max(best, 1)])
     rest = [d for d in others if d not in npu]
     services = [e for d in rest if (snap := devices[d]) is not None and (e := _service_s(snap)) is not None]
     optimistic = min(services, default=0.0)  # a device that has run nothing yet: as fast as the fastest

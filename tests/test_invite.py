@@ -104,6 +104,8 @@ def test_free_npus_that_serve_the_model_are_all_invited_but_bounded() -> None:
     assert "npu-busy" not in inv.npu and "npu-other" not in inv.devices
     capped = choose(devices, me="asker", best=3, explore=0, rng=np.random.default_rng(0), model="llama")
     assert len(capped.npu) == 3
+    only_random = choose(devices, me="asker", best=0, explore=1, rng=np.random.default_rng(0), model="llama")
+    assert len(only_random.npu) == 1, "a free NPU is invited even when no device is chosen by rank"
     ungranted = choose(devices, me="asker", best=8, explore=0, rng=np.random.default_rng(0), model="llama",
                        npu_granted=lambda d: d != "npu-0")
     assert "npu-0" not in ungranted.npu
