@@ -1,10 +1,11 @@
 """Collecting bids: the book of bids, when the window closes, and who tends to be late.
 
 Theory of operation. The roster (retained availability, synchronised with a broker round
-trip) is the set of peers that must bid. The call goes out at QoS 1 with a message expiry
-of the bid window. ``BidBook`` gathers the bids on the network thread (decoded where they
-arrive) and wakes the orchestrator only when something could close the window. The
-window closes (``should_close``, a pure function) at the first of:
+trip) is the set of peers that must bid; in a fleet past ``auction.invite.above``, only
+the devices invited (``agent.invite``), each on its own ``bid/invite/<dev>/...`` topic.
+The call goes out at QoS 1 with a message expiry of the bid window. ``BidBook`` gathers
+the bids on the network thread (decoded where they arrive) and wakes the orchestrator
+only when something could close the window. The window closes (``should_close``, a pure function) at the first of:
 
 - ``roster_complete``: every peer still online has bid (a Will that fires shrinks the
   set, if our own link is steady);
@@ -289,6 +290,7 @@ class AuctionResult:
     auction_ms: float
     closing: str                   # roster_complete | decided | stragglers | overdue | timeout
     missing: tuple[str, ...] = ()  # expected peers that did not bid
+    invited: tuple[str, ...] | None = None  # the devices invited (agent.invite); None: everyone was called
 
 
 def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], window_s: float, need: str,

@@ -45,7 +45,7 @@ class Bids:
         req = decoded(msg.topic, msg.payload, lambda p: BidRequest.from_payload(p, self._max_bytes),
                       what="call for bids", logger=log,
                       matches=lambda r: parsed is not None and parsed.rid == r.rid
-                      and parsed.origin in (None, r.origin))
+                      and parsed.origin in (None, r.origin) and parsed.device in (None, self.me))
         if req is None or retained(msg, "call for bids"):
             return
         self.answer(req, msg)

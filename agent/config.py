@@ -176,6 +176,16 @@ class LinUCBConfig:
 
 
 @dataclass(frozen=True)
+class InviteConfig:
+    # Past this many online devices an auction invites a few devices instead of calling
+    # everyone (agent.invite); 0: always invite.
+    above: int = 32
+    # How many to invite by what the asker knows (k), and at random among the rest (d).
+    best: int = 8
+    explore: int = 2
+
+
+@dataclass(frozen=True)
 class AuctionConfig:
     bid_timeout_s: float = 30.0
     # A winner that has not said accepted/declined by then is passed over for the runner-up.
@@ -185,6 +195,7 @@ class AuctionConfig:
     # How the CPU pass ranks devices: linucb | least_backlog | jsq | round_robin | random.
     policy: str = "linucb"
     linucb: LinUCBConfig = field(default_factory=LinUCBConfig)
+    invite: InviteConfig = field(default_factory=InviteConfig)
 
 
 @dataclass(frozen=True)
@@ -545,12 +556,21 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                           latency_cap_s=lin_s.seconds("latency_cap_s", 120.0),
                           half_life_jobs=float(lin_s.number("half_life_jobs", 20.0, minimum=1, maximum=1e6)))
     lin_s.finish()
+    inv_s = auction_s.sub("invite")
+    invite = InviteConfig(above=inv_s.number("above", 32, minimum=0, maximum=1_000_000, integer=True),
+                          best=inv_s.number("best", 8, minimum=0, maximum=1000, integer=True),
+                          explore=inv_s.number("explore", 2, minimum=0, maximum=1000, integer=True))
+    if invite.best + invite.explore == 0:
+        inv_s.problem(None, "best and explore are both 0: an invited auction would call nobody but this device "
+                            "(raise best or explore, or raise above to call everyone)")
+    inv_s.finish()
     auction = AuctionConfig(
         bid_timeout_s=auction_s.seconds("bid_timeout_s", 30.0),
         accept_timeout_s=auction_s.seconds("accept_timeout_s", 3.0),
         job_timeout_s=auction_s.seconds("job_timeout_s", 600.0),
         policy=auction_s.string("policy", "linucb", choices=POLICIES) or "linucb",
         linucb=linucb,
+        invite=invite,
     )
     auction_s.finish()
 

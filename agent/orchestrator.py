@@ -5,8 +5,9 @@ Theory of operation. ``Orchestrator.run`` drives the ``ORCHESTRATION`` table
 
 1. The own NPU is claimed with a non-blocking ``flock``. If that works the job runs here
    and the broker is never contacted (not even connected to).
-2. Otherwise ``agent.auction`` collects bids from the roster; if the broker cannot be
-   reached, this device alone is the candidate.
+2. Otherwise ``agent.auction`` collects bids from the roster — in a fleet past
+   ``auction.invite.above``, from the few devices ``agent.invite`` invites — ; if the
+   broker cannot be reached, this device alone is the candidate.
 3. ``agent.selection.select`` ranks the ways to run it (free peer NPUs, then LinUCB over
    CPU candidates including this device).
 4. The ranking is walked: each peer attempt is a ``dispatch.DispatchState`` fed with the
@@ -277,16 +278,25 @@ class Orchestrator:
         window = self.cfg.auction.bid_timeout_s
         bus = wire.fleet.bus
 
+        roster = wire.fleet.roster
+        # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
+        expected = roster.bidders(req.model, req.need, req.tools)
+        invited = self._invitation(req, roster, expected)
+        if invited is not None:
+            expected = frozenset(invited)  # only the invited bid, and only they are waited for
+
         def call() -> None:
             request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
                                  need=req.need, model=req.model, tools=req.tools)
-            bus.publish(self.topics.bid_request(req.rid, self.me), request.to_payload(), qos=1, expiry_s=window,
-                        response_topic=self.topics.bid_reply_stem(self.me, req.rid),
-                        correlation_data=req.rid.encode())
+            payload = request.to_payload()
+            topics = ([self.topics.bid_request(req.rid, self.me)] if invited is None else
+                      [self.topics.bid_invite(d, req.rid, self.me) for d in invited])
+            for topic in topics:
+                bus.publish(topic, payload, qos=1, expiry_s=window,
+                            response_topic=self.topics.bid_reply_stem(self.me, req.rid),
+                            correlation_data=req.rid.encode())
 
-        # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
-        expected = wire.fleet.roster.bidders(req.model, req.need, req.tools)
         call()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
@@ -295,7 +305,23 @@ class Orchestrator:
         for _ in result.bids:
             fsm.fire("bid")
         fsm.fire(result.closing)
-        return result
+        return result if invited is None else replace(result, invited=invited)
+
+    def _invitation(self, req: Request, roster: Any, bidders: frozenset[str]) -> tuple[str, ...] | None:
+        """Whom to invite (``agent.invite``), or None below the threshold: call everyone."""
+        from agent.invite import choose, should_invite  # numpy: only the auction path pays for it
+
+        invite = self.cfg.auction.invite
+        if not should_invite(len(roster.online()), invite.above):
+            return None
+        metrics = roster.metrics()
+        devices = {d: (metrics[d].snapshot if d in metrics else None) for d in bidders}
+        invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self.rng,
+                            model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu)
+        log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
+                  len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
+                  invitation.explore)
+        return invitation.devices
 
     # ------------------------------------------------------------------ decide + run
     def _decide_and_run(self, req: Request, started: float, fsm: Machine, wire: _Wire | None,
@@ -320,6 +346,7 @@ class Orchestrator:
                        bids=tuple(bid_summary(b, scores.get(b.device)) for b in sorted(bids.values(),
                                                                                       key=lambda b: b.device)),
                        roster=auction.roster if auction else (), auction_ms=auction.auction_ms if auction else 0.0,
+                       invited=None if auction is None or auction.invited is None else len(auction.invited),
                        decide_ms=decide_ms, warnings=warnings, ranking=ranking_summary(decision.ranking),
                        dry_run=req.dry_run)
         if req.dry_run:

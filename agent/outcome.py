@@ -45,6 +45,7 @@ class Outcome:
     ranking: tuple[Mapping[str, Any], ...] = ()
     dry_run: bool = False
     model: str | None = None  # the model the job asked for (None: any)
+    invited: int | None = None  # how many devices the auction invited (None: it called everyone)
 
     # the answer's parts, for callers that read them directly
     @property
@@ -76,7 +77,7 @@ class Outcome:
                 "timings": {k: round(v, 3) for k, v in vars(self.timings).items()},
                 "attempts": list(self.attempts), "ok": self.ok, "exit_code": int(self.exit_code),
                 "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking),
-                "dry_run": self.dry_run, "model": self.model,
+                "dry_run": self.dry_run, "model": self.model, "invited": self.invited,
                 "usage": {"prompt_tokens": self.answer.prompt_tokens,
                           "completion_tokens": self.answer.generated_tokens},
                 "finish_reason": self.answer.finish_reason or None,

@@ -107,6 +107,25 @@ def test_a_device_reads_only_its_own_jobs(secured: LocalMosquitto, tmp_path: Pat
         bob.stop()
 
 
+def test_invitations_are_sent_only_as_yourself_and_read_only_by_the_invitee(secured: LocalMosquitto,
+                                                                            tmp_path: Path) -> None:
+    alice = client(secured, "alice", tmp_path)
+    bob = client(secured, "bob", tmp_path)
+    try:
+        snoop = Spy(alice, "bid/invite/#")             # alice tries to read every invitation
+        own = Spy(bob, T.bid_invites("bob"))
+        alice.publish(T.bid_invite("bob", "r1", "bob"), b"spoof")        # inviting as bob: refused
+        alice.publish(T.bid_invite("bob", "r2", "alice"), b"honest")    # inviting bob as herself: delivered
+        bob.publish(T.bid_invite("carol", "r3", "bob"), b"for carol")   # not alice's to read
+        own.wait_for(lambda m: m.payload == b"honest", what="alice's invitation to bob")
+        assert alice.barrier(5) and bob.barrier(5)
+        assert [m.payload for m in own.seen] == [b"honest"], "an invitation in bob's name got through"
+        assert [m.topic for m in snoop.seen] == [], "alice read invitations addressed to others"
+    finally:
+        alice.stop()
+        bob.stop()
+
+
 def test_the_shipped_example_acl_is_what_the_generator_writes() -> None:
     shipped = (REPO / "mosquitto" / "edge-agent.acl").read_text()
     generated = broker_acl(T, ["kitchen-pi", "laptop", "board-01"], ["homeassistant"])

@@ -114,3 +114,17 @@ def test_shipped_examples_are_valid(path: Path) -> None:
 def test_sim_defaults() -> None:
     cfg = parse_config({"device_id": "x", "cpu": {"executor": {"kind": "sim"}}})
     assert cfg.cpu.executor == SimExecutorConfig()
+
+
+def test_invite_keys() -> None:
+    cfg = parse_config({"device_id": "x"})
+    assert (cfg.auction.invite.above, cfg.auction.invite.best, cfg.auction.invite.explore) == (32, 8, 2)
+    cfg = parse_config({"device_id": "x", "auction": {"invite": {"above": 0, "best": 3, "explore": 0}}})
+    assert (cfg.auction.invite.above, cfg.auction.invite.best, cfg.auction.invite.explore) == (0, 3, 0)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"device_id": "x", "auction": {"invite": {"above": -1, "best": 2.5, "explor": 1}}})
+    text = str(info.value)
+    assert "auction.invite.above: must be >= 0" in text and "auction.invite.best: must be an integer" in text
+    assert "auction.invite.explor: unknown key" in text
+    with pytest.raises(ConfigError, match="auction.invite: best and explore are both 0"):
+        parse_config({"device_id": "x", "auction": {"invite": {"best": 0, "explore": 0}}})

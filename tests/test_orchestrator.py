@@ -94,6 +94,12 @@ class ScriptedFleet:
     def known(self) -> dict[str, bool]:
         return {device: True for device in self.peers}
 
+    def online(self) -> frozenset[str]:
+        return frozenset(self.peers)
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
     # fleet
     def sync(self) -> None:
         return None

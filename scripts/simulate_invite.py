@@ -1,0 +1,280 @@
+"""Invited auctions at scale: is the decision as good as calling everyone?
+
+    scripts/simulate_invite [--quick] [--devices 1000] [--jobs N] [--seeds 2]
+                            [--loads 0.3,0.7,0.9] [--invite 8,2] [--also 0,10]
+                            [--metrics-s 10] [--json FILE]
+
+No MQTT, no threads, no sleeping: the discrete-event world of ``scripts/simulate`` (its
+hidden device models, the node's own service and start-up records, the orchestrators'
+own LinUCB arms, ``agent.selection.select``) on a large fleet drawn from its six device
+kinds (the honest world: a workstation down to an old Pi, about 5x apart). The same
+workload (same seed) runs under two policies:
+
+- everyone: every job's auction hears a bid from every device (the seed's call to all);
+- invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
+  does past ``auction.invite.above``: from the retained metrics every device publishes
+  every ``--metrics-s`` seconds (backlog in seconds, median recent latency; so up to
+  that old), the k best and d at random; only they bid, with their live state, and
+  ``select`` ranks their bids.
+
+Three orchestrators each keep their own arms, as in ``scripts/simulate``. Other programs'
+background load moves once a simulated second (not once per arrival: at a thousand
+devices that would be most of the run). Means leave out the first 10 % of jobs (cold
+start). The report prints, per load, each policy's mean and p95 latency, its mean as a
+share of calling everyone's, and the calls for bids per job (everyone: one per device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import numpy as np  # noqa: E402
+from simulate import (  # noqa: E402
+    ALPHA,
+    BACKGROUND_MEAN,
+    BACKGROUND_REVERSION,
+    BACKGROUND_STEP,
+    CAP_S,
+    HALF_LIFE,
+    LAMBDA,
+    ORCHESTRATORS,
+    WARMUP_SHARE,
+    Device,
+    Hidden,
+    Job,
+    Scenario,
+    reference_fleet,
+    workload,
+)
+
+from agent.invite import choose  # noqa: E402
+from agent.linucb import Arms, residual_target  # noqa: E402
+from agent.messages import LatencySummary, Snapshot  # noqa: E402
+from agent.selection import select  # noqa: E402
+from agent.servicemodel import decay_for  # noqa: E402
+
+RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
+ARRIVAL, DONE, METRICS, BACKGROUND = 1, 0, 2, 3
+
+
+def big_fleet(n: int) -> list[Hidden]:
+    """``n`` devices, the reference kinds in turn (about one in six of each)."""
+    kinds = reference_fleet("honest")
+    return [replace(kinds[i % len(kinds)], name=f"{kinds[i % len(kinds)].name}-{i:04d}", link={})
+            for i in range(n)]
+
+
+@dataclass
+class Policy:
+    label: str
+    invite: tuple[int, int] | None   # (k, d); None: everyone
+    memory: bool = False             # each asker remembers the bids it got and the jobs it sent (not shipped)
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)    # calls for bids per job
+
+
+def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, metrics_s: float) -> Result:
+    fleet = big_fleet(devices_n)
+    world = np.random.default_rng(seed)
+    devices = {h.name: Device(h, np.random.default_rng([seed, i])) for i, h in enumerate(fleet)}
+    jobs = workload(world, Scenario(f"{load}", load, jobs_n), fleet)
+    arms = [Arms() for _ in range(ORCHESTRATORS)]
+    gamma = decay_for(HALF_LIFE)
+    decide_rng = np.random.default_rng(seed + 1000)
+    invite_rng = np.random.default_rng(seed + 2000)
+    recent: dict[str, deque[float]] = {name: deque(maxlen=RECENT) for name in devices}
+    view: dict[str, Snapshot | None] = dict.fromkeys(devices)   # the retained metrics every asker sees
+    # each asker's own: device -> (free at, service s, when heard)
+    memory: list[dict[str, tuple[float, float, float]]] = [{} for _ in range(ORCHESTRATORS)]
+    out = Result(latencies=[math.nan] * len(jobs))
+    events: list[tuple[float, int, int, Any]] = [(j.arrival, ARRIVAL, j.jid, j) for j in jobs]
+    seq = len(jobs)
+    phase = np.random.default_rng(seed + 3000).uniform(0, metrics_s, len(fleet))
+    for i, h in enumerate(fleet):
+        events.append((float(phase[i]), METRICS, seq, h.name))
+        seq += 1
+    events.append((1.0, BACKGROUND, seq, None))
+    seq += 1
+    heapq.heapify(events)
+    end = jobs[-1].arrival if jobs else 0.0
+
+    def start(dev: Device, now: float) -> None:
+        nonlocal seq
+        for started in dev.start_ready(now):
+            heapq.heappush(events, (started.end, DONE, seq, started))
+            seq += 1
+
+    while events:
+        now, kind, _, item = heapq.heappop(events)
+        if kind == METRICS:
+            dev = devices[item]
+            window = sorted(recent[item])
+            summary = {"cpu": LatencySummary(len(window), window[len(window) // 2] * 1000)} if window else {}
+            view[item] = replace(dev.snapshot(now), recent=summary)
+            if now < end:
+                heapq.heappush(events, (now + metrics_s, METRICS, seq, item))
+                seq += 1
+            continue
+        if kind == BACKGROUND:
+            steps = world.normal(0, BACKGROUND_STEP, len(devices))
+            for dev, step in zip(devices.values(), steps.tolist(), strict=True):
+                dev.background = float(np.clip(dev.background + BACKGROUND_REVERSION * (BACKGROUND_MEAN
+                                                                                       - dev.background) + step,
+                                                0.0, 0.6))
+            if now < end:
+                heapq.heappush(events, (now + 1.0, BACKGROUND, seq, None))
+                seq += 1
+            continue
+        job: Job = item
+        if kind == DONE:
+            dev = devices[job.device]
+            dev.finish(job, now)
+            recent[job.device].append(job.end - job.start)
+            seen = job.end - job.arrival
+            out.latencies[job.jid] = seen
+            assert job.x is not None
+            y = None if job.promise is None else residual_target(True, seen - (job.start - job.arrival), CAP_S,
+                                                                 job.promise)
+            arms[job.origin].train(job.device, np.array(job.x), y, str(job.jid), now, lam=LAMBDA, gamma=gamma,
+                                   base=job.promise or 0.0)
+            start(dev, now)
+            continue
+        # an arrival: whom to ask, their bids, the decision
+        if policy.invite is None:
+            asked = list(devices)
+        else:
+            k, d = policy.invite
+            mem = memory[job.origin]
+            known = {dv: max(0.0, free_at - now) + svc for dv, (free_at, svc, at) in mem.items() if now - at < 30}
+            asked = list(choose(view, me=f"asker-{job.origin}", best=k, explore=d, rng=invite_rng,
+                                known_s=known if policy.memory else None).devices)
+        out.calls.append(len(asked))
+        offers = [devices[name].offer(job, now) for name in asked]
+        if policy.invite is not None:
+            for o in offers:
+                if o.service_s is not None:
+                    memory[job.origin][o.device] = (now + o.snapshot.backlog_s, o.service_s + o.init_s, now)
+        mine = arms[job.origin]
+        decision = select(offers, mine.arms, prompt_tokens=job.prompt, max_new_tokens=job.max_new, alpha=ALPHA,
+                          lam=LAMBDA, exploring=mine.exploring_now(now), rng=decide_rng)
+        choice = decision.winner
+        assert choice is not None
+        job.device, job.x, job.explore, job.promise = choice.device, choice.x, choice.explore, choice.promise
+        if choice.explore:
+            mine.exploring[choice.device] = (str(job.jid), math.inf)
+        dev = devices[choice.device]
+        if choice.device in memory[job.origin] and choice.promise is not None:
+            free_at, svc, at = memory[job.origin][choice.device]
+            memory[job.origin][choice.device] = (max(free_at, now) + choice.promise / dev.h.slots, svc, at)
+        dev.admit(job, now)
+        start(dev, now)
+    return out
+
+
+def summarise(result: Result) -> dict[str, float]:
+    lat = [x for x in result.latencies[int(len(result.latencies) * WARMUP_SHARE):] if not math.isnan(x)]
+    return {"mean": statistics.fmean(lat), "p95": float(np.percentile(lat, 95)),
+            "calls_per_job": statistics.fmean(result.calls), "answered": sum(not math.isnan(x)
+                                                                             for x in result.latencies),
+            "jobs": len(result.latencies)}
+
+
+def pair(text: str) -> tuple[int, int]:
+    k, _, d = text.partition(",")
+    try:
+        out = int(k), int(d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want k,d (two integers), got {text!r}") from None
+    if min(out) < 0 or sum(out) == 0:
+        raise argparse.ArgumentTypeError(f"k and d must be >= 0 and not both 0, got {text!r}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="60 devices, 600 jobs, 1 seed, 70%% load: a smoke run")
+    ap.add_argument("--devices", type=int, default=1000, help="fleet size (default 1000)")
+    ap.add_argument("--jobs", type=int, default=None, help="jobs per run (default 10 per device)")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--loads", default="0.3,0.7,0.9", help="shares of the fleet's capacity")
+    ap.add_argument("--invite", type=pair, default=(8, 2), help="k,d of the invited policy (default 8,2)")
+    ap.add_argument("--also", type=pair, action="append", default=[],
+                    help="another k,d to compare (repeatable; 0,10: ten at random)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also run the invited policy with each asker remembering the bids it received and "
+                         "the jobs it sent (expected free time per device): a variant the orchestrator does not "
+                         "ship yet")
+    ap.add_argument("--metrics-s", type=float, default=10.0,
+                    help="how often each device publishes its metrics (default 10, the shipped default)")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.devices, args.jobs, args.seeds, args.loads = 60, 600, 1, "0.7"
+    if args.devices < 1 or args.seeds < 1 or args.metrics_s <= 0:
+        ap.error("--devices and --seeds must be >= 1, --metrics-s > 0")
+    jobs = args.jobs or 10 * args.devices
+    policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d)) for k, d in [args.invite,
+                                                                                                *args.also]]
+    if args.memory:
+        k, d = args.invite
+        policies.append(Policy(f"invite k={k} d={d} + memory", (k, d), memory=True))
+    loads = [float(x) for x in args.loads.split(",")]
+    results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
+                               "metrics_s": args.metrics_s, "loads": {}}
+    began = time.perf_counter()
+    for load in loads:
+        rows: dict[str, dict[str, float]] = {}
+        for policy in policies:
+            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s))
+                    for seed in range(args.seeds)]
+            rows[policy.label] = {key: statistics.fmean(s[key] for s in sums) for key in sums[0]}
+            rows[policy.label]["answered"] = sum(s["answered"] for s in sums)
+            rows[policy.label]["jobs"] = sum(s["jobs"] for s in sums)
+            print(f"  … {int(load * 100)}% {policy.label:<20} mean {rows[policy.label]['mean']:.3f} s",
+                  file=sys.stderr, flush=True)
+        base = rows["everyone"]["mean"]
+        for row in rows.values():
+            row["vs_everyone"] = row["mean"] / base
+        results["loads"][f"{int(round(load * 100))}%"] = rows
+    results["wall_s"] = round(time.perf_counter() - began, 1)
+    print(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"{results['devices']} devices, {results['jobs']} jobs per run, {results['seeds']} seed(s), metrics "
+             f"every {results['metrics_s']:g} s; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
+             "left out); x everyone: the mean as a share of calling everyone's.", "",
+             "| load | policy | mean | p95 | x everyone | calls per job | answered |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for load, rows in results["loads"].items():
+        for label, r in rows.items():
+            lines.append(f"| {load} | {label} | {r['mean']:.3f} | {r['p95']:.3f} | {r['vs_everyone']:.3f} | "
+                         f"{r['calls_per_job']:.1f} | {int(r['answered'])}/{int(r['jobs'])} |")
+    lines.append(f"\n(simulated in {results['wall_s']} s of wall time)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""scripts/simulate_invite runs in seconds and reports both policies (no quality bounds here:
+the 1000-device numbers are the script's, in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+
+def test_quick_run_answers_every_job_under_both_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import simulate_invite
+
+    out = tmp_path / "results.json"
+    assert simulate_invite.main(["--devices", "30", "--jobs", "150", "--seeds", "1", "--loads", "0.7",
+                                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["loads"]["70%"]
+    assert set(rows) == {"everyone", "invite k=8 d=2"}
+    for row in rows.values():
+        assert row["answered"] == row["jobs"] == 150
+    assert rows["everyone"]["calls_per_job"] == 30 and rows["invite k=8 d=2"]["calls_per_job"] <= 10
+    report = capsys.readouterr().out
+    assert "| 70% | everyone |" in report and "| 70% | invite k=8 d=2 |" in report
+
+
+def test_help() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPTS / "simulate_invite.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--invite" in done.stdout and "everyone" in done.stdout
