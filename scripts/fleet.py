@@ -85,6 +85,8 @@ KEEPALIVE_S = 60
 MISC_EVERY_S = 1.0          # loop_misc (keepalive pings) for every client, this often
 CONNECT_BATCH = 50          # connections opened before waiting for their CONNACKs
 CONNACK_TIMEOUT_S = 30.0
+CONNECT_TRIES = 5
+DROPPED = "; dropped"
 OFFERS_KEPT = 64            # per device: the claims of its latest bids (a job must carry one)
 FLOOR_REPLY = b"x" * 420    # the size of a real bid
 FD_SPARE = 64               # files beyond one socket per device: pipes, logs, the interpreter
@@ -213,6 +215,7 @@ class Shard:
         c.on_socket_register_write = self._want_write
         c.on_socket_unregister_write = self._done_writing
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         return c
@@ -246,8 +249,16 @@ class Shard:
         t = self.topics
         c.subscribe([(t.all_bid_requests(), 1), (t.bid_invites(dev.id), 1), (t.exec(dev.id), 1),
                      (t.cancels(dev.id), 1), (t.all_presence(), 1), (f"{self.floor_req}+", 1)])
+
+    def _on_subscribe(self, c: mqtt.Client, dev: Device, mid: int, codes: Any, props: Any) -> None:
+        """Online once subscribed (a broker may take a while: NATS keeps QoS 1 interest in
+        JetStream), so that nobody asks it before it can hear."""
+        refused = [rc for rc in codes if rc.is_failure]
+        if refused:
+            dev.failed = f"the broker refused the subscriptions of {dev.id}: {refused[0]}"
+            return
         self._publish_metrics(dev)
-        c.publish(t.availability(dev.id), b"online", qos=1, retain=True)
+        c.publish(self.topics.availability(dev.id), b"online", qos=1, retain=True)
         dev.connected = True
 
     def _on_disconnect(self, c: mqtt.Client, dev: Device, flags: Any, rc: Any, props: Any) -> None:
@@ -256,7 +267,7 @@ class Shard:
             log.warning("%s lost its connection (%s)", dev.id, rc)
         dev.connected = False
         if not self._stop and dev.failed is None:
-            dev.failed = f"{dev.id} was disconnected by the broker ({rc})"
+            dev.failed = f"{dev.id} was disconnected by the broker ({rc}){DROPPED}"
 
     def _publish_metrics(self, dev: Device) -> None:
         assert dev.client is not None
@@ -282,11 +293,22 @@ class Shard:
                     raise FleetError(f"could not connect {dev.id} to {dev.host}:{dev.port} after {done} "
                                      f"devices: {exc}{_fd_hint(exc)}") from None
             deadline = time.monotonic() + CONNACK_TIMEOUT_S
+            tries = dict.fromkeys((d.id for d in batch), 1)
             while not all(d.connected or d.failed for d in batch):
                 if time.monotonic() > deadline:
                     raise FleetError(f"the broker accepted no CONNACK within {CONNACK_TIMEOUT_S:.0f} s after "
                                      f"{done} devices (is it out of connections or open files?)")
                 self.pump(0.2)
+                for dev in batch:
+                    # A connection dropped while it starts (a NATS cluster still setting up
+                    # its MQTT streams) is tried again, a few times; a refusal is final.
+                    if dev.failed and dev.failed.endswith(DROPPED) and tries[dev.id] < CONNECT_TRIES:
+                        tries[dev.id] += 1
+                        dev.failed = None
+                        log.info("%s: dropped while connecting, trying again", dev.id)
+                        assert dev.client is not None
+                        self.at(time.monotonic() + 0.5 * tries[dev.id], functools.partial(self._retry, dev))
+                self._run_timers(time.monotonic())
             failed = [d.failed for d in batch if d.failed]
             if failed:
                 raise FleetError(f"after {done} devices: {failed[0]} (a broker's max_connections or its "
@@ -298,6 +320,13 @@ class Shard:
             for dev in self.devices:
                 first = now + dev.metrics_phase * self.spec.metrics_interval_s
                 self.at(first, functools.partial(self._metrics_tick, dev))
+
+    def _retry(self, dev: Device) -> None:
+        assert dev.client is not None
+        try:
+            dev.client.reconnect()
+        except OSError as exc:
+            dev.failed = f"could not connect {dev.id} to {dev.host}:{dev.port}: {exc}{_fd_hint(exc)}"
 
     # the loop ----------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
@@ -605,12 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 slots=args.slots, metrics_interval_s=args.metrics_interval)
     fleet = VirtualFleet(spec, args.workers)
     interactive = sys.stdin.isatty()
-    last = [0.0]
+    last = [0.0, 0.0]  # when, and how many, last printed
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
-        if done == total or now - last[0] >= 1.0:
-            last[0] = now
+        if done != last[1] and (done == total or now - last[0] >= 1.0):
+            last[:] = [now, done]
             print(f"connected {done}/{total}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
