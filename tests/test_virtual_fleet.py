@@ -19,6 +19,7 @@ from agent.messages import (
     decode_result,
     new_cancel_key,
 )
+from agent.outcome import SHOWN
 from tests.support.fleet import Env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -49,6 +50,10 @@ def test_a_real_trigger_is_answered_by_a_virtual_device_and_every_one_bid(env: E
     assert out["winner"].startswith("vdev-") and out["path"] == "peer-cpu"
     assert out["text"] == "hello from the virtual fleet"
     assert set(out["roster"]) >= {f"vdev-{i:04d}" for i in range(COUNT)}
+    # Every bid counted, the best few listed (the winner's among them).
+    assert out["bids_total"] == COUNT and len(out["bids"]) == SHOWN < COUNT
+    assert out["winner"] in {b["device"] for b in out["bids"]}
+    assert out["ranking_total"] >= COUNT and len(out["ranking"]) == SHOWN
     stats = virtual.stats()
     assert stats["bidders"] == COUNT and stats["bids"] == COUNT
     assert stats["done"] == 1 and stats["declined"] == 0
