@@ -93,7 +93,7 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
         log(f"N={n}: floor")
         req = FloorRequester(port, f"{prefix}floor/", mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
         try:
-            for attempt in range(6):  # a cluster spreads new subscriptions between its servers: until all hear
+            for _ in range(6):  # a cluster spreads new subscriptions between its servers: until all hear
                 try:
                     req.round_trip(n, 5)
                     break
