@@ -83,7 +83,6 @@ log = logging.getLogger("fleet")
 MODEL = "virtual"           # the one model every virtual device serves
 KEEPALIVE_S = 60
 MISC_EVERY_S = 1.0          # loop_misc (keepalive pings) for every client, this often
-CONNECT_BATCH = 50          # connections opened before waiting for their CONNACKs
 CONNACK_TIMEOUT_S = 30.0
 CONNECT_TRIES = 5
 DROPPED = "; dropped"
@@ -108,6 +107,7 @@ class Spec:
     name: str = "vdev-"
     slots: int = 2
     metrics_interval_s: float = 10.0      # 0: once at connect (and on presence queries)
+    connect_batch: int = 50               # connections opened before waiting for them to be subscribed
 
     def device_id(self, i: int) -> str:
         return f"{self.name}{i:04d}"
@@ -148,6 +148,7 @@ class Device:
         self.offers: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.running: dict[str, Running] = {}
         self.connected = False
+        self.subscribes = 0      # SUBSCRIBEs sent (a refused one is sent again)
         self.failed: str | None = None
         self.client: mqtt.Client | None = None
 
@@ -246,16 +247,26 @@ class Shard:
         if rc.is_failure:
             dev.failed = f"the broker refused {dev.id}: {rc}"
             return
+        self._subscribe(dev)
+
+    def _subscribe(self, dev: Device) -> None:
         t = self.topics
-        c.subscribe([(t.all_bid_requests(), 1), (t.bid_invites(dev.id), 1), (t.exec(dev.id), 1),
-                     (t.cancels(dev.id), 1), (t.all_presence(), 1), (f"{self.floor_req}+", 1)])
+        assert dev.client is not None
+        dev.subscribes += 1
+        dev.client.subscribe([(t.all_bid_requests(), 1), (t.bid_invites(dev.id), 1), (t.exec(dev.id), 1),
+                              (t.cancels(dev.id), 1), (t.all_presence(), 1), (f"{self.floor_req}+", 1)])
 
     def _on_subscribe(self, c: mqtt.Client, dev: Device, mid: int, codes: Any, props: Any) -> None:
         """Online once subscribed (a broker may take a while: NATS keeps QoS 1 interest in
-        JetStream), so that nobody asks it before it can hear."""
+        JetStream), so that nobody asks it before it can hear. A refusal is tried again a
+        few times (a busy NATS cluster times out creating its consumers)."""
         refused = [rc for rc in codes if rc.is_failure]
+        if refused and dev.subscribes < CONNECT_TRIES:
+            log.info("%s: subscriptions refused (%s), trying again", dev.id, refused[0])
+            self.at(time.monotonic() + dev.subscribes, functools.partial(self._subscribe, dev))
+            return
         if refused:
-            dev.failed = f"the broker refused the subscriptions of {dev.id}: {refused[0]}"
+            dev.failed = f"the broker refused the subscriptions of {dev.id} {dev.subscribes} times: {refused[0]}"
             return
         self._publish_metrics(dev)
         c.publish(self.topics.availability(dev.id), b"online", qos=1, retain=True)
@@ -283,8 +294,8 @@ class Shard:
     def connect_all(self, progress: Callable[[int], None]) -> None:
         """Connect every device, a batch at a time; FleetError at the first refusal."""
         done = 0
-        for start in range(0, len(self.devices), CONNECT_BATCH):
-            batch = self.devices[start:start + CONNECT_BATCH]
+        for start in range(0, len(self.devices), self.spec.connect_batch):
+            batch = self.devices[start:start + self.spec.connect_batch]
             for dev in batch:
                 dev.client = self._client(dev)
                 try:
@@ -619,6 +630,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=1, help="seed of the speeds and phases (default %(default)s)")
     ap.add_argument("--workers", type=int, default=1,
                     help="processes to spread the devices over, one selector thread each (default %(default)s)")
+    ap.add_argument("--connect-batch", type=int, default=50, metavar="K",
+                    help="connections opened at once, before waiting for them (default %(default)s; "
+                         "fewer for a NATS cluster)")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     return ap
 
@@ -631,7 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     spec = Spec(count=args.count, brokers=tuple(args.broker or [("127.0.0.1", 18830)]), prefix=args.prefix,
                 protocol=args.mqtt, speed=args.speed, base_ms=args.base_ms, seed=args.seed, name=args.name,
-                slots=args.slots, metrics_interval_s=args.metrics_interval)
+                slots=args.slots, metrics_interval_s=args.metrics_interval,
+                connect_batch=max(1, args.connect_batch))
     fleet = VirtualFleet(spec, args.workers)
     interactive = sys.stdin.isatty()
     last = [0.0, 0.0]  # when, and how many, last printed
