@@ -189,6 +189,8 @@ class Shard:
         self.stats = {"devices": len(self.devices), "calls": 0, "invites": 0, "bids": 0, "jobs": 0, "done": 0,
                       "declined": 0, "cancelled": 0, "floor": 0, "metrics": 0, "dropped": 0, "disconnects": 0}
         self.bidders: set[str] = set()
+        self._writing: set[Device] = set()   # devices whose socket the selector watches for writing
+        self._reading = False
         self._stop = False
         self.floor_req = f"{spec.prefix}floor/req/"
 
@@ -213,8 +215,6 @@ class Shard:
         c.will_set(self.topics.availability(dev.id), b"offline", qos=1, retain=True)
         c.on_socket_open = self._socket_open
         c.on_socket_close = self._socket_close
-        c.on_socket_register_write = self._want_write
-        c.on_socket_unregister_write = self._done_writing
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
@@ -231,17 +231,25 @@ class Shard:
         except (KeyError, ValueError):
             pass
 
-    def _want_write(self, c: mqtt.Client, dev: Device, sock: Any) -> None:
-        try:
-            self.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)
-        except (KeyError, ValueError):
-            pass
-
-    def _done_writing(self, c: mqtt.Client, dev: Device, sock: Any) -> None:
-        try:
-            self.sel.modify(sock, selectors.EVENT_READ, dev)
-        except (KeyError, ValueError):
-            pass
+    def _flush(self, dev: Device) -> None:
+        """Write what paho has queued for ``dev`` now; what the socket will not take yet is
+        left to the selector (interest in writing only while something waits: no system
+        call per message to switch it on and off)."""
+        c = dev.client
+        assert c is not None
+        if c.want_write():
+            c.loop_write()
+        waiting = c.want_write()
+        if waiting != (dev in self._writing):
+            sock = c.socket()
+            if sock is None:
+                return
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
+            try:
+                self.sel.modify(sock, events, dev)
+            except (KeyError, ValueError):
+                return
+            (self._writing.add if waiting else self._writing.discard)(dev)
 
     def _on_connect(self, c: mqtt.Client, dev: Device, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -285,6 +293,8 @@ class Shard:
         m = Metrics(device=dev.id, ts=round(time.time(), 3), snapshot=dev.snapshot())
         dev.client.publish(self.topics.metrics(dev.id), m.to_payload(), qos=1, retain=True)
         self.stats["metrics"] += 1
+        if not self._reading and dev.client.want_write():
+            self._flush(dev)
 
     def _metrics_tick(self, dev: Device) -> None:
         if dev.connected:
@@ -346,11 +356,15 @@ class Shard:
             if dev is None:
                 self._command()
                 continue
-            c = dev.client
             if events & selectors.EVENT_READ:
-                c.loop_read()
-            if events & selectors.EVENT_WRITE and c.want_write():
-                c.loop_write()
+                self._reading = True   # in paho's callbacks: it only queues, we write after
+                try:
+                    dev.client.loop_read()
+                finally:
+                    self._reading = False
+            # What the callbacks published (paho queues it inside a callback), or the
+            # rest of what the socket would not take before.
+            self._flush(dev)
 
     def run(self) -> None:
         """Serve until ``stop`` comes on the command pipe."""
@@ -440,6 +454,9 @@ class Shard:
 
     def _send(self, c: mqtt.Client, job: Job, event: Any) -> None:
         c.publish(self.topics.result(job.origin, job.rid, event.device), encode_result(event), qos=1)
+        dev: Device = c.user_data_get()
+        if not self._reading and c.want_write():  # from a timer paho writes at once, maybe not all
+            self._flush(dev)
 
     def _on_job(self, c: mqtt.Client, dev: Device, job: Job) -> None:
         self.stats["jobs"] += 1
