@@ -10,8 +10,9 @@ Metrics come from ``agent/<dev>/metrics``: the roster keeps each device's last s
 (``agent.clock``). In a large fleet every node hears every device's metrics (a thousand
 devices: a hundred a second) and most of it is never looked at, so a message is only
 stored as it came and decoded when someone first needs that device's metrics (an
-auction's ``bidders``, ``status``, the clock offset of a caller); a newer one replaces an
-undecoded older one, which is then never decoded at all. The operator's capabilities
+auction's ``bidders``, ``status``, a model list); a newer one replaces an undecoded older
+one, which is then never decoded at all. The clock sample of a live one is read at once
+from its head, so offsets and skew warnings are as before. The operator's capabilities
 records (``capabilities/<dev>``) say what each device may claim; ``vouched`` holds bids
 to them. Listeners hear every change of availability; they are called on the bus
 dispatcher thread and must only queue.
@@ -20,6 +21,7 @@ dispatcher thread and must only queue.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,10 +29,16 @@ from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import Bid, Capabilities, Metrics, Snapshot, decoded, serves
+from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# The head of a metrics payload as messages.Metrics.to_payload writes it: the device and
+# its clock, read from every live message without decoding the rest (a payload laid out
+# otherwise is decoded whole at once, as before).
+_HEAD = re.compile(rb'\{"v":%d,"device":"([A-Za-z0-9_-]{1,64})","ts":([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]'
+                   % SCHEMA_VERSION)
 
 Listener = Callable[[str, bool], None]
 
@@ -40,14 +48,13 @@ class Roster:
                  wall: Callable[[], float] = time.time):
         self.topics = topics
         self.self_device = self_device
-        self.offsets: ClockOffsets = _Offsets(self)
+        self.offsets = ClockOffsets()
         self._max_bytes = max_bytes
         self._wall = wall
         self._lock = threading.Lock()
         self._state: dict[str, bool] = {}
         self._metrics: dict[str, Metrics] = {}   # decoded, the last good one of each device
-        # device -> (topic, its latest metrics payload, not decoded yet; our wall clock on receipt if live)
-        self._pending: dict[str, tuple[str, bytes, float | None]] = {}
+        self._pending: dict[str, tuple[str, bytes]] = {}  # device -> (topic, its latest metrics, undecoded)
         self._takes: dict[str, dict[tuple[str | None, str, bool], bool]] = {}  # can_take, per device and job kind
         self._listeners: list[Listener] = []
         self._live = threading.Condition(self._lock)
@@ -96,42 +103,49 @@ class Roster:
                 listener(device, False)
 
     def handle_metrics(self, msg: Message) -> None:
-        """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use."""
+        """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use; a
+        live one's clock sample is read at once (the head our own encoder writes)."""
         parsed = self.topics.parse(msg.topic)
         if parsed is None or parsed.device is None:
             return
-        device = parsed.device
+        device, payload = parsed.device, msg.payload
         with self._lock:
-            if msg.payload == b"":  # a retired device's metrics, cleared
+            if payload == b"":  # a retired device's metrics, cleared
                 self._metrics.pop(device, None)
                 self._pending.pop(device, None)
                 self._takes.pop(device, None)
                 return
-            self._pending[device] = (msg.topic, msg.payload, None if msg.retain else self._wall())
-        if not msg.retain:
+            self._pending[device] = (msg.topic, payload)
+            if msg.retain:  # it may be old: only live ones say how far its clock is
+                return
+            head = _HEAD.match(payload)
+            if head is not None and head.group(1) == device.encode():
+                ts: float | None = float(head.group(2))
+            else:  # another encoder's layout: decoded now, as it always was
+                metrics = self._decoded(device)
+                ts = None if metrics is None else metrics.ts
+            if ts is not None:
+                self._clock(device, ts)
+        if ts is not None:
             self._heard_live(device)
+
+    def _clock(self, device: str, ts: float) -> None:
+        skew = self.offsets.observe(device, ts, self._wall())
+        if skew is not None:
+            log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel as "
+                        "durations so nothing breaks, but check its time sync", device, -skew)
 
     def _decoded(self, device: str) -> Metrics | None:
         """``device``'s last good metrics, decoding what came since (the lock held)."""
         pending = self._pending.pop(device, None)
         if pending is not None:
-            topic, payload, live_at = pending
-            metrics = decoded(topic, payload,
-                              lambda p: Metrics.from_payload(p, self._max_bytes), what="metrics", logger=log,
-                              matches=lambda m: m.device == device)
+            topic, payload = pending
+            metrics = decoded(topic, payload, lambda p: Metrics.from_payload(p, self._max_bytes), what="metrics",
+                              logger=log, matches=lambda m: m.device == device)
             if metrics is not None:
                 self._metrics[device] = metrics
                 self._takes.pop(device, None)
-                if live_at is not None:  # a retained one may be old: only live ones say how far its clock is
-                    skew = self.offsets.observe(device, metrics.ts, live_at)
-                    if skew is not None:
-                        log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines "
-                                    "travel as durations so nothing breaks, but check its time sync", device, -skew)
         return self._metrics.get(device)
-
-    def _decode_one(self, device: str) -> None:
-        with self._lock:
-            self._decoded(device)
 
     def handle_capabilities(self, msg: Message) -> None:
         """Bus handler for ``capabilities/+`` (the operator's records, retained)."""
@@ -241,19 +255,6 @@ class Roster:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
         return remove
-
-
-class _Offsets(ClockOffsets):
-    """The clock offsets, fed from metrics decoded on first use: asking about a device
-    decodes what it last said first."""
-
-    def __init__(self, roster: Roster):
-        super().__init__()
-        self._roster = roster
-
-    def offset(self, device: str) -> float | None:
-        self._roster._decode_one(device)
-        return super().offset(device)
 
 
 def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None, tools: bool = False) -> bool:
