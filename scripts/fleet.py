@@ -191,6 +191,7 @@ class Shard:
         self.bidders: set[str] = set()
         self._writing: set[Device] = set()   # devices whose socket the selector watches for writing
         self._reading = False
+        self._misc_at = 0.0
         self._stop = False
         self.floor_req = f"{spec.prefix}floor/req/"
 
@@ -320,6 +321,7 @@ class Shard:
                     raise FleetError(f"the broker accepted no CONNACK within {CONNACK_TIMEOUT_S:.0f} s after "
                                      f"{done} devices (is it out of connections or open files?)")
                 self.pump(0.2)
+                self._keepalive()  # connecting a thousand to a NATS cluster outlasts the first ones' keepalive
                 for dev in batch:
                     # A connection dropped while it starts (a NATS cluster still setting up
                     # its MQTT streams) is tried again, a few times; a refusal is final.
@@ -341,6 +343,17 @@ class Shard:
             for dev in self.devices:
                 first = now + dev.metrics_phase * self.spec.metrics_interval_s
                 self.at(first, functools.partial(self._metrics_tick, dev))
+
+    def _keepalive(self) -> None:
+        """paho's housekeeping (pings within the keepalive) for every client, at most once
+        every MISC_EVERY_S."""
+        now = time.monotonic()
+        if now < self._misc_at:
+            return
+        self._misc_at = now + MISC_EVERY_S
+        for dev in self.devices:
+            if dev.client is not None:
+                dev.client.loop_misc()
 
     def _retry(self, dev: Device) -> None:
         assert dev.client is not None
@@ -374,9 +387,7 @@ class Shard:
             now = time.monotonic()
             wait = self._run_timers(now)
             if now >= next_misc:
-                for dev in self.devices:
-                    if dev.client is not None:
-                        dev.client.loop_misc()
+                self._keepalive()
                 next_misc = now + MISC_EVERY_S
             self.pump(max(0.0, min(wait, next_misc - now)))
         self._shutdown()
