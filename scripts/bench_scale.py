@@ -49,6 +49,7 @@ from tests.support.mosquitto import REPO, LocalMosquitto
 
 TARGETS = {"auction_vs_first": 2.0, "messages_vs_first": 4.0}
 FLOOR_WAIT_S = 10.0   # for all N replies of one floor round
+LOST_RUNNING = 3      # floor rounds in a row with replies lost: the broker has lost the devices
 
 
 class VirtualDevices:
@@ -103,14 +104,17 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
                     break
                 except RuntimeError as exc:
                     log(f"N={n}: not every device hears the floor yet ({exc}); again")
-            floor_ms, lost = [], 0
+            floor_ms, lost, running = [], 0, 0
             for i in range(warmup + rounds):
                 try:
                     dt = req.round_trip(n, FLOOR_WAIT_S)
                 except RuntimeError as exc:  # a broker that loses or holds up replies: counted, not fatal
-                    lost += 1
+                    lost, running = lost + 1, running + 1
                     log(f"N={n}: {exc}")
+                    if running >= LOST_RUNNING:  # it lost the devices: the size stops here
+                        raise RuntimeError(f"{LOST_RUNNING} floor rounds running lost replies ({exc})") from None
                     continue
+                running = 0
                 if i >= warmup:
                     floor_ms.append(dt)
         finally:
