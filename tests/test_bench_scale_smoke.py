@@ -26,9 +26,10 @@ def test_scale_benchmark_reports_every_size_and_answers_every_auction(tmp_path: 
         row = r["sizes"][str(n)]
         assert row["answered"] == row["rounds"] == 3
         assert row["floor"]["p50"] > 0 and row["auction"]["p50"] > 0
-        # The seed's auction calls everyone: N calls out, N bids back.
-        assert row["bids_per_orchestration"] == n
-        assert row["messages_per_orchestration"] == 2 * n
+        # Every device bids on what it is called for: calls out plus as many bids back
+        # (the call-everyone auction of a small fleet: N and N).
+        assert 0 < row["bids_per_orchestration"] <= n
+        assert row["messages_per_orchestration"] == 2 * row["bids_per_orchestration"]
         assert row["answer_from"].startswith(f"v{n}-")
     assert r["sizes"]["8"]["auction_vs_first"] == 1.0
     text = proc.stdout
