@@ -369,9 +369,13 @@ class _Printer:
             for i, c in enumerate(result["ranking"], 1):
                 score = "" if c["score"] is None else f"  LinUCB score {c['score']:.3f}"
                 print(f"  {i}. {c['device']:<20} {c['mode']}{score}", file=self.out)
+            more = result.get("ranking_total", len(result["ranking"])) - len(result["ranking"])
+            if more > 0:
+                print(f"  … and {more} more", file=self.out)
         else:
             if result["ok"]:
-                auction = (f"; auction {result['auction_ms']:.1f} ms, {len(result['bids'])} bid(s) from "
+                bids = result.get("bids_total", len(result["bids"]))  # an older daemon's outcome has no total
+                auction = (f"; auction {result['auction_ms']:.1f} ms, {bids} bid(s) from "
                            f"{len(result['roster'])} device(s) online" if result["path"] != "local-npu" else "")
                 print(f"answered by {result['winner']} ({result['path']}) in {result['total_ms']:.0f} ms{auction}",
                       file=self.err)

@@ -14,6 +14,10 @@ from agent.dispatch import Answer
 from agent.errors import ExitCode
 from agent.messages import Bid, Timings
 
+# How many bids and ranking entries ``trigger --json`` lists: the best ones, with the
+# totals beside them. A fleet of a thousand printed a thousand of each (#23).
+SHOWN = 10
+
 
 def path_of(mode: str, is_self: bool) -> str:
     return ("local-" if is_self else "peer-") + mode
@@ -71,12 +75,14 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         """The public ``trigger --json`` object (keys documented in the README)."""
         return {"rid": self.rid, "winner": self.winner, "path": self.path, "text": self.text,
-                "bids": list(self.bids), "roster": list(self.roster),
+                "bids": top_bids(self.bids, self.winner, SHOWN), "bids_total": len(self.bids),
+                "roster": list(self.roster),
                 "auction_ms": round(self.auction_ms, 3), "decide_ms": round(self.decide_ms, 3),
                 "total_ms": round(self.total_ms, 3),
                 "timings": {k: round(v, 3) for k, v in vars(self.timings).items()},
                 "attempts": list(self.attempts), "ok": self.ok, "exit_code": int(self.exit_code),
-                "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking),
+                "error": self.error, "warnings": list(self.warnings), "ranking": list(self.ranking[:SHOWN]),
+                "ranking_total": len(self.ranking),
                 "dry_run": self.dry_run, "model": self.model, "invited": self.invited,
                 "usage": {"prompt_tokens": self.answer.prompt_tokens,
                           "completion_tokens": self.answer.generated_tokens},
@@ -94,3 +100,15 @@ def bid_summary(bid: Bid, score: float | None) -> dict[str, Any]:
 def ranking_summary(ranking: Sequence[Any]) -> tuple[dict[str, Any], ...]:
     return tuple({"device": c.device, "mode": c.mode,
                   "score": None if c.score is None else round(c.score, 6)} for c in ranking)
+
+
+def top_bids(bids: Sequence[Mapping[str, Any]], winner: str | None, k: int) -> list[Mapping[str, Any]]:
+    """At most ``k`` of the bids, in their own order: all of them if they fit, else the
+    winner's and the best scored (a bid without a score, e.g. an NPU's, after those)."""
+    if len(bids) <= k:
+        return list(bids)
+    def rank(i: int) -> tuple[bool, bool, float]:
+        b = bids[i]
+        return (b.get("device") != winner, b.get("score") is None, -(b.get("score") or 0.0))
+    keep = set(sorted(range(len(bids)), key=rank)[:k])
+    return [b for i, b in enumerate(bids) if i in keep]

@@ -7,14 +7,21 @@ messages on wildcard subscriptions (RabbitMQ 3.10) leaves it empty at first: the
 ``Fleet.sync`` asks on ``agent/<me>/presence`` and every node announces itself again.
 Metrics come from ``agent/<dev>/metrics``: the roster keeps each device's last snapshot
 (does it have an NPU?) and, from the live ones, how far its clock is from ours
-(``agent.clock``). The operator's capabilities records (``capabilities/<dev>``) say what
-each device may claim; ``vouched`` holds bids to them. Listeners hear every change of
-availability; they are called on the bus dispatcher thread and must only queue.
+(``agent.clock``). In a large fleet every node hears every device's metrics (a thousand
+devices: a hundred a second) and most of it is never looked at, so a message is only
+stored as it came and decoded when someone first needs that device's metrics (an
+auction's ``bidders``, ``status``, a model list); a newer one replaces an undecoded older
+one, which is then never decoded at all. The clock sample of a live one is read at once
+from its head, so offsets and skew warnings are as before. The operator's capabilities
+records (``capabilities/<dev>``) say what each device may claim; ``vouched`` holds bids
+to them. Listeners hear every change of availability; they are called on the bus
+dispatcher thread and must only queue.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,10 +29,16 @@ from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import Bid, Capabilities, Metrics, Snapshot, decoded, serves
+from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# The head of a metrics payload as messages.Metrics.to_payload writes it: the device and
+# its clock, read from every live message without decoding the rest (a payload laid out
+# otherwise is decoded whole at once, as before).
+_HEAD = re.compile(rb'\{"v":%d,"device":"([A-Za-z0-9_-]{1,64})","ts":([0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)[,}]'
+                   % SCHEMA_VERSION)
 
 Listener = Callable[[str, bool], None]
 
@@ -40,7 +53,9 @@ class Roster:
         self._wall = wall
         self._lock = threading.Lock()
         self._state: dict[str, bool] = {}
-        self._metrics: dict[str, Metrics] = {}
+        self._metrics: dict[str, Metrics] = {}   # decoded, the last good one of each device
+        self._pending: dict[str, tuple[str, bytes]] = {}  # device -> (topic, its latest metrics, undecoded)
+        self._takes: dict[str, dict[tuple[str | None, str, bool], bool]] = {}  # can_take, per device and job kind
         self._listeners: list[Listener] = []
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
@@ -79,6 +94,8 @@ class Roster:
         with self._lock:
             was_online = self._state.pop(device, False)
             self._metrics.pop(device, None)
+            self._pending.pop(device, None)
+            self._takes.pop(device, None)
             self._heard.pop(device, None)
             listeners = list(self._listeners)
         if was_online:
@@ -86,27 +103,49 @@ class Roster:
                 listener(device, False)
 
     def handle_metrics(self, msg: Message) -> None:
-        """Bus handler for ``agent/+/metrics``."""
+        """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use; a
+        live one's clock sample is read at once (the head our own encoder writes)."""
         parsed = self.topics.parse(msg.topic)
-        if parsed is None:
+        if parsed is None or parsed.device is None:
             return
-        if msg.payload == b"":  # a retired device's metrics, cleared
-            if parsed.device is not None:
-                with self._lock:
-                    self._metrics.pop(parsed.device, None)
-            return
-        metrics = decoded(msg.topic, msg.payload, lambda p: Metrics.from_payload(p, self._max_bytes),
-                          what="metrics", logger=log, matches=lambda m: parsed.device == m.device)
-        if metrics is None:
-            return
+        device, payload = parsed.device, msg.payload
         with self._lock:
-            self._metrics[metrics.device] = metrics
-        if not msg.retain:
-            self._heard_live(metrics.device)  # a retained one may be old: only live ones say how far its clock is
-            skew = self.offsets.observe(metrics.device, metrics.ts, self._wall())
-            if skew is not None:
-                log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel "
-                            "as durations so nothing breaks, but check its time sync", metrics.device, -skew)
+            if payload == b"":  # a retired device's metrics, cleared
+                self._metrics.pop(device, None)
+                self._pending.pop(device, None)
+                self._takes.pop(device, None)
+                return
+            self._pending[device] = (msg.topic, payload)
+            if msg.retain:  # it may be old: only live ones say how far its clock is
+                return
+            head = _HEAD.match(payload)
+            if head is not None and head.group(1) == device.encode():
+                ts: float | None = float(head.group(2))
+            else:  # another encoder's layout: decoded now, as it always was
+                metrics = self._decoded(device)
+                ts = None if metrics is None else metrics.ts
+            if ts is not None:
+                self._clock(device, ts)
+        if ts is not None:
+            self._heard_live(device)
+
+    def _clock(self, device: str, ts: float) -> None:
+        skew = self.offsets.observe(device, ts, self._wall())
+        if skew is not None:
+            log.warning("the clock of %s is %+.1f s from ours (measured from its metrics); deadlines travel as "
+                        "durations so nothing breaks, but check its time sync", device, -skew)
+
+    def _decoded(self, device: str) -> Metrics | None:
+        """``device``'s last good metrics, decoding what came since (the lock held)."""
+        pending = self._pending.pop(device, None)
+        if pending is not None:
+            topic, payload = pending
+            metrics = decoded(topic, payload, lambda p: Metrics.from_payload(p, self._max_bytes), what="metrics",
+                              logger=log, matches=lambda m: m.device == device)
+            if metrics is not None:
+                self._metrics[device] = metrics
+                self._takes.pop(device, None)
+        return self._metrics.get(device)
 
     def handle_capabilities(self, msg: Message) -> None:
         """Bus handler for ``capabilities/+`` (the operator's records, retained)."""
@@ -174,9 +213,16 @@ class Roster:
         """Online devices that would bid, as far as their last metrics tell: a draining or
         unhealthy node says so and sits auctions out, and a node bids only on jobs it could
         take (``can_take``), so nobody waits for a bid that will not come."""
+        key = (model, need, tools)
+
         def expected(d: str) -> bool:
-            m = self._metrics.get(d)
-            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model, tools))
+            m = self._decoded(d)
+            if m is None:
+                return True
+            takes = self._takes.setdefault(d, {})
+            if key not in takes:  # the same until its next metrics: a thousand devices, every auction
+                takes[key] = m.health == "ok" and can_take(m.snapshot, need, model, tools)
+            return takes[key]
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and expected(d))
 
@@ -187,13 +233,15 @@ class Roster:
 
     def metrics(self) -> dict[str, Metrics]:
         with self._lock:
+            for device in list(self._pending):
+                self._decoded(device)
             return dict(self._metrics)
 
     def may_have_free_npu(self, device: str) -> bool:
         """Whether ``device`` could offer a free NPU, as far as its last metrics tell (a
         device we know nothing about could)."""
         with self._lock:
-            m = self._metrics.get(device)
+            m = self._decoded(device)
             if self._granted and not (device in self._granted and self._granted[device].npu):
                 return False  # the operator did not grant it one
         return m is None or m.snapshot.has_npu

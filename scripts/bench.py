@@ -1,6 +1,7 @@
 """Benchmarks: orchestration cost against the MQTT floor, measured in one run.
 
     scripts/bench [--quick] [--out FILE]
+    scripts/bench --scale [--sizes 8,100,300,1000] [--broker mosquitto|nats]   (scripts/bench_scale.py)
 
 Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measures:
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
 from agent.bus import new_nonce, set_nodelay  # noqa: E402
 from agent.config import Config, ModelConfig, load_config  # noqa: E402
@@ -91,12 +92,12 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- 1. floor
 
 class FloorRequester:
-    def __init__(self, port: int, prefix: str):
+    def __init__(self, port: int, prefix: str, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5):
         self.prefix = prefix
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[int, threading.Event, list[int]]] = {}
         ready = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-req-{new_nonce()}", protocol=mqtt.MQTTv5)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-req-{new_nonce()}", protocol=protocol)
         c.on_socket_open = set_nodelay
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(f"{prefix}rep/+/+", qos=1)
         c.on_subscribe = lambda *a: ready.set()
@@ -116,15 +117,16 @@ class FloorRequester:
             if got[0] >= want:
                 event.set()
 
-    def round_trip(self, n: int) -> float:
+    def round_trip(self, n: int, timeout: float = 10.0) -> float:
         rid = new_nonce()
         event = threading.Event()
+        got = [0]
         with self._lock:
-            self._pending[rid] = (n, event, [0])
+            self._pending[rid] = (n, event, got)
         t0 = time.perf_counter()
         self.client.publish(f"{self.prefix}req/{rid}", b"r" * 200, qos=1)
-        if not event.wait(10):
-            raise RuntimeError(f"floor: only part of {n} replies in 10 s")
+        if not event.wait(timeout):
+            raise RuntimeError(f"floor: only {got[0]} of {n} replies in {timeout:g} s")
         dt = (time.perf_counter() - t0) * 1000
         with self._lock:
             del self._pending[rid]
@@ -536,6 +538,18 @@ def main() -> int:
                     help="only: time to first token through serve's two fronts against the executor directly")
     ap.add_argument("--frozen", action="store_true",
                     help="only: one frozen node of 8, against the healthy fleet's auction p50 in the same run")
+    ap.add_argument("--scale", action="store_true",
+                    help="instead: the auction as the fleet grows, virtual devices against the broadcast floor "
+                         "(scripts/bench_scale.py)")
+    ap.add_argument("--sizes", default="8,100,300,1000", help="with --scale: fleet sizes (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=30, help="with --scale: auctions per size (default %(default)s)")
+    ap.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto",
+                    help="with --scale: one Mosquitto, or a 3-server NATS cluster (default %(default)s)")
+    ap.add_argument("--fleet-workers", type=int, metavar="K",
+                    help="with --scale: processes for the virtual devices (default 1 up to N=100, else 2)")
+    ap.add_argument("--asker-config", metavar="YAML",
+                    help="with --scale: node config merged into the asker's, e.g. "
+                         "'{auction: {invite: {above: 50}}}'")
     ap.add_argument("--scheduling", action="store_true",
                     help="instead: every auction.policy over a real broker (scripts/bench_scheduling.py)")
     ap.add_argument("--jobs", type=int, default=300, help="with --scheduling: prompts per policy (default 300)")
@@ -543,6 +557,17 @@ def main() -> int:
     ap.add_argument("--policies", default="linucb,least_backlog,jsq,round_robin",
                     help="with --scheduling: policies to run (default %(default)s)")
     args = ap.parse_args()
+    if args.scale:
+        from bench_scale import scale
+        try:
+            sizes = [int(x) for x in args.sizes.split(",")]
+        except ValueError:
+            ap.error(f"--sizes: want numbers separated by commas, got {args.sizes!r}")
+        if not sizes or min(sizes) < 1 or args.rounds < 1:
+            ap.error("--sizes and --rounds must be at least 1")
+        out = args.out if args.out != "bench-results.json" else "bench-scale.json"
+        return scale(sizes, broker_kind=args.broker, rounds=args.rounds, warmup=max(1, args.rounds // 10),
+                     out=out, workers=args.fleet_workers, asker_config=args.asker_config)
     if args.scheduling:
         return scheduling(args)
     if args.serve:

@@ -140,3 +140,47 @@ def test_a_capabilities_record_must_name_its_own_device_and_can_be_cleared() -> 
     assert not roster.vouched({"liar": bid("liar", npu=True)})["liar"].snapshot.has_npu
     roster.handle_capabilities(Message(TOPICS.capabilities("someone"), b"", retain=True))
     assert roster.vouched({"liar": bid("liar", npu=True)})["liar"].snapshot.has_npu, "no records left"
+
+
+def test_metrics_are_decoded_once_when_first_needed_and_only_the_latest(monkeypatch) -> None:
+    decodes: list[bytes] = []
+    real = Metrics.from_payload
+
+    def counting(payload: bytes, max_bytes: int = 256 * 1024) -> Metrics:
+        decodes.append(payload)
+        return real(payload, max_bytes)
+
+    monkeypatch.setattr(Metrics, "from_payload", counting)
+    roster = roster_of(a=True, b=True)
+    for health in ("ok", "draining", "ok", "draining"):   # a thousand devices: a hundred a second
+        roster.handle_metrics(metrics("a", health))
+    live = metrics("a")
+    roster.handle_metrics(Message(live.topic, live.payload, retain=False))
+    roster.handle_metrics(metrics("a", "draining"))
+    assert decodes == [], "stored as it came, a live one's clock read from its head"
+    assert roster.offsets.offset("a") == 0.0
+    assert roster.bidders() == {"b"} and len(decodes) == 1, "only the latest is decoded, when needed"
+    assert roster.bidders() == {"b"} and len(decodes) == 1, "and only once"
+    roster.handle_metrics(Message(TOPICS.metrics("a"), b"{not json", retain=True))
+    assert roster.bidders() == {"b"} and len(decodes) == 2, "a bad one is dropped: the last good one stands"
+
+
+def test_a_clock_is_measured_from_when_its_metrics_came_not_when_they_are_decoded() -> None:
+    now = [160.0]
+    roster = Roster(TOPICS, "hub", wall=lambda: now[0])
+    live = metrics("a")
+    roster.handle_metrics(Message(live.topic, live.payload, retain=False))
+    now[0] = 900.0
+    assert roster.offsets.offset("a") == 60.0
+    assert roster.offsets.age("a", 100.0, 900.0) == 740.0
+
+
+def test_metrics_laid_out_otherwise_are_decoded_at_once_as_before() -> None:
+    import json
+    roster = Roster(TOPICS, "hub", wall=lambda: 160.0)
+    obj = json.loads(metrics("a").payload)
+    reordered = json.dumps(dict(reversed(list(obj.items())))).encode()  # another encoder: "ts" not up front
+    roster.handle_metrics(Message(TOPICS.metrics("a"), reordered, retain=False))
+    assert roster.offsets.offset("a") == 60.0 and "a" in roster.metrics()
+    roster.handle_metrics(Message(TOPICS.metrics("b"), b'{"v":3,"device":"b","ts":1', retain=False))
+    assert roster.offsets.offset("b") is None, "garbage measures nothing"

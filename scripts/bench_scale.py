@@ -1,0 +1,264 @@
+"""``scripts/bench --scale``: what an auction costs as the fleet grows, against the broker's floor.
+
+For each N of ``--sizes`` (e.g. 8,100,300,1000), on a private broker — one Mosquitto, or
+with ``--broker nats`` a 3-server NATS cluster (JetStream and MQTT on each, routed on
+loopback, every port free-picked, the devices spread over the three) — it starts N
+virtual devices (scripts/fleet.py, in worker processes of their own) and an asker in this
+process, and measures, in one run:
+
+floor      the raw broadcast floor: one publish to the N devices' floor topic, answered by
+           each with a bid-sized payload straight from its network callback, until all N
+           replies are in (no agent code on either side);
+auction    ``Orchestrator.run(dry_run=True)`` through a real ``Fleet`` connection, the code
+           ``trigger`` runs (in-process, so that a process start is not measured): call ->
+           bids -> decision; its ``auction_ms``, every one checked to have been answered;
+messages   what the broker delivers per orchestration, counted at the ends: the calls the
+           devices received (broadcast or invitations) plus the bids the asker received.
+
+Ratios are against N = the first size, measured in the same run, with the issue's targets
+(#23: auction p50 at the largest N <= 2x, messages <= 4x). ``--asker-config`` passes node
+config through to the asker (e.g. ``{"auction": {"invite": {"above": 50}}}``), so the same
+run measures the seed's call-everyone auction or invitations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from bench import Dist, FloorRequester, log, orchestrator
+from fleet import FD_SPARE, raise_fd_limit
+
+from agent.bus import new_nonce
+from agent.config import load_config
+from agent.errors import AgentError
+from agent.fleet import Fleet
+from tests.support.launch import node_doc, write_config
+from tests.support.mosquitto import REPO, LocalMosquitto
+
+TARGETS = {"auction_vs_first": 2.0, "messages_vs_first": 4.0}
+FLOOR_WAIT_S = 10.0   # for all N replies of one floor round
+LOST_RUNNING = 3      # floor rounds in a row with replies lost: the broker has lost the devices
+
+
+class VirtualDevices:
+    """scripts/fleet.py as a child process: ready once every device is online."""
+
+    def __init__(self, n: int, brokers: list[tuple[str, int]], prefix: str, protocol: str, workers: int,
+                 connect_batch: int = 50):
+        argv = [sys.executable, str(REPO / "scripts" / "fleet.py"), "--count", str(n), "--prefix", prefix,
+                "--mqtt", protocol, "--workers", str(workers), "--name", f"v{n}-",
+                "--connect-batch", str(connect_batch)]
+        for host, port in brokers:
+            argv += ["--broker", f"{host}:{port}"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # progress goes to our stderr meanwhile
+        if not line.startswith("ready"):
+            self.proc.wait(30)
+            raise RuntimeError(f"the virtual fleet of {n} did not come up (exit {self.proc.returncode})")
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        stats: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return stats
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, rounds: int, warmup: int,
+                 workers: int, asker_extra: dict[str, Any], connect_batch: int = 50) -> dict[str, Any]:
+    prefix = f"scale/{new_nonce()}/"
+    host, port = brokers[0]
+    log(f"N={n}: starting {n} virtual devices ({workers} worker process(es))")
+    t0 = time.monotonic()
+    devices = VirtualDevices(n, brokers, prefix, protocol, workers, connect_batch)
+    started_s = time.monotonic() - t0
+    try:
+        log(f"N={n}: floor")
+        req = FloorRequester(port, f"{prefix}floor/", mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+        try:
+            for _ in range(6):  # a cluster spreads new subscriptions between its servers: until all hear
+                try:
+                    req.round_trip(n, 5)
+                    break
+                except RuntimeError as exc:
+                    log(f"N={n}: not every device hears the floor yet ({exc}); again")
+            floor_ms, lost, running = [], 0, 0
+            for i in range(warmup + rounds):
+                try:
+                    dt = req.round_trip(n, FLOOR_WAIT_S)
+                except RuntimeError as exc:  # a broker that loses or holds up replies: counted, not fatal
+                    lost, running = lost + 1, running + 1
+                    log(f"N={n}: {exc}")
+                    if running >= LOST_RUNNING:  # it lost the devices: the size stops here
+                        raise RuntimeError(f"{LOST_RUNNING} floor rounds running lost replies ({exc})") from None
+                    continue
+                running = 0
+                if i >= warmup:
+                    floor_ms.append(dt)
+        finally:
+            req.close()
+        log(f"N={n}: auctions")
+        doc = node_doc(f"asker{n}", host=host, port=port, prefix=prefix, state_dir=workdir / f"asker{n}",
+                       auction={"bid_timeout_s": 10}, broker={"protocol": protocol, "keepalive_s": 30})
+        for key, value in asker_extra.items():
+            doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
+        cfg = load_config(write_config(workdir / f"asker{n}.yaml", doc), env={})
+        connected = Fleet.open(cfg)
+        try:
+            orch = orchestrator(cfg, connected)
+            times, bids, errors = [], [], []
+            before: dict[str, Any] = {}
+            for i in range(warmup + rounds):
+                if i == warmup:
+                    before = devices.stats()
+                out = orch.run("benchmark prompt", max_new_tokens=8, dry_run=True)
+                if not out.ok or out.winner is None:
+                    errors.append(out.error or "no winner")
+                    log(f"N={n}: an auction was not answered: {errors[-1]}")
+                    continue
+                if i >= warmup:
+                    times.append(out.auction_ms)
+                    bids.append(len(out.bids))
+            after = devices.stats()
+            answer = orch.run("an answer from the virtual fleet", max_new_tokens=8)
+        finally:
+            connected.close()
+        calls = (after["calls"] + after["invites"]) - (before["calls"] + before["invites"])
+        floor = Dist.of(floor_ms) if floor_ms else None
+        auction = Dist.of(times) if times else None
+        return {"n": n, "floor": floor.json() if floor else None, "floor_lost": lost,
+                "auction": auction.json() if auction else None, "answered": len(times), "rounds": rounds,
+                "errors": errors[:3], "bids_per_orchestration": round(statistics.mean(bids), 1) if bids else 0.0,
+                "messages_per_orchestration": round((calls + sum(bids)) / rounds, 1),
+                "auction_over_floor": round(auction.p50 / floor.p50, 2) if auction and floor else None,
+                "fleet_start_s": round(started_s, 1), "answer_from": answer.winner if answer.ok else None,
+                "answer_error": None if answer.ok else answer.error}
+    finally:
+        devices.stop()
+
+
+def start_broker(kind: str, workdir: Path) -> tuple[Any, list[tuple[str, int]], str]:
+    """(the broker, the addresses the devices spread over, the MQTT version)."""
+    if kind == "nats":
+        from tests.support.brokers import LocalNats
+        nats = LocalNats(workdir / "nats", size=3)
+        nats.start()
+        return nats, [("127.0.0.1", p) for p in nats.ports], "3.1.1"   # NATS speaks MQTT 3.1.1
+    # Debian's mosquitto caps connections unless told; its open-file limit is ours (raised).
+    broker = LocalMosquitto(workdir / "mosquitto", extra_conf="max_connections -1\n")
+    broker.start()
+    return broker, [("127.0.0.1", broker.port)], "5"
+
+
+def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: str, workers: int | None,
+          asker_config: str | None) -> int:
+    asker_extra = yaml.safe_load(asker_config) if asker_config else {}
+    if not isinstance(asker_extra, dict):
+        print("--asker-config: want a YAML/JSON mapping of node config", file=sys.stderr)
+        return 2
+    # The broker inherits our limit: every device's connection plus the asker's, twice over for NATS' routes.
+    note = raise_fd_limit(2 * max(sizes) + FD_SPARE * 4)
+    log(note)
+    load_before = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-scale-"))
+    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                           "platform": platform.platform()},
+                               "broker": broker_kind, "asker_config": asker_extra, "sizes": {}}
+    broker, brokers, protocol = start_broker(broker_kind, workdir)
+    try:
+        for n in sizes:
+            w = workers if workers is not None else (1 if n <= 100 else 2)
+            # NATS creates JetStream consumers for every QoS 1 subscription: connect a few at a time.
+            batch = 10 if broker_kind == "nats" else 50
+            try:
+                results["sizes"][n] = measure_size(n, brokers, protocol, workdir, rounds, warmup, w, asker_extra,
+                                                   batch)
+            except (RuntimeError, AgentError) as exc:  # as far as it goes: the sizes before it stand
+                log(f"N={n}: stopped: {exc}")
+                results["stopped"] = {"n": n, "error": str(exc)}
+                break
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["load_average"] = {"before": [round(x, 2) for x in load_before],
+                               "after": [round(x, 2) for x in os.getloadavg()]}
+    done = list(results["sizes"])
+    first = results["sizes"][done[0]] if done else None
+    for r in results["sizes"].values():
+        assert first is not None
+        a, a0 = r["auction"], first["auction"]
+        r["auction_vs_first"] = round(a["p50"] / a0["p50"], 2) if a and a0 else None
+        m0 = first["messages_per_orchestration"]
+        r["messages_vs_first"] = round(r["messages_per_orchestration"] / m0, 2) if m0 else None
+    Path(out).write_text(json.dumps(results, indent=2))
+    print_scale(results, done)
+    print(f"\nJSON: {out}")
+    complete = "stopped" not in results and all(r["answered"] == r["rounds"] and not r["floor_lost"]
+                                                and r["answer_from"] for r in results["sizes"].values())
+    return 0 if complete else 1
+
+
+def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    where = "one Mosquitto" if r["broker"] == "mosquitto" else "a 3-server NATS cluster"
+    lb, la = r["load_average"]["before"], r["load_average"]["after"]
+    print(f"\nedge-agent at scale, {where} (python {r['machine']['python']}, {r['machine']['cpus']} cpus; "
+          f"load average {lb[0]:.2f} before, {la[0]:.2f} after)")
+    if r["asker_config"]:
+        print(f"asker config: {json.dumps(r['asker_config'])}")
+    vs_a, vs_m = f"auction vs N={sizes[0]}", f"msgs vs N={sizes[0]}"
+    print(f"\n{'devices':>7} | {'floor p50 ms':>12} | {'auction p50/p95 ms':>19} | {'/floor':>6} | "
+          f"{'bids':>6} | {'msgs/orch':>9} | {vs_a:>16} | {vs_m:>13}")
+    def num(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    for n in sizes:
+        x = r["sizes"][n]
+        f, a = x["floor"], x["auction"]
+        lost = f" ({x['floor_lost']} lost)" if x["floor_lost"] else ""
+        auction = "—" if a is None else f"{a['p50']:.1f}/{a['p95']:.1f}"
+        print(f"{n:>7} | {num(f and f['p50'], '.1f'):>12}{lost} | {auction:>19} | "
+              f"{num(x['auction_over_floor'], '.2f'):>6} | {x['bids_per_orchestration']:>6.1f} | "
+              f"{x['messages_per_orchestration']:>9.1f} | {num(x['auction_vs_first'], '.2f'):>15}x | "
+              f"{num(x['messages_vs_first'], '.2f'):>12}x")
+    answered = sum(x["answered"] for x in r["sizes"].values())
+    total = sum(x["rounds"] for x in r["sizes"].values())
+    print(f"\nauctions answered: {answered}/{total}")
+    for n in sizes:
+        x = r["sizes"][n]
+        if x["errors"] or x["answer_error"]:
+            print(f"N={n}: {x['rounds'] - x['answered']} auction(s) not answered ({'; '.join(x['errors'])}); "
+                  f"the answer: {x['answer_error'] or 'ok'}")
+    if "stopped" in r:
+        print(f"stopped at N={r['stopped']['n']}: {r['stopped']['error']}")
+    if len(sizes) > 1:
+        last = r["sizes"][sizes[-1]]
+        a, m = last["auction_vs_first"], last["messages_vs_first"]
+        target_a, target_m = TARGETS["auction_vs_first"], TARGETS["messages_vs_first"]
+        print(f"auction p50 at N={sizes[-1]}: {num(a, '.2f')}x N={sizes[0]} (target <= {target_a:g}x: "
+              f"{mark(a is not None and a <= target_a)}); messages per orchestration {num(m, '.2f')}x "
+              f"(target <= {target_m:g}x: {mark(m is not None and m <= target_m)})")
