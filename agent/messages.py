@@ -219,6 +219,15 @@ class ModelInfo:
                    tools=bool(obj.get("tools") is True))
 
 
+def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None, tools: bool = False) -> bool:
+    """Whether a device with this snapshot could take a job: its NPU (serving the model,
+    calling tools if the job has them), or, for a job that does not need an NPU, a CPU
+    slot (likewise). A node bids only on such jobs (a device that only asks never bids),
+    and auctions wait only for them."""
+    npu = snapshot.has_npu and serves(snapshot, "npu", model, tools)
+    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model, tools))
+
+
 def serves(snapshot: Snapshot, mode: str, model: str | None, tools: bool = False) -> bool:
     """Whether ``snapshot``'s device runs ``model`` in ``mode`` (any model, if None: a job
     that names none goes where it always went), and, for a job with ``tools``, whether

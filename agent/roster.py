@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, decoded, serves
+from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, can_take, decoded, serves
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -255,15 +255,6 @@ class Roster:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
         return remove
-
-
-def can_take(snapshot: Snapshot, need: str = "any", model: str | None = None, tools: bool = False) -> bool:
-    """Whether a device with this snapshot could take a job: its NPU (serving the model,
-    calling tools if the job has them), or, for a job that does not need an NPU, a CPU
-    slot (likewise). A node bids only on such jobs (a device that only asks never bids),
-    and auctions wait only for them."""
-    npu = snapshot.has_npu and serves(snapshot, "npu", model, tools)
-    return npu or (need == "any" and snapshot.cpu_slots > 0 and serves(snapshot, "cpu", model, tools))
 
 
 def within(snapshot: Snapshot, granted: Capabilities | None) -> Snapshot:
