@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, can_take, decoded, serves
+from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, can_take, decoded
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
