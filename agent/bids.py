@@ -63,7 +63,7 @@ class Bids:
         cpu_ok = cap.cpu is not None and cap.slots > 0 and cap.cpu.serves(req.model) \
             and (cap.cpu.tools or not req.tools)
         if not (npu_ok or (cpu_ok and req.need == "any")):
-            return  # nothing here could take it (roster.can_take): no bid, and nobody waits for one
+            return  # nothing here could take it (messages.can_take): no bid, and nobody waits for one
         claim = self.jobs.ledger.offer(req.rid, req.origin, self._clock())
         if claim is None:
             log.debug("dropped call for bids %s from %s: over its share of calls", req.rid, req.origin)

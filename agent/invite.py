@@ -20,7 +20,7 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
   choices": a few random probes keep a stale view honest and let unknown devices be
   learnt).
 
-Devices that cannot take the job by their last metrics (``roster.can_take``) are never
+Devices that cannot take the job by their last metrics (``messages.can_take``) are never
 invited. The choice depends only on its inputs and the seeded ``rng``.
 """
 
@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.messages import Snapshot, serves
-from agent.roster import can_take
+from agent.messages import Snapshot, can_take, serves
 
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
 DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 32, 8, 2
