@@ -193,8 +193,13 @@ def run_policy(policy: str, port: int, workdir: Path, jobs: int, load: float, se
                            triggers={"workers": 64, "max_waiting": 1024}, metrics_interval_s=5)
             node = NodeProcess(write_config(workdir / f"{policy}-{dev}.yaml", doc), dev, arrivals=arrivals,
                                log=workdir / f"{policy}-{dev}.log")
-            node.start(timeout=60)
+            arrivals.expect(dev)
+            node.launch()  # all at once: the fleet comes up in the time of its slowest node
             nodes.append(node)
+        for node in nodes:
+            if not arrivals.wait(node.device, 60):
+                raise RuntimeError(f"node {node.device} did not come online within 60 s:\n"
+                                   + node.log_text()[-2000:])
         answers = Answers(port, topics)
         rng = random.Random(seed)
         rate = capacity_per_s(world) * load
