@@ -42,7 +42,7 @@ __all__ = ["POLICIES", "Choice", "Decision", "Offer", "select"]
 SHRINK = 2.0
 # A promise resting on fewer of the device's own jobs than this teaches the arm nothing:
 # what it misses is the record's youth, which the device's next jobs mend by themselves.
-MATURE_JOBS = 3.0
+MATURE_JOBS = 6.0
 
 
 @dataclass(frozen=True)

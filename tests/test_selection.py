@@ -148,11 +148,11 @@ def test_a_residual_counts_only_beyond_twice_its_own_band() -> None:
 
 
 def test_a_promise_from_a_young_record_teaches_the_arm_nothing() -> None:
-    """A device's first jobs are priced from a record of one or two jobs: what such a
-    promise misses is the record's youth, mended by the device's next jobs, not a bias of
-    the device. The job carries no promise (its arm is not trained) yet is no exploration."""
-    offers = [Offer("young", snap(), service_s=1.0, service_n=1.9),
-              Offer("grown", snap(), service_s=2.0, service_n=3)]
+    """A device's first jobs are priced from a record of a few jobs: what such a promise
+    misses is the record's youth, mended by the device's next jobs, not a bias of the
+    device. The job carries no promise (its arm is not trained) yet is no exploration."""
+    offers = [Offer("young", snap(), service_s=1.0, service_n=5.9),
+              Offer("grown", snap(), service_s=2.0, service_n=6)]
     d = select(offers, {}, **GREEDY)
     young, grown = d.ranking
     assert (young.device, young.promise, young.explore) == ("young", None, False)
