@@ -105,6 +105,10 @@ class SimExecutorConfig:
     text: str | None = None  # fixed answer; None echoes the prompt
     seed: int = 0
     cold_ms: float = 0.0     # extra start-up when the model is not warm (see ModelConfig.keep_warm_s)
+    ms_per_prompt_token: float = 0.0  # prefill: per token of the prompt, before the first answer token
+    ttft_init: bool = False  # init_ms reports start-up + prefill (the time to the first token, as llama-cli)
+    throttle: float = 1.0    # slowdown when fully hot: heats while it runs jobs, cools while idle
+    heat_s: float = 10.0     # time constant of heating (cooling takes twice as long)
     served: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -471,6 +475,10 @@ def _parse_executor(s: _Section, default_kind: str, *, active: bool) -> Executor
             text=text,
             seed=s.number("seed", 0, minimum=0, integer=True),
             cold_ms=float(s.number("cold_ms", 0.0, minimum=0)),
+            ms_per_prompt_token=float(s.number("ms_per_prompt_token", 0.0, minimum=0)),
+            ttft_init=s.boolean("ttft_init", False),
+            throttle=float(s.number("throttle", 1.0, minimum=1.0, maximum=100.0)),
+            heat_s=float(s.number("heat_s", 10.0, minimum=0.001)),
             served=served,
         )
     elif kind == "command":

@@ -9,9 +9,10 @@ the policy (``auction.policy``):
   seconds, the start-up it would pay (a model that is not warm, a long prompt's
   prefill) and its estimate of the job's service time, all from its bid — plus what this
   orchestrator has learnt the device's promises miss (its arm: the residual between the
-  latency seen here and the promise; ``agent.linucb``), used with a lower confidence
-  bound. With nothing learnt the ranking is the devices' own estimates. A device with no
-  record at all (no estimate in its bid) is priced as fast as the fastest estimate, so it
+  latency seen here and the promise; ``agent.linucb``), counted only beyond twice its
+  own noise band; a promise from a record of under ``MATURE_JOBS`` jobs teaches
+  nothing. With nothing learnt the ranking is the devices' own estimates. A device with
+  no record at all (no estimate in its bid) is priced as fast as the fastest estimate, so it
   is tried; while this orchestrator has such a job in flight there, it is priced as the
   slowest estimate instead (the job also shows in its backlog), so it is not flooded.
 - ``least_backlog``: the smallest advertised backlog plus start-up, in seconds.
@@ -37,8 +38,12 @@ from agent.linucb import Arm, context, noise, solve_arms
 from agent.messages import Snapshot, serves
 
 __all__ = ["POLICIES", "Choice", "Decision", "Offer", "select"]
-# A learnt residual is trusted beyond this many widths of its own noise band.
-SHRINK = 1.0
+# A learnt residual counts only by what exceeds this many widths of its own noise band:
+# at one width, a third of pure noise got through and cost honest fleets 1-2 %.
+SHRINK = 2.0
+# A promise resting on fewer of the device's own jobs than this teaches the arm nothing:
+# what it misses is the record's youth, which the device's next jobs mend by themselves.
+MATURE_JOBS = 6.0
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,8 @@ def _linucb(cpu: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: int
         sse[learnt] = [a.sse for a in own]
         w[learnt] = [a.w for a in own]
     # The arm's noise is shrunk towards a share of the job's own time (start-up and work).
-    # A learnt residual counts only by what exceeds its own band (soft thresholding): with
-    # honest estimates the correction stays at zero and the ranking is the devices' own;
+    # A learnt residual counts only by what exceeds twice its own band (soft
+    # thresholding): with honest estimates the correction stays at zero and the ranking is the devices' own;
     # a bias larger than the noise shows within tens of jobs.
     band = noise(sse, w, np.array(work)) * widths
     corrected = np.sign(means) * np.maximum(np.abs(means) - SHRINK * band, 0.0)
@@ -153,7 +158,7 @@ def _linucb(cpu: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: int
         unknown = o.service_s is None
         choice = Choice(o.device, "cpu", o.is_self, score=score, mean=work[i] + corr[i],
                         width=wd[i], x=tuple(rows[i]), explore=unknown,
-                        promise=None if unknown else work[i])
+                        promise=None if unknown or o.service_n < MATURE_JOBS else work[i])
         keyed.append(((score, *_headroom(o), services[i], not unknown, jitter[i]), choice))
     keyed.sort(key=lambda kv: kv[0])
     return [c for _, c in keyed]

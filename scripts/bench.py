@@ -556,6 +556,8 @@ def main() -> int:
     ap.add_argument("--load", type=float, default=0.7, help="with --scheduling: share of capacity (default 0.7)")
     ap.add_argument("--policies", default="linucb,least_backlog,jsq,round_robin",
                     help="with --scheduling: policies to run (default %(default)s)")
+    ap.add_argument("--world", default="honest", choices=("honest", "ttft", "thermal", "link", "real"),
+                    help="with --scheduling: what the devices misjudge (scripts/bench_scheduling.py)")
     args = ap.parse_args()
     if args.scale:
         from bench_scale import scale
@@ -639,12 +641,12 @@ def scheduling(args: argparse.Namespace) -> int:
     broker.start()
     try:
         results = measure_scheduling(broker.port, workdir, jobs=args.jobs, load=args.load,
-                                     policies=args.policies.split(","))
+                                     policies=args.policies.split(","), world=args.world)
     finally:
         broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    Path(args.out).write_text(json.dumps({"scheduling": results, "load": args.load}, indent=2))
-    print_scheduling(results, args.load)
+    Path(args.out).write_text(json.dumps({"scheduling": results, "load": args.load, "world": args.world}, indent=2))
+    print_scheduling(results, args.load, args.world)
     print(f"\nJSON: {args.out}")
     return 0
 

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
+import time
 
 import pytest
 
 from agent.config import CommandExecutorConfig, SimExecutorConfig
 from agent.errors import CommandFailed, ExecutableNotFound, ExecutionTimeout
-from agent.executors import Params, build_executor
+from agent.executors import Params, build_executor, estimate_tokens
+from agent.executors.sim import SimExecutor
 
 
 def collect():
@@ -24,6 +27,32 @@ def test_sim_follows_its_latency_model() -> None:
     assert r.generated_tokens == 3
     assert r.timings.init_ms >= 30 and r.timings.decode_ms >= 15
     assert r.timings.total_ms >= r.timings.init_ms + r.timings.decode_ms - 1
+
+
+def test_sim_reports_prefill_apart_or_as_start_up_like_llama_cli() -> None:
+    """The same prefill (2 ms a prompt token): reported as prefill_ms, or (ttft_init)
+    inside init_ms, which is what a node's start-up record then learns."""
+    prompt = "w " * 40
+    prefill = 2.0 * estimate_tokens(prompt)
+    apart = build_executor(SimExecutorConfig(base_ms=5, ms_per_token=0, ms_per_prompt_token=2.0), name="d")
+    r = apart.run(prompt, Params(max_new_tokens=1), collect()[1])
+    assert r.timings.prefill_ms >= prefill and 5 <= r.timings.init_ms < prefill
+    ttft = build_executor(SimExecutorConfig(base_ms=5, ms_per_token=0, ms_per_prompt_token=2.0, ttft_init=True),
+                          name="d")
+    r = ttft.run(prompt, Params(max_new_tokens=1), collect()[1])
+    assert r.timings.init_ms >= 5 + prefill and r.timings.prefill_ms == 0
+
+
+def test_sim_heats_while_it_runs_and_a_hot_device_is_slower() -> None:
+    ex = SimExecutor(SimExecutorConfig(base_ms=0, ms_per_token=20, throttle=3.0, heat_s=100.0), name="d")
+    ex._warm_up(0.0, 1)          # one job running from t = 0 ...
+    ex._warm_up(1000.0, 0)       # ... for ten time constants: fully hot
+    assert ex._heat == pytest.approx(1.0, abs=1e-3)
+    ex._warm_up(1200.0, 0)       # idle for one cooling constant (2 × heat_s)
+    assert ex._heat == pytest.approx(math.exp(-1), abs=1e-3)
+    ex._heat, ex._heat_at = 1.0, time.monotonic()
+    r = ex.run("a b c", Params(max_new_tokens=3), collect()[1])
+    assert r.timings.decode_ms >= 3 * 3 * 20 * 0.95, "three tokens at 3x the cool pace"
 
 
 def test_sim_fixed_text_and_timeout() -> None:

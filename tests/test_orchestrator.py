@@ -67,7 +67,8 @@ class ScriptedFleet:
             for device in self.peers:
                 bid = Bid(parsed.rid or "", device, "hub", f"claim-{device}", Snapshot(
                     has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
-                    queue_depth=0), service_s=None if device.startswith("new") else ESTIMATES.get(device, PROMISE_S))
+                    queue_depth=0), service_s=None if device.startswith("new") else ESTIMATES.get(device, PROMISE_S),
+                    service_n=0.0 if device.startswith("new") else 10.0)  # a record of ten jobs
                 self._subs[T.all_bid_replies("hub")](Message(T.bid_reply("hub", bid.rid, device), bid.to_payload()))
         elif parsed.kind == "exec":
             job = Job.from_payload(payload)

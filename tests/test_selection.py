@@ -82,8 +82,9 @@ def residual_arm(residual: float, n: int = 30, work: float = 1.0, s: Snapshot | 
 
 def test_with_nothing_learnt_the_ranking_is_the_devices_own_promises() -> None:
     """Backlog + start-up + the device's estimate of the job: the self offer competes too."""
-    offers = [Offer("slow", snap(), service_s=3.0), Offer("me", snap(), is_self=True, service_s=1.5),
-              Offer("fast", snap(), service_s=0.5)]
+    offers = [Offer("slow", snap(), service_s=3.0, service_n=12),
+              Offer("me", snap(), is_self=True, service_s=1.5, service_n=12),
+              Offer("fast", snap(), service_s=0.5, service_n=12)]
     d = select(offers, {}, **GREEDY)
     assert order(d) == ["fast", "me", "slow"] and d.ranking[1].is_self
     assert [c.score for c in d.ranking] == pytest.approx([0.5, 1.5, 3.0])
@@ -104,18 +105,21 @@ def test_backlog_in_seconds_is_added_to_the_service_estimate() -> None:
 
 def test_a_cold_model_pays_its_start_up_in_the_score() -> None:
     """Equal devices: the one whose model would have to load first loses (warm models win)."""
-    offers = [Offer("a-cold", snap(), service_s=1.0, init_s=30.0), Offer("b-warm", snap(), service_s=1.0)]
+    offers = [Offer("a-cold", snap(), service_s=1.0, service_n=12, init_s=30.0),
+              Offer("b-warm", snap(), service_s=1.0, service_n=12)]
     d = select(offers, {}, **GREEDY)
     assert order(d) == ["b-warm", "a-cold"]
     assert d.ranking[1].score == pytest.approx(31.0) and d.ranking[1].promise == pytest.approx(31.0)
-    busy = select([Offer("busy", snap(backlog=2.0), service_s=1.0, init_s=0.5)], {}, **GREEDY).ranking[0]
+    busy = select([Offer("busy", snap(backlog=2.0), service_s=1.0, service_n=12, init_s=0.5)], {},
+                  **GREEDY).ranking[0]
     assert (busy.score, busy.promise) == pytest.approx((3.5, 1.5)), "the promise is the job's own time"
 
 
 def test_the_arm_learns_what_a_device_cannot_see_about_itself() -> None:
     """The fast device's answers reach this orchestrator 3 s later than it promises (a slow
     link, a biased estimate): the arm's residual moves this orchestrator elsewhere."""
-    offers = [Offer("fast", snap(), service_s=1.0), Offer("steady", snap(), service_s=2.5)]
+    offers = [Offer("fast", snap(), service_s=1.0, service_n=12),
+              Offer("steady", snap(), service_s=2.5, service_n=12)]
     assert order(select(offers, {}, **KW))[0] == "fast"
     d = select(offers, {"fast": residual_arm(3.0, n=20)}, **KW)
     assert order(d) == ["steady", "fast"]
@@ -125,11 +129,35 @@ def test_the_arm_learns_what_a_device_cannot_see_about_itself() -> None:
 def test_with_honest_estimates_the_learnt_residual_changes_nothing() -> None:
     """Residuals that are noise around zero stay inside their own band: the score is the
     promise exactly, so learning never costs what the devices' estimates get right."""
-    offers = [Offer("a", snap(backlog=0.4), service_s=1.0, init_s=0.1), Offer("b", snap(), service_s=1.4)]
+    offers = [Offer("a", snap(backlog=0.4), service_s=1.0, service_n=12, init_s=0.1),
+              Offer("b", snap(), service_s=1.4, service_n=12)]
     arms = {"a": residual_arm(0.02, jitter=0.3), "b": residual_arm(-0.03, jitter=0.4, work=1.4)}
     d = select(offers, arms, **GREEDY)
     assert [c.score for c in d.ranking] == pytest.approx([1.4, 1.5])
     assert [c.promise for c in d.ranking] == pytest.approx([1.4, 1.1]), "the job's own time; the wait apart"
+
+
+def test_a_residual_counts_only_beyond_twice_its_own_band() -> None:
+    """Ten jobs 0.3 s late, give or take 0.6 s, is noise: the score stays the promise and
+    the device keeps a job it wins by 0.05 s. Ten jobs 1 s late is a bias: it loses it."""
+    offers = [Offer("a", snap(), service_s=1.0, service_n=12), Offer("b", snap(), service_s=1.05, service_n=12)]
+    d = select(offers, {"a": residual_arm(0.3, n=10, jitter=0.6)}, **GREEDY)
+    assert order(d) == ["a", "b"] and d.ranking[0].score == pytest.approx(1.0)
+    d = select(offers, {"a": residual_arm(1.0, n=10, jitter=0.6)}, **GREEDY)
+    assert order(d) == ["b", "a"] and d.ranking[1].score == pytest.approx(1.5, abs=0.1)
+
+
+def test_a_promise_from_a_young_record_teaches_the_arm_nothing() -> None:
+    """A device's first jobs are priced from a record of a few jobs: what such a promise
+    misses is the record's youth, mended by the device's next jobs, not a bias of the
+    device. The job carries no promise (its arm is not trained) yet is no exploration."""
+    offers = [Offer("young", snap(), service_s=1.0, service_n=5.9),
+              Offer("grown", snap(), service_s=2.0, service_n=6)]
+    d = select(offers, {}, **GREEDY)
+    young, grown = d.ranking
+    assert (young.device, young.promise, young.explore) == ("young", None, False)
+    assert young.score == pytest.approx(1.0), "it is still ranked by its own estimate"
+    assert grown.promise == pytest.approx(2.0)
 
 
 def test_an_optimistic_device_is_corrected_within_tens_of_jobs() -> None:
