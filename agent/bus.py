@@ -537,10 +537,15 @@ class Bus:
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         if client is not self._current().client:
             return
+        self._reconnect_failed(client, _Outcome(Failure.UNREACHABLE, "connection failed"))
+
+    def _reconnect_failed(self, client: mqtt.Client, outcome: _Outcome | None) -> None:
+        """paho's own reconnect after a drop did not give a connection (network thread)."""
         link, action = self._step(connection.ReconnectFailed())
         if link.phase is not connection.Phase.DOWN:
             return  # paho retrying a client the current round is about to replace
-        self._record(_Outcome(Failure.UNREACHABLE, "connection failed"))
+        if outcome is not None:
+            self._record(outcome)
         if link.failures_here == 1:
             log.warning("%s: cannot reach the broker at %s; retrying", self.name, self.address)
         if isinstance(action, connection.Retarget):
@@ -570,7 +575,13 @@ class Bus:
             last = self._last_outcome()
             if was or last is None or not last.failure.refused:
                 self._record(_Outcome(Failure.DROPPED, f"disconnected: {reason}"))
-        if not (was and self._is_started()):
+        if not was:
+            if self._is_started():
+                # paho's own reconnect reached an address that turned it away (hung up,
+                # refused): as much a failed reconnect as finding nobody listening.
+                self._reconnect_failed(client, None)
+            return
+        if not self._is_started():
             return
         with self._lock:
             listeners = list(self._link_listeners)

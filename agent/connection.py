@@ -30,7 +30,8 @@ Rules, each one a line of code below:
 - a round that ends without a connection waits ``first_connect_delay`` (the first
   connection: a broker that is not up yet, so knock often) before the next one;
 - once connected, paho reconnects by itself; after two of its failed retries at one
-  address the next address is used (round robin);
+  address (nobody listening, or a broker that hung up or refused) the next address is
+  used (round robin);
 - after a drop the first retry comes quickly, with jitter, so a restarted broker is in
   use again at once without the whole fleet arriving in the same millisecond;
 - a node that has never held a connection past ``FLAP_WINDOW_S`` gives up its identity
@@ -137,7 +138,7 @@ class Connected:
 
 @dataclass(frozen=True)
 class ReconnectFailed:
-    """paho's own reconnect (after a drop) could not reach the broker."""
+    """paho's own reconnect (after a drop) gave no connection: not reached, or turned away."""
 
 
 @dataclass(frozen=True)

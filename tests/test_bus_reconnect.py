@@ -31,8 +31,8 @@ class HangUp:
     """A listener that reads a client's CONNECT and closes without a CONNACK (as RabbitMQ
     does to MQTT 5)."""
 
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, port: int = 0) -> None:
+        self._listener = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR: a port just freed
         self.port = self._listener.getsockname()[1]
         self.levels: list[int] = []   # the protocol level of each CONNECT read: 5, or 4 (3.1.1)
         self._thread = threading.Thread(target=self._serve, daemon=True, name="hang-up")
@@ -171,3 +171,37 @@ def test_concurrent_publishers_survive_a_fallback_a_failover_and_a_broker_restar
         writer.stop()
         reader.stop()
         hang_up.close()
+
+
+@pytest.mark.broker
+def test_an_address_that_starts_hanging_up_on_reconnects_is_left_for_the_next(tmp_path: Path) -> None:
+    """Once connected, paho reconnects by itself; an address that then accepts TCP but
+    hangs up on every CONNECT (a cluster member whose MQTT side is down) must count as a
+    failed reconnect, or the bus would knock there for ever."""
+    first = LocalMosquitto(tmp_path / "first")
+    second = LocalMosquitto(tmp_path / "second")
+    try:
+        first.start()
+        second.start()
+    except MosquittoNotAvailable as exc:
+        pytest.skip(str(exc))
+    config = BrokerConfig(host=first.host, port=first.port, failover=((second.host, second.port),), protocol="3.1.1")
+    bus = Bus("hang-up-failover", config, persistent=False, sync_topic="reconnect/sync/failover", name="failover")
+    links: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    bus.on_link(lambda up, _: links.put(up))
+    hang_up: HangUp | None = None
+    try:
+        bus.connect(WAIT_S)
+        assert links.get(timeout=WAIT_S) is True and bus.address == f"{first.host}:{first.port}"
+        first.stop()
+        hang_up = HangUp(first.port)
+        assert links.get(timeout=WAIT_S) is False
+        assert links.get(timeout=WAIT_S) is True, "reconnected somewhere"
+        assert bus.address == f"{second.host}:{second.port}", "moved on to the failover address"
+        assert bus.barrier(WAIT_S), "and it works"
+    finally:
+        bus.stop()
+        if hang_up is not None:
+            hang_up.close()
+        first.stop()
+        second.stop()
