@@ -100,7 +100,7 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                outer.arrived()
+                self.arrival = outer.arrived()  # what a later request interrupts (interrupt)
                 chat = self.path == "/v1/chat/completions"
                 if not chat and self.path != "/v1/completions":
                     return self._plain(404, {"error": "not found"})
@@ -166,7 +166,9 @@ class FakeOpenAI:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                arrived = outer.arrivals
+                # Counted when the request came in, not when its stream starts: two requests
+                # that arrive together still interrupt the earlier one.
+                arrived = self.arrival
                 started = time.monotonic()
                 if outer.prefill_s:
                     time.sleep(outer.prefill_s)  # a stand-in for the engine's work on the prompt
@@ -242,11 +244,12 @@ class FakeOpenAI:
                 except OSError:
                     pass
 
-    def arrived(self) -> None:
-        """Count a request, and wake a stream holding for one (interrupt_hold_s)."""
+    def arrived(self) -> int:
+        """Count a request, and wake a stream holding for one (interrupt_hold_s); its number."""
         with self._arrival:
             self.arrivals += 1
             self._arrival.notify_all()
+            return self.arrivals
 
     def __enter__(self) -> FakeOpenAI:
         self._thread.start()
