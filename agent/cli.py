@@ -5,6 +5,11 @@
     python -m agent status --config FILE           the roster
     python -m agent check --config FILE            is this device ready to be a node?
 
+This module is the parser, ``main`` and what the commands share (trigger's progress and
+summary lines, signal handling, this device as a candidate); each command's body is a
+module of its own: agent/cmd_node.py, cmd_trigger.py, cmd_status.py, cmd_serve.py,
+cmd_forget.py, cmd_check.py, each with a ``run``, imported only when its command runs.
+
 Every ``AgentError`` becomes its documented exit code and a one-line message (see
 ``agent.errors.ExitCode``); anything else is a bug, reported in one line with a hint to
 run with ``-v`` for the traceback, and exit code 70.
@@ -14,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import traceback
@@ -28,8 +31,6 @@ from typing import Any, TextIO
 from agent import __version__
 from agent.config import Config, load_config
 from agent.errors import AgentError, ExitCode, UsageError
-
-log = logging.getLogger("agent")
 
 PATH_LABELS = {"local-npu": "NPU - Local", "peer-npu": "NPU - Peer", "peer-cpu": "CPU - Peer",
                "local-cpu": "CPU - Local"}
@@ -196,16 +197,22 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         cfg = _load(args, files if command == "check" else None)
         _setup_logging(cfg, args, verbosity, command)
         if command == "node":
-            return _node(cfg, err)
+            from agent import cmd_node
+            return cmd_node.run(cfg, err)
         if command == "trigger":
-            return _trigger(cfg, args, out, err)
+            from agent import cmd_trigger
+            return cmd_trigger.run(cfg, args, out, err)
         if command == "check":
-            return _check(cfg, out, files)
+            from agent import cmd_check
+            return cmd_check.run(cfg, out, files)
         if command == "forget":
-            return _forget(cfg, args, out, err)
+            from agent import cmd_forget
+            return cmd_forget.run(cfg, args, out, err)
         if command == "serve":
-            return _serve(cfg, args, err)
-        return _status(cfg, args, out, err)
+            from agent import cmd_serve
+            return cmd_serve.run(cfg, args, err)
+        from agent import cmd_status
+        return cmd_status.run(cfg, args, out, err)
     except AgentError as exc:
         print(f"error: {exc}", file=err)
         return exc.exit_code
@@ -256,83 +263,11 @@ def _setup_logging(cfg: Config | None, args: argparse.Namespace, verbosity: int,
     logs.setup(level, json_lines=json_lines, paho_debug=verbosity >= 3)
 
 
-# ---------------------------------------------------------------------------- node
+# ---------------------------------------------------------------------------- shared by the commands
 
 
-def _node(cfg: Config, err: TextIO) -> int:
-    """Run until SIGINT/SIGTERM. The first signal drains (no new work; running jobs get
-    ``drain_s`` to finish), a second one stops at once. Another node with our device_id
-    ends it with exit 2."""
-    from agent.node import Node
-
-    stop = threading.Event()
-    fatal: list[AgentError] = []
-    signals: list[int] = []
-
-    def on_fatal(error: AgentError) -> None:
-        fatal.append(error)
-        stop.set()
-
-    def on_signal(signum: int, frame: object) -> None:
-        signals.append(signum)
-        if len(signals) == 1:
-            log.info("received %s: finishing running jobs (up to %g s); send it again to stop at once",
-                     signal.Signals(signum).name, cfg.drain_s)
-        else:
-            log.warning("received %s again: stopping now", signal.Signals(signum).name)
-        stop.set()
-
-    node = Node(cfg, on_fatal=on_fatal)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        node.start()
-        # Short waits: a signal may land on another thread, and Python runs its handler
-        # only when the main thread wakes up.
-        while not stop.wait(0.5):
-            pass
-        if signals and not fatal:
-            stop.clear()
-            drained = threading.Thread(target=node.drain, args=(cfg.drain_s,), name="drain", daemon=True)
-            drained.start()
-            while drained.is_alive() and len(signals) < 2:
-                drained.join(0.2)
-    finally:
-        node.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if fatal:
-        print(f"error: {fatal[0]}", file=err)
-        return fatal[0].exit_code
-    return ExitCode.OK
-
-
-# ---------------------------------------------------------------------------- trigger
-
-
-def _read_prompt(args: argparse.Namespace) -> str:
-    """The prompt from the argument, --prompt-file or stdin; UsageError if it is unusable."""
-    try:
-        if args.prompt_file:
-            with open(args.prompt_file, "rb") as fh:
-                prompt = fh.read().decode("utf-8")
-        elif args.prompt is None or args.prompt == "-":
-            if sys.stdin is None or sys.stdin.isatty():
-                raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on stdin")
-            prompt = sys.stdin.buffer.read().decode("utf-8")
-        else:
-            prompt = args.prompt
-        prompt.encode("utf-8")  # an argument with undecodable bytes carries lone surrogates
-    except OSError as exc:
-        raise UsageError(f"cannot read the prompt: {exc.strerror or exc}") from None
-    except UnicodeError:
-        raise UsageError("the prompt is not valid UTF-8 text") from None
-    if not prompt.strip():
-        raise UsageError("the prompt is empty")
-    return prompt
-
-
-class _Printer:
-    """What ``trigger`` shows while it waits and once the answer is in."""
+class Printer:
+    """What ``trigger`` shows while it waits and once the answer is in (agent/cmd_trigger.py)."""
 
     def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO):
         self.args, self.out, self.err = args, out, err
@@ -384,141 +319,19 @@ class _Printer:
         return int(result["exit_code"])
 
 
-def _trigger(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from agent import control
-
-    prompt = _read_prompt(args)
-    printer = _Printer(args, out, err)
-    daemon = control.connect(cfg.state_dir)
-    if daemon is not None:  # the device's own node runs: it orchestrates, with its warm connection
-        return _trigger_via_daemon(daemon, prompt, args, printer)
-    return _trigger_here(cfg, prompt, args, printer)
-
-
-def _prompt_of(args: argparse.Namespace, prompt: str) -> Any:
-    """The command line's prompt request, checked as every front checks one."""
-    from agent.messages import Prompt
-    return Prompt(prompt, args.max_new_tokens, args.need, args.dry_run, args.bid_timeout, args.model)
-
-
-def _trigger_via_daemon(sock: Any, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
-    from agent import control
-
-    caught: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-        sock.shutdown(socket.SHUT_WR)  # the daemon sees us leave and cancels the job
-
-    winner: str | None = None
-    request = control.PromptRequest(_prompt_of(args, prompt))
-    handlers = _install_signals(on_signal)
-    try:
-        with sock:
-            for event in control.request(sock, request):
-                if isinstance(event, control.Decision):
-                    winner = event.winner
-                    printer.decision(winner, event.path, event.score)
-                elif isinstance(event, control.Text):
-                    printer.token(event.text)
-                elif isinstance(event, control.Progress):
-                    printer.progress(event.text)
-                elif isinstance(event, control.Outcome):
-                    code = printer.outcome(event.outcome)
-                    break
-                elif isinstance(event, control.Failure):
-                    print(f"error: {event.error}", file=printer.err)
-                    code = event.exit_code
-                    break
-            else:
-                if not caught:
-                    print("error: the node daemon went away before answering", file=printer.err)
-                code = ExitCode.FAILED
-    except ValueError as exc:
-        print(f"error: the node daemon sent something unexpected: {exc}", file=printer.err)
-        code = ExitCode.FAILED
-    except OSError as exc:
-        if not caught:
-            print(f"error: lost the node daemon: {exc}", file=printer.err)
-        code = ExitCode.FAILED
-    finally:
-        _restore_signals(handlers)
-    if caught:
-        # The daemon cancelled the job on its device when we hung up.
-        print(f"\n✗ interrupted; {winner} was told to stop" if winner else "\n✗ interrupted", file=printer.err)
-        return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
-    return code
-
-
-def _trigger_here(cfg: Config, prompt: str, args: argparse.Namespace, printer: _Printer) -> int:
-    """No daemon on this device: this process orchestrates, connecting to the broker itself."""
-    from dataclasses import replace
-
-    from agent.fleet import Fleet
-    from agent.fronts import orchestrator
-
-    ask = _prompt_of(args, prompt)
-    if ask.bid_timeout_s is not None:
-        cfg = replace(cfg, auction=replace(cfg.auction, bid_timeout_s=ask.bid_timeout_s))
-    npu_exec = _usable(cfg, "npu", printer.err) if cfg.npu.enabled else None
-    cpu_exec = _usable(cfg, "cpu", printer.err) if cfg.cpu.enabled else None
-    fleets: list[Fleet] = []
-
-    shown = [0]
-
-    def identity_wait(waited: float) -> None:
-        if int(waited) > shown[0]:
-            shown[0] = int(waited)
-            printer.progress(f"waiting for another process of this device to let go of its broker connection "
-                             f"({waited:.0f} s; run the node daemon here to share one)")
-
-    def connect() -> Fleet:
-        fleet = Fleet.open(cfg, wait_identity_s=cfg.auction.job_timeout_s, on_wait=identity_wait)
-        fleets.append(fleet)
-        return fleet
-
-    orch = orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                        local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec), on_token=printer.token,
-                        on_decision=lambda d: printer.decision(d.winner, d.path, d.score),
-                        on_progress=printer.progress)
-    # Ctrl-C or SIGTERM: the job in flight is cancelled on its device, then we exit 130/143.
-    caught: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        if caught:
-            raise KeyboardInterrupt  # a second one: leave now
-        caught.append(signum)
-        orch.interrupt()
-
-    handlers = _install_signals(on_signal)
-    try:
-        result = orch.run(ask.prompt, max_new_tokens=ask.max_new_tokens, need=ask.need, dry_run=ask.dry_run,
-                          model=ask.model)
-    finally:
-        _restore_signals(handlers)
-        for fleet in fleets:
-            fleet.close()
-    if caught:
-        print(f"\n✗ {result.error or 'interrupted'}", file=printer.err)
-        return ExitCode.TERMINATED if caught[0] == signal.SIGTERM else ExitCode.INTERRUPTED
-    return printer.outcome(result.to_json())
-
-
-def _install_signals(handler: Any) -> dict[int, Any]:
+def install_signals(handler: Any) -> dict[int, Any]:
     """Our SIGINT/SIGTERM handler, if we are the main thread (tests call main() from others)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _restore_signals(previous: dict[int, Any]) -> None:
+def restore_signals(previous: dict[int, Any]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler)
 
 
-def _self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
+def self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
     """This device as a candidate when no daemon of its own bids (called once per run)."""
     from agent.locks import CpuSlots
     from agent.metrics import HostSampler, snapshot
@@ -535,7 +348,7 @@ def _self_snapshot(cfg: Config, npu_exec: Any, cpu_exec: Any) -> Any:
     return local_snapshot
 
 
-def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
+def usable_executor(cfg: Config, mode: str, err: TextIO) -> Any:
     from agent.executors import usable
 
     section = cfg.npu if mode == "npu" else cfg.cpu
@@ -543,227 +356,3 @@ def _usable(cfg: Config, mode: str, err: TextIO) -> Any:
     if problem:
         print(f"warning: {mode} executor unusable here: {problem}", file=err)
     return executor
-
-
-# ---------------------------------------------------------------------------- status
-
-
-def _status(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """The roster, once or (--watch) refreshed in place. Through this device's node if it
-    runs (no second connection as this device), else over a connection of our own."""
-    import time
-
-    from agent import control
-    from agent.status import estimates, table
-
-    fleet = None
-    if not control.running(cfg.state_dir):
-        from agent.fleet import Fleet
-
-        fleet = Fleet.open(cfg, role="status")
-        fleet.sync()
-
-    def current() -> list[dict[str, Any]]:
-        if fleet is not None:
-            from agent.status import rows
-            devices = rows(fleet.roster, time.time())
-        else:
-            daemon = control.connect(cfg.state_dir)
-            if daemon is None:
-                raise UsageError("the node daemon of this state_dir stopped; run status again")
-            with daemon:
-                events = list(control.request(daemon, control.StatusRequest()))
-            found = next((e.devices for e in events if isinstance(e, control.Status)), None)
-            if found is None:
-                raise AgentError(f"the node daemon did not answer: {events}")
-            devices = found
-        return estimates(devices, cfg)
-
-    try:
-        if not args.watch:
-            devices = current()
-            if args.json:
-                print(json.dumps({"devices": devices}), file=out)
-            elif not devices:
-                print(f"no devices have announced themselves on {cfg.broker.host}:{cfg.broker.port}"
-                      f" (prefix {cfg.topic_prefix!r})", file=out)
-            else:
-                print("\n".join(table(devices)), file=out)
-            return ExitCode.OK
-        in_place = out.isatty() and not args.json
-        try:
-            while True:
-                devices = current()
-                if args.json:
-                    print(json.dumps({"at": round(time.time(), 3), "devices": devices}), file=out, flush=True)
-                else:
-                    online = sum(d["online"] for d in devices)
-                    head = (f"{time.strftime('%H:%M:%S')}  {online} of {len(devices)} device(s) online on "
-                            f"{cfg.broker.host}:{cfg.broker.port}; every {args.interval:g} s, Ctrl-C to stop")
-                    body = "\n".join([head, *table(devices)])
-                    print(("\x1b[H\x1b[2J" if in_place else "") + body + ("" if in_place else "\n"), file=out,
-                          flush=True)
-                time.sleep(args.interval)  # the refresh period itself, not a synchronisation
-        except KeyboardInterrupt:
-            return ExitCode.OK
-    finally:
-        if fleet is not None:
-            fleet.close()
-
-
-def _forget(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from agent import control
-    from agent.topics import is_id
-
-    device = args.device
-    if not is_id(device):
-        raise UsageError(f"{device!r} is not a device id")
-    final: control.Event
-    daemon = control.connect(cfg.state_dir)
-    if daemon is not None:
-        with daemon:
-            events = list(control.request(daemon, control.ForgetRequest(device, bool(args.force))))
-        final = events[-1] if events else control.Failure("no answer", ExitCode.FAILED)
-    else:
-        from agent.fleet import Fleet
-        from agent.status import forget
-
-        fleet = Fleet.open(cfg, role="forget")
-        try:
-            fleet.sync()
-            final = forget(fleet, device, force=bool(args.force))
-        finally:
-            fleet.close()
-    if isinstance(final, control.Failure):
-        print(f"error: {final.error}", file=err)
-        return final.exit_code
-    if not isinstance(final, control.Forgot):
-        print(f"error: the node daemon answered {final.type!r}", file=err)
-        return ExitCode.FAILED
-    print(f"forgot {device}: cleared {', '.join(final.cleared)}", file=out)
-    return ExitCode.OK
-
-
-# ---------------------------------------------------------------------------- check
-
-
-def _check(cfg: Config, out: TextIO, file_problems: Sequence[str] = ()) -> int:
-    """One line per thing a node needs; the worst finding decides the exit code. Writes
-    nothing: not the state_dir, not a lock, not the broker session of the device."""
-    from agent import control
-    from agent.errors import BrokerUnavailable
-    from agent.executors import build_executor
-    from agent.statefiles import writable_problem
-
-    codes: list[int] = []
-
-    def report(what: str, problem: str | None, detail: str, code: int = ExitCode.USAGE) -> None:
-        print(f"{'✓' if problem is None else '✗'} {what:<10} {detail if problem is None else problem}", file=out)
-        if problem is not None:
-            codes.append(code)
-
-    report("config", None, f"{cfg.source}: device_id {cfg.device_id}")
-    for problem in file_problems:
-        report("files", problem, "")
-    state_problem, state_detail = writable_problem(cfg.state_dir)
-    report("state_dir", state_problem, f"{cfg.state_dir} ({state_detail})")
-    runners = [(mode, section.executor) for mode, section in (("npu", cfg.npu), ("cpu", cfg.cpu)) if section.enabled]
-    if not runners:
-        report("runners", None, "none: this device only asks (its prompts run on the fleet's devices)")
-    for mode, exe_cfg in runners:
-        executor = build_executor(exe_cfg, name=f"{cfg.device_id}:{mode}")
-        probe = getattr(executor, "probe", executor.check)  # a server is asked, a binary looked up
-        report(mode, probe(), f"{exe_cfg.kind} ready")
-    broker = ", ".join(f"{h}:{p}" for h, p in cfg.broker.addresses)
-    daemon = control.connect(cfg.state_dir)
-    if daemon is not None:
-        with daemon:
-            answered = any(isinstance(e, control.Status) for e in control.request(daemon, control.StatusRequest()))
-        report("broker", None if answered else "the node daemon of this state_dir did not answer",
-               f"{broker}: a node daemon runs here and owns the connection")
-    elif any(p.startswith("broker.") for p in file_problems):
-        unreachable = _unreachable(cfg)
-        report("broker", f"{broker}: " + ("answers on TCP" if unreachable is None else f"not reachable ({unreachable})")
-               + "; not tried with this device's login until the files above are fixed",
-               "", ExitCode.USAGE if unreachable is None else ExitCode.BROKER)
-    else:
-        from agent.fleet import probe_broker
-
-        try:
-            protocol = probe_broker(cfg)
-            user = f" as {cfg.broker.username}" if cfg.broker.username else ""
-            report("broker", None, f"{broker}{' (TLS)' if cfg.broker.tls.enabled else ''}: connected{user} "
-                                   f"(MQTT {protocol})")
-        except BrokerUnavailable as exc:
-            report("broker", str(exc), "", ExitCode.BROKER)
-    return ExitCode.USAGE if ExitCode.USAGE in codes else max(codes, default=ExitCode.OK)
-
-
-def _unreachable(cfg: Config) -> str | None:
-    """None if some broker address takes a TCP connection, else why none does."""
-    reasons = []
-    for host, port in cfg.broker.addresses:
-        try:
-            socket.create_connection((host, port), timeout=3).close()
-            return None
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            reasons.append(reason if len(cfg.broker.addresses) == 1 else f"{host}:{port}: {reason}")
-    return "; ".join(reasons)
-
-
-# ---------------------------------------------------------------------------- serve
-
-
-def _serve(cfg: Config, args: argparse.Namespace, err: TextIO) -> int:
-    """Run the HTTP endpoint until SIGINT/SIGTERM (agent/serve.py)."""
-    from dataclasses import replace
-
-    from agent import control
-    from agent.serve import Backend, DaemonBackend, Gateway, OrchestratorBackend, own_models
-
-    serve_cfg = replace(cfg.serve, host=args.host or cfg.serve.host,
-                        port=cfg.serve.port if args.port is None else args.port)
-    cfg = replace(cfg, serve=serve_cfg)
-    fleets: list[Any] = []
-    backend: Backend
-    if control.running(cfg.state_dir):
-        backend, how = DaemonBackend(cfg), "through this device's node daemon"
-    else:
-        from agent.fleet import Fleet
-        from agent.fronts import orchestrator
-
-        npu_exec = _usable(cfg, "npu", err) if cfg.npu.enabled else None
-        cpu_exec = _usable(cfg, "cpu", err) if cfg.cpu.enabled else None
-        opening = threading.Lock()
-
-        def fleet() -> Any:
-            with opening:  # one connection, opened on first use and kept (it reconnects itself)
-                if not fleets:
-                    fleets.append(Fleet.open(cfg, role="serve"))
-                return fleets[0]
-
-        def make() -> Any:
-            return orchestrator(cfg, connect=fleet, npu_exec=npu_exec, cpu_exec=cpu_exec,
-                                local_snapshot=_self_snapshot(cfg, npu_exec, cpu_exec))
-
-        own = own_models(npu_exec, cpu_exec)
-        backend, how = OrchestratorBackend(make, fleet, own, cfg.device_id), "as this device"
-    gateway = Gateway(cfg, backend)
-    try:
-        host, port = gateway.start()
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {serve_cfg.host}:{serve_cfg.port}: {exc.strerror or exc}") from None
-    print(f"serving the fleet {how} on http://{host}:{port} (OpenAI's API under /v1, Ollama's under /api; "
-          "Ctrl-C to stop)", file=err, flush=True)
-    stop = threading.Event()
-    previous = _install_signals(lambda signum, frame: stop.set())
-    try:
-        while not stop.wait(0.5):  # short waits: Python runs signal handlers on the main thread
-            pass
-    finally:
-        _restore_signals(previous)
-        gateway.stop()
-        for f in fleets:
-            f.close()
-    return ExitCode.OK

@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.config import DEFAULT_MODEL
 from agent.messages import Chat, ChatMessage, Prompt, ToolCall
-from agent.serve import NO_PREFERENCE, BadRequest, Stop, arguments_of, prompt_of, text_of, tools_of
+from agent.openai_api import NO_PREFERENCE, BadRequest, arguments_of, prompt_of, text_of, tools_of
+from agent.serve import Stop
 
 if TYPE_CHECKING:
-    from agent.serve import Answered, _Handler
+    from agent.openai_api import Answered
+    from agent.serve import _Handler
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,9 @@ decision, so ``X-Edge-Agent-Device`` names who answers and an error before any t
 a proper HTTP status; a client that hangs up (noticed by a peek on its socket, or a
 failed write) cancels its job on whichever device runs it.
 
+What OpenAI's requests mean and how its answers are shaped is pure, in agent/openai_api.py
+(Ollama's, in agent/ollama.py); this module routes, admits, runs and streams.
+
 Chat travels as chat (messages, tools, output format) to executors that speak it; the
 others get a "Role: text" transcript and apply their model's chat template. Tool calls
 come back with arguments as an object; this front sends them on as a JSON string.
@@ -40,38 +43,33 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from agent import control
 from agent.admission import FULL, Admission
-from agent.config import DEFAULT_MODEL, Config
-from agent.errors import AgentError, BadPrompt, ExitCode, PromptTooLarge, UsageError
-from agent.messages import Chat, ChatMessage, Prompt, Timings, ToolCall, tool_name
+from agent.config import Config
+from agent.errors import AgentError, ExitCode, PromptTooLarge, UsageError
+from agent.messages import Prompt, Timings, ToolCall
+from agent.openai_api import (
+    STATUS_OF,
+    Answered,
+    BadRequest,
+    Completion,
+    Reply,
+    completion_request,
+    error_body,
+    error_kind,
+    failure_of,
+    finish_of,
+    json_body,
+    models_list,
+    stream_error,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
-DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class Answered:
-    ok: bool
-    text: str
-    winner: str | None
-    path: str | None
-    rid: str
-    exit_code: int
-    error: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    total_ms: float
-    finish_reason: str = ""   # the engine's; "" when it did not say
-    tool_calls: tuple[ToolCall, ...] = ()
-    timings: Timings = Timings()
-    kind: str = ""            # why no device ran it, where that has a name (dispatch.Answer.kind)
 
 
 class Stop(threading.Event):
@@ -289,126 +287,6 @@ def _listed(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [entries[name] for name in sorted(entries)]
 
 
-# ----------------------------------------------------------------------------- requests
-
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param
-
-
-def text_of(content: Any, where: str) -> str:
-    """A message's content: a string, or text content parts (null: empty)."""
-    if content is None:
-        return ""
-    if isinstance(content, list):  # content parts: text only
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-            raise BadRequest(400, f"{where}: only text content is supported", param="messages")
-        return "".join(t for t in texts if isinstance(t, str))
-    if not isinstance(content, str):
-        raise BadRequest(400, f"{where}.content must be text", param="messages")
-    return content
-
-
-def arguments_of(raw: Any, where: str) -> dict[str, Any]:
-    """Tool call arguments: an object, or a string holding one (OpenAI's shape)."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw) if raw.strip() else {}
-        except (ValueError, RecursionError):
-            raise BadRequest(400, f"{where}.arguments is not JSON", param="messages") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise BadRequest(400, f"{where}.arguments must be a JSON object", param="messages")
-    return raw
-
-
-def tools_of(raw: Any) -> tuple[dict[str, Any], ...]:
-    """Function tools, as both APIs spell them ({"type": "function", "function": {...}})."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or len(raw) > 128:
-        raise BadRequest(400, "tools must be a list of up to 128 tools", param="tools")
-    for i, tool in enumerate(raw):
-        if tool_name(tool) is None:
-            raise BadRequest(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": …}}}}',
-                             param="tools")
-    return tuple(raw)
-
-
-def chat_of_openai(body: dict[str, Any]) -> Chat:
-    """The conversation of a chat completion request: messages, tools, response format."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest(400, "messages must be a non-empty list", param="messages")
-    turns = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise BadRequest(400, f"{where} must be an object with a role (system, user, assistant, tool)",
-                             param="messages")
-        calls = []
-        for j, c in enumerate(m.get("tool_calls") or []):
-            fn = c.get("function") if isinstance(c, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise BadRequest(400, f"{where}.tool_calls[{j}] must name a function", param="messages")
-            calls.append(ToolCall(fn["name"], arguments_of(fn.get("arguments"), f"{where}.tool_calls[{j}]"),
-                                  str(c.get("id") or "")))
-        role = "system" if m["role"] == "developer" else m["role"]
-        turns.append(ChatMessage(role, text_of(m.get("content"), where), tuple(calls),
-                                 str(m.get("tool_call_id") or ""), str(m.get("name") or "")))
-    fmt: Any = None
-    rf = body.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") == "json_object":
-        fmt = "json"
-    elif isinstance(rf, dict) and rf.get("type") == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
-        if not isinstance(schema, dict):
-            raise BadRequest(400, "response_format.json_schema.schema must be an object", param="response_format")
-        fmt = schema
-    elif rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise BadRequest(400, "response_format must be text, json_object or json_schema", param="response_format")
-    tools = tools_of(body.get("tools")) if body.get("tool_choice") != "none" else ()
-    return Chat(tuple(turns), tools, fmt)
-
-
-def prompt_of(prompt: str, max_new_tokens: Any, model: str | None, temperature: Any, chat: Chat | None, *,
-              names: dict[str, str]) -> Prompt:
-    """The request as a ``Prompt`` (the bounds every front shares); a 400 naming the
-    field in the API's own terms (``names``: ours -> theirs) if one is out of bounds."""
-    try:
-        return Prompt(prompt, max_new_tokens, model=model, temperature=temperature, chat=chat)
-    except BadPrompt as exc:
-        theirs = names.get(exc.field, exc.field)
-        message = str(exc).replace(exc.field, theirs, 1)
-        raise BadRequest(400, message, param=theirs) from None
-
-
-# Our names of a prompt's fields -> OpenAI's, for the errors.
-OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
-
-# Model names that ask for no model in particular: any device answers.
-NO_PREFERENCE = ("", "default", DEFAULT_MODEL)
-
-
-def model_of(body: dict[str, Any]) -> str | None:
-    model = body.get("model")
-    if model is None or model in NO_PREFERENCE:
-        return None  # no preference: any device, as a trigger without a model
-    if not isinstance(model, str):
-        raise BadRequest(400, "model must be a model name", param="model")
-    return model  # its length is checked with the rest of the request (Prompt)
-
-
-# Why no device ran a job (dispatch.Answer.kind) -> OpenAI's error code for it.
-ERROR_CODES = {"model_not_served": "model_not_found", "no_tools": "tools_not_supported"}
-
-STATUS_OF = {ExitCode.NO_DEVICE: 503, ExitCode.TIMEOUT: 504, ExitCode.USAGE: 400, ExitCode.BROKER: 503,
-             ExitCode.INTERRUPTED: 499, ExitCode.FAILED: 502}
-
-
 # ----------------------------------------------------------------------------- the server
 
 class Gateway:
@@ -469,6 +347,47 @@ def _api_key(cfg: Config) -> str | None:
     return None
 
 
+def _busy(admission: Admission, why: str) -> str | None:
+    """Why a request got no slot, for the client (None: it hung up while waiting)."""
+    if why == FULL:
+        return (f"server busy: {admission.limit} requests are running and {admission.max_waiting} "
+                "waiting on this gateway; try again shortly")
+    if why == "timeout":
+        return f"server busy: no slot came free within {admission.max_wait_s:g} s; try again shortly"
+    return None
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the peer of ``conn`` has hung up (an EOF waits on it), without reading."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+def _watch_gone(conn: socket.socket, stop: Stop) -> None:
+    """Start a thread that sets ``stop`` when the client hangs up (an EOF on its
+    socket). (It waits for readability with select, so the socket's own timeout, which
+    the writes use, is left alone.) A bare thread: ``threading.Thread.start`` waits
+    for the new thread to run, which on a busy machine put a millisecond or more
+    before every request's orchestration."""
+    def watch() -> None:
+        try:
+            while not stop.is_set():
+                readable, _, _ = select.select([conn], [], [], 0.5)
+                if not readable:
+                    continue
+                if not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    stop.set()
+                return  # data: the client's next request, not ours to read
+        except (OSError, ValueError):
+            stop.set()
+    _thread.start_new_thread(watch, ())
+
+
 class _Handler(BaseHTTPRequestHandler):
     gateway: Gateway
     protocol_version = "HTTP/1.1"
@@ -490,7 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, *, kind: str = "invalid_request_error", code: str | None = None,
                param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, headers)
+        self._json(status, error_body(message, kind=kind, code=code, param=param), headers)
 
     def key_ok(self) -> bool:
         """Whether the request carries the API key (if this gateway has one)."""
@@ -515,12 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
         why = admission.enter(gone=self.client_gone)
         if why is None:
             return True
-        if why == FULL:
-            message = (f"server busy: {admission.limit} requests are running and {admission.max_waiting} "
-                       "waiting on this gateway; try again shortly")
-        elif why == "timeout":
-            message = f"server busy: no slot came free within {admission.max_wait_s:g} s; try again shortly"
-        else:
+        message = _busy(admission, why)
+        if message is None:
             log.info("a client waiting for a slot hung up")
             self.close_connection = True
             return False
@@ -529,35 +444,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def client_gone(self) -> bool:
         """Whether the client has hung up (an EOF waits on its socket), without reading."""
-        conn = self.connection
-        try:
-            readable, _, _ = select.select([conn], [], [], 0)
-            return bool(readable) and not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):
-            return True
-
-    def watch_gone(self, stop: Stop) -> None:
-        """Start a thread that sets ``stop`` when the client hangs up (an EOF on its
-        socket). (It waits for readability with select, so the socket's own timeout, which
-        the writes use, is left alone.) A bare thread: ``threading.Thread.start`` waits
-        for the new thread to run, which on a busy machine put a millisecond or more
-        before every request's orchestration."""
-        conn = self.connection
-
-        def watch() -> None:
-            try:
-                while not stop.is_set():
-                    readable, _, _ = select.select([conn], [], [], 0.5)
-                    if not readable:
-                        continue
-                    if not conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                        stop.set()
-                    return  # data: the client's next request, not ours to read
-            except (OSError, ValueError):
-                stop.set()
-        _thread.start_new_thread(watch, ())
+        return _hung_up(self.connection)
 
     def _body(self) -> dict[str, Any]:
         length = self.headers.get("Content-Length")
@@ -565,17 +452,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(411 if length is None else 400, "a JSON body with Content-Length is required")
         if int(length) > MAX_BODY:
             raise BadRequest(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(int(length))
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise BadRequest(400, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, "the body must be a JSON object")
-        return body
+        return json_body(self.rfile.read(int(length)))
 
     # ------------------------------------------------------------------ routes
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path in ("/health", "/v1/health"):
             connected = self.gateway.backend.connected()
@@ -591,19 +471,16 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             return
         if path == "/v1/models":
-            data = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "edge-agent",
-                     "aliases": m.get("aliases", []), "context_length": m.get("context"),
-                     "devices": m.get("devices", [])} for m in self.gateway.backend.models()]
-            self._json(200, {"object": "list", "data": data})
+            self._json(200, models_list(self.gateway.backend.models()))
             return
         self._error(404, f"no route {path}", code="not_found")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         path = self.path.split("?", 1)[0]
         from agent import ollama
         ollama.head(self, path)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path.startswith("/api/"):
             from agent import ollama
@@ -614,26 +491,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorised():
             return
-        chat = path == "/v1/chat/completions"
         try:
-            body = self._body()
-            conversation = None
-            if chat:
-                conversation = chat_of_openai(body)
-                prompt = conversation.transcript()
-            else:
-                raw: Any = body.get("prompt")
-                if isinstance(raw, list) and len(raw) == 1:
-                    raw = raw[0]
-                if not isinstance(raw, str) or not raw.strip():
-                    raise BadRequest(400, "prompt must be a non-empty string", param="prompt")
-                prompt = raw
-            max_new = body.get("max_completion_tokens", body.get("max_tokens"))
-            ask = prompt_of(prompt, DEFAULT_MAX_TOKENS if max_new is None else max_new, model_of(body),
-                            body.get("temperature"), conversation, names=OPENAI_NAMES)
-            stream = body.get("stream") is True
-            usage_in_stream = isinstance(body.get("stream_options"), dict) and \
-                body["stream_options"].get("include_usage") is True
+            request = completion_request(self._body(), chat=path == "/v1/chat/completions")
         except BadRequest as exc:
             self._error(exc.status, str(exc), code=exc.code, param=exc.param)
             return
@@ -641,97 +500,50 @@ class _Handler(BaseHTTPRequestHandler):
                 status, message, kind="server_error", code="server_busy", headers=headers)):
             return
         try:
-            self._complete(ask, chat=chat, stream=stream, usage_in_stream=usage_in_stream,
-                           shown_model=str(body.get("model") or DEFAULT_MODEL))
+            self._complete(request)
         finally:
             self.gateway.admission.leave()
 
     # ------------------------------------------------------------------ one completion
-    def _complete(self, ask: Prompt, *, chat: bool, stream: bool, usage_in_stream: bool, shown_model: str) -> None:
+    def _complete(self, request: Completion) -> None:
         stop = Stop()
-        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        started = {"headers": False}
-        lock = threading.Lock()
-        obj_kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def headers(device: str | None) -> None:
-            if started["headers"] or not stream:
-                return
-            started["headers"] = True
-            self.begin_stream("text/event-stream", device)
-            if chat:
-                self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}]}, stop)
+        reply = Reply(("chatcmpl-" if request.chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()),
+                      request.shown_model, request.chat)
+        sse = _Events(self, reply, stop) if request.stream else None
+        lock = threading.Lock()  # tokens and the decision come from the backend's threads
 
         def on_decision(device: str, path: str | None) -> None:
             with lock:
-                headers(device)
+                if sse is not None:
+                    sse.begin(device)
 
         def on_token(text: str) -> None:
-            if not stream:
-                return
-            piece: dict[str, Any] = {"delta": {"content": text}} if chat else {"text": text}
             with lock:
-                headers(None)
-                self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
-                             "choices": [{"index": 0, **piece, "finish_reason": None}]}, stop)
+                if sse is not None:
+                    sse.begin(None)
+                    sse.send(reply.token(text))
 
-        answered, failure = self.run_backend(ask, on_decision, on_token, stop)
+        answered, failure = self.run_backend(request.ask, on_decision, on_token, stop)
         if failure is not None and failure[2] == "client_gone":
             return
-        finish = "stop"  # the engine's reason where it gave one; a guess for executors that cannot say
-        if answered is not None and answered.finish_reason:
-            finish = answered.finish_reason
-        elif answered is not None and answered.completion_tokens >= ask.max_new_tokens:
-            finish = "length"
-        if answered is not None and answered.tool_calls:
-            finish = "tool_calls"
-        extension = {} if answered is None else {"edge_agent": {"device": answered.winner, "path": answered.path,
-                                                                "rid": answered.rid,
-                                                                "total_ms": round(answered.total_ms, 1)}}
-        usage = None if answered is None else {
-            "prompt_tokens": answered.prompt_tokens, "completion_tokens": answered.completion_tokens,
-            "total_tokens": answered.prompt_tokens + answered.completion_tokens}
         with lock:
             if failure is not None:
                 status, message, code_name = failure
-                if started["headers"]:  # mid-stream: the error as an event, then the end
-                    self._event({"error": {"message": message, "type": "server_error", "code": code_name}}, stop)
-                    self._done_stream()
+                if sse is not None and sse.started:  # mid-stream: the error as an event, then the end
+                    sse.send(stream_error(message, code_name))
+                    sse.end()
                 else:
-                    self._error(status, message, kind="server_error" if status >= 500 else "invalid_request_error",
-                                code=code_name)
+                    self._error(status, message, kind=error_kind(status), code=code_name)
                 return
-            assert answered is not None and usage is not None
-            calls = [{"id": c.id or f"call_{i}", "type": "function",
-                      "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments), ensure_ascii=False)}}
-                     for i, c in enumerate(answered.tool_calls)]
-            if stream:
-                headers(answered.winner)
-                if calls:
-                    self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
-                                 "choices": [{"index": 0, "delta": {"tool_calls": [
-                                     {"index": i, **c} for i, c in enumerate(calls)]}, "finish_reason": None}]},
-                                stop)
-                last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-                self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
-                             "choices": [{"index": 0, **last, "finish_reason": finish}], **extension}, stop)
-                if usage_in_stream:
-                    self._event({"id": cid, "object": obj_kind, "created": created, "model": shown_model,
-                                 "choices": [], "usage": usage}, stop)
-                self._done_stream()
+            assert answered is not None
+            finish = finish_of(answered, request.ask.max_new_tokens)
+            if sse is None:
+                self._json(200, reply.whole(answered, finish), headers={"X-Edge-Agent-Device": answered.winner or ""})
                 return
-            reply: dict[str, Any] = {"role": "assistant", "content": answered.text or (None if calls else "")}
-            if calls:
-                reply["tool_calls"] = calls
-            choice: dict[str, Any] = {"message": reply} if chat else {"text": answered.text}
-            self._json(200, {"id": cid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": shown_model,
-                             "choices": [{"index": 0, **choice, "finish_reason": finish}],
-                             "usage": usage, **extension},
-                       headers={"X-Edge-Agent-Device": answered.winner or ""})
+            sse.begin(answered.winner)
+            for chunk in reply.stream(answered, finish=finish, usage=request.usage_in_stream):
+                sse.send(chunk)
+            sse.end()
 
     def begin_stream(self, content_type: str, device: str | None) -> None:
         """The headers of a streamed answer (SSE, NDJSON): not cached, the connection closed
@@ -749,7 +561,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Run one request through the backend while watching for the client to hang up:
         (the answer, or None; the failure as (status, message, code), or None). The code
         "client_gone" means the client left and its job was cancelled: nothing to send."""
-        self.watch_gone(stop)
+        _watch_gone(self.connection, stop)
         try:
             answered = self.gateway.backend.run(ask, on_decision, on_token, stop)
         except PromptTooLarge as exc:
@@ -768,23 +580,38 @@ class _Handler(BaseHTTPRequestHandler):
             log.info("client of %s went away; its job was cancelled", answered.rid)
             self.close_connection = True
             return answered, (499, "client gone", "client_gone")
-        code = ExitCode(answered.exit_code) if answered.exit_code in ExitCode._value2member_map_ \
-            else ExitCode.FAILED
-        err_code = ERROR_CODES.get(answered.kind)
-        status = 404 if err_code == "model_not_found" else 400 if err_code else STATUS_OF.get(code, 502)
-        return answered, (status, answered.error or "failed", err_code or "edge_agent_error")
+        return answered, failure_of(answered)
 
-    def _event(self, obj: dict[str, Any], stop: threading.Event) -> None:
+
+class _Events:
+    """One answer streamed as server-sent events: the headers once (and a chat's first
+    chunk), then events, then ``[DONE]``. A failed write sets ``stop``: the client is
+    gone, and the backend cancels the job."""
+
+    def __init__(self, handler: _Handler, reply: Reply, stop: Stop):
+        self.handler, self.reply, self.stop = handler, reply, stop
+        self.started = False
+
+    def begin(self, device: str | None) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.handler.begin_stream("text/event-stream", device)
+        opening = self.reply.opening()
+        if opening is not None:
+            self.send(opening)
+
+    def send(self, obj: dict[str, Any]) -> None:
         try:
-            self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-            self.wfile.flush()
+            self.handler.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+            self.handler.wfile.flush()
         except OSError:
-            stop.set()  # the client is gone: the backend cancels the job
+            self.stop.set()
 
-    def _done_stream(self) -> None:
+    def end(self) -> None:
         try:
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            self.handler.wfile.write(b"data: [DONE]\n\n")
+            self.handler.wfile.flush()
         except OSError:
             pass
-        self.close_connection = True
+        self.handler.close_connection = True

@@ -98,7 +98,7 @@ def test_the_mqtt_trigger_uses_the_same_bounds() -> None:
 
 def test_the_http_fronts_name_the_field_in_their_own_terms() -> None:
     from agent.ollama import OLLAMA_NAMES
-    from agent.serve import OPENAI_NAMES, BadRequest, prompt_of
+    from agent.openai_api import OPENAI_NAMES, BadRequest, prompt_of
 
     with pytest.raises(BadRequest) as openai:
         prompt_of("hi", 0, None, None, None, names=OPENAI_NAMES)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.ollama import canonical, chat_of_ollama, options_of, resolve
-from agent.serve import BadRequest
+from agent.openai_api import BadRequest
 from tests.support.fleet import Env, sim
 from tests.support.mosquitto import free_port
 
