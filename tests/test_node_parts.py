@@ -14,11 +14,23 @@ import pytest
 from agent.bids import Bids
 from agent.bus import Message
 from agent.capacity import Capacity
-from agent.config import Config, parse_config
+from agent.config import Config, ModelConfig, parse_config
 from agent.errors import ExitCode, StateError
+from agent.executors import Served
 from agent.fronts import Fronts
 from agent.jobs import Jobs
-from agent.messages import Accepted, Bid, BidRequest, Declined, Done, Job, Metrics, Snapshot, decode_result
+from agent.locks import NpuLock
+from agent.messages import (
+    Accepted,
+    Bid,
+    BidRequest,
+    Declined,
+    Done,
+    Job,
+    Metrics,
+    Snapshot,
+    decode_result,
+)
 from agent.node import _executor
 from agent.presence import Presence
 from agent.topics import Topics
@@ -61,14 +73,16 @@ def config(tmp_path: Path, **extra: Any) -> Config:
 class Parts:
     """Capacity, Jobs and Bids wired as the node wires them, on a fake wire and clock."""
 
-    def __init__(self, tmp_path: Path, *, age_s: float = 0.0):
+    def __init__(self, tmp_path: Path, *, age_s: float = 0.0, npu: Served | None = None,
+                 cpu: Served | None | str = "sim"):
         self.cfg = cfg = config(tmp_path)
         self.wire = Wire()
         self.changes = 0
         self.changed = threading.Event()  # what the node hands Presence: set on every change
         self.now = [100.0]
         self.age_s = age_s
-        self.capacity = Capacity(cfg.state_dir, None, _executor(cfg, "cpu"), cfg.cpu.slots, on_change=self._changed)
+        self.capacity = Capacity(cfg.state_dir, npu, _executor(cfg, "cpu") if cpu == "sim" else cpu,  # type: ignore[arg-type]
+                                 cfg.cpu.slots, on_change=self._changed)
         self.jobs = Jobs("dev", cfg.state_dir, self.capacity, T, publish=self.wire.publish, age=self._age,
                          max_queue=cfg.cpu.max_queue, job_timeout_s=60.0, half_life_jobs=20.0,
                          max_payload_bytes=cfg.max_payload_bytes, on_change=self._changed, clock=self.clock)
@@ -88,12 +102,17 @@ class Parts:
 
     def call(self, rid: str = "r1", **kw: Any) -> str | None:
         """Send a call for bids; the claim of the bid it got (None: no bid)."""
+        bid = self.bid(rid, **kw)
+        return bid.claim if bid else None
+
+    def bid(self, rid: str = "r1", *, topic: str | None = None, origin: str = "hub", **kw: Any) -> Bid | None:
+        """Send a call for bids (on ``topic``, by default its own); the bid it got, if any."""
         before = len(self.wire.sent)
-        req = BidRequest(rid, "hub", 30.0, 3, 8, **kw)
-        self.bids.on_bid_request(Message(T.bid_request(rid), req.to_payload()))
-        reply = T.bid_reply("hub", rid, "dev")
+        req = BidRequest(rid, origin, 30.0, 3, 8, **kw)
+        self.bids.on_bid_request(Message(topic or T.bid_request(rid), req.to_payload()))
+        reply = T.bid_reply(origin, rid, "dev")
         bids = [Bid.from_payload(p) for topic, p, _ in self.wire.sent[before:] if topic == reply]
-        return bids[0].claim if bids else None
+        return bids[0] if bids else None
 
     def job(self, rid: str, claim: str, **kw: Any) -> Job:
         job = Job(rid, "hub", "cpu", claim, "hello there", 4, 3.0, 60.0, f"p/result/hub/{rid}", **kw)
@@ -131,6 +150,81 @@ def test_capacity_without_cpu_has_no_slots_and_no_npu(tmp_path: Path) -> None:
     assert cap.slots == 0 and not cap.npu_free() and cap.engines_down() is None and not cap.simulated
 
 
+class Engine:
+    """An executor's outside, for Capacity: whether its model server is down, and whether a
+    connect would find it back (``Served.back``: an executor that is up is back at once)."""
+
+    def __init__(self, name: str, *, down: str | None = None, reachable: bool = False, simulated: bool = False):
+        self.name = name
+        self.down = down
+        self.reachable = reachable
+        self.simulated = simulated
+        self.asked = 0
+
+    def back(self) -> bool:
+        self.asked += 1
+        if self.down is not None and self.reachable:
+            self.down = None
+        return self.down is None
+
+
+def test_capacity_offers_the_npu_only_while_it_is_free_up_and_not_ours(tmp_path: Path) -> None:
+    npu, cpu = Engine("npu", simulated=True), Engine("cpu")
+    cap = Capacity(tmp_path, npu, cpu, 2)  # type: ignore[arg-type]
+    assert cap.executor("npu") is npu and cap.executor("cpu") is cpu and cap.executors == [npu, cpu]
+    assert cap.simulated, "one simulated executor makes the node simulated"
+    assert cap.npu_free()
+    cap.npu_busy_here = True
+    assert not cap.npu_free(), "a job of ours holds it"
+    cap.npu_busy_here = False
+    claim = NpuLock(tmp_path).try_claim(owner="another process")
+    assert claim is not None
+    assert not cap.npu_free(), "another process of this device holds its flock"
+    claim.release()
+    assert cap.npu_free()
+    npu.down = "refused"
+    assert not cap.npu_free(), "its model server is down"
+
+
+def test_capacity_is_out_of_engines_only_when_every_one_is_down(tmp_path: Path) -> None:
+    npu, cpu = Engine("npu"), Engine("cpu")
+    cap = Capacity(tmp_path, npu, cpu, 1)  # type: ignore[arg-type]
+    assert cap.engines_down() is None and not cap.any_engine_down()
+    assert not cap.retry_engines() and npu.asked == cpu.asked == 0, "nothing is down: nothing to try"
+    npu.down = "npu gone"
+    assert cap.engines_down() is None and cap.any_engine_down() and cap.health_word() == "ok"
+    cpu.down = "cpu gone"
+    assert cap.engines_down() == "model server down: npu gone; cpu gone"
+    assert cap.health_word() == "model server down: npu gone; cpu gone"
+    assert not cap.retry_engines(), "neither came back"
+    cpu.reachable = True
+    assert cap.retry_engines() and cpu.down is None and npu.down == "npu gone"
+    assert cap.engines_down() is None
+
+
+def test_capacity_health_word_puts_the_disk_before_draining_before_the_engines(tmp_path: Path) -> None:
+    cpu = Engine("cpu", down="gone")
+    cap = Capacity(tmp_path, None, cpu, 1)  # type: ignore[arg-type]
+    assert not cap.simulated
+    cap.drain()
+    assert cap.health_word() == "draining"
+    cap.unhealthy("disk full")
+    assert cap.health_word() == "disk full"
+
+
+def test_capacity_logs_the_first_reason_it_stops_taking_work_once(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    changes: list[int] = []
+    cap = Capacity(tmp_path, None, None, 0, on_change=lambda: changes.append(1))
+    with caplog.at_level("INFO", logger="agent.node"):
+        cap.unhealthy("disk full")
+        cap.unhealthy("still full")
+        cap.check_health(lambda: None)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "not taking work until this is fixed: disk full"]
+    assert len(changes) == 3 and cap.health == "ok"
+
+
 # ---------------------------------------------------------------- bids
 def test_a_bid_goes_to_the_origin_with_a_claim_and_none_while_draining(tmp_path: Path) -> None:
     parts = Parts(tmp_path)
@@ -154,6 +248,84 @@ def test_no_bid_once_the_window_closed_or_for_a_retained_call(tmp_path: Path) ->
 def test_no_bid_for_a_model_this_device_does_not_serve(tmp_path: Path) -> None:
     parts = Parts(tmp_path)
     assert parts.call("m", model="some-other-model") is None
+
+
+def served(tmp_path: Path, model: str = "default", *, tools: bool = False) -> Served:
+    """A simulated executor serving ``model``, with or without tools."""
+    base = _executor(config(tmp_path), "cpu")
+    assert base is not None
+    return Served(base.inner, ModelConfig(name=model, tools=tools))
+
+
+def test_a_call_whose_topic_disagrees_with_its_payload_gets_no_bid(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    assert parts.bid("r1", topic=T.bid_request("r1", "hub")), "the topic may name the caller"
+    assert parts.bid("r2", topic=T.bid_request("other")) is None, "another rid in the topic"
+    assert parts.bid("r3", topic=T.bid_request("r3", "mallory")) is None, "another caller in the topic"
+
+
+def test_no_bid_while_unhealthy_or_with_every_model_server_down(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    cpu.down = "refused"
+    assert parts.call("down") is None
+    cpu.down = None
+    parts.capacity.unhealthy("disk full")
+    assert parts.call("sick") is None
+
+
+def test_a_call_whose_window_closes_just_now_still_gets_a_bid(tmp_path: Path) -> None:
+    assert Parts(tmp_path, age_s=30.0).call("edge"), "age == window_s: still open"
+
+
+def test_a_bid_needs_an_executor_that_serves_the_model_and_its_tools(tmp_path: Path) -> None:
+    cpu_only = Parts(tmp_path / "c", cpu=served(tmp_path, "m"))
+    assert cpu_only.call("any", model="m")
+    assert cpu_only.call("npu", model="m", need="npu") is None, "a CPU cannot take an NPU-only job"
+    assert cpu_only.call("tools", model="m", tools=True) is None, "its executor cannot call tools"
+    cpu_tools = Parts(tmp_path / "t", cpu=served(tmp_path, "m", tools=True))
+    assert cpu_tools.call("tools", model="m", tools=True)
+    npu_only = Parts(tmp_path / "n", npu=served(tmp_path, "m"), cpu=None)
+    assert npu_only.call("any", model="m") and npu_only.call("npu", model="m", need="npu")
+    assert npu_only.call("other", model="x") is None
+    assert npu_only.call("tools", model="m", tools=True) is None
+    npu_tools = Parts(tmp_path / "nt", npu=served(tmp_path, "m", tools=True), cpu=None)
+    assert npu_tools.call("tools", model="m", tools=True, need="npu")
+
+
+def test_no_bid_for_a_cpu_without_slots(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    parts.capacity.slots = 0
+    assert parts.call("none") is None
+
+
+def test_no_bid_over_the_callers_share_or_for_a_rid_another_origin_called(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    assert parts.bid("taken", origin="elsewhere")
+    assert parts.call("taken") is None, "that rid is another caller's"
+    parts.jobs.ledger.offer = lambda rid, origin, now: None  # type: ignore[method-assign]
+    assert parts.call("over") is None
+
+
+def test_a_bid_carries_the_cpu_estimate_rounded_and_none_without_a_usable_cpu(tmp_path: Path) -> None:
+    asked: list[tuple[Any, ...]] = []
+    both = Parts(tmp_path / "b", npu=served(tmp_path, "m", tools=True), cpu=served(tmp_path, "m"))
+    both.jobs.record.estimate = lambda *a: (asked.append(a), (1.234567, 2.34567))[1]  # type: ignore[method-assign]
+    both.jobs.init_cost.expected = lambda *a: (asked.append(a), 0.1234567)[1]  # type: ignore[method-assign]
+    bid = both.bid("r", model="m")
+    assert bid and (bid.service_s, bid.service_n, bid.init_s) == (1.2346, 2.35, 0.1235)
+    assert asked == [("cpu", 3, 8), ("cpu", False, 3)]
+    asked.clear()
+    bid = both.bid("t", model="m", tools=True)  # the NPU can call tools, the CPU cannot
+    assert bid and (bid.service_s, bid.service_n, bid.init_s) == (None, 0.0, 0.0) and not asked
+    assert both.capacity.cpu is not None
+    both.capacity.cpu.down = "refused"
+    bid = both.bid("d", model="m")
+    assert bid and bid.service_s is None and not asked
+    npu_only = Parts(tmp_path / "n", npu=served(tmp_path, "m"), cpu=None)
+    bid = npu_only.bid("n", model="m")
+    assert bid and bid.service_s is None and bid.init_s == 0.0
 
 
 # ---------------------------------------------------------------- jobs
