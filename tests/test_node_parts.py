@@ -456,6 +456,163 @@ def test_the_loop_publishes_at_once_then_on_a_change_and_retries_the_disk(tmp_pa
     assert not loop.is_alive(), "a stop ends the loop"
 
 
+class Ticks(threading.Event):
+    """``changed`` for a loop run on the test's own thread: each wait moves the fake clock
+    on by the timeout asked (or by what ``script`` says for that wait, after which ``poke``
+    runs), and the ``steps``-th wait stops the loop. Nothing sleeps."""
+
+    def __init__(self, now: list[float], stop: threading.Event, steps: int,
+                 script: dict[int, tuple[float, Any]] | None = None):
+        super().__init__()
+        self.now, self.stop, self.steps, self.script = now, stop, steps, script or {}
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None and timeout >= 0
+        self.waits.append(round(timeout, 6))
+        advance, poke = self.script.get(len(self.waits), (timeout, None))
+        self.now[0] += advance
+        if poke is not None:
+            poke(self)
+        if len(self.waits) >= self.steps:
+            self.stop.set()
+        return self.is_set()
+
+
+def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | None = None) -> tuple[Ticks, list[float]]:
+    """Run the presence loop for ``steps`` waits; the waits and when metrics went out."""
+    now, stop = parts.now, threading.Event()
+    now[0] = 0.0
+    ticks = Ticks(now, stop, steps, script)
+    sent_at: list[float] = []
+
+    class Link:
+        connected = True
+
+        def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            parts.wire.publish(topic, payload, retain=retain)
+            if topic == T.metrics("dev"):
+                sent_at.append(round(now[0], 6))
+    parts.link = Link()  # type: ignore[attr-defined]
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.link,  # type: ignore[attr-defined]
+                        changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host)
+    presence.loop()
+    return ticks, sent_at
+
+
+def job_changed(changed: threading.Event) -> None:
+    """A job changed state (what Jobs tells the node)."""
+    changed.set()
+
+
+def quiet_host() -> Any:
+    from agent.metrics import HostSample
+    return HostSample(0.0, 1000.0, 0.0, None, False)
+
+
+def test_the_loop_publishes_on_its_interval_and_leaves_a_healthy_disk_alone(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    flushes: list[int] = []
+    parts.jobs.journal.flush = lambda: flushes.append(1)  # type: ignore[method-assign]
+    ticks, sent_at = run_loop(parts, 3)
+    assert ticks.waits == [10.0, 10.0, 10.0] and sent_at == [0.0, 10.0, 20.0]
+    assert not flushes and parts.changes == 0
+
+
+def test_the_loop_publishes_a_job_change_once_the_gap_has_passed(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    # 0.05 s after the first publish a job changes state: the metrics wait for the gap.
+    ticks, sent_at = run_loop(parts, 3, {1: (0.05, job_changed)})
+    assert ticks.waits[:2] == [10.0, 0.15] and sent_at[:2] == [0.0, 0.2]
+    assert ticks.waits[2] == 10.0, "published: back to the interval"
+
+
+def test_the_loop_retries_an_unwritable_disk_every_few_seconds(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    tries: list[float] = []
+
+    def refused() -> None:
+        tries.append(1)
+        raise StateError(tmp_path, "still full")
+    parts.jobs.journal.flush = refused  # type: ignore[method-assign]
+    parts.capacity.unhealthy("disk full")
+    ticks, _ = run_loop(parts, 3)
+    assert ticks.waits == [5.0, 5.0, 5.0] and len(tries) == 3
+
+
+def test_the_loop_retries_a_model_server_each_second_and_says_when_it_is_back(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, npu=served(tmp_path))
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    cpu.down = "refused"
+    asked: list[float] = []
+
+    def back() -> bool:
+        asked.append(round(parts.now[0], 6))
+        if len(asked) == 3:
+            cpu.down = None
+        return cpu.down is None
+    cpu.back = back  # type: ignore[method-assign]
+    # The NPU is polled every 0.5 s; a job changes state at 0.1 s: no retry in between.
+    ticks, sent_at = run_loop(parts, 7, {1: (0.1, job_changed)})
+    assert ticks.waits == [0.5, 0.1, 0.5, 0.3, 0.5, 0.5, 0.5], ticks.waits
+    assert asked == [0.0, 1.0, 2.0] and cpu.down is None
+    assert sent_at == [0.0, 0.2, 2.0], "back: its metrics go out at once, though the NPU and the health did not change"
+
+
+def test_the_loop_polls_the_npu_and_publishes_at_once_when_another_process_takes_it(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, npu=served(tmp_path))
+    claims: list[Any] = []
+    ticks, sent_at = run_loop(parts, 3, {1: (0.5, lambda _: claims.append(NpuLock(tmp_path).try_claim("other")))})
+    assert ticks.waits == [0.5, 0.5, 0.5] and sent_at == [0.0, 0.5]
+    assert Metrics.from_payload(parts.wire.sent[-1][1]).snapshot.npu_free is False
+    claims[0].release()
+
+
+def test_the_loop_publishes_nothing_while_disconnected(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    now, stop = [0.0], threading.Event()
+    ticks = Ticks(now, stop, 2, {1: (1.0, job_changed)})
+    parts.wire.connected = False
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=ticks, stop=stop,
+                        clock=lambda: now[0], sample=quiet_host)
+    presence.loop()
+    assert ticks.waits == [1.0, 1.0] and not parts.wire.sent
+
+
+def test_presence_snapshots_offer_no_npu_to_its_own_orchestrations(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, npu=served(tmp_path))
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=threading.Event(),
+                        stop=threading.Event(), sample=quiet_host)
+    snap = presence.snapshot()
+    assert snap.has_npu and snap.npu_free and snap.cpu_slots == 1
+    offer = presence.offer_snapshot()
+    assert offer.has_npu and not offer.npu_free and offer.cpu_slots == 1
+    assert parts.capacity.cpu is not None
+    parts.capacity.cpu.down = "refused"
+    assert presence.snapshot().cpu_slots == 0, "a CPU whose model server is down offers no slots"
+    assert not Presence(parts.cfg, Capacity(tmp_path, None, None, 0), parts.jobs, T, parts.wire,
+                        changed=threading.Event(), stop=threading.Event(), sample=quiet_host).snapshot().has_npu
+
+
+def test_presence_retains_what_it_publishes_and_answers_home_assistant(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    parts = Parts(tmp_path)
+    cfg = config(tmp_path, homeassistant={"enabled": True})
+    presence = Presence(cfg, parts.capacity, parts.jobs, T, parts.wire, changed=threading.Event(),
+                        stop=threading.Event(), sample=quiet_host)
+    presence.on_connect(False)
+    assert parts.wire.topics() == [T.metrics("dev"), T.availability("dev"), T.ha_config("dev")]
+    assert all(retain for _, _, retain in parts.wire.sent), "a newcomer must see them at once"
+    presence.on_ha_status(Message(T.ha_status(), b"offline"))
+    assert len(parts.wire.sent) == 3
+    presence.on_ha_status(Message(T.ha_status(), b"online"))
+    assert parts.wire.topics()[3:] == [T.ha_config("dev")] and parts.wire.sent[3][2]
+    with caplog.at_level("WARNING", logger="agent.node"):
+        presence.on_ha_status(Message(T.ha_status(), b"maybe"))
+    assert len(parts.wire.sent) == 4 and "ignoring Home Assistant status" in caplog.text
+
+
 # ---------------------------------------------------------------- fronts
 class NoOrchestrator:
     def __call__(self, cfg: Config, **hooks: Any) -> Any:
