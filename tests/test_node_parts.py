@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from agent.errors import ExitCode, StateError
 from agent.executors import Served
 from agent.fronts import Fronts
 from agent.jobs import Jobs
-from agent.locks import NpuLock
+from agent.locks import CpuSlots, NpuLock
 from agent.messages import (
     Accepted,
     Bid,
@@ -405,6 +406,239 @@ def test_a_job_is_cancelled_only_with_its_key(tmp_path: Path) -> None:
     assert not run.cancel.is_set(), "a cancel whose topic names another origin is dropped"
     parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "secret").to_payload()))
     assert run.cancel.is_set()
+
+
+class Engine2:
+    """A CPU or NPU executor whose run the test scripts: the Result it returns (or the
+    error it raises), and what it was asked."""
+
+    def __init__(self, parts: Parts, *, result: Any = None, takes: float = 0.0):
+        self.parts, self.result, self.takes = parts, result, takes
+        self.calls: list[tuple[str, Any, str]] = []
+
+    def __call__(self, prompt: str, params: Any, on_token: Any, cancel: Any) -> Any:
+        self.calls.append((prompt, params, threading.current_thread().name))
+        self.parts.now[0] += self.takes
+        if isinstance(self.result, Exception):
+            raise self.result
+        on_token("he")
+        return self.result
+
+
+def finished(text: str = "hello", *, init_ms: float = 500.0, total_ms: float = 2500.0) -> Any:
+    from agent.executors import Result
+    from agent.messages import Timings
+    return Result(text, Timings(init_ms=init_ms, total_ms=total_ms), 4, 7)
+
+
+def test_a_job_runs_with_its_deadline_and_reports_its_time_in_the_line(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    engine = Engine2(parts, result=finished())
+    cpu.run = engine  # type: ignore[method-assign]
+    claim = parts.call("r1")
+    assert claim
+    job = Job("r1", "hub", "cpu", claim, "hello there", 4, 3.0, 30.0, "p/result/hub/r1")
+    parts.age_s = 2.0
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+    (run,) = parts.jobs.ledger.running()
+    assert run.deadline == 100.0 + 30.0 - 2.0, "its own timeout, less its age"
+    assert run.accepted.queue_position == 0
+    parts.now[0] += 2.0  # two seconds in the line
+    parts.jobs.execute(run, 0)
+    (prompt, params, _), = engine.calls
+    assert prompt == "hello there" and params.timeout_s == 26.0 and params.max_new_tokens == 4
+    assert len(params.hold_fds) == 1, "the slot's lock is held by whatever runs the model"
+    assert CpuSlots(tmp_path, 1).try_claim() is not None, "and released after the run"
+    events = parts.results("r1")
+    assert [type(e).__name__ for e in events] == ["Accepted", "Token", "Done"]
+    done = events[-1]
+    assert done.timings.queue_ms == 2000.0 and done.timings.total_ms == 4500.0
+    assert run.fsm.state == "done"
+    recorded = parts.jobs.journal.get("r1")
+    assert recorded is not None and decode_result(recorded.payload) == done
+    assert parts.jobs.record.estimate("cpu", 3, 4) is not None
+    assert parts.jobs.init_cost.expected("cpu", False, 3) == pytest.approx(0.5, rel=0.01)
+    assert parts.jobs.record.estimate("cpu", 3, 4)[0] == pytest.approx(2.0, rel=0.2), "the work, start-up apart"
+
+
+def test_a_job_is_never_given_longer_than_the_nodes_own_timeout(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    claim = parts.call("long")
+    assert claim
+    parts.job("long", claim)  # asks for 60 s; the node allows 60
+    job = Job("longer", "hub", "cpu", parts.call("longer") or "", "x", 4, 3.0, 600.0, "p/result/hub/longer")
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+    assert sorted(r.deadline for r in parts.jobs.ledger.running()) == [160.0, 160.0]
+
+
+def test_a_job_at_its_deadline_fails_and_a_cancelled_one_never_starts(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    engine = Engine2(parts, result=finished())
+    cpu.run = engine  # type: ignore[method-assign]
+    claim = parts.call("edge")
+    assert claim
+    parts.job("edge", claim)
+    (run,) = parts.jobs.ledger.running()
+    parts.now[0] = run.deadline  # not a moment left
+    parts.jobs.execute(run, None)
+    assert parts.results("edge")[-1].kind == "timeout" and not engine.calls and run.fsm.state == "failed"
+    claim = parts.call("stop")
+    assert claim
+    parts.job("stop", claim)
+    (run,) = parts.jobs.ledger.running()
+    run.cancel.set()
+    parts.jobs.execute(run, None)
+    last = parts.results("stop")[-1]
+    assert last.kind == "cancelled" and not engine.calls and run.fsm.state == "failed"
+
+
+def test_a_failed_or_crashed_run_is_reported_journalled_and_marked_failed(tmp_path: Path) -> None:
+    from agent.errors import ExecutorError
+    parts = Parts(tmp_path)
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    for rid, error in (("e", ExecutorError("sim", "engine said no")), ("c", RuntimeError("bug"))):
+        cpu.run = Engine2(parts, result=error)  # type: ignore[method-assign]
+        claim = parts.call(rid)
+        assert claim
+        parts.job(rid, claim)
+        (run,) = parts.jobs.ledger.running()
+        parts.jobs.execute(run, None)
+        last = parts.results(rid)[-1]
+        assert type(last).__name__ == "Error" and run.fsm.state == "failed"
+        recorded = parts.jobs.journal.get(rid)
+        assert recorded is not None and decode_result(recorded.payload) == last
+    assert "internal error: bug" in parts.results("c")[-1].reason
+
+
+def test_a_journal_that_cannot_write_makes_the_node_unhealthy(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+    cpu.run = Engine2(parts, result=finished())  # type: ignore[method-assign]
+
+    def full(*args: Any) -> None:
+        raise StateError(tmp_path, "disk full")
+    parts.jobs.journal.record = full  # type: ignore[method-assign]
+    claim = parts.call("j")
+    assert claim
+    parts.job("j", claim)
+    (run,) = parts.jobs.ledger.running()
+    parts.jobs.execute(run, None)
+    assert parts.capacity.health.endswith("disk full") and not parts.jobs.ledger.running()
+
+
+def test_jobs_are_declined_with_the_reason_that_applies(tmp_path: Path) -> None:
+    parts = Parts(tmp_path, cpu=served(tmp_path, "m"))
+    cpu = parts.capacity.cpu
+    assert cpu is not None
+
+    def reason(rid: str, **kw: Any) -> str:
+        claim = parts.jobs.ledger.offer(rid, "hub", 0.0)
+        assert claim
+        parts.job(rid, claim, **kw)
+        (declined,) = parts.results(rid)
+        assert isinstance(declined, Declined), declined
+        return declined.reason
+    from agent.messages import Chat
+    assert reason("other", model="x") == "model_not_served: x"
+    chat = Chat.from_obj({"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "job", 10_000)
+    assert reason("tools", model="m", chat=chat) == "no_tools: this device's executor cannot call tools"
+    cpu.down = "refused"
+    assert reason("down", model="m") == "model_server_down"
+    cpu.down = None
+    parts.capacity.unhealthy("disk full")
+    assert reason("sick", model="m") == "unhealthy"
+    no_cpu = Parts(tmp_path / "n", cpu=None)
+    claim = no_cpu.jobs.ledger.offer("c", "hub", 0.0)
+    assert claim
+    no_cpu.job("c", claim)
+    assert no_cpu.results("c")[0].reason == "no_cpu"
+
+
+def test_an_npu_job_claims_the_npu_and_runs_on_a_thread_of_its_own(tmp_path: Path) -> None:
+    npu = served(tmp_path)
+    parts = Parts(tmp_path, npu=npu)
+    done = threading.Event()
+    engine = Engine2(parts, result=finished())
+    busy_while_running: list[bool] = []
+
+    def run(*args: Any) -> Any:
+        busy_while_running.append(parts.capacity.npu_busy_here and not parts.capacity.npu_free())
+        try:
+            return engine(*args)
+        finally:
+            done.set()
+    npu.run = run  # type: ignore[method-assign]
+    over, finish = threading.Event(), parts.jobs.ledger.finish
+    parts.jobs.ledger.finish = lambda run, ok: (finish(run, ok), over.set())  # type: ignore[method-assign]
+    claim = parts.jobs.ledger.offer("npujob-123", "hub", 0.0)
+    assert claim
+    job = Job("npujob-123", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/npujob-123")
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+    assert done.wait(WAIT_S) and over.wait(WAIT_S)
+    accepted = parts.results("npujob-123")[0]
+    assert isinstance(accepted, Accepted) and accepted.queue_position == 0
+    assert busy_while_running == [True]
+    assert engine.calls[0][2] == "npu-npujob-1" and engine.calls[0][1].hold_fds
+    assert not parts.capacity.npu_busy_here and parts.capacity.npu_free(), "released after the run"
+    held = NpuLock(tmp_path).try_claim("another process")
+    assert held is not None
+    claim = parts.jobs.ledger.offer("second", "hub", 0.0)
+    assert claim
+    job = Job("second", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/second")
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+    held.release()
+    assert parts.results("second")[0].reason == "npu_busy"
+
+
+def test_the_expected_time_of_a_job_counts_a_cold_start_only_for_a_cold_executor(tmp_path: Path) -> None:
+    from agent.servicemodel import job_seconds
+    parts = Parts(tmp_path)
+    parts.jobs.init_cost.observe("cpu", False, 5.0)
+    parts.jobs.init_cost.observe("npu", False, 5.0)
+    claim = parts.call("q")
+    assert claim
+    parts.job("q", claim)
+    (run,) = parts.jobs.ledger.running()
+    cold = job_seconds(parts.jobs.record, parts.jobs.init_cost, "cpu", 3, 4, warm=False)
+    assert parts.jobs.expected(run) == cold and cold > 5.0
+    npu_run = replace(run, job=replace(run.job, mode="npu"))
+    warm = job_seconds(parts.jobs.record, parts.jobs.init_cost, "npu", 3, 4, warm=True)
+    assert parts.jobs.expected(npu_run) == warm and warm < cold - 4.0, "no NPU here: taken as warm"
+
+
+def test_a_retained_job_is_dropped(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+    claim = parts.call("kept")
+    assert claim
+    job = Job("kept", "hub", "cpu", claim, "x", 4, 3.0, 60.0, "p/result/hub/kept")
+    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload(), retain=True))
+    assert not parts.results("kept") and not parts.jobs.ledger.running()
+
+
+def test_a_cancel_is_logged_for_what_it_did(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from agent.messages import Cancel, cancel_check
+    parts = Parts(tmp_path)
+    claim = parts.call("r")
+    assert claim
+    parts.job("r", claim, cancel_check=cancel_check("secret"))
+    with caplog.at_level("INFO", logger="agent.node"):
+        parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "guess").to_payload()))
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        caplog.clear()
+        parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "secret").to_payload()))
+        assert [r.getMessage() for r in caplog.records] == ["job r cancelled by hub (no reason); stopping it"]
+        (run,) = parts.jobs.ledger.running()
+        parts.jobs.execute(run, None)  # it never starts, and is forgotten
+        caplog.clear()
+        parts.jobs.on_cancel(Message(T.cancel("dev", "hub"), Cancel("r", "hub", "secret").to_payload()))
+        assert [r.getMessage() for r in caplog.records] == ["job r cancelled by hub (no reason)"]
 
 
 # ---------------------------------------------------------------- presence
