@@ -159,7 +159,8 @@ class Engine:
         self.name = name
         self.down = down
         self.reachable = reachable
-        self.simulated = simulated
+        if simulated:  # a real executor has no such attribute: only the simulated one says so
+            self.simulated = True
         self.asked = 0
 
     def back(self) -> bool:
@@ -646,11 +647,11 @@ def test_presence_sends_metrics_before_online_and_again_when_asked(tmp_path: Pat
     parts = Parts(tmp_path)
     changed, stop = threading.Event(), threading.Event()
     presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=changed, stop=stop,
-                        wall=lambda: 1234.5)
+                        wall=lambda: 1234.56789)
     presence.on_connect(False)
     assert parts.wire.topics()[:2] == [T.metrics("dev"), T.availability("dev")]
     metrics = Metrics.from_payload(parts.wire.sent[0][1])
-    assert metrics.ts == 1234.5 and metrics.health == "ok" and metrics.snapshot.cpu_slots == 1
+    assert metrics.ts == 1234.568 and metrics.health == "ok" and metrics.snapshot.cpu_slots == 1
     presence.on_presence_query(Message(T.presence("dev"), b""))
     assert not changed.is_set(), "its own query is not a reason"
     presence.on_presence_query(Message(T.presence("other"), b""))
@@ -803,6 +804,19 @@ def test_the_loop_polls_the_npu_and_publishes_at_once_when_another_process_takes
     claims[0].release()
 
 
+def test_a_job_change_while_disconnected_waits_for_the_interval_after_a_reconnect(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+
+    def drop(ticks: Ticks) -> None:
+        parts.link.connected = False  # type: ignore[attr-defined]
+        ticks.set()
+
+    def back(ticks: Ticks) -> None:
+        parts.link.connected = True  # type: ignore[attr-defined]
+    _, sent_at = run_loop(parts, 4, {1: (1.0, drop), 2: (1.0, back)})
+    assert sent_at == [0.0, 10.0], "the change was forgotten with the connection"
+
+
 def test_the_loop_publishes_nothing_while_disconnected(tmp_path: Path) -> None:
     parts = Parts(tmp_path)
     now, stop = [0.0], threading.Event()
@@ -823,8 +837,10 @@ def test_presence_snapshots_offer_no_npu_to_its_own_orchestrations(tmp_path: Pat
     offer = presence.offer_snapshot()
     assert offer.has_npu and not offer.npu_free and offer.cpu_slots == 1
     assert parts.capacity.cpu is not None
+    assert set(snap.models) == {"npu", "cpu"}
     parts.capacity.cpu.down = "refused"
-    assert presence.snapshot().cpu_slots == 0, "a CPU whose model server is down offers no slots"
+    down = presence.snapshot()
+    assert down.cpu_slots == 0 and set(down.models) == {"npu"}, "a CPU whose model server is down offers nothing"
     assert not Presence(parts.cfg, Capacity(tmp_path, None, None, 0), parts.jobs, T, parts.wire,
                         changed=threading.Event(), stop=threading.Event(), sample=quiet_host).snapshot().has_npu
 
