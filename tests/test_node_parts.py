@@ -30,6 +30,7 @@ from agent.messages import (
     Job,
     Metrics,
     Snapshot,
+    TriggerRequest,
     decode_result,
 )
 from agent.node import _executor
@@ -908,3 +909,120 @@ def test_a_trigger_that_finds_the_line_full_is_refused(tmp_path: Path, answer_id
     refused = json.loads(wire.next_on(T.last_result("dev")))
     assert refused["error"].startswith("busy") and refused["id"] == answer_id
 
+
+
+class Orchestrations:
+    """``make`` for Fronts: records the config and hooks each orchestrator got, and what it
+    was asked; its run answers, or raises ``error``."""
+
+    def __init__(self, *, error: Exception | None = None, total_ms: float = 12.3456):
+        self.error, self.total_ms = error, total_ms
+        self.made: list[tuple[Config, dict[str, Any]]] = []
+        self.runs: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, cfg: Config, **hooks: Any) -> Any:
+        self.made.append((cfg, hooks))
+        return self
+
+    def interrupt(self) -> None:
+        pass
+
+    def run(self, prompt: str, **kw: Any) -> Any:
+        self.runs.append((prompt, kw))
+        if self.error is not None:
+            raise self.error
+        from types import SimpleNamespace
+        return SimpleNamespace(rid="r9", ok=True, winner="peer", path="cpu", text="an answer", error=None,
+                               total_ms=self.total_ms, to_json=lambda: {"ok": True},
+                               answer=SimpleNamespace(kind="answer"))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.watched: list[Any] = []
+
+    def send(self, event: Any) -> None:
+        self.events.append(event)
+
+    def watch(self, on_gone: Any) -> None:
+        self.watched.append(on_gone)
+
+
+def test_the_one_orchestrator_factory_builds_an_orchestrator(tmp_path: Path) -> None:
+    from agent.fronts import orchestrator
+    from agent.orchestrator import Orchestrator
+    orch = orchestrator(config(tmp_path), connect=lambda: None, npu_exec=None, cpu_exec=None,
+                        local_snapshot=lambda: Metrics.from_payload(_METRICS).snapshot)
+    assert isinstance(orch, Orchestrator)
+
+
+def test_an_mqtt_trigger_is_answered_on_every_topic_it_asked_for(tmp_path: Path) -> None:
+    wire, made = Wire(), Orchestrations(total_ms=12.3456)
+    fronts = Fronts(config(tmp_path), T, publish=wire.publish, make=made, fleet=lambda: None)
+    fronts._orchestrate(TriggerRequest("hi", id="q1"), "reply/here")
+    assert wire.topics() == [T.last_result("dev"), T.answer("dev", "q1"), "reply/here"]
+    assert [retain for _, _, retain in wire.sent] == [True, False, False]
+    last = json.loads(wire.sent[0][1])
+    assert last["ok"] is True and last["text"] == "an answer" and last["total_ms"] == 12.3 and last["id"] == "q1"
+    assert made.runs == [("hi", {"max_new_tokens": TriggerRequest("hi").ask().max_new_tokens, "model": None})]
+    wire.sent.clear()
+    fronts._orchestrate(TriggerRequest("hi"), None)
+    assert wire.topics() == [T.last_result("dev")], "no id, no response topic: the dashboard only"
+
+
+def test_an_mqtt_trigger_the_orchestrator_refuses_is_answered_with_why(tmp_path: Path) -> None:
+    from agent.errors import AgentError
+    wire = Wire()
+    fronts = Fronts(config(tmp_path), T, publish=wire.publish, make=Orchestrations(error=AgentError("no devices")),
+                    fleet=lambda: None)
+    fronts._orchestrate(TriggerRequest("hi", id="q1"), None)
+    last = json.loads(wire.next_on(T.answer("dev", "q1")))
+    assert last["ok"] is False and last["error"] == "no devices"
+
+
+def test_a_trigger_answers_to_its_correlation_data_without_an_id(tmp_path: Path) -> None:
+    cfg = config(tmp_path, triggers={"workers": 1, "max_waiting": 0})
+    wire = Wire()
+    fronts = Fronts(cfg, T, publish=wire.publish, make=NoOrchestrator(), fleet=lambda: None)
+    fronts.on_trigger(Message(T.trigger("dev"), b'{"prompt": "hi"}'))
+    fronts.on_trigger(Message(T.trigger("dev"), b'{"prompt": "hi"}', correlation_data=b"c7"))
+    refused = json.loads(wire.next_on(T.answer("dev", "c7")))
+    assert refused["ok"] is False and refused["id"] == "c7"
+
+
+def test_a_bad_trigger_with_only_a_response_topic_is_answered_there(tmp_path: Path) -> None:
+    wire = Wire()
+    fronts = Fronts(config(tmp_path), T, publish=wire.publish, make=NoOrchestrator(), fleet=lambda: None)
+    fronts.on_trigger(Message(T.trigger("dev"), b'{"prompt": ""}', response_topic="reply/me"))
+    assert wire.topics() == ["reply/me"] and json.loads(wire.sent[0][1])["ok"] is False
+
+
+def test_a_control_prompt_streams_its_events_with_its_own_bid_timeout(tmp_path: Path) -> None:
+    from agent.control import Outcome, PromptRequest
+    from agent.messages import Prompt
+    made = Orchestrations()
+    fronts = Fronts(config(tmp_path), T, publish=Wire().publish, make=made, fleet=lambda: None)
+    channel = Recorder()
+    fronts.on_control(PromptRequest(Prompt("hi", 5, bid_timeout_s=0.7)), channel)  # type: ignore[arg-type]
+    assert channel.events == [Outcome({"ok": True}, "answer")] and len(channel.watched) == 1
+    (cfg, hooks), = made.made
+    assert cfg.auction.bid_timeout_s == 0.7 and set(hooks) == {"on_token", "on_decision", "on_progress"}
+    fronts.on_control(PromptRequest(Prompt("hi", 5)), channel)  # type: ignore[arg-type]
+    assert made.made[1][0].auction.bid_timeout_s == config(tmp_path).auction.bid_timeout_s
+
+
+def test_control_prompts_are_bounded_by_the_trigger_pool_and_its_line(tmp_path: Path) -> None:
+    from agent.control import Failure, PromptRequest
+    from agent.errors import AgentError
+    from agent.messages import Prompt
+    cfg = config(tmp_path, triggers={"workers": 2, "max_waiting": 1})
+    fronts = Fronts(cfg, T, publish=Wire().publish, make=Orchestrations(error=AgentError("no devices")),
+                    fleet=lambda: None)
+    channel = Recorder()
+    fronts.on_control(PromptRequest(Prompt("hi")), channel)  # type: ignore[arg-type]
+    assert channel.events == [Failure("no devices", AgentError("x").exit_code)], "refused, and its place freed"
+    taken = [fronts._control_busy.acquire(blocking=False) for _ in range(3)]
+    assert taken == [True, True, True], "two workers and one place in the line"
+    fronts.on_control(PromptRequest(Prompt("hi")), channel)  # type: ignore[arg-type]
+    assert isinstance(channel.events[-1], Failure) and channel.events[-1].error.startswith("busy")
