@@ -263,3 +263,14 @@ def test_a_refusing_connack_is_typed_by_its_code(code: int, failure: Failure) ->
 
 def test_refused_means_reached_and_told_no() -> None:
     assert {f for f in Failure if f.refused} == {Failure.HUNG_UP, Failure.OLD_PROTOCOL, Failure.REFUSED}
+
+
+def test_the_numbers_are_the_ones_the_protocol_and_the_docs_give() -> None:
+    """The rest of this file is written in the names; these are the values behind them:
+    MQTT 5's reason codes, and what docs/architecture.md's table and README promise."""
+    from agent import connection
+    assert connection.SESSION_TAKEN_OVER == 0x8E, "MQTT 5: session taken over"
+    assert connection.UNSUPPORTED_PROTOCOL == (0x84, 1), "MQTT 5 CONNACK 0x84; 3.1.1 return code 1"
+    assert (FLAP_WINDOW_S, FLAP_LIMIT) == (2.0, 4), "a newcomer: never held 2 s; dropped quickly 4 times"
+    assert RECONNECT_FIRST_S == (0.05, 0.3) and connection.FIRST_CONNECT_MAX_S == 1.0
+    assert connection.RETARGET_AFTER == 2, "twice at one address, then the next"
