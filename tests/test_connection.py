@@ -274,3 +274,12 @@ def test_the_numbers_are_the_ones_the_protocol_and_the_docs_give() -> None:
     assert (FLAP_WINDOW_S, FLAP_LIMIT) == (2.0, 4), "a newcomer: never held 2 s; dropped quickly 4 times"
     assert RECONNECT_FIRST_S == (0.05, 0.3) and connection.FIRST_CONNECT_MAX_S == 1.0
     assert connection.RETARGET_AFTER == 2, "twice at one address, then the next"
+
+
+def test_only_the_fallback_attempt_says_it_fell_back() -> None:
+    link, action = step(Link.initial(2, "auto"), Begin(), T0)
+    assert isinstance(action, Try) and action.fell_back is False
+    link, action = step(link, AttemptFailed(Failure.UNREACHABLE), T0)
+    assert action == Try(1, "5") and action.fell_back is False, "the next address is no fallback"
+    link, action = step(link, AttemptFailed(Failure.OLD_PROTOCOL), T0)
+    assert isinstance(action, Try) and action.fell_back is True
