@@ -283,3 +283,14 @@ def test_only_the_fallback_attempt_says_it_fell_back() -> None:
     assert action == Try(1, "5") and action.fell_back is False, "the next address is no fallback"
     link, action = step(link, AttemptFailed(Failure.OLD_PROTOCOL), T0)
     assert isinstance(action, Try) and action.fell_back is True
+
+
+def test_links_events_and_actions_cannot_be_changed_in_place() -> None:
+    """A step returns a new link; nothing another thread holds changes under it."""
+    import dataclasses
+    for value in (Link.initial(1, "5"), Begin(), AttemptFailed(Failure.REFUSED), Connected(), ReconnectFailed(),
+                  Dropped(), Nothing(), Try(0, "5"), Wait(1.0), Retarget(0), Reconnect(0.1, 5.0),
+                  GiveUp(False, 4), Stop()):
+        field = next(iter(f.name for f in dataclasses.fields(value)), "anything")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)

@@ -774,6 +774,9 @@ def test_the_loop_retries_an_unwritable_disk_every_few_seconds(tmp_path: Path) -
     parts.capacity.unhealthy("disk full")
     ticks, _ = run_loop(parts, 3)
     assert ticks.waits == [5.0, 5.0, 5.0] and len(tries) == 3
+    tries.clear()
+    ticks, _ = run_loop(parts, 3, {1: (1.0, job_changed)})  # a wake-up a second in: no retry then
+    assert ticks.waits == [5.0, 5.0, 5.0] and len(tries) == 2
 
 
 def test_the_loop_retries_a_model_server_each_second_and_says_when_it_is_back(tmp_path: Path) -> None:
