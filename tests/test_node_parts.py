@@ -732,6 +732,7 @@ def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | No
     parts.link = Link()  # type: ignore[attr-defined]
     presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.link,  # type: ignore[attr-defined]
                         changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host)
+    parts.presence = presence  # type: ignore[attr-defined]
     presence.loop()
     return ticks, sent_at
 
@@ -819,6 +820,17 @@ def test_a_job_change_while_disconnected_waits_for_the_interval_after_a_reconnec
         parts.link.connected = True  # type: ignore[attr-defined]
     _, sent_at = run_loop(parts, 4, {1: (1.0, drop), 2: (1.0, back)})
     assert sent_at == [0.0, 10.0], "the change was forgotten with the connection"
+
+
+def test_a_presence_query_gets_metrics_then_online_at_once_both_retained(tmp_path: Path) -> None:
+    parts = Parts(tmp_path)
+
+    def query(ticks: Ticks) -> None:
+        parts.presence.on_presence_query(Message(T.presence("newcomer"), b""))  # type: ignore[attr-defined]
+    _, sent_at = run_loop(parts, 2, {1: (1.0, query)})
+    assert sent_at == [0.0, 1.0]
+    assert parts.wire.topics() == [T.metrics("dev"), T.metrics("dev"), T.availability("dev")]
+    assert all(retain for _, _, retain in parts.wire.sent)
 
 
 def test_the_loop_publishes_nothing_while_disconnected(tmp_path: Path) -> None:
