@@ -294,3 +294,19 @@ def test_links_events_and_actions_cannot_be_changed_in_place() -> None:
         field = next(iter(f.name for f in dataclasses.fields(value)), "anything")
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(value, field, None)
+
+
+def test_with_three_addresses_paho_is_aimed_at_each_in_turn() -> None:
+    link = step(up(addresses=3), Dropped(), T0 + 60)[0]
+    aimed = []
+    for _ in range(6):
+        link, action = step(link, ReconnectFailed(), T0 + 61)
+        if isinstance(action, Retarget):
+            aimed.append(action.address)
+    assert aimed == [1, 2, 0]
+
+
+def test_the_wait_between_first_rounds_is_jittered_up_from_half_the_ceiling() -> None:
+    assert first_connect_delay(0, 0.0) == pytest.approx(RECONNECT_FIRST_S[1] / 2)
+    assert first_connect_delay(0, 0.5) == pytest.approx(RECONNECT_FIRST_S[1] * 0.75)
+    assert first_connect_delay(0, 1.0) == pytest.approx(RECONNECT_FIRST_S[1])
