@@ -439,6 +439,9 @@ def test_a_job_runs_with_its_deadline_and_reports_its_time_in_the_line(tmp_path:
     assert cpu is not None
     engine = Engine2(parts, result=finished())
     cpu.run = engine  # type: ignore[method-assign]
+    observed: list[tuple[Any, ...]] = []
+    parts.jobs.init_cost.observe = lambda *a: observed.append(("init", *a))  # type: ignore[method-assign]
+    parts.jobs.record.observe = lambda *a: observed.append(("work", *a))  # type: ignore[method-assign]
     claim = parts.call("r1")
     assert claim
     job = Job("r1", "hub", "cpu", claim, "hello there", 4, 3.0, 30.0, "p/result/hub/r1")
@@ -460,9 +463,7 @@ def test_a_job_runs_with_its_deadline_and_reports_its_time_in_the_line(tmp_path:
     assert run.fsm.state == "done"
     recorded = parts.jobs.journal.get("r1")
     assert recorded is not None and decode_result(recorded.payload) == done
-    assert parts.jobs.record.estimate("cpu", 3, 4) is not None
-    assert parts.jobs.init_cost.expected("cpu", False, 3) == pytest.approx(0.5, rel=0.01)
-    assert parts.jobs.record.estimate("cpu", 3, 4)[0] == pytest.approx(2.0, rel=0.2), "the work, start-up apart"
+    assert observed == [("init", "cpu", False, 0.5, 3), ("work", "cpu", 3, 4, 7, 2.0)], "start-up apart from the work"
 
 
 def test_a_job_is_never_given_longer_than_the_nodes_own_timeout(tmp_path: Path) -> None:
@@ -488,6 +489,17 @@ def test_a_job_at_its_deadline_fails_and_a_cancelled_one_never_starts(tmp_path: 
     parts.now[0] = run.deadline  # not a moment left
     parts.jobs.execute(run, None)
     assert parts.results("edge")[-1].kind == "timeout" and not engine.calls and run.fsm.state == "failed"
+    claim = parts.call("half")
+    assert claim
+    parts.job("half", claim)
+    (run,) = parts.jobs.ledger.running()
+    parts.now[0] = run.deadline - 0.5  # half a second is enough to start
+    parts.jobs.execute(run, None)
+    assert engine.calls[-1][1].timeout_s == 0.5 and run.fsm.state == "done"
+    parts = Parts(tmp_path / "s")  # a fresh line: the two above still sit in the unstarted gate's
+    assert parts.capacity.cpu is not None
+    engine = Engine2(parts, result=finished())
+    parts.capacity.cpu.run = engine  # type: ignore[method-assign]
     claim = parts.call("stop")
     assert claim
     parts.job("stop", claim)
