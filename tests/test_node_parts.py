@@ -419,7 +419,8 @@ class Engine2:
         self.calls: list[tuple[str, Any, str]] = []
 
     def __call__(self, prompt: str, params: Any, on_token: Any, cancel: Any) -> Any:
-        self.calls.append((prompt, params, threading.current_thread().name))
+        thread = threading.current_thread()
+        self.calls.append((prompt, params, thread.name + (" (daemon)" if thread.daemon else "")))
         self.parts.now[0] += self.takes
         if isinstance(self.result, Exception):
             raise self.result
@@ -599,7 +600,8 @@ def test_an_npu_job_claims_the_npu_and_runs_on_a_thread_of_its_own(tmp_path: Pat
     accepted = parts.results("npujob-123")[0]
     assert isinstance(accepted, Accepted) and accepted.queue_position == 0
     assert busy_while_running == [True]
-    assert engine.calls[0][2] == "npu-npujob-1" and engine.calls[0][1].hold_fds
+    assert engine.calls[0][2] == "npu-npujob-1 (daemon)", "a job never keeps a stopping daemon alive"
+    assert engine.calls[0][1].hold_fds
     assert not parts.capacity.npu_busy_here and parts.capacity.npu_free(), "released after the run"
     held = NpuLock(tmp_path).try_claim("another process")
     assert held is not None
