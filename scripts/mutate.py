@@ -13,8 +13,13 @@ to read: each is either a missing test or an equivalent mutant (a change nothing
     scripts/mutate agent/bus.py --lines 100-180 -- tests/test_first_hour.py -k connect
 
 Options: --limit N (evenly spread over the points, default all), --lines A-B (only points on
-those lines), --timeout S per mutant (default 300), --json FILE (every result).
-Exit status: 0 when every mutant was killed, 1 when some survived, 2 on bad arguments.
+those lines), --timeout S per mutant (default 300), --json FILE (every result), --survivors
+FILE (only the points that survived in an earlier run's --json: after writing the tests
+that should kill them; the module must not have changed since).
+The tests run once on the unchanged copy first: if they fail there, every mutant would
+look killed, so the run stops.
+Exit status: 0 when every mutant was killed, 1 when some survived, 2 on bad arguments or
+tests that fail without a mutant.
 """
 
 from __future__ import annotations
@@ -86,10 +91,22 @@ def _sym(op: ast.AST) -> str:
             ast.Or: "or", ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}.get(type(op), "?")
 
 
+def _stub(node: ast.AST) -> bool:
+    """A function whose body is only a docstring and/or ``...`` (a Protocol's method): its
+    defaults are never used, so a mutant of them is equivalent by construction."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    return all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+               and (s.value.value is Ellipsis or isinstance(s.value.value, str)) for s in node.body)
+
+
 def _skipped(tree: ast.Module) -> set[int]:
-    """Ids of nodes not worth mutating: docstrings, annotations, log and error messages."""
+    """Ids of nodes not worth mutating: docstrings, annotations, log and error messages,
+    the defaults of stubs."""
     skip: set[int] = set()
     for node in ast.walk(tree):
+        if _stub(node):
+            skip.update(id(n) for n in ast.walk(node))
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
                 body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
@@ -117,6 +134,15 @@ def points(module: Path, lines: tuple[int, int] | None = None) -> list[Point]:
     return found
 
 
+def survivors_of(todo: list[Point], wanted: set[Point]) -> tuple[list[Point], int]:
+    """The points of ``todo`` that an earlier run left alive (``wanted``, of any modules),
+    and how many of those in the modules of ``todo`` are points no longer."""
+    named = {p.module for p in todo}
+    wanted = {w for w in wanted if w.module in named}
+    kept = [p for p in todo if p in wanted]
+    return kept, len(wanted) - len(kept)
+
+
 def mutant_source(source: str, point: Point) -> str:
     tree = ast.parse(source)
     parents: dict[int, tuple[ast.AST, str, int | None]] = {}
@@ -141,6 +167,29 @@ def mutant_source(source: str, point: Point) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+def _pytest(work: Path, pytest_args: list[str], timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args],
+                          cwd=work, capture_output=True, timeout=timeout_s, check=False)
+
+
+def baseline(work: Path, pytest_args: list[str], timeout_s: float) -> str | None:
+    """Why the tests cannot judge mutants (they fail, or find nothing, on the unchanged
+    copy: then every mutant would count as killed), or None when they pass."""
+    try:
+        proc = _pytest(work, pytest_args, timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"the tests take longer than {timeout_s:.0f} s without any mutant"
+    return unfit(proc)
+
+
+def unfit(proc: subprocess.CompletedProcess[bytes]) -> str | None:
+    """``baseline``'s verdict on the run of the tests on the unchanged copy."""
+    if proc.returncode == 0:
+        return None
+    tail = "\n".join((proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()[-15:])
+    return f"the tests fail without any mutant (pytest exit {proc.returncode}):\n{tail}"
+
+
 def run(point: Point, work: Path, pytest_args: list[str], timeout_s: float) -> Result:
     original = (REPO / point.module).read_text()
     target = work / point.module
@@ -152,8 +201,7 @@ def run(point: Point, work: Path, pytest_args: list[str], timeout_s: float) -> R
         return Result(point, "broken", 0.0)
     target.write_text(source)
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               *pytest_args], cwd=work, capture_output=True, timeout=timeout_s, check=False)
+        proc = _pytest(work, pytest_args, timeout_s)
         outcome = "survived" if proc.returncode == 0 else "killed"
     except subprocess.TimeoutExpired:
         outcome = "timeout"   # counted as killed: the suite did notice (it hung)
@@ -165,7 +213,8 @@ def run(point: Point, work: Path, pytest_args: list[str], timeout_s: float) -> R
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        print("usage: scripts/mutate MODULE... [--limit N] [--lines A-B] -- PYTEST_ARGS...", file=sys.stderr)
+        print("usage: scripts/mutate MODULE... [--limit N] [--lines A-B] [--timeout S] [--json FILE] "
+              "[--survivors FILE] -- PYTEST_ARGS...", file=sys.stderr)
         return 2
     cut = argv.index("--")
     parser = argparse.ArgumentParser(prog="scripts/mutate", description=__doc__,
@@ -175,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", default="")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--survivors", type=Path)
     args = parser.parse_args(argv[:cut])
     pytest_args = argv[cut + 1:]
     lines = None
@@ -188,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {module} is not a file in {REPO}", file=sys.stderr)
             return 2
         todo += points(path, lines)
+    if args.survivors:
+        try:
+            earlier = json.loads(args.survivors.read_text())
+            wanted = {Point(r["module"], r["index"], r["line"], r["what"]) for r in earlier
+                      if r["outcome"] == "survived"}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {args.survivors}: not the --json of an earlier run ({exc})", file=sys.stderr)
+            return 2
+        todo, missing = survivors_of(todo, wanted)
+        if missing:
+            print(f"error: {missing} of the survivors in {args.survivors} are no longer "
+                  "points of the modules named (did a module change?)", file=sys.stderr)
+            return 2
     if args.limit and len(todo) > args.limit:
         step = len(todo) / args.limit
         todo = [todo[int(i * step)] for i in range(args.limit)]
@@ -200,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copytree(src, work / name)
             else:
                 shutil.copy2(src, work / name)
+        problem = baseline(work, pytest_args, args.timeout)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         for n, point in enumerate(todo, 1):
             result = run(point, work, pytest_args, args.timeout)
             results.append(result)

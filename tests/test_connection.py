@@ -263,3 +263,50 @@ def test_a_refusing_connack_is_typed_by_its_code(code: int, failure: Failure) ->
 
 def test_refused_means_reached_and_told_no() -> None:
     assert {f for f in Failure if f.refused} == {Failure.HUNG_UP, Failure.OLD_PROTOCOL, Failure.REFUSED}
+
+
+def test_the_numbers_are_the_ones_the_protocol_and_the_docs_give() -> None:
+    """The rest of this file is written in the names; these are the values behind them:
+    MQTT 5's reason codes, and what docs/architecture.md's table and README promise."""
+    from agent import connection
+    assert connection.SESSION_TAKEN_OVER == 0x8E, "MQTT 5: session taken over"
+    assert connection.UNSUPPORTED_PROTOCOL == (0x84, 1), "MQTT 5 CONNACK 0x84; 3.1.1 return code 1"
+    assert (FLAP_WINDOW_S, FLAP_LIMIT) == (2.0, 4), "a newcomer: never held 2 s; dropped quickly 4 times"
+    assert RECONNECT_FIRST_S == (0.05, 0.3) and connection.FIRST_CONNECT_MAX_S == 1.0
+    assert connection.RETARGET_AFTER == 2, "twice at one address, then the next"
+
+
+def test_only_the_fallback_attempt_says_it_fell_back() -> None:
+    link, action = step(Link.initial(2, "auto"), Begin(), T0)
+    assert isinstance(action, Try) and action.fell_back is False
+    link, action = step(link, AttemptFailed(Failure.UNREACHABLE), T0)
+    assert action == Try(1, "5") and action.fell_back is False, "the next address is no fallback"
+    link, action = step(link, AttemptFailed(Failure.OLD_PROTOCOL), T0)
+    assert isinstance(action, Try) and action.fell_back is True
+
+
+def test_links_events_and_actions_cannot_be_changed_in_place() -> None:
+    """A step returns a new link; nothing another thread holds changes under it."""
+    import dataclasses
+    for value in (Link.initial(1, "5"), Begin(), AttemptFailed(Failure.REFUSED), Connected(), ReconnectFailed(),
+                  Dropped(), Nothing(), Try(0, "5"), Wait(1.0), Retarget(0), Reconnect(0.1, 5.0),
+                  GiveUp(False, 4), Stop()):
+        field = next(iter(f.name for f in dataclasses.fields(value)), "anything")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)
+
+
+def test_with_three_addresses_paho_is_aimed_at_each_in_turn() -> None:
+    link = step(up(addresses=3), Dropped(), T0 + 60)[0]
+    aimed = []
+    for _ in range(6):
+        link, action = step(link, ReconnectFailed(), T0 + 61)
+        if isinstance(action, Retarget):
+            aimed.append(action.address)
+    assert aimed == [1, 2, 0]
+
+
+def test_the_wait_between_first_rounds_is_jittered_up_from_half_the_ceiling() -> None:
+    assert first_connect_delay(0, 0.0) == pytest.approx(RECONNECT_FIRST_S[1] / 2)
+    assert first_connect_delay(0, 0.5) == pytest.approx(RECONNECT_FIRST_S[1] * 0.75)
+    assert first_connect_delay(0, 1.0) == pytest.approx(RECONNECT_FIRST_S[1])
