@@ -26,6 +26,7 @@ invited. The choice depends only on its inputs and the seeded ``rng``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -176,7 +177,8 @@ class AskerMemory:
     has sent it since (its promises spread over its slots), less the time gone by, plus its
     service and start-up. ``startup_s()`` is each device's start-up as its last cold bid said
     (kept however old: it changes with the model, not with the load). At most ``limit``
-    devices are kept, the least recently heard dropped first."""
+    devices are kept, the least recently heard dropped first. Safe to share between threads
+    (a daemon's trigger workers): see ``shared_memory``."""
 
     def __init__(self, max_age_s: float = 30.0, limit: int = 4096):
         if max_age_s <= 0 or limit < 1:
@@ -184,10 +186,16 @@ class AskerMemory:
         self.max_age_s, self.limit = max_age_s, limit
         self._heard: dict[str, _Heard] = {}
         self._startup: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def heard(self, device: str, at: float, *, backlog_s: float, service_s: float | None, init_s: float,
               slots: int) -> None:
         """A bid from ``device`` arrived at ``at``."""
+        with self._lock:
+            self._heard_locked(device, at, backlog_s, service_s, init_s, slots)
+
+    def _heard_locked(self, device: str, at: float, backlog_s: float, service_s: float | None, init_s: float,
+                      slots: int) -> None:
         self._heard.pop(device, None)
         self._heard[device] = _Heard(at, at + max(backlog_s, 0.0), service_s, max(init_s, 0.0), max(slots, 1))
         if init_s > 0:
@@ -199,14 +207,30 @@ class AskerMemory:
 
     def sent(self, device: str, at: float, seconds: float) -> None:
         """This asker gave ``device`` a job it expects to take ``seconds`` there."""
-        h = self._heard.get(device)
-        if h is not None:
+        with self._lock:
+            h = self._heard.get(device)
+            if h is None:
+                return
             h.free_at = max(h.free_at, at) + max(seconds, 0.0) / h.slots
-            h.init_s = 0.0  # the model will be loaded by the time the next job starts
+            h.init_s = 0.0      # the model will be loaded by the time the next job starts
 
     def known_s(self, now: float) -> dict[str, float]:
-        return {d: max(0.0, h.free_at - now) + h.service_s + h.init_s for d, h in self._heard.items()
-                if h.service_s is not None and now - h.at < self.max_age_s}
+        with self._lock:
+            return {d: max(0.0, h.free_at - now) + h.service_s + h.init_s for d, h in self._heard.items()
+                    if h.service_s is not None and now - h.at < self.max_age_s}
 
     def startup_s(self) -> dict[str, float]:
-        return dict(self._startup)
+        with self._lock:
+            return dict(self._startup)
+
+
+_SHARED: dict[str, AskerMemory] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_memory(key: str) -> AskerMemory:
+    """One ``AskerMemory`` per ``key`` (a device's state directory) for this process: a daemon
+    builds an orchestrator per trigger, and what one heard serves the next. A one-off
+    ``trigger`` process without a daemon starts empty and goes by the metrics alone."""
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, AskerMemory())

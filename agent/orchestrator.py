@@ -330,11 +330,11 @@ class Orchestrator:
         return invitation.devices
 
     def _asker_memory(self) -> Any:
-        """What this orchestrator heard in its invited auctions' bids and sent since
-        (``agent.invite.AskerMemory``): kept while it lives (a daemon, ``serve``)."""
+        """What this device's orchestrators heard in their invited auctions' bids and sent
+        since (``agent.invite.AskerMemory``), shared by every orchestrator of this process."""
         if self._asked is None:
-            from agent.invite import AskerMemory
-            self._asked = AskerMemory()
+            from agent.invite import shared_memory
+            self._asked = shared_memory(str(self.cfg.state_dir))
         return self._asked
 
     def _remember_bids(self, bids: Mapping[str, Any]) -> None:

@@ -3,11 +3,18 @@ a cold model in ``choose``: pure, a fake clock (times passed in), a seeded rng."
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
 from agent.invite import COLD_S, AskerMemory, choose
 from agent.messages import LatencySummary, ModelInfo, Snapshot
+from agent.topics import Topics
+
+T = Topics("")
 
 
 def snap(p50_ms: float = 1000.0, *, warm: bool | None = None, backlog: float = 0.0) -> Snapshot:
@@ -80,3 +87,45 @@ def test_old_metrics_backlog_has_run_down_by_their_age() -> None:
     inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1,
                  age_s={"queued": 8.0, "slow": 8.0})
     assert inv.best == ("queued",)                        # 8 s later: 1 s of it left, 2 s in all
+
+
+def test_one_memory_per_state_dir_for_the_process() -> None:
+    from agent.invite import shared_memory
+    assert shared_memory("/tmp/a-state") is shared_memory("/tmp/a-state")
+    assert shared_memory("/tmp/a-state") is not shared_memory("/tmp/b-state")
+
+
+def test_an_invited_auction_leaves_its_bids_and_the_job_sent_in_the_devices_memory(tmp_path: Path) -> None:
+    """The orchestrator's wiring, against the scripted fleet of tests/test_orchestrator.py:
+    past the threshold the bids heard and the job sent land in the memory that the next
+    orchestrator of this state directory (the daemon's next trigger) invites from."""
+    from agent.invite import shared_memory
+    from agent.orchestrator import Orchestrator
+    from tests.test_orchestrator import PROMISE_S, RecordingArms, ScriptedFleet, config, done
+
+    class Invited(ScriptedFleet):
+        def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+            parsed = T.parse(topic)
+            if parsed is not None and parsed.kind == "bid_invite":  # answered as a call, by the invited alone
+                everyone, self.peers = self.peers, {parsed.device: self.peers[parsed.device or ""]}
+                try:
+                    super().publish(T.bid_request(parsed.rid or "", "hub"), payload, **kw)
+                finally:
+                    self.peers = everyone
+                return
+            super().publish(topic, payload, **kw)
+
+    fleet = Invited({f"p{i}": done for i in range(4)})
+    cfg = config(tmp_path)
+    cfg = replace(cfg, auction=replace(cfg.auction, invite=replace(cfg.auction.invite, above=0, best=0, explore=4)))
+    idle = Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
+                    queue_depth=0)
+    connect: Any = lambda: fleet  # noqa: E731
+    orch = Orchestrator(cfg, connect=connect, npu_exec=None, cpu_exec=None, arms=RecordingArms,
+                        local_snapshot=lambda: idle, clock=lambda: 100.0)
+    out = orch.run("a prompt", max_new_tokens=8)
+    assert out.ok and out.winner is not None
+    known = shared_memory(str(cfg.state_dir)).known_s(100.0)
+    assert set(known) == {f"p{i}" for i in range(4)}
+    assert known[out.winner] == PROMISE_S * 2          # the job sent, then its service
+    assert all(s == PROMISE_S for d, s in known.items() if d != out.winner)
