@@ -22,6 +22,7 @@ Bus handlers only queue; every wait here has a timeout equal to the nearest dead
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -320,10 +321,13 @@ class Orchestrator:
             return None
         metrics = roster.metrics()
         devices = {d: (metrics[d].snapshot if d in metrics else None) for d in bidders}
-        memory = self._asker_memory()
+        memory, wall = self._asker_memory(), self.wall()
+        # how old each device's metrics are (their backlog has run down since); unknown: not aged
+        ages = {d: age for d in devices if d in metrics
+                and math.isfinite(age := roster.offsets.age(d, metrics[d].ts, wall))}
         invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self.rng,
                             model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu,
-                            known_s=memory.known_s(self.clock()), startup_s=memory.startup_s())
+                            known_s=memory.known_s(self.clock()), startup_s=memory.startup_s(), age_s=ages)
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)
