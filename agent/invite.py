@@ -13,9 +13,13 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
 - every device with a free NPU that serves the model, fastest recent NPU first, at most
   ``max(best, 1)`` of them (pass 1 takes a free NPU whatever the CPUs say);
 - ``best`` devices among those with the lowest expected completion as far as the asker
-  knows (backlog + recent median latency; a device with no record yet as fast as the
-  fastest), drawn at random among the ``SPREAD``·``best`` lowest so that askers reading
-  the same metrics do not all pile onto the same few;
+  knows, drawn at random among the ``SPREAD``·``best`` lowest so that askers reading the
+  same metrics do not all pile onto the same few. What the asker knows: first its own
+  memory (``AskerMemory``: the last bid each device sent it, aged by the time gone by
+  and grown by the jobs it sent there since); else the retained metrics: backlog less
+  the metrics' age, plus recent median latency (a device with no record yet as fast as
+  the fastest), plus a start-up where the model is not warm (a bid's ``init_s`` if one
+  ever told it, else ``COLD_S``);
 - ``explore`` devices drawn at random among the rest, known or not (the "power of d
   choices": a few random probes keep a stale view honest and let unknown devices be
   learnt).
@@ -36,7 +40,7 @@ from agent.messages import Snapshot, serves
 from agent.roster import can_take
 
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
-DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 32, 8, 2
+DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 100, 16, 4
 # The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
 # retained metrics (up to metrics_interval_s old), and a strict top k would send every
 # job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean

@@ -1,8 +1,9 @@
 """Invited auctions at scale: is the decision as good as calling everyone?
 
     scripts/simulate_invite [--quick] [--devices 1000] [--jobs N] [--seeds 2]
-                            [--loads 0.3,0.7,0.9] [--invite 8,2] [--also 0,10]
-                            [--metrics-s 10] [--json FILE]
+                            [--loads 0.3,0.7,0.9] [--invite 16,4] [--also 0,10]
+                            [--metrics-s 10] [--spread 4] [--warm] [--metrics-only]
+                            [--json FILE]
 
 No MQTT, no threads, no sleeping: the discrete-event world of ``scripts/simulate`` (its
 hidden device models, the node's own service and start-up records, the orchestrators'
@@ -14,8 +15,15 @@ workload (same seed) runs under two policies:
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
   does past ``auction.invite.above``: from the retained metrics every device publishes
   every ``--metrics-s`` seconds (backlog in seconds, median recent latency; so up to
-  that old), the k best and d at random; only they bid, with their live state, and
-  ``select`` ranks their bids.
+  that old, so their backlog is aged by their age, and with each model's ``warm`` flag,
+  so a cold one is charged its start-up) and from each asker's own memory of the bids it
+  received and the jobs it sent since (``agent.invite.AskerMemory``), the k best and d
+  at random; only they bid, with their live state, and ``select`` ranks their bids.
+  ``--metrics-only`` adds the policy as first shipped: the metrics alone, not aged.
+
+A thousand devices and three jobs each is a fleet of cold models (every first job loads
+its model: seconds); ``--warm`` starts every device with its model loaded, for both
+policies alike, as after each device's first job.
 
 Three orchestrators each keep their own arms, as in ``scripts/simulate``. Other programs'
 background load moves once a simulated second (not once per arrival: at a thousand
@@ -68,6 +76,7 @@ from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
 from agent.selection import select  # noqa: E402
 from agent.servicemodel import decay_for  # noqa: E402
 
+PAST_JOBS = 3        # --warm: jobs each device has run on its own before the run (its own records)
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
 ARRIVAL, DONE, METRICS, BACKGROUND = 1, 0, 2, 3
 
@@ -83,9 +92,9 @@ def big_fleet(n: int) -> list[Hidden]:
 class Policy:
     label: str
     invite: tuple[int, int] | None   # (k, d); None: everyone
-    memory: bool = False             # each asker remembers the bids it got and the jobs it sent (AskerMemory)
+    memory: bool = True              # each asker remembers the bids it got and the jobs it sent (AskerMemory)
     spread: int = 4
-    aged: bool = False               # the metrics' backlog less their age
+    aged: bool = True                # the metrics' backlog less their age
 
 
 @dataclass
@@ -99,10 +108,20 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     fleet = big_fleet(devices_n)
     world = np.random.default_rng(seed)
     devices = {h.name: Device(h, np.random.default_rng([seed, i])) for i, h in enumerate(fleet)}
-    if warm:  # every model loaded already, as after each device's first job (both policies alike)
-        for dev in devices.values():
-            dev.warm_until = dev.h.keep_warm_s
     jobs = workload(world, Scenario(f"{load}", load, jobs_n), fleet)
+    if warm:  # as after a few jobs of each device's own: its model loaded, its own records kept
+        past = np.random.default_rng(seed + 4000)
+        for dev in devices.values():
+            for _ in range(PAST_JOBS):
+                old = jobs[int(past.integers(len(jobs)))] if jobs else None
+                if old is None:
+                    break
+                noise = float(past.lognormal(0.0, dev.h.noise))
+                work = dev.h.work(old.prompt, old.new, 0, BACKGROUND_MEAN) * noise
+                dev.init_cost.observe("cpu", False, dev.h.load, old.prompt)
+                dev.init_cost.observe("cpu", True, dev.h.init, old.prompt)
+                dev.record.observe("cpu", old.prompt, old.max_new, old.new, work)
+            dev.warm_until = dev.h.keep_warm_s
     arms = [Arms() for _ in range(ORCHESTRATORS)]
     gamma = decay_for(HALF_LIFE)
     decide_rng = np.random.default_rng(seed + 1000)
@@ -225,16 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="jobs per run (default 10 per device)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--loads", default="0.3,0.7,0.9", help="shares of the fleet's capacity")
-    ap.add_argument("--invite", type=pair, default=(8, 2), help="k,d of the invited policy (default 8,2)")
+    ap.add_argument("--invite", type=pair, default=(16, 4), help="k,d of the invited policy (default 16,4)")
     ap.add_argument("--also", type=pair, action="append", default=[],
                     help="another k,d to compare (repeatable; 0,10: ten at random)")
-    ap.add_argument("--memory", action="store_true",
-                    help="also run each invited policy with each asker's memory of the bids it received and the "
-                         "jobs it sent (agent.invite.AskerMemory, as the orchestrator does)")
+    ap.add_argument("--metrics-only", action="store_true",
+                    help="also run each invited policy from the retained metrics alone, as first shipped: no "
+                         "asker memory (agent.invite.AskerMemory), metrics not aged")
     ap.add_argument("--spread", type=int, default=4, help="draw the k best among spread*k (default 4)")
     ap.add_argument("--warm", action="store_true",
-                    help="start every device with its model loaded (both policies alike): as after each device's "
-                         "first job, which a short run at a thousand devices never gets past")
+                    help="start every device as after a few jobs of its own (both policies alike): its model "
+                         "loaded, its own service and start-up records kept; a short run at a thousand devices "
+                         "otherwise never gets past each device's first, cold, unknown job")
     ap.add_argument("--metrics-s", type=float, default=10.0,
                     help="how often each device publishes its metrics (default 10, the shipped default)")
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -247,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [args.invite, *args.also]
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)
                                              for k, d in pairs]
-    if args.memory:
-        policies += [Policy(f"invite k={k} d={d} + memory", (k, d), memory=True, spread=args.spread)
-                     for k, d in pairs]
+    if args.metrics_only:
+        policies += [Policy(f"invite k={k} d={d}, metrics only", (k, d), memory=False, aged=False,
+                            spread=args.spread) for k, d in pairs]
     loads = [float(x) for x in args.loads.split(",")]
     results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
                                "metrics_s": args.metrics_s, "warm": args.warm, "spread": args.spread, "loads": {}}
