@@ -183,10 +183,11 @@ class LinUCBConfig:
 class InviteConfig:
     # Past this many online devices an auction invites a few devices instead of calling
     # everyone (agent.invite); 0: always invite.
-    above: int = 32
-    # How many to invite by what the asker knows (k), and at random among the rest (d).
-    best: int = 8
-    explore: int = 2
+    above: int = 100
+    # How many to invite by what the asker knows (k), and at random among the rest (d):
+    # k + d = 20 keeps a 1000-device auction's messages within 4x an 8-device one's.
+    best: int = 16
+    explore: int = 4
 
 
 @dataclass(frozen=True)
@@ -565,9 +566,9 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                           half_life_jobs=float(lin_s.number("half_life_jobs", 20.0, minimum=1, maximum=1e6)))
     lin_s.finish()
     inv_s = auction_s.sub("invite")
-    invite = InviteConfig(above=inv_s.number("above", 32, minimum=0, maximum=1_000_000, integer=True),
-                          best=inv_s.number("best", 8, minimum=0, maximum=1000, integer=True),
-                          explore=inv_s.number("explore", 2, minimum=0, maximum=1000, integer=True))
+    invite = InviteConfig(above=inv_s.number("above", 100, minimum=0, maximum=1_000_000, integer=True),
+                          best=inv_s.number("best", 16, minimum=0, maximum=1000, integer=True),
+                          explore=inv_s.number("explore", 4, minimum=0, maximum=1000, integer=True))
     if invite.best + invite.explore == 0:
         inv_s.problem(None, "best and explore are both 0: an invited auction would call nobody but this device "
                             "(raise best or explore, or raise above to call everyone)")

@@ -13,9 +13,13 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
 - every device with a free NPU that serves the model, fastest recent NPU first, at most
   ``max(best, 1)`` of them (pass 1 takes a free NPU whatever the CPUs say);
 - ``best`` devices among those with the lowest expected completion as far as the asker
-  knows (backlog + recent median latency; a device with no record yet as fast as the
-  fastest), drawn at random among the ``SPREAD``·``best`` lowest so that askers reading
-  the same metrics do not all pile onto the same few;
+  knows, drawn at random among the ``SPREAD``·``best`` lowest so that askers reading the
+  same metrics do not all pile onto the same few. What the asker knows: first its own
+  memory (``AskerMemory``: the last bid each device sent it, aged by the time gone by
+  and grown by the jobs it sent there since); else the retained metrics: backlog less
+  the metrics' age, plus recent median latency (a device with no record yet as fast as
+  the fastest), plus a start-up where the model is not warm (a bid's ``init_s`` if one
+  ever told it, else ``COLD_S``);
 - ``explore`` devices drawn at random among the rest, known or not (the "power of d
   choices": a few random probes keep a stale view honest and let unknown devices be
   learnt).
@@ -26,6 +30,7 @@ invited. The choice depends only on its inputs and the seeded ``rng``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -34,12 +39,15 @@ import numpy as np
 from agent.messages import Snapshot, can_take, serves
 
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
-DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 32, 8, 2
+DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 100, 16, 4
 # The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
 # retained metrics (up to metrics_interval_s old), and a strict top k would send every
 # job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean
 # latency of calling everyone at 70 % load on 100 devices, against 1.19x with 4).
 SPREAD = 4
+# What a cold model's start-up is taken to cost when nothing this asker heard says better:
+# loading a GGUF model on an edge CPU takes seconds (scripts/simulate's kinds: 2-9 s).
+COLD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,16 +82,23 @@ def expected_s(snapshot: Snapshot) -> float | None:
 
 def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explore: int,
            rng: np.random.Generator, model: str | None = None, need: str = "any", tools: bool = False,
-           known_s: Mapping[str, float] | None = None,
+           known_s: Mapping[str, float] | None = None, startup_s: Mapping[str, float] | None = None,
+           age_s: Mapping[str, float] | None = None,
            npu_granted: Callable[[str], bool] = lambda d: True,
            exclude: Collection[str] = (), spread: int = SPREAD) -> Invitation:
     """The invitation for one job. ``devices``: every online device that may bid, with its
     last metrics (None: none seen yet); ``known_s``: the asker's own expected seconds per
-    device, preferred over the metrics' where given; ``npu_granted``: whether the operator
+    device, preferred over the metrics' where given; ``startup_s``: a device's start-up as its
+    last cold bid said, added where its metrics say the model is not loaded (else the median
+    of those known, else ``COLD_S``); ``age_s``: how old each device's metrics are (their
+    backlog has run down by that much since); ``npu_granted``: whether the operator
     let a device offer an NPU; ``exclude``: never invite (e.g. devices known to be gone)."""
     if best < 0 or explore < 0:
         raise ValueError("best and explore must be >= 0")
     known_s = known_s or {}
+    startup_s = startup_s or {}
+    age_s = age_s or {}
+    cold_default = float(np.median(list(startup_s.values()))) if startup_s else COLD_S
 
     def able(d: str) -> bool:
         snap = devices[d]
@@ -110,7 +125,10 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
         cost = known_s.get(d)
         if cost is None and snap is not None:
             service = _service_s(snap)
-            cost = snap.backlog_s + (optimistic if service is None else service)
+            backlog = max(0.0, snap.backlog_s - max(age_s.get(d, 0.0), 0.0))
+            cost = backlog + (optimistic if service is None else service)
+            if _cold(snap):
+                cost += startup_s.get(d, cold_default)
         if cost is None:
             continue  # nothing known: only the random draw can pick it
         per_slot = 0.0 if snap is None else snap.queue_depth / max(snap.cpu_slots, 1)
@@ -132,6 +150,90 @@ def _service_s(snapshot: Snapshot) -> float | None:
     return None if recent is None or recent.n <= 0 else recent.p50_ms / 1000
 
 
+def _cold(snapshot: Snapshot) -> bool:
+    """Whether the metrics say the CPU model is not loaded (no word on it: not cold)."""
+    info = snapshot.models.get("cpu")
+    return info is not None and not info.warm
+
+
 def _npu_latency(snapshot: Snapshot | None) -> float:
     summary = None if snapshot is None else snapshot.recent.get("npu")
     return summary.p50_ms if summary is not None and summary.n else float("inf")
+
+
+@dataclass
+class _Heard:
+    at: float            # when its last bid came
+    free_at: float       # when a new CPU job would start there, as far as this asker knows
+    service_s: float | None
+    init_s: float        # start-up the next job pays (0 once this asker has sent it one)
+    slots: int
+
+
+class AskerMemory:
+    """What this asker heard in bids and sent since, per device: fresher than the retained
+    metrics (which every asker reads alike, up to ``metrics_interval_s`` old) and carrying
+    the cold start a bid prices and metrics do not. Pure: the caller passes every time.
+
+    ``known_s(now)`` is what ``choose`` takes as ``known_s``: for a device heard within
+    ``max_age_s`` and with a service estimate, the wait its bid said, plus what this asker
+    has sent it since (its promises spread over its slots), less the time gone by, plus its
+    service and start-up. ``startup_s()`` is each device's start-up as its last cold bid said
+    (kept however old: it changes with the model, not with the load). At most ``limit``
+    devices are kept, the least recently heard dropped first. Safe to share between threads
+    (a daemon's trigger workers): see ``shared_memory``."""
+
+    def __init__(self, max_age_s: float = 30.0, limit: int = 4096):
+        if max_age_s <= 0 or limit < 1:
+            raise ValueError("max_age_s must be > 0 and limit >= 1")
+        self.max_age_s, self.limit = max_age_s, limit
+        self._heard: dict[str, _Heard] = {}
+        self._startup: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def heard(self, device: str, at: float, *, backlog_s: float, service_s: float | None, init_s: float,
+              slots: int) -> None:
+        """A bid from ``device`` arrived at ``at``."""
+        with self._lock:
+            self._heard_locked(device, at, backlog_s, service_s, init_s, slots)
+
+    def _heard_locked(self, device: str, at: float, backlog_s: float, service_s: float | None, init_s: float,
+                      slots: int) -> None:
+        self._heard.pop(device, None)
+        self._heard[device] = _Heard(at, at + max(backlog_s, 0.0), service_s, max(init_s, 0.0), max(slots, 1))
+        if init_s > 0:
+            self._startup.pop(device, None)
+            self._startup[device] = init_s
+        for store in (self._heard, self._startup):
+            while len(store) > self.limit:
+                del store[next(iter(store))]
+
+    def sent(self, device: str, at: float, seconds: float) -> None:
+        """This asker gave ``device`` a job it expects to take ``seconds`` there."""
+        with self._lock:
+            h = self._heard.get(device)
+            if h is None:
+                return
+            h.free_at = max(h.free_at, at) + max(seconds, 0.0) / h.slots
+            h.init_s = 0.0      # the model will be loaded by the time the next job starts
+
+    def known_s(self, now: float) -> dict[str, float]:
+        with self._lock:
+            return {d: max(0.0, h.free_at - now) + h.service_s + h.init_s for d, h in self._heard.items()
+                    if h.service_s is not None and now - h.at < self.max_age_s}
+
+    def startup_s(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._startup)
+
+
+_SHARED: dict[str, AskerMemory] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_memory(key: str) -> AskerMemory:
+    """One ``AskerMemory`` per ``key`` (a device's state directory) for this process: a daemon
+    builds an orchestrator per trigger, and what one heard serves the next. A one-off
+    ``trigger`` process without a daemon starts empty and goes by the metrics alone."""
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, AskerMemory())

@@ -22,11 +22,12 @@ Bus handlers only queue; every wait here has a timeout equal to the nearest dead
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,7 @@ class Orchestrator:
         self._active: Inbox | None = None
         self._arms_factory = arms  # the store (and numpy) only when an auction needs it
         self._arms: Any = None
+        self._asked: Any = None  # agent.invite.AskerMemory, once this orchestrator first invites
         self.local_snapshot = local_snapshot
         self.on_token = on_token
         self.on_decision = on_decision
@@ -305,7 +307,10 @@ class Orchestrator:
         for _ in result.bids:
             fsm.fire("bid")
         fsm.fire(result.closing)
-        return result if invited is None else replace(result, invited=invited)
+        if invited is None:
+            return result
+        self._remember_bids(result.bids)
+        return replace(result, invited=invited)
 
     def _invitation(self, req: Request, roster: Any, bidders: frozenset[str]) -> tuple[str, ...] | None:
         """Whom to invite (``agent.invite``), or None below the threshold: call everyone."""
@@ -316,12 +321,31 @@ class Orchestrator:
             return None
         metrics = roster.metrics()
         devices = {d: (metrics[d].snapshot if d in metrics else None) for d in bidders}
+        memory, wall = self._asker_memory(), self.wall()
+        # how old each device's metrics are (their backlog has run down since); unknown: not aged
+        ages = {d: age for d in devices if d in metrics
+                and math.isfinite(age := roster.offsets.age(d, metrics[d].ts, wall))}
         invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self.rng,
-                            model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu)
+                            model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu,
+                            known_s=memory.known_s(self.clock()), startup_s=memory.startup_s(), age_s=ages)
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)
         return invitation.devices
+
+    def _asker_memory(self) -> Any:
+        """What this device's orchestrators heard in their invited auctions' bids and sent
+        since (``agent.invite.AskerMemory``), shared by every orchestrator of this process."""
+        if self._asked is None:
+            from agent.invite import shared_memory
+            self._asked = shared_memory(str(self.cfg.state_dir))
+        return self._asked
+
+    def _remember_bids(self, bids: Mapping[str, Any]) -> None:
+        memory, now = self._asker_memory(), self.clock()
+        for device, bid in bids.items():
+            memory.heard(device, now, backlog_s=bid.snapshot.backlog_s, service_s=bid.service_s, init_s=bid.init_s,
+                         slots=bid.snapshot.cpu_slots)
 
     # ------------------------------------------------------------------ decide + run
     def _decide_and_run(self, req: Request, started: float, fsm: Machine, wire: _Wire | None,
@@ -376,6 +400,8 @@ class Orchestrator:
             else:
                 assert wire is not None, "peers come from an auction"
                 fsm.fire("dispatch")
+                if self._asked is not None and choice.mode == "cpu" and choice.promise is not None:
+                    self._asked.sent(choice.device, dispatched, choice.promise)
                 claim = bids[choice.device].claim
                 step = self._dispatch(wire, req, choice.device, choice.mode, claim, Decided(choice.device, path,
                                                                                              choice.score), last)

@@ -1,8 +1,9 @@
 """Invited auctions at scale: is the decision as good as calling everyone?
 
     scripts/simulate_invite [--quick] [--devices 1000] [--jobs N] [--seeds 2]
-                            [--loads 0.3,0.7,0.9] [--invite 8,2] [--also 0,10]
-                            [--metrics-s 10] [--json FILE]
+                            [--loads 0.3,0.7,0.9] [--invite 16,4] [--also 0,10]
+                            [--metrics-s 10] [--spread 4] [--warm] [--metrics-only]
+                            [--json FILE]
 
 No MQTT, no threads, no sleeping: the discrete-event world of ``scripts/simulate`` (its
 hidden device models, the node's own service and start-up records, the orchestrators'
@@ -14,8 +15,15 @@ workload (same seed) runs under two policies:
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
   does past ``auction.invite.above``: from the retained metrics every device publishes
   every ``--metrics-s`` seconds (backlog in seconds, median recent latency; so up to
-  that old), the k best and d at random; only they bid, with their live state, and
-  ``select`` ranks their bids.
+  that old, so their backlog is aged by their age, and with each model's ``warm`` flag,
+  so a cold one is charged its start-up) and from each asker's own memory of the bids it
+  received and the jobs it sent since (``agent.invite.AskerMemory``), the k best and d
+  at random; only they bid, with their live state, and ``select`` ranks their bids.
+  ``--metrics-only`` adds the policy as first shipped: the metrics alone, not aged.
+
+A thousand devices and three jobs each is a fleet of cold models (every first job loads
+its model: seconds); ``--warm`` starts every device with its model loaded, for both
+policies alike, as after each device's first job.
 
 Three orchestrators each keep their own arms, as in ``scripts/simulate``. Other programs'
 background load moves once a simulated second (not once per arrival: at a thousand
@@ -62,12 +70,13 @@ from simulate import (  # noqa: E402
     workload,
 )
 
-from agent.invite import choose  # noqa: E402
+from agent.invite import AskerMemory, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
-from agent.messages import LatencySummary, Snapshot  # noqa: E402
+from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
 from agent.selection import select  # noqa: E402
 from agent.servicemodel import decay_for  # noqa: E402
 
+PAST_JOBS = 3        # --warm: jobs each device has run on its own before the run (its own records)
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
 ARRIVAL, DONE, METRICS, BACKGROUND = 1, 0, 2, 3
 
@@ -83,7 +92,9 @@ def big_fleet(n: int) -> list[Hidden]:
 class Policy:
     label: str
     invite: tuple[int, int] | None   # (k, d); None: everyone
-    memory: bool = False             # each asker remembers the bids it got and the jobs it sent (not shipped)
+    memory: bool = True              # each asker remembers the bids it got and the jobs it sent (AskerMemory)
+    spread: int = 4
+    aged: bool = True                # the metrics' backlog less their age
 
 
 @dataclass
@@ -92,19 +103,33 @@ class Result:
     calls: list[int] = field(default_factory=list)    # calls for bids per job
 
 
-def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, metrics_s: float) -> Result:
+def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, metrics_s: float,
+        warm: bool = False) -> Result:
     fleet = big_fleet(devices_n)
     world = np.random.default_rng(seed)
     devices = {h.name: Device(h, np.random.default_rng([seed, i])) for i, h in enumerate(fleet)}
     jobs = workload(world, Scenario(f"{load}", load, jobs_n), fleet)
+    if warm:  # as after a few jobs of each device's own: its model loaded, its own records kept
+        past = np.random.default_rng(seed + 4000)
+        for dev in devices.values():
+            for _ in range(PAST_JOBS):
+                old = jobs[int(past.integers(len(jobs)))] if jobs else None
+                if old is None:
+                    break
+                noise = float(past.lognormal(0.0, dev.h.noise))
+                work = dev.h.work(old.prompt, old.new, 0, BACKGROUND_MEAN) * noise
+                dev.init_cost.observe("cpu", False, dev.h.load, old.prompt)
+                dev.init_cost.observe("cpu", True, dev.h.init, old.prompt)
+                dev.record.observe("cpu", old.prompt, old.max_new, old.new, work)
+            dev.warm_until = dev.h.keep_warm_s
     arms = [Arms() for _ in range(ORCHESTRATORS)]
     gamma = decay_for(HALF_LIFE)
     decide_rng = np.random.default_rng(seed + 1000)
     invite_rng = np.random.default_rng(seed + 2000)
     recent: dict[str, deque[float]] = {name: deque(maxlen=RECENT) for name in devices}
     view: dict[str, Snapshot | None] = dict.fromkeys(devices)   # the retained metrics every asker sees
-    # each asker's own: device -> (free at, service s, when heard)
-    memory: list[dict[str, tuple[float, float, float]]] = [{} for _ in range(ORCHESTRATORS)]
+    sent_at: dict[str, float] = {}                                  # when each was published
+    memory = [AskerMemory() for _ in range(ORCHESTRATORS)]
     out = Result(latencies=[math.nan] * len(jobs))
     events: list[tuple[float, int, int, Any]] = [(j.arrival, ARRIVAL, j.jid, j) for j in jobs]
     seq = len(jobs)
@@ -129,7 +154,9 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             dev = devices[item]
             window = sorted(recent[item])
             summary = {"cpu": LatencySummary(len(window), window[len(window) // 2] * 1000)} if window else {}
-            view[item] = replace(dev.snapshot(now), recent=summary)
+            view[item] = replace(dev.snapshot(now), recent=summary,
+                                 models={"cpu": ModelInfo("sim", warm=dev.warm(now))})
+            sent_at[item] = now
             if now < end:
                 heapq.heappush(events, (now + metrics_s, METRICS, seq, item))
                 seq += 1
@@ -164,15 +191,17 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
         else:
             k, d = policy.invite
             mem = memory[job.origin]
-            known = {dv: max(0.0, free_at - now) + svc for dv, (free_at, svc, at) in mem.items() if now - at < 30}
             asked = list(choose(view, me=f"asker-{job.origin}", best=k, explore=d, rng=invite_rng,
-                                known_s=known if policy.memory else None).devices)
+                                known_s=mem.known_s(now) if policy.memory else None,
+                                startup_s=mem.startup_s() if policy.memory else None,
+                                age_s={dv: now - at for dv, at in sent_at.items()} if policy.aged else None,
+                                spread=policy.spread).devices)
         out.calls.append(len(asked))
         offers = [devices[name].offer(job, now) for name in asked]
         if policy.invite is not None:
             for o in offers:
-                if o.service_s is not None:
-                    memory[job.origin][o.device] = (now + o.snapshot.backlog_s, o.service_s + o.init_s, now)
+                memory[job.origin].heard(o.device, now, backlog_s=o.snapshot.backlog_s, service_s=o.service_s,
+                                         init_s=o.init_s, slots=o.snapshot.cpu_slots)
         mine = arms[job.origin]
         decision = select(offers, mine.arms, prompt_tokens=job.prompt, max_new_tokens=job.max_new, alpha=ALPHA,
                           lam=LAMBDA, exploring=mine.exploring_now(now), rng=decide_rng)
@@ -182,9 +211,8 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
         if choice.explore:
             mine.exploring[choice.device] = (str(job.jid), math.inf)
         dev = devices[choice.device]
-        if choice.device in memory[job.origin] and choice.promise is not None:
-            free_at, svc, at = memory[job.origin][choice.device]
-            memory[job.origin][choice.device] = (max(free_at, now) + choice.promise / dev.h.slots, svc, at)
+        if choice.promise is not None:
+            memory[job.origin].sent(choice.device, now, choice.promise)
         dev.admit(job, now)
         start(dev, now)
     return out
@@ -216,13 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="jobs per run (default 10 per device)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--loads", default="0.3,0.7,0.9", help="shares of the fleet's capacity")
-    ap.add_argument("--invite", type=pair, default=(8, 2), help="k,d of the invited policy (default 8,2)")
+    ap.add_argument("--invite", type=pair, default=(16, 4), help="k,d of the invited policy (default 16,4)")
     ap.add_argument("--also", type=pair, action="append", default=[],
                     help="another k,d to compare (repeatable; 0,10: ten at random)")
-    ap.add_argument("--memory", action="store_true",
-                    help="also run the invited policy with each asker remembering the bids it received and "
-                         "the jobs it sent (expected free time per device): a variant the orchestrator does not "
-                         "ship yet")
+    ap.add_argument("--metrics-only", action="store_true",
+                    help="also run each invited policy from the retained metrics alone, as first shipped: no "
+                         "asker memory (agent.invite.AskerMemory), metrics not aged")
+    ap.add_argument("--spread", type=int, default=4, help="draw the k best among spread*k (default 4)")
+    ap.add_argument("--warm", action="store_true",
+                    help="start every device as after a few jobs of its own (both policies alike): its model "
+                         "loaded, its own service and start-up records kept; a short run at a thousand devices "
+                         "otherwise never gets past each device's first, cold, unknown job")
     ap.add_argument("--metrics-s", type=float, default=10.0,
                     help="how often each device publishes its metrics (default 10, the shipped default)")
     ap.add_argument("--json", default=None, help="write the results here too")
@@ -232,19 +264,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.devices < 1 or args.seeds < 1 or args.metrics_s <= 0:
         ap.error("--devices and --seeds must be >= 1, --metrics-s > 0")
     jobs = args.jobs or 10 * args.devices
-    policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d)) for k, d in [args.invite,
-                                                                                                *args.also]]
-    if args.memory:
-        k, d = args.invite
-        policies.append(Policy(f"invite k={k} d={d} + memory", (k, d), memory=True))
+    pairs = [args.invite, *args.also]
+    policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)
+                                             for k, d in pairs]
+    if args.metrics_only:
+        policies += [Policy(f"invite k={k} d={d}, metrics only", (k, d), memory=False, aged=False,
+                            spread=args.spread) for k, d in pairs]
     loads = [float(x) for x in args.loads.split(",")]
     results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
-                               "metrics_s": args.metrics_s, "loads": {}}
+                               "metrics_s": args.metrics_s, "warm": args.warm, "spread": args.spread, "loads": {}}
     began = time.perf_counter()
     for load in loads:
         rows: dict[str, dict[str, float]] = {}
         for policy in policies:
-            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s))
+            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s, args.warm))
                     for seed in range(args.seeds)]
             rows[policy.label] = {key: statistics.fmean(s[key] for s in sums) for key in sums[0]}
             rows[policy.label]["answered"] = sum(s["answered"] for s in sums)
@@ -264,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def render(results: dict[str, Any]) -> str:
     lines = [f"{results['devices']} devices, {results['jobs']} jobs per run, {results['seeds']} seed(s), metrics "
-             f"every {results['metrics_s']:g} s; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
+             f"every {results['metrics_s']:g} s, {'warm' if results.get('warm') else 'cold'} start, "
+             f"spread {results.get('spread', 4)}; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
              "left out); x everyone: the mean as a share of calling everyone's.", "",
              "| load | policy | mean | p95 | x everyone | calls per job | answered |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -1,0 +1,131 @@
+"""The asker's own memory of bids and jobs sent (agent.invite.AskerMemory), and the price of
+a cold model in ``choose``: pure, a fake clock (times passed in), a seeded rng."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.invite import COLD_S, AskerMemory, choose
+from agent.messages import LatencySummary, ModelInfo, Snapshot
+from agent.topics import Topics
+
+T = Topics("")
+
+
+def snap(p50_ms: float = 1000.0, *, warm: bool | None = None, backlog: float = 0.0) -> Snapshot:
+    models = {} if warm is None else {"cpu": ModelInfo("m", warm=warm)}
+    return Snapshot(has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=10.0, mem_available_mb=1000.0,
+                    load1=0.1, queue_depth=0, recent={"cpu": LatencySummary(5, p50_ms)}, backlog_s=backlog,
+                    models=models)
+
+
+def test_a_bid_ages_with_the_clock_and_grows_with_what_was_sent() -> None:
+    mem = AskerMemory(max_age_s=30.0)
+    mem.heard("a", 100.0, backlog_s=10.0, service_s=2.0, init_s=0.0, slots=2)
+    assert mem.known_s(100.0) == {"a": 12.0}
+    assert mem.known_s(104.0) == {"a": 8.0}          # 4 s of its backlog gone by
+    mem.sent("a", 104.0, 8.0)                          # 8 s of work over 2 slots: 4 s more wait
+    assert mem.known_s(104.0) == {"a": 12.0}
+    assert mem.known_s(125.0) == {"a": 2.0}          # all of it done: the service alone
+    assert mem.known_s(130.0) == {}                  # 30 s after the bid: forgotten (metrics again)
+
+
+def test_a_cold_bid_prices_its_start_up_until_a_job_was_sent() -> None:
+    mem = AskerMemory()
+    mem.heard("a", 0.0, backlog_s=0.0, service_s=2.0, init_s=6.0, slots=1)
+    assert mem.known_s(0.0) == {"a": 8.0}
+    assert mem.startup_s() == {"a": 6.0}
+    mem.sent("a", 0.0, 8.0)                            # its model is loaded by the next job
+    assert mem.known_s(0.0) == {"a": 10.0}           # 8 s queued + 2 s service, no start-up
+    mem.heard("a", 20.0, backlog_s=0.0, service_s=2.0, init_s=0.0, slots=1)
+    assert mem.startup_s() == {"a": 6.0}             # a warm bid does not forget the start-up
+
+
+def test_no_service_estimate_leaves_the_device_to_the_metrics_and_a_sent_job_to_an_unknown_is_ignored() -> None:
+    mem = AskerMemory()
+    mem.heard("a", 0.0, backlog_s=0.0, service_s=None, init_s=0.0, slots=1)
+    mem.sent("b", 0.0, 5.0)
+    assert mem.known_s(0.0) == {}
+
+
+def test_bounded_the_least_recently_heard_dropped() -> None:
+    mem = AskerMemory(limit=2)
+    for i, d in enumerate("abc"):
+        mem.heard(d, float(i), backlog_s=0.0, service_s=1.0, init_s=3.0, slots=1)
+    mem.heard("b", 5.0, backlog_s=0.0, service_s=1.0, init_s=3.0, slots=1)
+    assert set(mem.known_s(5.0)) == {"b", "c"} and set(mem.startup_s()) == {"b", "c"}
+    with pytest.raises(ValueError):
+        AskerMemory(max_age_s=0)
+
+
+def test_a_cold_model_costs_its_start_up_in_the_ranking() -> None:
+    # "fast" is the fastest by its record, but its model is not loaded: 5 s to load it.
+    devices: dict[str, Snapshot | None] = {"fast": snap(1000.0, warm=False), "warm": snap(3000.0, warm=True),
+                                           "unsaid": snap(2000.0)}
+    inv = choose(devices, me="asker", best=2, explore=0, rng=np.random.default_rng(0), spread=1)
+    assert inv.best == ("unsaid", "warm")                 # 1 + COLD_S > 3
+    assert COLD_S > 2.0
+    # a start-up this asker heard replaces the default; others' median stands in for the rest
+    inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1,
+                 startup_s={"fast": 0.5})
+    assert inv.best == ("fast",)
+    devices["other"] = snap(500.0, warm=False)
+    inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1,
+                 startup_s={"fast": 0.5, "x": 0.5})
+    assert inv.best == ("other",)                        # 0.5 + median 0.5 = 1.0 < fast's 1.5
+
+
+def test_old_metrics_backlog_has_run_down_by_their_age() -> None:
+    devices: dict[str, Snapshot | None] = {"queued": snap(1000.0, backlog=9.0), "slow": snap(4000.0)}
+    inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1)
+    assert inv.best == ("slow",)                          # 10 s against 4 s
+    inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1,
+                 age_s={"queued": 8.0, "slow": 8.0})
+    assert inv.best == ("queued",)                        # 8 s later: 1 s of it left, 2 s in all
+
+
+def test_one_memory_per_state_dir_for_the_process() -> None:
+    from agent.invite import shared_memory
+    assert shared_memory("/tmp/a-state") is shared_memory("/tmp/a-state")
+    assert shared_memory("/tmp/a-state") is not shared_memory("/tmp/b-state")
+
+
+def test_an_invited_auction_leaves_its_bids_and_the_job_sent_in_the_devices_memory(tmp_path: Path) -> None:
+    """The orchestrator's wiring, against the scripted fleet of tests/test_orchestrator.py:
+    past the threshold the bids heard and the job sent land in the memory that the next
+    orchestrator of this state directory (the daemon's next trigger) invites from."""
+    from agent.invite import shared_memory
+    from agent.orchestrator import Orchestrator
+    from tests.test_orchestrator import PROMISE_S, RecordingArms, ScriptedFleet, config, done
+
+    class Invited(ScriptedFleet):
+        def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+            parsed = T.parse(topic)
+            if parsed is not None and parsed.kind == "bid_invite":  # answered as a call, by the invited alone
+                everyone, self.peers = self.peers, {parsed.device: self.peers[parsed.device or ""]}
+                try:
+                    super().publish(T.bid_request(parsed.rid or "", "hub"), payload, **kw)
+                finally:
+                    self.peers = everyone
+                return
+            super().publish(topic, payload, **kw)
+
+    fleet = Invited({f"p{i}": done for i in range(4)})
+    cfg = config(tmp_path)
+    cfg = replace(cfg, auction=replace(cfg.auction, invite=replace(cfg.auction.invite, above=0, best=0, explore=4)))
+    idle = Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
+                    queue_depth=0)
+    connect: Any = lambda: fleet  # noqa: E731
+    orch = Orchestrator(cfg, connect=connect, npu_exec=None, cpu_exec=None, arms=RecordingArms,
+                        local_snapshot=lambda: idle, clock=lambda: 100.0)
+    out = orch.run("a prompt", max_new_tokens=8)
+    assert out.ok and out.winner is not None
+    known = shared_memory(str(cfg.state_dir)).known_s(100.0)
+    assert set(known) == {f"p{i}" for i in range(4)}
+    assert known[out.winner] == PROMISE_S * 2          # the job sent, then its service
+    assert all(s == PROMISE_S for d, s in known.items() if d != out.winner)
