@@ -294,8 +294,11 @@ class Orchestrator:
             payload = request.to_payload()
             topics = ([self.topics.bid_request(req.rid, self.me)] if invited is None else
                       [self.topics.bid_invite(d, req.rid, self.me) for d in invited])
+            # A call to everyone at QoS 1, as the seed; invitations at QoS 0: an invitee
+            # that misses one is overdue within a second (the others decide), and on a broker
+            # that stores QoS 1 (NATS's JetStream) each cost a write (bench --scale, NATS).
             for topic in topics:
-                bus.publish(topic, payload, qos=1, expiry_s=window,
+                bus.publish(topic, payload, qos=1 if invited is None else 0, expiry_s=window,
                             response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                             correlation_data=req.rid.encode())
 

@@ -41,6 +41,7 @@ class ScriptedFleet:
     def __init__(self, peers: dict[str, Callable[[Job, str], list[ResultEvent]] | None]):
         self.peers = peers
         self.published: list[tuple[str, bytes]] = []
+        self.qos: dict[str, int] = {}  # the QoS each topic was published at
         self._subs: dict[str, Callable[[Message], None]] = {}
         self.bus = self
         self.roster = self
@@ -61,10 +62,11 @@ class ScriptedFleet:
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.published.append((topic, payload))
+        self.qos[topic] = kw.get("qos", 1)
         parsed = T.parse(topic)
         assert parsed is not None, topic
-        if parsed.kind == "bid_request":
-            for device in self.peers:
+        if parsed.kind in ("bid_request", "bid_invite"):
+            for device in self.peers if parsed.kind == "bid_request" else [parsed.device or ""]:
                 bid = Bid(parsed.rid or "", device, "hub", f"claim-{device}", Snapshot(
                     has_npu=False, npu_free=False, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
                     queue_depth=0), service_s=None if device.startswith("new") else ESTIMATES.get(device, PROMISE_S),
@@ -129,23 +131,23 @@ PROMISE_S = 2.0  # a scripted device's own estimate of the job
 ESTIMATES = {"a-silent": 1.0}  # ... the one that must be tried first says it is quicker
 
 
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, **auction: Any) -> Config:
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump({
         "device_id": "hub", "state_dir": str(tmp_path / "state"), "npu": {"enabled": False},
         "cpu": {"enabled": False},
         "auction": {"bid_timeout_s": 5, "accept_timeout_s": 0.05, "job_timeout_s": 5,
-                    "linucb": {"latency_cap_s": CAP_S}}}))
+                    "linucb": {"latency_cap_s": CAP_S}, **auction}}))
     return load_config(path, env={})
 
 
-def orchestrate(tmp_path: Path, fleet: ScriptedFleet) -> tuple[Any, RecordingArms]:
+def orchestrate(tmp_path: Path, fleet: ScriptedFleet, **auction: Any) -> tuple[Any, RecordingArms]:
     arms = RecordingArms()
     idle = Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3, load1=0.0,
                     queue_depth=0)
     connect: Any = lambda: fleet  # noqa: E731  (the scripted fleet stands in for agent.fleet.Fleet)
-    orch = Orchestrator(config(tmp_path), connect=connect, npu_exec=None, cpu_exec=None, arms=lambda: arms,
-                        local_snapshot=lambda: idle)
+    orch = Orchestrator(config(tmp_path, **auction), connect=connect, npu_exec=None, cpu_exec=None,
+                        arms=lambda: arms, local_snapshot=lambda: idle)
     return orch.run("a prompt", max_new_tokens=8), arms
 
 
@@ -158,6 +160,20 @@ def test_an_answer_trains_the_arm_of_the_device_that_gave_it(tmp_path: Path) -> 
     y = arms.trained[0][1]
     assert y is not None and -PROMISE_S < y < -PROMISE_S + 1.0
     assert fleet.cancels() == []
+
+
+def test_a_call_to_everyone_is_qos_1_and_invitations_qos_0(tmp_path: Path) -> None:
+    """A call to everyone keeps the seed's QoS 1; an invitation, one of many small ones a
+    large fleet sends, is QoS 0: an invitee that misses it is overdue within a second, and
+    on a broker that persists QoS 1 (NATS's JetStream) each cost a store write."""
+    fleet = ScriptedFleet({"a": done, "b": done})
+    out, _ = orchestrate(tmp_path, fleet)
+    assert out.ok and [q for t, q in fleet.qos.items() if T.parse(t).kind == "bid_request"] == [1]
+    fleet = ScriptedFleet({"a": done, "b": done})
+    (tmp_path / "2").mkdir()
+    out, _ = orchestrate(tmp_path / "2", fleet, invite={"above": 0, "best": 1, "explore": 2})
+    invites = {t: q for t, q in fleet.qos.items() if T.parse(t).kind == "bid_invite"}
+    assert out.ok and len(invites) == 2 and set(invites.values()) == {0}, fleet.qos
 
 
 def queued(job: Job, device: str) -> list[ResultEvent]:
