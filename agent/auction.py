@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.errors import StateError
 from agent.messages import Bid, decoded
-from agent.statefiles import atomic_write, read_json_object
+from agent.statefiles import atomic_write, read_json_object, stamp
 from agent.topics import ParsedTopic, Topics
 
 if TYPE_CHECKING:  # the bus (and paho) only when a fleet is connected
@@ -400,7 +400,7 @@ class BidLatency:
         self.path = Path(state_dir) / "bid_latency.json"
         self._clock = clock
         self._lock = threading.Lock()
-        self._seen: tuple[int, int] | None = None    # the file as last read or written: (mtime_ns, size)
+        self._seen: tuple[int, int, int] | None = None  # the file as last read or written (statefiles.stamp)
         self._mine: dict[str, float] = {}             # every average this process knows
         self._written: dict[str, float] = {}          # what the file holds, as far as this process knows
         self._written_at: float | None = None
@@ -427,7 +427,7 @@ class BidLatency:
             except StateError as exc:
                 log.warning("could not remember bid latencies: %s", exc)
                 return
-            self._seen, self._written, self._written_at = _stamp(self.path), dict(self._mine), now
+            self._seen, self._written, self._written_at = stamp(self.path), dict(self._mine), now
 
     def _due(self, now: float) -> bool:
         if self._mine == self._written:
@@ -441,18 +441,11 @@ class BidLatency:
         return False
 
     def _refresh(self) -> None:
-        stamp = _stamp(self.path)
-        if stamp is None or stamp == self._seen:
+        now_seen = stamp(self.path)
+        if now_seen is None or now_seen == self._seen:
             return
         disk = {str(d): float(s) for d, s in read_json_object(self.path).items()
                 if type(s) in (int, float) and math.isfinite(s) and s >= 0}
         self._mine.update(disk)  # another process's newer view, for the devices it names
-        self._written, self._seen = disk, stamp
+        self._written, self._seen = disk, now_seen
 
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size

@@ -14,16 +14,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent.bus import Message
+from agent.bus import Message, Publish
 from agent.capacity import Capacity
 from agent.jobs import Age, Jobs, retained
 from agent.messages import Bid, BidRequest, Snapshot, decoded
 from agent.topics import Topics
 
 log = logging.getLogger("agent.node")  # the daemon's parts log under its name
-
-
-Publish = Callable[..., object]  # (topic, payload, *, qos=1)
 
 
 class Bids:

@@ -107,6 +107,10 @@ PACKET_OVERHEAD = 4096             # topic, properties and headers on top of the
 CONNECT_ATTEMPT_S = 5.0            # the background connector's wait for one CONNACK
 
 
+# What a part that only sends is given: Bus.publish, or a stand-in (topic, payload, *, qos, retain).
+Publish = Callable[..., object]
+
+
 @dataclass(frozen=True)
 class Message:
     """A received PUBLISH, independent of paho."""

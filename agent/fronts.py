@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from agent.bus import Message
+from agent.bus import Message, Publish
 from agent.config import Config
 from agent.control import (
     Channel,
@@ -56,7 +56,6 @@ def orchestrator(cfg: Config, *, connect: Callable[[], Any], npu_exec: Any, cpu_
 
 
 Make = Callable[..., Any]  # (cfg, **hooks) -> Orchestrator
-Publish = Callable[..., object]  # (topic, payload, *, retain=False)
 
 
 class Fronts:

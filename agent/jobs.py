@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from agent.bus import Message
+from agent.bus import Message, Publish
 from agent.capacity import Capacity
 from agent.errors import Cancelled, ExecutionTimeout, ExecutorError, StateError
 from agent.executors import Params, Result, estimate_tokens
@@ -45,7 +45,6 @@ from agent.topics import Topics
 
 log = logging.getLogger("agent.node")  # the daemon's parts log under its name
 
-Publish = Callable[[str, bytes], object]
 Age = Callable[[str, float, Message, float], float]  # (origin, sent_at, msg, lifetime_s) -> s
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from agent.errors import StateError
 from agent.messages import Snapshot
 from agent.servicemodel import SURPRISE_KEEP, decay_for, surprised
-from agent.statefiles import atomic_write, describe, ensure_dir
+from agent.statefiles import atomic_write, describe, ensure_dir, stamp
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class ArmStore:
         self._clock = clock
         # Parsed state, valid while the file's identity (inode, size, mtime) is unchanged:
         # a decision then costs one stat() instead of a JSON parse.
-        self._cache: tuple[tuple[int, int, int], Arms] | None = None
+        self._cache: tuple[tuple[int, int, int] | None, Arms] | None = None  # statefiles.stamp
 
     @classmethod
     def for_config(cls, cfg: Any) -> ArmStore:
@@ -310,11 +310,9 @@ class ArmStore:
 
     # file format ------------------------------------------------------------------------
     def _read(self) -> Arms:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
+        key = stamp(self.path)
+        if key is None:
             return Arms()
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._cache is None or self._cache[0] != key:
             try:
                 raw = self.path.read_bytes()
@@ -337,7 +335,6 @@ class ArmStore:
 
     def _write(self, state: Arms) -> None:
         atomic_write(self.path, json.dumps(state.to_obj()).encode("utf-8"), durable=False)  # relearnt if lost
-        st = os.stat(self.path)
-        self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), replace(state, arms=dict(state.arms),
+        self._cache = (stamp(self.path), replace(state, arms=dict(state.arms),
                                                                        trained=dict(state.trained),
                                                                        exploring=dict(state.exploring)))

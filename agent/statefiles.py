@@ -80,6 +80,16 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
+def stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next without reading it — inode (each
+    ``atomic_write`` renames a new one into place), size, mtime — or None if it is absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file.
 

@@ -104,7 +104,8 @@ class CuttableProxy:
                 due, data = line.get()
                 if not data:
                     return
-                time.sleep(max(0.0, due - time.monotonic()))  # the link's latency, not synchronisation
+                if self._stop.wait(max(0.0, due - time.monotonic())):  # the link's latency; ends with the proxy
+                    return
                 try:
                     dest.sendall(data)
                 except OSError:
