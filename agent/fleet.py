@@ -16,11 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.auction import Mailroom
 from agent.bus import Bus, new_nonce
 from agent.config import BrokerConfig, Config
 from agent.errors import DeviceBusy, StateError
 from agent.locks import Claim, IdentityLock
+from agent.mailroom import Mailroom
 from agent.roster import Roster
 from agent.statefiles import atomic_write, read_json_object
 from agent.topics import Topics

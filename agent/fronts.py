@@ -49,7 +49,7 @@ def orchestrator(cfg: Config, *, connect: Callable[[], Any], npu_exec: Any, cpu_
     """An orchestrator for this device (the only place one is built): its executors, its
     arm store, its own snapshot as a candidate; ``hooks`` are the on_token/on_decision/
     on_progress callbacks."""
-    from agent.linucb import ArmStore  # numpy: imported only when an auction decides
+    from agent.armstore import ArmStore  # numpy: imported only when an auction decides
     from agent.orchestrator import Orchestrator
     return Orchestrator(cfg, connect=connect, npu_exec=npu_exec, cpu_exec=cpu_exec,
                         arms=lambda: ArmStore.for_config(cfg), local_snapshot=local_snapshot, **hooks)

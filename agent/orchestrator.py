@@ -31,7 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from agent.auction import AuctionResult, BidLatency, Inbox, Stragglers, collect
+from agent.auction import AuctionResult
+from agent.bidtimes import BidLatency, Stragglers
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step, teaches_the_learner, worth_trying
 from agent.errors import (
@@ -45,6 +46,7 @@ from agent.errors import (
 from agent.executors import Params, Served, estimate_tokens
 from agent.fsm import ORCHESTRATION, Machine
 from agent.locks import CpuSlots, NpuLock
+from agent.mailroom import Inbox, collect
 from agent.messages import (
     Bid,
     BidRequest,

@@ -48,8 +48,9 @@ def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]
     reference job (``estimate_s``: how many seconds later (+) or sooner (−) than the
     device's own promise its answers reach this device) and how many jobs taught it
     (``learnt_jobs``); None when there is nothing learnt, or the store cannot be read here."""
+    from agent.armstore import ArmStore
     from agent.errors import StateError
-    from agent.linucb import ArmStore, features
+    from agent.linucb import features
     from agent.messages import Snapshot
 
     try:

@@ -56,11 +56,11 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
+from agent.armstore import ArmStore  # noqa: E402
 from agent.bus import new_nonce, set_nodelay  # noqa: E402
 from agent.config import Config, ModelConfig, load_config  # noqa: E402
 from agent.executors import Params, Result, Served  # noqa: E402
 from agent.fleet import Fleet  # noqa: E402
-from agent.linucb import ArmStore  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
 from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402

@@ -50,7 +50,7 @@ def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
     what those estimates miss, which on a loopback broker is close to nothing."""
     import numpy as np
 
-    from agent.linucb import ArmStore
+    from agent.armstore import ArmStore
     from agent.selection import MATURE_JOBS
     # Names chosen so that alphabetical tie-breaking would favour the slow peer.
     hub = env.config("hub")

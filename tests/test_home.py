@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.armstore import ArmStore
 from agent.bus import FLAP_WINDOW_S
-from agent.linucb import ArmStore
 from agent.messages import Job, Metrics
 from tests.support.broker import Broker
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import psutil
 
+from agent.armstore import ArmStore
 from agent.bus import Bus, Message
 from agent.config import BrokerConfig, parse_config
 from agent.fleet import ProtocolMemory
-from agent.linucb import ArmStore, features
+from agent.linucb import features
 from agent.messages import Metrics, Snapshot
 from agent.roster import Roster
 from agent.status import estimates, table

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agent.auction import Mailroom
 from agent.bus import Message
 from agent.config import Config, load_config
 from agent.linucb import Arms
+from agent.mailroom import Mailroom
 from agent.messages import Accepted, Bid, Done, Error, Job, ResultEvent, Snapshot, Timings, encode_result
 from agent.orchestrator import Orchestrator
 from agent.topics import Topics

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.linucb import ArmStore
+from agent.armstore import ArmStore
 from agent.messages import decode_result
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job, sim
 from tests.support.launch import NodeProcess

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from agent import statefiles
+from agent.armstore import ArmStore
 from agent.errors import StateError
 from agent.journal import Journal, Recorded
-from agent.linucb import ArmStore, D
+from agent.linucb import D
 from agent.statefiles import atomic_write, ensure_dir
 
 

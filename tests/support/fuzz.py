@@ -18,7 +18,8 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from agent.auction import Stragglers
+from agent.armstore import ArmStore
+from agent.bidtimes import Stragglers
 from agent.config import load_config
 from agent.control import decode_request, parse_request
 from agent.errors import (
@@ -37,7 +38,6 @@ from agent.executors.genie import (
 )
 from agent.executors.openai import StreamState, parse_event, usage_counts
 from agent.journal import Journal
-from agent.linucb import ArmStore
 from agent.messages import (
     Bid,
     BidRequest,
