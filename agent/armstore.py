@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import StateError
-from agent.linucb import Arms
+from agent.linucb import Arm, Arms
 from agent.servicemodel import decay_for
 from agent.statefiles import atomic_write, describe, ensure_dir, stamp
 
@@ -122,3 +122,12 @@ class ArmStore:
         atomic_write(self.path, json.dumps(state.to_obj()).encode("utf-8"), durable=False)  # relearnt if lost
         self._cache = (stamp(self.path), replace(state, arms=dict(state.arms), trained=dict(state.trained),
                                                  exploring=dict(state.exploring)))
+
+
+def learnt(cfg: Any) -> dict[str, Arm]:
+    """The arms of the device a config describes, by device (``status``'s estimates); none
+    when the store cannot be read here."""
+    try:
+        return dict(ArmStore.for_config(cfg).load().arms)
+    except StateError:
+        return {}

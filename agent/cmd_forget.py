@@ -23,8 +23,7 @@ def run(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             events = list(control.request(daemon, control.ForgetRequest(device, bool(args.force))))
         final = events[-1] if events else control.Failure("no answer", ExitCode.FAILED)
     else:
-        from agent.fleet import Fleet
-        from agent.status import forget
+        from agent.fleet import Fleet, forget
 
         fleet = Fleet.open(cfg, role="forget")
         try:

@@ -16,6 +16,7 @@ def run(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import time
 
     from agent import control
+    from agent.armstore import learnt
     from agent.status import estimates, table
 
     fleet = None
@@ -39,7 +40,7 @@ def run(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if found is None:
                 raise AgentError(f"the node daemon did not answer: {events}")
             devices = found
-        return estimates(devices, cfg)
+        return estimates(devices, learnt(cfg), cfg.auction.linucb.lambda_)
 
     try:
         if not args.watch:

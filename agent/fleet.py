@@ -1,4 +1,5 @@
-"""A connection to the fleet: one bus, the live roster on it, and a sync round trip.
+"""A connection to the fleet: one bus, the live roster on it, and a sync round trip;
+``forget``, the clean-up of a retired device's retained topics, made over one.
 
 The node daemon wraps its own long-lived bus (``Fleet(bus, ...)``); a short-lived
 process (``trigger``, ``status``, the benchmarks) opens one with ``Fleet.open(cfg)``.
@@ -18,7 +19,8 @@ from typing import Any
 
 from agent.bus import Bus, new_nonce
 from agent.config import BrokerConfig, Config
-from agent.errors import DeviceBusy, StateError
+from agent.control import Failure, Forgot
+from agent.errors import DeviceBusy, ExitCode, StateError
 from agent.locks import Claim, IdentityLock
 from agent.mailroom import Mailroom
 from agent.roster import Roster
@@ -145,6 +147,36 @@ def probe_broker(cfg: Config, timeout: float = CONNECT_TIMEOUT_S) -> str:
     protocol = bus.protocol
     bus.stop()
     return protocol
+
+
+def forget(fleet: Fleet, device: str, *, force: bool) -> Forgot | Failure:
+    """Clear a retired device's retained topics (an empty retained message deletes one,
+    and an empty discovery config makes Home Assistant drop the device): what was
+    cleared, or why not (the control socket's events)."""
+    topics = fleet.topics
+    if device not in fleet.roster.known() and device not in fleet.roster.metrics():
+        return Failure(f"the broker knows no device {device!r} (nothing retained under its id); "
+                       "`status` lists the devices there are", ExitCode.USAGE)
+    if fleet.roster.known().get(device) and not force:
+        return Failure(f"{device} is online: stop its node first (it would announce itself again), or --force",
+                       ExitCode.USAGE)
+    cleared = [topics.availability(device), topics.metrics(device), topics.last_result(device),
+               topics.ha_config(device)]
+    for topic in cleared:
+        fleet.bus.publish(topic, b"", retain=True)
+    if not fleet.bus.barrier(5.0):
+        return Failure("the broker did not confirm", ExitCode.BROKER)
+    # Look again: a broker with the ACL drops what we may not clear, without telling.
+    kept: list[str] = []
+    subs = [fleet.bus.subscribe(t, lambda m: kept.append(m.topic) if m.retain and m.payload else None)
+            for t in cleared]
+    fleet.bus.barrier(5.0)
+    for sub in subs:
+        fleet.bus.unsubscribe(sub)
+    if kept:
+        return Failure(f"the broker kept {', '.join(sorted(set(kept)))}: this device may not clear them "
+                       "(with the production ACL, run forget with an operator's config)", ExitCode.FAILED)
+    return Forgot(cleared)
 
 
 class ProtocolMemory:

@@ -143,7 +143,7 @@ class Fronts:
             channel.send(Status(rows(self._fleet().roster, self._wall())))
             return
         if isinstance(request, ForgetRequest):
-            from agent.status import forget
+            from agent.fleet import forget
             if request.device == self.me:
                 channel.send(Failure("forget: a device id other than this node's", ExitCode.USAGE))
                 return

@@ -210,7 +210,7 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
     """Wait for the bids (the call has been published); return when the window closes.
     ``resend`` publishes the call again (after our link came back: bids are QoS 0);
     ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``; ``latency``:
-    how long each device's bids usually take (``BidLatency``), None for no ``overdue`` rule."""
+    how long each device's bids usually take (``bidtimes.BidLatency``), None for no ``overdue`` rule."""
     book = inbox.book
     opened = clock()
     roster = tuple(sorted(book.expect(expected, suspects, opened)))

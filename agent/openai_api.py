@@ -13,12 +13,13 @@ spells them as OpenAI's does; agent/ollama.py imports them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from agent.config import DEFAULT_MODEL
 from agent.errors import BadPrompt, ExitCode
-from agent.messages import Chat, ChatMessage, Prompt, Timings, ToolCall, tool_name
+from agent.messages import Chat, ChatMessage, ModelInfo, Prompt, Timings, ToolCall, tool_name
 
 # max_tokens absent: OpenAI's models stop when they are done; a fleet job needs a budget.
 DEFAULT_MAX_TOKENS = 256
@@ -230,6 +231,21 @@ def error_kind(status: int) -> str:
 def stream_error(message: str, code: str) -> dict[str, Any]:
     """An error after the stream began: one event, then the end."""
     return {"error": {"message": message, "type": "server_error", "code": code}}
+
+
+def fleet_models(served: Iterable[tuple[str, ModelInfo]]) -> list[dict[str, Any]]:
+    """The models listed to both fronts, from (device, what it serves) pairs: one entry a
+    name, sorted by name, with the aliases and context of the first pair that names it,
+    every device that serves it (sorted), and whether any of them calls tools. The one
+    place a listing is built, whether the pairs come from this process's executors, the
+    roster's metrics or the node daemon's status rows."""
+    entries: dict[str, dict[str, Any]] = {}
+    for device, info in served:
+        entry = entries.setdefault(info.name, {"name": info.name, "aliases": list(info.aliases),
+                                               "context": info.context, "devices": [], "tools": False})
+        entry["devices"] = sorted({*entry["devices"], device})
+        entry["tools"] = entry["tools"] or info.tools
+    return [entries[name] for name in sorted(entries)]
 
 
 def models_list(models: list[dict[str, Any]]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from agent import control
 from agent.admission import FULL, Admission
 from agent.config import Config
 from agent.errors import AgentError, ExitCode, PromptTooLarge, UsageError
-from agent.messages import Prompt, Timings, ToolCall
+from agent.messages import ModelInfo, Prompt, Timings, ToolCall
 from agent.openai_api import (
     STATUS_OF,
     Answered,
@@ -62,6 +62,7 @@ from agent.openai_api import (
     error_kind,
     failure_of,
     finish_of,
+    fleet_models,
     json_body,
     models_list,
     stream_error,
@@ -126,8 +127,7 @@ def _answered(out: Any) -> Answered:
 class OrchestratorBackend:
     """Orchestrators of this process, kept warm, one per request at a time."""
 
-    def __init__(self, make: Callable[[], Any], fleet: Callable[[], Any], own_models: list[dict[str, Any]],
-                 me: str):
+    def __init__(self, make: Callable[[], Any], fleet: Callable[[], Any], own_models: list[ModelInfo], me: str):
         self._make = make
         self._fleet = fleet
         self._own = own_models
@@ -145,21 +145,15 @@ class OrchestratorBackend:
         self._idle.put(orch)
 
     def models(self) -> list[dict[str, Any]]:
-        entries = {m["name"]: {"tools": False, **m, "devices": [self._me]} for m in self._own}
+        served = [(self._me, info) for info in self._own]
         try:
             roster = self._fleet().roster
         except AgentError:
-            return _listed(entries)
+            return fleet_models(served)
         online = roster.online()
-        for device, metrics in roster.metrics().items():
-            if device not in online or device == self._me:
-                continue
-            for info in metrics.snapshot.models.values():
-                entry = entries.setdefault(info.name, {"name": info.name, "aliases": list(info.aliases),
-                                                       "context": info.context, "devices": [], "tools": False})
-                entry["devices"] = sorted({*entry["devices"], device})
-                entry["tools"] = entry["tools"] or info.tools
-        return _listed(entries)
+        served += [(device, info) for device, metrics in roster.metrics().items()
+                   if device in online and device != self._me for info in metrics.snapshot.models.values()]
+        return fleet_models(served)
 
     def connected(self) -> bool:
         try:
@@ -202,20 +196,11 @@ class DaemonBackend:
             yield from control.request(sock, req)
 
     def models(self) -> list[dict[str, Any]]:
-        entries: dict[str, dict[str, Any]] = {}
-        for event in self._request(control.StatusRequest()):
-            if not isinstance(event, control.Status):
-                continue
-            for row in event.devices:
-                if not row.get("online"):
-                    continue
-                for info in (row.get("models") or {}).values():
-                    entry = entries.setdefault(info["name"], {"name": info["name"], "aliases": info.get("aliases", []),
-                                                              "context": info.get("context"), "devices": [],
-                                                              "tools": False})
-                    entry["devices"] = sorted({*entry["devices"], row["device"]})
-                    entry["tools"] = entry["tools"] or info.get("tools") is True
-        return _listed(entries)
+        served = [(row["device"], ModelInfo(info["name"], tuple(info.get("aliases", [])), info.get("context"),
+                                            tools=info.get("tools") is True))
+                  for event in self._request(control.StatusRequest()) if isinstance(event, control.Status)
+                  for row in event.devices if row.get("online") for info in (row.get("models") or {}).values()]
+        return fleet_models(served)
 
     def connected(self) -> bool:
         return control.running(self.cfg.state_dir)
@@ -270,21 +255,9 @@ class _DaemonError(AgentError):
         self.exit_code = code
 
 
-def own_models(*executors: Any) -> list[dict[str, Any]]:
-    """The models this process's own executors serve (None: not running), one entry a name."""
-    entries: dict[str, dict[str, Any]] = {}
-    for e in executors:
-        if e is None:
-            continue
-        i = e.model_info()
-        entry = entries.setdefault(i.name, {"name": i.name, "aliases": list(i.aliases), "context": i.context,
-                                            "tools": False})
-        entry["tools"] = entry["tools"] or i.tools
-    return list(entries.values())
-
-
-def _listed(entries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [entries[name] for name in sorted(entries)]
+def own_models(*executors: Any) -> list[ModelInfo]:
+    """What this process's own executors serve (None: not running), for ``fleet_models``."""
+    return [e.model_info() for e in executors if e is not None]
 
 
 # ----------------------------------------------------------------------------- the server

@@ -1,23 +1,34 @@
-"""The operator's view of the fleet: one row per device the broker knows of, and the
-clean-up of a device retired for good."""
+"""The operator's view of the fleet: one row per device the broker knows of, what this
+device has learnt of each, and the table ``status`` prints. Nothing here talks to the
+broker or reads a file: the roster and the learnt arms are handed in (``cmd_status``, the
+node's control socket); ``fleet.forget`` clears a retired device."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.control import Failure, Forgot
-from agent.errors import ExitCode
-from agent.roster import Roster
+from agent.clock import ClockOffsets
+from agent.messages import Metrics
 
 if TYPE_CHECKING:
-    from agent.config import Config
-    from agent.fleet import Fleet
+    from agent.linucb import Arm
+
+
+class Known(Protocol):
+    """What the operator's view reads of a roster (``roster.Roster``)."""
+
+    offsets: ClockOffsets
+
+    def known(self) -> dict[str, bool]: ...
+
+    def metrics(self) -> dict[str, Metrics]: ...
 
 # The reference job of the ESTIMATE column: a short prompt, a paragraph of answer.
 REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS = 64, 256
 
 
-def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
+def rows(roster: Known, now: float) -> list[dict[str, Any]]:
     """Every device, online or not, with what its last metrics said. Ages are corrected
     by the measured offset of the device's clock when there is one."""
     known, metrics = roster.known(), roster.metrics()
@@ -43,20 +54,14 @@ def rows(roster: Roster, now: float) -> list[dict[str, Any]]:
     return out
 
 
-def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
-    """Add what this device's LinUCB store has learnt about each device's CPU for a
-    reference job (``estimate_s``: how many seconds later (+) or sooner (−) than the
-    device's own promise its answers reach this device) and how many jobs taught it
-    (``learnt_jobs``); None when there is nothing learnt, or the store cannot be read here."""
-    from agent.armstore import ArmStore
-    from agent.errors import StateError
-    from agent.linucb import features
+def estimates(devices: list[dict[str, Any]], arms: Mapping[str, Arm], lam: float) -> list[dict[str, Any]]:
+    """Add what this device's LinUCB arms (``armstore.learnt``; ``lam``: their ridge) have
+    learnt about each device's CPU for a reference job (``estimate_s``: how many seconds
+    later (+) or sooner (−) than the device's own promise its answers reach this device) and
+    how many jobs taught it (``learnt_jobs``); None when there is nothing learnt."""
+    from agent.linucb import features  # numpy: only when the estimates are asked for
     from agent.messages import Snapshot
 
-    try:
-        arms = ArmStore.for_config(cfg).load().arms
-    except StateError:
-        arms = {}
     out = []
     for row in devices:
         arm = arms.get(row["device"])
@@ -65,41 +70,10 @@ def estimates(devices: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]
             snap = Snapshot(has_npu=False, npu_free=False, cpu_slots=row["cpu_slots"] or 0,
                             cpu_percent=row["cpu_percent"] or 0.0, mem_available_mb=row["mem_available_mb"] or 0.0,
                             load1=0.0, queue_depth=row["queue_depth"] or 0)
-            mean, _ = arm.predict(features(snap, REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS),
-                                  cfg.auction.linucb.lambda_)
+            mean, _ = arm.predict(features(snap, REFERENCE_PROMPT_TOKENS, REFERENCE_NEW_TOKENS), lam)
             estimate = round(mean, 2)
         out.append({**row, "estimate_s": estimate, "learnt_jobs": arm.n if arm is not None else 0})
     return out
-
-
-def forget(fleet: Fleet, device: str, *, force: bool) -> Forgot | Failure:
-    """Clear a retired device's retained topics (an empty retained message deletes one,
-    and an empty discovery config makes Home Assistant drop the device): what was
-    cleared, or why not (the control socket's events)."""
-    topics = fleet.topics
-    if device not in fleet.roster.known() and device not in fleet.roster.metrics():
-        return Failure(f"the broker knows no device {device!r} (nothing retained under its id); "
-                       "`status` lists the devices there are", ExitCode.USAGE)
-    if fleet.roster.known().get(device) and not force:
-        return Failure(f"{device} is online: stop its node first (it would announce itself again), or --force",
-                       ExitCode.USAGE)
-    cleared = [topics.availability(device), topics.metrics(device), topics.last_result(device),
-               topics.ha_config(device)]
-    for topic in cleared:
-        fleet.bus.publish(topic, b"", retain=True)
-    if not fleet.bus.barrier(5.0):
-        return Failure("the broker did not confirm", ExitCode.BROKER)
-    # Look again: a broker with the ACL drops what we may not clear, without telling.
-    kept: list[str] = []
-    subs = [fleet.bus.subscribe(t, lambda m: kept.append(m.topic) if m.retain and m.payload else None)
-            for t in cleared]
-    fleet.bus.barrier(5.0)
-    for sub in subs:
-        fleet.bus.unsubscribe(sub)
-    if kept:
-        return Failure(f"the broker kept {', '.join(sorted(set(kept)))}: this device may not clear them "
-                       "(with the production ACL, run forget with an operator's config)", ExitCode.FAILED)
-    return Forgot(cleared)
 
 
 def table(devices: list[dict[str, Any]]) -> list[str]:

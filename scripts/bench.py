@@ -56,11 +56,11 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
-from agent.armstore import ArmStore  # noqa: E402
 from agent.bus import new_nonce, set_nodelay  # noqa: E402
 from agent.config import Config, ModelConfig, load_config  # noqa: E402
 from agent.executors import Params, Result, Served  # noqa: E402
 from agent.fleet import Fleet  # noqa: E402
+from agent.fronts import orchestrator as build_orchestrator  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
 from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402
@@ -197,10 +197,13 @@ def hub_config(fleet: NodeFleet, name: str = "hub") -> Config:
 
 
 def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestrator:
+    """The asker's orchestrator, built as every front builds one (``fronts.orchestrator``),
+    on an existing connection and with an idle snapshot of its own."""
     idle = Snapshot(has_npu=npu_exec is not None, npu_free=False, cpu_slots=0, cpu_percent=0.0,
                     mem_available_mb=8000.0, load1=0.0, queue_depth=0)
-    return Orchestrator(cfg, connect=lambda: connected, npu_exec=npu_exec, cpu_exec=None,
-                        arms=lambda: ArmStore(cfg.state_dir, 1.0), local_snapshot=lambda: idle)
+    orch: Orchestrator = build_orchestrator(cfg, connect=lambda: connected, npu_exec=npu_exec, cpu_exec=None,
+                                            local_snapshot=lambda: idle)
+    return orch
 
 
 # ----------------------------------------------------------------------------- 2+3. auction, dispatch

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.errors import ExitCode
-from agent.messages import ToolCall
+from agent.messages import ModelInfo, ToolCall
 from agent.openai_api import (
     DEFAULT_MAX_TOKENS,
     Answered,
@@ -19,6 +19,7 @@ from agent.openai_api import (
     error_kind,
     failure_of,
     finish_of,
+    fleet_models,
     json_body,
     models_list,
 )
@@ -143,6 +144,17 @@ def test_a_whole_answer_is_one_object_and_keys_keep_their_order() -> None:
     assert Reply("c", 7, "m", chat=False).whole(answered(), "stop")["choices"] == [
         {"index": 0, "text": "hi", "finish_reason": "stop"}]
     assert Reply("c", 7, "m", chat=False).whole(answered(), "stop")["object"] == "text_completion"
+
+
+def test_the_fleets_models_are_one_entry_a_name_with_every_device_that_serves_it() -> None:
+    tiny = ModelInfo("tiny", ("t",), 2048)
+    listed = fleet_models([("b", ModelInfo("zeta", tools=True)), ("me", tiny), ("a", ModelInfo("tiny", ("o",), 512)),
+                           ("a", ModelInfo("zeta")), ("me", ModelInfo("tiny"))])
+    assert listed == [
+        {"name": "tiny", "aliases": ["t"], "context": 2048, "devices": ["a", "me"], "tools": False},
+        {"name": "zeta", "aliases": [], "context": None, "devices": ["a", "b"], "tools": True}], \
+        "sorted by name; the first pair's aliases and context; devices once, sorted; tools if any has them"
+    assert fleet_models([]) == []
 
 
 def test_models_are_listed_in_openais_shape() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.armstore import ArmStore
+from agent.armstore import ArmStore, learnt
 from agent.bus import Bus, Message
 from agent.config import BrokerConfig, parse_config
 from agent.fleet import ProtocolMemory
@@ -88,7 +88,8 @@ def test_status_shows_what_the_arm_store_expects_of_each_device(tmp_path: Path) 
            "mem_available_mb": 4000.0, "queue_depth": 0, "backlog_s": 0.0, "last_latency_ms": 2000.0,
            "health": "ok", "metrics_age_s": 1.0}
     row["models"] = {"cpu": {"name": "llama3.2-1b", "aliases": [], "warm": True}}
-    rows = estimates([row, {**row, "device": "phone", "online": False, "models": {}}], cfg)
+    rows = estimates([row, {**row, "device": "phone", "online": False, "models": {}}], learnt(cfg),
+                     cfg.auction.linucb.lambda_)
     assert rows[0]["learnt_jobs"] == 6 and abs(rows[0]["estimate_s"] - 2.0) < 0.3
     assert rows[1]["estimate_s"] is None and rows[1]["learnt_jobs"] == 0
     lines = table(rows)
