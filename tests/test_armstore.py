@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from agent.armstore import ArmStore
+from agent.armstore import ArmStore, learnt
+from agent.config import parse_config
 from agent.linucb import STORE_VERSION, D, features
 from agent.messages import Snapshot
 
@@ -110,3 +111,13 @@ def test_two_processes_of_a_device_see_each_others_training(tmp_path) -> None:
         writer.train("dev", x, 1.0, f"r{i}")
         assert reader.load().arms["dev"].n == i, "a cached read notices the other's write"
     assert ArmStore(tmp_path).load().arms["dev"].n == 4, "and nothing either wrote is lost"
+
+
+def test_status_sees_the_arms_learnt_here_and_none_where_the_store_cannot_be_read(tmp_path) -> None:
+    cfg = parse_config({"device_id": "hub", "state_dir": str(tmp_path / "state")})
+    assert learnt(cfg) == {}, "nothing learnt yet"
+    ArmStore.for_config(cfg).train("dev", features(snap(), 100, 100), 1.0, "r1")
+    assert set(learnt(cfg)) == {"dev"} and learnt(cfg)["dev"].n == 1
+    (tmp_path / "not-a-dir").write_text("x")
+    unreadable = parse_config({"device_id": "hub", "state_dir": str(tmp_path / "not-a-dir")})
+    assert learnt(unreadable) == {}, "status still shows the fleet, without estimates"
