@@ -139,7 +139,7 @@ class Mailroom:
         self._boxes: dict[str, Inbox] = {}
         # Inline: both handlers are quick and never block, which saves two thread
         # hand-offs per message.
-        bus.subscribe(topics.all_bid_replies(me), self._bid, inline=True)
+        bus.subscribe(topics.all_bid_replies(me), self._bid, qos=0, inline=True)  # bids are sent at QoS 0
         bus.subscribe(topics.all_results(me), self._result, inline=True)
 
     def _box(self, msg: Message, kind: str) -> tuple[Inbox, ParsedTopic] | None:

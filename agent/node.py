@@ -99,11 +99,11 @@ class Node:
     def start(self) -> None:
         t, me = self.topics, self.me
         self.bus.subscribe(t.all_bid_requests(), self.bids.on_bid_request, inline=True)
-        self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, inline=True)  # a large fleet's call
+        self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, qos=0, inline=True)  # sent at QoS 0
         self.bus.subscribe(t.exec(me), self.jobs.on_job)
         self.bus.subscribe(t.cancels(me), self.jobs.on_cancel)
         self.bus.subscribe(t.trigger(me), self.fronts.on_trigger)
-        self.bus.subscribe(t.all_presence(), self.presence.on_presence_query, inline=True)
+        self.bus.subscribe(t.all_presence(), self.presence.on_presence_query, qos=0, inline=True)  # live only
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self.presence.on_ha_status)
         self.jobs.gate.start()

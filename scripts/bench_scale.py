@@ -2,13 +2,13 @@
 
 For each N of ``--sizes`` (e.g. 8,100,300,1000), on a private broker — one Mosquitto, or
 with ``--broker nats`` a 3-server NATS cluster (JetStream and MQTT on each, routed on
-loopback, every port free-picked, the devices spread over the three) — it starts N
-virtual devices (scripts/fleet.py, in worker processes of their own) and an asker in this
-process, and measures, in one run:
+loopback, every port free-picked, the devices spread over the three; a fresh cluster
+for each size) — it starts N virtual devices (scripts/fleet.py, in worker processes of
+their own) and an asker in this process, and measures, in one run:
 
 floor      the raw broadcast floor: one publish to the N devices' floor topic, answered by
-           each with a bid-sized payload straight from its network callback, until all N
-           replies are in (no agent code on either side);
+           each with a bid-sized payload at QoS 0 (as bids go) straight from its network
+           callback, until all N replies are in (no agent code on either side);
 auction    ``Orchestrator.run(dry_run=True)`` through a real ``Fleet`` connection, the code
            ``trigger`` runs (in-process, so that a process start is not measured): call ->
            bids -> decision; its ``auction_ms``, every one checked to have been answered;
@@ -188,8 +188,15 @@ def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: 
                                "broker": broker_kind, "asker_config": asker_extra, "sizes": {}}
     broker, brokers, protocol = start_broker(broker_kind, workdir)
     try:
-        for n in sizes:
+        for i, n in enumerate(sizes):
             w = workers if workers is not None else (1 if n <= 100 else 2)
+            if broker_kind == "nats" and i > 0:
+                # A fresh cluster for each size: the last size's devices leave with clean
+                # sessions, and the cluster deletes their JetStream consumers (one per QoS 1
+                # subscription) for minutes, answering no CONNECT meanwhile. Measured alone,
+                # each N is what a fleet of that size costs.
+                broker.stop()
+                broker, brokers, protocol = start_broker(broker_kind, workdir / f"n{n}")
             # NATS creates JetStream consumers for every QoS 1 subscription: connect a few at a time.
             batch = 10 if broker_kind == "nats" else 50
             try:

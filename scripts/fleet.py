@@ -16,8 +16,8 @@ the project's own encoders (agent/messages.py, agent/topics.py):
   prompt streamed back word by word (``--base-ms`` first, then its ms per token), then
   ``done``; any other job is declined; a cancel with the job's key stops it;
 * a raw floor responder: ``floor/req/<rid>`` under the prefix is answered on
-  ``floor/rep/<rid>/<dev>`` with a bid-sized payload straight from the network callback
-  (``scripts/bench --scale`` measures the broadcast floor with it).
+  ``floor/rep/<rid>/<dev>`` with a bid-sized payload at QoS 0, as a bid, straight from
+  the network callback (``scripts/bench --scale`` measures the broadcast floor with it).
 
 There is no paho thread per device: each worker drives its share of the clients from one
 thread with paho's external-loop API (``socket()``, ``loop_read``/``loop_write``/
@@ -262,8 +262,10 @@ class Shard:
         t = self.topics
         assert dev.client is not None
         dev.subscribes += 1
-        dev.client.subscribe([(t.all_bid_requests(), 1), (t.bid_invites(dev.id), 1), (t.exec(dev.id), 1),
-                              (t.cancels(dev.id), 1), (t.all_presence(), 1), (f"{self.floor_req}+", 1)])
+        # At the node's QoS (agent/node.py): invitations and presence queries at 0 (on
+        # NATS every QoS 1 subscription is a JetStream consumer, replicated in a cluster).
+        dev.client.subscribe([(t.all_bid_requests(), 1), (t.bid_invites(dev.id), 0), (t.exec(dev.id), 1),
+                              (t.cancels(dev.id), 1), (t.all_presence(), 0), (f"{self.floor_req}+", 1)])
 
     def _on_subscribe(self, c: mqtt.Client, dev: Device, mid: int, codes: Any, props: Any) -> None:
         """Online once subscribed (a broker may take a while: NATS keeps QoS 1 interest in
@@ -425,7 +427,7 @@ class Shard:
     def _on_message(self, c: mqtt.Client, dev: Device, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
         if topic.startswith(self.floor_req):  # the floor: no decoding, no agent logic
-            c.publish(f"{self.spec.prefix}floor/rep/{topic[len(self.floor_req):]}/{dev.id}", FLOOR_REPLY, qos=1)
+            c.publish(f"{self.spec.prefix}floor/rep/{topic[len(self.floor_req):]}/{dev.id}", FLOOR_REPLY, qos=0)
             self.stats["floor"] += 1
             return
         parsed = self.topics.parse(topic)
@@ -459,7 +461,7 @@ class Shard:
         dev.offer(req.rid, req.origin, claim)
         bid = Bid(rid=req.rid, device=dev.id, origin=req.origin, claim=claim, snapshot=dev.snapshot(),
                   service_s=round(dev.service_s(req.max_new_tokens), 4), service_n=20.0)
-        c.publish(self.topics.bid_reply(req.origin, req.rid, dev.id), bid.to_payload(), qos=1)
+        c.publish(self.topics.bid_reply(req.origin, req.rid, dev.id), bid.to_payload(), qos=0)  # as a node
         self.stats["bids"] += 1
         self.bidders.add(dev.id)
 

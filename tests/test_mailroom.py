@@ -101,12 +101,14 @@ class FakeBus:
 
     def __init__(self) -> None:
         self.subs: dict[str, Callable[[Message], None]] = {}
+        self.qos: dict[str, int] = {}
         self.listeners: list[Callable[[bool, bool], None]] = []
 
     def subscribe(self, topic_filter: str, handler: Callable[[Message], None], qos: int = 1, *,
                   inline: bool = False) -> object:
         assert inline, "bids and results are sorted on the network thread"
         self.subs[topic_filter] = handler
+        self.qos[topic_filter] = qos
         return object()
 
     def on_link(self, listener: Callable[[bool, bool], None]) -> Callable[[], None]:
@@ -123,6 +125,9 @@ def test_the_mailroom_subscribes_once_and_sorts_bids_and_results_by_rid() -> Non
     bus = FakeBus()
     mail = Mailroom(bus, T, "hub")  # type: ignore[arg-type]
     assert set(bus.subs) == {"p/bid/reply/hub/+/+", "p/result/hub/+/+"}
+    # Bids are sent at QoS 0: a QoS 1 subscription buys nothing (on NATS it costs a
+    # JetStream consumer); results must stay QoS 1 (a job's events are not repeated).
+    assert bus.qos == {"p/bid/reply/hub/+/+": 0, "p/result/hub/+/+": 1}
     one, two = Inbox.open(mail, "r1", 64 * 1024), Inbox.open(mail, "r2", 64 * 1024)
     for inbox in (one, two):
         inbox.book.expect({"a"})

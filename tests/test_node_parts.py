@@ -1055,3 +1055,33 @@ def test_control_prompts_are_bounded_by_the_trigger_pool_and_its_line(tmp_path: 
     assert taken == [True, True, True], "two workers and one place in the line"
     fronts.on_control(PromptRequest(Prompt("hi")), channel)  # type: ignore[arg-type]
     assert isinstance(channel.events[-1], Failure) and channel.events[-1].error.startswith("busy")
+
+
+def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) -> None:
+    """Jobs, cancels, triggers and calls to everyone are QoS 1. Invitations are sent at
+    QoS 0, and a presence query is answered within a second or never (a queued one would
+    reach a device after its asker stopped listening): both at QoS 0, since on NATS every
+    QoS 1 subscription is a JetStream consumer per device (the auction's bids:
+    tests/test_auction.py)."""
+    from agent.node import Node
+
+    cfg = parse_config({"device_id": "n1", "state_dir": str(tmp_path), "topic_prefix": "p/",
+                        "homeassistant": {"enabled": False},
+                        "cpu": {"enabled": True, "executor": {"kind": "sim"}}})
+    node = Node(cfg)
+    subscribed: dict[str, int] = {}
+    real = node.bus.subscribe
+
+    def subscribe(topic_filter: str, handler: Any, qos: int = 1, **kw: Any) -> Any:
+        subscribed[topic_filter] = qos
+        return real(topic_filter, handler, qos, **kw)
+
+    node.bus.subscribe = subscribe  # type: ignore[method-assign]
+    node.bus.start = lambda: None  # type: ignore[method-assign]  # no broker: only what it asks for
+    try:
+        node.start()
+    finally:
+        node.stop()
+    assert {f for f, q in subscribed.items() if q == 0} == {T.bid_invites("n1"), T.all_presence()}, subscribed
+    assert subscribed[T.all_bid_requests()] == subscribed[T.exec("n1")] == subscribed[T.cancels("n1")] == 1
+    assert subscribed[T.trigger("n1")] == 1

@@ -91,6 +91,41 @@ def test_a_job_without_a_claim_is_declined_and_a_cancel_stops_a_running_one(env:
     assert stats["cancelled"] == 1 and stats["declined"] == 1 and stats["invites"] == 1
 
 
+def test_bids_and_floor_replies_come_at_qos_0_as_a_nodes_bids(env: Env, virtual: VirtualFleet) -> None:
+    """As agent/bids.py: a bid is sent at QoS 0 (on NATS a QoS 1 one is a JetStream write),
+    so what the benchmark's floor and auctions measure is what a real fleet sends."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    t, dev = env.topics, "vdev-0005"
+    got: dict[str, int] = {}
+    arrived, subscribed = threading.Event(), threading.Event()
+
+    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        got[msg.topic] = msg.qos
+        if len(got) == 2:
+            arrived.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="qos-probe", protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect(env.broker.host, env.broker.port)
+    c.loop_start()
+    try:
+        c.subscribe([(f"{env.prefix}bid/reply/probe/#", 1), (f"{env.prefix}floor/rep/f1/{dev}", 1)])
+        assert subscribed.wait(10)
+        call = BidRequest(rid="q1", origin="probe", window_s=5, prompt_tokens=1, max_new_tokens=4)
+        c.publish(t.bid_invite(dev, "q1", "probe"), call.to_payload(), qos=1)
+        c.publish(f"{env.prefix}floor/req/f1", b"r", qos=1)
+        assert arrived.wait(10), got
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert got == {t.bid_reply("probe", "q1", dev): 0, f"{env.prefix}floor/rep/f1/{dev}": 0}
+
+
 def test_a_refused_connection_is_a_clear_error(capsys) -> None:
     from tests.support.mosquitto import free_port
     port = free_port()  # nothing listens there
