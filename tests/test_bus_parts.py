@@ -704,3 +704,43 @@ def test_a_bus_never_started_stops_without_disconnecting(make) -> None:
     b = make(broker)
     b.stop([("avail/me", b"offline", True)])
     assert broker.clients[0].named("disconnect") == [] and broker.clients[0].named("reset_sockets") != []
+
+
+# the small pieces ---------------------------------------------------------------------
+def test_only_pahos_shutdown_race_is_kept_out_of_the_log() -> None:
+    keep = bus_module._DropShutdownRace().filter
+    record = logging.LogRecord("agent.bus.paho", logging.ERROR, "", 0, "Client is not connected", None, None)
+    assert keep(record) is False
+    record.msg = "Connection lost"
+    assert keep(record) is True
+
+
+def test_a_will_is_retained_at_qos_1_and_handles_are_frozen() -> None:
+    will = Will("t", b"p")
+    assert (will.qos, will.retain) == (1, True)
+    for frozen in (will, _Handle(None, "5", 0), bus_module._Outcome(Failure.DROPPED, "x")):  # type: ignore[arg-type]
+        with pytest.raises(AttributeError):
+            frozen.qos = 0  # type: ignore[union-attr]
+
+
+def test_nagle_is_turned_off_on_tcp_sockets_and_other_sockets_are_left_alone() -> None:
+    import socket
+    with socket.socket() as tcp:
+        bus_module.set_nodelay(None, None, tcp)  # type: ignore[arg-type]
+        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    with socket.socket(socket.AF_UNIX) as unix:
+        bus_module.set_nodelay(None, None, unix)  # type: ignore[arg-type]
+    bus_module.set_nodelay(None, None, object())  # type: ignore[arg-type]  # no socket at all
+
+
+def test_a_nonce_is_twelve_hex_digits_and_new_each_time() -> None:
+    one, two = bus_module.new_nonce(), bus_module.new_nonce()
+    assert len(one) == 12 and int(one, 16) >= 0 and one != two
+
+
+def test_the_packet_limit_leaves_4_kib_for_topic_properties_and_headers() -> None:
+    assert PACKET_OVERHEAD == 4096
+
+
+def test_a_client_without_pahos_socket_cleanup_is_closed_quietly() -> None:
+    bus_module._close_sockets(object())  # type: ignore[arg-type]

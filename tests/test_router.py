@@ -4,6 +4,7 @@ with events and queue timeouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -249,3 +250,26 @@ def test_a_barrier_token_comes_back_once_and_only_its_own() -> None:
     barriers.on_sync(Message("sync", other))
     assert not other_done.is_set(), "a closed token is forgotten"
     barriers.close(other)  # twice is harmless
+
+
+def test_a_message_is_frozen_and_by_default_a_fresh_qos_1_publish_without_properties() -> None:
+    m = Message("t", b"p")
+    assert (m.qos, m.retain, m.dup, m.response_topic, m.correlation_data, m.expiry_left) == (
+        1, False, False, None, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.topic = "u"  # type: ignore[misc]
+
+
+def test_a_subscription_runs_on_the_dispatcher_unless_asked_inline(dispatcher) -> None:
+    rec = Recorder()
+    d = dispatcher()
+    d.start()
+    d.deliver(Message("a", b""), [Subscription("a", rec.handler("default"), 1)])
+    assert rec.next()[:2] == ("default", "t-dispatch")
+
+
+def test_the_dispatcher_thread_never_keeps_a_process_alive(dispatcher) -> None:
+    d = dispatcher()
+    d.start()
+    (thread,) = [t for t in threading.enumerate() if t.name == "t-dispatch"]
+    assert thread.daemon
