@@ -349,10 +349,12 @@ def test_a_refusal_keeps_the_brokers_reason_not_pahos_disconnect(make) -> None:
     assert err.value.refused and err.value.reason == "refused the connection: Not authorized"
 
 
-def test_failover_moves_on_and_names_each_address_that_failed(make) -> None:
+def test_failover_moves_on_and_names_each_address_that_failed(make, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.bus")
     b = make(FakeBroker(c_3=ACCEPT), cfg=config("5", failover=(("b", 2), ("c", 3))))
     b.connect(WAIT_S)
     assert b.address == "c:3" and b.connected
+    assert caplog.records == [], "moving on to another address is no fallback to 3.1.1"
     b2 = make(FakeBroker(b_2=SILENT), cfg=config("5", failover=(("b", 2),)))
     with pytest.raises(BrokerUnavailable) as err:
         b2.connect(1.0)
@@ -524,8 +526,22 @@ def test_failed_reconnects_move_to_the_next_address(make, caplog) -> None:
     client.on_connect_fail(client, None)
     ((_, args),) = client.named("connect_async")
     assert (args["host"], args["port"]) == ("b", 2) and b.address == "b:2"
+    client.on_connect_fail(client, None)
     assert [r.getMessage() for r in caplog.records] == ["t: cannot reach the broker at a:1; retrying",
-                                                        "t: trying the next broker address, b:2"]
+                                                        "t: trying the next broker address, b:2",
+                                                        "t: cannot reach the broker at b:2; retrying"]
+
+
+def test_failed_reconnects_at_the_only_address_are_said_once(make, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.bus")
+    b, broker, heard = connected(make)
+    client = broker.clients[0]
+    client.disconnected()
+    caplog.clear()
+    for _ in range(3):
+        client.on_connect_fail(client, None)
+    assert [r.getMessage() for r in caplog.records] == ["t: cannot reach the broker at a:1; retrying"]
+    assert client.named("connect_async") == []
 
 
 def test_an_address_that_turns_a_reconnect_away_counts_as_a_failed_reconnect(make) -> None:
