@@ -211,6 +211,7 @@ def test_a_new_client_speaks_the_protocol_and_keeps_the_session_asked_for(protoc
         assert client._manual_ack is (protocol == "5")  # look_only: acknowledge nothing
         assert (client._reconnect_min_delay, client._reconnect_max_delay) == (connection.RECONNECT_FIRST_S[1], 3.0)
         assert client._max_queued_messages == 10_000
+        assert client._reconnect_on_failure is True, "after a drop, paho reconnects by itself"
         assert client.on_socket_open is bus_module.set_nodelay
         assert (client._will_topic, client._will_payload, client._will_qos, client._will_retain) == (
             b"avail/me", b"offline", 1, True)
@@ -476,11 +477,11 @@ def test_a_lost_broker_tells_the_listeners_and_paho_retries_soon(make, caplog) -
 def test_a_session_taken_over_by_a_newcomer_is_fatal_once(make, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="agent.bus")
     fatal: queue.Queue[tuple[Exception, str]] = queue.Queue()
-    b, broker, heard = connected(make, on_fatal=lambda e: fatal.put((e, threading.current_thread().name)))
+    b, broker, heard = connected(make, on_fatal=lambda e: fatal.put((e, threading.current_thread())))
     client = broker.clients[0]
     client.disconnected(ReasonCode(PacketTypes.DISCONNECT, identifier=142))
     error, thread = fatal.get(timeout=WAIT_S)
-    assert isinstance(error, DuplicateIdentity) and thread == "t-fatal" and b.fatal is error
+    assert isinstance(error, DuplicateIdentity) and thread.name == "t-fatal" and thread.daemon and b.fatal is error
     assert "gave our session to a new connection" in str(error)
     assert client.named("reconnect_delay_set") == []
     client.on_connect(client, None, mqtt.ConnectFlags(False), success(), None)
@@ -579,11 +580,47 @@ def test_callbacks_of_a_replaced_client_are_ignored(make) -> None:
     assert old.named("reconnect_delay_set") == [] and old.named("subscribe") == []
 
 
-def test_a_stopped_bus_takes_its_own_disconnect_calmly(make) -> None:
+def test_a_stopped_bus_takes_its_own_disconnect_calmly(make, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="agent.bus")
     b, broker, heard = connected(make)
     b.stop()
     broker.clients[0].disconnected()
     assert heard.link.empty() and b.fatal is None and not b.connected
+    assert caplog.records == [], "no lost broker, no failed reconnect: the policy hears nothing"
+
+
+def test_a_bus_whose_connect_failed_has_nothing_left_to_disconnect(make) -> None:
+    broker = FakeBroker(a_1=REFUSE)
+    b = make(broker, cfg=config("5"))
+    with pytest.raises(BrokerUnavailable):
+        b.connect(WAIT_S)
+    assert len(broker.clients[0].named("disconnect")) == 1, "the failed attempt's own"
+    b.stop()
+    assert len(broker.clients[0].named("disconnect")) == 1
+
+
+def test_stop_waits_for_the_connector_to_end_its_attempt(make, monkeypatch) -> None:
+    broker = FakeBroker(a_1=SILENT)
+    b = make(broker, cfg=config("5"))
+    in_attempt, release = threading.Event(), threading.Event()
+
+    def hang_up_when_released(client: FakeClient) -> None:
+        in_attempt.set()
+        release.wait(WAIT_S)
+        client.disconnected()  # no CONNACK: the attempt ends at once
+    monkeypatch.setattr(FakeClient, "loop_start", hang_up_when_released)
+    b.start()
+    assert in_attempt.wait(WAIT_S)
+    (connector,) = [t for t in threading.enumerate() if t.name == "t-connect"]
+    assert connector.daemon
+    stopped = threading.Event()
+    stopper = threading.Thread(target=lambda: (b.stop(), stopped.set()))
+    stopper.start()
+    returned_early = stopped.wait(0.5)  # a floor, not a ceiling: stop cannot return before the release
+    release.set()
+    assert stopped.wait(WAIT_S)
+    assert not returned_early, "stop returned while the connector was still in an attempt"
+    assert not connector.is_alive()
 
 
 def test_messages_become_ours_with_their_mqtt_5_properties(make) -> None:
