@@ -127,6 +127,12 @@ class _Fields:
         return value
 
     def number(self, name: str, lo: float, hi: float, *, optional: bool = False) -> float | None:
+        value = self.obj.get(name)
+        # A plain number in range, the usual case, in one test (a bool's type is not int;
+        # NaN, an infinity past a finite bound and a huge integer all fail the comparison
+        # and get the full checks below, which say why): a bid has eight such fields.
+        if (type(value) is float or type(value) is int) and lo <= value <= hi and hi < math.inf:
+            return float(value)
         value = self.get(name, (int, float), optional=optional)
         if value is None:
             return None
@@ -139,7 +145,10 @@ class _Fields:
         return float(value)
 
     def integer(self, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
-        value: int | None = self.get(name, int, optional=optional)
+        value: int | None = self.obj.get(name)
+        if type(value) is int and lo <= value <= hi:  # the usual case (see ``number``)
+            return value
+        value = self.get(name, int, optional=optional)
         if value is not None and not lo <= value <= hi:
             raise self.fail(name, f"must be between {lo} and {hi}, got {str(value)[:40]}")
         return value
@@ -151,6 +160,9 @@ class _Fields:
         return value
 
     def boolean(self, name: str) -> bool:
+        value = self.obj.get(name)
+        if type(value) is bool:
+            return value
         return bool(self.get(name, bool))
 
     def per_mode(self, name: str, parse: Callable[[Any, str, str], T]) -> dict[str, T]:

@@ -116,6 +116,32 @@ def test_nan_is_rejected() -> None:
         BidRequest.from_payload(raw)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("cpu_percent", True), ("cpu_percent", "12"), ("cpu_percent", -1), ("cpu_percent", 10 ** 400),
+    ("cpu_percent", float("inf")), ("cpu_percent", float("nan")), ("service_s", 1e8), ("load1", False),
+    ("cpu_slots", True), ("cpu_slots", 2.0), ("cpu_slots", -1), ("cpu_slots", 10 ** 400),
+    ("has_npu", 1), ("has_npu", "yes"), ("on_battery", 0),
+])
+def test_a_bid_number_flag_or_count_of_the_wrong_kind_is_one_typed_error(field: str, value: object) -> None:
+    """The quick path for plain in-range values must send everything else to the full checks."""
+    bid = json.loads(Bid("r1", "d", "hub", "c", SNAP).to_payload())
+    bid[field] = value
+    with pytest.raises(MessageError) as info:
+        Bid.from_payload(json.dumps(bid).encode())
+    assert info.value.field == field
+
+
+def test_plain_values_at_the_bounds_decode_as_before() -> None:
+    from agent.messages import _Fields
+
+    f = _Fields({"x": 0, "y": 100.0, "i": 7, "b": True, "inf": float("inf")}, "k")
+    assert f.number("x", 0, 1) == 0.0 and type(f.number("x", 0, 1)) is float
+    assert f.number("y", 0, 100) == 100.0 and f.integer("i", 7, 7) == 7 and f.boolean("b") is True
+    assert f.number("missing", 0, 1, optional=True) is None and f.integer("missing", 0, 1, optional=True) is None
+    with pytest.raises(MessageError, match="between"):
+        f.number("inf", 0, float("inf"))  # finite only, even with no upper bound
+
+
 def test_bad_nested_fields() -> None:
     bid = json.loads(Bid("r1", "d", "hub", "c", SNAP).to_payload())
     bid["recent"] = {"gpu": {"n": 1, "p50_ms": 1}}
