@@ -22,7 +22,8 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
   ever told it, else ``COLD_S``);
 - ``explore`` devices drawn at random among the rest, known or not (the "power of d
   choices": a few random probes keep a stale view honest and let unknown devices be
-  learnt).
+  learnt); if that would leave no peer invited at all (nothing known, ``explore`` 0),
+  ``max(best, 1)`` drawn at random instead: an invitation always calls someone.
 
 Devices that cannot take the job by their last metrics (``messages.can_take``) are never
 invited. The choice depends only on its inputs and the seeded ``rng``.
@@ -37,17 +38,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.messages import Snapshot, can_take, serves
+from agent.servicemodel import MIN_SECONDS, _fit_nonneg, decay_for
 
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
 DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 100, 16, 4
 # The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
 # retained metrics (up to metrics_interval_s old), and a strict top k would send every
 # job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean
-# latency of calling everyone at 70 % load on 100 devices, against 1.19x with 4).
-SPREAD = 4
+# latency of calling everyone at 70 % load on 100 devices, against 1.19x with 4). Once
+# each device is priced for the job's size (AskerMemory's shape) a narrower draw pays:
+# 300 devices, 70 % load, 2 seeds: 1.015x calling everyone with 2, 1.033x with 4.
+SPREAD = 2
 # What a cold model's start-up is taken to cost when nothing this asker heard says better:
 # loading a GGUF model on an edge CPU takes seconds (scripts/simulate's kinds: 2-9 s).
 COLD_S = 5.0
+# A device's bids price each job by its own record, a + b·prompt + c·answer: linear in the
+# job's prompt and answer budget. Fitted to the bids this asker heard from it (forgetting
+# with this half-life, in bids), that shape prices the next job at its own size: a device
+# that prefills fast wins long prompts, one that decodes fast long answers. The last bid's
+# figure alone, for another job, ranked the best device for the job at hand among those
+# invited in 9 % of the jobs (scripts/simulate_invite, 300 devices, 70 % load).
+SHAPE_HALF_LIFE = 8.0
+SHAPE_MIN_BIDS = 3     # three bids of different sizes pin the three coefficients down
+SHAPE_SCALE = 100.0    # tokens per unit in that fit: the solve's small ridge then barely bends it
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,10 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     top = tuple(d for *_, d in scored[:best])
     chosen = set(top)
     unpicked = [d for d in rest if d not in chosen]
-    picks = rng.permutation(len(unpicked))[:explore].tolist() if unpicked and explore else []
+    # An invitation without a single peer would leave the job to the asker, or to nobody:
+    # with nothing known (and explore 0), ``max(best, 1)`` are drawn at random instead.
+    draw = explore if npu or top or explore else max(best, 1)
+    picks = rng.permutation(len(unpicked))[:draw].tolist() if unpicked else []
     return Invitation(own=own, npu=npu, best=top, explore=tuple(unpicked[i] for i in sorted(picks)), me=me)
 
 
@@ -162,6 +178,34 @@ def _npu_latency(snapshot: Snapshot | None) -> float:
 
 
 @dataclass
+class _Shape:
+    """Discounted sums of the bids heard from one device: G = Σ γ^k x xᵀ, h = Σ γ^k s x with
+    x = (1, prompt, budget) in hundreds of tokens and s the bid's service estimate."""
+
+    G: list[list[float]]
+    h: list[float]
+    n: int = 0                                         # bids heard
+    theta: tuple[float, float, float] | None = None   # solved lazily, once per new bid
+
+    def add(self, gamma: float, prompt_tokens: int, max_new_tokens: int, service_s: float) -> None:
+        x = (1.0, prompt_tokens / SHAPE_SCALE, max_new_tokens / SHAPE_SCALE)
+        for i in range(3):
+            self.h[i] = gamma * self.h[i] + service_s * x[i]
+            for j in range(3):
+                self.G[i][j] = gamma * self.G[i][j] + x[i] * x[j]
+        self.n += 1
+        self.theta = None
+
+    def seconds(self, prompt_tokens: int, max_new_tokens: int) -> float | None:
+        if self.n < SHAPE_MIN_BIDS:
+            return None
+        if self.theta is None:
+            self.theta = _fit_nonneg(self.G, self.h)
+        a, b, c = self.theta
+        return max(a + (b * prompt_tokens + c * max_new_tokens) / SHAPE_SCALE, MIN_SECONDS)
+
+
+@dataclass
 class _Heard:
     at: float            # when its last bid came
     free_at: float       # when a new CPU job would start there, as far as this asker knows
@@ -175,10 +219,12 @@ class AskerMemory:
     metrics (which every asker reads alike, up to ``metrics_interval_s`` old) and carrying
     the cold start a bid prices and metrics do not. Pure: the caller passes every time.
 
-    ``known_s(now)`` is what ``choose`` takes as ``known_s``: for a device heard within
-    ``max_age_s`` and with a service estimate, the wait its bid said, plus what this asker
-    has sent it since (its promises spread over its slots), less the time gone by, plus its
-    service and start-up. ``startup_s()`` is each device's start-up as its last cold bid said
+    ``known_s(now, prompt_tokens, max_new_tokens)`` is what ``choose`` takes as ``known_s``:
+    for a device heard within ``max_age_s`` and with a service estimate, the wait its bid
+    said, plus what this asker has sent it since (its promises spread over its slots), less
+    the time gone by, plus its start-up and its service for a job of that size: from the
+    shape fitted to its bids (``SHAPE_HALF_LIFE``) once ``SHAPE_MIN_BIDS`` were heard with
+    their job's size, else its last bid's figure. ``startup_s()`` is each device's start-up as its last cold bid said
     (kept however old: it changes with the model, not with the load). At most ``limit``
     devices are kept, the least recently heard dropped first. Safe to share between threads
     (a daemon's trigger workers): see ``shared_memory``."""
@@ -189,13 +235,22 @@ class AskerMemory:
         self.max_age_s, self.limit = max_age_s, limit
         self._heard: dict[str, _Heard] = {}
         self._startup: dict[str, float] = {}
+        self._shapes: dict[str, _Shape] = {}
+        self._gamma = decay_for(SHAPE_HALF_LIFE)
         self._lock = threading.Lock()
 
     def heard(self, device: str, at: float, *, backlog_s: float, service_s: float | None, init_s: float,
-              slots: int) -> None:
-        """A bid from ``device`` arrived at ``at``."""
+              slots: int, prompt_tokens: int | None = None, max_new_tokens: int | None = None) -> None:
+        """A bid from ``device`` arrived at ``at``, for a job of ``prompt_tokens`` and
+        ``max_new_tokens`` (given: its service estimate teaches the device's shape)."""
         with self._lock:
             self._heard_locked(device, at, backlog_s, service_s, init_s, slots)
+            if service_s is not None and prompt_tokens is not None and max_new_tokens is not None:
+                shape = self._shapes.pop(device, None) or _Shape([[0.0] * 3 for _ in range(3)], [0.0] * 3)
+                shape.add(self._gamma, prompt_tokens, max_new_tokens, service_s)
+                self._shapes[device] = shape
+                while len(self._shapes) > self.limit:
+                    del self._shapes[next(iter(self._shapes))]
 
     def _heard_locked(self, device: str, at: float, backlog_s: float, service_s: float | None, init_s: float,
                       slots: int) -> None:
@@ -217,10 +272,18 @@ class AskerMemory:
             h.free_at = max(h.free_at, at) + max(seconds, 0.0) / h.slots
             h.init_s = 0.0      # the model will be loaded by the time the next job starts
 
-    def known_s(self, now: float) -> dict[str, float]:
+    def known_s(self, now: float, prompt_tokens: int | None = None,
+                max_new_tokens: int | None = None) -> dict[str, float]:
         with self._lock:
-            return {d: max(0.0, h.free_at - now) + h.service_s + h.init_s for d, h in self._heard.items()
-                    if h.service_s is not None and now - h.at < self.max_age_s}
+            out = {}
+            for d, h in self._heard.items():
+                if h.service_s is None or now - h.at >= self.max_age_s:
+                    continue
+                service = None
+                if prompt_tokens is not None and max_new_tokens is not None and (shape := self._shapes.get(d)):
+                    service = shape.seconds(prompt_tokens, max_new_tokens)
+                out[d] = max(0.0, h.free_at - now) + (h.service_s if service is None else service) + h.init_s
+            return out
 
     def startup_s(self) -> dict[str, float]:
         with self._lock:

@@ -314,7 +314,7 @@ class Orchestrator:
         fsm.fire(result.closing)
         if invited is None:
             return result
-        self._remember_bids(result.bids)
+        self._remember_bids(result.bids, req)
         return replace(result, invited=invited)
 
     def _invitation(self, req: Request, roster: Any, bidders: frozenset[str]) -> tuple[str, ...] | None:
@@ -332,7 +332,8 @@ class Orchestrator:
                 and math.isfinite(age := roster.offsets.age(d, metrics[d].ts, wall))}
         invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self.rng,
                             model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu,
-                            known_s=memory.known_s(self.clock()), startup_s=memory.startup_s(), age_s=ages)
+                            known_s=memory.known_s(self.clock(), estimate_tokens(req.prompt), req.max_new_tokens),
+                            startup_s=memory.startup_s(), age_s=ages)
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)
@@ -346,11 +347,11 @@ class Orchestrator:
             self._asked = shared_memory(str(self.cfg.state_dir))
         return self._asked
 
-    def _remember_bids(self, bids: Mapping[str, Any]) -> None:
-        memory, now = self._asker_memory(), self.clock()
+    def _remember_bids(self, bids: Mapping[str, Any], req: Request) -> None:
+        memory, now, prompt = self._asker_memory(), self.clock(), estimate_tokens(req.prompt)
         for device, bid in bids.items():
             memory.heard(device, now, backlog_s=bid.snapshot.backlog_s, service_s=bid.service_s, init_s=bid.init_s,
-                         slots=bid.snapshot.cpu_slots)
+                         slots=bid.snapshot.cpu_slots, prompt_tokens=prompt, max_new_tokens=req.max_new_tokens)
 
     # ------------------------------------------------------------------ decide + run
     def _decide_and_run(self, req: Request, started: float, fsm: Machine, wire: _Wire | None,

@@ -2,7 +2,7 @@
 
     scripts/simulate_invite [--quick] [--devices 1000] [--jobs N] [--seeds 2]
                             [--loads 0.3,0.7,0.9] [--invite 16,4] [--also 0,10]
-                            [--metrics-s 10] [--spread 4] [--warm] [--metrics-only]
+                            [--metrics-s 10] [--spread 2] [--warm] [--metrics-only] [--unshaped]
                             [--json FILE]
 
 No MQTT, no threads, no sleeping: the discrete-event world of ``scripts/simulate`` (its
@@ -17,9 +17,11 @@ workload (same seed) runs under two policies:
   every ``--metrics-s`` seconds (backlog in seconds, median recent latency; so up to
   that old, so their backlog is aged by their age, and with each model's ``warm`` flag,
   so a cold one is charged its start-up) and from each asker's own memory of the bids it
-  received and the jobs it sent since (``agent.invite.AskerMemory``), the k best and d
-  at random; only they bid, with their live state, and ``select`` ranks their bids.
-  ``--metrics-only`` adds the policy as first shipped: the metrics alone, not aged.
+  received and the jobs it sent since (``agent.invite.AskerMemory``, which prices each
+  device for the job's size by the shape of its bids), the k best and d at random; only
+  they bid, with their live state, and ``select`` ranks their bids. ``--unshaped`` adds
+  the policy whose memory priced a device by its last bid's figure whatever the job's
+  size; ``--metrics-only`` the policy as first shipped: the metrics alone, not aged.
 
 A thousand devices and three jobs each is a fleet of cold models (every first job loads
 its model: seconds); ``--warm`` starts every device with its model loaded, for both
@@ -70,7 +72,7 @@ from simulate import (  # noqa: E402
     workload,
 )
 
-from agent.invite import AskerMemory, choose  # noqa: E402
+from agent.invite import SPREAD, AskerMemory, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
 from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
 from agent.selection import select  # noqa: E402
@@ -93,8 +95,9 @@ class Policy:
     label: str
     invite: tuple[int, int] | None   # (k, d); None: everyone
     memory: bool = True              # each asker remembers the bids it got and the jobs it sent (AskerMemory)
-    spread: int = 4
+    spread: int = SPREAD
     aged: bool = True                # the metrics' backlog less their age
+    shaped: bool = True              # the memory prices each device for the job's size (its bids' shape)
 
 
 @dataclass
@@ -192,7 +195,8 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             k, d = policy.invite
             mem = memory[job.origin]
             asked = list(choose(view, me=f"asker-{job.origin}", best=k, explore=d, rng=invite_rng,
-                                known_s=mem.known_s(now) if policy.memory else None,
+                                known_s=(mem.known_s(now, job.prompt if policy.shaped else None, job.max_new)
+                                         if policy.memory else None),
                                 startup_s=mem.startup_s() if policy.memory else None,
                                 age_s={dv: now - at for dv, at in sent_at.items()} if policy.aged else None,
                                 spread=policy.spread).devices)
@@ -201,7 +205,8 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
         if policy.invite is not None:
             for o in offers:
                 memory[job.origin].heard(o.device, now, backlog_s=o.snapshot.backlog_s, service_s=o.service_s,
-                                         init_s=o.init_s, slots=o.snapshot.cpu_slots)
+                                         init_s=o.init_s, slots=o.snapshot.cpu_slots, prompt_tokens=job.prompt,
+                                         max_new_tokens=job.max_new)
         mine = arms[job.origin]
         decision = select(offers, mine.arms, prompt_tokens=job.prompt, max_new_tokens=job.max_new, alpha=ALPHA,
                           lam=LAMBDA, exploring=mine.exploring_now(now), rng=decide_rng)
@@ -250,7 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics-only", action="store_true",
                     help="also run each invited policy from the retained metrics alone, as first shipped: no "
                          "asker memory (agent.invite.AskerMemory), metrics not aged")
-    ap.add_argument("--spread", type=int, default=4, help="draw the k best among spread*k (default 4)")
+    ap.add_argument("--unshaped", action="store_true",
+                    help="also run each invited policy with the asker's memory pricing every device by its last "
+                         "bid's service figure, whatever the job's size, as before the bids' shape was fitted")
+    ap.add_argument("--spread", type=int, default=SPREAD,
+                    help=f"draw the k best among spread*k (default {SPREAD}, as agent.invite)")
     ap.add_argument("--warm", action="store_true",
                     help="start every device as after a few jobs of its own (both policies alike): its model "
                          "loaded, its own service and start-up records kept; a short run at a thousand devices "
@@ -267,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = [args.invite, *args.also]
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)
                                              for k, d in pairs]
+    if args.unshaped:
+        policies += [Policy(f"invite k={k} d={d}, unshaped", (k, d), shaped=False, spread=args.spread)
+                     for k, d in pairs]
     if args.metrics_only:
         policies += [Policy(f"invite k={k} d={d}, metrics only", (k, d), memory=False, aged=False,
                             spread=args.spread) for k, d in pairs]
@@ -298,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def render(results: dict[str, Any]) -> str:
     lines = [f"{results['devices']} devices, {results['jobs']} jobs per run, {results['seeds']} seed(s), metrics "
              f"every {results['metrics_s']:g} s, {'warm' if results.get('warm') else 'cold'} start, "
-             f"spread {results.get('spread', 4)}; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
+             f"spread {results.get('spread', SPREAD)}; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
              "left out); x everyone: the mean as a share of calling everyone's.", "",
              "| load | policy | mean | p95 | x everyone | calls per job | answered |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

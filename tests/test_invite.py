@@ -142,6 +142,19 @@ def test_a_small_or_unknown_fleet_is_invited_whole() -> None:
     assert sorted(inv.devices) == ["d0", "d1", "d2"]
 
 
+def test_nothing_known_and_no_random_draw_still_invites_someone() -> None:
+    devices: dict[str, Snapshot | None] = {f"d{i}": None for i in range(5)}
+    for best in (0, 3):
+        inv = choose(devices, me="asker", best=best, explore=0, rng=np.random.default_rng(0))
+        assert len(inv.explore) == max(best, 1) and inv.best == ()
+    # the asker's own daemon does not count as someone: the job would never leave it
+    inv = choose({**devices, "asker": snap()}, me="asker", best=2, explore=0, rng=np.random.default_rng(0))
+    assert inv.own and len(inv.explore) == 2
+    # once something is known, explore 0 means no random draw
+    inv = choose({**devices, "known": snap()}, me="asker", best=2, explore=0, rng=np.random.default_rng(0))
+    assert inv.best == ("known",) and inv.explore == ()
+
+
 def test_expected_seconds_from_metrics() -> None:
     assert expected_s(snap(backlog=2.0, p50_ms=500.0)) == pytest.approx(2.5)
     assert expected_s(snap(p50_ms=None)) is None

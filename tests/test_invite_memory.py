@@ -53,6 +53,37 @@ def test_no_service_estimate_leaves_the_device_to_the_metrics_and_a_sent_job_to_
     assert mem.known_s(0.0) == {}
 
 
+def test_each_device_is_priced_for_the_job_at_hand_from_the_shape_of_its_bids() -> None:
+    # Two devices whose bids are a + b·prompt + c·budget (seconds, thousands of tokens):
+    # "prefill" reads prompts fast and writes slowly, "decode" the other way round.
+    shapes = {"prefill": (0.5, 0.3, 70.0), "decode": (0.5, 4.0, 40.0)}
+
+    def bid(d: str, p: int, m: int) -> float:
+        a, b, c = shapes[d]
+        return a + (b * p + c * m) / 1000
+
+    mem = AskerMemory()
+    sizes = [(200, 100), (1500, 60), (400, 300)]
+    for t, (p, m) in enumerate(sizes[:2]):
+        for d in shapes:
+            mem.heard(d, float(t), backlog_s=0.0, service_s=bid(d, p, m), init_s=0.0, slots=1, prompt_tokens=p,
+                      max_new_tokens=m)
+    # two bids: not enough to tell the shape, so the last bid's figure, whatever the job
+    assert mem.known_s(2.0, 3000, 20) == {d: pytest.approx(bid(d, 1500, 60)) for d in shapes}
+    for d in shapes:
+        mem.heard(d, 2.0, backlog_s=0.0, service_s=bid(d, 400, 300), init_s=0.0, slots=1, prompt_tokens=400,
+                  max_new_tokens=300)
+    long_prompt, long_answer = mem.known_s(2.0, 3000, 20), mem.known_s(2.0, 50, 800)
+    for d in shapes:
+        assert long_prompt[d] == pytest.approx(bid(d, 3000, 20), rel=0.02)
+        assert long_answer[d] == pytest.approx(bid(d, 50, 800), rel=0.02)
+    assert long_prompt["prefill"] < long_prompt["decode"] and long_answer["decode"] < long_answer["prefill"]
+    assert mem.known_s(2.0) == {d: pytest.approx(bid(d, 400, 300)) for d in shapes}   # no size: the last bid's
+    # a bid without its job's size teaches no shape; a device's shape is dropped with the bound
+    mem.heard("plain", 3.0, backlog_s=0.0, service_s=9.0, init_s=0.0, slots=1)
+    assert mem.known_s(3.0, 3000, 20)["plain"] == 9.0
+
+
 def test_bounded_the_least_recently_heard_dropped() -> None:
     mem = AskerMemory(limit=2)
     for i, d in enumerate("abc"):
