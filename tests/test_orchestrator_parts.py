@@ -611,3 +611,63 @@ def test_a_model_nobody_serves_is_named_with_the_models_the_fleet_serves(tmp_pat
     out = orchestrator(tmp_path, lambda: Serving({}), cfg=cfg, cpu=Exec(model="mine")).run("p", model="big")
     assert out.exit_code == ExitCode.NO_DEVICE and out.answer.kind == "model_not_served"
     assert out.error == "no device serves model 'big' now; the fleet serves: mine, small"
+
+
+def test_the_decision_s_own_time_is_reported(tmp_path: Path) -> None:
+    """``decide_ms``: from before the arms are read until the ranking is made."""
+    clock = Clock(50.0)
+
+    class SlowArms(RecordingArms):
+        def load(self) -> Any:
+            clock.t += 0.25  # a store on a slow card
+            return super().load()
+
+    out = Orchestrator(config(tmp_path), connect=lambda: ScriptedFleet({"a": done}), npu_exec=None,  # type: ignore
+                       cpu_exec=None, arms=SlowArms, local_snapshot=lambda: Snapshot(
+                           has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3,
+                           load1=0.0, queue_depth=0), clock=clock).run("a prompt", dry_run=True)
+    assert out.decide_ms == 250.0 and out.total_ms == 250.0
+
+
+# ------------------------------------------------------------------ what the parts share
+class Link:
+    """A bus as the wire sees it: connected, its connection count, a round trip."""
+
+    def __init__(self, *, connected: bool = True, epoch: int = 1, answers: bool = True, reconnects: bool = False):
+        self.connected, self.epoch, self.answers, self.reconnects = connected, epoch, answers, reconnects
+        self.barriers = 0
+
+    def barrier(self, timeout: float) -> bool:
+        self.barriers += 1
+        if self.reconnects:
+            self.epoch += 1
+        return self.answers
+
+
+def wire(bus: Link, known: dict[str, bool] | None = None) -> Wire:
+    from types import SimpleNamespace
+    roster = SimpleNamespace(known=lambda: known or {})
+    return Wire(SimpleNamespace(bus=bus, roster=roster), None, 1)  # type: ignore[arg-type]
+
+
+def test_the_link_is_steady_only_if_it_is_the_same_connection_and_a_round_trip_works() -> None:
+    assert wire(Link()).steady()
+    assert not wire(Link(connected=False)).steady()
+    assert not wire(Link(epoch=2)).steady(), "reconnected since the run began"
+    assert not wire(Link(answers=False)).steady(), "no answer: the broker is going away"
+    assert not wire(Link(reconnects=True)).steady(), "reconnected during the round trip"
+
+
+def test_a_device_is_offline_only_when_its_will_fired_and_the_link_is_steady() -> None:
+    bus = Link()
+    assert wire(bus, {"a": False}).offline("a") and bus.barriers == 1
+    assert not wire(Link(), {"a": True}).offline("a")
+    quiet = Link()
+    assert not wire(quiet, {}).offline("a") and quiet.barriers == 0, "unknown: not asked"
+    assert not wire(Link(answers=False), {"a": False}).offline("a"), "a broker going away: everyone's Will"
+
+
+def test_a_request_has_tools_only_when_its_chat_offers_some() -> None:
+    assert not request().tools
+    assert not request(chat=Chat((ChatMessage("user", "hi"),))).tools
+    assert request(chat=Chat((ChatMessage("user", "hi"),), tools=TOOLS)).tools
