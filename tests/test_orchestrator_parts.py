@@ -5,6 +5,7 @@ endings of the flow. ``tests/test_orchestrator.py`` drives them together."""
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import replace
@@ -16,6 +17,7 @@ import pytest
 
 from agent.auction import AuctionResult
 from agent.auctioneer import Auctioneer, closing_warnings
+from agent.bus import Message
 from agent.config import Config, ModelConfig
 from agent.delivery import Delivered, Delivery, Dispatcher, LocalRunner
 from agent.dispatch import Answer, Step
@@ -25,7 +27,19 @@ from agent.fsm import ORCHESTRATION, Machine
 from agent.learner import Learner
 from agent.linucb import residual_target
 from agent.locks import CpuSlots, NpuLock
-from agent.messages import Bid, Chat, ChatMessage, Snapshot, Timings
+from agent.messages import (
+    Accepted,
+    Bid,
+    Cancel,
+    Chat,
+    ChatMessage,
+    Done,
+    Job,
+    Snapshot,
+    Timings,
+    Token,
+    encode_result,
+)
 from agent.orchestration import Request, Wire
 from agent.orchestrator import Orchestrator, no_device
 from agent.outcome import Decided
@@ -350,10 +364,7 @@ class Bus:
 
 
 def test_an_interrupt_cancels_the_job_on_its_device_and_waits_for_the_broker(tmp_path: Path) -> None:
-    import queue
     from types import SimpleNamespace
-
-    from agent.messages import Cancel, Job
     bus, interrupted = Bus(), threading.Event()
     interrupted.set()
     part = Dispatcher(config(tmp_path), T, Heard(), clock=Clock(), wall=Clock(1.7e9), interrupted=interrupted)
@@ -361,6 +372,7 @@ def test_an_interrupt_cancels_the_job_on_its_device_and_waits_for_the_broker(tmp
     step = part.run(wire, request(), "a", "cpu", "claim-a", Decided("a", "peer-cpu"), last=True)  # type: ignore
     assert step.outcome == "interrupted" and step.answer is not None
     assert step.answer.exit_code == ExitCode.INTERRUPTED and "a was told to stop" in (step.answer.error or "")
+    assert not step.answer.ok
     (t1, job, _), (t2, cancel, kw) = bus.published
     assert t1 == T.exec("a") and Job.from_payload(job).claim == "claim-a"
     assert t2 == T.cancel("a", "hub") and Cancel.from_payload(cancel).reason == "interrupted"
@@ -372,6 +384,7 @@ def test_a_job_sent_has_the_time_it_has_left_and_carries_the_chat_not_the_prompt
     job = part.job(request(), "npu", "c")
     assert (job.rid, job.origin, job.mode, job.claim, job.prompt) == ("r1", "hub", "npu", "c", "a prompt")
     assert (job.accept_s, job.timeout_s, job.sent_at) == (0.05, 5.0, 1.7e9)
+    assert part.job(request(), "cpu", "c").timeout_s == 5.0
     assert job.reply_to == T.result_stem("hub", "r1")
     chat = Chat((ChatMessage("user", "hi"),))
     assert part.job(request(chat=chat), "cpu", "c").prompt == "" and part.job(request(chat=chat), "cpu", "c").chat
@@ -671,3 +684,182 @@ def test_a_request_has_tools_only_when_its_chat_offers_some() -> None:
     assert not request().tools
     assert not request(chat=Chat((ChatMessage("user", "hi"),))).tools
     assert request(chat=Chat((ChatMessage("user", "hi"),), tools=TOOLS)).tools
+
+
+# ------------------------------------------------------------------ the times and counts each ending reports
+class Ticking:
+    """A connect that takes half a second of the fake clock (and then fails, or gives ``fleet``)."""
+
+    def __init__(self, clock: Clock, fleet: Any = None):
+        self.clock, self.fleet = clock, fleet
+
+    def __call__(self) -> Any:
+        self.clock.t += 0.5
+        if self.fleet is None:
+            unreachable()
+        return self.fleet
+
+
+def test_every_ending_reports_the_time_until_it(tmp_path: Path) -> None:
+    clock = Clock(10.0)
+    out = orchestrator(tmp_path, Ticking(clock), clock=clock).run("p")
+    assert out.exit_code == ExitCode.NO_DEVICE and out.total_ms == 500.0, "no broker, nothing here"
+
+    cfg = config(tmp_path, bid_timeout_s=0.05)
+    out = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({})), cfg=cfg, clock=clock).run("p", dry_run=True)
+    assert out.dry_run and not out.ok and out.winner is None and out.total_ms == 500.0, "a dry run with no winner"
+    assert out.exit_code == ExitCode.NO_DEVICE
+
+    out = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({})), cfg=cfg, clock=clock).run("p")
+    assert out.exit_code == ExitCode.NO_DEVICE and out.total_ms == 500.0 and out.attempts == (), "nobody bid"
+
+    orch = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({})), clock=clock)
+    orch.interrupted.set()
+    out = orch.run("p")
+    assert out.exit_code == ExitCode.INTERRUPTED and out.total_ms == 500.0, "interrupted in the auction"
+
+
+def test_an_outcome_says_how_many_were_invited_or_that_everyone_was_called(tmp_path: Path) -> None:
+    (tmp_path / "called").mkdir()
+    (tmp_path / "invited").mkdir()
+    everyone = orchestrator(tmp_path, lambda: ScriptedFleet({"a": done, "b": done}), cfg=config(tmp_path / "called"))
+    assert everyone.run("p").invited is None
+    cfg = config(tmp_path / "invited", invite={"above": 0, "best": 0, "explore": 1})
+    few = orchestrator(tmp_path, lambda: ScriptedFleet({"a": done, "b": done}), cfg=cfg)
+    assert few.run("p").invited == 1
+
+
+def test_this_process_is_a_candidate_only_when_no_daemon_of_this_device_bid(tmp_path: Path) -> None:
+    alone = orchestrator(tmp_path, lambda: ScriptedFleet({}), slots=1, cpu=Exec()).run("p")
+    assert alone.ok and alone.path == "local-cpu" and alone.text == "an answer"
+    fleet = ScriptedFleet({"hub": done})  # this device's own daemon bids: the job goes through its gate
+    daemon = orchestrator(tmp_path, lambda: fleet, slots=1, cpu=Exec()).run("p")
+    assert daemon.ok and daemon.text == "answer" and [r["device"] for r in daemon.ranking] == ["hub"]
+
+
+def test_a_prompt_is_too_large_when_its_job_with_a_claim_of_32_characters_is(tmp_path: Path) -> None:
+    from agent.errors import PromptTooLarge
+    cfg = config(tmp_path)
+    wall = Clock(1.7e9)
+    jobs = Dispatcher(cfg, T, Heard(), clock=Clock(), wall=wall, interrupted=threading.Event())
+    fits = len(jobs.job(request(prompt="p" * 5000), "cpu", "x" * 32).to_payload())
+    at_the_limit = orchestrator(tmp_path, unreachable, cfg=replace(cfg, max_payload_bytes=fits), wall=wall)
+    out = at_the_limit.run("p" * 5000, rid="r1", max_new_tokens=8)
+    assert out.exit_code == ExitCode.NO_DEVICE, "accepted, and then nobody runs it"
+    with pytest.raises(PromptTooLarge):
+        orchestrator(tmp_path, unreachable, cfg=replace(cfg, max_payload_bytes=fits - 1), wall=wall).run(
+            "p" * 5000, rid="r1", max_new_tokens=8)
+
+
+# ------------------------------------------------------------------ the delivery: a peer, event by event
+class Events:
+    """The inbox's queue, scripted: each ``get`` moves the fake clock on by the first of a
+    pair, then gives the second (called, if it is a function; None: nothing came)."""
+
+    def __init__(self, clock: Clock, *script: tuple[float, Any]):
+        self.clock, self.script = clock, list(script)
+
+    def get(self, timeout: float) -> Any:
+        assert self.script, "the loop waited on past the script"
+        advance, event = self.script.pop(0)
+        self.clock.t += advance
+        event = event() if callable(event) else event
+        if event is None:
+            raise queue.Empty
+        return event
+
+
+class Peer:
+    """One peer's side of a ``Dispatcher.run``: the jobs it was sent, the events it sends back."""
+
+    def __init__(self, tmp_path: Path, *, wall: float = 1.7e9) -> None:
+        self.clock, self.bus, self.heard = Clock(0.0), Bus(), Heard()
+        self.interrupted = threading.Event()
+        self.part = Dispatcher(config(tmp_path), T, self.heard, clock=self.clock, wall=Clock(wall),
+                               interrupted=self.interrupted)
+        self.progress: list[tuple[float, str]] = []
+        self.heard.on_progress = lambda line: self.progress.append((self.clock.t, line))  # type: ignore[method-assign]
+
+    def jobs(self) -> list[Job]:
+        return [Job.from_payload(p) for t, p, _ in self.bus.published if t == T.exec("a")]
+
+    def cancels(self) -> list[str]:
+        return [Cancel.from_payload(p).reason for t, p, _ in self.bus.published if t == T.cancel("a", "hub")]
+
+    def says(self, event: Any) -> Any:
+        """A result event of ``a``'s about the last job sent (made when it is received)."""
+        def message() -> tuple[str, Message]:
+            ev = replace(event, digest=self.jobs()[-1].digest)
+            return "result", Message(T.result("hub", "r1", "a"), encode_result(ev))
+        return message
+
+    def run(self, *script: tuple[float, Any], last: bool = True) -> Step:
+        from types import SimpleNamespace
+        wire = SimpleNamespace(fleet=SimpleNamespace(bus=self.bus), inbox=SimpleNamespace(
+            events=Events(self.clock, *script)), steady=lambda: True)
+        return self.part.run(wire, request(), "a", "cpu", "claim-a", Decided("a", "peer-cpu", 1.5), last)  # type: ignore
+
+
+DONE = Done("r1", "a", "the answer", Timings(total_ms=3.0))
+OTHERS = ("roster", "b", True)  # another device's news: nothing to this attempt
+
+
+def test_a_peer_s_tokens_stream_and_the_winner_is_announced_once(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, peer.says(Token("r1", "a", 0, "the "))),
+                    (0.1, peer.says(Token("r1", "b", 1, "forged"))), (0.1, peer.says(DONE)))
+    assert step.answer is not None and step.answer.ok and step.answer.text == "the answer"
+    assert peer.heard.tokens == ["the "] and peer.heard.decisions == [Decided("a", "peer-cpu", 1.5)]
+    assert len(peer.jobs()) == 1 and peer.cancels() == []
+
+
+def test_a_silent_peer_is_waited_for_with_a_progress_line_each_second(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    peer.run((1.0, OTHERS), (0.5, OTHERS), (0.6, None), (0.3, peer.says(DONE)))
+    assert peer.progress == [(1.0, "waiting for a (dispatched, 0 chunks)"),
+                             (2.1, "waiting for a (dispatched, 0 chunks)")]
+
+
+def test_a_streaming_answer_is_its_own_progress(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    peer.run((0.8, peer.says(Token("r1", "a", 0, "the "))), (0.2, OTHERS), (1.0, OTHERS), (0.1, peer.says(DONE)))
+    assert peer.progress == [(2.0, "waiting for a (streaming, 1 chunks)")], "not at 1.0: a token came at 0.8"
+
+
+def test_a_peer_that_comes_back_is_sent_the_job_again(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    step = peer.run((0.1, ("roster", "b", False)), (0.1, ("roster", "a", False)), (0.1, ("roster", "a", True)),
+                    (0.1, peer.says(DONE)))
+    assert step.answer is not None and step.answer.ok and len(peer.jobs()) == 2
+    assert [line for _, line in peer.progress] == [
+        "a is offline and no other device can run this job; waiting for it to come back (5 s left)"]
+
+
+def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_left(tmp_path: Path) -> None:
+    peer = Peer(tmp_path, wall=1.7e9 + 0.12345)
+    step = peer.run((0.5, ("link", False, False)), (0.5, ("link", True, False)), (0.1, peer.says(DONE)))
+    first, again = peer.jobs()
+    assert (first.accept_s, first.timeout_s, first.sent_at) == (0.05, 5.0, round(1.7e9 + 0.12345, 3))
+    assert (again.accept_s, again.timeout_s, again.sent_at) == (0.0, 4.0, round(1.7e9 + 0.12345, 3))
+    assert again.digest == first.digest and step.answer is not None and step.answer.ok
+    assert peer.progress == [(1.0, "reconnected to the broker; sending the job again"),
+                             (1.0, "waiting for a (dispatched, 0 chunks)")]
+
+
+def test_a_job_past_its_time_is_cancelled_on_its_device(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    step = peer.run((5.0, None))
+    assert step.outcome == "timed out" and peer.cancels() == ["timed out"]
+    assert step.answer is not None and step.answer.exit_code == ExitCode.TIMEOUT
+
+
+def test_an_interrupt_while_waiting_wakes_the_loop_and_cancels_the_job(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+
+    def interrupt() -> tuple[str]:
+        peer.interrupted.set()  # as Orchestrator.interrupt does: the flag, then a wake-up
+        return ("interrupt",)
+
+    step = peer.run((0.1, peer.says(Token("r1", "a", 0, "the "))), (0.1, interrupt))
+    assert step.outcome == "interrupted" and peer.cancels() == ["interrupted"] and peer.bus.barriers == 1
+    assert step.answer is not None and not step.answer.ok and step.answer.text == "the "
