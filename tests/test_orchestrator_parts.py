@@ -462,8 +462,8 @@ def test_the_own_npu_takes_a_job_with_tools_when_it_can_call_them(tmp_path: Path
 def test_a_busy_npu_is_passed_over_and_a_dry_run_only_looks(tmp_path: Path) -> None:
     heard, npu = Heard(), Exec()
     part = runner(tmp_path, heard, npu=npu, clock=Clock(1.0))
-    dry = part.own_npu(request(dry_run=True), 0.0, Machine("o", ORCHESTRATION, "start"))
-    assert dry is not None and dry.dry_run and dry.ok and dry.path == "local-npu" and dry.total_ms == 1000.0
+    dry = part.own_npu(request(dry_run=True), 0.25, Machine("o", ORCHESTRATION, "start"))
+    assert dry is not None and dry.dry_run and dry.ok and dry.path == "local-npu" and dry.total_ms == 750.0
     assert dry.ranking == ({"device": "hub", "mode": "npu", "score": None},) and npu.params == []
     claim = NpuLock(config(tmp_path).state_dir).try_claim("someone else")
     assert claim is not None
@@ -713,6 +713,9 @@ def test_every_ending_reports_the_time_until_it(tmp_path: Path) -> None:
     out = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({})), cfg=cfg, clock=clock).run("p")
     assert out.exit_code == ExitCode.NO_DEVICE and out.total_ms == 500.0 and out.attempts == (), "nobody bid"
 
+    out = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({"a": done})), clock=clock).run("p")
+    assert out.ok and out.total_ms == 500.0, "answered"
+
     orch = orchestrator(tmp_path, Ticking(clock, ScriptedFleet({})), clock=clock)
     orch.interrupted.set()
     out = orch.run("p")
@@ -863,3 +866,15 @@ def test_an_interrupt_while_waiting_wakes_the_loop_and_cancels_the_job(tmp_path:
     step = peer.run((0.1, peer.says(Token("r1", "a", 0, "the "))), (0.1, interrupt))
     assert step.outcome == "interrupted" and peer.cancels() == ["interrupted"] and peer.bus.barriers == 1
     assert step.answer is not None and not step.answer.ok and step.answer.text == "the "
+
+
+def test_a_free_own_npu_answers_without_the_broker_ever_being_contacted(tmp_path: Path) -> None:
+    def connect() -> Any:
+        raise AssertionError("the local NPU path never connects")
+
+    orch = Orchestrator(config(tmp_path), connect=connect, npu_exec=Exec(), cpu_exec=None,  # type: ignore[arg-type]
+                        arms=RecordingArms, local_snapshot=lambda: Snapshot(
+                            has_npu=True, npu_free=True, cpu_slots=0, cpu_percent=0.0, mem_available_mb=1e3,
+                            load1=0.0, queue_depth=0))
+    out = orch.run("p", model=None)
+    assert out.ok and out.path == "local-npu" and out.text == "an answer" and out.winner == "hub"
