@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -32,8 +33,10 @@ log = logging.getLogger("agent.orchestrator")  # the orchestrator's parts log un
 
 
 class Auctioneer:
+    """Calls for bids (everyone, or the invited few), collects them, remembers what it heard."""
+
     def __init__(self, cfg: Config, topics: Topics, hooks: Hooks, *, clock: Callable[[], float],
-                 wall: Callable[[], float], rng: Callable[[], Any], interrupted: Any):
+                 wall: Callable[[], float], rng: Callable[[], Any], interrupted: threading.Event):
         self.cfg = cfg
         self.me = cfg.device_id
         self.topics = topics

@@ -55,6 +55,8 @@ class Delivered:
 
 
 class Delivery:
+    """Walks the ranking: this process or a peer for each way in turn, until one answers."""
+
     def __init__(self, me: str, local: LocalRunner, peers: Dispatcher, hooks: Hooks, *, clock: Callable[[], float],
                  exploring: Callable[[str, str], None], sent: Callable[[str, float, float], None]):
         self.me = me
@@ -108,6 +110,8 @@ class Delivery:
 
 
 class Dispatcher:
+    """Sends a job to a peer and sees its attempt through, event by event."""
+
     def __init__(self, cfg: Config, topics: Topics, hooks: Hooks, *, clock: Callable[[], float],
                  wall: Callable[[], float], interrupted: threading.Event):
         self.cfg = cfg
@@ -214,6 +218,8 @@ class Dispatcher:
 
 
 class LocalRunner:
+    """Runs a job in this process: on the own NPU, or on a CPU slot of this device."""
+
     def __init__(self, cfg: Config, hooks: Hooks, *, npu_exec: Served | None, cpu_exec: Served | None,
                  clock: Callable[[], float], interrupted: threading.Event):
         self.cfg = cfg

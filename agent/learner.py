@@ -24,6 +24,8 @@ log = logging.getLogger("agent.orchestrator")  # the orchestrator's parts log un
 
 
 class Learner:
+    """The arm store of this orchestrator: read for a decision, taught by each answer."""
+
     def __init__(self, cfg: Config, arms: Callable[[], Any], *, clock: Callable[[], float],
                  wall: Callable[[], float]):
         self.cfg = cfg

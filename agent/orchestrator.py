@@ -55,6 +55,8 @@ Connect = Callable[[], "Fleet"]
 
 
 class Orchestrator:
+    """One prompt's decision flow; ``run`` is its entry, the parts do the rest."""
+
     def __init__(self, cfg: Config, *, connect: Connect, npu_exec: Served | None,
                  cpu_exec: Served | None, arms: Callable[[], Any],
                  local_snapshot: Callable[[], Snapshot],
