@@ -313,6 +313,9 @@ def test_the_walk_passes_to_the_runner_up_and_stops_at_the_first_answer() -> Non
                                                                     ("b", "npu", "claim-b", False)]
     assert peers.runs[1][3] == Decided("b", "peer-npu", None)
     assert walk.sent == [("a", 7.0, 2.0)], "only a CPU job with a promise is counted as queued there"
+    walk = Walk(Local(), Peers(new=Step("finished", answer=OK)), Clock())
+    walk([cpu("new", promise=None)], bids("new"))
+    assert walk.sent == [], "a device with no record promised nothing"
     assert walk.fsm.state == "done"
 
 
@@ -840,13 +843,14 @@ def test_a_peer_that_comes_back_is_sent_the_job_again(tmp_path: Path) -> None:
 
 def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_left(tmp_path: Path) -> None:
     peer = Peer(tmp_path, wall=1.7e9 + 0.12345)
+    peer.clock.t = 10.0
     step = peer.run((0.5, ("link", False, False)), (0.5, ("link", True, False)), (0.1, peer.says(DONE)))
     first, again = peer.jobs()
     assert (first.accept_s, first.timeout_s, first.sent_at) == (0.05, 5.0, round(1.7e9 + 0.12345, 3))
     assert (again.accept_s, again.timeout_s, again.sent_at) == (0.0, 4.0, round(1.7e9 + 0.12345, 3))
     assert again.digest == first.digest and step.answer is not None and step.answer.ok
-    assert peer.progress == [(1.0, "reconnected to the broker; sending the job again"),
-                             (1.0, "waiting for a (dispatched, 0 chunks)")]
+    assert peer.progress == [(11.0, "reconnected to the broker; sending the job again"),
+                             (11.0, "waiting for a (dispatched, 0 chunks)")]
 
 
 def test_a_job_past_its_time_is_cancelled_on_its_device(tmp_path: Path) -> None:
@@ -878,3 +882,42 @@ def test_a_free_own_npu_answers_without_the_broker_ever_being_contacted(tmp_path
                             load1=0.0, queue_depth=0))
     out = orch.run("p", model=None)
     assert out.ok and out.path == "local-npu" and out.text == "an answer" and out.winner == "hub"
+
+
+def test_a_token_a_second_ago_is_progress_enough_no_more(tmp_path: Path) -> None:
+    peer = Peer(tmp_path)
+    peer.run((1.0, peer.says(Token("r1", "a", 0, "the "))), (1.0, OTHERS), (0.1, peer.says(DONE)))
+    assert peer.progress == [(2.0, "waiting for a (streaming, 1 chunks)")]
+
+
+def test_another_device_s_results_are_not_even_decoded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    peer = Peer(tmp_path)
+    elsewhere = ("result", Message(T.result("hub", "r1", "b"), b"not json"))
+    other_asker = ("result", Message(T.result("other", "r1", "a"), b"not json"))
+    with caplog.at_level(logging.DEBUG, logger="agent.orchestrator"):
+        step = peer.run((0.1, elsewhere), (0.1, other_asker), (0.1, peer.says(DONE)))
+    assert step.answer is not None and step.answer.ok and caplog.records == []
+
+
+def test_the_own_npu_s_server_down_is_an_error_not_a_pass(tmp_path: Path) -> None:
+    """Only the walk down the ranking passes on; the own NPU path has nowhere to pass to."""
+    fsm = Machine("o", ORCHESTRATION, "start")
+    out = runner(tmp_path, Heard(), npu=Exec(error=EngineUnavailable("npu", "refused"))).own_npu(request(), 0.0, fsm)
+    assert out is not None and out.attempts == ({"device": "hub", "outcome": "error: refused"},)
+    assert fsm.state == "failed" and out.exit_code == ExitCode.FAILED
+
+
+def test_the_time_spent_waiting_for_a_slot_is_taken_from_the_job_s(tmp_path: Path) -> None:
+    times = iter([10.0, 12.0])
+    exe = Exec()
+    part = runner(tmp_path, Heard(), cpu_exec=exe, clock=lambda: next(times))  # type: ignore[arg-type]
+    part.on_cpu(request(), Machine("o", ORCHESTRATION, "running_local"))
+    assert exe.params[0].timeout_s == 3.0
+
+
+def test_a_wait_for_a_slot_is_shown_once_a_second(tmp_path: Path) -> None:
+    heard = Heard()
+    on_wait = runner(tmp_path, heard)._slot_progress()
+    for waited in (0.5, 1.0, 1.5, 1.9, 2.0, 3.5):
+        on_wait(waited)
+    assert heard.progress == [f"waiting for a free CPU slot on this device ({n} s)" for n in ("1", "2", "4")]
