@@ -383,10 +383,11 @@ def test_an_interrupt_cancels_the_job_on_its_device_and_waits_for_the_broker(tmp
 
 
 def test_a_job_sent_has_the_time_it_has_left_and_carries_the_chat_not_the_prompt(tmp_path: Path) -> None:
-    part = Dispatcher(config(tmp_path), T, Heard(), clock=Clock(), wall=Clock(1.7e9), interrupted=threading.Event())
+    part = Dispatcher(config(tmp_path), T, Heard(), clock=Clock(), wall=Clock(1.7e9 + 0.12345),
+                      interrupted=threading.Event())
     job = part.job(request(), "npu", "c")
     assert (job.rid, job.origin, job.mode, job.claim, job.prompt) == ("r1", "hub", "npu", "c", "a prompt")
-    assert (job.accept_s, job.timeout_s, job.sent_at) == (0.05, 5.0, 1.7e9)
+    assert (job.accept_s, job.timeout_s, job.sent_at) == (0.05, 5.0, round(1.7e9 + 0.12345, 3))
     assert part.job(request(), "cpu", "c").timeout_s == 5.0
     assert job.reply_to == T.result_stem("hub", "r1")
     chat = Chat((ChatMessage("user", "hi"),))
@@ -523,6 +524,7 @@ def test_no_free_cpu_slot_within_the_job_s_time_is_a_timeout(tmp_path: Path) -> 
         fsm = Machine("o", ORCHESTRATION, "running_local")
         answer, said = part.on_cpu(request(), fsm)
     assert said == "no free slot" and answer.exit_code == ExitCode.TIMEOUT and fsm.state == "failed"
+    assert not answer.ok
     assert answer.error == "no CPU slot of this device came free within 0.05 s" and exe.params == []
 
 
@@ -810,10 +812,13 @@ DONE = Done("r1", "a", "the answer", Timings(total_ms=3.0))
 OTHERS = ("roster", "b", True)  # another device's news: nothing to this attempt
 
 
-def test_a_peer_s_tokens_stream_and_the_winner_is_announced_once(tmp_path: Path) -> None:
+def test_a_peer_s_tokens_stream_and_the_winner_is_announced_once(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     peer = Peer(tmp_path)
-    step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, peer.says(Token("r1", "a", 0, "the "))),
-                    (0.1, peer.says(Token("r1", "b", 1, "forged"))), (0.1, peer.says(DONE)))
+    with caplog.at_level(logging.WARNING, logger="agent.orchestrator"):
+        step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, peer.says(Token("r1", "a", 0, "the "))),
+                        (0.1, peer.says(Token("r1", "b", 1, "forged"))), (0.1, peer.says(DONE)))
+    assert "the ids in it do not match the topic" in caplog.text, "b's token on a's topic is dropped, and said"
     assert step.answer is not None and step.answer.ok and step.answer.text == "the answer"
     assert peer.heard.tokens == ["the "] and peer.heard.decisions == [Decided("a", "peer-cpu", 1.5)]
     assert len(peer.jobs()) == 1 and peer.cancels() == []
@@ -849,6 +854,7 @@ def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_l
     assert (first.accept_s, first.timeout_s, first.sent_at) == (0.05, 5.0, round(1.7e9 + 0.12345, 3))
     assert (again.accept_s, again.timeout_s, again.sent_at) == (0.0, 4.0, round(1.7e9 + 0.12345, 3))
     assert again.digest == first.digest and step.answer is not None and step.answer.ok
+    assert [kw["qos"] for t, _, kw in peer.bus.published if t == T.exec("a")] == [1, 1]
     assert peer.progress == [(11.0, "reconnected to the broker; sending the job again"),
                              (11.0, "waiting for a (dispatched, 0 chunks)")]
 
