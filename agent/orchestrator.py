@@ -228,9 +228,8 @@ class Orchestrator:
 
     def _nobody(self, req: Request, wire: Wire | None, attempts: tuple[Attempt, ...]) -> Answer:
         """The answer when no way to run it was left: what was tried, or why nothing could be."""
-        known: list[str] = []
-        if req.model is not None and not attempts:  # every model an online device (or this one) announces
-            known = sorted(self.local.models() | (wire.models() if wire is not None else set()))
+        # every model an online device (or this one) announces, for a model nobody serves
+        known = sorted(self.local.models() | (wire.models() if wire is not None else set()))
         return no_device(req, attempts, known)
 
     # ------------------------------------------------------------------ offers

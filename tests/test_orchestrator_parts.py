@@ -927,3 +927,39 @@ def test_a_wait_for_a_slot_is_shown_once_a_second(tmp_path: Path) -> None:
     for waited in (0.5, 1.0, 1.5, 1.9, 2.0, 3.5):
         on_wait(waited)
     assert heard.progress == [f"waiting for a free CPU slot on this device ({n} s)" for n in ("1", "2", "4")]
+
+
+def test_the_round_robin_cursor_moves_only_when_a_real_run_moved_it(tmp_path: Path) -> None:
+    stores: list[RecordingArms] = []
+
+    class Cursors(RecordingArms):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cursors: list[int] = []
+            stores.append(self)
+
+        def set_cursor(self, cursor: int) -> None:
+            self.cursors.append(cursor)
+
+    fleet = ScriptedFleet({"a": done, "b": done})
+    for policy, dry_run in (("round_robin", False), ("round_robin", True), ("linucb", False)):
+        (tmp_path / policy / str(dry_run)).mkdir(parents=True)
+        cfg = config(tmp_path / policy / str(dry_run), policy=policy)
+        Orchestrator(cfg, connect=lambda: fleet, npu_exec=None, cpu_exec=None, arms=Cursors,  # type: ignore
+                     local_snapshot=lambda: Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0,
+                                                     mem_available_mb=1e3, load1=0.0, queue_depth=0)
+                     ).run("p", dry_run=dry_run)
+    assert [s.cursors for s in stores] == [[1], [], []]
+
+
+def test_a_prompt_asks_for_256_new_tokens_unless_told(tmp_path: Path) -> None:
+    fleet = ScriptedFleet({"a": done})
+    orch = orchestrator(tmp_path, lambda: fleet)
+    orch.run("p")
+    assert [Job.from_payload(p).max_new_tokens for t, p in fleet.published if t == T.exec("a")] == [256]
+
+
+def test_an_interrupt_with_no_run_in_flight_only_sets_the_flag(tmp_path: Path) -> None:
+    orch = orchestrator(tmp_path, unreachable)
+    orch.interrupt()
+    assert orch.interrupted.is_set()
