@@ -569,7 +569,7 @@ def unreachable() -> Any:
 
 def test_with_no_broker_and_nothing_here_to_run_it_no_device_does(tmp_path: Path) -> None:
     out = orchestrator(tmp_path, unreachable).run("a prompt")
-    assert out.exit_code == ExitCode.NO_DEVICE and out.warnings == ()
+    assert out.exit_code == ExitCode.NO_DEVICE and out.warnings == () and not out.ok
     assert out.error == "broker x:1883 not reachable: refused, and this device has no usable executor to run it alone"
 
 
@@ -585,6 +585,7 @@ def test_a_dry_run_names_the_winner_and_sends_no_job(tmp_path: Path) -> None:
     fleet = ScriptedFleet({"a": done})
     out = orchestrator(tmp_path, lambda: fleet).run("a prompt", dry_run=True)
     assert out.ok and out.dry_run and out.winner == "a" and out.path == "peer-cpu" and out.score is not None
+    assert [(b["device"], b["score"]) for b in out.bids] == [("a", round(out.score, 6))], "each CPU bid's score"
     assert [t for t, _ in fleet.published if T.parse(t).kind == "exec"] == []
 
 
@@ -592,7 +593,7 @@ def test_an_interrupt_before_the_auction_closes_ends_the_run(tmp_path: Path) -> 
     orch = orchestrator(tmp_path, lambda: ScriptedFleet({}))
     orch.interrupted.set()
     out = orch.run("a prompt")
-    assert out.exit_code == ExitCode.INTERRUPTED and out.error == "interrupted during the auction"
+    assert out.exit_code == ExitCode.INTERRUPTED and out.error == "interrupted during the auction" and not out.ok
 
 
 def test_a_warm_orchestrator_hears_the_hooks_it_has_now(tmp_path: Path) -> None:
