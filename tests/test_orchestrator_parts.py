@@ -30,6 +30,7 @@ from agent.locks import CpuSlots, NpuLock
 from agent.messages import (
     Accepted,
     Bid,
+    BidRequest,
     Cancel,
     Chat,
     ChatMessage,
@@ -191,7 +192,7 @@ def test_a_window_closed_early_says_whom_it_did_not_wait_for() -> None:
 
 
 def auctioneer(cfg: Config, heard: Heard, clock: Any) -> Auctioneer:
-    return Auctioneer(cfg, T, heard, clock=clock, wall=Clock(1.7e9), rng=lambda: np.random.default_rng(0),
+    return Auctioneer(cfg, T, heard, clock=clock, wall=Clock(1.7e9 + 0.12345), rng=lambda: np.random.default_rng(0),
                       interrupted=threading.Event())
 
 
@@ -213,7 +214,10 @@ def test_the_bids_are_cut_to_what_the_operator_vouched_for(tmp_path: Path) -> No
             return {d: b for d, b in bids.items() if d != "rogue"}
 
     cfg = config(tmp_path)
-    result, _, fsm = held(Vouching({"a": done, "rogue": done}), cfg, auctioneer(cfg, Heard(), Clock()))
+    fleet = Vouching({"a": done, "rogue": done})
+    result, _, fsm = held(fleet, cfg, auctioneer(cfg, Heard(), Clock()))
+    (topic, call), = fleet.published
+    assert topic == T.bid_request("r1", "hub") and BidRequest.from_payload(call).sent_at == round(1.7e9 + 0.12345, 3)
     assert set(result.bids) == {"a"} and result.closing == "roster_complete" and result.invited is None
     assert fsm.state == "closed"
 
