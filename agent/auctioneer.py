@@ -1,0 +1,164 @@
+"""The auctioneer: one call for bids, the bids it collects, and what the asker remembers.
+
+Below ``auction.invite.above`` online devices it calls everyone (QoS 1, the seed); past it,
+``agent.invite.choose`` picks the few to invite (QoS 0 each) from this device's memory of
+earlier bids (``invite.AskerMemory``) and the retained metrics, and only they are waited
+for. ``auction.collect`` decides when the window closes; the bids are then cut down to what
+the operator granted each device (``Roster.vouched``). When the run's inbox closes, the
+peers that missed the call (``Stragglers``) and each peer's bid latency (``BidLatency``)
+are recorded for the next auction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from agent.auction import AuctionResult
+from agent.bidtimes import BidLatency, Stragglers
+from agent.config import Config
+from agent.executors import estimate_tokens
+from agent.fsm import Machine
+from agent.mailroom import Inbox, collect
+from agent.messages import BidRequest
+from agent.orchestration import Hooks, Request, Wire
+from agent.topics import Topics
+
+if TYPE_CHECKING:
+    from agent.roster import Roster
+
+log = logging.getLogger("agent.orchestrator")  # the orchestrator's parts log under its name
+
+
+class Auctioneer:
+    """Calls for bids (everyone, or the invited few), collects them, remembers what it heard."""
+
+    def __init__(self, cfg: Config, topics: Topics, hooks: Hooks, *, clock: Callable[[], float],
+                 wall: Callable[[], float], rng: Callable[[], Any], interrupted: threading.Event):
+        self.cfg = cfg
+        self.me = cfg.device_id
+        self.topics = topics
+        self.hooks = hooks
+        self.clock = clock
+        self.wall = wall
+        self._rng = rng  # the orchestrator's, made on first use
+        self.interrupted = interrupted
+        self.stragglers = Stragglers(cfg.state_dir)
+        self.latency = BidLatency(cfg.state_dir)
+        self._asked: Any = None  # agent.invite.AskerMemory, once this orchestrator first invites
+
+    def hold(self, req: Request, wire: Wire, fsm: Machine) -> AuctionResult:
+        """Call for bids and collect them. Claims beyond what the operator granted a device
+        (an NPU, models) are ignored."""
+        auction = self._auction(req, wire, fsm)
+        return replace(auction, bids=wire.fleet.roster.vouched(auction.bids))
+
+    def closed(self, inbox: Inbox) -> None:
+        """The run's inbox is closed: who missed the call, and how long each bid took."""
+        self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
+        self.latency.update(inbox.book.latencies())
+
+    def sent(self, device: str, at: float, promise: float) -> None:
+        """A CPU job went to ``device`` at ``at``: the memory invitations are chosen from
+        counts it as queued there (only once this orchestrator has invited)."""
+        if self._asked is not None:
+            self._asked.sent(device, at, promise)
+
+    def _auction(self, req: Request, wire: Wire, fsm: Machine) -> AuctionResult:
+        fsm.fire("open")
+        window = self.cfg.auction.bid_timeout_s
+        bus = wire.fleet.bus
+
+        roster = wire.fleet.roster
+        # This device's own daemon bids too, if it runs: its CPU jobs go through its gate.
+        expected = roster.bidders(req.model, req.need, req.tools)
+        invited = self._invitation(req, roster, expected)
+        if invited is not None:
+            expected = frozenset(invited)  # only the invited bid, and only they are waited for
+
+        def call() -> None:
+            request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
+                                 prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
+                                 need=req.need, model=req.model, tools=req.tools)
+            payload = request.to_payload()
+            topics = ([self.topics.bid_request(req.rid, self.me)] if invited is None else
+                      [self.topics.bid_invite(d, req.rid, self.me) for d in invited])
+            # A call to everyone at QoS 1, as the seed; invitations at QoS 0: an invitee
+            # that misses one is overdue within a second (the others decide), and on a broker
+            # that stores QoS 1 (NATS's JetStream) each cost a write (bench --scale, NATS).
+            for topic in topics:
+                bus.publish(topic, payload, qos=1 if invited is None else 0, expiry_s=window,
+                            response_topic=self.topics.bid_reply_stem(self.me, req.rid),
+                            correlation_data=req.rid.encode())
+
+        call()
+        result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
+                         need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
+                         steady=wire.steady, resend=call, on_progress=self.hooks.on_progress,
+                         interrupted=self.interrupted, latency=self.latency.load())
+        for _ in result.bids:
+            fsm.fire("bid")
+        fsm.fire(result.closing)
+        if invited is None:
+            return result
+        self._remember_bids(result.bids, req)
+        return replace(result, invited=invited)
+
+    def _invitation(self, req: Request, roster: Roster, bidders: frozenset[str]) -> tuple[str, ...] | None:
+        """Whom to invite (``agent.invite``), or None below the threshold: call everyone."""
+        from agent.invite import (  # numpy: only the auction path pays for it
+            choose,
+            should_invite,
+        )
+
+        invite = self.cfg.auction.invite
+        if not should_invite(len(roster.online()), invite.above):
+            return None
+        metrics = roster.metrics()
+        devices = {d: (metrics[d].snapshot if d in metrics else None) for d in bidders}
+        memory, wall = self._asker_memory(), self.wall()
+        # how old each device's metrics are (their backlog has run down since); unknown: not aged
+        ages = {d: age for d in devices if d in metrics
+                and math.isfinite(age := roster.offsets.age(d, metrics[d].ts, wall))}
+        invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self._rng(),
+                            model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu,
+                            known_s=memory.known_s(self.clock(), estimate_tokens(req.prompt), req.max_new_tokens),
+                            startup_s=memory.startup_s(), age_s=ages)
+        log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
+                  len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
+                  invitation.explore)
+        return invitation.devices
+
+    def _asker_memory(self) -> Any:
+        """What this device's orchestrators heard in their invited auctions' bids and sent
+        since (``agent.invite.AskerMemory``), shared by every orchestrator of this process."""
+        if self._asked is None:
+            from agent.invite import shared_memory
+            self._asked = shared_memory(str(self.cfg.state_dir))
+        return self._asked
+
+    def _remember_bids(self, bids: Mapping[str, Any], req: Request) -> None:
+        memory, now, prompt = self._asker_memory(), self.clock(), estimate_tokens(req.prompt)
+        for device, bid in bids.items():
+            memory.heard(device, now, backlog_s=bid.snapshot.backlog_s, service_s=bid.service_s, init_s=bid.init_s,
+                         slots=bid.snapshot.cpu_slots, prompt_tokens=prompt, max_new_tokens=req.max_new_tokens)
+
+
+def closing_warnings(auction: AuctionResult, window_s: float) -> tuple[str, ...]:
+    """What the caller is told about a bid window that closed before every expected bid."""
+    if auction.closing == "timeout":
+        return (f"bid window of {window_s:g} s closed without bids from {', '.join(auction.missing)}",)
+    if auction.closing == "stragglers":
+        return (f"did not wait for {', '.join(auction.missing)}: missed recent calls for bids",)
+    if auction.closing == "overdue":
+        return (f"did not wait for {', '.join(auction.missing)}: no bid long after it usually comes",)
+    return ()
+
+
+def auction_expected(inbox: Inbox) -> set[str]:
+    expected, _, _ = inbox.book.view()
+    return expected
