@@ -83,7 +83,10 @@ def test_auction_closes_on_the_roster_not_the_timeout(env: Env) -> None:
     assert out is not None
     assert out["roster"] == ["peer-0", "peer-1", "peer-2"]
     assert len(out["bids"]) == 3
-    assert out["auction_ms"] < 1000, out["auction_ms"]
+    # Closed by the roster: a window closed by a rule that gives up on someone (timeout,
+    # stragglers, overdue) says so in a warning. The bound is half the window, not a stopwatch.
+    assert out["warnings"] == [], out["warnings"]
+    assert out["auction_ms"] < 10_000, out["auction_ms"]
 
 
 def test_peer_whose_will_fired_is_not_waited_for(env: Env) -> None:

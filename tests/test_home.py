@@ -134,8 +134,11 @@ def test_a_frozen_peer_costs_one_auction_about_a_second_not_every_auction(env: E
         later = [env.trigger(hub, f"later {i}") for i in range(3)]
         for code, out, _, err in later:
             assert code == 0, err
-            assert out is not None and out["auction_ms"] < 1500, out["auction_ms"]
-            assert any("peer-0" in w and "missed recent calls" in w for w in out["warnings"])
+            # Closed by the stragglers rule (a short grace after the punctual peers), which
+            # says so; not by the overdue rule's second, nor by the window.
+            assert out is not None and out["auction_ms"] < 10_000, out["auction_ms"]
+            assert any("peer-0" in w and "missed recent calls" in w for w in out["warnings"]), out["warnings"]
+            assert not any("usually" in w for w in out["warnings"]), out["warnings"]
         peers[0].resume()
         code, out, _, _ = env.trigger(hub, "after it is back")
         assert code == 0 and out is not None
