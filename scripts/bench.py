@@ -571,7 +571,7 @@ def main() -> int:
     if args.frozen:
         return frozen_only(args)
     sizes = [1, 4] if args.quick else [1, 8, 32]
-    iters, warmup = (30, 5) if args.quick else (300, 30)
+    iters, warmup = (10, 3) if args.quick else (300, 30)
     ks = [1, 4] if args.quick else [1, 8, 32]
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -599,12 +599,12 @@ def main() -> int:
                         log(f"concurrency K={k} against N={n}")
                         results["concurrency"].append(measure_concurrency(fleet, k, 10 if args.quick else 60))
                     log(f"one frozen node of {n}")
-                    results["frozen"] = measure_frozen(fleet, 20 if args.quick else 100, 5.0 if args.quick else 30.0)
+                    results["frozen"] = measure_frozen(fleet, 5 if args.quick else 100, 5.0 if args.quick else 30.0)
             finally:
                 fleet.stop()
         log("time to first token through serve")
         (workdir / "serve").mkdir()
-        results["serve"] = measure_serve(broker.port, workdir / "serve", 20 if args.quick else 50)
+        results["serve"] = measure_serve(broker.port, workdir / "serve", 10 if args.quick else 50)
         log("time to first token from a real engine (llama-server), directly and through the fleet")
         (workdir / "engine").mkdir()
         results["engine"] = measure_engine(broker.port, workdir / "engine", 10 if args.quick else 50)
