@@ -255,20 +255,20 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> bool:
-        """Listen; False (logged) if another daemon already owns this state_dir."""
+    def start(self) -> None:
+        """Listen. If another daemon already owns this state_dir, say so in the log and go
+        on without a control socket: this device's commands then reach that daemon."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.name)
         except OSError as exc:
             sock.close()
             log.warning("control socket for this state_dir is taken (%s): is another node running here?", exc)
-            return False
+            return
         sock.listen(64)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
-        return True
 
     def stop(self) -> None:
         sock, self._sock = self._sock, None

@@ -229,7 +229,5 @@ ERROR_KINDS: dict[str, ExitCode] = {
     "not_found": ExitCode.FAILED,
     "timeout": ExitCode.TIMEOUT,
     "cancelled": ExitCode.FAILED,
-    "internal": ExitCode.FAILED,
-    "busy": ExitCode.FAILED,
     "unavailable": ExitCode.FAILED,
 }

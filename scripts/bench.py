@@ -63,7 +63,7 @@ from agent.fleet import Fleet  # noqa: E402
 from agent.fronts import orchestrator as build_orchestrator  # noqa: E402
 from agent.messages import Snapshot, Timings  # noqa: E402
 from agent.orchestrator import Orchestrator  # noqa: E402
-from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config  # noqa: E402
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, start_all, stop_all, write_config  # noqa: E402
 from tests.support.mosquitto import LocalMosquitto, free_port  # noqa: E402
 
 TARGETS = {"auction_ratio": 1.5, "local_npu_ms": 1.0, "cli_to_exec_ms": 300.0, "idle_cpu_pct": 1.0,
@@ -181,14 +181,12 @@ class NodeFleet:
         try:
             self.nodes = [NodeProcess(self.config(d), d, arrivals=arrivals, log=Path(os.devnull))
                           for d in (f"node-{i:02d}" for i in range(self.n))]
-            for node in self.nodes:
-                node.start(timeout=60)
+            start_all(self.nodes, timeout=60)  # at once: nothing is measured while they come up
         finally:
             arrivals.close()
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        stop_all(self.nodes)
         self.nodes = []
 
 
@@ -379,8 +377,7 @@ def measure_serve(port: int, workdir: Path, requests: int) -> dict[str, Any]:
     through: dict[str, list[float]] = {front: [] for front in fronts}
     whole: dict[str, list[float]] = {front: [] for front in fronts}
     try:
-        for node in nodes:
-            node.start(timeout=60)
+        start_all(nodes, timeout=60)
         for i in range(requests + 10):
             for front, (path, body, first) in fronts.items():  # interleaved: both see the same machine
                 conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=30)
@@ -408,8 +405,7 @@ def measure_serve(port: int, workdir: Path, requests: int) -> dict[str, Any]:
                 whole[front].append((time.perf_counter() - t0) * 1000 - answer["edge_agent"]["total_ms"])
                 conn.close()
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
         arrivals.close()
     d, t, o = Dist.of(direct), Dist.of(through["openai"]), Dist.of(through["ollama"])
     return {"direct": d.json(), "through_serve": t.json(), "added_p50_ms": round(t.p50 - d.p50, 2),
@@ -466,12 +462,10 @@ def measure_engine(port: int, workdir: Path, requests: int) -> dict[str, Any]:
                  NodeProcess(fleet.config("engine-gw", cpu=None, serve={"enabled": True, "port": gw_port}),
                              "engine-gw", arrivals=arrivals, log=Path(os.devnull))]
         try:
-            for node in nodes:
-                node.start(timeout=60)
+            start_all(nodes, timeout=60)
             through = [_first_token_ms(gw_port, body) for _ in range(requests + 10)][10:]
         finally:
-            for node in nodes:
-                node.stop()
+            stop_all(nodes)
             arrivals.close()
     d, t = Dist.of(direct), Dist.of(through)
     return {"direct": d.json(), "through_fleet": t.json(), "ratio_p50": round(t.p50 / d.p50, 2)}
@@ -580,7 +574,7 @@ def main() -> int:
     if args.frozen:
         return frozen_only(args)
     sizes = [1, 4] if args.quick else [1, 8, 32]
-    iters, warmup = (30, 5) if args.quick else (300, 30)
+    iters, warmup = (10, 3) if args.quick else (300, 30)
     ks = [1, 4] if args.quick else [1, 8, 32]
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -608,12 +602,12 @@ def main() -> int:
                         log(f"concurrency K={k} against N={n}")
                         results["concurrency"].append(measure_concurrency(fleet, k, 10 if args.quick else 60))
                     log(f"one frozen node of {n}")
-                    results["frozen"] = measure_frozen(fleet, 20 if args.quick else 100, 5.0 if args.quick else 30.0)
+                    results["frozen"] = measure_frozen(fleet, 5 if args.quick else 100, 5.0 if args.quick else 30.0)
             finally:
                 fleet.stop()
         log("time to first token through serve")
         (workdir / "serve").mkdir()
-        results["serve"] = measure_serve(broker.port, workdir / "serve", 20 if args.quick else 50)
+        results["serve"] = measure_serve(broker.port, workdir / "serve", 10 if args.quick else 50)
         log("time to first token from a real engine (llama-server), directly and through the fleet")
         (workdir / "engine").mkdir()
         results["engine"] = measure_engine(broker.port, workdir / "engine", 10 if args.quick else 50)

@@ -44,7 +44,7 @@ from typing import Any
 from agent.bus import Bus, Message, new_nonce
 from agent.config import BrokerConfig
 from agent.topics import Topics
-from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, stop_all, write_config
 
 # (device, base_ms, ms_per_token): the sim executor's latency is base + per-token × words.
 DEVICES = [("fast", 20, 1.0), ("quick", 30, 1.5), ("middle", 45, 2.0), ("slow", 65, 3.0), ("slowest", 100, 5.0)]
@@ -224,8 +224,7 @@ def run_policy(policy: str, port: int, workdir: Path, jobs: int, load: float, se
         sender.stop()
         answers.close()
     finally:
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
         for proxy in proxies:
             proxy.close()
         arrivals.close()

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.locks import NpuLock  # noqa: E402
-from tests.support.launch import ArrivalWatch, NodeProcess  # noqa: E402
+from tests.support.launch import ArrivalWatch, NodeProcess, stop_all  # noqa: E402
 from tests.support.mosquitto import LocalMosquitto  # noqa: E402
 
 FLEET = ["board-npu", "laptop", "phone"]
@@ -133,8 +133,7 @@ class Demo:
         return 1 if failures else 0
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop(timeout=10)
+        stop_all(self.nodes, timeout=10)
         self.broker.stop()
 
 

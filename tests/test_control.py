@@ -107,3 +107,25 @@ def test_the_http_fronts_name_the_field_in_their_own_terms() -> None:
     with pytest.raises(BadRequest) as ollama:
         prompt_of("hi", 8, None, 2.5, None, names=OLLAMA_NAMES)
     assert str(ollama.value) == "options.temperature must be a number from 0 to 2"
+
+
+def test_a_second_daemon_on_a_state_dir_warns_and_its_commands_reach_the_first(tmp_path, caplog) -> None:
+    """The control socket is named after the state_dir: a second server there logs that it is
+    taken and listens nowhere; a command sent to that state_dir is answered by the first."""
+    def answer(who: str) -> control.Handler:
+        return lambda request, channel: channel.send(control.Status([{"device": who}]))
+
+    first, second = control.ControlServer(tmp_path, answer("first")), control.ControlServer(tmp_path, answer("second"))
+    first.start()
+    try:
+        with caplog.at_level("WARNING", logger="agent.control"):
+            second.start()
+        assert any("is taken" in r.getMessage() for r in caplog.records), caplog.text
+        sock = control.connect(tmp_path)
+        assert sock is not None
+        with sock:
+            assert list(control.request(sock, control.StatusRequest())) == [control.Status([{"device": "first"}])]
+    finally:
+        second.stop()
+        first.stop()
+    assert not control.running(tmp_path), "stopped: nobody listens there any more"

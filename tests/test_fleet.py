@@ -58,7 +58,7 @@ def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
     fast = env.config("zz-fast", cpu=sim(base_ms=10, ms_per_token=1, seed=2))
     winners = []
     with env.node(slow), env.node(fast):
-        for i in range(12):
+        for i in range(14):
             code, out, _, err = env.trigger(hub, f"question {i}: how fast are you today?")
             assert code == 0, err
             assert out is not None and out["path"] == "peer-cpu"
@@ -67,8 +67,9 @@ def test_bandit_learns_to_prefer_the_faster_cpu_peer(env: Env) -> None:
     assert winners[-6:] == ["zz-fast"] * 6, f"once both are known, the fast one wins: {winners}"
     store = ArmStore.for_config(env.load(hub))
     arm = store.load().arms["zz-fast"]
+    assert arm.n >= 5, "every answer with a promise trains the arm"
     # A promise teaches from a record of MATURE_JOBS (discounted) jobs on: from the fast
-    # device's 8th job, with a half-life of 20 jobs.
+    # device's 8th job, with a half-life of 20 jobs (14 questions leave it at least 5).
     assert arm.n >= winners.count("zz-fast") - MATURE_JOBS - 1 > 0, "every answer with a grown promise trains the arm"
     residual, _ = arm.predict(np.array([1.0, 0.005, 0.0, 0.0, 0.01, 0.25]), store.lam)
     assert abs(residual) < 0.3, f"a loopback link and honest estimates leave little to learn: {residual}"
@@ -83,7 +84,10 @@ def test_auction_closes_on_the_roster_not_the_timeout(env: Env) -> None:
     assert out is not None
     assert out["roster"] == ["peer-0", "peer-1", "peer-2"]
     assert len(out["bids"]) == 3
-    assert out["auction_ms"] < 1000, out["auction_ms"]
+    # Closed by the roster: a window closed by a rule that gives up on someone (timeout,
+    # stragglers, overdue) says so in a warning. The bound is half the window, not a stopwatch.
+    assert out["warnings"] == [], out["warnings"]
+    assert out["auction_ms"] < 10_000, out["auction_ms"]
 
 
 def test_peer_whose_will_fired_is_not_waited_for(env: Env) -> None:

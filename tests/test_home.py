@@ -134,8 +134,11 @@ def test_a_frozen_peer_costs_one_auction_about_a_second_not_every_auction(env: E
         later = [env.trigger(hub, f"later {i}") for i in range(3)]
         for code, out, _, err in later:
             assert code == 0, err
-            assert out is not None and out["auction_ms"] < 1500, out["auction_ms"]
-            assert any("peer-0" in w and "missed recent calls" in w for w in out["warnings"])
+            # Closed by the stragglers rule (a short grace after the punctual peers), which
+            # says so; not by the overdue rule's second, nor by the window.
+            assert out is not None and out["auction_ms"] < 10_000, out["auction_ms"]
+            assert any("peer-0" in w and "missed recent calls" in w for w in out["warnings"]), out["warnings"]
+            assert not any("usually" in w for w in out["warnings"]), out["warnings"]
         peers[0].resume()
         code, out, _, _ = env.trigger(hub, "after it is back")
         assert code == 0 and out is not None
@@ -332,8 +335,9 @@ def test_sigterm_on_a_node_lets_its_running_job_finish(env: Env) -> None:
 def test_a_second_signal_stops_a_draining_node_at_once(env: Env) -> None:
     log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
     worker = env.node_process(env.config("worker", cpu=job(log, "hold", gate), drain_s=600))
-    worker.start()
-    with env.spy(f"{env.prefix}result/#") as spy, env.spy(env.topics.metrics("worker")) as metrics:
+    # Started by the with (and stopped by it if the test fails: a draining node left behind
+    # would hold its job for 600 s and fail a later test when it is collected).
+    with worker, env.spy(f"{env.prefix}result/#") as spy, env.spy(env.topics.metrics("worker")) as metrics:
         bg = Background(env, env.config("hub"), "long")
         spy.wait_for(result_of("accepted"), what="accepted")
         worker.signal(signal.SIGTERM)

@@ -269,3 +269,14 @@ def test_a_version_2_job_is_refused() -> None:
     obj["v"] = 2
     with pytest.raises(MessageError, match="unsupported schema version 2"):
         Job.from_payload(json.dumps(obj).encode())
+
+
+def test_an_error_event_names_only_kinds_a_node_sends() -> None:
+    """A node sends an executor error's ``kind`` (agent/jobs.py); the wire accepts exactly
+    those, so no kind is listed that nothing sends."""
+    from agent import errors
+
+    def kinds(cls: type[errors.ExecutorError]) -> set[str]:
+        return {cls.kind}.union(*(kinds(sub) for sub in cls.__subclasses__()))
+
+    assert kinds(errors.ExecutorError) == set(errors.ERROR_KINDS)

@@ -160,7 +160,7 @@ def test_jobs_go_to_the_devices_that_serve_their_model(env: Env) -> None:
     board = env.config("board", npu=sim(base_ms=1, model="npu-only"), cpu=None)
     # A free NPU that serves another model, and a CPU that serves alpha: not the NPU.
     combo = env.config("combo", npu=sim(base_ms=1, model="npu-small"), cpu=sim(base_ms=1, model="alpha"))
-    with env.node_process(alpha), env.node_process(beta), env.node_process(board), env.node_process(combo):
+    with env.node_processes(alpha, beta, board, combo):
         code, out, _, err = env.trigger(hub, "not on that NPU", "--model", "alpha")
         assert code == 0 and out is not None and out["path"] == "peer-cpu", out
         assert len(out["attempts"]) == 1, "no detour through a device that declined"
@@ -183,7 +183,7 @@ def test_a_warm_model_wins_over_one_that_must_load_first(env: Env) -> None:
     warm = env.config("keeps-it", cpu=sim(base_ms=5, ms_per_token=2, model="m", cold_ms=400, keep_warm_s=600))
     cold = env.config("reloads", cpu=sim(base_ms=5, ms_per_token=2, model="m", cold_ms=400))
     winners = []
-    with env.node_process(warm), env.node_process(cold):
+    with env.node_processes(warm, cold):
         for i in range(8):
             code, out, _, err = env.trigger(hub, f"question {i}", "--model", "m")
             assert code == 0 and out is not None, err
@@ -195,7 +195,7 @@ def test_a_warm_model_wins_over_one_that_must_load_first(env: Env) -> None:
 def test_a_model_named_in_an_mqtt_trigger_is_honoured(env: Env) -> None:
     node = env.config("dev", cpu=sim(base_ms=1, model="local"))
     other = env.config("far", cpu=sim(base_ms=1, model="remote"))
-    with env.node_process(node), env.node_process(other), env.spy(f"{env.prefix}agent/dev/answer/+") as answers:
+    with env.node_processes(node, other), env.spy(f"{env.prefix}agent/dev/answer/+") as answers:
         answers.publish(env.topics.trigger("dev"), json.dumps({"prompt": "route me", "model": "remote",
                                                                "id": "q1"}).encode())
         answer = json.loads(answers.wait_for(lambda m: True, what="the answer", timeout=WAIT_S).payload)

@@ -18,12 +18,12 @@ def test_quick_run_answers_every_job_under_both_policies(tmp_path: Path, capsys:
     import simulate_invite
 
     out = tmp_path / "results.json"
-    assert simulate_invite.main(["--devices", "30", "--jobs", "150", "--seeds", "1", "--loads", "0.7",
+    assert simulate_invite.main(["--devices", "30", "--jobs", "60", "--seeds", "1", "--loads", "0.7",
                                  "--invite", "8,2", "--warm", "--metrics-only", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["loads"]["70%"]
     assert set(rows) == {"everyone", "invite k=8 d=2", "invite k=8 d=2, metrics only"}
     for row in rows.values():
-        assert row["answered"] == row["jobs"] == 150
+        assert row["answered"] == row["jobs"] == 60
     assert rows["everyone"]["calls_per_job"] == 30 and rows["invite k=8 d=2"]["calls_per_job"] <= 10
     report = capsys.readouterr().out
     assert "| 70% | everyone |" in report and "| 70% | invite k=8 d=2 |" in report

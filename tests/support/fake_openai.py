@@ -58,6 +58,7 @@ class FakeOpenAI:
         # request to arrive, as a real engine is still busy with it when the next one comes.
         self.interrupt_hold_s = interrupt_hold_s
         self._arrival = threading.Condition()
+        self._first_answer: int | None = None  # the arrival number of the first completion
         self.strict_models = strict_models
         self.timings = timings
         self.requests: list[dict[str, Any]] = []
@@ -100,7 +101,7 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                self.arrival = outer.arrived()  # what a later request interrupts (interrupt)
+                self.arrival = outer.arrived(answering=True)  # what a later request interrupts (interrupt)
                 chat = self.path == "/v1/chat/completions"
                 if not chat and self.path != "/v1/completions":
                     return self._plain(404, {"error": "not found"})
@@ -179,7 +180,11 @@ class FakeOpenAI:
                     if outer.interrupt and i == 1 and outer.interrupt_hold_s:
                         with outer._arrival:
                             hold, outer.interrupt_hold_s = outer.interrupt_hold_s, 0.0  # the first stream only
-                            outer._arrival.wait_for(lambda: outer.arrivals != arrived, hold)
+                            # The first request's stream: a later one that gets here first (the
+                            # first was cut off at its first token) would wait out the hold for
+                            # a request that never comes.
+                            if arrived == outer._first_answer:
+                                outer._arrival.wait_for(lambda: outer.arrivals != arrived, hold)
                     if outer.interrupt and outer.arrivals != arrived:
                         self.wfile.write(b"data: [DONE]\n\n")  # llama-cpp-python's interrupt_requests
                         self.wfile.flush()
@@ -244,10 +249,13 @@ class FakeOpenAI:
                 except OSError:
                     pass
 
-    def arrived(self) -> int:
-        """Count a request, and wake a stream holding for one (interrupt_hold_s); its number."""
+    def arrived(self, answering: bool = False) -> int:
+        """Count a request, and wake a stream holding for one (interrupt_hold_s); its number.
+        ``answering``: a completion (not a model list)."""
         with self._arrival:
             self.arrivals += 1
+            if answering and self._first_answer is None:
+                self._first_answer = self.arrivals
             self._arrival.notify_all()
             return self.arrivals
 

@@ -24,7 +24,7 @@ from agent.config import BrokerConfig, Config, load_config
 from agent.node import Node
 from agent.topics import Topics
 from tests.support.broker import REPO, Broker
-from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, write_config
+from tests.support.launch import ArrivalWatch, NodeProcess, node_doc, start_all, stop_all, write_config
 
 WAIT_S = 15.0
 
@@ -97,6 +97,17 @@ class Env:
         """``python -m agent --role node`` for this config, as a child process."""
         device = self.load(path).device_id
         return NodeProcess(path, device, arrivals=self.arrivals, log=self.tmp / f"{device}.log")
+
+    @contextmanager
+    def node_processes(self, *paths: Path) -> Iterator[list[NodeProcess]]:
+        """Node daemons as child processes, started at once and online before the block
+        runs; stopped side by side after it."""
+        nodes = [self.node_process(path) for path in paths]
+        start_all(nodes)
+        try:
+            yield nodes
+        finally:
+            stop_all(nodes)
 
     # ------------------------------------------------------------------ trigger
     def trigger(self, path: Path, prompt: str, *args: str) -> tuple[int, dict[str, Any] | None, str, str]:

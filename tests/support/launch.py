@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +183,16 @@ class NodeProcess:
         return self.proc.wait(timeout=timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
+        stop_all([self], timeout)
+
+    def _terminate(self) -> None:
         if self.running:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
+
+    def _reap(self, timeout: float) -> None:
+        if self.proc is not None and self.proc.returncode is None:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -195,3 +201,26 @@ class NodeProcess:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_all(nodes: Sequence[NodeProcess], timeout: float = ONLINE_TIMEOUT_S) -> None:
+    """Start every node at once and return when each has announced itself online: the fleet
+    comes up in the time of its slowest node, not in the sum of them all. If one does not
+    come up, every one is stopped."""
+    for node in nodes:
+        node.arrivals.expect(node.device)
+        node.launch()
+    late = next((node for node in nodes if not node.arrivals.wait(node.device, timeout)), None)
+    if late is not None:
+        stop_all(nodes)
+        raise RuntimeError(f"node {late.device} did not come online within {timeout:g} s:\n"
+                           + late.log_text()[-2000:])
+
+
+def stop_all(nodes: Sequence[NodeProcess], timeout: float = 30.0) -> None:
+    """SIGTERM every node first, then wait for each (SIGKILL after ``timeout``): they shut
+    down side by side."""
+    for node in nodes:
+        node._terminate()
+    for node in nodes:
+        node._reap(timeout)
