@@ -121,7 +121,9 @@ class BidBook:
             return {d: max(0.0, at - self._opened) for d, at in self._arrived.items()}
 
 
-Event = tuple[Any, ...]  # ("result", Message) | ("roster", device, online) | ("link", up, session_present)
+# ("result", Message) | ("roster", device, online) | ("link", up, session_present)
+# | ("interrupt",): put by Orchestrator.interrupt (Ctrl-C) to cancel the job in flight.
+Event = tuple[Any, ...]
 
 
 class Mailroom:
