@@ -22,19 +22,11 @@ from agent.auction import (
     patience,
     should_close,
 )
-from agent.messages import Bid, Snapshot
+from agent.messages import Bid
 from agent.topics import Topics
+from tests.support.bids import bid
 
 T = Topics("p/")
-
-
-def snap(*, npu: bool = False, free: bool = False) -> Snapshot:
-    return Snapshot(has_npu=npu, npu_free=free, cpu_slots=1, cpu_percent=0.0, mem_available_mb=1000.0, load1=0.0,
-                    queue_depth=0)
-
-
-def bid(device: str, *, rid: str = "r1", origin: str = "hub", npu: bool = False, free: bool = False) -> Bid:
-    return Bid(rid=rid, device=device, origin=origin, claim=f"claim-{device}", snapshot=snap(npu=npu, free=free))
 
 
 def close(expected: set[str], bids: dict[str, Bid], now: float, *, suspects: frozenset[str] = frozenset(),
