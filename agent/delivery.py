@@ -248,10 +248,10 @@ class LocalRunner:
             return Outcome(req.rid, Answer(True, ExitCode.OK), self.me, "local-npu", dry_run=True,
                            ranking=({"device": self.me, "mode": "npu", "score": None},),
                            total_ms=(self.clock() - started) * 1000)
-        claim = self.npu_lock.try_claim(owner=req.rid)
-        if claim is None:
+        held = self.npu_lock.try_acquire(owner=req.rid)
+        if held is None:
             return None
-        with claim:
+        with held:
             fsm.fire("local_npu")
             self.hooks.on_decision(Decided(self.me, "local-npu"))
             answer, outcome = self._run(self.npu_exec, req, fsm)
@@ -278,17 +278,17 @@ class LocalRunner:
             self.hooks.on_token(text)
 
         timeout_s = self.cfg.auction.job_timeout_s
-        claim = None
+        held = None
         if slots is not None:
             began = self.clock()
-            claim = slots.wait_claim(req.rid, timeout_s, on_wait=self._slot_progress())
-            if claim is None:
+            held = slots.wait_acquire(req.rid, timeout_s, on_wait=self._slot_progress())
+            if held is None:
                 fsm.fire("error")
                 return (Answer(False, ExitCode.TIMEOUT, error=f"no CPU slot of this device came free within "
                                                                f"{timeout_s:g} s"), "no free slot")
             timeout_s -= self.clock() - began
         params = Params(max_new_tokens=req.max_new_tokens, temperature=req.temperature, timeout_s=timeout_s,
-                        rid=req.rid, hold_fds=(claim.fd,) if claim is not None else (), chat=req.chat)
+                        rid=req.rid, hold_fds=(held.fd,) if held is not None else (), chat=req.chat)
         try:
             result = executor.run(req.prompt, params, on_token, self.interrupted)
         except ExecutorError as exc:
@@ -301,8 +301,8 @@ class LocalRunner:
                 code = ExitCode.INTERRUPTED
             return Answer(False, code, exc.partial_text or "".join(parts), str(exc)), f"error: {exc.reason}"
         finally:
-            if claim is not None:
-                claim.release()
+            if held is not None:
+                held.release()
         fsm.fire("done")
         return Answer(True, ExitCode.OK, result.text, None, result.timings, result.generated_tokens,
                       result.prompt_tokens, result.finish_reason, result.tool_calls), "done"

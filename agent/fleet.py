@@ -21,7 +21,7 @@ from agent.bus import Bus, new_nonce
 from agent.config import BrokerConfig, Config
 from agent.control import Failure, Forgot
 from agent.errors import DeviceBusy, ExitCode, StateError
-from agent.locks import Claim, IdentityLock
+from agent.locks import HeldLock, IdentityLock
 from agent.mailroom import Mailroom
 from agent.roster import Roster
 from agent.statefiles import atomic_write, read_json_object
@@ -61,7 +61,7 @@ class Fleet:
         self.mail = Mailroom(bus, topics, me)  # the bids and results of our orchestrations
         self._synced = False
         self._lock = threading.Lock()
-        self._identity: Claim | None = None
+        self._identity: HeldLock | None = None
 
     @classmethod
     def open(cls, cfg: Config, *, role: str = "trigger", timeout: float = CONNECT_TIMEOUT_S,
@@ -81,7 +81,7 @@ class Fleet:
         identity = None
         if cfg.broker.username is not None:
             lock = IdentityLock(cfg.state_dir)
-            identity = lock.wait_claim(role, wait_identity_s, on_wait=on_wait)
+            identity = lock.wait_acquire(role, wait_identity_s, on_wait=on_wait)
             if identity is None:
                 raise DeviceBusy(lock.holder(), wait_identity_s)
         client_id = cfg.device_id if identity is not None else f"{cfg.device_id}-{role}-{nonce}"

@@ -109,7 +109,7 @@ class Jobs:
             self.admit(job, self._age(job.origin, job.sent_at, msg, job.timeout_s))
 
     def admit(self, job: Job, age_s: float) -> None:
-        """Claim what the bid promised and queue the job, or decline it with the reason."""
+        """Take the resource the bid promised and queue the job, or decline it with the reason."""
         cap = self.capacity
         received = self._clock()
         # Never longer than this node's own job_timeout_s, whatever the job asks for.
@@ -128,12 +128,12 @@ class Jobs:
             self.decline(job, "no_tools: this device's executor cannot call tools")
             return
         if job.mode == "npu":
-            claim = cap.npu_lock.try_claim(owner=job.rid) if cap.npu is not None else None
-            if claim is None:
+            held = cap.npu_lock.try_acquire(owner=job.rid) if cap.npu is not None else None
+            if held is None:
                 self.decline(job, "no_npu" if cap.npu is None else "npu_busy")
                 return
             cap.npu_busy_here = True
-            run = self.ledger.accept(job, received, deadline, queue_position=0, resource=claim)
+            run = self.ledger.accept(job, received, deadline, queue_position=0, resource=held)
             self.send(job.origin, run.accepted)
             threading.Thread(target=self.execute, args=(run, None), name=f"npu-{job.rid[:8]}", daemon=True).start()
         else:
@@ -172,7 +172,7 @@ class Jobs:
         executor = self.capacity.executor(job.mode)
         assert executor is not None
         if slot is not None:
-            run.resource = self.capacity.cpu_slots.locks[slot].claim(owner=job.rid)  # a trigger alone may hold it
+            run.resource = self.capacity.cpu_slots.locks[slot].acquire(owner=job.rid)  # a trigger alone may hold it
         seq = itertools.count()
         queue_ms = (self._clock() - run.received) * 1000
         ok = False

@@ -7,7 +7,7 @@ runs on its own (no daemon, or no broker) counts against the same slots as the d
 The kernel drops a lock when the holder's file is closed, including when the process
 dies, so a crash never leaves anything marked busy (the seed's flag file could); a child
 that inherits the descriptor keeps it held for as long as the model it runs lives.
-``is_free`` probes with a shared lock for a few microseconds; a claim that collides with
+``is_free`` probes with a shared lock for a few microseconds; an acquisition that collides with
 a probe retries briefly instead of reporting the resource busy.
 """
 
@@ -28,7 +28,7 @@ _PROBE_RETRY_S = 0.001
 SLOT_POLL_S = (0.02, 0.25)  # waiting for a CPU slot held by another process: first, longest poll
 
 
-class Claim:
+class HeldLock:
     """A held lock; release it (or use it as a context manager) when the job ends."""
 
     def __init__(self, fd: int, path: Path):
@@ -54,7 +54,7 @@ class Claim:
                 pass
             os.close(fd)  # closing drops the flock
 
-    def __enter__(self) -> Claim:
+    def __enter__(self) -> HeldLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,7 +74,7 @@ class DeviceLock:
         except OSError as exc:
             raise StateError(self.path, f"cannot open the lock file: {describe(exc)}") from None
 
-    def try_claim(self, owner: str = "") -> Claim | None:
+    def try_acquire(self, owner: str = "") -> HeldLock | None:
         """Take it if it is free, without waiting; None if someone holds it."""
         fd = self._open()
         for attempt in range(_PROBE_RETRIES):
@@ -90,23 +90,23 @@ class DeviceLock:
             # Who holds it, for people reading the file while debugging.
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
-            return Claim(fd, self.path)
+            return HeldLock(fd, self.path)
         os.close(fd)
         return None
 
-    def claim(self, owner: str = "") -> Claim:
+    def acquire(self, owner: str = "") -> HeldLock:
         """Take it, waiting as long as it takes (a worker thread that has nothing else to do)."""
         fd = self._open()
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {owner}\n".encode(), 0)
-        return Claim(fd, self.path)
+        return HeldLock(fd, self.path)
 
-    def wait_claim(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
+    def wait_acquire(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
                    on_wait: Callable[[float], None] = lambda waited: None,
-                   stop: Callable[[], bool] = lambda: False) -> Claim | None:
+                   stop: Callable[[], bool] = lambda: False) -> HeldLock | None:
         """Take it, waiting up to ``timeout_s`` (None if it stayed held, or ``stop`` said so)."""
-        return _poll(lambda: self.try_claim(owner), timeout_s, clock=clock, on_wait=on_wait, stop=stop)
+        return _poll(lambda: self.try_acquire(owner), timeout_s, clock=clock, on_wait=on_wait, stop=stop)
 
     def holder(self) -> str:
         """Who holds it, as the holder wrote it ("<pid> <owner>"), for messages."""
@@ -143,19 +143,19 @@ class CpuSlots:
     def busy(self) -> int:
         return sum(not lock.is_free() for lock in self.locks)
 
-    def try_claim(self, owner: str = "") -> Claim | None:
+    def try_acquire(self, owner: str = "") -> HeldLock | None:
         for lock in self.locks:
-            claim = lock.try_claim(owner)
-            if claim is not None:
-                return claim
+            held = lock.try_acquire(owner)
+            if held is not None:
+                return held
         return None
 
-    def wait_claim(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
-                   on_wait: Callable[[float], None] = lambda waited: None) -> Claim | None:
+    def wait_acquire(self, owner: str, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
+                   on_wait: Callable[[float], None] = lambda waited: None) -> HeldLock | None:
         """A free slot, waiting up to ``timeout_s`` for one (None if none freed up)."""
         if not self.locks:
             return None
-        return _poll(lambda: self.try_claim(owner), timeout_s, clock=clock, on_wait=on_wait)
+        return _poll(lambda: self.try_acquire(owner), timeout_s, clock=clock, on_wait=on_wait)
 
 
 class IdentityLock(DeviceLock):
@@ -167,16 +167,16 @@ class IdentityLock(DeviceLock):
         super().__init__(Path(state_dir) / "broker-identity.lock")
 
 
-def _poll(attempt: Callable[[], Claim | None], timeout_s: float, *, clock: Callable[[], float],
-          on_wait: Callable[[float], None], stop: Callable[[], bool] = lambda: False) -> Claim | None:
+def _poll(attempt: Callable[[], HeldLock | None], timeout_s: float, *, clock: Callable[[], float],
+          on_wait: Callable[[float], None], stop: Callable[[], bool] = lambda: False) -> HeldLock | None:
     """Try until it works or ``timeout_s`` passes. The holders are other processes, whose
     release no event of ours can signal, so this polls, backing off to a quarter second."""
     start = clock()
     delay = SLOT_POLL_S[0]
     while True:
-        claim = attempt()
-        if claim is not None:
-            return claim
+        held = attempt()
+        if held is not None:
+            return held
         waited = clock() - start
         if waited >= timeout_s or stop():
             return None

@@ -36,7 +36,7 @@ from agent.executors import Served, usable
 from agent.fleet import Fleet
 from agent.fronts import Fronts, orchestrator
 from agent.jobs import Jobs
-from agent.locks import Claim, IdentityLock
+from agent.locks import HeldLock, IdentityLock
 from agent.presence import Presence
 from agent.statefiles import check_writable
 from agent.topics import Topics
@@ -62,7 +62,7 @@ class Node:
         self._on_fatal = on_fatal
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._identity: Claim | None = None
+        self._identity: HeldLock | None = None
         self.gateway: Any = None
         changed = threading.Event()  # what the metrics say changed: publish soon
         self.capacity = Capacity(cfg.state_dir, _executor(cfg, "npu"), _executor(cfg, "cpu"), cfg.cpu.slots,
@@ -133,14 +133,14 @@ class Node:
         """With a username the broker allows this device one connection (its client id is
         the username): wait for a trigger run without the daemon to finish with it."""
         lock = IdentityLock(self.cfg.state_dir)
-        claim = lock.try_claim("node")
-        if claim is None:
+        held = lock.try_acquire("node")
+        if held is None:
             log.warning("waiting for pid %s to let go of this device's broker connection (one per device)",
                         lock.holder())
-            claim = lock.wait_claim("node", float("inf"), stop=self._stop.is_set)
-        if claim is None:
+            held = lock.wait_acquire("node", float("inf"), stop=self._stop.is_set)
+        if held is None:
             return  # stopped while waiting
-        self._identity = claim
+        self._identity = held
         self.bus.start()
 
     def drain(self, grace_s: float) -> bool:

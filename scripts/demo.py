@@ -117,7 +117,7 @@ class Demo:
 
         banner("3. board-npu's NPU is busy -> CPU path, LinUCB picks; watch it learn")
         print("(holding board-npu's NPU lock, as a long Genie job would)")
-        claim = NpuLock(self.workdir / "state" / "board-npu").try_claim("demo-long-job")
+        claim = NpuLock(self.workdir / "state" / "board-npu").try_acquire("demo-long-job")
         assert claim is not None
         with claim:
             for i in range(self.rounds):

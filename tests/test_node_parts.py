@@ -180,7 +180,7 @@ def test_capacity_offers_the_npu_only_while_it_is_free_up_and_not_ours(tmp_path:
     cap.npu_busy_here = True
     assert not cap.npu_free(), "a job of ours holds it"
     cap.npu_busy_here = False
-    claim = NpuLock(tmp_path).try_claim(owner="another process")
+    claim = NpuLock(tmp_path).try_acquire(owner="another process")
     assert claim is not None
     assert not cap.npu_free(), "another process of this device holds its flock"
     claim.release()
@@ -456,7 +456,7 @@ def test_a_job_runs_with_its_deadline_and_reports_its_time_in_the_line(tmp_path:
     (prompt, params, _), = engine.calls
     assert prompt == "hello there" and params.timeout_s == 26.0 and params.max_new_tokens == 4
     assert len(params.hold_fds) == 1, "the slot's lock is held by whatever runs the model"
-    assert CpuSlots(tmp_path, 1).try_claim() is not None, "and released after the run"
+    assert CpuSlots(tmp_path, 1).try_acquire() is not None, "and released after the run"
     events = parts.results("r1")
     assert [type(e).__name__ for e in events] == ["Accepted", "Token", "Done"]
     done = events[-1]
@@ -603,7 +603,7 @@ def test_an_npu_job_claims_the_npu_and_runs_on_a_thread_of_its_own(tmp_path: Pat
     assert engine.calls[0][2] == "npu-npujob-1 (daemon)", "a job never keeps a stopping daemon alive"
     assert engine.calls[0][1].hold_fds
     assert not parts.capacity.npu_busy_here and parts.capacity.npu_free(), "released after the run"
-    held = NpuLock(tmp_path).try_claim("another process")
+    held = NpuLock(tmp_path).try_acquire("another process")
     assert held is not None
     claim = parts.jobs.ledger.offer("second", "hub", 0.0)
     assert claim
@@ -817,7 +817,7 @@ def test_the_loop_retries_a_model_server_each_second_and_says_when_it_is_back(tm
 def test_the_loop_polls_the_npu_and_publishes_at_once_when_another_process_takes_it(tmp_path: Path) -> None:
     parts = Parts(tmp_path, npu=served(tmp_path))
     claims: list[Any] = []
-    ticks, sent_at = run_loop(parts, 3, {1: (0.5, lambda _: claims.append(NpuLock(tmp_path).try_claim("other")))})
+    ticks, sent_at = run_loop(parts, 3, {1: (0.5, lambda _: claims.append(NpuLock(tmp_path).try_acquire("other")))})
     assert ticks.waits == [0.5, 0.5, 0.5] and sent_at == [0.0, 0.5]
     assert Metrics.from_payload(parts.wire.sent[-1][1]).snapshot.npu_free is False
     claims[0].release()

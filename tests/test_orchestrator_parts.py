@@ -473,7 +473,7 @@ def test_a_busy_npu_is_passed_over_and_a_dry_run_only_looks(tmp_path: Path) -> N
     dry = part.own_npu(request(dry_run=True), 0.25, Machine("o", ORCHESTRATION, "start"))
     assert dry is not None and dry.dry_run and dry.ok and dry.path == "local-npu" and dry.total_ms == 750.0
     assert dry.ranking == ({"device": "hub", "mode": "npu", "score": None},) and npu.params == []
-    claim = NpuLock(config(tmp_path).state_dir).try_claim("someone else")
+    claim = NpuLock(config(tmp_path).state_dir).try_acquire("someone else")
     assert claim is not None
     with claim:
         assert part.own_npu(request(dry_run=True), 0.0, Machine("o", ORCHESTRATION, "start")) is None
@@ -522,7 +522,7 @@ def test_no_free_cpu_slot_within_the_job_s_time_is_a_timeout(tmp_path: Path) -> 
     heard, exe = Heard(), Exec()
     part = LocalRunner(cfg, heard, npu_exec=None, cpu_exec=exe, clock=Clock(),  # type: ignore[arg-type]
                        interrupted=threading.Event())
-    claim = CpuSlots(cfg.state_dir, 1).try_claim("someone else")
+    claim = CpuSlots(cfg.state_dir, 1).try_acquire("someone else")
     assert claim is not None
     with claim:
         fsm = Machine("o", ORCHESTRATION, "running_local")

@@ -316,7 +316,7 @@ def test_npu_stays_busy_while_an_orphaned_executor_runs_and_frees_after(tmp_path
     from agent.executors import Params, build_executor
 
     lock = NpuLock(tmp_path)
-    claim = lock.try_claim("job")
+    claim = lock.try_acquire("job")
     assert claim is not None
     fifo = tmp_path / "release"
     import os

@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_npu_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     lock = NpuLock(tmp_path)
     assert lock.is_free()
-    claim = lock.try_claim("job-1")
+    claim = lock.try_acquire("job-1")
     assert claim is not None and not lock.is_free()
-    assert lock.try_claim("job-2") is None
+    assert lock.try_acquire("job-2") is None
     claim.release()
     assert lock.is_free()
-    with lock.try_claim("job-3") as again:
+    with lock.try_acquire("job-3") as again:
         assert again is not None and again.held
     assert lock.is_free()
 
@@ -27,7 +27,7 @@ def test_npu_lock_is_exclusive_and_released(tmp_path: Path) -> None:
 def test_npu_lock_held_by_another_process_and_freed_when_it_dies(tmp_path: Path) -> None:
     lock = NpuLock(tmp_path)
     holder = hold_npu_in_other_process(tmp_path)
-    assert not lock.is_free() and lock.try_claim() is None
+    assert not lock.is_free() and lock.try_acquire() is None
     holder.kill()
     holder.communicate()
     assert lock.is_free(), "the kernel drops a dead holder's flock"

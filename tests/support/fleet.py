@@ -222,7 +222,7 @@ def executions(log: Path) -> dict[str, dict[str, int]]:
 def hold_npu_in_other_process(state_dir: Path) -> subprocess.Popen[str]:
     """A separate process that holds the device's NPU lock until its stdin closes."""
     code = ("import sys; from pathlib import Path; from agent.locks import NpuLock;"
-            f"c = NpuLock(Path({str(state_dir)!r})).try_claim('test-holder');"
+            f"c = NpuLock(Path({str(state_dir)!r})).try_acquire('test-holder');"
             "print('held' if c else 'busy', flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
