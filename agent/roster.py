@@ -29,7 +29,16 @@ from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
-from agent.messages import SCHEMA_VERSION, Bid, Capabilities, Metrics, Snapshot, can_take, decoded
+from agent.messages import (
+    SCHEMA_VERSION,
+    Bid,
+    Capabilities,
+    Metrics,
+    Snapshot,
+    can_take,
+    decoded,
+)
+from agent.router import Listeners
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -56,7 +65,7 @@ class Roster:
         self._metrics: dict[str, Metrics] = {}   # decoded, the last good one of each device
         self._pending: dict[str, tuple[str, bytes]] = {}  # device -> (topic, its latest metrics, undecoded)
         self._takes: dict[str, dict[tuple[str | None, str, bool], bool]] = {}  # can_take, per device and job kind
-        self._listeners: list[Listener] = []
+        self._listeners: Listeners[Listener] = Listeners()
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
         self._granted: dict[str, Capabilities] = {}  # device -> what the operator allows it to claim
@@ -83,10 +92,9 @@ class Roster:
         with self._lock:
             changed = self._state.get(device) != online
             self._state[device] = online
-            listeners = list(self._listeners)
         if changed:
             log.debug("roster: %s is %s", device, "online" if online else "offline")
-            for listener in listeners:
+            for listener in self._listeners.now():
                 listener(device, online)
 
     def drop(self, device: str) -> None:
@@ -97,9 +105,8 @@ class Roster:
             self._pending.pop(device, None)
             self._takes.pop(device, None)
             self._heard.pop(device, None)
-            listeners = list(self._listeners)
         if was_online:
-            for listener in listeners:
+            for listener in self._listeners.now():
                 listener(device, False)
 
     def handle_metrics(self, msg: Message) -> None:
@@ -247,14 +254,8 @@ class Roster:
         return m is None or m.snapshot.has_npu
 
     def listen(self, listener: Listener) -> Callable[[], None]:
-        with self._lock:
-            self._listeners.append(listener)
-
-        def remove() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return remove
+        """Called with (device, online) on each change of a device's availability."""
+        return self._listeners.add(listener)
 
 
 def within(snapshot: Snapshot, granted: Capabilities | None) -> Snapshot:

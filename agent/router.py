@@ -20,7 +20,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger("agent.bus")  # the bus's own lines, wherever the code lives
 
@@ -43,6 +43,30 @@ class Message:
 
 Handler = Callable[[Message], None]
 LinkListener = Callable[[bool, bool], None]  # (up, session_present): network thread, queue only
+L = TypeVar("L")
+
+
+class Listeners(Generic[L]):
+    """Callbacks added and removed from any thread; the owner calls a copy, outside any lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[L] = []
+
+    def add(self, listener: L) -> Callable[[], None]:
+        """Add ``listener``; returns a function that removes it (twice is harmless)."""
+        with self._lock:
+            self._items.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._items:
+                    self._items.remove(listener)
+        return remove
+
+    def now(self) -> list[L]:
+        with self._lock:
+            return list(self._items)
 
 
 class Subscription:
@@ -76,7 +100,7 @@ class Router:
         self._exact: dict[str, list[Subscription]] = {}
         self._wild = wild
         self._wild_filters: dict[str, list[Subscription]] = {}
-        self._listeners: list[LinkListener] = []
+        self._listeners: Listeners[LinkListener] = Listeners()
 
     def add(self, sub: Subscription) -> bool:
         """Route ``sub``'s filter to it; True when the filter is new (the broker must hear of it)."""
@@ -119,19 +143,11 @@ class Router:
 
     def on_link(self, listener: LinkListener) -> Callable[[], None]:
         """Add a link listener; returns a function that removes it."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def remove() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return remove
+        return self._listeners.add(listener)
 
     def listeners(self) -> list[LinkListener]:
         """The link listeners now (call them outside the lock)."""
-        with self._lock:
-            return list(self._listeners)
+        return self._listeners.now()
 
 
 # The dispatcher's queue: a message and the handlers it matched, a (re)connect (with
