@@ -89,7 +89,8 @@ class LocalMosquitto:
                     ready.set()
             ready.set()  # it exited: start() reports that
 
-        threading.Thread(target=read_log, daemon=True, name="mosquitto-log").start()
+        self._reader = threading.Thread(target=read_log, daemon=True, name="mosquitto-log")
+        self._reader.start()
         if not ready.wait(timeout) or proc.poll() is not None:
             tail = "\n".join(self.log_lines[-10:])
             self.stop()
@@ -106,7 +107,12 @@ class LocalMosquitto:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
+        # The log reader ends at the pipe's end of file, which the broker's exit brings;
+        # closing the pipe under a read in progress would fail that thread instead.
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.join(timeout=10)
+        if proc.stderr is not None and (reader is None or not reader.is_alive()):
             proc.stderr.close()
 
     def restart(self) -> None:
