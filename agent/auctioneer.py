@@ -12,7 +12,7 @@ are recorded for the next auction.
 from __future__ import annotations
 
 import logging
-import math
+import operator
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -70,6 +70,7 @@ class Auctioneer:
 
     def _auction(self, req: Request, wire: Wire, fsm: Machine) -> AuctionResult:
         fsm.fire("open")
+        started = self.clock()  # auction_ms counts choosing whom to call and calling them too
         window = self.cfg.auction.bid_timeout_s
         bus = wire.fleet.bus
 
@@ -96,10 +97,12 @@ class Auctioneer:
                             correlation_data=req.rid.encode())
 
         call()
+        called = self.clock()
         result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
                          need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
                          steady=wire.steady, resend=call, on_progress=self.hooks.on_progress,
                          interrupted=self.interrupted, latency=self.latency.load())
+        result = replace(result, auction_ms=result.auction_ms + (called - started) * 1000)
         for _ in result.bids:
             fsm.fire("bid")
         fsm.fire(result.closing)
@@ -119,15 +122,17 @@ class Auctioneer:
         if not should_invite(len(roster.online()), invite.above):
             return None
         metrics = roster.metrics()
-        devices = {d: (metrics[d].snapshot if d in metrics else None) for d in bidders}
-        memory, wall = self._asker_memory(), self.wall()
-        # how old each device's metrics are (their backlog has run down since); unknown: not aged
-        ages = {d: age for d in devices if d in metrics
-                and math.isfinite(age := roster.offsets.age(d, metrics[d].ts, wall))}
-        invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self._rng(),
-                            model=req.model, need=req.need, tools=req.tools, npu_granted=roster.may_have_free_npu,
-                            known_s=memory.known_s(self.clock(), estimate_tokens(req.prompt), req.max_new_tokens),
-                            startup_s=memory.startup_s(), age_s=ages)
+        snapshots = dict(zip(metrics, map(_snapshot_of, metrics.values()), strict=True))
+        devices = dict(zip(bidders, map(snapshots.get, bidders), strict=True))
+        memory, view = self._asker_memory(), self._view()
+        with view.lock:  # one view of the fleet per process, kept between auctions
+            invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self._rng(),
+                                model=req.model, need=req.need, tools=req.tools,
+                                npu_granted=roster.may_have_free_npu,
+                                known_s=memory.known_s(self.clock(), estimate_tokens(req.prompt),
+                                                       req.max_new_tokens),
+                                startup_s=memory.startup_s(), sent_s=roster.sent(), now=self.wall(),
+                                rows=view)
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)
@@ -141,11 +146,20 @@ class Auctioneer:
             self._asked = shared_memory(str(self.cfg.state_dir))
         return self._asked
 
+    def _view(self) -> Any:
+        """The metrics' rows ``choose`` keeps between auctions (``agent.invite.Rows``), one
+        per process and state directory, as the memory."""
+        from agent.invite import shared_rows
+        return shared_rows(str(self.cfg.state_dir))
+
     def _remember_bids(self, bids: Mapping[str, Any], req: Request) -> None:
         memory, now, prompt = self._asker_memory(), self.clock(), estimate_tokens(req.prompt)
         for device, bid in bids.items():
             memory.heard(device, now, backlog_s=bid.snapshot.backlog_s, service_s=bid.service_s, init_s=bid.init_s,
                          slots=bid.snapshot.cpu_slots, prompt_tokens=prompt, max_new_tokens=req.max_new_tokens)
+
+
+_snapshot_of = operator.attrgetter("snapshot")
 
 
 def closing_warnings(auction: AuctionResult, window_s: float) -> tuple[str, ...]:

@@ -31,9 +31,11 @@ invited. The choice depends only on its inputs and the seeded ``rng``.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -96,69 +98,166 @@ def expected_s(snapshot: Snapshot) -> float | None:
 def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explore: int,
            rng: np.random.Generator, model: str | None = None, need: str = "any", tools: bool = False,
            known_s: Mapping[str, float] | None = None, startup_s: Mapping[str, float] | None = None,
-           age_s: Mapping[str, float] | None = None,
+           sent_s: Mapping[str, float] | None = None, now: float = 0.0,
            npu_granted: Callable[[str], bool] = lambda d: True,
-           exclude: Collection[str] = (), spread: int = SPREAD) -> Invitation:
+           exclude: Collection[str] = (), spread: int = SPREAD, rows: Rows | None = None) -> Invitation:
     """The invitation for one job. ``devices``: every online device that may bid, with its
     last metrics (None: none seen yet); ``known_s``: the asker's own expected seconds per
     device, preferred over the metrics' where given; ``startup_s``: a device's start-up as its
     last cold bid said, added where its metrics say the model is not loaded (else the median
-    of those known, else ``COLD_S``); ``age_s``: how old each device's metrics are (their
-    backlog has run down by that much since); ``npu_granted``: whether the operator
-    let a device offer an NPU; ``exclude``: never invite (e.g. devices known to be gone)."""
+    of those known, else ``COLD_S``); ``sent_s``: when each device's metrics were sent, on
+    the clock ``now`` reads (their backlog has run down since; none: taken as fresh);
+    ``npu_granted``: whether the operator let a device offer an NPU; ``exclude``: never
+    invite (e.g. devices known to be gone); ``rows``: what the devices' metrics say, kept
+    from earlier choices (``Rows``): the same answer, without working a thousand snapshots
+    out again."""
     if best < 0 or explore < 0:
         raise ValueError("best and explore must be >= 0")
     known_s = known_s or {}
     startup_s = startup_s or {}
-    age_s = age_s or {}
+    sent_s = sent_s or {}
     cold_default = float(np.median(list(startup_s.values()))) if startup_s else COLD_S
+    t = (rows or Rows()).table(devices)
+    # sorted names: the same draw whatever the input order
+    able = t.able(need, model, tools)
+    if exclude:
+        able = able & ~np.fromiter((d in exclude for d in t.names), bool, len(t.names))
+    me_at = t.index.get(me)
+    own = me_at is not None and bool(able[me_at])
+    if own:
+        able = able.copy()
+        able[me_at] = False
+    others = np.flatnonzero(able)
+    jitter = np.full(len(t.names), np.nan)
+    jitter[others] = rng.random(len(others))
 
-    def able(d: str) -> bool:
-        snap = devices[d]
-        return d not in exclude and (snap is None or can_take(snap, need, model, tools))
-
-    names = sorted(d for d in devices if able(d))   # sorted: the same draw whatever the input order
-    own = me in names
-    others = [d for d in names if d != me]
-    jitter = dict(zip(others, rng.random(len(others)).tolist(), strict=True))
-
-    def free_npu(d: str) -> bool:
-        snap = devices[d]
-        return (snap is not None and snap.has_npu and snap.npu_free and serves(snap, "npu", model, tools)
-                and npu_granted(d))
-
-    npus = sorted((d for d in others if free_npu(d)), key=lambda d: (_npu_latency(devices[d]), jitter[d]))
-    npu = tuple(npus[:max(best, 1)])
-    rest = [d for d in others if d not in npu]
-    services = [e for d in rest if (snap := devices[d]) is not None and (e := _service_s(snap)) is not None]
-    optimistic = min(services, default=0.0)  # a device that has run nothing yet: as fast as the fastest
-    scored: list[tuple[float, float, float, str]] = []
-    for d in rest:
-        snap = devices[d]
-        cost = known_s.get(d)
-        if cost is None and snap is not None:
-            service = _service_s(snap)
-            backlog = max(0.0, snap.backlog_s - max(age_s.get(d, 0.0), 0.0))
-            cost = backlog + (optimistic if service is None else service)
-            if _cold(snap):
-                cost += startup_s.get(d, cold_default)
-        if cost is None:
-            continue  # nothing known: only the random draw can pick it
-        per_slot = 0.0 if snap is None else snap.queue_depth / max(snap.cpu_slots, 1)
-        scored.append((cost, per_slot, jitter[d], d))
-    scored.sort()
-    if spread > 1 and len(scored) > best:
-        pool = scored[:best * spread]
-        keep = sorted(rng.permutation(len(pool))[:best].tolist())
-        scored = [pool[i] for i in keep]
-    top = tuple(d for *_, d in scored[:best])
-    chosen = set(top)
-    unpicked = [d for d in rest if d not in chosen]
+    free = others[t.free_npu[others]]
+    npus = sorted((i for i in free.tolist() if serves(t.snaps[i], "npu", model, tools) and npu_granted(t.names[i])),
+                  key=lambda i: (t.npu_ms[i], jitter[i]))
+    npu = npus[:max(best, 1)]
+    if npu:
+        taken = np.zeros(len(t.names), bool)
+        taken[npu] = True
+        rest = others[~taken[others]]
+    else:
+        rest = others
+    services = t.service[rest]
+    services = services[~np.isnan(services)]
+    optimistic = float(services.min()) if len(services) else 0.0  # no record yet: as fast as the fastest
+    cost = t.column(known_s, np.nan)[rest]
+    guess = np.isnan(cost) & t.has_snap[rest]
+    if guess.any():
+        at = rest[guess]
+        age = now - t.column(sent_s, now)[at]
+        backlog = np.maximum(0.0, t.backlog[at] - np.maximum(age, 0.0))
+        service = t.service[at]
+        priced = backlog + np.where(np.isnan(service), optimistic, service)
+        cold = t.cold[at]
+        if cold.any():
+            priced[cold] += [startup_s.get(t.names[i], cold_default) for i in at[cold].tolist()]
+        cost[guess] = priced
+    scored = ~np.isnan(cost)  # nothing known: only the random draw can pick it
+    ranked, cost = rest[scored], cost[scored]
+    wanted = best * spread if spread > 1 else best
+    if 0 < wanted < len(cost):  # only the cheapest (ties with the last of them too) need ordering
+        near = cost <= np.partition(cost, wanted - 1)[wanted - 1]
+        ranked, cost = ranked[near], cost[near]
+    ranked = ranked[np.lexsort((ranked, jitter[ranked], t.per_slot[ranked], cost))]
+    if spread > 1 and len(ranked) > best:
+        pool = ranked[:best * spread]
+        ranked = pool[np.sort(rng.permutation(len(pool))[:best])]
+    top = ranked[:best]
+    chosen = np.zeros(len(t.names), bool)
+    chosen[top] = True
+    unpicked = rest[~chosen[rest]]
     # An invitation without a single peer would leave the job to the asker, or to nobody:
     # with nothing known (and explore 0), ``max(best, 1)`` are drawn at random instead.
-    draw = explore if npu or top or explore else max(best, 1)
-    picks = rng.permutation(len(unpicked))[:draw].tolist() if unpicked else []
-    return Invitation(own=own, npu=npu, best=top, explore=tuple(unpicked[i] for i in sorted(picks)), me=me)
+    draw = explore if npu or len(top) or explore else max(best, 1)
+    picks = rng.permutation(len(unpicked))[:draw] if len(unpicked) else np.zeros(0, int)
+    names = t.names
+    return Invitation(own=own, npu=tuple(names[i] for i in npu), best=tuple(names[i] for i in top.tolist()),
+                      explore=tuple(names[i] for i in unpicked[np.sort(picks)].tolist()), me=me)
+
+
+class _Table:
+    """One set of devices' rows as columns, in name order (``Rows.table``)."""
+
+    def __init__(self, names: list[str]):
+        n = len(names)
+        self.names = names
+        self.index = {d: i for i, d in enumerate(names)}
+        self.snaps: list[Snapshot | None] = [None] * n
+        self._seen = False                  # no row worked out yet
+        self.has_snap = np.zeros(n, bool)
+        self.service = np.full(n, np.nan)   # seconds, by its recent CPU median; NaN: no record
+        self.backlog = np.zeros(n)
+        self.per_slot = np.zeros(n)         # queue depth per CPU slot
+        self.cold = np.zeros(n, bool)       # the CPU model is not loaded
+        self.free_npu = np.zeros(n, bool)
+        self.npu_ms = np.full(n, np.inf)    # recent NPU median
+        self._able: dict[tuple[str, str | None, bool], np.ndarray] = {}
+
+    def update(self, devices: Mapping[str, Snapshot | None]) -> None:
+        """Work out again the rows whose snapshot is not the one seen last time."""
+        snaps, n = self.snaps, len(self.names)
+        if self._seen:  # map: the identity check of a thousand rows runs in C
+            changed = np.flatnonzero(np.fromiter(map(operator.is_not, map(devices.__getitem__, self.names), snaps),
+                                                 bool, n)).tolist()
+        else:
+            changed, self._seen = list(range(n)), True
+        for i in changed:
+            s = snaps[i] = devices[self.names[i]]
+            self.has_snap[i] = s is not None
+            if s is None:
+                self.service[i], self.backlog[i], self.per_slot[i] = np.nan, 0.0, 0.0
+                self.cold[i], self.free_npu[i], self.npu_ms[i] = False, False, np.inf
+                continue
+            service = _service_s(s)
+            self.service[i] = np.nan if service is None else service
+            self.backlog[i] = s.backlog_s
+            self.per_slot[i] = s.queue_depth / max(s.cpu_slots, 1)
+            self.cold[i] = _cold(s)
+            self.free_npu[i] = s.has_npu and s.npu_free
+            self.npu_ms[i] = _npu_latency(s)
+        if changed:
+            for (need, model, tools), mask in self._able.items():
+                for i in changed:
+                    s = snaps[i]
+                    mask[i] = s is None or can_take(s, need, model, tools)
+
+    def column(self, values: Mapping[str, float], missing: float) -> np.ndarray:
+        """``values`` per row, ``missing`` where it has none."""
+        if not values:
+            return np.full(len(self.names), missing)
+        return np.fromiter(map(values.get, self.names, repeat(missing, len(self.names))), float, len(self.names))
+
+    def able(self, need: str, model: str | None, tools: bool) -> np.ndarray:
+        """Which rows could take such a job by their metrics (none seen: could)."""
+        key = (need, model, tools)
+        mask = self._able.get(key)
+        if mask is None:
+            mask = self._able[key] = np.fromiter(
+                (s is None or can_take(s, need, model, tools) for s in self.snaps), bool, len(self.snaps))
+        return mask
+
+
+class Rows:
+    """What each device's metrics say for ``choose``, kept between choices: a device's row
+    is worked out again only when its snapshot is a new one (a new metrics message), so a
+    thousand devices cost an identity check each, not a dozen calls. Not thread-safe: a
+    caller that shares one holds its ``lock`` across ``choose`` (see ``shared_rows``)."""
+
+    def __init__(self) -> None:
+        self._table: _Table | None = None
+        self._names: frozenset[str] = frozenset()
+        self.lock = threading.Lock()  # held by a caller that shares one between threads
+
+    def table(self, devices: Mapping[str, Snapshot | None]) -> _Table:
+        names = frozenset(devices)
+        if self._table is None or names != self._names:
+            self._table, self._names = _Table(sorted(names)), names
+        self._table.update(devices)
+        return self._table
 
 
 def _service_s(snapshot: Snapshot) -> float | None:
@@ -291,6 +390,7 @@ class AskerMemory:
 
 
 _SHARED: dict[str, AskerMemory] = {}
+_SHARED_ROWS: dict[str, Rows] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -300,3 +400,10 @@ def shared_memory(key: str) -> AskerMemory:
     ``trigger`` process without a daemon starts empty and goes by the metrics alone."""
     with _SHARED_LOCK:
         return _SHARED.setdefault(key, AskerMemory())
+
+
+def shared_rows(key: str) -> Rows:
+    """One ``Rows`` per ``key`` for this process, like ``shared_memory``: a daemon's
+    orchestrators choose from the same view of the fleet, under its ``lock``."""
+    with _SHARED_LOCK:
+        return _SHARED_ROWS.setdefault(key, Rows())

@@ -50,6 +50,7 @@ _HEAD = re.compile(rb'\{"v":%d,"device":"([A-Za-z0-9_-]{1,64})","ts":([0-9]+(?:\
                    % SCHEMA_VERSION)
 
 Listener = Callable[[str, bool], None]
+BIDDER_KINDS = 16  # job kinds (model, need, tools) whose bidders are kept worked out
 
 
 class Roster:
@@ -64,7 +65,10 @@ class Roster:
         self._state: dict[str, bool] = {}
         self._metrics: dict[str, Metrics] = {}   # decoded, the last good one of each device
         self._pending: dict[str, tuple[str, bytes]] = {}  # device -> (topic, its latest metrics, undecoded)
-        self._takes: dict[str, dict[tuple[str | None, str, bool], bool]] = {}  # can_take, per device and job kind
+        # per job kind (model, need, tools): who would bid, and the devices changed since it was last worked out
+        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], set[str]]] = {}
+        self._online: set[str] = set()
+        self._sent: dict[str, float] = {}    # device -> when its last metrics were sent, on our wall clock
         self._listeners: Listeners[Listener] = Listeners()
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
@@ -92,6 +96,9 @@ class Roster:
         with self._lock:
             changed = self._state.get(device) != online
             self._state[device] = online
+            if changed:
+                (self._online.add if online else self._online.discard)(device)
+                self._changed(device)
         if changed:
             log.debug("roster: %s is %s", device, "online" if online else "offline")
             for listener in self._listeners.now():
@@ -101,17 +108,20 @@ class Roster:
         """Forget a retired device altogether (``forget`` cleared its retained topics)."""
         with self._lock:
             was_online = self._state.pop(device, False)
+            self._online.discard(device)
             self._metrics.pop(device, None)
             self._pending.pop(device, None)
-            self._takes.pop(device, None)
+            self._sent.pop(device, None)
+            self._changed(device)
             self._heard.pop(device, None)
         if was_online:
             for listener in self._listeners.now():
                 listener(device, False)
 
     def handle_metrics(self, msg: Message) -> None:
-        """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use; a
-        live one's clock sample is read at once (the head our own encoder writes)."""
+        """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use; its
+        timestamp is read at once (the head our own encoder writes): a live one's is a clock
+        sample, and each says when its metrics were sent (``sent``)."""
         parsed = self.topics.parse(msg.topic)
         if parsed is None or parsed.device is None:
             return
@@ -120,20 +130,27 @@ class Roster:
             if payload == b"":  # a retired device's metrics, cleared
                 self._metrics.pop(device, None)
                 self._pending.pop(device, None)
-                self._takes.pop(device, None)
+                self._sent.pop(device, None)
+                self._changed(device)
                 return
             self._pending[device] = (msg.topic, payload)
-            if msg.retain:  # it may be old: only live ones say how far its clock is
-                return
+            self._changed(device)
             head = _HEAD.match(payload)
             if head is not None and head.group(1) == device.encode():
                 ts: float | None = float(head.group(2))
+            elif msg.retain:
+                ts = None
             else:  # another encoder's layout: decoded now, as it always was
                 metrics = self._decoded(device)
                 ts = None if metrics is None else metrics.ts
-            if ts is not None:
+            if ts is not None and not msg.retain:  # a retained one may be old: only live ones say how far its clock is
                 self._clock(device, ts)
-        if ts is not None:
+            offset = self.offsets.offset(device)
+            if ts and offset is not None:
+                self._sent[device] = ts + offset
+            else:
+                self._sent.pop(device, None)  # how old it is cannot be told: taken as fresh
+        if ts is not None and not msg.retain:
             self._heard_live(device)
 
     def _clock(self, device: str, ts: float) -> None:
@@ -151,7 +168,6 @@ class Roster:
                               logger=log, matches=lambda m: m.device == device)
             if metrics is not None:
                 self._metrics[device] = metrics
-                self._takes.pop(device, None)
         return self._metrics.get(device)
 
     def handle_capabilities(self, msg: Message) -> None:
@@ -214,7 +230,7 @@ class Roster:
     def online(self) -> frozenset[str]:
         """Every online device, this one included (its node daemon, if it runs)."""
         with self._lock:
-            return frozenset(d for d, up in self._state.items() if up)
+            return frozenset(self._online)
 
     def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
@@ -224,14 +240,28 @@ class Roster:
 
         def expected(d: str) -> bool:
             m = self._decoded(d)
-            if m is None:
-                return True
-            takes = self._takes.setdefault(d, {})
-            if key not in takes:  # the same until its next metrics: a thousand devices, every auction
-                takes[key] = m.health == "ok" and can_take(m.snapshot, need, model, tools)
-            return takes[key]
+            return m is None or (m.health == "ok" and can_take(m.snapshot, need, model, tools))
         with self._lock:
-            return frozenset(d for d, up in self._state.items() if up and expected(d))
+            cached = self._bidders.pop(key, None)
+            if cached is None:  # worked out whole once per job kind, then only where something changed
+                cached = ({d for d in self._online if expected(d)}, set())
+                while len(self._bidders) >= BIDDER_KINDS:  # a model name is the caller's: bounded
+                    del self._bidders[next(iter(self._bidders))]
+            self._bidders[key] = cached  # the most recently asked last
+            members, changed = cached
+            for d in changed:
+                if d in self._online and expected(d):
+                    members.add(d)
+                else:
+                    members.discard(d)
+            changed.clear()
+            return frozenset(members)
+
+    def _changed(self, device: str) -> None:
+        """``device``'s availability or metrics changed (the lock held): work out again
+        whether it would bid, next time ``bidders`` is asked."""
+        for _, changed in self._bidders.values():
+            changed.add(device)
 
     def known(self) -> dict[str, bool]:
         """Every device heard of: online (True) or offline (False)."""
@@ -243,6 +273,12 @@ class Roster:
             for device in list(self._pending):
                 self._decoded(device)
             return dict(self._metrics)
+
+    def sent(self) -> dict[str, float]:
+        """When each device's last metrics were sent, on our wall clock (its timestamp plus
+        how far its clock is behind ours), where that can be told."""
+        with self._lock:
+            return dict(self._sent)
 
     def may_have_free_npu(self, device: str) -> bool:
         """Whether ``device`` could offer a free NPU, as far as its last metrics tell (a

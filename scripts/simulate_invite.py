@@ -72,7 +72,7 @@ from simulate import (  # noqa: E402
     workload,
 )
 
-from agent.invite import SPREAD, AskerMemory, choose  # noqa: E402
+from agent.invite import SPREAD, AskerMemory, Rows, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
 from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
 from agent.selection import select  # noqa: E402
@@ -133,6 +133,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     view: dict[str, Snapshot | None] = dict.fromkeys(devices)   # the retained metrics every asker sees
     sent_at: dict[str, float] = {}                                  # when each was published
     memory = [AskerMemory() for _ in range(ORCHESTRATORS)]
+    rows = [Rows() for _ in range(ORCHESTRATORS)]                   # each asker's view, kept between choices
     out = Result(latencies=[math.nan] * len(jobs))
     events: list[tuple[float, int, int, Any]] = [(j.arrival, ARRIVAL, j.jid, j) for j in jobs]
     seq = len(jobs)
@@ -198,7 +199,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
                                 known_s=(mem.known_s(now, job.prompt if policy.shaped else None, job.max_new)
                                          if policy.memory else None),
                                 startup_s=mem.startup_s() if policy.memory else None,
-                                age_s={dv: now - at for dv, at in sent_at.items()} if policy.aged else None,
+                                sent_s=sent_at if policy.aged else None, now=now, rows=rows[job.origin],
                                 spread=policy.spread).devices)
         out.calls.append(len(asked))
         offers = [devices[name].offer(job, now) for name in asked]

@@ -116,7 +116,7 @@ def test_old_metrics_backlog_has_run_down_by_their_age() -> None:
     inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1)
     assert inv.best == ("slow",)                          # 10 s against 4 s
     inv = choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), spread=1,
-                 age_s={"queued": 8.0, "slow": 8.0})
+                 sent_s={"queued": 92.0, "slow": 92.0}, now=100.0)
     assert inv.best == ("queued",)                        # 8 s later: 1 s of it left, 2 s in all
 
 

@@ -103,6 +103,9 @@ class ScriptedFleet:
     def metrics(self) -> dict[str, Any]:
         return {}
 
+    def sent(self) -> dict[str, float]:
+        return {}
+
     # fleet
     def sync(self) -> None:
         return None
