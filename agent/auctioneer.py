@@ -86,15 +86,19 @@ class Auctioneer:
                                  prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
                                  need=req.need, model=req.model, tools=req.tools)
             payload = request.to_payload()
-            topics = ([self.topics.bid_request(req.rid, self.me)] if invited is None else
-                      [self.topics.bid_invite(d, req.rid, self.me) for d in invited])
-            # A call to everyone at QoS 1, as the seed; invitations at QoS 0: an invitee
-            # that misses one is overdue within a second (the others decide), and on a broker
-            # that stores QoS 1 (NATS's JetStream) each cost a write (bench --scale, NATS).
-            for topic in topics:
-                bus.publish(topic, payload, qos=1 if invited is None else 0, expiry_s=window,
+            if invited is None:  # a call to everyone at QoS 1, with the MQTT 5 properties, as the seed
+                bus.publish(self.topics.bid_request(req.rid, self.me), payload, qos=1, expiry_s=window,
                             response_topic=self.topics.bid_reply_stem(self.me, req.rid),
                             correlation_data=req.rid.encode())
+                return
+            # Invitations at QoS 0: an invitee that misses one is overdue within a second
+            # (the others decide), and on a broker that stores QoS 1 (NATS's JetStream) each
+            # cost a write (bench --scale, NATS). No MQTT 5 properties, as bids: the topic and
+            # the payload say where to answer and how old the call is, a QoS 0 message is not
+            # queued for an offline device, and paho packing three of them in pure Python took
+            # 68 µs a message against 12 µs without: 1.1 ms of an auction that invites 20.
+            for device in invited:
+                bus.publish(self.topics.bid_invite(device, req.rid, self.me), payload, qos=0)
 
         call()
         called = self.clock()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
-from agent.invite import Invitation, choose, expected_s, should_invite
+from agent.invite import Invitation, Rows, choose, expected_s, should_invite
 from agent.messages import LatencySummary, ModelInfo, Snapshot
 
 
@@ -81,6 +83,31 @@ def test_deterministic_given_the_seed_whatever_the_order() -> None:
     c = choose(devices, me="asker", best=8, explore=4, rng=np.random.default_rng(8))
     assert a == b
     assert a.explore != c.explore  # another seed, another draw
+
+
+def test_a_view_kept_between_choices_chooses_as_a_fresh_one() -> None:
+    """``Rows`` works a device's row out again only when its snapshot is a new one: as
+    metrics come and go, devices join and leave, and jobs differ in kind, every choice
+    from the kept view is the one a fresh view makes."""
+    rng = np.random.default_rng(11)
+    devices: dict[str, Snapshot | None] = dict(fleet(60))
+    kept = Rows()
+    jobs = [dict(), dict(model="m"), dict(need="npu"), dict(model="m", tools=True)]
+    for step in range(300):
+        for name in rng.choice(sorted(devices), 4, replace=False).tolist():  # new metrics from a few
+            devices[name] = None if rng.random() < 0.1 else snap(
+                backlog=float(rng.choice([0.0, 5.0, 30.0])), p50_ms=float(rng.choice([500.0, 1500.0, 3000.0])),
+                npu=bool(rng.random() < 0.3), npu_free=bool(rng.random() < 0.5), slots=int(rng.choice([0, 1, 2])),
+                queue=int(rng.choice([0, 3])), model=str(rng.choice(["m", "n"])), npu_model="m")
+        if step % 25 == 0:  # one leaves, another joins
+            del devices[sorted(devices)[int(rng.integers(len(devices)))]]
+            devices[f"new-{step}"] = snap()
+        job: dict[str, Any] = jobs[step % len(jobs)]
+        known = {d: float(rng.random() * 5) for d in sorted(devices)[:10]}
+        a = choose(devices, me="dev-000", best=5, explore=2, rng=np.random.default_rng(step), rows=kept,
+                   known_s=known, **job)
+        b = choose(devices, me="dev-000", best=5, explore=2, rng=np.random.default_rng(step), known_s=known, **job)
+        assert a == b, f"step {step}"
 
 
 def test_the_random_draw_reaches_every_device_in_time() -> None:

@@ -184,3 +184,53 @@ def test_metrics_laid_out_otherwise_are_decoded_at_once_as_before() -> None:
     assert roster.offsets.offset("a") == 60.0 and "a" in roster.metrics()
     roster.handle_metrics(Message(TOPICS.metrics("b"), b'{"v":3,"device":"b","ts":1', retain=False))
     assert roster.offsets.offset("b") is None, "garbage measures nothing"
+
+
+def test_bidders_are_worked_out_again_only_where_something_changed(monkeypatch) -> None:
+    """A thousand devices, every auction: who would bid is kept per job kind and worked out
+    again for the devices whose availability or metrics changed since, not for all."""
+    roster = roster_of(a=True, b=True, c=True)
+    for d in "abc":
+        roster.handle_metrics(metrics(d))
+    assert roster.bidders() == {"a", "b", "c"}
+    decodes: list[bytes] = []
+    real = Metrics.from_payload
+
+    def counting(payload: bytes, max_bytes: int = 256 * 1024) -> Metrics:
+        decodes.append(payload)
+        return real(payload, max_bytes)
+    monkeypatch.setattr(Metrics, "from_payload", counting)
+    roster.handle_metrics(metrics("b", "draining"))
+    assert roster.bidders() == {"a", "c"} and len(decodes) == 1, "b alone worked out again"
+    roster.handle(Message(TOPICS.availability("c"), b"offline"))
+    roster.handle(Message(TOPICS.availability("d"), b"online"))
+    assert roster.bidders() == {"a", "d"}, "c gone, d new (no metrics yet: expected)"
+    roster.handle_metrics(Message(TOPICS.metrics("a"), b"", retain=True))  # a retired device's metrics cleared
+    roster.handle_metrics(metrics("b"))
+    assert roster.bidders() == {"a", "b", "d"}
+    roster.drop("d")
+    assert roster.bidders() == {"a", "b"} and roster.online() == {"a", "b"}
+    assert roster.bidders(model="m") == {"a"}, "another job kind, worked out whole: b serves no m, a said nothing"
+
+
+def test_the_job_kinds_kept_are_bounded_whatever_models_callers_name() -> None:
+    from agent.roster import BIDDER_KINDS
+    roster = roster_of(a=True)
+    for i in range(3 * BIDDER_KINDS):
+        roster.bidders(model=f"model-{i}")
+    assert len(roster._bidders) == BIDDER_KINDS
+    assert roster.bidders() == {"a"}
+
+
+def test_when_metrics_were_sent_on_our_clock_where_that_can_be_told() -> None:
+    now = [160.0]
+    roster = Roster(TOPICS, "hub", wall=lambda: now[0])
+    roster.handle_metrics(metrics("a"))   # retained, its clock not measured yet: cannot be told
+    assert roster.sent() == {}
+    live = metrics("a")                   # stamped 100, heard at 160: its clock is 60 s behind
+    roster.handle_metrics(Message(live.topic, live.payload, retain=False))
+    assert roster.sent() == {"a": 160.0}
+    roster.handle_metrics(metrics("a"))   # a retained one now: its stamp on our clock
+    assert roster.sent() == {"a": 160.0}
+    roster.handle_metrics(Message(TOPICS.metrics("a"), b"", retain=True))
+    assert roster.sent() == {}, "cleared: forgotten"
