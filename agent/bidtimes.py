@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from agent.auction import averaged, missed
+from agent.auction import averaged, missed, patience
 from agent.errors import StateError
 from agent.statefiles import atomic_write, read_json_object, stamp
 
@@ -52,12 +52,16 @@ class BidLatency:
     average), learnt by this asker and shared by its processes through
     ``state_dir/bid_latency.json`` (best effort, as ``Stragglers``).
 
-    The averages live in memory; the file is rewritten only when one of them moved by more
-    than ``REWRITE_CHANGE`` of what was last written, a device is new, or ``REWRITE_S``
-    passed with anything unwritten (and always on a process's first auction, so a one-shot
-    ``trigger`` leaves what it learnt). A rename per auction was a fifth of a busy asker's
-    CPU; the patience it feeds (``patience``: four times the average, at least a second)
-    does not notice a fifth. What another process wrote is read when the file changes."""
+    The averages live in memory; what reads them is ``auction.patience`` (four times the
+    average, at least a second), so the file is rewritten only when the patience it gives
+    some device moved by more than ``REWRITE_CHANGE`` (a device never written counts as
+    unknown, ``PATIENCE_NEW_S``), or ``REWRITE_S`` passed with anything unwritten (and
+    always on a process's first auction, so a one-shot ``trigger`` leaves what it learnt).
+    A rename per auction was a fifth of a busy asker's CPU; at a thousand devices, where
+    most auctions hear someone new, rewriting a thousand averages whenever one was new or
+    moved was a twelfth (py-spy, bench --scale), though nearly all sit under the floor of a
+    second and move nothing. Only the devices an auction heard are looked at. What another
+    process wrote is read when the file changes."""
 
     REWRITE_CHANGE = 0.2
     REWRITE_S = 30.0
@@ -69,6 +73,7 @@ class BidLatency:
         self._seen: tuple[int, int, int] | None = None  # the file as last read or written (statefiles.stamp)
         self._mine: dict[str, float] = {}             # every average this process knows
         self._written: dict[str, float] = {}          # what the file holds, as far as this process knows
+        self._unwritten: set[str] = set()             # devices whose average is not what the file holds
         self._written_at: float | None = None
 
     def load(self) -> dict[str, float]:
@@ -82,10 +87,17 @@ class BidLatency:
             return
         with self._lock:
             self._refresh()
+            moved = False
             for device, seconds in took.items():
-                self._mine[device] = averaged(self._mine.get(device), seconds)
+                value = self._mine[device] = averaged(self._mine.get(device), seconds)
+                was = self._written.get(device)
+                if value != was:
+                    self._unwritten.add(device)
+                    before = patience(was)
+                    moved = moved or abs(patience(value) - before) > self.REWRITE_CHANGE * before
             now = self._clock()
-            if not self._due(now):
+            if not self._unwritten or not (moved or self._written_at is None
+                                           or now - self._written_at >= self.REWRITE_S):
                 return
             try:
                 atomic_write(self.path, json.dumps(self._mine, sort_keys=True).encode(), durable=False)
@@ -93,17 +105,7 @@ class BidLatency:
                 log.warning("could not remember bid latencies: %s", exc)
                 return
             self._seen, self._written, self._written_at = stamp(self.path), dict(self._mine), now
-
-    def _due(self, now: float) -> bool:
-        if self._mine == self._written:
-            return False
-        if self._written_at is None or now - self._written_at >= self.REWRITE_S:
-            return True
-        for device, value in self._mine.items():
-            was = self._written.get(device)
-            if was is None or abs(value - was) > self.REWRITE_CHANGE * max(was, 1e-3):
-                return True
-        return False
+            self._unwritten.clear()
 
     def _refresh(self) -> None:
         now_seen = stamp(self.path)
@@ -113,4 +115,5 @@ class BidLatency:
                 if type(s) in (int, float) and math.isfinite(s) and s >= 0}
         self._mine.update(disk)  # another process's newer view, for the devices it names
         self._written, self._seen = disk, now_seen
+        self._unwritten = {d for d in self._unwritten if self._mine.get(d) != disk.get(d)}
 

@@ -24,34 +24,60 @@ def test_stragglers_count_missed_calls_and_a_bid_clears_the_record(tmp_path: Pat
 def test_bid_latency_is_a_moving_average_shared_through_state_dir(tmp_path: Path) -> None:
     rec = BidLatency(tmp_path)
     assert rec.load() == {}
-    rec.update({"a": 0.010, "slow": 0.400})
-    rec.update({"a": 0.020})
+    rec.update({"a": 0.300, "slow": 2.0})
+    rec.update({"a": 1.0})
     other = BidLatency(tmp_path).load()
-    assert other["slow"] == pytest.approx(0.4), "shared, and kept while it does not bid"
-    assert 0.010 < other["a"] < 0.020, "moves towards the newest"
+    assert other["slow"] == pytest.approx(2.0), "shared, and kept while it does not bid"
+    assert 0.300 < other["a"] < 1.0, "moves towards the newest"
     (tmp_path / "bid_latency.json").write_text('{"a": "fast", "b": -1, "c": 0.5}')
     assert BidLatency(tmp_path).load() == {"c": 0.5}, "garbage is ignored"
 
 
-def test_bid_latency_rewrites_its_file_only_when_an_average_moved(tmp_path: Path) -> None:
+def test_bid_latency_rewrites_its_file_only_when_a_patience_moved(tmp_path: Path) -> None:
+    """What reads the file is ``auction.patience``: four times the average, at least a
+    second. A move that changes no device's patience waits for ``REWRITE_S``."""
     now = [0.0]
     rec = BidLatency(tmp_path, clock=lambda: now[0])
     path = tmp_path / "bid_latency.json"
     rec.update({"a": 0.010})
     assert json.loads(path.read_bytes()) == {"a": 0.01}, "a process's first auction is written"
     for _ in range(5):
-        rec.update({"a": 0.0105})  # within a fifth of what is written: memory only
-    assert json.loads(path.read_bytes()) == {"a": 0.01}
+        rec.update({"a": 0.0105})
+    assert json.loads(path.read_bytes()) == {"a": 0.01}, "memory only"
     assert rec.load()["a"] > 0.0102, "this process uses what it learnt"
-    rec.update({"a": 0.010, "b": 0.2})
-    assert set(json.loads(path.read_bytes())) == {"a", "b"}, "a new device is written at once"
-    rec.update({"a": 0.100})
-    assert json.loads(path.read_bytes())["a"] > 0.03, "a big move is written at once"
-    rec.update({"a": 0.101})
+    rec.update({"a": 0.100, "b": 0.2})
+    assert json.loads(path.read_bytes()) == {"a": 0.01}, \
+        "under the floor of a second both wait as long as for an unknown device: memory only"
+    rec.update({"b": 2.0})
+    assert set(json.loads(path.read_bytes())) == {"a", "b"}, "b's patience moved: written at once"
+    rec.update({"a": 2.0})
+    assert json.loads(path.read_bytes())["a"] > 0.5, "a's patience moved: written at once"
     written = json.loads(path.read_bytes())["a"]
+    rec.update({"a": written + 0.05})
+    assert json.loads(path.read_bytes())["a"] == written != rec.load()["a"], "a small move: memory only"
     now[0] += BidLatency.REWRITE_S
-    rec.update({"a": 0.101})
+    rec.update({"a": written + 0.05})
     assert json.loads(path.read_bytes())["a"] != written, "small moves are written after REWRITE_S"
     other = BidLatency(tmp_path, clock=lambda: now[0])
     other.update({"c": 1.0})
     assert rec.load()["c"] == 1.0, "what another process wrote is read when the file changes"
+
+
+def test_bid_latency_writes_nothing_when_nothing_is_unwritten(tmp_path: Path, monkeypatch) -> None:
+    import agent.bidtimes as bidtimes
+    writes: list[bytes] = []
+    real = bidtimes.atomic_write
+    monkeypatch.setattr(bidtimes, "atomic_write", lambda path, data, **kw: (writes.append(data), real(path, data, **kw)))
+    now = [0.0]
+    rec = BidLatency(tmp_path, clock=lambda: now[0])
+    rec.update({"a": 2.0})
+    rec.update({"a": 2.0})                      # the same average
+    now[0] += BidLatency.REWRITE_S
+    rec.update({"a": 2.0})
+    assert len(writes) == 1, "the file holds what this process knows: nothing to write"
+    rec.update({"b": 0.1})                      # new, within the floor: not written yet
+    other = BidLatency(tmp_path, clock=lambda: now[0])
+    other.update({"b": 0.1})                    # another process writes a and the same b
+    now[0] += BidLatency.REWRITE_S
+    rec.update({"a": 2.0})
+    assert len(writes) == 2, "what another process wrote is not written again"
