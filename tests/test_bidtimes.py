@@ -75,8 +75,11 @@ def test_bid_latency_writes_nothing_when_nothing_is_unwritten(tmp_path: Path, mo
     now[0] += BidLatency.REWRITE_S
     rec.update({"a": 2.0})
     assert len(writes) == 1, "the file holds what this process knows: nothing to write"
+    writes.clear()
+    rec = BidLatency(tmp_path / "2", clock=lambda: now[0])
+    rec.update({"a": 2.0})                      # written: its first auction
     rec.update({"b": 0.1})                      # new, within the floor: not written yet
-    other = BidLatency(tmp_path, clock=lambda: now[0])
+    other = BidLatency(tmp_path / "2", clock=lambda: now[0])
     other.update({"b": 0.1})                    # another process writes a and the same b
     now[0] += BidLatency.REWRITE_S
     rec.update({"a": 2.0})
