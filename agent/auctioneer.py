@@ -12,7 +12,6 @@ are recorded for the next auction.
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -126,8 +125,7 @@ class Auctioneer:
         if not should_invite(len(roster.online()), invite.above):
             return None
         metrics = roster.metrics()
-        snapshots = dict(zip(metrics, map(_snapshot_of, metrics.values()), strict=True))
-        devices = dict(zip(bidders, map(snapshots.get, bidders), strict=True))
+        devices = {d: (m.snapshot if (m := metrics.get(d)) is not None else None) for d in bidders}
         memory, view = self._asker_memory(), self._view()
         with view.lock:  # one view of the fleet per process, kept between auctions
             invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self._rng(),
@@ -161,9 +159,6 @@ class Auctioneer:
         for device, bid in bids.items():
             memory.heard(device, now, backlog_s=bid.snapshot.backlog_s, service_s=bid.service_s, init_s=bid.init_s,
                          slots=bid.snapshot.cpu_slots, prompt_tokens=prompt, max_new_tokens=req.max_new_tokens)
-
-
-_snapshot_of = operator.attrgetter("snapshot")
 
 
 def closing_warnings(auction: AuctionResult, window_s: float) -> tuple[str, ...]:
