@@ -67,7 +67,8 @@ def test_bid_latency_writes_nothing_when_nothing_is_unwritten(tmp_path: Path, mo
     import agent.bidtimes as bidtimes
     writes: list[bytes] = []
     real = bidtimes.atomic_write
-    monkeypatch.setattr(bidtimes, "atomic_write", lambda path, data, **kw: (writes.append(data), real(path, data, **kw)))
+    monkeypatch.setattr(bidtimes, "atomic_write",
+                        lambda path, data, **kw: (writes.append(data), real(path, data, **kw)))
     now = [0.0]
     rec = BidLatency(tmp_path, clock=lambda: now[0])
     rec.update({"a": 2.0})
