@@ -377,7 +377,9 @@ class _Connector:
             return None
         outcome = state.last_outcome()
         if outcome is None or not answered and outcome.failure is not Failure.DROPPED:
-            outcome = _Outcome(Failure.NO_ANSWER, f"no answer within {timeout:g} s")
+            # rounded: the time left of the round, which differs by microseconds each round,
+            # would make each round's reason new to the log that says each reason once
+            outcome = _Outcome(Failure.NO_ANSWER, f"no answer within {round(timeout, 1):g} s")
         state.set_started(False)
         client.disconnect()
         client.loop_stop()
