@@ -218,7 +218,7 @@ class _Table:
             self.per_slot[i] = s.queue_depth / max(s.cpu_slots, 1)
             self.cold[i] = _cold(s)
             self.free_npu[i] = s.has_npu and s.npu_free
-            self.npu_ms[i] = _npu_latency(s)
+            self.npu_ms[i] = s.p50_ms("npu")
         if changed:
             for (need, model, tools), mask in self._able.items():
                 for i in changed:
@@ -269,11 +269,6 @@ def _cold(snapshot: Snapshot) -> bool:
     """Whether the metrics say the CPU model is not loaded (no word on it: not cold)."""
     info = snapshot.models.get("cpu")
     return info is not None and not info.warm
-
-
-def _npu_latency(snapshot: Snapshot | None) -> float:
-    summary = None if snapshot is None else snapshot.recent.get("npu")
-    return summary.p50_ms if summary is not None and summary.n else float("inf")
 
 
 @dataclass

@@ -267,6 +267,11 @@ class Snapshot:
     backlog_s: float = 0.0  # expected wait before a new CPU job would start here
     models: Mapping[str, ModelInfo] = field(default_factory=dict)  # per mode: what it serves
 
+    def p50_ms(self, mode: str) -> float:
+        """The median of this device's recent latencies in ``mode`` (ms); infinite with none."""
+        summary = self.recent.get(mode)
+        return summary.p50_ms if summary is not None and summary.n else math.inf
+
     def to_obj(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies and was half the cost of a bid.
         return {"has_npu": self.has_npu, "npu_free": self.npu_free, "cpu_slots": self.cpu_slots,

@@ -89,7 +89,7 @@ def select(offers: Sequence[Offer], arms: Mapping[str, Arm], *, prompt_tokens: i
     with ``tools``, only ways whose executor can call tools."""
     npu = sorted((o for o in offers
                   if o.snapshot.has_npu and o.snapshot.npu_free and serves(o.snapshot, "npu", model, tools)),
-                 key=lambda o: (_npu_latency(o.snapshot), o.device))
+                 key=lambda o: (o.snapshot.p50_ms("npu"), o.device))
     ranking = [Choice(o.device, "npu", o.is_self) for o in npu]
     if need == "npu":
         return Decision(tuple(ranking), cursor)
@@ -188,8 +188,3 @@ def _headroom(o: Offer) -> tuple[float, float]:
 
 def _per_slot(s: Snapshot) -> float:
     return s.queue_depth / max(s.cpu_slots, 1)
-
-
-def _npu_latency(s: Snapshot) -> float:
-    summary = s.recent.get("npu")
-    return summary.p50_ms if summary and summary.n else float("inf")
