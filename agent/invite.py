@@ -63,6 +63,7 @@ COLD_S = 5.0
 SHAPE_HALF_LIFE = 8.0
 SHAPE_MIN_BIDS = 3     # three bids of different sizes pin the three coefficients down
 SHAPE_SCALE = 100.0    # tokens per unit in that fit: the solve's small ridge then barely bends it
+JOB_KINDS = 16         # job kinds (need, model, tools) whose "could take it" column ``Rows`` keeps
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,13 @@ class _Table:
     def able(self, need: str, model: str | None, tools: bool) -> np.ndarray:
         """Which rows could take such a job by their metrics (none seen: could)."""
         key = (need, model, tools)
-        mask = self._able.get(key)
+        mask = self._able.pop(key, None)
         if mask is None:
-            mask = self._able[key] = np.fromiter(
-                (s is None or can_take(s, need, model, tools) for s in self.snaps), bool, len(self.snaps))
+            mask = np.fromiter((s is None or can_take(s, need, model, tools) for s in self.snaps), bool,
+                               len(self.snaps))
+            while len(self._able) >= JOB_KINDS:  # a model name is the caller's: bounded
+                del self._able[next(iter(self._able))]
+        self._able[key] = mask  # the most recently asked last
         return mask
 
 

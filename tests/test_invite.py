@@ -191,3 +191,14 @@ def test_expected_seconds_from_metrics() -> None:
 def test_bad_counts() -> None:
     with pytest.raises(ValueError):
         choose({}, me="a", best=-1, explore=0, rng=np.random.default_rng(0))
+
+
+def test_a_kept_view_keeps_a_bounded_number_of_job_kinds() -> None:
+    from agent.invite import JOB_KINDS
+    kept, devices = Rows(), fleet(5)
+    for i in range(3 * JOB_KINDS):  # a model name is whatever a caller sent
+        choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), rows=kept, model=f"m{i}")
+    table = kept.table(devices)
+    assert len(table._able) == JOB_KINDS
+    assert choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), rows=kept,
+                  spread=1).best == ("dev-000",)
