@@ -27,6 +27,12 @@ of its own (``expected_s``). The invitation is, in this order and without repeat
 
 Devices that cannot take the job by their last metrics (``messages.can_take``) are never
 invited. The choice depends only on its inputs and the seeded ``rng``.
+
+At a thousand devices the choice runs on every auction, so it works on columns (numpy)
+rather than a dozen calls per device: ``Rows`` keeps what each device's metrics say, and
+works a row out again only when that device's snapshot is a new object (a new metrics
+message); a device coming or going carries the others' rows over. The same inputs give
+the same invitation with or without it.
 """
 
 from __future__ import annotations
@@ -180,15 +186,21 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
                       explore=tuple(names[i] for i in unpicked[np.sort(picks)].tolist()), me=me)
 
 
-class _Table:
-    """One set of devices' rows as columns, in name order (``Rows.table``)."""
+_UNSEEN: Snapshot | None = Snapshot(has_npu=False, npu_free=False, cpu_slots=0, cpu_percent=0.0,
+                                     mem_available_mb=0.0, load1=0.0, queue_depth=0)  # a row not worked out yet
 
-    def __init__(self, names: list[str]):
+
+class _Table:
+    """One set of devices' rows as columns, in name order (``Rows.table``); the rows of
+    ``previous`` that are still there are carried over, not worked out again."""
+
+    _COLUMNS = ("has_snap", "service", "backlog", "per_slot", "cold", "free_npu", "npu_ms")
+
+    def __init__(self, names: list[str], previous: _Table | None = None):
         n = len(names)
         self.names = names
         self.index = {d: i for i, d in enumerate(names)}
-        self.snaps: list[Snapshot | None] = [None] * n
-        self._seen = False                  # no row worked out yet
+        self.snaps: list[Snapshot | None] = [_UNSEEN] * n
         self.has_snap = np.zeros(n, bool)
         self.service = np.full(n, np.nan)   # seconds, by its recent CPU median; NaN: no record
         self.backlog = np.zeros(n)
@@ -197,15 +209,24 @@ class _Table:
         self.free_npu = np.zeros(n, bool)
         self.npu_ms = np.full(n, np.inf)    # recent NPU median
         self._able: dict[tuple[str, str | None, bool], np.ndarray] = {}
+        if previous is not None:  # a device came or went: the others' rows stay as they were
+            kept = [(i, j) for i, d in enumerate(names) if (j := previous.index.get(d)) is not None]
+            if kept:
+                here, there = (np.array(side) for side in zip(*kept, strict=True))
+                for name in self._COLUMNS:
+                    getattr(self, name)[here] = getattr(previous, name)[there]
+                for i, j in kept:
+                    self.snaps[i] = previous.snaps[j]
+                for key, mask in previous._able.items():  # the new rows' entries: by ``update``
+                    self._able[key] = column = np.zeros(n, bool)
+                    column[here] = mask[there]
 
     def update(self, devices: Mapping[str, Snapshot | None]) -> None:
         """Work out again the rows whose snapshot is not the one seen last time."""
         snaps, n = self.snaps, len(self.names)
-        if self._seen:  # map: the identity check of a thousand rows runs in C
-            changed = np.flatnonzero(np.fromiter(map(operator.is_not, map(devices.__getitem__, self.names), snaps),
-                                                 bool, n)).tolist()
-        else:
-            changed, self._seen = list(range(n)), True
+        # map: the identity check of a thousand rows runs in C
+        changed = np.flatnonzero(np.fromiter(map(operator.is_not, map(devices.__getitem__, self.names), snaps),
+                                             bool, n)).tolist()
         for i in changed:
             s = snaps[i] = devices[self.names[i]]
             self.has_snap[i] = s is not None
@@ -259,7 +280,7 @@ class Rows:
     def table(self, devices: Mapping[str, Snapshot | None]) -> _Table:
         names = frozenset(devices)
         if self._table is None or names != self._names:
-            self._table, self._names = _Table(sorted(names)), names
+            self._table, self._names = _Table(sorted(names), self._table), names
         self._table.update(devices)
         return self._table
 
