@@ -124,8 +124,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     startup_s = startup_s or {}
     sent_s = sent_s or {}
     cold_default = float(np.median(list(startup_s.values()))) if startup_s else COLD_S
-    t = (rows or Rows()).table(devices)
-    # sorted names: the same draw whatever the input order
+    t = (rows or Rows()).table(devices)  # rows in name order: the same draw whatever the input order
     able = t.able(need, model, tools)
     if exclude:
         able = able & ~np.fromiter((d in exclude for d in t.names), bool, len(t.names))
@@ -138,6 +137,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     jitter = np.full(len(t.names), np.nan)
     jitter[others] = rng.random(len(others))
 
+    # every free NPU that serves the model, fastest first, at most max(best, 1)
     free = others[t.free_npu[others]]
     npus = sorted((i for i in free.tolist() if serves(t.snaps[i], "npu", model, tools) and npu_granted(t.names[i])),
                   key=lambda i: (t.npu_ms[i], jitter[i]))
@@ -151,6 +151,7 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     services = t.service[rest]
     services = services[~np.isnan(services)]
     optimistic = float(services.min()) if len(services) else 0.0  # no record yet: as fast as the fastest
+    # each other device's expected completion: the asker's own figure, else its metrics'
     cost = t.column(known_s, np.nan)[rest]
     guess = np.isnan(cost) & t.has_snap[rest]
     if guess.any():
