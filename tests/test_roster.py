@@ -142,7 +142,8 @@ def test_a_capabilities_record_must_name_its_own_device_and_can_be_cleared() -> 
     assert roster.vouched({"liar": bid("liar", npu=True)})["liar"].snapshot.has_npu, "no records left"
 
 
-def test_metrics_are_decoded_once_when_first_needed_and_only_the_latest(monkeypatch) -> None:
+def count_decodes(monkeypatch) -> list[bytes]:
+    """Every metrics payload decoded from now on."""
     decodes: list[bytes] = []
     real = Metrics.from_payload
 
@@ -151,6 +152,11 @@ def test_metrics_are_decoded_once_when_first_needed_and_only_the_latest(monkeypa
         return real(payload, max_bytes)
 
     monkeypatch.setattr(Metrics, "from_payload", counting)
+    return decodes
+
+
+def test_metrics_are_decoded_once_when_first_needed_and_only_the_latest(monkeypatch) -> None:
+    decodes = count_decodes(monkeypatch)
     roster = roster_of(a=True, b=True)
     for health in ("ok", "draining", "ok", "draining"):   # a thousand devices: a hundred a second
         roster.handle_metrics(metrics("a", health))
@@ -193,13 +199,7 @@ def test_bidders_are_worked_out_again_only_where_something_changed(monkeypatch) 
     for d in "abc":
         roster.handle_metrics(metrics(d))
     assert roster.bidders() == {"a", "b", "c"}
-    decodes: list[bytes] = []
-    real = Metrics.from_payload
-
-    def counting(payload: bytes, max_bytes: int = 256 * 1024) -> Metrics:
-        decodes.append(payload)
-        return real(payload, max_bytes)
-    monkeypatch.setattr(Metrics, "from_payload", counting)
+    decodes = count_decodes(monkeypatch)
     roster.handle_metrics(metrics("b", "draining"))
     assert roster.bidders() == {"a", "c"} and len(decodes) == 1, "b alone worked out again"
     roster.handle(Message(TOPICS.availability("c"), b"offline"))
