@@ -98,8 +98,11 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         t, me = self.topics, self.me
-        self.bus.subscribe(t.all_bid_requests(), self.bids.on_bid_request, inline=True)
-        self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, qos=0, inline=True)  # sent at QoS 0
+        if self.capacity.executors:
+            # A node with no executor never bids, so it does not hear the calls: a gateway's
+            # network thread is free for the bids of its own auctions as they come in.
+            self.bus.subscribe(t.all_bid_requests(), self.bids.on_bid_request, inline=True)
+            self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, qos=0, inline=True)  # sent at QoS 0
         self.bus.subscribe(t.exec(me), self.jobs.on_job)
         self.bus.subscribe(t.cancels(me), self.jobs.on_cancel)
         self.bus.subscribe(t.trigger(me), self.fronts.on_trigger)

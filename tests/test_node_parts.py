@@ -1057,17 +1057,12 @@ def test_control_prompts_are_bounded_by_the_trigger_pool_and_its_line(tmp_path: 
     assert isinstance(channel.events[-1], Failure) and channel.events[-1].error.startswith("busy")
 
 
-def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) -> None:
-    """Jobs, cancels, triggers and calls to everyone are QoS 1. Invitations are sent at
-    QoS 0, and a presence query is answered within a second or never (a queued one would
-    reach a device after its asker stopped listening): both at QoS 0, since on NATS every
-    QoS 1 subscription is a JetStream consumer per device (the auction's bids:
-    tests/test_auction.py)."""
+def subscriptions(tmp_path: Path, cpu: dict[str, Any]) -> dict[str, int]:
+    """What a node started with this ``cpu`` section subscribes to (filter -> QoS), no broker."""
     from agent.node import Node
 
     cfg = parse_config({"device_id": "n1", "state_dir": str(tmp_path), "topic_prefix": "p/",
-                        "homeassistant": {"enabled": False},
-                        "cpu": {"enabled": True, "executor": {"kind": "sim"}}})
+                        "homeassistant": {"enabled": False}, "cpu": cpu})
     node = Node(cfg)
     subscribed: dict[str, int] = {}
     real = node.bus.subscribe
@@ -1082,6 +1077,24 @@ def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) ->
         node.start()
     finally:
         node.stop()
+    return subscribed
+
+
+def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) -> None:
+    """Jobs, cancels, triggers and calls to everyone are QoS 1. Invitations are sent at
+    QoS 0, and a presence query is answered within a second or never (a queued one would
+    reach a device after its asker stopped listening): both at QoS 0, since on NATS every
+    QoS 1 subscription is a JetStream consumer per device (the auction's bids:
+    tests/test_auction.py)."""
+    subscribed = subscriptions(tmp_path, {"enabled": True, "executor": {"kind": "sim"}})
     assert {f for f, q in subscribed.items() if q == 0} == {T.bid_invites("n1"), T.all_presence()}, subscribed
     assert subscribed[T.all_bid_requests()] == subscribed[T.exec("n1")] == subscribed[T.cancels("n1")] == 1
     assert subscribed[T.trigger("n1")] == 1
+
+
+def test_a_node_with_no_executor_hears_no_calls_for_bids(tmp_path: Path) -> None:
+    """It never bids (nothing here could take a job), so its network thread is left to the
+    bids of its own auctions (a gateway's, through serve); jobs still reach it, to be declined."""
+    subscribed = subscriptions(tmp_path, {"enabled": False})
+    assert T.all_bid_requests() not in subscribed and T.bid_invites("n1") not in subscribed, subscribed
+    assert T.exec("n1") in subscribed and T.cancels("n1") in subscribed
