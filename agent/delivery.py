@@ -151,11 +151,11 @@ class Dispatcher:
             bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, key, reason).to_payload(),
                         qos=1, expiry_s=auction.job_timeout_s)
 
-        send()
         attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
                                 job_timeout_s=auction.job_timeout_s, last=last, digest=job.digest)
         next_progress = sent + PROGRESS_EVERY_S
         last_token = float("-inf")
+        send()  # then straight to the wait: paho's thread, which writes it, needs the GIL
         while True:
             now = self.clock()
             if self.interrupted.is_set():

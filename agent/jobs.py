@@ -1,11 +1,16 @@
 """Running jobs: admission, execution, results, cancels, the journal and the service record.
 
-Theory of operation. ``on_job`` runs on the bus dispatcher thread: it decodes the job,
-asks ``JobLedger.receive`` (exactly-once under at-least-once delivery) and replays,
+Theory of operation. ``on_job`` and ``on_cancel`` run inline on paho's network thread
+(a job starts one thread hand-off sooner) and never wait there: ``on_job`` decodes the
+job, asks ``JobLedger.receive`` (exactly-once under at-least-once delivery) and replays,
 attaches, declines, ignores or admits. An admitted job claims what its bid promised —
-the NPU ``flock`` (then runs on a thread of its own) or a place in the CPU gate (whose
-slot threads run it) — or is declined with the reason. A job's age comes from the
-caller's ``age`` (``agent.clock``): no deadline compares two devices' wall clocks.
+the NPU ``flock`` (non-blocking; one that meets another process's probe retries for at
+most 2 ms) or a place in the CPU gate — and is queued for the threads that run it (the
+gate's slots; the NPU's one thread, whose line the ``flock`` keeps to the job that holds
+it and, for a moment, the last one's bookkeeping), or is declined with the reason. All
+of it on that one thread, so no two copies of a job are admitted side by side. A job's
+age comes from the caller's ``age`` (``agent.clock``): no deadline compares two devices'
+wall clocks.
 
 ``execute`` streams tokens as result events; the final event is written to the journal
 before the run is forgotten, so a redelivered copy is answered from it, and the service
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -67,6 +71,8 @@ class Jobs:
         self.init_cost = InitCost(half_life_jobs)
         self.ledger = JobLedger(me, recorded=self.journal.get, encode=encode_result)
         self.gate: Gate[Run] = Gate(capacity.slots, max_queue, self.execute, expected=self.expected)
+        self.npu_gate: Gate[Run] = Gate(1 if capacity.npu is not None else 0, 1, lambda run, _: self.execute(run, None),
+                                        expected=self.expected, name="npu")
 
     def send(self, origin: str, event: ResultEvent) -> bytes:
         payload = encode_result(event)
@@ -81,11 +87,17 @@ class Jobs:
         return job_seconds(self.record, self.init_cost, job.mode, estimate_tokens(job.text_prompt), job.max_new_tokens,
                            warm=executor.is_warm() if executor is not None else True)
 
+    def start(self) -> None:
+        """Start the threads that run jobs: the CPU gate's slots and the NPU's."""
+        self.gate.start()
+        self.npu_gate.start()
+
     def stop(self) -> None:
-        """Cancel what still runs and stop the gate's slots."""
+        """Cancel what still runs and stop the threads that run jobs."""
         for run in self.ledger.running():
             run.cancel.set()
         self.gate.stop()
+        self.npu_gate.stop()
 
     # ---------------------------------------------------------------- arrivals
     def on_job(self, msg: Message) -> None:
@@ -135,7 +147,7 @@ class Jobs:
             cap.npu_busy_here = True
             run = self.ledger.accept(job, received, deadline, queue_position=0, resource=held)
             self.send(job.origin, run.accepted)
-            threading.Thread(target=self.execute, args=(run, None), name=f"npu-{job.rid[:8]}", daemon=True).start()
+            self.npu_gate.offer(run)  # room: the lock lets in one job, the last one may still be journalling
         else:
             if cap.cpu is None or not self.gate.has_room():
                 self.decline(job, "no_cpu" if cap.cpu is None else "queue_full")

@@ -12,9 +12,11 @@ tested alone (docs/architecture.md draws them with their threads):
 - ``Fronts`` (agent/fronts.py): this device's own prompts — MQTT triggers and the control
   socket — through the one orchestrator factory.
 
-The bus dispatcher thread runs the handlers; each decodes and validates (garbage gets one
-log line and is never executed), asks a pure part what to do, and either publishes a
-small reply at once or hands work to a worker. A node that finds another live node with
+The handlers run inline on paho's network thread where they never wait (calls for bids,
+jobs, cancels, presence queries: each a hand-off sooner), the rest on the bus dispatcher
+thread; each decodes and validates (garbage gets one log line and is never executed),
+asks a pure part what to do, and either publishes a small reply at once or hands work to
+a worker. A node that finds another live node with
 its device_id stops (the caller exits 2). Draining (SIGTERM): no more bids or jobs; what
 runs or waits is given ``drain_s`` to finish; then the node goes offline.
 """
@@ -98,15 +100,18 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
         t, me = self.topics, self.me
-        self.bus.subscribe(t.all_bid_requests(), self.bids.on_bid_request, inline=True)
-        self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, qos=0, inline=True)  # sent at QoS 0
-        self.bus.subscribe(t.exec(me), self.jobs.on_job)
-        self.bus.subscribe(t.cancels(me), self.jobs.on_cancel)
+        if self.capacity.executors:
+            # A node with no executor never bids, so it does not hear the calls: a gateway's
+            # network thread is free for the bids of its own auctions as they come in.
+            self.bus.subscribe(t.all_bid_requests(), self.bids.on_bid_request, inline=True)
+            self.bus.subscribe(t.bid_invites(me), self.bids.on_bid_request, qos=0, inline=True)  # sent at QoS 0
+        self.bus.subscribe(t.exec(me), self.jobs.on_job, inline=True)
+        self.bus.subscribe(t.cancels(me), self.jobs.on_cancel, inline=True)  # in order with the jobs
         self.bus.subscribe(t.trigger(me), self.fronts.on_trigger)
         self.bus.subscribe(t.all_presence(), self.presence.on_presence_query, qos=0, inline=True)  # live only
         if self.cfg.homeassistant.enabled:
             self.bus.subscribe(t.ha_status(), self.presence.on_ha_status)
-        self.jobs.gate.start()
+        self.jobs.start()
         self._spawn(self.presence.loop, "node-metrics")
         self.fronts.start()
         if self.cfg.serve.enabled:

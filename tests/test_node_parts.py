@@ -576,9 +576,10 @@ def test_jobs_are_declined_with_the_reason_that_applies(tmp_path: Path) -> None:
     assert no_cpu.results("c")[0].reason == "no_cpu"
 
 
-def test_an_npu_job_claims_the_npu_and_runs_on_a_thread_of_its_own(tmp_path: Path) -> None:
+def test_an_npu_job_claims_the_npu_and_runs_on_the_npus_thread(tmp_path: Path) -> None:
     npu = served(tmp_path)
     parts = Parts(tmp_path, npu=npu)
+    parts.jobs.start()
     done = threading.Event()
     engine = Engine2(parts, result=finished())
     busy_while_running: list[bool] = []
@@ -592,25 +593,94 @@ def test_an_npu_job_claims_the_npu_and_runs_on_a_thread_of_its_own(tmp_path: Pat
     npu.run = run  # type: ignore[method-assign]
     over, finish = threading.Event(), parts.jobs.ledger.finish
     parts.jobs.ledger.finish = lambda run, ok: (finish(run, ok), over.set())  # type: ignore[method-assign]
-    claim = parts.jobs.ledger.offer("npujob-123", "hub", 0.0)
-    assert claim
-    job = Job("npujob-123", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/npujob-123")
-    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
-    assert done.wait(WAIT_S) and over.wait(WAIT_S)
-    accepted = parts.results("npujob-123")[0]
-    assert isinstance(accepted, Accepted) and accepted.queue_position == 0
-    assert busy_while_running == [True]
-    assert engine.calls[0][2] == "npu-npujob-1 (daemon)", "a job never keeps a stopping daemon alive"
-    assert engine.calls[0][1].hold_fds
-    assert not parts.capacity.npu_busy_here and parts.capacity.npu_free(), "released after the run"
-    held = NpuLock(tmp_path).try_acquire("another process")
-    assert held is not None
-    claim = parts.jobs.ledger.offer("second", "hub", 0.0)
-    assert claim
-    job = Job("second", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/second")
-    parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
-    held.release()
-    assert parts.results("second")[0].reason == "npu_busy"
+    try:
+        claim = parts.jobs.ledger.offer("npujob-123", "hub", 0.0)
+        assert claim
+        job = Job("npujob-123", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/npujob-123")
+        parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+        assert done.wait(WAIT_S) and over.wait(WAIT_S)
+        accepted = parts.results("npujob-123")[0]
+        assert isinstance(accepted, Accepted) and accepted.queue_position == 0
+        assert busy_while_running == [True]
+        assert engine.calls[0][2] == "npu-0 (daemon)", "a job never keeps a stopping daemon alive"
+        assert engine.calls[0][1].hold_fds
+        assert not parts.capacity.npu_busy_here and parts.capacity.npu_free(), "released after the run"
+        held = NpuLock(tmp_path).try_acquire("another process")
+        assert held is not None
+        claim = parts.jobs.ledger.offer("second", "hub", 0.0)
+        assert claim
+        job = Job("second", "hub", "npu", claim, "hi", 4, 3.0, 60.0, "p/result/hub/second")
+        parts.jobs.on_job(Message(T.exec("dev"), job.to_payload()))
+        held.release()
+        assert parts.results("second")[0].reason == "npu_busy"
+    finally:
+        parts.jobs.stop()
+
+
+def test_the_next_npu_job_waits_for_the_last_ones_bookkeeping_not_for_a_thread(tmp_path: Path) -> None:
+    """The NPU is free once its job has run; that job's journal write (an fsync) may still
+    be going on: the next job is accepted and queued behind it, then runs."""
+    npu = served(tmp_path)
+    parts = Parts(tmp_path, npu=npu)
+    parts.jobs.start()
+    npu.run = Engine2(parts, result=finished())  # type: ignore[method-assign]
+    journalling, release = threading.Event(), threading.Event()
+    record = parts.jobs.journal.record
+
+    def slow_record(rid: str, digest: str, payload: bytes) -> None:
+        if rid == "first-npu":
+            journalling.set()
+            release.wait(WAIT_S)
+        record(rid, digest, payload)
+    parts.jobs.journal.record = slow_record  # type: ignore[method-assign]
+    try:
+        for rid in ("first-npu", "second-npu"):
+            claim = parts.jobs.ledger.offer(rid, "hub", 0.0)
+            assert claim
+            parts.jobs.on_job(Message(T.exec("dev"), Job(rid, "hub", "npu", claim, "hi", 4, 3.0, 60.0,
+                                                          f"p/result/hub/{rid}").to_payload()))
+            if rid == "first-npu":
+                assert journalling.wait(WAIT_S), "the first has run and is being journalled"
+        assert isinstance(parts.results("second-npu")[0], Accepted), "the NPU was free: accepted"
+        release.set()
+        assert parts.jobs.npu_gate.wait_idle(WAIT_S)
+        assert isinstance(parts.results("second-npu")[-1], Done), "and run after the first's bookkeeping"
+    finally:
+        release.set()
+        parts.jobs.stop()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "npu"])
+def test_on_job_never_waits_for_a_job_to_run(tmp_path: Path, mode: str) -> None:
+    """on_job runs on paho's network thread: it queues the job and returns while the job
+    runs (here: an executor that does not return until the test lets it)."""
+    npu = served(tmp_path)
+    parts = Parts(tmp_path, npu=npu)
+    parts.jobs.start()
+    running, release = threading.Event(), threading.Event()
+
+    def blocked(*args: Any) -> Any:
+        running.set()
+        release.wait(WAIT_S)
+        return finished()
+    executor = parts.capacity.executor(mode)
+    assert executor is not None
+    executor.run = blocked  # type: ignore[method-assign]
+    returned = threading.Event()
+    try:
+        claim = parts.call("r1") if mode == "cpu" else parts.jobs.ledger.offer("r1", "hub", 0.0)
+        assert claim
+        job = Job("r1", "hub", mode, claim, "hello there", 4, 3.0, 60.0, "p/result/hub/r1")
+        network = threading.Thread(target=lambda: (parts.jobs.on_job(Message(T.exec("dev"), job.to_payload())),
+                                                   returned.set()), name="network")
+        network.start()
+        assert running.wait(WAIT_S)
+        assert returned.wait(WAIT_S), "on_job waited for the job"
+        assert not release.is_set()
+        assert isinstance(parts.results("r1")[0], Accepted)
+    finally:
+        release.set()
+        parts.jobs.stop()
 
 
 def test_the_expected_time_of_a_job_counts_a_cold_start_only_for_a_cold_executor(tmp_path: Path) -> None:
@@ -1057,17 +1127,12 @@ def test_control_prompts_are_bounded_by_the_trigger_pool_and_its_line(tmp_path: 
     assert isinstance(channel.events[-1], Failure) and channel.events[-1].error.startswith("busy")
 
 
-def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) -> None:
-    """Jobs, cancels, triggers and calls to everyone are QoS 1. Invitations are sent at
-    QoS 0, and a presence query is answered within a second or never (a queued one would
-    reach a device after its asker stopped listening): both at QoS 0, since on NATS every
-    QoS 1 subscription is a JetStream consumer per device (the auction's bids:
-    tests/test_auction.py)."""
+def subscriptions(tmp_path: Path, cpu: dict[str, Any]) -> dict[str, int]:
+    """What a node started with this ``cpu`` section subscribes to (filter -> QoS), no broker."""
     from agent.node import Node
 
     cfg = parse_config({"device_id": "n1", "state_dir": str(tmp_path), "topic_prefix": "p/",
-                        "homeassistant": {"enabled": False},
-                        "cpu": {"enabled": True, "executor": {"kind": "sim"}}})
+                        "homeassistant": {"enabled": False}, "cpu": cpu})
     node = Node(cfg)
     subscribed: dict[str, int] = {}
     real = node.bus.subscribe
@@ -1082,6 +1147,24 @@ def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) ->
         node.start()
     finally:
         node.stop()
+    return subscribed
+
+
+def test_the_node_subscribes_at_the_qos_each_topic_is_sent_at(tmp_path: Path) -> None:
+    """Jobs, cancels, triggers and calls to everyone are QoS 1. Invitations are sent at
+    QoS 0, and a presence query is answered within a second or never (a queued one would
+    reach a device after its asker stopped listening): both at QoS 0, since on NATS every
+    QoS 1 subscription is a JetStream consumer per device (the auction's bids:
+    tests/test_auction.py)."""
+    subscribed = subscriptions(tmp_path, {"enabled": True, "executor": {"kind": "sim"}})
     assert {f for f, q in subscribed.items() if q == 0} == {T.bid_invites("n1"), T.all_presence()}, subscribed
     assert subscribed[T.all_bid_requests()] == subscribed[T.exec("n1")] == subscribed[T.cancels("n1")] == 1
     assert subscribed[T.trigger("n1")] == 1
+
+
+def test_a_node_with_no_executor_hears_no_calls_for_bids(tmp_path: Path) -> None:
+    """It never bids (nothing here could take a job), so its network thread is left to the
+    bids of its own auctions (a gateway's, through serve); jobs still reach it, to be declined."""
+    subscribed = subscriptions(tmp_path, {"enabled": False})
+    assert T.all_bid_requests() not in subscribed and T.bid_invites("n1") not in subscribed, subscribed
+    assert T.exec("n1") in subscribed and T.cancels("n1") in subscribed
