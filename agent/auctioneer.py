@@ -99,12 +99,16 @@ class Auctioneer:
             for device in invited:
                 bus.publish(self.topics.bid_invite(device, req.rid, self.me), payload, qos=0)
 
+        # Read before the call: once it is out, paho's thread needs the interpreter to write
+        # it and then to take the bids (that hop took 0.27-0.37 ms on serve's path, per-hop
+        # timestamps on scripts/bench --serve).
+        suspects, latency = self.stragglers.suspects(), self.latency.load()
         call()
         called = self.clock()
-        result = collect(wire.inbox, expected=expected, suspects=self.stragglers.suspects(), window_s=window,
-                         need=req.need, may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
+        result = collect(wire.inbox, expected=expected, suspects=suspects, window_s=window, need=req.need,
+                         may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
                          steady=wire.steady, resend=call, on_progress=self.hooks.on_progress,
-                         interrupted=self.interrupted, latency=self.latency.load())
+                         interrupted=self.interrupted, latency=latency)
         result = replace(result, auction_ms=result.auction_ms + (called - started) * 1000)
         for _ in result.bids:
             fsm.fire("bid")
