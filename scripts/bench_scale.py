@@ -13,7 +13,9 @@ auction    ``Orchestrator.run(dry_run=True)`` through a real ``Fleet`` connectio
            ``trigger`` runs (in-process, so that a process start is not measured): call ->
            bids -> decision; its ``auction_ms``, every one checked to have been answered;
 messages   what the broker delivers per orchestration, counted at the ends: the calls the
-           devices received (broadcast or invitations) plus the bids the asker received.
+           devices received (broadcast or invitations) plus the bids the asker received;
+CPU        the asker's own CPU per orchestration (this process), and the virtual devices'
+           per bid (their processes; counted in clock ticks, so only long runs say much).
 
 Ratios are against N = the first size, measured in the same run, with the issue's targets
 (#23: auction p50 at the largest N <= 2x, messages <= 4x). ``--asker-config`` passes node
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 import yaml
 from bench import Dist, FloorRequester, log, orchestrator
 from fleet import FD_SPARE, raise_fd_limit
@@ -75,6 +78,12 @@ class VirtualDevices:
         self.proc.stdin.flush()
         stats: dict[str, Any] = json.loads(self.proc.stdout.readline())
         return stats
+
+    def cpu_s(self) -> float:
+        """CPU seconds the virtual devices' processes (the parent and its workers) used so far."""
+        procs = [psutil.Process(self.proc.pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
 
     def stop(self) -> None:
         if self.proc.stdin is not None:
@@ -129,10 +138,14 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
         try:
             orch = orchestrator(cfg, connected)
             times, bids, errors = [], [], []
+            asker_cpu = fleet_cpu = 0.0
             before: dict[str, Any] = {}
             for i in range(warmup + rounds):
                 if i == warmup:
                     before = devices.stats()
+                    # CPU from here on: this process is the asker (its network thread and
+                    # the orchestrator; the broker's and the devices' are elsewhere)
+                    asker_cpu, fleet_cpu = time.process_time(), devices.cpu_s()
                 out = orch.run("benchmark prompt", max_new_tokens=8, dry_run=True)
                 if not out.ok or out.winner is None:
                     errors.append(out.error or "no winner")
@@ -141,6 +154,7 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
                 if i >= warmup:
                     times.append(out.auction_ms)
                     bids.append(len(out.bids))
+            asker_cpu, fleet_cpu = time.process_time() - asker_cpu, devices.cpu_s() - fleet_cpu
             after = devices.stats()
             answer = orch.run("an answer from the virtual fleet", max_new_tokens=8)
         finally:
@@ -153,6 +167,10 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
                 "errors": errors[:3], "bids_per_orchestration": round(statistics.mean(bids), 1) if bids else 0.0,
                 "messages_per_orchestration": round((calls + sum(bids)) / rounds, 1),
                 "auction_over_floor": round(auction.p50 / floor.p50, 2) if auction and floor else None,
+                # per orchestration of the measured rounds: the asker's own CPU, and the
+                # virtual devices' per bid (they share this machine's cores with the asker)
+                "asker_cpu_ms": round(asker_cpu / rounds * 1000, 3),
+                "fleet_cpu_ms_per_bid": round(fleet_cpu / sum(bids) * 1000, 3) if bids else None,
                 "fleet_start_s": round(started_s, 1), "answer_from": answer.winner if answer.ok else None,
                 "answer_error": None if answer.ok else answer.error}
     finally:
@@ -239,7 +257,8 @@ def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
         print(f"asker config: {json.dumps(r['asker_config'])}")
     vs_a, vs_m = f"auction vs N={sizes[0]}", f"msgs vs N={sizes[0]}"
     print(f"\n{'devices':>7} | {'floor p50 ms':>12} | {'auction p50/p95 ms':>19} | {'/floor':>6} | "
-          f"{'bids':>6} | {'msgs/orch':>9} | {vs_a:>16} | {vs_m:>13}")
+          f"{'bids':>6} | {'msgs/orch':>9} | {vs_a:>16} | {vs_m:>13} | {'asker CPU ms':>12} | "
+          f"{'device CPU ms/bid':>17}")
     def num(x: float | None, fmt: str) -> str:
         return "—" if x is None else format(x, fmt)
 
@@ -251,7 +270,8 @@ def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
         print(f"{n:>7} | {num(f and f['p50'], '.1f'):>12}{lost} | {auction:>19} | "
               f"{num(x['auction_over_floor'], '.2f'):>6} | {x['bids_per_orchestration']:>6.1f} | "
               f"{x['messages_per_orchestration']:>9.1f} | {num(x['auction_vs_first'], '.2f'):>15}x | "
-              f"{num(x['messages_vs_first'], '.2f'):>12}x")
+              f"{num(x['messages_vs_first'], '.2f'):>12}x | {num(x.get('asker_cpu_ms'), '.2f'):>12} | "
+              f"{num(x.get('fleet_cpu_ms_per_bid'), '.3f'):>17}")
     answered = sum(x["answered"] for x in r["sizes"].values())
     total = sum(x["rounds"] for x in r["sizes"].values())
     print(f"\nauctions answered: {answered}/{total}")

@@ -31,8 +31,11 @@ def test_scale_benchmark_reports_every_size_and_answers_every_auction(tmp_path: 
         assert 0 < row["bids_per_orchestration"] <= n
         assert row["messages_per_orchestration"] == 2 * row["bids_per_orchestration"]
         assert row["answer_from"].startswith(f"v{n}-")
+        # what each side's CPU cost: the asker's per orchestration, the devices' per bid
+        # (counted in clock ticks of 10 ms: three rounds of a small fleet may read 0)
+        assert row["asker_cpu_ms"] > 0 and row["fleet_cpu_ms_per_bid"] >= 0
     assert r["sizes"]["8"]["auction_vs_first"] == 1.0
     text = proc.stdout
     assert "auctions answered: 6/6" in text
     assert "auction p50 at N=20" in text and "messages per orchestration" in text
-    assert "load average" in text
+    assert "load average" in text and "asker CPU ms" in text
