@@ -12,7 +12,10 @@ devices: a hundred a second) and most of it is never looked at, so a message is 
 stored as it came and decoded when someone first needs that device's metrics (an
 auction's ``bidders``, ``status``, a model list); a newer one replaces an undecoded older
 one, which is then never decoded at all. The clock sample of a live one is read at once
-from its head, so offsets and skew warnings are as before. The operator's capabilities
+from its head, so offsets and skew warnings are as before, and so is when each device's
+metrics were sent (``sent``: what an invitation ages their backlog by). Who would bid
+(``bidders``) is kept per job kind and worked out again only for the devices whose
+availability or metrics changed since it was last asked. The operator's capabilities
 records (``capabilities/<dev>``) say what each device may claim; ``vouched`` holds bids
 to them. Listeners hear every change of availability; they are called on the bus
 dispatcher thread and must only queue.
