@@ -46,10 +46,9 @@ class HangUp:
                 return  # closed
             with conn:
                 conn.settimeout(WAIT_S)
-                try:
-                    self.levels.append(protocol_level(conn.recv(4096)))
-                except (OSError, IndexError):
-                    pass
+                level = read_connect_level(conn)
+                if level is not None:
+                    self.levels.append(level)
 
     def close(self) -> None:
         try:
@@ -60,13 +59,23 @@ class HangUp:
         self._thread.join(WAIT_S)
 
 
-def protocol_level(connect: bytes) -> int:
-    """The protocol level of an MQTT CONNECT packet: after the fixed header's
-    variable-length size, the protocol name (two length bytes and "MQTT")."""
-    i = 1
-    while connect[i] & 0x80:
-        i += 1
-    return connect[i + 1 + 2 + 4]
+def read_connect_level(conn: socket.socket) -> int | None:
+    """The protocol level of the MQTT CONNECT a client sends (5, or 4: 3.1.1), reading
+    until it is in; None if the client hangs up first. Not only the first bytes: a
+    publisher racing paho's connect() can put a PUBLISH on a new socket ahead of the
+    CONNECT (seen once in CI; the broker hangs up on such a client and the bus tries again)."""
+    data = b""
+    while True:
+        at = data.find(b"\x00\x04MQTT")  # the protocol name, then the level
+        if at >= 0 and len(data) > at + 6:
+            return data[at + 6]
+        try:
+            more = conn.recv(4096)
+        except OSError:
+            return None
+        if not more:
+            return None
+        data += more
 
 
 @pytest.fixture
