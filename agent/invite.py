@@ -37,6 +37,7 @@ the same invitation with or without it.
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -96,10 +97,8 @@ def should_invite(online: int, above: int) -> bool:
 def expected_s(snapshot: Snapshot) -> float | None:
     """What a device's own metrics say a CPU job would take there from now: its backlog in
     seconds plus its recent median latency; None when it has run nothing yet."""
-    recent = snapshot.recent.get("cpu")
-    if recent is None or recent.n <= 0:
-        return None
-    return snapshot.backlog_s + recent.p50_ms / 1000
+    service = _service_s(snapshot)
+    return None if service is None else snapshot.backlog_s + service
 
 
 def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explore: int,
@@ -287,8 +286,9 @@ class Rows:
 
 
 def _service_s(snapshot: Snapshot) -> float | None:
-    recent = snapshot.recent.get("cpu")
-    return None if recent is None or recent.n <= 0 else recent.p50_ms / 1000
+    """Its recent median CPU latency in seconds; None when it has run nothing yet."""
+    p50 = snapshot.p50_ms("cpu")
+    return None if p50 == math.inf else p50 / 1000
 
 
 def _cold(snapshot: Snapshot) -> bool:

@@ -270,7 +270,7 @@ class Snapshot:
     def p50_ms(self, mode: str) -> float:
         """The median of this device's recent latencies in ``mode`` (ms); infinite with none."""
         summary = self.recent.get(mode)
-        return summary.p50_ms if summary is not None and summary.n else math.inf
+        return summary.p50_ms if summary is not None and summary.n > 0 else math.inf
 
     def to_obj(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies and was half the cost of a bid.
