@@ -60,6 +60,8 @@ class Auctioneer:
         """The run's inbox is closed: who missed the call, and how long each bid took."""
         self.stragglers.update(auction_expected(inbox), inbox.book.all_bidders())
         self.latency.update(inbox.book.latencies())
+        if self._asked is not None:
+            self._asked.settle()  # the shapes its bids moved, fitted now rather than in the next auction
 
     def sent(self, device: str, at: float, promise: float) -> None:
         """A CPU job went to ``device`` at ``at``: the memory invitations are chosen from
@@ -121,24 +123,24 @@ class Auctioneer:
     def _invitation(self, req: Request, roster: Roster, bidders: frozenset[str]) -> tuple[str, ...] | None:
         """Whom to invite (``agent.invite``), or None below the threshold: call everyone."""
         from agent.invite import (  # numpy: only the auction path pays for it
-            choose,
+            choose_kept,
             should_invite,
         )
 
         invite = self.cfg.auction.invite
         if not should_invite(len(roster.online()), invite.above):
             return None
-        metrics = roster.metrics()
-        devices = {d: (m.snapshot if (m := metrics.get(d)) is not None else None) for d in bidders}
         memory, view = self._asker_memory(), self._view()
         with view.lock:  # one view of the fleet per process, kept between auctions
-            invitation = choose(devices, me=self.me, best=invite.best, explore=invite.explore, rng=self._rng(),
-                                model=req.model, need=req.need, tools=req.tools,
-                                npu_granted=roster.may_have_free_npu,
-                                known_s=memory.known_s(self.clock(), estimate_tokens(req.prompt),
-                                                       req.max_new_tokens),
-                                startup_s=memory.startup_s(), sent_s=roster.sent(), now=self.wall(),
-                                rows=view)
+            # Only the devices whose metrics, or whose standing in this asker's memory,
+            # changed since the last auction are read again (at N=1000: a handful, where
+            # reading all of them was most of the choice, 1.3 of 1.8 ms).
+            view.sync(roster, bidders)
+            known = view.known(memory, self.clock(), estimate_tokens(req.prompt), req.max_new_tokens)
+            invitation = choose_kept(view, known, me=self.me, best=invite.best, explore=invite.explore,
+                                     rng=self._rng(), model=req.model, need=req.need, tools=req.tools,
+                                     npu_granted=roster.may_have_free_npu, startup_s=memory.startup_s(),
+                                     now=self.wall())
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)

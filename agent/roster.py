@@ -13,9 +13,11 @@ stored as it came and decoded when someone first needs that device's metrics (an
 auction's ``bidders``, ``status``, a model list); a newer one replaces an undecoded older
 one, which is then never decoded at all. The clock sample of a live one is read at once
 from its head, so offsets and skew warnings are as before, and so is when each device's
-metrics were sent (``sent``: what an invitation ages their backlog by). Who would bid
+metrics were sent (``rows``: what an invitation ages their backlog by). Who would bid
 (``bidders``) is kept per job kind and worked out again only for the devices whose
-availability or metrics changed since it was last asked. The operator's capabilities
+availability or metrics changed since it was last asked, and an invitation's view of
+the fleet (``agent.invite.Rows``) is told which devices changed (``feed``) and reads only
+those again (``rows``). The operator's capabilities
 records (``capabilities/<dev>``) say what each device may claim; ``vouched`` holds bids
 to them. Listeners hear every change of availability; they are called on the bus
 dispatcher thread and must only queue.
@@ -27,11 +29,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
+from agent.feeds import Changes, Feeds
 from agent.messages import (
     SCHEMA_VERSION,
     Bid,
@@ -72,6 +75,7 @@ class Roster:
         self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], set[str]]] = {}
         self._online: set[str] = set()
         self._sent: dict[str, float] = {}    # device -> when its last metrics were sent, on our wall clock
+        self._feeds = Feeds(self._lock)  # invitation views (invite.Rows.sync): who changed since
         self._listeners: Listeners[Listener] = Listeners()
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
@@ -124,7 +128,7 @@ class Roster:
     def handle_metrics(self, msg: Message) -> None:
         """Bus handler for ``agent/+/metrics``: kept as it came, decoded on first use; its
         timestamp is read at once (the head our own encoder writes): a live one's is a clock
-        sample, and each says when its metrics were sent (``sent``)."""
+        sample, and each says when its metrics were sent (``rows``)."""
         parsed = self.topics.parse(msg.topic)
         if parsed is None or parsed.device is None:
             return
@@ -265,6 +269,19 @@ class Roster:
         whether it would bid, next time ``bidders`` is asked."""
         for _, changed in self._bidders.values():
             changed.add(device)
+        self._feeds.touch(device)
+
+    def feed(self) -> Changes:
+        """A new consumer's ``Changes``: every device whose availability or metrics change
+        from now on (``agent.invite.Rows.sync`` reads only those again)."""
+        return self._feeds.open()
+
+    def rows(self, devices: Collection[str]) -> list[tuple[Snapshot | None, float | None]]:
+        """Each device's last metrics snapshot (None: none) and when they were sent on our
+        wall clock (None: cannot be told), decoding what came since."""
+        with self._lock:
+            return [((m.snapshot if (m := self._decoded(d)) is not None else None), self._sent.get(d))
+                    for d in devices]
 
     def known(self) -> dict[str, bool]:
         """Every device heard of: online (True) or offline (False)."""
@@ -276,12 +293,6 @@ class Roster:
             for device in list(self._pending):
                 self._decoded(device)
             return dict(self._metrics)
-
-    def sent(self) -> dict[str, float]:
-        """When each device's last metrics were sent, on our wall clock (its timestamp plus
-        how far its clock is behind ours), where that can be told."""
-        with self._lock:
-            return dict(self._sent)
 
     def may_have_free_npu(self, device: str) -> bool:
         """Whether ``device`` could offer a free NPU, as far as its last metrics tell (a

@@ -84,6 +84,26 @@ def test_each_device_is_priced_for_the_job_at_hand_from_the_shape_of_its_bids() 
     assert mem.known_s(3.0, 3000, 20)["plain"] == 9.0
 
 
+def test_settle_fits_the_shapes_new_bids_moved_so_pricing_fits_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.invite as invite
+    fits: list[int] = []
+    real = invite._fit_nonneg
+    monkeypatch.setattr(invite, "_fit_nonneg", lambda G, h: fits.append(1) or real(G, h))
+    mem = AskerMemory()
+    for t, (p, m) in enumerate([(200, 100), (1500, 60), (400, 300)]):
+        for d in ("a", "b"):
+            mem.heard(d, float(t), backlog_s=0.0, service_s=1.0 + p / 1000 + m / 100, init_s=0.0, slots=1,
+                      prompt_tokens=p, max_new_tokens=m)
+    mem.settle()
+    assert len(fits) == 2, "one fit per device whose shape moved"
+    mem.settle()
+    priced = mem.known_s(3.0, 50, 800)
+    assert len(fits) == 2 and set(priced) == {"a", "b"}, "nothing left to fit: neither settling nor pricing fits"
+    mem.heard("a", 3.0, backlog_s=0.0, service_s=2.0, init_s=0.0, slots=1, prompt_tokens=9, max_new_tokens=9)
+    mem.settle()
+    assert len(fits) == 3, "a moved again: a alone"
+
+
 def test_bounded_the_least_recently_heard_dropped() -> None:
     mem = AskerMemory(limit=2)
     for i, d in enumerate("abc"):
@@ -156,7 +176,70 @@ def test_an_invited_auction_leaves_its_bids_and_the_job_sent_in_the_devices_memo
                         local_snapshot=lambda: idle, clock=lambda: 100.0)
     out = orch.run("a prompt", max_new_tokens=8)
     assert out.ok and out.winner is not None
-    known = shared_memory(str(cfg.state_dir)).known_s(100.0)
+    memory = shared_memory(str(cfg.state_dir))
+    known = memory.known_s(100.0)
     assert set(known) == {f"p{i}" for i in range(4)}
+    assert not memory._unfitted, "the run's end fitted what its bids moved (Auctioneer.closed)"
     assert known[out.winner] == PROMISE_S * 2          # the job sent, then its service
     assert all(s == PROMISE_S for d, s in known.items() if d != out.winner)
+
+
+def test_a_view_kept_in_step_with_the_roster_and_the_memory_chooses_as_choose_does() -> None:
+    """``Rows.sync`` and ``Rows.known`` read again only the devices their sources say
+    changed. Driven at random (metrics live and retained, clocks off, devices coming,
+    going and retired, bids of every size heard, jobs sent, a memory smaller than the
+    fleet), every invitation ``choose_kept`` makes is the one ``choose`` makes from the
+    roster's and the memory's whole state."""
+    from agent.bus import Message
+    from agent.invite import Rows, choose_kept
+    from agent.messages import Metrics
+    from agent.roster import Roster
+
+    rng = np.random.default_rng(5)
+    wall, mono = [1000.0], [50.0]
+    roster = Roster(T, "hub", wall=lambda: wall[0])
+    memory = AskerMemory(max_age_s=3.0, limit=12)
+    view = Rows()
+    names = [f"d{i:02d}" for i in range(60)]
+    kinds = [{}, {"model": "m"}, {"need": "npu"}, {"model": "m", "tools": True}]
+    for step in range(400):
+        wall[0] += float(rng.random())
+        mono[0] += float(rng.random())
+        for d in rng.choice(names, 5, replace=False).tolist():
+            r = rng.random()
+            if r < 0.08:
+                roster.handle(Message(T.availability(d), b"offline" if rng.random() < 0.7 else b"", retain=True))
+            elif r < 0.12:
+                roster.handle_metrics(Message(T.metrics(d), b"", retain=True))
+            else:
+                roster.handle(Message(T.availability(d), b"online", retain=True))
+                s = Snapshot(has_npu=bool(rng.random() < 0.3), npu_free=bool(rng.random() < 0.5),
+                             cpu_slots=int(rng.choice([0, 1, 2])), cpu_percent=0.0, mem_available_mb=1.0, load1=0.0,
+                             queue_depth=int(rng.choice([0, 3])), backlog_s=float(rng.choice([0.0, 4.0])),
+                             recent={"cpu": LatencySummary(5, float(rng.choice([400.0, 900.0])))},
+                             models={"cpu": ModelInfo(str(rng.choice(["m", "n"])), warm=bool(rng.random() < 0.7))})
+                ts = wall[0] - float(rng.choice([0.0, 2.0, 40.0]))  # a clock behind ours, sometimes
+                payload = Metrics(device=d, ts=ts, snapshot=s).to_payload()
+                roster.handle_metrics(Message(T.metrics(d), payload, retain=bool(rng.random() < 0.3)))
+        for d in rng.choice(names, 4, replace=False).tolist():
+            memory.heard(d, mono[0], backlog_s=float(rng.random()), service_s=None if rng.random() < 0.1 else
+                         float(rng.random() * 3), init_s=float(rng.choice([0.0, 2.0])), slots=2,
+                         prompt_tokens=int(rng.choice([10, 300, 2000])), max_new_tokens=int(rng.choice([8, 256])))
+        if rng.random() < 0.5:
+            memory.sent(str(rng.choice(names)), mono[0], float(rng.random() * 4))
+        if step % 7 == 0:
+            memory.settle()
+        job: dict[str, Any] = kinds[step % len(kinds)]
+        prompt, budget = int(rng.choice([20, 900])), int(rng.choice([16, 400]))
+        bidders = roster.bidders(**job)
+        rows = dict(zip(sorted(bidders), roster.rows(sorted(bidders)), strict=True))
+        with view.lock:
+            view.sync(roster, bidders)
+            known = view.known(memory, mono[0], prompt, budget)
+            a = choose_kept(view, known, me="d00", best=4, explore=2, rng=np.random.default_rng(step),
+                            startup_s=memory.startup_s(), now=wall[0], **job)
+        b = choose({d: s for d, (s, _) in rows.items()}, me="d00", best=4, explore=2,
+                   rng=np.random.default_rng(step), known_s=memory.known_s(mono[0], prompt, budget),
+                   startup_s=memory.startup_s(), sent_s={d: t for d, (_, t) in rows.items() if t is not None},
+                   now=wall[0], **job)
+        assert a == b, f"step {step}"

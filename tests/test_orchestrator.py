@@ -3,7 +3,8 @@ learns. (The broker tests prove the wiring; these pin the loop's own decisions.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 
 from agent.bus import Message
 from agent.config import Config, load_config
+from agent.feeds import Changes
 from agent.linucb import Arms
 from agent.mailroom import Mailroom
 from agent.messages import Accepted, Bid, Done, Error, Job, ResultEvent, Snapshot, Timings, encode_result
@@ -106,8 +108,11 @@ class ScriptedFleet:
     def metrics(self) -> dict[str, Any]:
         return {}
 
-    def sent(self) -> dict[str, float]:
-        return {}
+    def feed(self) -> Changes:
+        return Changes(threading.Lock())  # the peers never change
+
+    def rows(self, devices: Collection[str]) -> list[tuple[Snapshot | None, float | None]]:
+        return [(None, None) for _ in devices]
 
     # fleet
     def sync(self) -> None:

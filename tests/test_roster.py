@@ -225,12 +225,15 @@ def test_the_job_kinds_kept_are_bounded_whatever_models_callers_name() -> None:
 def test_when_metrics_were_sent_on_our_clock_where_that_can_be_told() -> None:
     now = [160.0]
     roster = Roster(TOPICS, "hub", wall=lambda: now[0])
+    def sent() -> float | None:
+        return roster.rows(["a"])[0][1]
+
     roster.handle_metrics(metrics("a"))   # retained, its clock not measured yet: cannot be told
-    assert roster.sent() == {}
+    assert sent() is None
     live = metrics("a")                   # stamped 100, heard at 160: its clock is 60 s behind
     roster.handle_metrics(Message(live.topic, live.payload, retain=False))
-    assert roster.sent() == {"a": 160.0}
+    assert sent() == 160.0
     roster.handle_metrics(metrics("a"))   # a retained one now: its stamp on our clock
-    assert roster.sent() == {"a": 160.0}
+    assert sent() == 160.0
     roster.handle_metrics(Message(TOPICS.metrics("a"), b"", retain=True))
-    assert roster.sent() == {}, "cleared: forgotten"
+    assert roster.rows(["a"]) == [(None, None)], "cleared: forgotten"
