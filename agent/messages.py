@@ -349,7 +349,10 @@ class BidRequest:
     tools: bool = False        # the job has tools: only devices whose executor can call them bid
 
     def to_payload(self) -> bytes:
-        return encode_json({"v": SCHEMA_VERSION, **asdict(self)})
+        # Spelled out, as Snapshot.to_obj: dataclasses.asdict was 4/5 of the encoding (21 µs of 26).
+        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "origin": self.origin, "window_s": self.window_s,
+                            "prompt_tokens": self.prompt_tokens, "max_new_tokens": self.max_new_tokens,
+                            "need": self.need, "sent_at": self.sent_at, "model": self.model, "tools": self.tools})
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> BidRequest:

@@ -39,6 +39,7 @@ JOB = Job("r1", "hub", "cpu", "claim.1", "héllo ✓", 64, 3.0, 600.0, "result/h
 
 @pytest.mark.parametrize("msg", [
     BidRequest("r1", "hub", 30.0, 12, 64, "npu", sent_at=1.7e9),
+    BidRequest("r1", "hub", 30.0, 12, 64, sent_at=1.7e9, model="qwen", tools=True),
     Bid("r1", "dev-1", "hub", "claim.1", SNAP, service_s=1.5, service_n=12.0),
     JOB,
     Cancel("r1", "hub", "0123456789abcdef", "no accept in time"),
