@@ -205,6 +205,9 @@ class _Clients:
         return f"{host}:{port}"
 
 
+_Held = tuple[str, bytes, int, bool, "Properties | None"]  # a publish held during a connect()
+
+
 class _LinkState:
     """What the connector, paho's network thread and callers share: the client handle, the
     policy state, the last attempt's outcome, ``started`` and ``fatal`` under one lock held
@@ -221,6 +224,15 @@ class _LinkState:
         self._fatal: AgentError | None = None
         self.connected = threading.Event()
         self.connack = threading.Event()         # any CONNACK, success or refusal
+        # Publishes against a client's connect() (``_Connector._try``): paho sets the new
+        # socket before it queues the CONNECT, and until its network thread runs it writes a
+        # publish from another thread straight to that socket, so a publisher in that window
+        # put a PUBLISH ahead of the CONNECT (seen in CI: the broker hangs up on that). While
+        # ``held`` names the connecting client, what is published to it waits there, and is
+        # published once the CONNECT is queued. Held only to read ``held`` and hand a message
+        # to paho, which then only queues or writes to a non-blocking socket.
+        self.gate = threading.Lock()
+        self.held: tuple[mqtt.Client, list[_Held]] | None = None
         self.epoch = 0  # successful connects so far: a change means we were cut off meanwhile
 
     def current(self) -> _Handle:
@@ -366,10 +378,14 @@ class _Connector:
         client = handle.client
         self._client_used = True
         client.connect_timeout = max(0.1, timeout)
+        with state.gate:
+            state.held = (client, [])
         try:
             client.connect(**self._clients.connect_args(handle))
         except (OSError, ValueError) as exc:
             return _Outcome(Failure.UNREACHABLE, _describe(exc))
+        finally:
+            self._release(client)  # the CONNECT is queued (or there is no socket): they follow it
         client.loop_start()
         state.set_started(True)
         answered = state.connack.wait(timeout)
@@ -385,6 +401,17 @@ class _Connector:
         client.loop_stop()
         _close_sockets(client)
         return outcome
+
+    def _release(self, client: mqtt.Client) -> None:
+        """Publish what was held during ``client``'s connect(), in order, and stop holding."""
+        state = self._state
+        with state.gate:
+            held, state.held = state.held, None
+            for topic, payload, qos, retain, props in held[1] if held is not None else ():
+                try:
+                    client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+                except (ValueError, TypeError) as exc:  # as the caller's own publish would have raised
+                    log.warning("%s: dropped a message to %s published while connecting: %s", self.name, topic, exc)
 
     def stop(self, final: Iterable[tuple[str, bytes, bool]], timeout: float, end_session: bool) -> None:
         """End the rounds, publish ``final`` if connected, disconnect cleanly (see ``Bus.stop``)."""
@@ -679,7 +706,12 @@ class Bus:
                 props.ResponseTopic = response_topic
             if correlation_data:
                 props.CorrelationData = correlation_data
-        handle.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        state = self._state
+        with state.gate:
+            if state.held is not None and state.held[0] is handle.client:  # it is connecting: after the CONNECT
+                state.held[1].append((topic, payload, qos, retain, props))
+                return
+            handle.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def barrier(self, timeout: float) -> bool:
         """Round-trip one QoS 1 message through the broker.

@@ -214,3 +214,38 @@ def test_an_address_that_starts_hanging_up_on_reconnects_is_left_for_the_next(tm
             hang_up.close()
         first.stop()
         second.stop()
+
+
+def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho sets a new client's socket, then queues its CONNECT; a publish from another
+    thread in between used to be written first, and a broker hangs up on a client whose
+    first packet is not a CONNECT. Published right in that window (from paho's hook for
+    a new socket), the message must follow the CONNECT on the wire, and not be lost."""
+    import paho.mqtt.client as mqtt
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT_S)
+    bus = Bus("connect-window", BrokerConfig(host="127.0.0.1", port=listener.getsockname()[1], protocol="5"),
+              persistent=False, sync_topic="window/sync", name="window")
+    opened = mqtt.Client._call_socket_open
+
+    def publish_in_the_window(client: mqtt.Client, sock: object) -> None:
+        opened(client, sock)
+        bus.publish("window/early", b"published while connecting", qos=1)
+
+    monkeypatch.setattr(mqtt.Client, "_call_socket_open", publish_in_the_window)
+    bus.start()
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(WAIT_S)
+            data = b""
+            while b"published while connecting" not in data:
+                more = conn.recv(4096)
+                assert more, f"the client hung up; read {data!r}"
+                data += more
+        assert data[0] >> 4 == 1, f"the first packet is a CONNECT, not type {data[0] >> 4}"
+        assert data.index(b"window/early") > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
+    finally:
+        bus.stop()
+        listener.close()
