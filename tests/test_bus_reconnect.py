@@ -61,9 +61,10 @@ class HangUp:
 
 def read_connect_level(conn: socket.socket) -> int | None:
     """The protocol level of the MQTT CONNECT a client sends (5, or 4: 3.1.1), reading
-    until it is in; None if the client hangs up first. Not only the first bytes: a
-    publisher racing paho's connect() can put a PUBLISH on a new socket ahead of the
-    CONNECT (seen once in CI; the broker hangs up on such a client and the bus tries again)."""
+    until it is in; None if the client hangs up first. Not only the first bytes: before
+    the bus held publishes during a connect(), a racing publisher could put a PUBLISH
+    ahead of the CONNECT (seen once in CI; see the last test), and a listener that reads
+    the first bytes alone would misread any such regression as a protocol level."""
     data = b""
     while True:
         at = data.find(b"\x00\x04MQTT")  # the protocol name, then the level
