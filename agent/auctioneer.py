@@ -104,13 +104,13 @@ class Auctioneer:
         # Read before the call: once it is out, paho's thread needs the interpreter to write
         # it and then to take the bids (that hop took 0.27-0.37 ms on serve's path, per-hop
         # timestamps on scripts/bench --serve).
-        suspects, latency = self.stragglers.suspects(), self.latency.load()
+        (suspects, gone), latency = self.stragglers.suspects_and_absent(), self.latency.load()
         call()
         called = self.clock()
         result = collect(wire.inbox, expected=expected, suspects=suspects, window_s=window, need=req.need,
                          may_have_free_npu=wire.fleet.roster.may_have_free_npu, clock=self.clock,
                          steady=wire.steady, resend=call, on_progress=self.hooks.on_progress,
-                         interrupted=self.interrupted, latency=latency)
+                         interrupted=self.interrupted, latency=latency, absent=gone)
         result = replace(result, auction_ms=result.auction_ms + (called - started) * 1000)
         for _ in result.bids:
             fsm.fire("bid")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from agent.auction import averaged, missed, patience
+from agent.auction import absent, averaged, missed, patience
 from agent.errors import StateError
 from agent.statefiles import atomic_write, read_json_object, stamp
 
@@ -35,6 +35,11 @@ class Stragglers:
 
     def suspects(self) -> set[str]:
         return set(self.load())
+
+    def suspects_and_absent(self) -> tuple[set[str], set[str]]:
+        """(the devices that missed the last call or more, those that missed ``ABSENT_AFTER`` or more), one read."""
+        counts = self.load()
+        return set(counts), absent(counts)
 
     def update(self, expected: Iterable[str], bids: Iterable[str]) -> None:
         """After an auction: those who bid are punctual again, the rest missed one more."""

@@ -208,14 +208,17 @@ class Inbox:
 def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], window_s: float, need: str,
             may_have_free_npu: Callable[[str], bool], clock: Callable[[], float], steady: Callable[[], bool],
             resend: Callable[[], None], on_progress: Callable[[str], None],
-            interrupted: threading.Event | None = None, latency: Mapping[str, float] | None = None) -> AuctionResult:
+            interrupted: threading.Event | None = None, latency: Mapping[str, float] | None = None,
+            absent: Iterable[str] = ()) -> AuctionResult:
     """Wait for the bids (the call has been published); return when the window closes.
     ``resend`` publishes the call again (after our link came back: bids are QoS 0);
     ``interrupted`` (set by Ctrl-C) closes it at once, as ``interrupted``; ``latency``:
-    how long each device's bids usually take (``bidtimes.BidLatency``), None for no ``overdue`` rule."""
+    how long each device's bids usually take (``bidtimes.BidLatency``), None for no ``overdue`` rule;
+    ``absent``: the suspects given no grace (``auction.absent``)."""
     book = inbox.book
     opened = clock()
     roster = tuple(sorted(book.expect(expected, suspects, opened)))
+    gone = frozenset(absent)
     waits = None if latency is None else {d: patience(latency.get(d)) for d in roster}
     deadline = opened + window_s
     next_progress = opened + PROGRESS_EVERY_S
@@ -229,7 +232,7 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
         if decided_at is None and decided(expected=want, bids=bids, may_have_free_npu=may_have_free_npu, need=need):
             decided_at = now
         closing = should_close(expected=want, suspects=late, bids=bids, now=now, opened=opened,
-                               punctual_at=punctual_at, decided_at=decided_at, patience=waits)
+                               punctual_at=punctual_at, decided_at=decided_at, patience=waits, absent=gone)
         if closing is None and now >= deadline:
             closing = "timeout"
         if interrupted is not None and interrupted.is_set():

@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from agent.auction import (
+    ABSENT_AFTER,
     GRACE_MAX_S,
     GRACE_MIN_S,
     LATENCY_WEIGHT,
     PATIENCE_FLOOR_S,
     PATIENCE_MAX_S,
     PATIENCE_NEW_S,
+    absent,
     averaged,
     decided,
     grace,
@@ -31,9 +33,9 @@ T = Topics("p/")
 
 def close(expected: set[str], bids: dict[str, Bid], now: float, *, suspects: frozenset[str] = frozenset(),
           punctual_at: float | None = None, decided_at: float | None = None,
-          patience: dict[str, float] | None = None) -> str | None:
+          patience: dict[str, float] | None = None, absent: frozenset[str] = frozenset()) -> str | None:
     return should_close(expected=expected, suspects=set(suspects), bids=bids, now=now, opened=0.0,
-                        punctual_at=punctual_at, decided_at=decided_at, patience=patience)
+                        punctual_at=punctual_at, decided_at=decided_at, patience=patience, absent=absent)
 
 
 # ----------------------------------------------------------------------------- when the window closes
@@ -60,6 +62,21 @@ def test_missing_stragglers_are_not_waited_for_once_the_punctual_peers_are_in() 
     assert close({"a", "frozen"}, bids, at + GRACE_MIN_S, **kw) == "stragglers"
     assert close({"a", "frozen", "b"}, bids, 10.0, **kw) is None, "a punctual peer is still missing"
     assert close({"a", "frozen"}, bids, 10.0, punctual_at=at) is None, "an unsuspected peer is waited for"
+
+
+def test_a_peer_absent_for_several_calls_is_not_given_the_grace() -> None:
+    bids = {"a": bid("a")}
+    at = 0.004
+    kw: dict[str, Any] = {"suspects": frozenset({"frozen", "flaky"}), "punctual_at": at}
+    assert close({"a", "frozen"}, bids, at, absent=frozenset({"frozen"}), **kw) == "stragglers", \
+        "absent for good: closed as soon as the punctual peers are in"
+    assert close({"a", "frozen"}, bids, at - 1e-6, absent=frozenset({"frozen"}), **{**kw, "punctual_at": None}) \
+        is None, "not before the punctual peers are in"
+    assert close({"a", "frozen", "flaky"}, bids, at, absent=frozenset({"frozen"}), **kw) is None, \
+        "a peer that missed only the last call or two still gets the grace"
+    assert close({"a", "frozen", "b"}, bids, at, absent=frozenset({"frozen"}), **kw) is None, \
+        "a punctual peer still missing is waited for"
+    assert absent({"frozen": ABSENT_AFTER, "flaky": ABSENT_AFTER - 1}) == {"frozen"}
 
 
 def test_a_frozen_peer_never_heard_from_costs_the_first_auction_about_a_second_not_the_window() -> None:

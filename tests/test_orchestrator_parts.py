@@ -255,6 +255,32 @@ def test_a_peer_that_missed_the_call_is_a_suspect_next_time(tmp_path: Path) -> N
     assert set(part.latency.load()) == {"a"}, "the bid latency of those that bid"
 
 
+
+def test_a_peer_that_missed_several_calls_in_a_row_costs_the_next_auction_no_grace(tmp_path: Path) -> None:
+    from agent.auction import ABSENT_AFTER, GRACE_MIN_S
+
+    class OneSilent(ScriptedFleet):
+        def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
+            return frozenset({*self.peers, "silent"})
+
+    class Stepping(Clock):  # every reading 5 ms later: the grace passes in a few turns of the wait
+        def __call__(self) -> float:
+            self.t += 0.005
+            return self.t
+
+    cfg = config(tmp_path, bid_timeout_s=30)
+    part = auctioneer(cfg, Heard(), Stepping())
+    part.stragglers.update({"silent"}, set())  # missed one call: a suspect, given the grace
+    result, _, _ = held(OneSilent({"a": done}), cfg, part)
+    assert result.closing == "stragglers" and result.auction_ms >= GRACE_MIN_S * 1000, "waited the grace"
+    for _ in range(ABSENT_AFTER - 2):
+        part.stragglers.update({"silent"}, set())
+    assert part.stragglers.suspects_and_absent() == ({"silent"}, {"silent"})
+    result, _, _ = held(OneSilent({"a": done}), cfg, part)
+    assert result.closing == "stragglers" and result.missing == ("silent",)
+    assert result.auction_ms < GRACE_MIN_S * 1000, "absent for good: closed as soon as a was in"
+
+
 # ------------------------------------------------------------------ the delivery: the walk
 class Local:
     def __init__(self, *outcomes: tuple[Answer, str]):
