@@ -270,7 +270,7 @@ def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
     vs_a, vs_m = f"auction vs N={sizes[0]}", f"msgs vs N={sizes[0]}"
     print(f"\n{'devices':>7} | {'floor p50 ms':>12} | {'auction p50/p95 ms':>19} | {'/floor':>6} | "
           f"{'bids':>6} | {'msgs/orch':>9} | {vs_a:>16} | {vs_m:>13} | {'asker CPU ms':>12} | "
-          f"{'device CPU ms/bid':>17}")
+          f"{'broker CPU ms':>13} | {'device CPU ms/bid':>17}")
     def num(x: float | None, fmt: str) -> str:
         return "—" if x is None else format(x, fmt)
 

@@ -38,4 +38,4 @@ def test_scale_benchmark_reports_every_size_and_answers_every_auction(tmp_path: 
     text = proc.stdout
     assert "auctions answered: 6/6" in text
     assert "auction p50 at N=20" in text and "messages per orchestration" in text
-    assert "load average" in text and "asker CPU ms" in text
+    assert "load average" in text and "asker CPU ms" in text and "broker CPU ms" in text
