@@ -14,10 +14,11 @@ peer) whether the window closes. It closes at the first of:
 - ``stragglers``: the only peers missing are ones that missed recent calls for bids (a
   frozen peer: online by keepalive, never bidding), and the others have been in for the
   same short grace — their late bids are still welcome until then; at once, without the
-  grace, when every one of them has missed ``ABSENT_AFTER`` calls in a row (``absent``):
-  a peer frozen for good then costs later auctions nothing, where the grace cost each
-  one 50 ms (bench --frozen: p50 12.6x the healthy fleet's). Its next bid, even a late
-  one, makes it punctual again;
+  grace, when every one of them has missed ``ABSENT_AFTER`` calls in a row (``absent``)
+  and some bid is in: a peer frozen for good then costs later auctions nothing, where the
+  grace cost each one 50 ms (bench --frozen: p50 12.6x the healthy fleet's). Its next
+  bid, even a late one, makes it punctual again; with no bid in at all, the grace stays
+  (the only chance a peer back from a reboot has to be heard);
 - ``overdue``: at least one bid is in and every peer still missing is well past what its
   bids usually take (``patience``: its usual latency times 4, at least 1 s; 1 s for a
   peer never heard from), so a peer frozen since its last bid costs its first auction
@@ -76,8 +77,10 @@ def should_close(*, expected: set[str], suspects: set[str], bids: Mapping[str, B
         return "roster_complete"
     if decided_at is not None and now >= decided_at + grace(decided_at - opened):
         return "decided"
+    # Without the grace only once someone has bid: with every expected peer absent, that
+    # grace is the only chance a peer back from a reboot has to bid and be punctual again.
     if missing <= suspects and punctual_at is not None \
-            and (missing <= absent or now >= punctual_at + grace(punctual_at - opened)):
+            and ((bids and missing <= absent) or now >= punctual_at + grace(punctual_at - opened)):
         return "stragglers"
     if patience is not None and bids and now >= overdue_at(missing, opened, patience):
         return "overdue"

@@ -76,6 +76,10 @@ def test_a_peer_absent_for_several_calls_is_not_given_the_grace() -> None:
         "a peer that missed only the last call or two still gets the grace"
     assert close({"a", "frozen", "b"}, bids, at, absent=frozenset({"frozen"}), **kw) is None, \
         "a punctual peer still missing is waited for"
+    alone = {"suspects": frozenset({"frozen"}), "punctual_at": 0.0, "absent": frozenset({"frozen"})}
+    assert close({"frozen"}, {}, 0.0, **alone) is None, \
+        "nobody else bid: the grace is its one chance to be heard again (back from a reboot)"
+    assert close({"frozen"}, {}, GRACE_MIN_S, **alone) == "stragglers"
     assert absent({"frozen": ABSENT_AFTER, "flaky": ABSENT_AFTER - 1}) == {"frozen"}
 
 
