@@ -257,8 +257,9 @@ class _Table:
                     column[here] = mask[there]
             fresh -= previous.index.keys()
         # rows a kept view has still to read from each source (a plain ``update`` finds them
-        # by their placeholder snapshot)
-        self.fresh_metrics, self.fresh_memory = set(fresh), fresh
+        # by their placeholder snapshot), with those the previous table had not read yet
+        self.fresh_metrics: set[str] = fresh | (previous.fresh_metrics & self.index.keys() if previous else set())
+        self.fresh_memory: set[str] = fresh | (previous.fresh_memory & self.index.keys() if previous else set())
 
     def update(self, devices: Mapping[str, Snapshot | None]) -> None:
         """Work out again the rows whose snapshot is not the one seen last time."""
@@ -361,11 +362,15 @@ class Rows:
         t = self.current()
         changed = self._fleet[1].take()
         read = sorted(i for d in (changed | t.fresh_metrics) if (i := t.index.get(d)) is not None)
+        try:
+            if read:
+                got = fleet.rows([t.names[i] for i in read])
+                t.write(read, [snapshot for snapshot, _ in got])
+                t.sent[read] = [np.nan if sent is None else sent for _, sent in got]
+        except BaseException:
+            self._fleet = None  # what was taken is not read: the next sync reads every row
+            raise
         t.fresh_metrics = set()
-        if read:
-            got = fleet.rows([t.names[i] for i in read])
-            t.write(read, [snapshot for snapshot, _ in got])
-            t.sent[read] = [np.nan if sent is None else sent for _, sent in got]
         return t
 
     def known(self, memory: AskerMemory, now: float, prompt_tokens: int, max_new_tokens: int) -> np.ndarray:
@@ -376,9 +381,13 @@ class Rows:
             self._memory = (memory, memory.feed())
             t.fresh_memory = set(t.names)
         read = sorted(i for d in (self._memory[1].take() | t.fresh_memory) if (i := t.index.get(d)) is not None)
+        try:
+            if read:
+                t.m_values[read] = memory.rows([t.names[i] for i in read])
+        except BaseException:
+            self._memory = None  # as in ``sync``: every row again next time
+            raise
         t.fresh_memory = set()
-        if read:
-            t.m_values[read] = memory.rows([t.names[i] for i in read])
         return memory.price(t.m_values, now, prompt_tokens, max_new_tokens)
 
 

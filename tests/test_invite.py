@@ -202,3 +202,39 @@ def test_a_kept_view_keeps_a_bounded_number_of_job_kinds() -> None:
     assert len(table._able) == JOB_KINDS
     assert choose(devices, me="asker", best=1, explore=0, rng=np.random.default_rng(0), rows=kept,
                   spread=1).best == ("dev-000",)
+
+
+def test_a_kept_view_whose_read_failed_reads_every_row_next_time() -> None:
+    import threading
+
+    from agent.feeds import Feeds
+
+    class Source:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.feeds = Feeds(self.lock)
+            self.snaps: dict[str, Snapshot | None] = dict(fleet(4))
+            self.fail = False
+            self.read: list[str] = []
+
+        def feed(self) -> Any:
+            return self.feeds.open()
+
+        def rows(self, devices: Any) -> list[tuple[Snapshot | None, float | None]]:
+            if self.fail:
+                raise RuntimeError("a decoder bug")
+            self.read += list(devices)
+            return [(self.snaps[d], None) for d in devices]
+
+    source, view = Source(), Rows()
+    view.sync(source, frozenset(source.snaps))
+    source.snaps["dev-001"] = snap(backlog=30.0)
+    with source.lock:
+        source.feeds.touch("dev-001")
+    source.fail = True
+    with pytest.raises(RuntimeError):
+        view.sync(source, frozenset(source.snaps))
+    source.fail, source.read = False, []
+    table = view.sync(source, frozenset(source.snaps))
+    assert sorted(source.read) == sorted(source.snaps), "every row read again, the change taken before included"
+    assert table.backlog[table.index["dev-001"]] == 30.0

@@ -234,6 +234,8 @@ def test_a_view_kept_in_step_with_the_roster_and_the_memory_chooses_as_choose_do
         bidders = roster.bidders(**job)
         rows = dict(zip(sorted(bidders), roster.rows(sorted(bidders)), strict=True))
         with view.lock:
+            if step % 5 == 0:  # another job kind's rows synced first, its memory never read
+                view.sync(roster, roster.bidders(**kinds[(step + 1) % len(kinds)]))
             view.sync(roster, bidders)
             known = view.known(memory, mono[0], prompt, budget)
             a = choose_kept(view, known, me="d00", best=4, explore=2, rng=np.random.default_rng(step),
