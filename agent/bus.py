@@ -224,16 +224,37 @@ class _LinkState:
         self._fatal: AgentError | None = None
         self.connected = threading.Event()
         self.connack = threading.Event()         # any CONNACK, success or refusal
-        # Publishes against a client's connect() (``_Connector._try``): paho sets the new
-        # socket before it queues the CONNECT, and until its network thread runs it writes a
-        # publish from another thread straight to that socket, so a publisher in that window
-        # put a PUBLISH ahead of the CONNECT (seen in CI: the broker hangs up on that). While
-        # ``held`` names the connecting client, what is published to it waits there, and is
-        # published once the CONNECT is queued. Held only to read ``held`` and hand a message
-        # to paho, which then only queues or writes to a non-blocking socket.
-        self.gate = threading.Lock()
+        # Publishes against a client's (re)connect: paho sets the new socket before it queues
+        # the CONNECT, so a publish from another thread in between went out ahead of the
+        # CONNECT (seen in CI; the broker hangs up on that), whether the connector's
+        # connect() or paho's own reconnect after a drop was making it. From paho's
+        # pre-connect hook until the CONNECT is queued (its write hook, ``release``), what is
+        # published to that client is held in ``held``, then published in order. The gate is
+        # held only to read ``held`` and hand a message to paho, which then only queues.
+        self.gate = threading.RLock()
         self.held: tuple[mqtt.Client, list[_Held]] | None = None
         self.epoch = 0  # successful connects so far: a change means we were cut off meanwhile
+
+    def hold(self, client: mqtt.Client) -> None:
+        """Hold what is published to ``client`` until ``release``: it is about to connect."""
+        with self.gate:
+            if self.held is None or self.held[0] is not client:
+                self.held = (client, [])
+
+    def release(self, client: mqtt.Client, name: str) -> None:
+        """``client``'s CONNECT is queued (or it will not connect): publish what was held
+        for it, in order, and hold no more."""
+        if self.held is None or self.held[0] is not client:
+            return  # the usual case, read without the gate: nothing held for it
+        with self.gate:
+            if self.held is None or self.held[0] is not client:
+                return
+            held, self.held = self.held[1], None
+            for topic, payload, qos, retain, props in held:
+                try:
+                    client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+                except Exception as exc:  # (as the caller's own publish would have raised) the rest still go
+                    log.warning("%s: dropped a message to %s published while connecting: %s", name, topic, exc)
 
     def current(self) -> _Handle:
         """The client to use now (any thread)."""
@@ -378,14 +399,13 @@ class _Connector:
         client = handle.client
         self._client_used = True
         client.connect_timeout = max(0.1, timeout)
-        with state.gate:
-            state.held = (client, [])
+        state.hold(client)  # (paho's pre-connect hook does too; its write hook releases)
         try:
             client.connect(**self._clients.connect_args(handle))
         except (OSError, ValueError) as exc:
             return _Outcome(Failure.UNREACHABLE, _describe(exc))
         finally:
-            self._release(client)  # the CONNECT is queued (or there is no socket): they follow it
+            state.release(client, self.name)  # the CONNECT is queued (or there is no socket): they follow it
         client.loop_start()
         state.set_started(True)
         answered = state.connack.wait(timeout)
@@ -401,17 +421,6 @@ class _Connector:
         client.loop_stop()
         _close_sockets(client)
         return outcome
-
-    def _release(self, client: mqtt.Client) -> None:
-        """Publish what was held during ``client``'s connect(), in order, and stop holding."""
-        state = self._state
-        with state.gate:
-            held, state.held = state.held, None
-            for topic, payload, qos, retain, props in held[1] if held is not None else ():
-                try:
-                    client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-                except (ValueError, TypeError) as exc:  # as the caller's own publish would have raised
-                    log.warning("%s: dropped a message to %s published while connecting: %s", self.name, topic, exc)
 
     def stop(self, final: Iterable[tuple[str, bytes, bool]], timeout: float, end_session: bool) -> None:
         """End the rounds, publish ``final`` if connected, disconnect cleanly (see ``Bus.stop``)."""
@@ -461,7 +470,20 @@ class _Callbacks:
         client.on_disconnect = self.on_disconnect
         client.on_connect_fail = self.on_connect_fail
         client.on_message = self.on_message
+        client.on_pre_connect = self.on_pre_connect
+        client.on_socket_register_write = self.on_register_write
         return client
+
+    def on_pre_connect(self, client: mqtt.Client, userdata: object) -> None:
+        """paho is about to open a new socket (the connector's connect, or its own
+        reconnect after a drop): publishes wait until the CONNECT is queued."""
+        self._state.hold(client)
+
+    def on_register_write(self, client: mqtt.Client, userdata: object, sock: object) -> None:
+        """paho queued a packet on an idle socket, which on a new one is the CONNECT: what
+        was held follows it. (With this hook set, paho no longer writes from a publisher's
+        thread before the network thread runs: that thread writes everything.)"""
+        self._state.release(client, self.name)
 
     def _address(self) -> str:
         return self._clients.address(self._state.current())
@@ -493,6 +515,7 @@ class _Callbacks:
         self._dispatcher.connected(bool(flags.session_present))
 
     def on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self._state.release(client, self.name)  # no CONNECT went out: held as paho would have them
         if client is not self._state.current().client:
             return
         self._reconnect_failed(client, _Outcome(Failure.UNREACHABLE, "connection failed"))
@@ -514,6 +537,7 @@ class _Callbacks:
     def on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
                       reason: ReasonCode, properties: Properties | None) -> None:
         state = self._state
+        state.release(client, self.name)
         handle = state.current()
         if client is not handle.client:
             return

@@ -250,3 +250,55 @@ def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(mon
     finally:
         bus.stop()
         listener.close()
+
+
+def test_a_publish_made_while_paho_reconnects_by_itself_goes_out_after_the_connect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same window on paho's own reconnect after a drop (its network thread runs it):
+    the first connection is accepted, then cut; the publish made as the second socket
+    opens must follow that socket's CONNECT."""
+    import paho.mqtt.client as mqtt
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT_S)
+    bus = Bus("reconnect-window", BrokerConfig(host="127.0.0.1", port=listener.getsockname()[1], protocol="5"),
+              persistent=False, sync_topic="window/sync", name="rewindow")
+    links: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    bus.on_link(lambda up, _: links.put(up))
+    opened = mqtt.Client._call_socket_open
+    sockets = []
+
+    def publish_in_the_window(client: mqtt.Client, sock: object) -> None:
+        opened(client, sock)
+        sockets.append(threading.current_thread().name)
+        if len(sockets) == 2:  # paho's own reconnect
+            bus.publish("window/again", b"published while reconnecting", qos=1)
+
+    monkeypatch.setattr(mqtt.Client, "_call_socket_open", publish_in_the_window)
+    bus.start()
+    try:
+        first, _ = listener.accept()
+        with first:
+            first.settimeout(WAIT_S)
+            assert read_connect_level(first) == 5
+            first.sendall(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK: accepted
+            assert links.get(timeout=WAIT_S) is True
+            # Connected, the connector's rounds are over: a drop from here on is paho's to mend.
+            for thread in threading.enumerate():
+                if thread.name == "rewindow-connect":
+                    thread.join(WAIT_S)
+                    assert not thread.is_alive()
+        second, _ = listener.accept()  # the first one cut: paho reconnects
+        with second:
+            second.settimeout(WAIT_S)
+            data = b""
+            while b"published while reconnecting" not in data:
+                more = second.recv(4096)
+                assert more, f"the client hung up; read {data!r}"
+                data += more
+        assert sockets[1].startswith("paho-mqtt-client"), f"reconnected by {sockets[1]}, not by paho itself"
+        assert data[0] >> 4 == 1, f"the first packet is a CONNECT, not type {data[0] >> 4}"
+        assert data.index(b"window/again") > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
+    finally:
+        bus.stop(timeout=0.5)
+        listener.close()
