@@ -130,7 +130,7 @@ class Auctioneer:
         invite = self.cfg.auction.invite
         if not should_invite(len(roster.online()), invite.above):
             return None
-        memory, view = self._asker_memory(), self._view()
+        memory, view = self._asker_memory(), self._view((req.model, req.need, req.tools))
         with view.lock:  # one view of the fleet per process, kept between auctions
             # Only the devices whose metrics, or whose standing in this asker's memory,
             # changed since the last auction are read again (at N=1000: a handful, where
@@ -154,11 +154,11 @@ class Auctioneer:
             self._asked = shared_memory(str(self.cfg.state_dir))
         return self._asked
 
-    def _view(self) -> Any:
-        """The metrics' rows ``choose`` keeps between auctions (``agent.invite.Rows``), one
-        per process and state directory, as the memory."""
+    def _view(self, kind: tuple[str | None, str, bool]) -> Any:
+        """The metrics' rows ``choose_kept`` keeps between auctions of this job kind
+        (``agent.invite.Rows``), one per process, state directory and kind, as the memory."""
         from agent.invite import shared_rows
-        return shared_rows(str(self.cfg.state_dir))
+        return shared_rows(str(self.cfg.state_dir), kind)
 
     def _remember_bids(self, bids: Mapping[str, Any], req: Request) -> None:
         memory, now, prompt = self._asker_memory(), self.clock(), estimate_tokens(req.prompt)

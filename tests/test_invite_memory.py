@@ -146,6 +146,19 @@ def test_one_memory_per_state_dir_for_the_process() -> None:
     assert shared_memory("/tmp/a-state") is not shared_memory("/tmp/b-state")
 
 
+def test_a_view_per_state_dir_and_job_kind_for_the_process_bounded() -> None:
+    from agent.invite import SHARED_VIEWS, shared_rows
+    chat, code = ("chat-model", "any", False), ("code-model", "any", True)
+    assert shared_rows("/tmp/a-state", chat) is shared_rows("/tmp/a-state", chat)
+    assert shared_rows("/tmp/a-state", chat) is not shared_rows("/tmp/a-state", code), \
+        "two kinds in turn do not rebuild one view: their bidders differ"
+    assert shared_rows("/tmp/a-state", chat) is not shared_rows("/tmp/b-state", chat)
+    first = shared_rows("/tmp/a-state", chat)
+    for i in range(SHARED_VIEWS):
+        shared_rows("/tmp/a-state", ("model", str(i), False))
+    assert shared_rows("/tmp/a-state", chat) is not first, "the least recently used dropped"
+
+
 def test_an_invited_auction_leaves_its_bids_and_the_job_sent_in_the_devices_memory(tmp_path: Path) -> None:
     """The orchestrator's wiring, against the scripted fleet of tests/test_orchestrator.py:
     past the threshold the bids heard and the job sent land in the memory that the next

@@ -236,6 +236,8 @@ def test_an_invited_auction_names_whom_it_invited_and_only_then_remembers(tmp_pa
     inviting = auctioneer(cfg, Heard(), Clock())
     result, _, _ = held(ScriptedFleet({"a": done, "b": done}), cfg, inviting)
     assert sorted(result.invited or ()) == ["a", "b"]
+    from agent.invite import shared_rows
+    assert shared_rows(str(cfg.state_dir), (None, "any", False))._table is not None, "the view of its job kind"
     memory = shared_memory(str(cfg.state_dir))
     assert memory.known_s(100.0) == {"a": 2.0, "b": 2.0}, "the bids heard"
     inviting.sent("a", 100.0, 2.0)
