@@ -217,6 +217,20 @@ def test_an_address_that_starts_hanging_up_on_reconnects_is_left_for_the_next(tm
         second.stop()
 
 
+def assert_connect_then_publish(conn: socket.socket, topic: bytes) -> None:
+    """Read a client's packets until a PUBLISH to ``topic`` is in: its first packet must be
+    the CONNECT, and the PUBLISH after it."""
+    with conn:
+        conn.settimeout(WAIT_S)
+        data = b""
+        while topic not in data:
+            more = conn.recv(4096)
+            assert more, f"the client hung up; read {data!r}"
+            data += more
+    assert data[0] >> 4 == 1, f"the first packet is a CONNECT, not type {data[0] >> 4}"
+    assert data.index(topic) > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
+
+
 def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     """paho sets a new client's socket, then queues its CONNECT; a publish from another
     thread in between used to be written first, and a broker hangs up on a client whose
@@ -238,15 +252,7 @@ def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(mon
     bus.start()
     try:
         conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(WAIT_S)
-            data = b""
-            while b"published while connecting" not in data:
-                more = conn.recv(4096)
-                assert more, f"the client hung up; read {data!r}"
-                data += more
-        assert data[0] >> 4 == 1, f"the first packet is a CONNECT, not type {data[0] >> 4}"
-        assert data.index(b"window/early") > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
+        assert_connect_then_publish(conn, b"window/early")
     finally:
         bus.stop()
         listener.close()
@@ -289,16 +295,8 @@ def test_a_publish_made_while_paho_reconnects_by_itself_goes_out_after_the_conne
                     thread.join(WAIT_S)
                     assert not thread.is_alive()
         second, _ = listener.accept()  # the first one cut: paho reconnects
-        with second:
-            second.settimeout(WAIT_S)
-            data = b""
-            while b"published while reconnecting" not in data:
-                more = second.recv(4096)
-                assert more, f"the client hung up; read {data!r}"
-                data += more
+        assert_connect_then_publish(second, b"window/again")
         assert sockets[1].startswith("paho-mqtt-client"), f"reconnected by {sockets[1]}, not by paho itself"
-        assert data[0] >> 4 == 1, f"the first packet is a CONNECT, not type {data[0] >> 4}"
-        assert data.index(b"window/again") > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
     finally:
         bus.stop(timeout=0.5)
         listener.close()
