@@ -111,12 +111,14 @@ def absent(missed_in_a_row: Mapping[str, int]) -> set[str]:
 
 
 def missed(before: Mapping[str, int], expected: Iterable[str], bidders: Iterable[str]) -> dict[str, int]:
-    """After an auction: how many calls in a row each device has missed. Those who bid
-    are punctual again, the expected ones that did not missed one more."""
+    """After an auction: how many calls in a row each device has missed, up to
+    ``ABSENT_AFTER`` (no rule tells more from more, and a count that no longer moves is not
+    rewritten after every auction while a peer stays frozen). Those who bid are punctual
+    again, the expected ones that did not missed one more."""
     bid = set(bidders)
     after = {d: n for d, n in before.items() if d not in bid}
     for device in set(expected) - bid:
-        after[device] = before.get(device, 0) + 1
+        after[device] = min(before.get(device, 0) + 1, ABSENT_AFTER)
     return after
 
 

@@ -139,6 +139,8 @@ def test_a_missed_call_counts_one_more_and_a_bid_clears_the_record() -> None:
     assert missed({"b": 1, "c": 1}, {"a", "b", "c"}, {"a", "c"}) == {"b": 2}, "c bid: punctual again"
     assert missed({"gone": 3}, {"a"}, {"a", "gone"}) == {}, "a bid clears a device not expected this time"
     assert missed({"away": 2}, {"a"}, {"a"}) == {"away": 2}, "a device not called keeps its record"
+    frozen = {"f": ABSENT_AFTER}
+    assert missed(frozen, {"a", "f"}, {"a"}) == frozen, "counted up to ABSENT_AFTER: nothing new to write"
 
 
 def test_the_usual_latency_moves_towards_the_newest_bid_by_its_weight() -> None:

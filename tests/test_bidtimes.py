@@ -21,6 +21,25 @@ def test_stragglers_count_missed_calls_and_a_bid_clears_the_record(tmp_path: Pat
     assert Stragglers(tmp_path).suspects() == {"b"}, "shared through state_dir"
 
 
+def test_a_peer_frozen_for_good_stops_costing_a_write_per_auction(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.bidtimes as bidtimes
+    from agent.auction import ABSENT_AFTER
+    writes: list[Path] = []
+    real = bidtimes.atomic_write
+
+    def counted(path: Path, data: bytes, **kw: object) -> None:
+        writes.append(path)
+        real(path, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bidtimes, "atomic_write", counted)
+    s = Stragglers(tmp_path)
+    for _ in range(ABSENT_AFTER + 5):
+        s.update({"a", "frozen"}, {"a"})
+    assert s.load() == {"frozen": ABSENT_AFTER}
+    assert len(writes) == ABSENT_AFTER, "a write while the count moved, none after"
+
+
 def test_bid_latency_is_a_moving_average_shared_through_state_dir(tmp_path: Path) -> None:
     rec = BidLatency(tmp_path)
     assert rec.load() == {}
