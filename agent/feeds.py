@@ -22,8 +22,12 @@ class Changes:
 
     def take(self) -> set[str]:
         with self._lock:
-            out, self.devices = self.devices, set()
-            return out
+            return self.drain()
+
+    def drain(self) -> set[str]:
+        """``take`` with the source's lock held already."""
+        out, self.devices = self.devices, set()
+        return out
 
 
 class Feeds:
@@ -36,9 +40,13 @@ class Feeds:
 
     def open(self) -> Changes:
         with self._lock:
-            changes = Changes(self._lock)
-            self._all = [ref for ref in self._all if ref() is not None] + [weakref.ref(changes)]
-            return changes
+            return self.opened()
+
+    def opened(self) -> Changes:
+        """``open`` with the source's lock held already."""
+        changes = Changes(self._lock)
+        self._all = [ref for ref in self._all if ref() is not None] + [weakref.ref(changes)]
+        return changes
 
     def touch(self, device: str) -> None:
         """``device`` changed (the source's lock held)."""

@@ -71,11 +71,13 @@ class Roster:
         self._state: dict[str, bool] = {}
         self._metrics: dict[str, Metrics] = {}   # decoded, the last good one of each device
         self._pending: dict[str, tuple[str, bytes]] = {}  # device -> (topic, its latest metrics, undecoded)
+        # who changed since each consumer last looked: each job kind's bidders below, and the
+        # invitation views (invite.Rows.sync)
+        self._feeds = Feeds(self._lock)
         # per job kind (model, need, tools): who would bid, and the devices changed since it was last worked out
-        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], set[str]]] = {}
+        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], Changes]] = {}
         self._online: set[str] = set()
         self._sent: dict[str, float] = {}    # device -> when its last metrics were sent, on our wall clock
-        self._feeds = Feeds(self._lock)  # invitation views (invite.Rows.sync): who changed since
         self._listeners: Listeners[Listener] = Listeners()
         self._live = threading.Condition(self._lock)
         self._heard: dict[str, float] = {}   # device -> when it last spoke live (monotonic)
@@ -251,24 +253,21 @@ class Roster:
         with self._lock:
             cached = self._bidders.pop(key, None)
             if cached is None:  # worked out whole once per job kind, then only where something changed
-                cached = ({d for d in self._online if expected(d)}, set())
+                cached = ({d for d in self._online if expected(d)}, self._feeds.opened())
                 while len(self._bidders) >= BIDDER_KINDS:  # a model name is the caller's: bounded
                     del self._bidders[next(iter(self._bidders))]
             self._bidders[key] = cached  # the most recently asked last
-            members, changed = cached
-            for d in changed:
+            members, changes = cached
+            for d in changes.drain():
                 if d in self._online and expected(d):
                     members.add(d)
                 else:
                     members.discard(d)
-            changed.clear()
             return frozenset(members)
 
     def _changed(self, device: str) -> None:
-        """``device``'s availability or metrics changed (the lock held): work out again
-        whether it would bid, next time ``bidders`` is asked."""
-        for _, changed in self._bidders.values():
-            changed.add(device)
+        """``device``'s availability or metrics changed (the lock held): each job kind's
+        bidders work it out again next time they are asked, and the views read it again."""
         self._feeds.touch(device)
 
     def feed(self) -> Changes:
