@@ -126,8 +126,6 @@ def choose(devices: Mapping[str, Snapshot | None], *, me: str, best: int, explor
     invite (e.g. devices known to be gone); ``rows``: what the devices' metrics say, kept
     from earlier choices (``Rows``): the same answer, without working a thousand snapshots
     out again."""
-    if best < 0 or explore < 0:
-        raise ValueError("best and explore must be >= 0")
     t = (rows or Rows()).table(devices)  # rows in name order: the same draw whatever the input order
     return _choose(t, t.column(known_s, np.nan) if known_s else None, t.column(sent_s, np.nan) if sent_s else None,
                    me=me, best=best, explore=explore, rng=rng, model=model, need=need, tools=tools,
@@ -142,8 +140,6 @@ def choose_kept(view: Rows, known: np.ndarray | None, *, me: str, best: int, exp
     under its ``lock``): the devices, their metrics and when those were sent are the view's,
     ``known`` the asker's own expected seconds in its row order. The same invitation as
     ``choose`` given the same devices, ``known_s`` and ``sent_s`` as mappings."""
-    if best < 0 or explore < 0:
-        raise ValueError("best and explore must be >= 0")
     t = view.current()
     return _choose(t, known, t.sent, me=me, best=best, explore=explore, rng=rng, model=model, need=need, tools=tools,
                    startup_s=startup_s, now=now, npu_granted=npu_granted, exclude=(), spread=spread)
@@ -154,6 +150,8 @@ def _choose(t: _Table, known: np.ndarray | None, sent: np.ndarray | None, *, me:
             startup_s: Mapping[str, float] | None, now: float, npu_granted: Callable[[str], bool],
             exclude: Collection[str], spread: int) -> Invitation:
     """The choice on one table: ``known`` and ``sent`` per row (NaN: none), or None for none at all."""
+    if best < 0 or explore < 0:
+        raise ValueError("best and explore must be >= 0")
     startup_s = startup_s or {}
     cold_default = float(np.median(list(startup_s.values()))) if startup_s else COLD_S
     able = t.able(need, model, tools)
@@ -430,12 +428,6 @@ class _Shape:
             self.theta = _fit_nonneg(self.G, self.h)
         return self.theta
 
-    def seconds(self, prompt_tokens: int, max_new_tokens: int) -> float | None:
-        theta = self.fitted()
-        if theta is None:
-            return None
-        a, b, c = theta
-        return max(a + (b * prompt_tokens + c * max_new_tokens) / SHAPE_SCALE, MIN_SECONDS)
 
 
 @dataclass
@@ -518,16 +510,13 @@ class AskerMemory:
 
     def known_s(self, now: float, prompt_tokens: int | None = None,
                 max_new_tokens: int | None = None) -> dict[str, float]:
+        sized = prompt_tokens is not None and max_new_tokens is not None
         with self._lock:
-            out = {}
-            for d, h in self._heard.items():
-                if h.service_s is None or now - h.at >= self.max_age_s:
-                    continue
-                service = None
-                if prompt_tokens is not None and max_new_tokens is not None and (shape := self._shapes.get(d)):
-                    service = shape.seconds(prompt_tokens, max_new_tokens)
-                out[d] = max(0.0, h.free_at - now) + (h.service_s if service is None else service) + h.init_s
-            return out
+            names = list(self._heard)
+            rows = self._rows_locked(names, shaped=sized)
+        prices = self.price(np.array(rows, float).reshape(len(names), len(MEMORY_ROW)), now, prompt_tokens or 0,
+                            max_new_tokens or 0)
+        return {d: float(p) for d, p in zip(names, prices.tolist(), strict=True) if not math.isnan(p)}
 
     def startup_s(self) -> dict[str, float]:
         with self._lock:
@@ -535,23 +524,27 @@ class AskerMemory:
 
     def rows(self, devices: Collection[str]) -> list[tuple[float, ...]]:
         """What this memory says of each device (``MEMORY_ROW``), for ``price``."""
+        with self._lock:
+            return self._rows_locked(devices, shaped=True)
+
+    def _rows_locked(self, devices: Collection[str], *, shaped: bool) -> list[tuple[float, ...]]:
+        """``rows`` (the lock held); without ``shaped``, no shape: the last bid's figure."""
         nan = math.nan
         out = []
-        with self._lock:
-            for d in devices:
-                h = self._heard.get(d)
-                if h is None:
-                    out.append((nan,) * len(MEMORY_ROW))
-                    continue
-                shape = self._shapes.get(d)
-                theta = shape.fitted() if shape is not None else None
-                a, b, c = (nan, nan, nan) if theta is None else theta
-                out.append((h.at, h.free_at, nan if h.service_s is None else h.service_s, h.init_s, a, b, c))
+        for d in devices:
+            h = self._heard.get(d)
+            if h is None:
+                out.append((nan,) * len(MEMORY_ROW))
+                continue
+            shape = self._shapes.get(d) if shaped else None
+            theta = shape.fitted() if shape is not None else None
+            a, b, c = (nan, nan, nan) if theta is None else theta
+            out.append((h.at, h.free_at, nan if h.service_s is None else h.service_s, h.init_s, a, b, c))
         return out
 
     def price(self, rows: np.ndarray, now: float, prompt_tokens: int, max_new_tokens: int) -> np.ndarray:
-        """``known_s(now, prompt_tokens, max_new_tokens)`` over ``rows`` (a row of ``rows()``
-        each; NaN where it has no figure): the same sums, a column at a time."""
+        """What each device of ``rows`` (a row of ``rows()`` each) is expected to take for a
+        job of this size (NaN: no figure), a column at a time; ``known_s`` as a mapping."""
         at, free_at, service, init, a, b, c = rows.T
         shaped = np.maximum(a + (b * prompt_tokens + c * max_new_tokens) / SHAPE_SCALE, MIN_SECONDS)
         out: np.ndarray = np.maximum(0.0, free_at - now) + np.where(np.isnan(a), service, shaped) + init
