@@ -17,7 +17,7 @@ from collections.abc import Callable
 from agent.bus import Message, Publish
 from agent.capacity import Capacity
 from agent.jobs import Age, Jobs, retained
-from agent.messages import Bid, BidRequest, Snapshot, decoded
+from agent.messages import Bid, BidRequest, Snapshot, decoded, snapshot_members
 from agent.topics import Topics
 
 log = logging.getLogger("agent.node")  # the daemon's parts log under its name
@@ -36,6 +36,7 @@ class Bids:
         self._snapshot = snapshot
         self._max_bytes = max_payload_bytes
         self._clock = clock
+        self._members: tuple[Snapshot, bytes] | None = None  # the last snapshot, encoded
 
     def on_bid_request(self, msg: Message) -> None:
         parsed = self.topics.parse(msg.topic)
@@ -75,11 +76,15 @@ class Bids:
             and cap.cpu.serves(req.model) and (cap.cpu.tools or not req.tools) else None
         estimate = self.jobs.record.estimate("cpu", req.prompt_tokens, req.max_new_tokens) if cpu else None
         init_s = self.jobs.init_cost.expected("cpu", cpu.is_warm(), req.prompt_tokens) if cpu else 0.0
-        bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=self._snapshot(),
+        snap = self._snapshot()
+        members = self._members
+        if members is None or members[0] is not snap:  # it changed since the last bid
+            members = self._members = (snap, snapshot_members(snap))
+        bid = Bid(rid=req.rid, device=self.me, origin=req.origin, claim=claim, snapshot=snap,
                   service_s=round(estimate[0], 4) if estimate else None,
                   service_n=round(estimate[1], 2) if estimate else 0.0, init_s=round(init_s, 4))
         # No MQTT 5 properties on the reply: the rid is in the topic and the payload, and
         # packing properties in pure Python was a measurable share of the auction. QoS 0:
         # a late bid is useless, so an acknowledgement buys nothing and costs the asker one
         # write per bid (a fifth less CPU per auction of 8, with BidLatency's fewer writes).
-        self._publish(self.topics.bid_reply(req.origin, req.rid, self.me), bid.to_payload(), qos=0)
+        self._publish(self.topics.bid_reply(req.origin, req.rid, self.me), bid.to_payload(members[1]), qos=0)

@@ -302,6 +302,12 @@ class Snapshot:
         )
 
 
+def snapshot_members(snapshot: Snapshot) -> bytes:
+    """A snapshot as the members of a JSON object, without its braces: what a bid carries
+    after its own fields."""
+    return encode_json(snapshot.to_obj())[1:-1]
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What the operator allows a device to claim, on ``capabilities/<dev>`` (retained;
@@ -356,7 +362,30 @@ class BidRequest:
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> BidRequest:
-        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        obj = decode_json(payload, cls.KIND, max_bytes)
+        return cls.plain(obj) or cls.from_obj(obj)
+
+    @classmethod
+    def plain(cls, obj: dict[str, Any]) -> BidRequest | None:
+        """The usual call for bids, checked in one expression (every device reads every
+        call: this is most of the time its decoding took); None for anything else, which
+        ``from_obj`` decodes field by field and rejects with the reason."""
+        rid, origin, window, prompt, answer = (obj.get("rid"), obj.get("origin"), obj.get("window_s"),
+                                                obj.get("prompt_tokens"), obj.get("max_new_tokens"))
+        need, sent, model = obj.get("need"), obj.get("sent_at"), obj.get("model")
+        if type(rid) is str and type(origin) is str and is_id(rid) and is_id(origin) \
+                and (type(window) is float or type(window) is int) and 0 <= window <= MAX_SECONDS \
+                and type(prompt) is int and 0 <= prompt <= MAX_TOKENS \
+                and type(answer) is int and 1 <= answer <= MAX_TOKENS and need in NEEDS \
+                and (sent is None or ((type(sent) is float or type(sent) is int) and 0 <= sent <= 1e11)) \
+                and (model is None or (type(model) is str and len(model) <= 128 and model.isascii())):
+            return cls(rid=rid, origin=origin, window_s=float(window), prompt_tokens=prompt, max_new_tokens=answer,
+                       need=need, sent_at=float(sent or 0.0), model=model, tools=obj.get("tools") is True)
+        return None
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> BidRequest:
+        f = _Fields(obj, cls.KIND)
         return cls(rid=f.id("rid"), origin=f.id("origin"), window_s=f.number("window_s", 0, MAX_SECONDS) or 0.0,
                    prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
@@ -376,10 +405,13 @@ class Bid:
     service_n: float = 0.0          # the effective number of recent jobs it rests on
     init_s: float = 0.0             # the start-up it would pay first (a model that is not warm)
 
-    def to_payload(self) -> bytes:
-        return encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device, "origin": self.origin,
-                            "claim": self.claim, "service_s": self.service_s, "service_n": self.service_n,
-                            "init_s": self.init_s, **self.snapshot.to_obj()})
+    def to_payload(self, members: bytes | None = None) -> bytes:
+        """``members``: ``snapshot_members(self.snapshot)``, if the caller kept it (a node's
+        snapshot is the same from one bid to the next until something changes)."""
+        own = encode_json({"v": SCHEMA_VERSION, "rid": self.rid, "device": self.device, "origin": self.origin,
+                           "claim": self.claim, "service_s": self.service_s, "service_n": self.service_n,
+                           "init_s": self.init_s})
+        return own[:-1] + b"," + (snapshot_members(self.snapshot) if members is None else members) + b"}"
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:

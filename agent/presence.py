@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.bus import Message
 from agent.capacity import Capacity
 from agent.config import Config
+from agent.executors import Served
 from agent.jobs import Jobs
 from agent.messages import Metrics, Snapshot
 from agent.metrics import HostSample, HostSampler, snapshot
@@ -73,15 +74,26 @@ class Presence:
         self._last_health = "ok"
         self._presence_due = threading.Event()
         self._clock = clock
+        self._last_snapshot: tuple[tuple[Any, ...], Snapshot] | None = None
 
     def snapshot(self) -> Snapshot:
+        """This device's state now. The same object as last time while nothing in it
+        changed (every bid carries one; ``Bids`` keeps its encoding for that long)."""
         cap, gate = self.capacity, self.jobs.gate
+        cpu_up = cap.cpu is not None and cap.cpu.down is None
+        depth = gate.depth
+        made_of = (self._sample(), cap.npu_free(), _served(cap.npu), _served(cap.cpu), gate.slots if cpu_up else 0,
+                   depth, self.jobs.latency.summary(), gate.backlog_s() if depth else 0.0)  # idle: no backlog
+        last = self._last_snapshot
+        if last is not None and last[0] == made_of:
+            return last[1]
+        host, npu_free, _, _, slots, _, recent, backlog_s = made_of
         models = {mode: info for mode, e in (("npu", cap.npu), ("cpu", cap.cpu))
                   if e is not None and e.down is None and (info := e.model_info()) is not None}
-        cpu_up = cap.cpu is not None and cap.cpu.down is None
-        return snapshot(self._sample(), has_npu=cap.npu is not None, npu_free=cap.npu_free(), models=models,
-                        cpu_slots=gate.slots if cpu_up else 0, queue_depth=gate.depth,
-                        recent=self.jobs.latency.summary(), backlog_s=gate.backlog_s())
+        snap = snapshot(host, has_npu=cap.npu is not None, npu_free=npu_free, models=models, cpu_slots=slots,
+                        queue_depth=depth, recent=recent, backlog_s=backlog_s)
+        self._last_snapshot = (made_of, snap)
+        return snap
 
     def offer_snapshot(self) -> Snapshot:
         """This device as its own orchestrations' candidate: the NPU was tried first."""
@@ -173,3 +185,8 @@ class Presence:
             if engines_down:
                 timeout = min(timeout, next_engines - now)
             self.changed.wait(max(timeout, 0.0))
+
+
+def _served(executor: Served | None) -> tuple[bool, bool] | None:
+    """What a snapshot says of an executor that can change: up, and warm."""
+    return None if executor is None else (executor.down is None, executor.is_warm())

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.errors import MessageError
 from agent.messages import (
@@ -46,6 +49,14 @@ JOB = Job("r1", "hub", "cpu", "claim.1", "héllo ✓", 64, 3.0, 600.0, "result/h
 ])
 def test_round_trip(msg) -> None:
     assert type(msg).from_payload(msg.to_payload()) == msg
+
+
+def test_a_bid_with_its_snapshot_encoded_apart_is_the_same_bytes() -> None:
+    from agent.messages import encode_json, snapshot_members
+    bid = Bid("r1", "dev-1", "hub", "claim.1", SNAP, service_s=1.5, service_n=12.0, init_s=0.25)
+    whole = encode_json({"v": SCHEMA_VERSION, "rid": "r1", "device": "dev-1", "origin": "hub", "claim": "claim.1",
+                         "service_s": 1.5, "service_n": 12.0, "init_s": 0.25, **SNAP.to_obj()})
+    assert bid.to_payload() == bid.to_payload(snapshot_members(SNAP)) == whole
 
 
 def test_metrics_round_trip() -> None:
@@ -281,3 +292,38 @@ def test_an_error_event_names_only_kinds_a_node_sends() -> None:
         return {cls.kind}.union(*(kinds(sub) for sub in cls.__subclasses__()))
 
     assert kinds(errors.ExecutorError) == set(errors.ERROR_KINDS)
+
+
+# ---------------------------------------------------------------- the usual call, checked at once
+_ODD = st.one_of(st.none(), st.booleans(), st.sampled_from([-1, 0, 1, 2, 127, 128, 129, 10**6, 10**6 + 1, 10**30]),
+                 st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                 st.sampled_from([0.0, -0.0, 1e11, 1e11 + 1, 7 * 24 * 3600, 7 * 24 * 3600 + 0.5]),
+                 st.text(max_size=3), st.sampled_from(["any", "npu", "cpu", "r1", "a b", "é", "\ud800", "x" * 129,
+                                                       "x" * 128]),
+                 st.lists(st.integers(), max_size=2), st.just("missing"))
+_CALL_FIELDS = ("rid", "origin", "window_s", "prompt_tokens", "max_new_tokens", "need", "sent_at", "model", "tools")
+
+
+@settings(max_examples=600, derandomize=True, deadline=None, database=None)
+@given(odd=st.dictionaries(st.sampled_from(_CALL_FIELDS), _ODD, max_size=3))
+def test_the_quick_check_of_a_call_agrees_with_the_field_by_field_one(odd: dict[str, Any]) -> None:
+    obj: dict[str, Any] = json.loads(BidRequest("r1", "hub", 30.0, 12, 64, sent_at=1.7e9, model="m").to_payload())
+    for name, value in odd.items():
+        if value == "missing":
+            obj.pop(name, None)
+        else:
+            obj[name] = value
+    try:
+        full: BidRequest | None = BidRequest.from_obj(obj)
+    except MessageError:
+        full = None
+    quick = BidRequest.plain(obj)
+    assert quick is None or quick == full, "the quick check took what the full one refuses, or read it otherwise"
+    if quick is not None:
+        assert all(type(getattr(quick, f)) is type(getattr(full, f)) for f in _CALL_FIELDS)
+
+
+@pytest.mark.parametrize("req", [BidRequest("r1", "hub", 30.0, 12, 64), BidRequest("r1", "hub", 30, 0, 1, "npu"),
+                                 BidRequest("r1", "hub", 0.5, 12, 64, sent_at=1.7e9, model="qwen", tools=True)])
+def test_the_usual_call_takes_the_quick_check(req: BidRequest) -> None:
+    assert BidRequest.plain(json.loads(req.to_payload())) == req

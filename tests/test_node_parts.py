@@ -945,6 +945,50 @@ def test_presence_snapshots_offer_no_npu_to_its_own_orchestrations(tmp_path: Pat
                         changed=threading.Event(), stop=threading.Event(), sample=quiet_host).snapshot().has_npu
 
 
+def test_presence_makes_a_new_snapshot_only_when_something_in_it_changed(tmp_path: Path) -> None:
+    from agent.metrics import HostSample
+    parts = Parts(tmp_path)
+    host = [HostSample(0.0, 1000.0, 0.0, None, False)]
+    presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.wire, changed=threading.Event(),
+                        stop=threading.Event(), sample=lambda: host[0])
+    first = presence.snapshot()
+    assert presence.snapshot() is first, "nothing changed: the same snapshot, and the bids keep its encoding"
+    host[0] = HostSample(5.0, 900.0, 0.25, None, False)
+    sampled = presence.snapshot()
+    assert sampled.cpu_percent == 5.0 and sampled.load1 == 0.25 and presence.snapshot() is sampled
+    cpu = parts.capacity.cpu
+    assert cpu is not None and not sampled.models["cpu"].warm
+    cpu._warm_until = float("inf")  # a job just ended: the model is loaded
+    assert presence.snapshot().models["cpu"].warm
+    parts.jobs.latency.add("cpu", 120.0, 4)
+    assert presence.snapshot().recent["cpu"].n == 1
+    claim = parts.call("r1")
+    assert claim is not None
+    parts.job("r1", claim)  # the gate's slots are not started: it waits
+    queued = presence.snapshot()
+    assert queued.queue_depth == 1 and queued.backlog_s > 0
+    cpu.down = "refused"
+    down = presence.snapshot()
+    assert down.cpu_slots == 0 and "cpu" not in down.models
+
+
+def test_a_bid_encodes_its_device_s_snapshot_once_while_it_stays_the_same(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.bids
+    parts = Parts(tmp_path)
+    snaps = [Metrics.from_payload(_METRICS).snapshot]
+    parts.bids._snapshot = lambda: snaps[0]
+    encoded: list[Any] = []
+    real = agent.bids.snapshot_members
+    monkeypatch.setattr(agent.bids, "snapshot_members", lambda s: encoded.append(s) or real(s))
+    one, two = parts.bid("r1"), parts.bid("r2")
+    assert one is not None and two is not None and one.snapshot == two.snapshot == snaps[0]
+    assert encoded == [snaps[0]]
+    snaps[0] = replace(snaps[0], queue_depth=3)
+    three = parts.bid("r3")
+    assert three is not None and three.snapshot.queue_depth == 3 and len(encoded) == 2
+
+
 def test_presence_retains_what_it_publishes_and_answers_home_assistant(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     parts = Parts(tmp_path)
