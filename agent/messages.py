@@ -175,6 +175,11 @@ class _Fields:
         return out
 
 
+def _in(value: Any, lo: float, hi: float) -> bool:
+    """A JSON number (not a boolean) in [lo, hi]: NaN and infinities fail the comparison."""
+    return (type(value) is float or type(value) is int) and lo <= value <= hi
+
+
 def _names(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
     return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
@@ -284,6 +289,53 @@ class Snapshot:
 
     @classmethod
     def from_fields(cls, f: _Fields) -> Snapshot:
+        return cls.plain(f.obj) or cls._field_by_field(f)
+
+    @classmethod
+    def plain(cls, obj: Mapping[str, Any]) -> Snapshot | None:
+        """The usual snapshot, checked a field at a time without the reasons (an asker reads
+        every bid, and a node every device's metrics); None for anything else, which
+        ``from_fields`` checks field by field and rejects with the reason."""
+        g: Callable[[str], Any] = obj.get
+        has_npu, npu_free, on_battery, slots, depth = g("has_npu"), g("npu_free"), g("on_battery"), g("cpu_slots"), \
+            g("queue_depth")
+        cpu, mem, load, temperature, backlog = g("cpu_percent"), g("mem_available_mb"), g("load1"), \
+            g("temperature_c"), g("backlog_s")
+        if not (type(has_npu) is bool and type(npu_free) is bool and type(on_battery) is bool
+                and type(slots) is int and 0 <= slots <= 1024 and type(depth) is int and 0 <= depth <= 1_000_000
+                and _in(cpu, 0, 100 * 1024) and _in(mem, 0, 1e9) and _in(load, 0, 1e6)
+                and (temperature is None or _in(temperature, -100, 300)) and (backlog is None or _in(backlog, 0, 1e9))):
+            return None
+        raw_recent, raw_models = g("recent"), g("models")
+        if not ((raw_recent is None or type(raw_recent) is dict) and (raw_models is None or type(raw_models) is dict)):
+            return None
+        recent: dict[str, LatencySummary] = {}
+        for mode, r in (raw_recent or {}).items():
+            if mode not in MODES or type(r) is not dict:
+                return None
+            n, p50, per_token = r.get("n"), r.get("p50_ms"), r.get("ms_per_token")  # type: Any, Any, Any
+            if not (type(n) is int and 0 <= n <= 2**31 and _in(p50, 0, 1e9)
+                    and (per_token is None or _in(per_token, 0, 1e9))):
+                return None
+            recent[mode] = LatencySummary(n, float(p50), None if per_token is None else float(per_token))
+        models: dict[str, ModelInfo] = {}
+        for mode, m in (raw_models or {}).items():
+            if mode not in MODES or type(m) is not dict:
+                return None
+            name, aliases, context = m.get("name"), m.get("aliases"), m.get("context")
+            aliases = [] if aliases is None else aliases
+            if not (type(name) is str and len(name) <= 128 and name.isascii() and type(aliases) is list
+                    and len(aliases) <= 16 and all(type(a) is str and 0 < len(a) <= 128 for a in aliases)
+                    and (context is None or (type(context) is int and 1 <= context <= 10**8))):
+                return None
+            models[mode] = ModelInfo(name, tuple(aliases), context, m.get("warm") is True, m.get("tools") is True)
+        return cls(has_npu=has_npu, npu_free=npu_free, cpu_slots=slots, cpu_percent=float(cpu),
+                   mem_available_mb=float(mem), load1=float(load), queue_depth=depth,
+                   temperature_c=None if temperature is None else float(temperature), on_battery=on_battery,
+                   recent=recent, backlog_s=float(backlog or 0.0), models=models)
+
+    @classmethod
+    def _field_by_field(cls, f: _Fields) -> Snapshot:
         recent = f.per_mode("recent", LatencySummary.from_obj)
         models = f.per_mode("models", ModelInfo.from_obj)
         return cls(
@@ -415,7 +467,29 @@ class Bid:
 
     @classmethod
     def from_payload(cls, payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Bid:
-        f = _Fields(decode_json(payload, cls.KIND, max_bytes), cls.KIND)
+        obj = decode_json(payload, cls.KIND, max_bytes)
+        return cls.plain(obj) or cls.from_obj(obj)
+
+    @classmethod
+    def plain(cls, obj: dict[str, Any]) -> Bid | None:
+        """The usual bid, checked at once (``Snapshot.plain``); None for anything else."""
+        rid, device, origin, claim = obj.get("rid"), obj.get("device"), obj.get("origin"), obj.get("claim")
+        service, n, init = obj.get("service_s"), obj.get("service_n"), obj.get("init_s")
+        if not (type(rid) is str and type(device) is str and type(origin) is str and is_id(rid) and is_id(device)
+                and is_id(origin) and type(claim) is str and len(claim) <= 128 and claim.isascii()
+                and (service is None or _in(service, 0, 1e7)) and (n is None or _in(n, 0, 1e9))
+                and (init is None or _in(init, 0, 1e7))):
+            return None
+        snapshot = Snapshot.plain(obj)
+        if snapshot is None:
+            return None
+        return cls(rid=rid, device=device, origin=origin, claim=claim, snapshot=snapshot,
+                   service_s=None if service is None else float(service), service_n=float(n or 0.0),
+                   init_s=float(init or 0.0))
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> Bid:
+        f = _Fields(obj, cls.KIND)
         return cls(rid=f.id("rid"), device=f.id("device"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
                    snapshot=Snapshot.from_fields(f), service_s=f.number("service_s", 0, 1e7, optional=True),
                    service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from agent.messages import (
     LastResult,
     LatencySummary,
     Metrics,
+    ModelInfo,
     Snapshot,
     Timings,
     Token,
@@ -327,3 +329,86 @@ def test_the_quick_check_of_a_call_agrees_with_the_field_by_field_one(odd: dict[
                                  BidRequest("r1", "hub", 0.5, 12, 64, sent_at=1.7e9, model="qwen", tools=True)])
 def test_the_usual_call_takes_the_quick_check(req: BidRequest) -> None:
     assert BidRequest.plain(json.loads(req.to_payload())) == req
+
+
+_BID = Bid("r1", "dev-1", "hub", "claim.1", Snapshot(
+    has_npu=True, npu_free=False, cpu_slots=2, cpu_percent=12.5, mem_available_mb=2048.0, load1=0.4, queue_depth=1,
+    temperature_c=41.0, on_battery=False, recent={"cpu": LatencySummary(4, 350.0, 12.5), "npu": LatencySummary(1, 9.0)},
+    backlog_s=1.25, models={"cpu": ModelInfo("qwen", ("q", "qw"), 4096, True, True), "npu": ModelInfo("llama")}),
+    service_s=1.5, service_n=12.0, init_s=0.5)
+_BID_FIELDS = ("rid", "device", "origin", "claim", "service_s", "service_n", "init_s", "has_npu", "npu_free",
+               "cpu_slots", "cpu_percent", "mem_available_mb", "load1", "queue_depth", "temperature_c", "on_battery",
+               "backlog_s", "recent", "models")
+_NESTED = ("n", "p50_ms", "ms_per_token", "name", "aliases", "context", "warm", "tools", "gpu")
+
+
+@settings(max_examples=800, derandomize=True, deadline=None, database=None)
+@given(odd=st.dictionaries(st.sampled_from(_BID_FIELDS), _ODD, max_size=3),
+       nested=st.dictionaries(st.tuples(st.sampled_from(("recent", "models")), st.sampled_from(("cpu", "npu", "gpu")),
+                                        st.sampled_from(_NESTED)),
+                              st.one_of(_ODD, st.lists(st.sampled_from(["", "a", "é", "x" * 129]), max_size=17)),
+                              max_size=2))
+def test_the_quick_check_of_a_bid_agrees_with_the_field_by_field_one(odd: dict[str, Any],
+                                                                      nested: dict[Any, Any]) -> None:
+    obj: dict[str, Any] = json.loads(_BID.to_payload())
+    for (section, mode, name), value in nested.items():
+        entry = obj[section].setdefault(mode, {"name": "m"} if section == "models" else {"n": 1, "p50_ms": 2.0})
+        if value == "missing":
+            entry.pop(name, None)
+        else:
+            entry[name] = value
+    for name, value in odd.items():
+        if value == "missing":
+            obj.pop(name, None)
+        else:
+            obj[name] = value
+    _agree(obj)
+
+
+def test_the_usual_bid_and_metrics_take_the_quick_check() -> None:
+    assert Bid.plain(json.loads(_BID.to_payload())) == _BID
+    assert Snapshot.plain(json.loads(Metrics("dev-1", 1e9, SNAP).to_payload())) == SNAP
+
+
+_EDGES: list[Any] = [None, "missing", True, False, -1, 0, 1, 2, 100, 127, 128, 129, 1024, 1025, 10**6, 10**6 + 1,
+                     10**7, 10**7 + 1, 2**31, 2**31 + 1, 10**8, 10**8 + 1, 10**9, 10**9 + 1, 10**30, -0.5, 0.0, 0.5,
+                     41.0, 300.0, 300.5, -100.0, -100.5, 102400.0, 102400.5, 1e11, 1e11 + 1, float("nan"),
+                     float("inf"), float("-inf"), "", "a", "a b", "é", "\ud800", "x" * 128, "x" * 129, "cpu", "any",
+                     [], ["a"], [""], ["é"], ["x" * 129], ["a"] * 16, ["a"] * 17, [1], {}, {"n": 1}]
+
+
+def _agree(obj: dict[str, Any]) -> None:
+    with mock.patch.object(Snapshot, "plain", return_value=None):  # the reference: field by field throughout
+        try:
+            full: Bid | None = Bid.from_obj(obj)
+        except MessageError:
+            full = None
+    quick = Bid.plain(obj)
+    assert quick is None or quick == full, f"the quick check differs on {obj}"
+    if quick is not None and full is not None:
+        for got, want in ((quick, full), (quick.snapshot, full.snapshot)):
+            assert {k: type(v) for k, v in vars(got).items()} == {k: type(v) for k, v in vars(want).items()}, obj
+            for section in ("recent", "models"):
+                for mode, value in getattr(got, section, {}).items():
+                    other = getattr(want, section)[mode]
+                    assert {k: type(v) for k, v in vars(value).items()} == \
+                        {k: type(v) for k, v in vars(other).items()}, obj
+
+
+def test_each_odd_field_of_a_bid_gets_the_same_answer_from_both_checks() -> None:
+    """Every field, top level and nested, set to each edge value in turn: the quick check
+    takes it only where the field-by-field one does, and reads the same."""
+    base = json.loads(_BID.to_payload())
+    for name in _BID_FIELDS:
+        for value in _EDGES:
+            obj = json.loads(json.dumps(base))
+            obj.pop(name) if value == "missing" else obj.__setitem__(name, value)
+            _agree(obj)
+    for section in ("recent", "models"):
+        for mode in ("cpu", "npu", "gpu"):
+            for name in _NESTED:
+                for value in _EDGES:
+                    obj = json.loads(json.dumps(base))
+                    entry = obj[section].setdefault(mode, {"name": "m"} if section == "models" else {"n": 1, "p50_ms": 2.0})
+                    entry.pop(name, None) if value == "missing" else entry.__setitem__(name, value)
+                    _agree(obj)
