@@ -87,6 +87,32 @@ def should_close(*, expected: set[str], suspects: set[str], bids: Mapping[str, B
     return None
 
 
+def first_overdue(expected: Iterable[str], opened: float, patience: Mapping[str, float]) -> float:
+    """The earliest the ``overdue`` rule could close: when the least patience among the
+    expected peers runs out (no set of missing peers is overdue sooner)."""
+    return opened + min((patience.get(d, PATIENCE_NEW_S) for d in expected), default=PATIENCE_NEW_S)
+
+
+def wake_at(*, now: float, opened: float, until: float, punctual_at: float | None, decided_at: float | None,
+            missing: Set[str], any_bid: bool, patience: Mapping[str, float] | None) -> float:
+    """When the waiting loop must look again by itself (``until``: its own deadline or next
+    progress line): a grace running out, or the ``overdue`` rule becoming possible. The
+    bids that could close the window wake it apart from this (``mailroom.BidBook``); the
+    first bid only once ``first_overdue`` has passed, so a burst of bids wakes it once."""
+    at = until
+    for since in (punctual_at, decided_at):
+        if since is not None:
+            at = min(at, since + grace(since - opened))
+    if patience is not None:
+        if any_bid:
+            at = min(at, overdue_at(missing, opened, patience))
+        else:
+            first = first_overdue(missing, opened, patience)
+            if now < first:  # a bid before then may have come without waking us
+                at = min(at, first)
+    return at
+
+
 def overdue_at(missing: Iterable[str], opened: float, patience: Mapping[str, float]) -> float:
     """When every one of ``missing`` is past its patience (the ``overdue`` rule)."""
     return opened + max((patience.get(d, PATIENCE_NEW_S) for d in missing), default=0.0)

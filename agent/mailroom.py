@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.auction import AuctionResult, decided, grace, overdue_at, patience, should_close
+from agent.auction import AuctionResult, decided, first_overdue, patience, should_close, wake_at
 from agent.messages import Bid, decoded
 from agent.topics import ParsedTopic, Topics
 
@@ -50,6 +50,7 @@ class BidBook:
         self._suspects: set[str] = set()
         self._late: set[str] = set()   # bid after the window closed: punctual again next time
         self._open = True
+        self._first_wakes_at: float | None = None  # from then on the first bid wakes the orchestrator
         self.wake = threading.Event()  # something that could close the window, or a roster change
 
     def add(self, msg: Message, parsed: ParsedTopic | None = None) -> None:
@@ -63,7 +64,8 @@ class BidBook:
         if bid is None:
             return
         with self._lock:
-            self._arrived.setdefault(bid.device, self._clock())
+            now = self._clock()
+            self._arrived.setdefault(bid.device, now)
             if not self._open:
                 self._late.add(bid.device)
                 return
@@ -73,16 +75,22 @@ class BidBook:
             missing = self._expected - self._bids.keys()
             # Wake the orchestrator only when this bid could close the window: the last
             # one it waits for (measured: a wake-up per bid cost ~120 µs), the last of the
-            # punctual ones, a free NPU, or the first bid (the overdue rule needs one).
+            # punctual ones, a free NPU, or the first bid once the overdue rule could close
+            # (it needs one; before then the orchestrator looks by itself: auction.wake_at).
+            first = self._first_wakes_at
             if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free) \
-                    or len(self._bids) == 1:
+                    or (len(self._bids) == 1 and first is not None and now >= first):
                 self.wake.set()
 
-    def expect(self, devices: Iterable[str], suspects: Iterable[str] = (), opened: float | None = None) -> set[str]:
+    def expect(self, devices: Iterable[str], suspects: Iterable[str] = (), opened: float | None = None,
+               first_overdue: float | None = None) -> set[str]:
         """The peers that must bid for the window to close early, and those of them that
-        have been missing calls lately; ``opened``: when the call went out (on ``clock``)."""
+        have been missing calls lately; ``opened``: when the call went out (on ``clock``);
+        ``first_overdue``: from when the first bid could let the overdue rule close (None:
+        there is no such rule)."""
         with self._lock:
             self._opened = self._clock() if opened is None else opened
+            self._first_wakes_at = first_overdue
             self._expected = set(devices)
             self._suspects = set(suspects) & self._expected
             self.wake.set()
@@ -217,9 +225,11 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
     ``absent``: the suspects given no grace (``auction.absent``)."""
     book = inbox.book
     opened = clock()
-    roster = tuple(sorted(book.expect(expected, suspects, opened)))
+    expecting = set(expected)
+    waits = None if latency is None else {d: patience(latency.get(d)) for d in expecting}
+    roster = tuple(sorted(book.expect(expecting, suspects, opened,
+                                      None if waits is None else first_overdue(expecting, opened, waits))))
     gone = frozenset(absent)
-    waits = None if latency is None else {d: patience(latency.get(d)) for d in roster}
     deadline = opened + window_s
     next_progress = opened + PROGRESS_EVERY_S
     punctual_at: float | None = None
@@ -244,13 +254,9 @@ def collect(inbox: Inbox, *, expected: Iterable[str], suspects: Iterable[str], w
             on_progress(f"waiting for bids: {len(want) - len(missing)} of {len(want)} in, missing "
                         f"{', '.join(missing)} ({deadline - now:.0f} s left)")
             next_progress = now + PROGRESS_EVERY_S
-        wake_at = min(deadline, next_progress)
-        for since in (punctual_at, decided_at):
-            if since is not None:
-                wake_at = min(wake_at, since + grace(since - opened))
-        if waits is not None and bids:
-            wake_at = min(wake_at, overdue_at(want - bids.keys(), opened, waits))
-        book.wake.wait(max(0.0, wake_at - now))
+        look_at = wake_at(now=now, opened=opened, until=min(deadline, next_progress), punctual_at=punctual_at,
+                          decided_at=decided_at, missing=want - bids.keys(), any_bid=bool(bids), patience=waits)
+        book.wake.wait(max(0.0, look_at - now))
         book.wake.clear()
         while True:  # roster and link changes
             try:

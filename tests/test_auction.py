@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,12 @@ from agent.auction import (
     absent,
     averaged,
     decided,
+    first_overdue,
     grace,
     missed,
     patience,
     should_close,
+    wake_at,
 )
 from agent.messages import Bid
 from agent.topics import Topics
@@ -105,6 +108,21 @@ def test_the_window_closes_when_the_last_missing_peer_is_overdue_and_only_with_a
     assert close({"a", "b", "c"}, {"a": bid("a")}, 2.9, patience=waits) is None, "b may still come"
     assert close({"a", "b", "c"}, {"a": bid("a")}, 3.0, patience=waits) == "overdue"
     assert close({"a", "b"}, {}, 25.0, patience=waits) is None, "no bid in: nobody to run it, keep waiting"
+
+
+def test_the_waiting_loop_looks_again_when_a_rule_could_change_its_mind() -> None:
+    waits = {"a": 1.0, "b": 3.0, "c": 2.0}
+    look = functools.partial(wake_at, opened=10.0, until=40.0, punctual_at=None, decided_at=None, patience=waits)
+    assert first_overdue({"a", "b", "c"}, 10.0, waits) == 11.0
+    assert first_overdue({"x"}, 10.0, {}) == 10.0 + PATIENCE_NEW_S
+    assert look(now=10.0, missing={"a", "b", "c"}, any_bid=False) == 11.0, \
+        "no bid seen yet: one may have come meanwhile without waking it (auction.first_overdue)"
+    assert look(now=11.5, missing={"a", "b", "c"}, any_bid=False) == 40.0, "past it: the first bid will wake it"
+    assert look(now=10.0, missing={"b", "c"}, any_bid=True) == 13.0, "the last missing peer's patience"
+    assert look(now=10.0, missing={"a"}, any_bid=True, punctual_at=10.004) == pytest.approx(10.004 + GRACE_MIN_S)
+    assert look(now=10.0, missing={"a"}, any_bid=True, decided_at=10.5) == pytest.approx(11.0), "the grace: 2 x 0.5 s"
+    assert look(now=10.0, missing={"a"}, any_bid=True, patience=None) == 40.0, "no overdue rule"
+    assert look(now=10.0, missing={"a"}, any_bid=False, until=10.5) == 10.5
 
 
 def test_patience_is_the_usual_latency_times_a_factor_within_bounds() -> None:

@@ -39,12 +39,12 @@ def test_the_book_keeps_bids_of_its_own_auction_only() -> None:
 
 
 def test_the_book_wakes_its_orchestrator_only_when_a_bid_could_close_the_window() -> None:
-    book = BidBook("r1", "hub", T, 64 * 1024)
-    book.expect({"a", "b", "c", "n"})
+    now = [100.0]
+    book = BidBook("r1", "hub", T, 64 * 1024, clock=lambda: now[0])
+    book.expect({"a", "b", "c", "n"}, opened=100.0, first_overdue=101.0)
     book.wake.clear()
     book.add(bid_msg(bid("a")))
-    assert book.wake.is_set(), "the first bid: peers missing from now on may become overdue"
-    book.wake.clear()
+    assert not book.wake.is_set(), "the first bid, long before anyone could be overdue: it looks by itself"
     book.add(bid_msg(bid("b")))
     assert not book.wake.is_set(), "a second CPU bid of four changes nothing"
     book.add(bid_msg(bid("n", npu=True, free=True)))
@@ -63,14 +63,23 @@ def test_bids_after_the_window_count_as_punctual_next_time_but_not_as_bids() -> 
     assert set(book.close()) == {"a"} and book.all_bidders() == {"a", "b"}
 
 
+def test_the_first_bid_wakes_the_orchestrator_once_the_overdue_rule_could_close() -> None:
+    now = [100.0]
+    for first_overdue, wakes in ((101.0, True), (101.5, False), (None, False)):
+        book = BidBook("r1", "hub", T, 64 * 1024, clock=lambda: now[0])
+        book.expect({"a", "b", "c"}, opened=100.0, first_overdue=first_overdue)
+        book.wake.clear()
+        now[0] = 101.25
+        book.add(bid_msg(bid("a")))
+        assert book.wake.is_set() is wakes, first_overdue
+
+
 def test_the_book_times_each_bid_from_the_call_late_ones_too() -> None:
     now = [100.0]
     book = BidBook("r1", "hub", T, 64 * 1024, clock=lambda: now[0])
     book.expect({"a", "b", "c"}, opened=100.0)
-    book.wake.clear()
     now[0] = 100.25
     book.add(bid_msg(bid("a")))
-    assert book.wake.is_set(), "the first bid may let the overdue rule close"
     book.close()
     now[0] = 101.5
     book.add(bid_msg(bid("b")))   # after the window: still how long its bids take

@@ -409,6 +409,7 @@ def test_each_odd_field_of_a_bid_gets_the_same_answer_from_both_checks() -> None
             for name in _NESTED:
                 for value in _EDGES:
                     obj = json.loads(json.dumps(base))
-                    entry = obj[section].setdefault(mode, {"name": "m"} if section == "models" else {"n": 1, "p50_ms": 2.0})
+                    fresh = {"name": "m"} if section == "models" else {"n": 1, "p50_ms": 2.0}
+                    entry = obj[section].setdefault(mode, fresh)
                     entry.pop(name, None) if value == "missing" else entry.__setitem__(name, value)
                     _agree(obj)
