@@ -1,4 +1,4 @@
-"""The MQTT bus: the only module that imports paho.
+"""The MQTT bus: the only module that imports paho (with ``agent.mqtt5``, below it).
 
 Theory of operation. paho's network thread does as little as possible: it turns each
 PUBLISH into our own ``Message`` and puts it on a queue. One dispatcher thread takes

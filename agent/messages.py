@@ -317,7 +317,7 @@ class Snapshot:
             if not (type(n) is int and 0 <= n <= 2**31 and _in(p50, 0, 1e9)
                     and (per_token is None or _in(per_token, 0, 1e9))):
                 return None
-            recent[mode] = LatencySummary(n, float(p50), None if per_token is None else float(per_token))
+            recent[mode] = LatencySummary(n, float(p50) or 0.0, None if per_token is None else float(per_token))
         models: dict[str, ModelInfo] = {}
         for mode, m in (raw_models or {}).items():
             if mode not in MODES or type(m) is not dict:
@@ -329,8 +329,9 @@ class Snapshot:
                     and (context is None or (type(context) is int and 1 <= context <= 10**8))):
                 return None
             models[mode] = ModelInfo(name, tuple(aliases), context, m.get("warm") is True, m.get("tools") is True)
-        return cls(has_npu=has_npu, npu_free=npu_free, cpu_slots=slots, cpu_percent=float(cpu),
-                   mem_available_mb=float(mem), load1=float(load), queue_depth=depth,
+        # "or 0.0" as the field-by-field check has it: -0.0 reads as 0.0 either way
+        return cls(has_npu=has_npu, npu_free=npu_free, cpu_slots=slots, cpu_percent=float(cpu) or 0.0,
+                   mem_available_mb=float(mem) or 0.0, load1=float(load) or 0.0, queue_depth=depth,
                    temperature_c=None if temperature is None else float(temperature), on_battery=on_battery,
                    recent=recent, backlog_s=float(backlog or 0.0), models=models)
 
@@ -431,8 +432,9 @@ class BidRequest:
                 and type(answer) is int and 1 <= answer <= MAX_TOKENS and need in NEEDS \
                 and (sent is None or ((type(sent) is float or type(sent) is int) and 0 <= sent <= 1e11)) \
                 and (model is None or (type(model) is str and len(model) <= 128 and model.isascii())):
-            return cls(rid=rid, origin=origin, window_s=float(window), prompt_tokens=prompt, max_new_tokens=answer,
-                       need=need, sent_at=float(sent or 0.0), model=model, tools=obj.get("tools") is True)
+            return cls(rid=rid, origin=origin, window_s=float(window) or 0.0, prompt_tokens=prompt,
+                       max_new_tokens=answer, need=need, sent_at=float(sent or 0.0), model=model,
+                       tools=obj.get("tools") is True)
         return None
 
     @classmethod

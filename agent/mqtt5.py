@@ -17,25 +17,36 @@ and an asker reads every bid through it.
   property, a repeated one, or one that runs past the property list goes to paho's
   ``unpack``, so what paho accepts, rejects or makes of it stays paho's.
 
-tests/test_mqtt5.py holds both to paho's results, byte for byte and error for error, on the
-paho that is installed. With a paho that lacks the module this relies on, ``install`` does
-nothing and paho's own code runs.
+tests/test_mqtt5.py holds both to paho's results, byte for byte, and to its exception type
+for whatever paho refuses (the message can differ: it only shows in a log line), on the paho
+that is installed. With a paho that lacks what this relies on (2.1 has no packet module),
+``install`` does nothing and paho's own decoder runs; ``Props`` works on either.
 """
 
 from __future__ import annotations
 
+import inspect
 import struct
 from typing import Any
 
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers, readBytes, readUTF
 
 try:
+    from paho.mqtt.exception import MalformedPacket
+except ImportError:  # paho 2.1 keeps it beside the properties
+    from paho.mqtt.properties import MalformedPacket  # type: ignore[attr-defined]
+
+try:
     from paho.mqtt import _packet
-except ImportError:  # an older paho: its own decoder stays
+except ImportError:  # paho 2.1: no separate decoder to replace; its own code stays
     _packet = None  # type: ignore[assignment]
+
+# What the decoder below relies on, as paho 2.2 has it: the packet module with its
+# decoder and error wrapper, and field readers bounded by the property list's length.
+REPLACEABLE = _packet is not None and hasattr(_packet, "decode_publish") and hasattr(_packet, "convert_exception") \
+    and len(inspect.signature(readBytes).parameters) == 2
 
 _TABLES = frozenset(("packetType", "types", "names", "properties"))
 _tables: dict[int, dict[str, Any]] = {}
@@ -134,15 +145,15 @@ def _decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoc
     return head._replace(properties=props, payload=rest[n:])
 
 
-if _packet is not None:
+if REPLACEABLE:
     _paho_decode = _packet.decode_publish
     decode_publish = _packet.convert_exception(_decode_publish)
 
 
 def install() -> bool:
     """Read PUBLISH packets with ``decode_publish`` from now on (every paho client in this
-    process); False if this paho has no such decoder to replace."""
-    if _packet is None or not hasattr(_packet, "convert_exception"):
+    process); False, and paho's own decoder, if this paho is not the one it was made for."""
+    if not REPLACEABLE:
         return False
     _packet.decode_publish = decode_publish
     return True

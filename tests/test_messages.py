@@ -321,8 +321,9 @@ def test_the_quick_check_of_a_call_agrees_with_the_field_by_field_one(odd: dict[
         full = None
     quick = BidRequest.plain(obj)
     assert quick is None or quick == full, "the quick check took what the full one refuses, or read it otherwise"
-    if quick is not None:
+    if quick is not None and full is not None:
         assert all(type(getattr(quick, f)) is type(getattr(full, f)) for f in _CALL_FIELDS)
+        assert quick.to_payload() == full.to_payload(), "the same call, down to -0.0 against 0.0"
 
 
 @pytest.mark.parametrize("req", [BidRequest("r1", "hub", 30.0, 12, 64), BidRequest("r1", "hub", 30, 0, 1, "npu"),
@@ -370,7 +371,7 @@ def test_the_usual_bid_and_metrics_take_the_quick_check() -> None:
     assert Snapshot.plain(json.loads(Metrics("dev-1", 1e9, SNAP).to_payload())) == SNAP
 
 
-_EDGES: list[Any] = [None, "missing", True, False, -1, 0, 1, 2, 100, 127, 128, 129, 1024, 1025, 10**6, 10**6 + 1,
+_EDGES: list[Any] = [None, "missing", True, False, -1, 0, -0.0, 1, 2, 100, 127, 128, 129, 1024, 1025, 10**6, 10**6 + 1,
                      10**7, 10**7 + 1, 2**31, 2**31 + 1, 10**8, 10**8 + 1, 10**9, 10**9 + 1, 10**30, -0.5, 0.0, 0.5,
                      41.0, 300.0, 300.5, -100.0, -100.5, 102400.0, 102400.5, 1e11, 1e11 + 1, float("nan"),
                      float("inf"), float("-inf"), "", "a", "a b", "é", "\ud800", "x" * 128, "x" * 129, "cpu", "any",
@@ -386,6 +387,7 @@ def _agree(obj: dict[str, Any]) -> None:
     quick = Bid.plain(obj)
     assert quick is None or quick == full, f"the quick check differs on {obj}"
     if quick is not None and full is not None:
+        assert quick.to_payload() == full.to_payload(), f"the same bid, down to -0.0 against 0.0: {obj}"
         for got, want in ((quick, full), (quick.snapshot, full.snapshot)):
             assert {k: type(v) for k, v in vars(got).items()} == {k: type(v) for k, v in vars(want).items()}, obj
             for section in ("recent", "models"):
