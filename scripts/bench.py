@@ -10,6 +10,8 @@ Against a Mosquitto it starts from mosquitto/dev.conf on a free port, it measure
              N replies are in.
 2. auction   the real thing: N node daemons (sim executors), this process as the
              orchestrator: call for bids -> roster complete, and the decision after it.
+             The floor and the auction take turns in 10 blocks on the same broker, so
+             the machine's drift during the run moves both.
 3. dispatch  trigger -> done with a 0 ms sim executor, against two floor round trips.
 4. local NPU run() -> executor start in-process; `python -m agent trigger` wall time to
              executor start; import time of the CLI module.
@@ -43,7 +45,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +140,9 @@ class FloorRequester:
         self.client.loop_stop()
 
 
-def measure_floor(port: int, n: int, iters: int, warmup: int) -> Dist:
+@contextmanager
+def floor_responders(port: int, n: int) -> Iterator[FloorRequester]:
+    """N responder processes, ready, and a requester for them (closed and stopped after)."""
     prefix = f"floor/{new_nonce()}/"
     procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "bench_responder.py"), "127.0.0.1",
                                str(port), prefix, f"r{i}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -147,9 +152,7 @@ def measure_floor(port: int, n: int, iters: int, warmup: int) -> Dist:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         req = FloorRequester(port, prefix)
         try:
-            for _ in range(warmup):
-                req.round_trip(n)
-            return Dist.of([req.round_trip(n) for _ in range(iters)])
+            yield req
         finally:
             req.close()
     finally:
@@ -206,25 +209,48 @@ def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestra
 
 # ----------------------------------------------------------------------------- 2+3. auction, dispatch
 
-def measure_auction(fleet: NodeFleet, iters: int, warmup: int) -> dict[str, Dist]:
+BLOCKS = 10  # the floor and the auction take turns this many times (see measure_auction)
+
+
+def measure_auction(fleet: NodeFleet, iters: int, warmup: int,
+                    floor: FloorRequester | None = None) -> dict[str, Dist]:
+    """The auction alone (dry runs: bids, then the LinUCB decision, nothing executed), so
+    that it is compared with the floor on equal terms; then whole runs for dispatch. With
+    ``floor`` (responders as many as the fleet, on the same broker), the floor's round trips
+    and the auctions take turns in ``BLOCKS`` blocks: this machine's speed drifts by tens
+    of percent within minutes, and a floor measured before the auctions drifted apart
+    from them."""
     cfg = hub_config(fleet)
     connected = Fleet.open(cfg)
     try:
         orch = orchestrator(cfg, connected)
-        auction, decide, total = [], [], []
-        # The auction alone (dry runs: bids, then the LinUCB decision, nothing executed), so
-        # that it is compared with the floor on equal terms; then whole runs for dispatch.
-        for dry in (True, False):
-            for i in range(warmup + iters):
-                out = orch.run("benchmark prompt", max_new_tokens=1, dry_run=dry)
-                if not out.ok or len(out.bids) != fleet.n:
-                    raise RuntimeError(f"bad run: ok={out.ok} bids={len(out.bids)}/{fleet.n} {out.error}")
-                if i >= warmup and dry:
-                    auction.append(out.auction_ms)
-                    decide.append(out.decide_ms)
-                elif i >= warmup:
-                    total.append(out.total_ms)
-        return {"auction": Dist.of(auction), "decide": Dist.of(decide), "dispatch": Dist.of(total)}
+        auction, decide, total, floors = [], [], [], []
+
+        def run(dry: bool) -> Any:
+            out = orch.run("benchmark prompt", max_new_tokens=1, dry_run=dry)
+            if not out.ok or len(out.bids) != fleet.n:
+                raise RuntimeError(f"bad run: ok={out.ok} bids={len(out.bids)}/{fleet.n} {out.error}")
+            return out
+        for _ in range(warmup):
+            run(True)
+            if floor is not None:
+                floor.round_trip(fleet.n)
+        blocks = BLOCKS if floor is not None else 1
+        for b in range(blocks):
+            if floor is not None:
+                floors += [floor.round_trip(fleet.n) for _ in range(iters // blocks)]
+            for _ in range(iters // blocks if b < blocks - 1 else iters - (blocks - 1) * (iters // blocks)):
+                out = run(True)
+                auction.append(out.auction_ms)
+                decide.append(out.decide_ms)
+        for i in range(warmup + iters):
+            out = run(False)
+            if i >= warmup:
+                total.append(out.total_ms)
+        found = {"auction": Dist.of(auction), "decide": Dist.of(decide), "dispatch": Dist.of(total)}
+        if floors:
+            found["floor"] = Dist.of(floors)
+        return found
     finally:
         connected.close()
 
@@ -584,15 +610,14 @@ def main() -> int:
     broker.start()
     try:
         for n in sizes:
-            log(f"floor, N={n}")
-            results["floor"][n] = measure_floor(broker.port, n, iters, warmup).json()
-            log(f"auction with {n} node daemons")
+            log(f"floor and auction with {n} responders and {n} node daemons, taking turns")
             fleet = NodeFleet(broker.port, workdir / f"fleet{n}", n)
             (workdir / f"fleet{n}").mkdir()
             fleet.start()
             try:
-                for key, dist in measure_auction(fleet, iters, warmup).items():
-                    results[key][n] = dist.json()
+                with floor_responders(broker.port, n) as floor:
+                    for key, dist in measure_auction(fleet, iters, warmup, floor).items():
+                        results[key][n] = dist.json()
                 if n == sizes[0]:
                     log("node cost (idle window, then jobs)")
                     results["node"] = measure_node(fleet, 2.0 if args.quick else 10.0, 50 if args.quick else 300)
