@@ -46,7 +46,7 @@ import threading
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -429,7 +429,6 @@ class _Shape:
         return self.theta
 
 
-
 @dataclass
 class _Heard:
     at: float            # when its last bid came
@@ -481,9 +480,7 @@ class AskerMemory:
                 shape.add(self._gamma, prompt_tokens, max_new_tokens, service_s)
                 self._shapes[device] = shape
                 self._unfitted.add(device)
-                while len(self._shapes) > self.limit:
-                    self._feeds.touch(dropped := next(iter(self._shapes)))
-                    del self._shapes[dropped]
+                self._trim(self._shapes)
 
     def _heard_locked(self, device: str, at: float, backlog_s: float, service_s: float | None, init_s: float,
                       slots: int) -> None:
@@ -493,10 +490,14 @@ class AskerMemory:
             self._startup.pop(device, None)
             self._startup[device] = init_s
         self._feeds.touch(device)
-        for store in (self._heard, self._startup):
-            while len(store) > self.limit:
-                self._feeds.touch(dropped := next(iter(store)))
-                del store[dropped]
+        self._trim(self._heard)
+        self._trim(self._startup)
+
+    def _trim(self, store: dict[str, Any]) -> None:
+        """Forget the least recently heard past ``limit`` (the lock held); kept views read them again."""
+        while len(store) > self.limit:
+            self._feeds.touch(dropped := next(iter(store)))
+            del store[dropped]
 
     def sent(self, device: str, at: float, seconds: float) -> None:
         """This asker gave ``device`` a job it expects to take ``seconds`` there."""

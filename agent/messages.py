@@ -31,6 +31,16 @@ MODES = ("npu", "cpu")
 NEEDS = ("any", "npu")
 RESULT_TYPES = ("accepted", "declined", "token", "done", "error")
 MAX_TOKENS = 1_000_000
+NAME_MAX = 128  # characters of an id-like text: a claim, a model name or alias
+ALIASES_MAX = 16
+# The range of each number a call, a bid and a snapshot carry: read by the field-by-field
+# checks and by the quick ones (``plain``) alike.
+SENT_AT = (0, 1e11)
+WINDOW = (0, MAX_SECONDS)
+SERVICE_S, SERVICE_N, INIT_S = (0, 1e7), (0, 1e9), (0, 1e7)
+CPU_SLOTS, CPU_PERCENT, MEM_MB, LOAD1, QUEUE = (0, 1024), (0, 100 * 1024), (0, 1e9), (0, 1e6), (0, 1_000_000)
+TEMPERATURE, BACKLOG_S = (-100, 300), (0, 1e9)
+RECENT_N, RECENT_MS, CONTEXT = (0, 2**31), (0, 1e9), (1, 10**8)
 # The bounds of a prompt request (``Prompt``), the same on every front. Temperature: 0 to
 # 2, the range OpenAI's API documents (the only public statement of one we answer to).
 MAX_TEMPERATURE = 2.0
@@ -175,8 +185,10 @@ class _Fields:
         return out
 
 
-def _in(value: Any, lo: float, hi: float) -> bool:
-    """A JSON number (not a boolean) in [lo, hi]: NaN and infinities fail the comparison."""
+def _in(value: Any, bounds: tuple[float, float]) -> bool:
+    """A JSON number (not a boolean) within ``bounds`` (both included): NaN and infinities
+    fail the comparison."""
+    lo, hi = bounds
     return (type(value) is float or type(value) is int) and lo <= value <= hi
 
 
@@ -202,8 +214,8 @@ class LatencySummary:
         if not isinstance(obj, dict):
             raise MessageError(kind, name, "must be an object")
         f = _Fields(obj, f"{kind}.{name}")
-        return cls(n=f.integer("n", 0, 2**31) or 0, p50_ms=f.number("p50_ms", 0, 1e9) or 0.0,
-                   ms_per_token=f.number("ms_per_token", 0, 1e9, optional=True))
+        return cls(n=f.integer("n", *RECENT_N) or 0, p50_ms=f.number("p50_ms", *RECENT_MS) or 0.0,
+                   ms_per_token=f.number("ms_per_token", *RECENT_MS, optional=True))
 
 
 @dataclass(frozen=True)
@@ -229,10 +241,10 @@ class ModelInfo:
             raise MessageError(kind, where, "must be an object")
         f = _Fields(obj, kind)
         aliases = f.get("aliases", list, optional=True) or []
-        if len(aliases) > 16 or not all(isinstance(a, str) and 0 < len(a) <= 128 for a in aliases):
-            raise MessageError(kind, f"{where}.aliases", "must be up to 16 names")
-        return cls(name=f.text("name", 128) or "", aliases=tuple(aliases),
-                   context=f.integer("context", 1, 10**8, optional=True), warm=bool(obj.get("warm") is True),
+        if len(aliases) > ALIASES_MAX or not all(isinstance(a, str) and 0 < len(a) <= NAME_MAX for a in aliases):
+            raise MessageError(kind, f"{where}.aliases", f"must be up to {ALIASES_MAX} names")
+        return cls(name=f.text("name", NAME_MAX) or "", aliases=tuple(aliases),
+                   context=f.integer("context", *CONTEXT, optional=True), warm=bool(obj.get("warm") is True),
                    tools=bool(obj.get("tools") is True))
 
 
@@ -302,9 +314,10 @@ class Snapshot:
         cpu, mem, load, temperature, backlog = g("cpu_percent"), g("mem_available_mb"), g("load1"), \
             g("temperature_c"), g("backlog_s")
         if not (type(has_npu) is bool and type(npu_free) is bool and type(on_battery) is bool
-                and type(slots) is int and 0 <= slots <= 1024 and type(depth) is int and 0 <= depth <= 1_000_000
-                and _in(cpu, 0, 100 * 1024) and _in(mem, 0, 1e9) and _in(load, 0, 1e6)
-                and (temperature is None or _in(temperature, -100, 300)) and (backlog is None or _in(backlog, 0, 1e9))):
+                and type(slots) is int and _in(slots, CPU_SLOTS) and type(depth) is int and _in(depth, QUEUE)
+                and _in(cpu, CPU_PERCENT) and _in(mem, MEM_MB) and _in(load, LOAD1)
+                and (temperature is None or _in(temperature, TEMPERATURE))
+                and (backlog is None or _in(backlog, BACKLOG_S))):
             return None
         raw_recent, raw_models = g("recent"), g("models")
         if not ((raw_recent is None or type(raw_recent) is dict) and (raw_models is None or type(raw_models) is dict)):
@@ -314,8 +327,8 @@ class Snapshot:
             if mode not in MODES or type(r) is not dict:
                 return None
             n, p50, per_token = r.get("n"), r.get("p50_ms"), r.get("ms_per_token")  # type: Any, Any, Any
-            if not (type(n) is int and 0 <= n <= 2**31 and _in(p50, 0, 1e9)
-                    and (per_token is None or _in(per_token, 0, 1e9))):
+            if not (type(n) is int and _in(n, RECENT_N) and _in(p50, RECENT_MS)
+                    and (per_token is None or _in(per_token, RECENT_MS))):
                 return None
             recent[mode] = LatencySummary(n, float(p50) or 0.0, None if per_token is None else float(per_token))
         models: dict[str, ModelInfo] = {}
@@ -324,9 +337,9 @@ class Snapshot:
                 return None
             name, aliases, context = m.get("name"), m.get("aliases"), m.get("context")
             aliases = [] if aliases is None else aliases
-            if not (type(name) is str and len(name) <= 128 and name.isascii() and type(aliases) is list
-                    and len(aliases) <= 16 and all(type(a) is str and 0 < len(a) <= 128 for a in aliases)
-                    and (context is None or (type(context) is int and 1 <= context <= 10**8))):
+            if not (type(name) is str and len(name) <= NAME_MAX and name.isascii() and type(aliases) is list
+                    and len(aliases) <= ALIASES_MAX and all(type(a) is str and 0 < len(a) <= NAME_MAX for a in aliases)
+                    and (context is None or (type(context) is int and _in(context, CONTEXT)))):
                 return None
             models[mode] = ModelInfo(name, tuple(aliases), context, m.get("warm") is True, m.get("tools") is True)
         # "or 0.0" as the field-by-field check has it: -0.0 reads as 0.0 either way
@@ -342,15 +355,15 @@ class Snapshot:
         return cls(
             has_npu=f.boolean("has_npu"),
             npu_free=f.boolean("npu_free"),
-            cpu_slots=f.integer("cpu_slots", 0, 1024) or 0,
-            cpu_percent=f.number("cpu_percent", 0, 100 * 1024) or 0.0,
-            mem_available_mb=f.number("mem_available_mb", 0, 1e9) or 0.0,
-            load1=f.number("load1", 0, 1e6) or 0.0,
-            queue_depth=f.integer("queue_depth", 0, 1_000_000) or 0,
-            temperature_c=f.number("temperature_c", -100, 300, optional=True),
+            cpu_slots=f.integer("cpu_slots", *CPU_SLOTS) or 0,
+            cpu_percent=f.number("cpu_percent", *CPU_PERCENT) or 0.0,
+            mem_available_mb=f.number("mem_available_mb", *MEM_MB) or 0.0,
+            load1=f.number("load1", *LOAD1) or 0.0,
+            queue_depth=f.integer("queue_depth", *QUEUE) or 0,
+            temperature_c=f.number("temperature_c", *TEMPERATURE, optional=True),
             on_battery=f.boolean("on_battery"),
             recent=recent,
-            backlog_s=f.number("backlog_s", 0, 1e9, optional=True) or 0.0,
+            backlog_s=f.number("backlog_s", *BACKLOG_S, optional=True) or 0.0,
             models=models,
         )
 
@@ -423,15 +436,15 @@ class BidRequest:
         """The usual call for bids, checked in one expression (every device reads every
         call: this is most of the time its decoding took); None for anything else, which
         ``from_obj`` decodes field by field and rejects with the reason."""
-        rid, origin, window, prompt, answer = (obj.get("rid"), obj.get("origin"), obj.get("window_s"),
-                                                obj.get("prompt_tokens"), obj.get("max_new_tokens"))
-        need, sent, model = obj.get("need"), obj.get("sent_at"), obj.get("model")
+        g: Callable[[str], Any] = obj.get
+        rid, origin, window, prompt, answer = g("rid"), g("origin"), g("window_s"), g("prompt_tokens"), \
+            g("max_new_tokens")
+        need, sent, model = g("need"), g("sent_at"), g("model")
         if type(rid) is str and type(origin) is str and is_id(rid) and is_id(origin) \
-                and (type(window) is float or type(window) is int) and 0 <= window <= MAX_SECONDS \
-                and type(prompt) is int and 0 <= prompt <= MAX_TOKENS \
+                and _in(window, WINDOW) and type(prompt) is int and 0 <= prompt <= MAX_TOKENS \
                 and type(answer) is int and 1 <= answer <= MAX_TOKENS and need in NEEDS \
-                and (sent is None or ((type(sent) is float or type(sent) is int) and 0 <= sent <= 1e11)) \
-                and (model is None or (type(model) is str and len(model) <= 128 and model.isascii())):
+                and (sent is None or _in(sent, SENT_AT)) \
+                and (model is None or (type(model) is str and len(model) <= NAME_MAX and model.isascii())):
             return cls(rid=rid, origin=origin, window_s=float(window) or 0.0, prompt_tokens=prompt,
                        max_new_tokens=answer, need=need, sent_at=float(sent or 0.0), model=model,
                        tools=obj.get("tools") is True)
@@ -440,11 +453,11 @@ class BidRequest:
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> BidRequest:
         f = _Fields(obj, cls.KIND)
-        return cls(rid=f.id("rid"), origin=f.id("origin"), window_s=f.number("window_s", 0, MAX_SECONDS) or 0.0,
+        return cls(rid=f.id("rid"), origin=f.id("origin"), window_s=f.number("window_s", *WINDOW) or 0.0,
                    prompt_tokens=f.integer("prompt_tokens", 0, MAX_TOKENS) or 0,
                    max_new_tokens=f.integer("max_new_tokens", 1, MAX_TOKENS) or 1,
-                   need=f.choice("need", NEEDS), sent_at=f.number("sent_at", 0, 1e11, optional=True) or 0.0,
-                   model=f.text("model", 128, optional=True), tools=f.obj.get("tools") is True)
+                   need=f.choice("need", NEEDS), sent_at=f.number("sent_at", *SENT_AT, optional=True) or 0.0,
+                   model=f.text("model", NAME_MAX, optional=True), tools=f.obj.get("tools") is True)
 
 
 @dataclass(frozen=True)
@@ -478,9 +491,9 @@ class Bid:
         rid, device, origin, claim = obj.get("rid"), obj.get("device"), obj.get("origin"), obj.get("claim")
         service, n, init = obj.get("service_s"), obj.get("service_n"), obj.get("init_s")
         if not (type(rid) is str and type(device) is str and type(origin) is str and is_id(rid) and is_id(device)
-                and is_id(origin) and type(claim) is str and len(claim) <= 128 and claim.isascii()
-                and (service is None or _in(service, 0, 1e7)) and (n is None or _in(n, 0, 1e9))
-                and (init is None or _in(init, 0, 1e7))):
+                and is_id(origin) and type(claim) is str and len(claim) <= NAME_MAX and claim.isascii()
+                and (service is None or _in(service, SERVICE_S)) and (n is None or _in(n, SERVICE_N))
+                and (init is None or _in(init, INIT_S))):
             return None
         snapshot = Snapshot.plain(obj)
         if snapshot is None:
@@ -492,10 +505,11 @@ class Bid:
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> Bid:
         f = _Fields(obj, cls.KIND)
-        return cls(rid=f.id("rid"), device=f.id("device"), origin=f.id("origin"), claim=f.text("claim", 128) or "",
-                   snapshot=Snapshot.from_fields(f), service_s=f.number("service_s", 0, 1e7, optional=True),
-                   service_n=f.number("service_n", 0, 1e9, optional=True) or 0.0,
-                   init_s=f.number("init_s", 0, 1e7, optional=True) or 0.0)
+        return cls(rid=f.id("rid"), device=f.id("device"), origin=f.id("origin"),
+                   claim=f.text("claim", NAME_MAX) or "", snapshot=Snapshot.from_fields(f),
+                   service_s=f.number("service_s", *SERVICE_S, optional=True),
+                   service_n=f.number("service_n", *SERVICE_N, optional=True) or 0.0,
+                   init_s=f.number("init_s", *INIT_S, optional=True) or 0.0)
 
 
 @dataclass(frozen=True)
@@ -928,12 +942,7 @@ class Prompt:
 
 def _number_in(value: object, lo: float, hi: float, *, open_: bool = False) -> bool:
     """A JSON number (not a bool) in [lo, hi] — or (lo, hi) with ``open_`` — and finite."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value) and (lo < value < hi if open_ else lo <= value <= hi)
-    except OverflowError:
-        return False
+    return _in(value, (lo, hi)) and not (open_ and value in (lo, hi))
 
 
 @dataclass(frozen=True)

@@ -236,10 +236,10 @@ def measure_auction(fleet: NodeFleet, iters: int, warmup: int,
             if floor is not None:
                 floor.round_trip(fleet.n)
         blocks = BLOCKS if floor is not None else 1
-        for b in range(blocks):
+        for size in (iters // blocks + (b < iters % blocks) for b in range(blocks)):  # iters in all
             if floor is not None:
-                floors += [floor.round_trip(fleet.n) for _ in range(iters // blocks)]
-            for _ in range(iters // blocks if b < blocks - 1 else iters - (blocks - 1) * (iters // blocks)):
+                floors += [floor.round_trip(fleet.n) for _ in range(size)]
+            for _ in range(size):
                 out = run(True)
                 auction.append(out.auction_ms)
                 decide.append(out.decide_ms)

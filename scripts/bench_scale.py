@@ -83,9 +83,8 @@ class VirtualDevices:
 
     def cpu_s(self) -> float:
         """CPU seconds the virtual devices' processes (the parent and its workers) used so far."""
-        procs = [psutil.Process(self.proc.pid)]
-        procs += procs[0].children(recursive=True)
-        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+        parent = psutil.Process(self.proc.pid)
+        return cpu_s([parent, *parent.children(recursive=True)])
 
     def stop(self) -> None:
         if self.proc.stdin is not None:
@@ -97,11 +96,15 @@ class VirtualDevices:
             self.proc.wait()
 
 
+def cpu_s(processes: list[psutil.Process]) -> float:
+    """CPU seconds (user and system) these processes used so far."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in processes))
+
+
 def broker_cpu_s(broker: Any) -> float:
     """CPU seconds the broker's processes (one Mosquitto, or each server of a cluster) used so far."""
     procs = [broker.proc] if hasattr(broker, "proc") else [server.proc for server in broker.servers]
-    times = [psutil.Process(p.pid).cpu_times() for p in procs if p is not None]
-    return sum(t.user + t.system for t in times)
+    return cpu_s([psutil.Process(p.pid) for p in procs if p is not None])
 
 
 def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, rounds: int, warmup: int,
