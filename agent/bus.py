@@ -72,7 +72,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -733,6 +733,24 @@ class Bus:
                 state.held[1].append((topic, payload, qos, retain, props))
                 return
             handle.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Queue several messages, each at QoS 0, not retained and without properties (an
+        auction's invitations): one write for all of them and one wake-up of paho's network
+        thread (``mqtt5.queue_batch``), where ``publish`` each costs a wake-up, a hand-over of
+        the interpreter between the threads and a write. Lost with the connection, as any
+        QoS 0 message paho holds."""
+        handle = self._state.current()
+        packets = mqtt5.qos0_batch(messages, handle.protocol == "5") if len(messages) > 1 and mqtt5.BATCHABLE else None
+        state = self._state
+        with state.gate:
+            if state.held is not None and state.held[0] is handle.client:  # it is connecting: after the CONNECT
+                state.held[1].extend((topic, payload, 0, False, None) for topic, payload in messages)
+                return
+            if packets is not None and mqtt5.queue_batch(handle.client, packets):
+                return
+            for topic, payload in messages:  # one, or a paho that takes them one at a time
+                handle.client.publish(topic, payload, qos=0)
 
     def barrier(self, timeout: float) -> bool:
         """Round-trip one QoS 1 message through the broker.

@@ -231,11 +231,14 @@ def assert_connect_then_publish(conn: socket.socket, topic: bytes) -> None:
     assert data.index(topic) > data.index(b"MQTT"), "the PUBLISH follows the CONNECT"
 
 
-def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("many", [False, True], ids=["publish", "publish_many"])
+def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(monkeypatch: pytest.MonkeyPatch,
+                                                                            many: bool) -> None:
     """paho sets a new client's socket, then queues its CONNECT; a publish from another
     thread in between used to be written first, and a broker hangs up on a client whose
     first packet is not a CONNECT. Published right in that window (from paho's hook for
-    a new socket), the message must follow the CONNECT on the wire, and not be lost."""
+    a new socket), the message must follow the CONNECT on the wire, and not be lost; so
+    must a batch (``publish_many``, an auction's invitations)."""
     import paho.mqtt.client as mqtt
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -246,7 +249,10 @@ def test_a_publish_made_while_the_client_connects_goes_out_after_the_connect(mon
 
     def publish_in_the_window(client: mqtt.Client, sock: object) -> None:
         opened(client, sock)
-        bus.publish("window/early", b"published while connecting", qos=1)
+        if many:
+            bus.publish_many([("window/first", b"one"), ("window/early", b"two")])
+        else:
+            bus.publish("window/early", b"published while connecting", qos=1)
 
     monkeypatch.setattr(mqtt.Client, "_call_socket_open", publish_in_the_window)
     bus.start()
@@ -300,3 +306,46 @@ def test_a_publish_made_while_paho_reconnects_by_itself_goes_out_after_the_conne
     finally:
         bus.stop(timeout=0.5)
         listener.close()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("protocol", "batchable"), [("5", True), ("3.1.1", True), ("5", False)],
+                         ids=["mqtt5", "mqtt3.1.1", "one-at-a-time"])
+def test_many_messages_published_at_once_arrive_whole_and_in_order(
+        broker: LocalMosquitto, monkeypatch: pytest.MonkeyPatch, protocol: str, batchable: bool) -> None:
+    """``publish_many`` (an auction's invitations) on a real broker: every message of each
+    batch arrives, in order, with its own topic and payload, whatever their sizes (a
+    remaining length of one, two and three bytes); and on a paho it cannot hand a batch
+    to, one publish at a time."""
+    from agent import mqtt5
+
+    monkeypatch.setattr(mqtt5, "BATCHABLE", batchable and mqtt5.BATCHABLE)
+    received: list[tuple[str, bytes]] = []
+    arrived = threading.Condition()
+
+    def got(msg: Message) -> None:
+        with arrived:
+            received.append((msg.topic, msg.payload))
+            arrived.notify_all()
+
+    config = BrokerConfig(host=broker.host, port=broker.port, protocol=protocol)
+    reader = Bus("batch-reader", config, persistent=False, sync_topic="batch/sync/reader", name="reader")
+    writer = Bus("batch-writer", config, persistent=False, sync_topic="batch/sync/writer", name="writer")
+    reader.subscribe("batch/to/#", got, qos=0)
+    sizes = [0, 1, 200, 20_000, 300_000]
+    batches = [[(f"batch/to/{b}/{i}", bytes([b, i]) * (size // 2)) for i, size in enumerate(sizes)]
+               for b in range(3)]
+    try:
+        reader.connect(WAIT_S)
+        assert reader.barrier(WAIT_S), "the reader's subscription is in"
+        writer.connect(WAIT_S)
+        for batch in batches:
+            writer.publish_many(batch)
+        expected = [m for batch in batches for m in batch]
+        with arrived:
+            complete = arrived.wait_for(lambda: len(received) >= len(expected), timeout=WAIT_S)
+        assert complete, f"{len(received)} of {len(expected)} arrived"
+        assert received == expected
+    finally:
+        writer.stop()
+        reader.stop()

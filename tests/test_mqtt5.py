@@ -198,3 +198,76 @@ def test_clearing_forgets_what_was_set_and_keeps_paho_s_tables() -> None:
     assert fresh.names == Properties(PacketTypes.PUBLISH).names and _set(fresh) == {}
     with pytest.raises(Exception, match="does not apply"):  # paho's checks still apply
         fresh.SessionExpiryInterval = 5
+
+
+# ------------------------------------------------------------------ many QoS 0 messages as one write
+
+class _Socket:
+    """Enough of a socket for paho to believe it is connected (and to close it)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def _written_by_paho(messages: list[tuple[str, bytes]], v5: bool) -> tuple[bytes, int]:
+    """What paho's own ``publish(qos=0)`` queues for each message, in order, on a client
+    that believes it is connected, and how many times it woke its network thread."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
+    queued: list[bytes] = []
+    client._sock = _Socket()  # type: ignore[assignment]  # "connected": paho queues instead of dropping
+    client._packet_queue = lambda command, packet, mid, qos, info=None: queued.append(bytes(packet))  # type: ignore[method-assign]
+    for topic, payload in messages:
+        client.publish(topic, payload, qos=0)
+    return b"".join(queued), len(queued)
+
+
+topics = st.text(min_size=1, max_size=70).filter(lambda t: "+" not in t and "#" not in t)
+
+
+@EXAMPLES
+@given(messages=st.lists(st.tuples(topics, st.binary(max_size=300)), min_size=1, max_size=6), v5=st.booleans())
+def test_a_batch_is_the_bytes_paho_writes_for_each_message(messages: list[tuple[str, bytes]], v5: bool) -> None:
+    assert mqtt5.qos0_batch(messages, v5) == _written_by_paho(messages, v5)[0]
+
+
+@pytest.mark.parametrize("size", [0, 1, 120, 121, 122, 16_375, 16_376, 16_377, 2_097_140, 2_097_160])
+def test_a_batch_encodes_every_length_as_paho(size: int) -> None:
+    """The remaining length takes one byte below 128, two below 16,384, three below 2 MiB:
+    payloads straddling each step (the topic and its length prefix add 7 bytes)."""
+    messages = [("a/b/c", b"x" * size), ("t", b"")]
+    for v5 in (True, False):
+        assert mqtt5.qos0_batch(messages, v5) == _written_by_paho(messages, v5)[0]
+
+
+def test_a_batch_is_queued_as_one_packet_with_one_wake_up() -> None:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    batch = mqtt5.qos0_batch([("a", b"1"), ("b", b"2"), ("c", b"3")], v5=True)
+    assert mqtt5.queue_batch(client, batch) is False, "not connected: dropped, as paho drops a QoS 0 publish"
+    assert not client._out_packet
+    pair = _Socket()
+    client._sock, client._sockpairW = _Socket(), pair  # type: ignore[assignment]
+    client._thread = object()  # type: ignore[assignment]  # a network thread writes it, not this call
+    assert mqtt5.queue_batch(client, batch) is True
+    assert [bytes(p["packet"]) for p in client._out_packet] == [batch] and len(pair.sent) == 1
+    assert _written_by_paho([("a", b"1"), ("b", b"2"), ("c", b"3")], True) == (batch, 3)
+
+
+def test_a_paho_it_was_not_made_for_is_not_handed_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import paho.mqtt.client as mqtt
+
+    monkeypatch.setattr(mqtt5, "BATCHABLE", False)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client._sock = _Socket()  # type: ignore[assignment]
+    assert mqtt5.queue_batch(client, mqtt5.qos0_batch([("a", b"1")], v5=True)) is False
+    assert not client._out_packet

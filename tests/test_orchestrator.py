@@ -64,6 +64,11 @@ class ScriptedFleet:
     def barrier(self, timeout: float) -> bool:
         return True
 
+    def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """As the bus: each at QoS 0, without properties."""
+        for topic, payload in messages:
+            self.publish(topic, payload, qos=0)
+
     def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.published.append((topic, payload))
         self.qos[topic] = kw.get("qos", 1)
