@@ -566,6 +566,9 @@ def main() -> int:
                          "(scripts/bench_scale.py)")
     ap.add_argument("--sizes", default="8,100,300,1000", help="with --scale: fleet sizes (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=30, help="with --scale: auctions per size (default %(default)s)")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="with --scale on Mosquitto: each size alone, one after the other, instead of every "
+                         "size up at once with their auctions taking turns")
     ap.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto",
                     help="with --scale: one Mosquitto, or a 3-server NATS cluster (default %(default)s)")
     ap.add_argument("--fleet-workers", type=int, metavar="K",
@@ -592,7 +595,8 @@ def main() -> int:
             ap.error("--sizes and --rounds must be at least 1")
         out = args.out if args.out != "bench-results.json" else "bench-scale.json"
         return scale(sizes, broker_kind=args.broker, rounds=args.rounds, warmup=max(1, args.rounds // 10),
-                     out=out, workers=args.fleet_workers, asker_config=args.asker_config)
+                     out=out, workers=args.fleet_workers, asker_config=args.asker_config,
+                     one_at_a_time=args.one_at_a_time)
     if args.scheduling:
         return scheduling(args)
     if args.serve:

@@ -1,10 +1,10 @@
 """``scripts/bench --scale``: what an auction costs as the fleet grows, against the broker's floor.
 
-For each N of ``--sizes`` (e.g. 8,100,300,1000), on a private broker — one Mosquitto, or
-with ``--broker nats`` a 3-server NATS cluster (JetStream and MQTT on each, routed on
-loopback, every port free-picked, the devices spread over the three; a fresh cluster
-for each size) — it starts N virtual devices (scripts/fleet.py, in worker processes of
-their own) and an asker in this process, and measures, in one run:
+For each N of ``--sizes`` (e.g. 8,100,300,1000), on a private broker — a Mosquitto of
+its own, or with ``--broker nats`` a 3-server NATS cluster (JetStream and MQTT on each,
+routed on loopback, every port free-picked, the devices spread over the three; a fresh
+cluster for each size) — it starts N virtual devices (scripts/fleet.py, in worker
+processes of their own) and an asker in this process, and measures, in one run:
 
 floor      the raw broadcast floor: one publish to the N devices' floor topic, answered by
            each with a bid-sized payload at QoS 0 (as bids go) straight from its network
@@ -19,6 +19,11 @@ CPU        the asker's own CPU per orchestration (this process), the broker's pe
            clock ticks, so only long runs say much). On a machine of few cores the three
            share them: an auction cannot take less than their sum over the cores.
 
+On Mosquitto every size is up at once and their auctions take turns, ten blocks each
+(``measure_in_turns``): measured one after the other, minutes apart, the sizes drifted
+with this machine's speed. ``--one-at-a-time`` measures each size alone instead (one
+broker, one fleet at a time: less memory, no idle fleets beside it), as NATS always does.
+
 Ratios are against N = the first size, measured in the same run, with the issue's targets
 (#23: auction p50 at the largest N <= 2x, messages <= 4x). ``--asker-config`` passes node
 config through to the asker (e.g. ``{"auction": {"invite": {"above": 50}}}``), so the same
@@ -27,6 +32,7 @@ run measures the seed's call-everyone auction or invitations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -36,13 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
-from bench import Dist, FloorRequester, log, orchestrator
+from bench import BLOCKS, Dist, FloorRequester, log, orchestrator
 from fleet import FD_SPARE, raise_fd_limit
 
 from agent.bus import new_nonce
@@ -107,18 +114,36 @@ def broker_cpu_s(broker: Any) -> float:
     return cpu_s([psutil.Process(p.pid) for p in procs if p is not None])
 
 
-def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, rounds: int, warmup: int,
-                 workers: int, asker_extra: dict[str, Any], connect_batch: int = 50,
-                 broker_cpu: Any = lambda: 0.0) -> dict[str, Any]:
-    prefix = f"scale/{new_nonce()}/"
-    host, port = brokers[0]
-    log(f"N={n}: starting {n} virtual devices ({workers} worker process(es))")
-    t0 = time.monotonic()
-    devices = VirtualDevices(n, brokers, prefix, protocol, workers, connect_batch)
-    started_s = time.monotonic() - t0
-    try:
+class SizeRun:
+    """One N: its virtual devices, its floor and its asker, measured a block of auctions
+    at a time (``auctions``), so that sizes can take turns."""
+
+    def __init__(self, n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, workers: int,
+                 asker_extra: dict[str, Any], connect_batch: int = 50, broker_cpu: Any = lambda: 0.0):
+        self.n, self.brokers, self.protocol, self.workdir = n, brokers, protocol, workdir
+        self.asker_extra, self.broker_cpu = asker_extra, broker_cpu
+        self.prefix = f"scale/{new_nonce()}/"
+        log(f"N={n}: starting {n} virtual devices ({workers} worker process(es))")
+        t0 = time.monotonic()
+        self.devices = VirtualDevices(n, brokers, self.prefix, protocol, workers, connect_batch)
+        self.started_s = time.monotonic() - t0
+        self.floor_ms: list[float] = []
+        self.lost = 0
+        self.times: list[float] = []
+        self.bids: list[int] = []
+        self.errors: list[str] = []
+        self.asker_cpu = self.fleet_cpu = self.broker_used = 0.0
+        self.before: dict[str, Any] | None = None
+        self.after: dict[str, Any] | None = None
+        self.connected: Fleet | None = None
+        self.orch: Any = None
+
+    def floor(self, rounds: int, warmup: int) -> None:
+        """The raw broadcast floor: ``rounds`` round trips to every device, after ``warmup``."""
+        n = self.n
         log(f"N={n}: floor")
-        req = FloorRequester(port, f"{prefix}floor/", mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+        req = FloorRequester(self.brokers[0][1], f"{self.prefix}floor/",
+                             mqtt.MQTTv5 if self.protocol == "5" else mqtt.MQTTv311)
         try:
             for _ in range(6):  # a cluster spreads new subscriptions between its servers: until all hear
                 try:
@@ -126,70 +151,150 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
                     break
                 except RuntimeError as exc:
                     log(f"N={n}: not every device hears the floor yet ({exc}); again")
-            floor_ms, lost, running = [], 0, 0
+            running = 0
             for i in range(warmup + rounds):
                 try:
                     dt = req.round_trip(n, FLOOR_WAIT_S)
                 except RuntimeError as exc:  # a broker that loses or holds up replies: counted, not fatal
-                    lost, running = lost + 1, running + 1
+                    self.lost, running = self.lost + 1, running + 1
                     log(f"N={n}: {exc}")
                     if running >= LOST_RUNNING:  # it lost the devices: the size stops here
                         raise RuntimeError(f"{LOST_RUNNING} floor rounds running lost replies ({exc})") from None
                     continue
                 running = 0
                 if i >= warmup:
-                    floor_ms.append(dt)
+                    self.floor_ms.append(dt)
         finally:
             req.close()
-        log(f"N={n}: auctions")
-        doc = node_doc(f"asker{n}", host=host, port=port, prefix=prefix, state_dir=workdir / f"asker{n}",
-                       auction={"bid_timeout_s": 10}, broker={"protocol": protocol, "keepalive_s": 30})
-        for key, value in asker_extra.items():
+
+    def open_asker(self, warmup: int) -> None:
+        """The asker's connection and orchestrator, and ``warmup`` auctions not measured."""
+        host, port = self.brokers[0]
+        doc = node_doc(f"asker{self.n}", host=host, port=port, prefix=self.prefix,
+                       state_dir=self.workdir / f"asker{self.n}", auction={"bid_timeout_s": 10},
+                       broker={"protocol": self.protocol, "keepalive_s": 30})
+        for key, value in self.asker_extra.items():
             doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
-        cfg = load_config(write_config(workdir / f"asker{n}.yaml", doc), env={})
-        connected = Fleet.open(cfg)
-        try:
-            orch = orchestrator(cfg, connected)
-            times, bids, errors = [], [], []
-            asker_cpu = fleet_cpu = broker_used = 0.0
-            before: dict[str, Any] = {}
-            for i in range(warmup + rounds):
-                if i == warmup:
-                    before = devices.stats()
-                    # CPU from here on: this process is the asker (its network thread and
-                    # the orchestrator; the broker's and the devices' are elsewhere)
-                    asker_cpu, fleet_cpu, broker_used = time.process_time(), devices.cpu_s(), broker_cpu()
-                out = orch.run("benchmark prompt", max_new_tokens=8, dry_run=True)
-                if not out.ok or out.winner is None:
-                    errors.append(out.error or "no winner")
-                    log(f"N={n}: an auction was not answered: {errors[-1]}")
-                    continue
-                if i >= warmup:
-                    times.append(out.auction_ms)
-                    bids.append(len(out.bids))
-            asker_cpu, fleet_cpu = time.process_time() - asker_cpu, devices.cpu_s() - fleet_cpu
-            broker_used = broker_cpu() - broker_used
-            after = devices.stats()
-            answer = orch.run("an answer from the virtual fleet", max_new_tokens=8)
-        finally:
-            connected.close()
-        calls = (after["calls"] + after["invites"]) - (before["calls"] + before["invites"])
-        floor = Dist.of(floor_ms) if floor_ms else None
+        cfg = load_config(write_config(self.workdir / f"asker{self.n}.yaml", doc), env={})
+        self.connected = Fleet.open(cfg)
+        self.orch = orchestrator(cfg, self.connected)
+        log(f"N={self.n}: auctions")
+        for _ in range(warmup):
+            self._auction()
+        self.before = self.devices.stats()
+
+    def _auction(self) -> Any:
+        out = self.orch.run("benchmark prompt", max_new_tokens=8, dry_run=True)
+        if not out.ok or out.winner is None:
+            self.errors.append(out.error or "no winner")
+            log(f"N={self.n}: an auction was not answered: {self.errors[-1]}")
+            return None
+        return out
+
+    def auctions(self, k: int) -> None:
+        """``k`` measured auctions, with the CPU each side spent on them: this process (the
+        asker: its network thread and the orchestrator), the devices' and the broker's."""
+        asker, fleet, broker = time.process_time(), self.devices.cpu_s(), self.broker_cpu()
+        for _ in range(k):
+            out = self._auction()
+            if out is not None:
+                self.times.append(out.auction_ms)
+                self.bids.append(len(out.bids))
+        self.asker_cpu += time.process_time() - asker
+        self.fleet_cpu += self.devices.cpu_s() - fleet
+        self.broker_used += self.broker_cpu() - broker
+
+    def result(self, rounds: int) -> dict[str, Any]:
+        """The size's row, after one real answer from the virtual fleet."""
+        assert self.before is not None
+        after = self.devices.stats()
+        answer = self.orch.run("an answer from the virtual fleet", max_new_tokens=8)
+        n, bids, times = self.n, self.bids, self.times
+        calls = (after["calls"] + after["invites"]) - (self.before["calls"] + self.before["invites"])
+        floor = Dist.of(self.floor_ms) if self.floor_ms else None
         auction = Dist.of(times) if times else None
-        return {"n": n, "floor": floor.json() if floor else None, "floor_lost": lost,
+        return {"n": n, "floor": floor.json() if floor else None, "floor_lost": self.lost,
                 "auction": auction.json() if auction else None, "answered": len(times), "rounds": rounds,
-                "errors": errors[:3], "bids_per_orchestration": round(statistics.mean(bids), 1) if bids else 0.0,
+                "errors": self.errors[:3], "bids_per_orchestration": round(statistics.mean(bids), 1) if bids else 0.0,
                 "messages_per_orchestration": round((calls + sum(bids)) / rounds, 1),
                 "auction_over_floor": round(auction.p50 / floor.p50, 2) if auction and floor else None,
                 # per orchestration of the measured rounds: the asker's own CPU, and the
                 # virtual devices' per bid (they share this machine's cores with the asker)
-                "asker_cpu_ms": round(asker_cpu / rounds * 1000, 3),
-                "broker_cpu_ms": round(broker_used / rounds * 1000, 3),
-                "fleet_cpu_ms_per_bid": round(fleet_cpu / sum(bids) * 1000, 3) if bids else None,
-                "fleet_start_s": round(started_s, 1), "answer_from": answer.winner if answer.ok else None,
+                "asker_cpu_ms": round(self.asker_cpu / rounds * 1000, 3),
+                "broker_cpu_ms": round(self.broker_used / rounds * 1000, 3),
+                "fleet_cpu_ms_per_bid": round(self.fleet_cpu / sum(bids) * 1000, 3) if bids else None,
+                "fleet_start_s": round(self.started_s, 1), "answer_from": answer.winner if answer.ok else None,
                 "answer_error": None if answer.ok else answer.error}
+
+    def close(self) -> None:
+        if self.connected is not None:
+            self.connected.close()
+        self.devices.stop()
+
+
+def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, rounds: int, warmup: int,
+                 workers: int, asker_extra: dict[str, Any], connect_batch: int = 50,
+                 broker_cpu: Any = lambda: 0.0) -> dict[str, Any]:
+    """One size alone: its floor, then its auctions."""
+    run = SizeRun(n, brokers, protocol, workdir, workers, asker_extra, connect_batch, broker_cpu)
+    try:
+        run.floor(rounds, warmup)
+        run.open_asker(warmup)
+        run.auctions(rounds)
+        return run.result(rounds)
     finally:
-        devices.stop()
+        run.close()
+
+
+def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, workers: int | None,
+                     asker_extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Every size at once, each on a Mosquitto of its own, their auctions taking turns in
+    ``BLOCKS`` blocks (each block in a new order): this machine's speed drifts by tens of
+    percent within minutes, and sizes measured one after the other drifted apart (the same
+    code read N=1000/N=8 1.91 to 3.07). The floors are measured one size after the other,
+    once every fleet is up."""
+    runs: list[SizeRun] = []
+    brokers: list[Any] = []
+    try:
+        for n in sizes:
+            with stopping(n):
+                broker, addresses, protocol = start_broker("mosquitto", workdir / f"n{n}")
+                brokers.append(broker)
+                w = workers if workers is not None else (1 if n <= 100 else 2)
+                runs.append(SizeRun(n, addresses, protocol, workdir, w, asker_extra,
+                                    broker_cpu=lambda b=broker: broker_cpu_s(b)))
+        for run in runs:
+            with stopping(run.n):
+                run.floor(rounds, warmup)
+        for run in runs:
+            with stopping(run.n):
+                run.open_asker(warmup)
+        shares = [rounds // BLOCKS + (b < rounds % BLOCKS) for b in range(BLOCKS)]  # rounds in all
+        for b, share in enumerate(shares):
+            for run in runs[b % len(runs):] + runs[:b % len(runs)]:
+                run.auctions(share)
+            log(f"block {b + 1}/{BLOCKS} done")
+        return {run.n: run.result(rounds) for run in runs}
+    finally:
+        for run in runs:
+            run.close()
+        for broker in brokers:
+            broker.stop()
+
+
+class SizeStopped(Exception):
+    def __init__(self, n: int, error: str):
+        super().__init__(f"N={n}: {error}")
+        self.n, self.error = n, error
+
+
+@contextlib.contextmanager
+def stopping(n: int) -> Iterator[None]:
+    """What stops size ``n`` (its devices, floor or asker) stops the run, named."""
+    try:
+        yield
+    except (RuntimeError, AgentError) as exc:
+        raise SizeStopped(n, str(exc)) from exc
 
 
 def start_broker(kind: str, workdir: Path) -> tuple[Any, list[tuple[str, int]], str]:
@@ -205,20 +310,9 @@ def start_broker(kind: str, workdir: Path) -> tuple[Any, list[tuple[str, int]], 
     return broker, [("127.0.0.1", broker.port)], "5"
 
 
-def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: str, workers: int | None,
-          asker_config: str | None) -> int:
-    asker_extra = yaml.safe_load(asker_config) if asker_config else {}
-    if not isinstance(asker_extra, dict):
-        print("--asker-config: want a YAML/JSON mapping of node config", file=sys.stderr)
-        return 2
-    # The broker inherits our limit: every device's connection plus the asker's, twice over for NATS' routes.
-    note = raise_fd_limit(2 * max(sizes) + FD_SPARE * 4)
-    log(note)
-    load_before = os.getloadavg()
-    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-scale-"))
-    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                           "platform": platform.platform()},
-                               "broker": broker_kind, "asker_config": asker_extra, "sizes": {}}
+def one_after_another(sizes: list[int], broker_kind: str, workdir: Path, rounds: int, warmup: int,
+                      workers: int | None, asker_extra: dict[str, Any], results: dict[str, Any]) -> None:
+    """Each size alone, one after the other, on one broker (a fresh NATS cluster for each)."""
     broker, brokers, protocol = start_broker(broker_kind, workdir)
     try:
         for i, n in enumerate(sizes):
@@ -241,6 +335,33 @@ def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: 
                 break
     finally:
         broker.stop()
+
+
+def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: str, workers: int | None,
+          asker_config: str | None, one_at_a_time: bool = False) -> int:
+    asker_extra = yaml.safe_load(asker_config) if asker_config else {}
+    if not isinstance(asker_extra, dict):
+        print("--asker-config: want a YAML/JSON mapping of node config", file=sys.stderr)
+        return 2
+    # The broker inherits our limit: every device's connection plus the asker's, twice over for NATS' routes.
+    note = raise_fd_limit(2 * max(sizes) + FD_SPARE * 4)
+    log(note)
+    load_before = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-scale-"))
+    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                           "platform": platform.platform()},
+                               "broker": broker_kind, "asker_config": asker_extra, "sizes": {}}
+    results["in_turns"] = in_turns = broker_kind == "mosquitto" and not one_at_a_time and len(sizes) > 1
+    try:
+        if in_turns:
+            try:
+                results["sizes"] = measure_in_turns(sizes, workdir, rounds, warmup, workers, asker_extra)
+            except SizeStopped as exc:
+                log(f"N={exc.n}: stopped: {exc.error}")
+                results["stopped"] = {"n": exc.n, "error": exc.error}
+        else:
+            one_after_another(sizes, broker_kind, workdir, rounds, warmup, workers, asker_extra, results)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["load_average"] = {"before": [round(x, 2) for x in load_before],
                                "after": [round(x, 2) for x in os.getloadavg()]}
@@ -264,9 +385,10 @@ def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
     def mark(ok: bool) -> str:
         return "ok" if ok else "MISSED"
 
-    where = "one Mosquitto" if r["broker"] == "mosquitto" else "a 3-server NATS cluster"
+    where = "Mosquitto" if r["broker"] == "mosquitto" else "a 3-server NATS cluster"
     lb, la = r["load_average"]["before"], r["load_average"]["after"]
-    print(f"\nedge-agent at scale, {where} (python {r['machine']['python']}, {r['machine']['cpus']} cpus; "
+    how = "every size up at once, their auctions taking turns" if r.get("in_turns") else "one size at a time"
+    print(f"\nedge-agent at scale, {where}, {how} (python {r['machine']['python']}, {r['machine']['cpus']} cpus; "
           f"load average {lb[0]:.2f} before, {la[0]:.2f} after)")
     if r["asker_config"]:
         print(f"asker config: {json.dumps(r['asker_config'])}")
