@@ -19,6 +19,10 @@ the project's own encoders (agent/messages.py, agent/topics.py):
   ``floor/rep/<rid>/<dev>`` with a bid-sized payload at QoS 0, as a bid, straight from
   the network callback (``scripts/bench --scale`` measures the broadcast floor with it).
 
+A device costs about what a node's network side does per message: PUBLISH packets are
+read with the node's decoder (``agent.mqtt5``), and a bid reuses its snapshot's JSON
+until a job starts or ends, as a node's does.
+
 There is no paho thread per device: each worker drives its share of the clients from one
 thread with paho's external-loop API (``socket()``, ``loop_read``/``loop_write``/
 ``loop_misc``) and a selector. ``--workers`` spreads the devices over that many
@@ -57,6 +61,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import mqtt5
 from agent.errors import MessageError
 from agent.messages import (
     Accepted,
@@ -75,10 +80,12 @@ from agent.messages import (
     Token,
     cancel_check,
     encode_result,
+    snapshot_members,
 )
 from agent.topics import Topics
 
 log = logging.getLogger("fleet")
+mqtt5.install()  # as in every node's process (agent.bus installs it): PUBLISH read as a node reads it
 
 MODEL = "virtual"           # the one model every virtual device serves
 KEEPALIVE_S = 60
@@ -151,6 +158,16 @@ class Device:
         self.subscribes = 0      # SUBSCRIBEs sent (a refused one is sent again)
         self.failed: str | None = None
         self.client: mqtt.Client | None = None
+        self._snapshot: tuple[int, Snapshot, bytes] | None = None   # (busy, snapshot, its JSON members)
+
+    def bid_snapshot(self) -> tuple[Snapshot, bytes]:
+        """The snapshot a bid carries and its JSON, kept while nothing runs or ends, as a
+        node keeps its own (``presence``): a bid does not encode it again."""
+        busy = len(self.running)
+        if self._snapshot is None or self._snapshot[0] != busy:
+            snap = self.snapshot()
+            self._snapshot = (busy, snap, snapshot_members(snap))
+        return self._snapshot[1], self._snapshot[2]
 
     def snapshot(self) -> Snapshot:
         busy = len(self.running)
@@ -459,9 +476,10 @@ class Shard:
             return  # nothing here could take it: no bid (as a node)
         claim = f"{dev.id}-{next(self._seq)}"
         dev.offer(req.rid, req.origin, claim)
-        bid = Bid(rid=req.rid, device=dev.id, origin=req.origin, claim=claim, snapshot=dev.snapshot(),
+        snap, members = dev.bid_snapshot()
+        bid = Bid(rid=req.rid, device=dev.id, origin=req.origin, claim=claim, snapshot=snap,
                   service_s=round(dev.service_s(req.max_new_tokens), 4), service_n=20.0)
-        c.publish(self.topics.bid_reply(req.origin, req.rid, dev.id), bid.to_payload(), qos=0)  # as a node
+        c.publish(self.topics.bid_reply(req.origin, req.rid, dev.id), bid.to_payload(members), qos=0)  # as a node
         self.stats["bids"] += 1
         self.bidders.add(dev.id)
 

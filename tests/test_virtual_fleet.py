@@ -143,3 +143,23 @@ def test_help_names_the_options(capsys) -> None:
     text = capsys.readouterr().out
     for option in ("--count", "--broker", "--mqtt", "--prefix", "--speed", "--seed", "--workers"):
         assert option in text
+
+
+def test_a_bid_reuses_its_snapshot_s_json_until_a_job_starts_or_ends() -> None:
+    """As a node: the JSON of an unchanged snapshot is kept, and a bid made while a job
+    runs says so (a stale snapshot would keep inviting a busy device)."""
+    import random
+
+    from fleet import Device, Running
+
+    from agent.messages import Snapshot, snapshot_members
+
+    dev = Device(Spec(count=1, brokers=(("127.0.0.1", 1),), prefix="p/"), 0, random.Random(1))
+    idle, members = dev.bid_snapshot()
+    assert dev.bid_snapshot()[1] is members, "kept while nothing changed"
+    assert members == snapshot_members(idle) and idle.queue_depth == 0
+    dev.running["job"] = Running.__new__(Running)
+    busy, busy_members = dev.bid_snapshot()
+    assert busy.queue_depth == 1 and busy_members == snapshot_members(busy) != members
+    del dev.running["job"]
+    assert dev.bid_snapshot()[0] == idle and isinstance(idle, Snapshot)
