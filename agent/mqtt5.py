@@ -24,7 +24,9 @@ and an asker reads every bid through it.
 
 tests/test_mqtt5.py holds both to paho's results, byte for byte, and to its exception type
 for whatever paho refuses (the message can differ: it only shows in a log line), on the paho
-that is installed. With a paho that lacks what this relies on (2.1 has no packet module),
+that is installed; tests/test_mqtt5_batch.py does the same for the batch, on any paho.
+paho calls ``on_publish`` once for a batch (nothing here sets it) and logs no "Sending
+PUBLISH" line for its messages. With a paho that lacks what this relies on (2.1 has no packet module),
 ``install`` does nothing and paho's own decoder runs; ``Props`` works on either.
 """
 
@@ -61,6 +63,7 @@ BATCHABLE = all(hasattr(Client, name) for name in ("_packet_queue", "_mid_genera
     and list(inspect.signature(Client._packet_queue).parameters)[:6] == ["self", "command", "packet", "mid", "qos",
                                                                         "info"]
 PUBLISH = 0x30
+MAX_PAYLOAD = 268_435_455   # MQTT's largest remaining length, as paho checks a payload
 
 _TABLES = frozenset(("packetType", "types", "names", "properties"))
 _tables: dict[int, dict[str, Any]] = {}
@@ -166,11 +169,17 @@ if REPLACEABLE:
 
 def qos0_batch(messages: Iterable[tuple[str, bytes]], v5: bool) -> bytes:
     """PUBLISH packets at QoS 0, not retained and with no properties, one after another:
-    the bytes paho writes for each such ``publish``."""
+    the bytes paho writes for each such ``publish``. A topic paho would refuse (a wildcard,
+    over 65,535 bytes, empty on 3.1.1) or a payload over MQTT's limit is refused the same
+    way (ValueError), and nothing is packed; a payload must be bytes."""
     out = bytearray()
     empty = b"\x00" if v5 else b""   # an MQTT 5 PUBLISH carries its property list's length
     for topic, payload in messages:
         name = topic.encode("utf-8")
+        if (not name and not v5) or b"+" in name or b"#" in name or len(name) > 65535:
+            raise ValueError(f"cannot publish to topic {topic[:80]!r}")
+        if len(payload) > MAX_PAYLOAD:
+            raise ValueError("payload too large")
         out.append(PUBLISH)
         out += VariableByteIntegers.encode(2 + len(name) + len(empty) + len(payload))
         out += struct.pack("!H", len(name)) + name + empty + payload

@@ -570,7 +570,7 @@ def main() -> int:
                     help="with --scale on Mosquitto: each size alone, one after the other, instead of every "
                          "size up at once with their auctions taking turns")
     ap.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto",
-                    help="with --scale: one Mosquitto, or a 3-server NATS cluster (default %(default)s)")
+                    help="with --scale: a Mosquitto for each size, or a 3-server NATS cluster (default %(default)s)")
     ap.add_argument("--fleet-workers", type=int, metavar="K",
                     help="with --scale: processes for the virtual devices (default 1 up to N=100, else 2)")
     ap.add_argument("--asker-config", metavar="YAML",

@@ -14,7 +14,9 @@ auction    ``Orchestrator.run(dry_run=True)`` through a real ``Fleet`` connectio
            bids -> decision; its ``auction_ms``, every one checked to have been answered;
 messages   what the broker delivers per orchestration, counted at the ends: the calls the
            devices received (broadcast or invitations) plus the bids the asker received;
-CPU        the asker's own CPU per orchestration (this process), the broker's per
+CPU        the asker's own CPU per orchestration (the orchestrating thread and its
+           connection's threads, read per thread: every size's asker is in this
+           process), the broker's per
            orchestration, and the virtual devices' per bid (their processes; counted in
            clock ticks, so only long runs say much). On a machine of few cores the three
            share them: an auction cannot take less than their sum over the cores.
@@ -41,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +140,7 @@ class SizeRun:
         self.after: dict[str, Any] | None = None
         self.connected: Fleet | None = None
         self.orch: Any = None
+        self.threads: list[threading.Thread] = []
 
     def floor(self, rounds: int, warmup: int) -> None:
         """The raw broadcast floor: ``rounds`` round trips to every device, after ``warmup``."""
@@ -176,12 +180,28 @@ class SizeRun:
         for key, value in self.asker_extra.items():
             doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
         cfg = load_config(write_config(self.workdir / f"asker{self.n}.yaml", doc), env={})
+        others = {t.ident for t in threading.enumerate()}
         self.connected = Fleet.open(cfg)
         self.orch = orchestrator(cfg, self.connected)
         log(f"N={self.n}: auctions")
         for _ in range(warmup):
             self._auction()
+        # its connection's threads (paho's, the dispatcher): the other sizes' askers share
+        # this process, and their background (metrics from their fleets) is not this size's
+        self.threads = [t for t in threading.enumerate() if t.ident not in others]
         self.before = self.devices.stats()
+
+    def _asker_clocks(self) -> dict[int | None, float]:
+        """CPU seconds so far of this size's asker: the orchestrating (calling) thread and
+        its connection's threads."""
+        clocks: dict[int | None, float] = {None: time.thread_time()}
+        for t in self.threads:
+            if t.ident is not None:
+                try:
+                    clocks[t.ident] = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                except (OSError, ProcessLookupError):  # it ended (a reconnect replaces paho's thread)
+                    pass
+        return clocks
 
     def _auction(self) -> Any:
         out = self.orch.run("benchmark prompt", max_new_tokens=8, dry_run=True)
@@ -194,13 +214,15 @@ class SizeRun:
     def auctions(self, k: int) -> None:
         """``k`` measured auctions, with the CPU each side spent on them: this process (the
         asker: its network thread and the orchestrator), the devices' and the broker's."""
-        asker, fleet, broker = time.process_time(), self.devices.cpu_s(), self.broker_cpu()
+        fleet, broker = self.devices.cpu_s(), self.broker_cpu()
+        asker = self._asker_clocks()
         for _ in range(k):
             out = self._auction()
             if out is not None:
                 self.times.append(out.auction_ms)
                 self.bids.append(len(out.bids))
-        self.asker_cpu += time.process_time() - asker
+        after = self._asker_clocks()
+        self.asker_cpu += sum(after[t] - asker[t] for t in after if t in asker)
         self.fleet_cpu += self.devices.cpu_s() - fleet
         self.broker_used += self.broker_cpu() - broker
 
@@ -249,7 +271,7 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
 def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, workers: int | None,
                      asker_extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Every size at once, each on a Mosquitto of its own, their auctions taking turns in
-    ``BLOCKS`` blocks (each block in a new order): this machine's speed drifts by tens of
+    ``BLOCKS`` blocks (the order rotating from block to block): this machine's speed drifts by tens of
     percent within minutes, and sizes measured one after the other drifted apart (the same
     code read N=1000/N=8 1.91 to 3.07). The floors are measured one size after the other,
     once every fleet is up."""
@@ -271,15 +293,21 @@ def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, 
                 run.open_asker(warmup)
         shares = [rounds // BLOCKS + (b < rounds % BLOCKS) for b in range(BLOCKS)]  # rounds in all
         for b, share in enumerate(shares):
-            for run in runs[b % len(runs):] + runs[:b % len(runs)]:
-                run.auctions(share)
+            for run in runs[b % len(runs):] + runs[:b % len(runs)]:  # the order rotates
+                with stopping(run.n):
+                    run.auctions(share)
             log(f"block {b + 1}/{BLOCKS} done")
-        return {run.n: run.result(rounds) for run in runs}
-    finally:
+        results = {}
         for run in runs:
-            run.close()
-        for broker in brokers:
-            broker.stop()
+            with stopping(run.n):
+                results[run.n] = run.result(rounds)
+        return results
+    finally:
+        for part in [*runs, *brokers]:  # every one, whatever the others do
+            try:
+                part.close() if isinstance(part, SizeRun) else part.stop()
+            except Exception as exc:  # noqa: BLE001 - reported, and the rest still stopped
+                log(f"could not stop {part}: {exc}")
 
 
 class SizeStopped(Exception):

@@ -321,17 +321,19 @@ def test_many_messages_published_at_once_arrive_whole_and_in_order(
 
     monkeypatch.setattr(mqtt5, "BATCHABLE", batchable and mqtt5.BATCHABLE)
     received: list[tuple[str, bytes]] = []
+    levels: set[int] = set()
     arrived = threading.Condition()
 
     def got(msg: Message) -> None:
         with arrived:
             received.append((msg.topic, msg.payload))
+            levels.add(msg.qos)
             arrived.notify_all()
 
     config = BrokerConfig(host=broker.host, port=broker.port, protocol=protocol)
     reader = Bus("batch-reader", config, persistent=False, sync_topic="batch/sync/reader", name="reader")
     writer = Bus("batch-writer", config, persistent=False, sync_topic="batch/sync/writer", name="writer")
-    reader.subscribe("batch/to/#", got, qos=0)
+    reader.subscribe("batch/to/#", got, qos=1)  # the QoS each was sent at comes through
     sizes = [0, 1, 200, 20_000, 300_000]
     batches = [[(f"batch/to/{b}/{i}", bytes([b, i]) * (size // 2)) for i, size in enumerate(sizes)]
                for b in range(3)]
@@ -346,6 +348,7 @@ def test_many_messages_published_at_once_arrive_whole_and_in_order(
             complete = arrived.wait_for(lambda: len(received) >= len(expected), timeout=WAIT_S)
         assert complete, f"{len(received)} of {len(expected)} arrived"
         assert received == expected
+        assert levels == {0}, "sent at QoS 0"
     finally:
         writer.stop()
         reader.stop()

@@ -46,6 +46,7 @@ class ScriptedFleet:
         self.published: list[tuple[str, bytes]] = []
         self.qos: dict[str, int] = {}  # the QoS each topic was published at
         self.props: dict[str, set[str]] = {}  # the MQTT 5 properties each was published with
+        self.batches: list[list[str]] = []  # the topics of each publish_many
         self._subs: dict[str, Callable[[Message], None]] = {}
         self.bus = self
         self.roster = self
@@ -66,6 +67,7 @@ class ScriptedFleet:
 
     def publish_many(self, messages: list[tuple[str, bytes]]) -> None:
         """As the bus: each at QoS 0, without properties."""
+        self.batches.append([topic for topic, _ in messages])
         for topic, payload in messages:
             self.publish(topic, payload, qos=0)
 
@@ -190,6 +192,7 @@ def test_a_call_to_everyone_is_qos_1_and_invitations_qos_0(tmp_path: Path) -> No
     out, _ = orchestrate(tmp_path / "2", fleet, invite={"above": 0, "best": 1, "explore": 2})
     invites = {t: q for t, q in fleet.qos.items() if T.parse(t).kind == "bid_invite"}
     assert out.ok and len(invites) == 2 and set(invites.values()) == {0}, fleet.qos
+    assert fleet.batches == [list(invites)], "all of them in one batch (one write, one wake-up)"
 
 
 def test_invitations_carry_no_mqtt5_properties_a_call_to_everyone_does(tmp_path: Path) -> None:

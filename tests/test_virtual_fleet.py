@@ -163,3 +163,21 @@ def test_a_bid_reuses_its_snapshot_s_json_until_a_job_starts_or_ends() -> None:
     assert busy.queue_depth == 1 and busy_members == snapshot_members(busy) != members
     del dev.running["job"]
     assert dev.bid_snapshot()[0] == idle and isinstance(idle, Snapshot)
+
+
+def test_virtual_devices_read_publish_packets_with_the_node_s_decoder() -> None:
+    """As a node's process (agent.bus installs it): the fleet installs agent.mqtt5's decoder
+    itself, without importing the bus."""
+    import subprocess
+
+    from agent import mqtt5
+
+    if not mqtt5.REPLACEABLE:
+        pytest.skip("this paho keeps its own decoder")
+    check = ("import sys; sys.path.insert(0, 'scripts'); import fleet; from agent import mqtt5; "
+             "from paho.mqtt import _packet; "
+             "assert 'agent.bus' not in sys.modules, 'the bus came along'; "
+             "assert _packet.decode_publish is mqtt5.decode_publish, 'paho decodes as before'")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
