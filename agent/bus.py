@@ -237,21 +237,27 @@ class _LinkState:
         self.held: tuple[mqtt.Client, list[_Held]] | None = None
         self.epoch = 0  # successful connects so far: a change means we were cut off meanwhile
 
+    def held_for(self, client: mqtt.Client) -> list[_Held] | None:
+        """What is held for ``client`` while it connects, or None: nothing is (publish now)."""
+        held = self.held
+        return held[1] if held is not None and held[0] is client else None
+
     def hold(self, client: mqtt.Client) -> None:
         """Hold what is published to ``client`` until ``release``: it is about to connect."""
         with self.gate:
-            if self.held is None or self.held[0] is not client:
+            if self.held_for(client) is None:
                 self.held = (client, [])
 
     def release(self, client: mqtt.Client, name: str) -> None:
         """``client``'s CONNECT is queued (or it will not connect): publish what was held
         for it, in order, and hold no more."""
-        if self.held is None or self.held[0] is not client:
+        if self.held_for(client) is None:
             return  # the usual case, read without the gate: nothing held for it
         with self.gate:
-            if self.held is None or self.held[0] is not client:
+            held = self.held_for(client)
+            if held is None:
                 return
-            held, self.held = self.held[1], None
+            self.held = None
             for topic, payload, qos, retain, props in held:
                 try:
                     client.publish(topic, payload, qos=qos, retain=retain, properties=props)
@@ -729,8 +735,9 @@ class Bus:
                                              response_topic or None, correlation_data or None)
         state = self._state
         with state.gate:
-            if state.held is not None and state.held[0] is handle.client:  # it is connecting: after the CONNECT
-                state.held[1].append((topic, payload, qos, retain, props))
+            held = state.held_for(handle.client)
+            if held is not None:  # it is connecting: after the CONNECT
+                held.append((topic, payload, qos, retain, props))
                 return
             handle.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
@@ -744,8 +751,9 @@ class Bus:
         packets = mqtt5.qos0_batch(messages, handle.protocol == "5") if len(messages) > 1 and mqtt5.BATCHABLE else None
         state = self._state
         with state.gate:
-            if state.held is not None and state.held[0] is handle.client:  # it is connecting: after the CONNECT
-                state.held[1].extend((topic, payload, 0, False, None) for topic, payload in messages)
+            held = state.held_for(handle.client)
+            if held is not None:  # it is connecting: after the CONNECT
+                held.extend((topic, payload, 0, False, None) for topic, payload in messages)
                 return
             if packets is not None and mqtt5.queue_batch(handle.client, packets):
                 return

@@ -212,6 +212,11 @@ def orchestrator(cfg: Config, connected: Any, npu_exec: Any = None) -> Orchestra
 BLOCKS = 10  # the floor and the auction take turns this many times (see measure_auction)
 
 
+def shares(total: int, blocks: int = BLOCKS) -> list[int]:
+    """``total`` split into ``blocks`` turns as even as can be (the first ones take the rest)."""
+    return [total // blocks + (b < total % blocks) for b in range(blocks)]
+
+
 def measure_auction(fleet: NodeFleet, iters: int, warmup: int,
                     floor: FloorRequester | None = None) -> dict[str, Dist]:
     """The auction alone (dry runs: bids, then the LinUCB decision, nothing executed), so
@@ -236,7 +241,7 @@ def measure_auction(fleet: NodeFleet, iters: int, warmup: int,
             if floor is not None:
                 floor.round_trip(fleet.n)
         blocks = BLOCKS if floor is not None else 1
-        for size in (iters // blocks + (b < iters % blocks) for b in range(blocks)):  # iters in all
+        for size in shares(iters, blocks):
             if floor is not None:
                 floors += [floor.round_trip(fleet.n) for _ in range(size)]
             for _ in range(size):

@@ -52,7 +52,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import psutil
 import yaml
-from bench import BLOCKS, Dist, FloorRequester, log, orchestrator
+from bench import BLOCKS, Dist, FloorRequester, log, orchestrator, shares
 from fleet import FD_SPARE, raise_fd_limit
 
 from agent.bus import new_nonce
@@ -282,8 +282,7 @@ def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, 
             with stopping(n):
                 broker, addresses, protocol = start_broker("mosquitto", workdir / f"n{n}")
                 brokers.append(broker)
-                w = workers if workers is not None else (1 if n <= 100 else 2)
-                runs.append(SizeRun(n, addresses, protocol, workdir, w, asker_extra,
+                runs.append(SizeRun(n, addresses, protocol, workdir, worker_count(n, workers), asker_extra,
                                     broker_cpu=lambda b=broker: broker_cpu_s(b)))
         for run in runs:
             with stopping(run.n):
@@ -291,8 +290,7 @@ def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, 
         for run in runs:
             with stopping(run.n):
                 run.open_asker(warmup)
-        shares = [rounds // BLOCKS + (b < rounds % BLOCKS) for b in range(BLOCKS)]  # rounds in all
-        for b, share in enumerate(shares):
+        for b, share in enumerate(shares(rounds)):
             for run in runs[b % len(runs):] + runs[:b % len(runs)]:  # the order rotates
                 with stopping(run.n):
                     run.auctions(share)
@@ -308,6 +306,11 @@ def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, 
                 part.close() if isinstance(part, SizeRun) else part.stop()
             except Exception as exc:  # noqa: BLE001 - reported, and the rest still stopped
                 log(f"could not stop {part}: {exc}")
+
+
+def worker_count(n: int, asked: int | None) -> int:
+    """The virtual devices' processes: as asked, else one up to N=100 and two past it."""
+    return asked if asked is not None else (1 if n <= 100 else 2)
 
 
 class SizeStopped(Exception):
@@ -344,7 +347,7 @@ def one_after_another(sizes: list[int], broker_kind: str, workdir: Path, rounds:
     broker, brokers, protocol = start_broker(broker_kind, workdir)
     try:
         for i, n in enumerate(sizes):
-            w = workers if workers is not None else (1 if n <= 100 else 2)
+            w = worker_count(n, workers)
             if broker_kind == "nats" and i > 0:
                 # A fresh cluster for each size: the last size's devices leave with clean
                 # sessions, and the cluster deletes their JetStream consumers (one per QoS 1
