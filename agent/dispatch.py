@@ -25,6 +25,10 @@ Rules, each one a line below:
   until the job's deadline, with progress shown;
 - after a token has streamed, nothing is ever re-run elsewhere: a winner gone for good
   is a failure with the partial text;
+- a winner that restarted after it accepted has lost the run: the copy sent again when it
+  came back is refused as ``stale_claim`` (the new process never issued that claim). That
+  refusal ends the wait at once: ``next`` if nothing streamed, else a failure with the
+  partial text (any other decline after ``accepted`` is a stale one, of an earlier copy);
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
   the one chosen, or that do not carry the digest of the job we sent (every event about a
@@ -40,7 +44,7 @@ from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
-from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
+from agent.messages import STALE_CLAIM, Accepted, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
 
 # A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
 # margin: after a broker outage that is how long a winner may take to reappear.
@@ -142,10 +146,12 @@ class DispatchState:
             return CONTINUE  # no digest, or another job's under our rid (a forged one): not about ours
         self._heard_from(now)
         if isinstance(ev, Declined):
-            if self.state != "dispatched":
-                return CONTINUE  # a stale decline of an earlier copy
-            self.fsm.fire("declined")
-            return Step("next", outcome=f"declined: {ev.reason}")
+            if self.state == "dispatched":
+                self.fsm.fire("declined")
+                return Step("next", outcome=f"declined: {ev.reason}")
+            if ev.reason == STALE_CLAIM and not self.done:
+                return self._lost()
+            return CONTINUE  # a stale decline of an earlier copy
         if isinstance(ev, Accepted):
             if self.fsm.can("accepted"):
                 self.fsm.fire("accepted")
@@ -245,6 +251,16 @@ class DispatchState:
                 ) -> Step:
         self.fsm.fire(event)
         return Step("next", cancel=cancel, outcome=outcome)
+
+    def _lost(self) -> Step:
+        """It accepted the job, then restarted: the job sent again after it came back does
+        not carry a claim the new process issued, and the run died with the old one."""
+        if not self.streamed:
+            return self._passed("restarted and lost the job", cancel="restarted; failed over")
+        self.fsm.fire("winner_offline")
+        answer = Answer(False, ExitCode.FAILED, self.text,
+                        f"{self.device} restarted after streaming part of the answer; the rest is lost")
+        return Step("finished", outcome="restarted while streaming", answer=answer)
 
     def _wait_for_return(self, now: float) -> Step:
         if self.streamed:

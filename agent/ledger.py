@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from agent.fsm import JOB, Machine
 from agent.journal import Recorded
-from agent.messages import Accepted, Cancel, Declined, Job, cancel_check
+from agent.messages import STALE_CLAIM, Accepted, Cancel, Declined, Job, cancel_check
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -190,7 +190,7 @@ class JobLedger:
             if not job.claim or self._claim(job.rid, job.origin) != job.claim:
                 # Not remembered: a forged job under a rid someone called for must not
                 # decline the genuine one that comes after it.
-                return self._refuse(job, "stale_claim")
+                return self._refuse(job, STALE_CLAIM)
             return Admit()
 
     def decline(self, job: Job, reason: str) -> Declined:

@@ -793,6 +793,12 @@ class Accepted:
     type: ClassVar[str] = "accepted"
 
 
+# Why a node refuses a job carrying a claim this process never issued. A job sent again
+# to a node that restarted since it accepted the job gets it: the run, and its claim,
+# died with the old process.
+STALE_CLAIM = "stale_claim"
+
+
 @dataclass(frozen=True)
 class Declined:
     rid: str

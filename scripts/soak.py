@@ -87,7 +87,11 @@ class Node(NodeProcess):
 
 
 def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdir: Path,
-             kill_every_s: float = 1.5) -> dict[str, Any]:
+             kill_every_s: float = 1.5, min_triggers: int = 0, min_kills: int = 0,
+             max_seconds: float | None = None) -> dict[str, Any]:
+    """Triggers for ``seconds``, then on until ``min_triggers`` triggers and ``min_kills``
+    kills are done (at most ``max_seconds`` in all): a slow machine runs longer instead of
+    testing less."""
     rng = random.Random(seed)
     prefix = f"soak/{new_nonce()}/"
     topics = Topics(prefix)
@@ -124,19 +128,28 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
     rids: list[str] = []
     chaos_thread = threading.Thread(target=chaos, name="chaos", daemon=True)
     chaos_thread.start()
-    end = time.monotonic() + seconds
+    began = time.monotonic()
+    end, cap = began + seconds, began + max(seconds, max_seconds or 0)
+
+    def more() -> bool:
+        now = time.monotonic()
+        return now < end or (now < cap and (sum(codes.values()) < min_triggers or kills[0] < min_kills))
+
+    took: list[tuple[float, int, str]] = []  # each trigger's seconds, exit code and error
     i = 0
     try:
-        while time.monotonic() < end:
+        while more():
             out, err = io.StringIO(), io.StringIO()
+            t0 = time.monotonic()
             code = cli(["trigger", "--config", str(hub), "--json", "-q", f"soak prompt number {i}"],
                        stdout=out, stderr=err)
             codes[code] += 1
             result = json.loads(out.getvalue()) if out.getvalue().strip() else {}
             rids.append(result.get("rid", ""))
+            error = str(result.get("error") or err.getvalue().strip())[:80] if code else ""
+            took.append((round(time.monotonic() - t0, 2), code, error))
             if code:
-                reasons[TYPED_FAILURES.get(code, f"UNTYPED exit {code}") + ": " +
-                        str(result.get("error") or err.getvalue().strip())[:80]] += 1
+                reasons[TYPED_FAILURES.get(code, f"UNTYPED exit {code}") + ": " + error] += 1
             for n in fleet:
                 n.sample_rss()
             i += 1
@@ -159,7 +172,8 @@ def run_soak(seconds: float, *, nodes: int = 3, seed: int = 1, port: int, workdi
     # a node killed before its answer left the process, then ran again on the runner-up, is
     # the documented failover (nothing had reached the orchestrator): reported, not hidden.
     return {
-        "seconds": seconds, "triggers": sum(codes.values()), "answered": codes[0],
+        "seconds": round(time.monotonic() - began, 1), "triggers": sum(codes.values()), "answered": codes[0],
+        "slowest_triggers": sorted(took, reverse=True)[:3],
         "failed": {TYPED_FAILURES.get(c, f"untyped {c}"): n for c, n in codes.items() if c},
         "failure_reasons": dict(reasons.most_common(8)), "node_kills": kills[0],
         "executions_completed": sum(done.values()),

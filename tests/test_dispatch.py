@@ -65,6 +65,46 @@ def test_a_stale_decline_after_accept_is_ignored() -> None:
     assert a.state == "running"
 
 
+@pytest.mark.parametrize("away", ["alone", "in a broker restart"])
+def test_a_winner_that_restarted_before_any_token_is_passed_over_when_it_refuses_the_copy_sent_again(
+        away: str) -> None:
+    """Restarted after ``accepted``: its run died with the old process. It was being waited
+    for (no runner-up; or everyone was cut off), until the job's deadline at worst; its
+    refusal of the copy sent again ends that."""
+    a = attempt(last=away == "alone")
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    if away == "alone":
+        a.on_peer(False, 0.5, lambda: True)
+        assert a.on_peer(True, 1.0, lambda: True).send, "back: the job is sent again"
+    else:
+        a.on_link(False, 0.5)
+        a.on_peer(False, 0.5, lambda: pytest.fail("our link is known to be down"))
+        assert a.on_link(True, 0.9).send
+        a.on_peer(True, 1.0, lambda: True)
+    step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.1)
+    assert (step.verdict, step.outcome) == ("next", "restarted and lost the job") and step.cancel
+    assert a.state == "passed"
+
+
+def test_a_winner_that_restarted_after_streaming_fails_at_once_with_the_partial_text() -> None:
+    a = attempt(last=True)
+    a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.1)
+    a.on_peer(False, 0.5, lambda: True)
+    assert a.on_peer(True, 1.0, lambda: True).send
+    step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.1)
+    assert step.verdict == "finished" and step.answer is not None and not step.answer.ok
+    assert step.answer.text == "partial " and step.answer.exit_code == ExitCode.FAILED
+    assert "restarted" in (step.answer.error or "") and a.state == "failed"
+    assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.2) == Step(), "once"
+
+
+def test_a_restarted_winners_refusal_of_another_job_under_our_rid_changes_nothing() -> None:
+    a = attempt()
+    a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.1)
+    assert a.on_result(Declined("r1", "peer", "stale_claim", digest="forged"), 0.2) == Step()
+    assert a.state == "streaming"
+
+
 def test_no_accept_in_time_moves_on_and_cancels_the_copy_it_holds() -> None:
     a = attempt()
     assert a.on_tick(ACCEPT_S - 0.01) == Step()

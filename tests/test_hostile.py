@@ -81,8 +81,9 @@ def test_a_flood_of_malformed_messages_does_not_stop_service(env: Env) -> None:
 def test_short_soak_with_random_node_kills(env: Env) -> None:
     from soak import run_soak
 
-    r = run_soak(12, nodes=3, seed=3, port=env.broker.port, workdir=env.tmp)
-    assert r["triggers"] >= 20 and r["node_kills"] >= 3
+    r = run_soak(12, nodes=3, seed=3, port=env.broker.port, workdir=env.tmp, min_triggers=20, min_kills=3,
+                 max_seconds=120)
+    assert r["triggers"] >= 20 and r["node_kills"] >= 3, r
     assert r["duplicates"] == [], "a request ran to completion twice"
     assert r["untyped_failures"] == 0
     assert r["answered"] >= 0.8 * r["triggers"], r

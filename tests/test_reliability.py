@@ -20,7 +20,7 @@ import pytest
 from agent.bus import Message
 from agent.cli import main
 from agent.locks import NpuLock
-from agent.messages import Bid, BidRequest, Job, cancel_check, decode_result
+from agent.messages import Bid, BidRequest, Declined, Job, cancel_check, decode_result
 from tests.support.broker import REPO
 from tests.support.fleet import WAIT_S, Env, Gate, executions, job
 
@@ -207,13 +207,15 @@ def test_racing_orchestrators_never_share_the_npu_and_nobody_waits_on_it(env: En
 
 # --------------------------------------------------------------------- 4. failover
 
-def kill_the_winner(env: Env, mode: str, kill_when: str) -> tuple[int, dict[str, Any], list[Message]]:
+def kill_the_winner(env: Env, mode: str, kill_when: str, *, restart: bool = False,
+                    **hub: Any) -> tuple[int, dict[str, Any], list[Message]]:
     """Two CPU peers; "aa-first" wins, runs a model in `mode`, and is SIGKILLed when it
-    sends its first `kill_when` event. It wins because it has never run a job: "zz-second"
-    ran one warm-up job alone, so "aa-first" is priced as fast as "zz-second" says it is,
-    and a tie goes to the device not tried yet (never to a name). Returns the trigger's
-    exit code and JSON, and what was said on exec/# and result/#."""
-    hub = env.config("hub")
+    sends its first `kill_when` event (and started again, with `restart`). It wins because
+    it has never run a job: "zz-second" ran one warm-up job alone, so "aa-first" is priced
+    as fast as "zz-second" says it is, and a tie goes to the device not tried yet (never to
+    a name). Returns the trigger's exit code and JSON, and what was said on exec/# and
+    result/#."""
+    hub = env.config("hub", **hub)
     first = env.config("aa-first", cpu=job(env.tmp / "first.log", mode, Gate(env.tmp / "never")))
     second = env.config("zz-second", cpu=job(env.tmp / "second.log", "quick"))
     with env.node_process(second):
@@ -223,6 +225,8 @@ def kill_the_winner(env: Env, mode: str, kill_when: str) -> tuple[int, dict[str,
             bg = Background(env, hub, "the prompt")
             spy.wait_for(result_of(kill_when, "aa-first"), what=f"{kill_when} from aa-first")
             doomed.kill()
+            if restart:
+                doomed.start()
             code, out, err = bg.result()
             assert out is not None, err
             return code, out, list(spy.seen)
@@ -270,6 +274,20 @@ def test_winner_killed_after_streaming_reports_the_partial_text(env: Env) -> Non
     assert code == 1
     assert out["ok"] is False and out["text"] == "partial "
     assert "went offline after streaming" in out["error"]
+    assert len(executions(env.tmp / "second.log")) == 1, "only the warm-up: never run a second time"
+
+
+def test_winner_restarted_after_streaming_fails_at_once_not_at_the_job_deadline(env: Env) -> None:
+    """Back within the grace its orchestrator gives it (accept_timeout_s), the restarted
+    node is sent the job again and refuses it (its run died with the old process): the
+    trigger fails then, with the partial text, instead of waiting out job_timeout_s."""
+    code, out, said = kill_the_winner(env, "token-then-hold", kill_when="token", restart=True,
+                                      auction={"accept_timeout_s": 60, "job_timeout_s": 600})
+    assert code == 1 and out["text"] == "partial ", out
+    assert "restarted after streaming" in out["error"], out["error"]
+    to_hub = env.topics.result("hub", out["rid"], "aa-first")
+    refusals = [e for e in (decode_result(m.payload) for m in said if m.topic == to_hub) if isinstance(e, Declined)]
+    assert [e.reason for e in refusals] == ["stale_claim"], "the copy sent again was refused, once"
     assert len(executions(env.tmp / "second.log")) == 1, "only the warm-up: never run a second time"
 
 
