@@ -799,8 +799,10 @@ class Ticks(threading.Event):
         return self.is_set()
 
 
-def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | None = None) -> tuple[Ticks, list[float]]:
-    """Run the presence loop for ``steps`` waits; the waits and when metrics went out."""
+def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | None = None, *,
+             fleet_size: int = 1) -> tuple[Ticks, list[float]]:
+    """Run the presence loop for ``steps`` waits, in a fleet of ``fleet_size`` online
+    devices; the waits and when metrics went out."""
     now, stop = parts.now, threading.Event()
     now[0] = 0.0
     ticks = Ticks(now, stop, steps, script)
@@ -815,7 +817,8 @@ def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | No
                 sent_at.append(round(now[0], 6))
     parts.link = Link()  # type: ignore[attr-defined]
     presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.link,  # type: ignore[attr-defined]
-                        changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host)
+                        changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host,
+                        fleet_size=lambda: fleet_size)
     parts.presence = presence  # type: ignore[attr-defined]
     presence.loop()
     return ticks, sent_at
@@ -904,6 +907,17 @@ def test_a_job_change_while_disconnected_waits_for_the_interval_after_a_reconnec
         parts.link.connected = True  # type: ignore[attr-defined]
     _, sent_at = run_loop(parts, 4, {1: (1.0, drop), 2: (1.0, back)})
     assert sent_at == [0.0, 10.0], "the change was forgotten with the connection"
+
+
+@pytest.mark.parametrize(("fleet", "refresh_s"), [(8, 10.0), (200, 10.0), (1000, 50.0)])
+def test_a_large_fleet_spaces_the_refreshes_and_sends_a_change_at_once(tmp_path: Path, fleet: int,
+                                                                        refresh_s: float) -> None:
+    """Every node reads every device's metrics: a thousand devices refreshing every 10 s
+    would be a hundred messages a second each, so together they refresh 20 a second."""
+    parts = Parts(tmp_path)
+    assert parts.cfg.metrics_interval_s == 10.0
+    _, sent_at = run_loop(parts, 3, {1: (5.0, job_changed)}, fleet_size=fleet)
+    assert sent_at == [0.0, 5.0, 5.0 + refresh_s]
 
 
 def test_a_presence_query_gets_metrics_then_online_at_once_both_retained(tmp_path: Path) -> None:
