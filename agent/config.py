@@ -242,13 +242,16 @@ class LogConfig:
     json: bool = False       # one JSON object per line, for journald/Loki/Elastic
 
 
+DEFAULT_METRICS_INTERVAL_S = 10.0  # metrics_interval_s
+
+
 @dataclass(frozen=True)
 class Config:
     device_id: str
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     topic_prefix: str = ""
     state_dir: Path = Path(DEFAULT_STATE_DIR)  # expanded when a config is parsed
-    metrics_interval_s: float = 10.0
+    metrics_interval_s: float = DEFAULT_METRICS_INTERVAL_S
     max_payload_bytes: int = DEFAULT_MAX_BYTES
     npu: NPUConfig = field(default_factory=NPUConfig)
     cpu: CPUConfig = field(default_factory=CPUConfig)
@@ -540,7 +543,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
     topic_prefix = top.string("topic_prefix", "", pattern=TOPIC_PREFIX_RE,
                               hint="whole topic levels of A-Z a-z 0-9 _ -, each ending in '/'") or ""
     state_dir = top.string("state_dir", None)
-    metrics_interval_s = float(top.number("metrics_interval_s", 10.0, minimum=0.1))
+    metrics_interval_s = float(top.number("metrics_interval_s", DEFAULT_METRICS_INTERVAL_S, minimum=0.1))
     max_payload = top.number("max_payload_bytes", DEFAULT_MAX_BYTES, minimum=4096,
                              maximum=256 * 1024 * 1024, integer=True)
 

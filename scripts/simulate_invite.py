@@ -13,9 +13,11 @@ workload (same seed) runs under two policies:
 
 - everyone: every job's auction hears a bid from every device (the seed's call to all);
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
-  does past ``auction.invite.above``: from the retained metrics every device publishes
-  every ``--metrics-s`` seconds (backlog in seconds, median recent latency; so up to
-  that old, so their backlog is aged by their age, and with each model's ``warm`` flag,
+  does past ``auction.invite.above``: from the retained metrics each device publishes as
+  a node does — when a job of its own starts or ends (at most every 0.2 s), and again
+  every ``--metrics-s`` seconds (by default as in a fleet this size: 50 s at 1000 devices;
+  ``--periodic-only``: only then) — with its backlog in seconds, its median recent
+  latency (aged by their age, as the node does) and each model's ``warm`` flag,
   so a cold one is charged its start-up) and from each asker's own memory of the bids it
   received and the jobs it sent since (``agent.invite.AskerMemory``, which prices each
   device for the job's size by the shape of its bids), the k best and d at random; only
@@ -72,15 +74,17 @@ from simulate import (  # noqa: E402
     workload,
 )
 
+from agent.config import DEFAULT_METRICS_INTERVAL_S  # noqa: E402
 from agent.invite import SPREAD, AskerMemory, Rows, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
-from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
+from agent.messages import LatencySummary, ModelInfo, Snapshot, metrics_refresh_s  # noqa: E402
+from agent.presence import METRICS_MIN_GAP_S  # noqa: E402
 from agent.selection import select  # noqa: E402
 from agent.servicemodel import decay_for  # noqa: E402
 
 PAST_JOBS = 3        # --warm: jobs each device has run on its own before the run (its own records)
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
-ARRIVAL, DONE, METRICS, BACKGROUND = 1, 0, 2, 3
+ARRIVAL, DONE, METRICS, BACKGROUND, CHANGED = 1, 0, 2, 3, 4
 
 
 def big_fleet(n: int) -> list[Hidden]:
@@ -104,10 +108,13 @@ class Policy:
 class Result:
     latencies: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)    # calls for bids per job
+    refreshes: int = 0       # metrics sent on the interval
+    changes: int = 0         # metrics sent for a job's change of state
+    seconds: float = 0.0     # simulated, to the last arrival
 
 
 def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, metrics_s: float,
-        warm: bool = False) -> Result:
+        warm: bool = False, on_change: bool = True) -> Result:
     fleet = big_fleet(devices_n)
     world = np.random.default_rng(seed)
     devices = {h.name: Device(h, np.random.default_rng([seed, i])) for i, h in enumerate(fleet)}
@@ -145,6 +152,25 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     seq += 1
     heapq.heapify(events)
     end = jobs[-1].arrival if jobs else 0.0
+    out.seconds = end
+
+    due: set[str] = set()  # devices whose metrics go out soon: a job of theirs started or ended
+
+    def publish(name: str, now: float) -> None:
+        dev = devices[name]
+        window = sorted(recent[name])
+        summary = {"cpu": LatencySummary(len(window), window[len(window) // 2] * 1000)} if window else {}
+        view[name] = replace(dev.snapshot(now), recent=summary, models={"cpu": ModelInfo("sim", warm=dev.warm(now))})
+        sent_at[name] = now
+
+    def changed(name: str, now: float) -> None:
+        """As a node: a job's change of state goes out at once, at most once per
+        METRICS_MIN_GAP_S (a burst of changes is one message)."""
+        nonlocal seq
+        if on_change and name not in due:
+            due.add(name)
+            heapq.heappush(events, (max(now, sent_at.get(name, -math.inf) + METRICS_MIN_GAP_S), CHANGED, seq, name))
+            seq += 1
 
     def start(dev: Device, now: float) -> None:
         nonlocal seq
@@ -154,13 +180,14 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
 
     while events:
         now, kind, _, item = heapq.heappop(events)
+        if kind == CHANGED:
+            due.discard(item)
+            publish(item, now)
+            out.changes += now <= end
+            continue
         if kind == METRICS:
-            dev = devices[item]
-            window = sorted(recent[item])
-            summary = {"cpu": LatencySummary(len(window), window[len(window) // 2] * 1000)} if window else {}
-            view[item] = replace(dev.snapshot(now), recent=summary,
-                                 models={"cpu": ModelInfo("sim", warm=dev.warm(now))})
-            sent_at[item] = now
+            publish(item, now)
+            out.refreshes += now <= end
             if now < end:
                 heapq.heappush(events, (now + metrics_s, METRICS, seq, item))
                 seq += 1
@@ -188,6 +215,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             arms[job.origin].train(job.device, np.array(job.x), y, str(job.jid), now, lam=LAMBDA, gamma=gamma,
                                    base=job.promise or 0.0)
             start(dev, now)
+            changed(job.device, now)
             continue
         # an arrival: whom to ask, their bids, the decision
         if policy.invite is None:
@@ -221,13 +249,16 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             memory[job.origin].sent(choice.device, now, choice.promise)
         dev.admit(job, now)
         start(dev, now)
+        changed(choice.device, now)
     return out
 
 
 def summarise(result: Result) -> dict[str, float]:
     lat = [x for x in result.latencies[int(len(result.latencies) * WARMUP_SHARE):] if not math.isnan(x)]
     return {"mean": statistics.fmean(lat), "p95": float(np.percentile(lat, 95)),
-            "calls_per_job": statistics.fmean(result.calls), "answered": sum(not math.isnan(x)
+            "calls_per_job": statistics.fmean(result.calls),
+            "metrics_per_s": (result.refreshes + result.changes) / result.seconds if result.seconds else 0.0,
+            "answered": sum(not math.isnan(x)
                                                                              for x in result.latencies),
             "jobs": len(result.latencies)}
 
@@ -265,14 +296,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="start every device as after a few jobs of its own (both policies alike): its model "
                          "loaded, its own service and start-up records kept; a short run at a thousand devices "
                          "otherwise never gets past each device's first, cold, unknown job")
-    ap.add_argument("--metrics-s", type=float, default=10.0,
-                    help="how often each device publishes its metrics (default 10, the shipped default)")
+    ap.add_argument("--metrics-s", type=float, default=None,
+                    help="how often each device sends its metrics again, nothing having changed (default: as a "
+                         "node in a fleet this size, agent.messages.metrics_refresh_s with the shipped 10 s: 50 s "
+                         "at 1000 devices)")
+    ap.add_argument("--periodic-only", action="store_true",
+                    help="metrics only every --metrics-s, not also at once when a job starts or ends (as this "
+                         "simulator did before; a node sends both)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     if args.quick:
         args.devices, args.jobs, args.seeds, args.loads = 60, 600, 1, "0.7"
-    if args.devices < 1 or args.seeds < 1 or args.metrics_s <= 0:
+    if args.devices < 1 or args.seeds < 1 or (args.metrics_s is not None and args.metrics_s <= 0):
         ap.error("--devices and --seeds must be >= 1, --metrics-s > 0")
+    if args.metrics_s is None:
+        args.metrics_s = metrics_refresh_s(DEFAULT_METRICS_INTERVAL_S, args.devices)
     jobs = args.jobs or 10 * args.devices
     pairs = [args.invite, *args.also]
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)
@@ -285,12 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             spread=args.spread) for k, d in pairs]
     loads = [float(x) for x in args.loads.split(",")]
     results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
-                               "metrics_s": args.metrics_s, "warm": args.warm, "spread": args.spread, "loads": {}}
+                               "metrics_s": args.metrics_s, "on_change": not args.periodic_only, "warm": args.warm,
+                               "spread": args.spread, "loads": {}}
     began = time.perf_counter()
     for load in loads:
         rows: dict[str, dict[str, float]] = {}
         for policy in policies:
-            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s, args.warm))
+            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s, args.warm,
+                                  not args.periodic_only))
                     for seed in range(args.seeds)]
             rows[policy.label] = {key: statistics.fmean(s[key] for s in sums) for key in sums[0]}
             rows[policy.label]["answered"] = sum(s["answered"] for s in sums)
@@ -310,15 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def render(results: dict[str, Any]) -> str:
     lines = [f"{results['devices']} devices, {results['jobs']} jobs per run, {results['seeds']} seed(s), metrics "
-             f"every {results['metrics_s']:g} s, {'warm' if results.get('warm') else 'cold'} start, "
+             f"every {results['metrics_s']:g} s{' and on each change' if results.get('on_change') else ''}, "
+             f"{'warm' if results.get('warm') else 'cold'} start, "
              f"spread {results.get('spread', SPREAD)}; latency in seconds (first {int(WARMUP_SHARE * 100)} % of jobs "
              "left out); x everyone: the mean as a share of calling everyone's.", "",
-             "| load | policy | mean | p95 | x everyone | calls per job | answered |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| load | policy | mean | p95 | x everyone | calls per job | metrics per s | answered |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for load, rows in results["loads"].items():
         for label, r in rows.items():
             lines.append(f"| {load} | {label} | {r['mean']:.3f} | {r['p95']:.3f} | {r['vs_everyone']:.3f} | "
-                         f"{r['calls_per_job']:.1f} | {int(r['answered'])}/{int(r['jobs'])} |")
+                         f"{r['calls_per_job']:.1f} | {r.get('metrics_per_s', math.nan):.1f} | "
+                         f"{int(r['answered'])}/{int(r['jobs'])} |")
     lines.append(f"\n(simulated in {results['wall_s']} s of wall time)")
     return "\n".join(lines)
 

@@ -29,6 +29,20 @@ def test_quick_run_answers_every_job_under_both_policies(tmp_path: Path, capsys:
     assert "| 70% | everyone |" in report and "| 70% | invite k=8 d=2 |" in report
 
 
+@pytest.mark.parametrize("on_change", [True, False])
+def test_metrics_go_out_on_each_change_as_a_node_s_do_or_only_on_the_interval(on_change: bool) -> None:
+    import simulate_invite
+
+    devices, jobs, interval = 20, 200, 5.0
+    r = simulate_invite.run(simulate_invite.Policy("invite", (4, 2)), devices, jobs, 0.7, 0, interval,
+                            warm=True, on_change=on_change)
+    assert sum(x == x for x in r.latencies) == jobs, "every job answered"
+    periodic = devices * r.seconds / interval
+    assert periodic - devices <= r.refreshes <= periodic + devices, "every device on its interval"
+    # a job's arrival and its end are one change each; a burst within 0.2 s is one message
+    assert (0 < r.changes <= 2 * jobs) if on_change else r.changes == 0
+
+
 def test_help() -> None:
     done = subprocess.run([sys.executable, str(SCRIPTS / "simulate_invite.py"), "--help"], capture_output=True,
                           text=True, timeout=60)
