@@ -3,7 +3,8 @@
 Theory of operation. One thread (``node-metrics``) publishes this device's metrics —
 retained, so a newcomer sees the fleet at once — on its interval (longer in a fleet of
 more than a few hundred: ``messages.metrics_refresh_s``), soon after a job
-changes state (at most once per METRICS_MIN_GAP_S: every peer decodes each one), and at
+changes state or a model goes cold (at most once per METRICS_MIN_GAP_S: every peer
+decodes each one), and at
 once when the health changes, someone asks who is there, or another process of this
 device takes or frees the NPU (seen by polling). The same loop retries an unwritable
 state_dir and model servers that are down. On every connect the metrics go out before
@@ -38,6 +39,7 @@ HEALTH_RETRY_S = 5.0       # how often an unhealthy node tries its state_dir aga
 ENGINE_RETRY_S = 1.0       # how often a mode whose model server is down tries to connect
 # Metrics after a job changes state: soon, not per change (every peer decodes each one).
 METRICS_MIN_GAP_S = 0.2
+COOLED_MARGIN_S = 0.05    # a model is looked at this long after it should have gone cold
 
 
 def metrics_due(now: float, *, next_at: float, urgent: bool, pending: bool, published_at: float) -> bool:
@@ -74,6 +76,7 @@ class Presence:
         self.wall = wall
         self._sample = sample or HostSampler().sample
         self._last_npu_free: bool | None = None
+        self._last_served: tuple[Any, ...] | None = None  # each mode's (up, warm) in the last metrics
         self._last_health = "ok"
         self._presence_due = threading.Event()
         self._clock = clock
@@ -131,7 +134,11 @@ class Presence:
             self._presence_due.set()
             self.changed.set()
 
+    def _served_now(self) -> tuple[Any, ...]:
+        return _served(self.capacity.npu), _served(self.capacity.cpu)
+
     def publish_metrics(self) -> None:
+        self._last_served = self._served_now()
         snap = self.snapshot()
         self._last_npu_free = snap.npu_free
         self._last_health = self.capacity.health_word()
@@ -156,6 +163,8 @@ class Presence:
             if self.changed.is_set():
                 self.changed.clear()
                 pending = True
+            if self._last_served is not None and self._served_now() != self._last_served:
+                pending = True  # a model went cold (invitations charge a cold one its start-up)
             if cap.health != "ok" and now >= next_health:
                 cap.check_health(self.jobs.journal.flush)  # what the disk refused goes in first
                 next_health = now + HEALTH_RETRY_S
@@ -184,6 +193,10 @@ class Presence:
                 timeout = DISCONNECTED_POLL_S
             if cap.npu is not None:
                 timeout = min(timeout, NPU_POLL_S)
+            for served in (cap.npu, cap.cpu):
+                cools_in = served.cools_in() if served is not None else None
+                if cools_in is not None:
+                    timeout = min(timeout, cools_in + COOLED_MARGIN_S)
             if cap.health != "ok":
                 timeout = min(timeout, HEALTH_RETRY_S)
             if engines_down:

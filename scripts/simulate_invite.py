@@ -84,7 +84,7 @@ from agent.servicemodel import decay_for  # noqa: E402
 
 PAST_JOBS = 3        # --warm: jobs each device has run on its own before the run (its own records)
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
-ARRIVAL, DONE, METRICS, BACKGROUND, CHANGED = 1, 0, 2, 3, 4
+ARRIVAL, DONE, METRICS, BACKGROUND, CHANGED, COOLED = 1, 0, 2, 3, 4, 5
 
 
 def big_fleet(n: int) -> list[Hidden]:
@@ -180,6 +180,10 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
 
     while events:
         now, kind, _, item = heapq.heappop(events)
+        if kind == COOLED:  # its model unloads now, unless a job since kept it warm
+            if not devices[item].warm(now):
+                changed(item, now)
+            continue
         if kind == CHANGED:
             due.discard(item)
             publish(item, now)
@@ -216,6 +220,9 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
                                    base=job.promise or 0.0)
             start(dev, now)
             changed(job.device, now)
+            if on_change:  # as a node: a model going cold is a change too
+                heapq.heappush(events, (dev.warm_until, COOLED, seq, job.device))
+                seq += 1
             continue
         # an arrival: whom to ask, their bids, the decision
         if policy.invite is None:

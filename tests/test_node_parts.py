@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -918,6 +919,21 @@ def test_a_large_fleet_spaces_the_refreshes_and_sends_a_change_at_once(tmp_path:
     assert parts.cfg.metrics_interval_s == 10.0
     _, sent_at = run_loop(parts, 3, {1: (5.0, job_changed)}, fleet_size=fleet)
     assert sent_at == [0.0, 5.0, 5.0 + refresh_s]
+
+
+def test_a_model_going_cold_is_sent_when_it_happens_not_at_the_next_refresh(tmp_path: Path) -> None:
+    """Invitations charge a cold model its start-up: a metrics refresh 50 s away (a large
+    fleet) would leave every asker believing it warm until then."""
+    cpu = served(tmp_path)
+    cpu._warm_until = time.monotonic() + 30.0  # a job ended: warm for keep_warm_s
+
+    def cooled(ticks: Ticks) -> None:
+        cpu._warm_until = 0.0  # the 30 s passed (the fake clock moved; the executor's did not)
+    parts = Parts(tmp_path, cpu=cpu)
+    ticks, sent_at = run_loop(parts, 2, {1: (30.05, cooled)}, fleet_size=1000)
+    assert 29.0 < ticks.waits[0] <= 30.05, "it woke when the model would go cold"
+    warm = [Metrics.from_payload(p).snapshot.models["cpu"].warm for t, p, _ in parts.wire.sent if t == T.metrics("dev")]
+    assert warm == [True, False] and sent_at == [0.0, 30.05]
 
 
 def test_a_presence_query_gets_metrics_then_online_at_once_both_retained(tmp_path: Path) -> None:

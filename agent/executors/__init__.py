@@ -94,6 +94,12 @@ class Served:
         with self._lock:
             return time.monotonic() < self._warm_until
 
+    def cools_in(self) -> float | None:
+        """Seconds until it counts as cold again (no job for ``keep_warm_s``); None: it is."""
+        with self._lock:
+            left = self._warm_until - time.monotonic()
+        return left if left > 0 else None
+
     @property
     def tools(self) -> bool:
         """Whether it passes tools to its model and returns the model's tool calls."""
