@@ -57,7 +57,7 @@ from agent.servicemodel import MIN_SECONDS, _fit_nonneg, decay_for
 # auction.invite.above: at or below this many online devices everyone is called (0: always invite).
 DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 100, 16, 4
 # The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
-# retained metrics (up to a refresh old: messages.metrics_refresh_s), and a strict top k would send every
+# retained metrics (up to metrics_interval_s old), and a strict top k would send every
 # job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean
 # latency of calling everyone at 70 % load on 100 devices, against 1.19x with 4). Once
 # each device is priced for the job's size (AskerMemory's shape) a narrower draw pays:
@@ -440,7 +440,7 @@ class _Heard:
 
 class AskerMemory:
     """What this asker heard in bids and sent since, per device: fresher than the retained
-    metrics (which every asker reads alike, up to a refresh old) and carrying
+    metrics (which every asker reads alike, up to ``metrics_interval_s`` old) and carrying
     the cold start a bid prices and metrics do not. Pure: the caller passes every time.
 
     ``known_s(now, prompt_tokens, max_new_tokens)`` is what ``choose`` takes as ``known_s``:

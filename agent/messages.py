@@ -512,21 +512,6 @@ class Bid:
                    init_s=f.number("init_s", *INIT_S, optional=True) or 0.0)
 
 
-# Every node hears every device's metrics. A device sends them at once when a job starts
-# or ends (or its health or NPU changes), and again every interval, for what drifts on its
-# own (the CPU load). Those refreshes would grow with the fleet (a thousand devices at
-# 10 s: a hundred messages a second for every node to read), so past
-# FLEET_METRICS_PER_S * interval devices each waits longer, and together they stay at this
-# rate. Changes are sent as before, whatever the fleet's size.
-FLEET_METRICS_PER_S = 20.0
-
-
-def metrics_refresh_s(interval_s: float, fleet_size: int) -> float:
-    """How long a device waits before it sends its metrics again, nothing having changed, in a fleet
-    of ``fleet_size`` online devices: ``interval_s``, or longer in a large fleet."""
-    return max(interval_s, fleet_size / FLEET_METRICS_PER_S)
-
-
 @dataclass(frozen=True)
 class Metrics:
     KIND: ClassVar[str] = "metrics"

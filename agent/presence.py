@@ -1,8 +1,7 @@
 """Presence: metrics, availability, health retries and Home Assistant discovery.
 
 Theory of operation. One thread (``node-metrics``) publishes this device's metrics —
-retained, so a newcomer sees the fleet at once — on its interval (longer in a fleet of
-more than a few hundred: ``messages.metrics_refresh_s``), soon after a job
+retained, so a newcomer sees the fleet at once — on its interval, soon after a job
 changes state or a model goes cold (at most once per METRICS_MIN_GAP_S: every peer
 decodes each one), and at
 once when the health changes, someone asks who is there, or another process of this
@@ -27,7 +26,7 @@ from agent.capacity import Capacity
 from agent.config import Config
 from agent.executors import Served
 from agent.jobs import Jobs
-from agent.messages import Metrics, Snapshot, metrics_refresh_s
+from agent.messages import Metrics, Snapshot
 from agent.metrics import HostSample, HostSampler, snapshot
 from agent.topics import Topics
 
@@ -61,10 +60,8 @@ class Link(Protocol):
 class Presence:
     def __init__(self, cfg: Config, capacity: Capacity, jobs: Jobs, topics: Topics, link: Link, *,
                  changed: threading.Event, stop: threading.Event, wall: Callable[[], float] = time.time,
-                 sample: Callable[[], HostSample] | None = None, clock: Callable[[], float] = time.monotonic,
-                 fleet_size: Callable[[], int] = lambda: 1):
-        """``changed`` is set by whoever changes what the metrics say; ``stop`` ends the loop;
-        ``fleet_size``: how many devices are online (a large fleet's refreshes are spaced)."""
+                 sample: Callable[[], HostSample] | None = None, clock: Callable[[], float] = time.monotonic):
+        """``changed`` is set by whoever changes what the metrics say; ``stop`` ends the loop."""
         self.cfg = cfg
         self.me = cfg.device_id
         self.capacity = capacity
@@ -80,7 +77,6 @@ class Presence:
         self._last_health = "ok"
         self._presence_due = threading.Event()
         self._clock = clock
-        self._fleet_size = fleet_size
         self._last_snapshot: tuple[tuple[Any, ...], Snapshot] | None = None
 
     def snapshot(self) -> Snapshot:
@@ -184,7 +180,7 @@ class Presence:
                         self._presence_due.clear()
                         self.link.publish(self.topics.availability(self.me), b"online", retain=True)
                     published_at = now
-                    next_at = now + metrics_refresh_s(self.cfg.metrics_interval_s, self._fleet_size())
+                    next_at = now + self.cfg.metrics_interval_s
                 timeout = next_at - now
                 if pending:
                     timeout = min(timeout, published_at + METRICS_MIN_GAP_S - now)

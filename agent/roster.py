@@ -241,11 +241,6 @@ class Roster:
         with self._lock:
             return frozenset(self._online)
 
-    def online_count(self) -> int:
-        """How many devices are online, this one included: ``len(online())`` without the copy."""
-        with self._lock:
-            return len(self._online)
-
     def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
         """Online devices that would bid, as far as their last metrics tell: a draining or
         unhealthy node says so and sits auctions out, and a node bids only on jobs it could

@@ -7,9 +7,8 @@ Each device has its own MQTT connection and device id and speaks the real protoc
 the project's own encoders (agent/messages.py, agent/topics.py):
 
 * retained ``online`` availability (its Will says ``offline``) and retained metrics,
-  republished every ``--metrics-interval`` seconds (a random phase each; longer in a
-  fleet of more than 200, as a node's are spaced: ``agent.messages.metrics_refresh_s``)
-  and when asked on ``agent/+/presence``;
+  republished every ``--metrics-interval`` seconds (a random phase each) and when asked
+  on ``agent/+/presence``;
 * a bid for every call on ``bid/request/+/+`` and for every invitation on its own
   ``bid/invite/<dev>/+/+`` (CPU only, one model, ``--slots`` jobs at once; its service
   estimate is its speed);
@@ -81,7 +80,6 @@ from agent.messages import (
     Token,
     cancel_check,
     encode_result,
-    metrics_refresh_s,
     snapshot_members,
 )
 from agent.topics import Topics
@@ -120,12 +118,6 @@ class Spec:
 
     def device_id(self, i: int) -> str:
         return f"{self.name}{i:04d}"
-
-    @property
-    def refresh_s(self) -> float:
-        """How often each device sends its metrics again: as a node in a fleet this size
-        would (``agent.messages.metrics_refresh_s``); 0: only at connect."""
-        return metrics_refresh_s(self.metrics_interval_s, self.count) if self.metrics_interval_s > 0 else 0.0
 
 
 def raise_fd_limit(needed: int) -> str:
@@ -327,7 +319,7 @@ class Shard:
     def _metrics_tick(self, dev: Device) -> None:
         if dev.connected:
             self._publish_metrics(dev)
-        self.at(time.monotonic() + self.spec.refresh_s, functools.partial(self._metrics_tick, dev))
+        self.at(time.monotonic() + self.spec.metrics_interval_s, functools.partial(self._metrics_tick, dev))
 
     def connect_all(self, progress: Callable[[int], None]) -> None:
         """Connect every device, a batch at a time; FleetError at the first refusal."""
@@ -366,9 +358,9 @@ class Shard:
             done += len(batch)
             progress(done)
         now = time.monotonic()
-        if self.spec.refresh_s > 0:
+        if self.spec.metrics_interval_s > 0:
             for dev in self.devices:
-                first = now + dev.metrics_phase * self.spec.refresh_s
+                first = now + dev.metrics_phase * self.spec.metrics_interval_s
                 self.at(first, functools.partial(self._metrics_tick, dev))
 
     def _keepalive(self) -> None:
@@ -682,8 +674,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-ms", type=float, default=5.0, help="ms before the first token (default %(default)s)")
     ap.add_argument("--slots", type=int, default=2, help="jobs each device runs at once (default %(default)s)")
     ap.add_argument("--metrics-interval", type=float, default=10.0, metavar="S",
-                    help="seconds between each device's metrics, longer past 20 a second for the whole "
-                         "fleet, as a node spaces them; 0: only at connect (default %(default)s)")
+                    help="seconds between each device's metrics; 0: only at connect (default %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the speeds and phases (default %(default)s)")
     ap.add_argument("--workers", type=int, default=1,
                     help="processes to spread the devices over, one selector thread each (default %(default)s)")

@@ -14,11 +14,11 @@ workload (same seed) runs under two policies:
 - everyone: every job's auction hears a bid from every device (the seed's call to all);
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
   does past ``auction.invite.above``: from the retained metrics each device publishes as
-  a node does — when a job of its own starts or ends (at most every 0.2 s), and again
-  every ``--metrics-s`` seconds (by default as in a fleet this size: 50 s at 1000 devices;
-  ``--periodic-only``: only then) — with its backlog in seconds, its median recent
-  latency (aged by their age, as the node does) and each model's ``warm`` flag,
-  so a cold one is charged its start-up) and from each asker's own memory of the bids it
+  a node does — when a job of its own starts or ends or its model goes cold (at most every
+  0.2 s), and again every ``--metrics-s`` seconds (``--periodic-only``: only then) —
+  with its backlog in seconds (aged by the metrics' age, as the node does), its median
+  recent latency and each model's ``warm`` flag (a cold one is charged its start-up);
+  and from each asker's own memory of the bids it
   received and the jobs it sent since (``agent.invite.AskerMemory``, which prices each
   device for the job's size by the shape of its bids), the k best and d at random; only
   they bid, with their live state, and ``select`` ranks their bids. ``--unshaped`` adds
@@ -77,7 +77,7 @@ from simulate import (  # noqa: E402
 from agent.config import DEFAULT_METRICS_INTERVAL_S  # noqa: E402
 from agent.invite import SPREAD, AskerMemory, Rows, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
-from agent.messages import LatencySummary, ModelInfo, Snapshot, metrics_refresh_s  # noqa: E402
+from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
 from agent.presence import METRICS_MIN_GAP_S  # noqa: E402
 from agent.selection import select  # noqa: E402
 from agent.servicemodel import decay_for  # noqa: E402
@@ -303,10 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="start every device as after a few jobs of its own (both policies alike): its model "
                          "loaded, its own service and start-up records kept; a short run at a thousand devices "
                          "otherwise never gets past each device's first, cold, unknown job")
-    ap.add_argument("--metrics-s", type=float, default=None,
-                    help="how often each device sends its metrics again, nothing having changed (default: as a "
-                         "node in a fleet this size, agent.messages.metrics_refresh_s with the shipped 10 s: 50 s "
-                         "at 1000 devices)")
+    ap.add_argument("--metrics-s", type=float, default=DEFAULT_METRICS_INTERVAL_S,
+                    help="how often each device sends its metrics again, nothing having changed (default "
+                         "%(default)g, the shipped metrics_interval_s)")
     ap.add_argument("--periodic-only", action="store_true",
                     help="metrics only every --metrics-s, not also at once when a job starts or ends (as this "
                          "simulator did before; a node sends both)")
@@ -314,10 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.devices, args.jobs, args.seeds, args.loads = 60, 600, 1, "0.7"
-    if args.devices < 1 or args.seeds < 1 or (args.metrics_s is not None and args.metrics_s <= 0):
+    if args.devices < 1 or args.seeds < 1 or args.metrics_s <= 0:
         ap.error("--devices and --seeds must be >= 1, --metrics-s > 0")
-    if args.metrics_s is None:
-        args.metrics_s = metrics_refresh_s(DEFAULT_METRICS_INTERVAL_S, args.devices)
     jobs = args.jobs or 10 * args.devices
     pairs = [args.invite, *args.also]
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)

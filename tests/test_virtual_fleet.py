@@ -165,13 +165,6 @@ def test_a_bid_reuses_its_snapshot_s_json_until_a_job_starts_or_ends() -> None:
     assert dev.bid_snapshot()[0] == idle and isinstance(idle, Snapshot)
 
 
-@pytest.mark.parametrize(("count", "interval_s", "refresh_s"), [(8, 10.0, 10.0), (1000, 10.0, 50.0), (1000, 0.0, 0.0)])
-def test_virtual_devices_space_their_metrics_as_nodes_in_a_fleet_their_size_do(count: int, interval_s: float,
-                                                                               refresh_s: float) -> None:
-    spec = Spec(count=count, brokers=(("127.0.0.1", 1),), metrics_interval_s=interval_s)
-    assert spec.refresh_s == refresh_s
-
-
 def test_virtual_devices_read_publish_packets_with_the_node_s_decoder() -> None:
     """As a node's process (agent.bus installs it): the fleet installs agent.mqtt5's decoder
     itself, without importing the bus."""
