@@ -247,8 +247,8 @@ class DispatchState:
         self.winner_online = True
         self.grace_until = None
 
-    def _passed(self, outcome: str, *, event: str = "winner_offline", cancel: str = "went offline; failed over"
-                ) -> Step:
+    def _passed(self, outcome: str, *, event: str = "winner_offline",
+                cancel: str | None = "went offline; failed over") -> Step:
         self.fsm.fire(event)
         return Step("next", cancel=cancel, outcome=outcome)
 
@@ -256,7 +256,7 @@ class DispatchState:
         """It accepted the job, then restarted: the job sent again after it came back does
         not carry a claim the new process issued, and the run died with the old one."""
         if not self.streamed:
-            return self._passed("restarted and lost the job", cancel="restarted; failed over")
+            return self._passed("restarted and lost the job", cancel=None)  # it holds nothing to cancel
         self.fsm.fire("winner_offline")
         answer = Answer(False, ExitCode.FAILED, self.text,
                         f"{self.device} restarted after streaming part of the answer; the rest is lost")

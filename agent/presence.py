@@ -160,7 +160,7 @@ class Presence:
                 self.changed.clear()
                 pending = True
             if self._last_served is not None and self._served_now() != self._last_served:
-                pending = True  # a model went cold (invitations charge a cold one its start-up)
+                pending = True  # a model went cold (invitations charge it a start-up), or down, or back
             if cap.health != "ok" and now >= next_health:
                 cap.check_health(self.jobs.journal.flush)  # what the disk refused goes in first
                 next_health = now + HEALTH_RETRY_S

@@ -14,8 +14,8 @@ workload (same seed) runs under two policies:
 - everyone: every job's auction hears a bid from every device (the seed's call to all);
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
   does past ``auction.invite.above``: from the retained metrics each device publishes as
-  a node does — when a job of its own starts or ends or its model goes cold (at most every
-  0.2 s), and again every ``--metrics-s`` seconds (``--periodic-only``: only then) —
+  a node does — when a job of its own starts or ends (at most every 0.2 s), and again
+  ``--metrics-s`` seconds after the last (``--periodic-only``: only every ``--metrics-s``) —
   with its backlog in seconds (aged by the metrics' age, as the node does), its median
   recent latency and each model's ``warm`` flag (a cold one is charged its start-up);
   and from each asker's own memory of the bids it
@@ -84,7 +84,7 @@ from agent.servicemodel import decay_for  # noqa: E402
 
 PAST_JOBS = 3        # --warm: jobs each device has run on its own before the run (its own records)
 RECENT = 20          # jobs in a node's recent-latency window (what its metrics summarise)
-ARRIVAL, DONE, METRICS, BACKGROUND, CHANGED, COOLED = 1, 0, 2, 3, 4, 5
+ARRIVAL, DONE, METRICS, BACKGROUND, CHANGED = 1, 0, 2, 3, 4
 
 
 def big_fleet(n: int) -> list[Hidden]:
@@ -110,6 +110,8 @@ class Result:
     calls: list[int] = field(default_factory=list)    # calls for bids per job
     refreshes: int = 0       # metrics sent on the interval
     changes: int = 0         # metrics sent for a job's change of state
+    sent: list[tuple[float, str]] = field(default_factory=list)     # (when, device): every metrics sent
+    changed: list[tuple[float, str]] = field(default_factory=list)  # (when, device): a job started or ended
     seconds: float = 0.0     # simulated, to the last arrival
 
 
@@ -146,7 +148,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     seq = len(jobs)
     phase = np.random.default_rng(seed + 3000).uniform(0, metrics_s, len(fleet))
     for i, h in enumerate(fleet):
-        events.append((float(phase[i]), METRICS, seq, h.name))
+        events.append((float(phase[i]), METRICS, seq, (h.name, 0)))
         seq += 1
     events.append((1.0, BACKGROUND, seq, None))
     seq += 1
@@ -154,22 +156,33 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     end = jobs[-1].arrival if jobs else 0.0
     out.seconds = end
 
-    due: set[str] = set()  # devices whose metrics go out soon: a job of theirs started or ended
+    # Each device's metrics sent so far: an event scheduled before the last one is stale
+    # (the node's loop waits a whole interval after any publish, and a change it had
+    # pending went out with it).
+    published = dict.fromkeys(devices, 0)
 
     def publish(name: str, now: float) -> None:
+        nonlocal seq
         dev = devices[name]
         window = sorted(recent[name])
         summary = {"cpu": LatencySummary(len(window), window[len(window) // 2] * 1000)} if window else {}
         view[name] = replace(dev.snapshot(now), recent=summary, models={"cpu": ModelInfo("sim", warm=dev.warm(now))})
         sent_at[name] = now
+        published[name] += 1
+        if now <= end:
+            out.sent.append((now, name))
+            heapq.heappush(events, (now + metrics_s, METRICS, seq, (name, published[name])))
+            seq += 1
 
     def changed(name: str, now: float) -> None:
         """As a node: a job's change of state goes out at once, at most once per
         METRICS_MIN_GAP_S (a burst of changes is one message)."""
         nonlocal seq
-        if on_change and name not in due:
-            due.add(name)
-            heapq.heappush(events, (max(now, sent_at.get(name, -math.inf) + METRICS_MIN_GAP_S), CHANGED, seq, name))
+        if on_change:
+            if now <= end:
+                out.changed.append((now, name))
+            at = max(now, sent_at.get(name, -math.inf) + METRICS_MIN_GAP_S)
+            heapq.heappush(events, (at, CHANGED, seq, (name, published[name])))
             seq += 1
 
     def start(dev: Device, now: float) -> None:
@@ -180,21 +193,14 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
 
     while events:
         now, kind, _, item = heapq.heappop(events)
-        if kind == COOLED:  # its model unloads now, unless a job since kept it warm
-            if not devices[item].warm(now):
-                changed(item, now)
-            continue
-        if kind == CHANGED:
-            due.discard(item)
-            publish(item, now)
-            out.changes += now <= end
-            continue
-        if kind == METRICS:
-            publish(item, now)
-            out.refreshes += now <= end
-            if now < end:
-                heapq.heappush(events, (now + metrics_s, METRICS, seq, item))
-                seq += 1
+        if kind in (CHANGED, METRICS):
+            name, after = item
+            if after != published[name]:
+                continue  # stale: metrics went out since
+            publish(name, now)
+            if now <= end:
+                out.changes += kind == CHANGED
+                out.refreshes += kind == METRICS
             continue
         if kind == BACKGROUND:
             steps = world.normal(0, BACKGROUND_STEP, len(devices))
@@ -220,9 +226,6 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
                                    base=job.promise or 0.0)
             start(dev, now)
             changed(job.device, now)
-            if on_change:  # as a node: a model going cold is a change too
-                heapq.heappush(events, (dev.warm_until, COOLED, seq, job.device))
-                seq += 1
             continue
         # an arrival: whom to ask, their bids, the decision
         if policy.invite is None:

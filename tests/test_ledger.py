@@ -85,6 +85,16 @@ def test_a_claim_is_honoured_once() -> None:
     assert isinstance(verdict, Decline) and verdict.event.reason == "stale_claim"
 
 
+def test_a_restarted_node_refuses_a_late_copy_of_the_job_it_lost_instead_of_ignoring_it() -> None:
+    """Sent again when the node came back, the copy is usually past its accept_s (the
+    origin re-sends what is left of it, often 0): its origin waits for the refusal."""
+    before, after = ledger(), ledger()  # the node's process, then the one that replaced it
+    claim = before.offer("r1", "hub")
+    admitted(before, job(claim))
+    verdict = after.receive(job(claim, accept_s=0.0), 1.5)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "stale_claim"
+
+
 def test_too_late_to_start_is_ignored_and_the_limit_is_inclusive() -> None:
     lg = ledger()
     claim = lg.offer("r1", "hub")

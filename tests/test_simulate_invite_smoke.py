@@ -30,17 +30,34 @@ def test_quick_run_answers_every_job_under_both_policies(tmp_path: Path, capsys:
 
 
 @pytest.mark.parametrize("on_change", [True, False])
-def test_metrics_go_out_on_each_change_as_a_node_s_do_or_only_on_the_interval(on_change: bool) -> None:
+def test_metrics_go_out_as_a_node_sends_them(on_change: bool) -> None:
+    """On each job's change, within METRICS_MIN_GAP_S and never closer together; else one
+    interval after the last (``on_change`` False: only on the interval)."""
+    from collections import defaultdict
+
     import simulate_invite
 
-    devices, jobs, interval = 20, 200, 5.0
+    from agent.presence import METRICS_MIN_GAP_S
+
+    devices, jobs, interval = 20, 300, 5.0
     r = simulate_invite.run(simulate_invite.Policy("invite", (4, 2)), devices, jobs, 0.7, 0, interval,
                             warm=True, on_change=on_change)
     assert sum(x == x for x in r.latencies) == jobs, "every job answered"
-    periodic = devices * r.seconds / interval
-    assert periodic - devices <= r.refreshes <= periodic + devices, "every device on its interval"
-    # a job's arrival and its end are one change each; a burst within 0.2 s is one message
-    assert (0 < r.changes <= 2 * jobs) if on_change else r.changes == 0
+    times: defaultdict[str, list[float]] = defaultdict(list)
+    for at, name in r.sent:
+        times[name].append(at)
+    gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+    assert len(r.sent) == r.refreshes + r.changes and len(times) == devices
+    if not on_change:
+        assert r.changes == 0 and not r.changed
+        assert all(g == pytest.approx(interval) for g in gaps), "every interval, nothing between"
+        return
+    assert min(gaps) >= METRICS_MIN_GAP_S - 1e-9 and max(gaps) <= interval + 1e-9
+    assert len(r.changed) >= 2 * jobs * 0.9, "a job's arrival and its end are a change each"
+    for at, name in r.changed:  # each went out within the gap (alone, or with a refresh)
+        assert any(at <= t <= at + METRICS_MIN_GAP_S + 1e-9 for t in times[name]), (at, name)
+    assert 0 < r.changes < len(r.changed), "a burst of changes is one message"
+    assert r.refreshes < devices * r.seconds / interval - devices, "a change puts the next refresh off"
 
 
 def test_help() -> None:
