@@ -34,6 +34,7 @@ def test_metrics_go_out_as_a_node_sends_them(on_change: bool) -> None:
     """On each job's change, within METRICS_MIN_GAP_S and never closer together; else one
     interval after the last (``on_change`` False: only on the interval)."""
     from collections import defaultdict
+    from itertools import pairwise
 
     import simulate_invite
 
@@ -46,7 +47,7 @@ def test_metrics_go_out_as_a_node_sends_them(on_change: bool) -> None:
     times: defaultdict[str, list[float]] = defaultdict(list)
     for at, name in r.sent:
         times[name].append(at)
-    gaps = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+    gaps = [b - a for ts in times.values() for a, b in pairwise(ts)]
     assert len(r.sent) == r.refreshes + r.changes and len(times) == devices
     if not on_change:
         assert r.changes == 0 and not r.changed
