@@ -139,11 +139,8 @@ class Dispatcher:
         job = replace(self.job(req, mode, claim), cancel_check=cancel_check(key))
 
         def send() -> None:
-            # The durations left, not the ones we started with: a re-send after an outage
-            # must not give the device more time than the job has.
-            spent = self.clock() - sent
-            again = replace(job, accept_s=max(job.accept_s - spent, 0.0), timeout_s=max(job.timeout_s - spent, 0.0),
-                            sent_at=round(self.wall(), 3))
+            accept_s, timeout_s = attempt.resend_windows(job.accept_s, job.timeout_s, self.clock() - sent)
+            again = replace(job, accept_s=accept_s, timeout_s=timeout_s, sent_at=round(self.wall(), 3))
             bus.publish(self.topics.exec(device), again.to_payload(), qos=1, expiry_s=again.timeout_s,
                         response_topic=job.reply_to, correlation_data=req.rid.encode())
 

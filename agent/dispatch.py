@@ -26,9 +26,10 @@ Rules, each one a line below:
 - after a token has streamed, nothing is ever re-run elsewhere: a winner gone for good
   is a failure with the partial text;
 - a winner that restarted after it accepted has lost the run: the copy sent again when it
-  came back is refused as ``stale_claim`` (the new process never issued that claim). That
-  refusal ends the wait at once: ``next`` if nothing streamed, else a failure with the
-  partial text (any other decline after ``accepted`` is a stale one, of an earlier copy);
+  came back (with the whole accept window again, ``resend_windows``) is refused as
+  ``stale_claim`` (the new process never issued that claim). That refusal ends the wait
+  at once: ``next`` if nothing streamed, else a failure with the partial text (any other
+  decline after ``accepted`` is a stale one, of an earlier copy);
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
   the one chosen, or that do not carry the digest of the job we sent (every event about a
@@ -261,6 +262,16 @@ class DispatchState:
         answer = Answer(False, ExitCode.FAILED, self.text,
                         f"{self.device} restarted after streaming part of the answer; the rest is lost")
         return Step("finished", outcome="restarted while streaming", answer=answer)
+
+    def resend_windows(self, accept_s: float, timeout_s: float, spent: float) -> tuple[float, float]:
+        """The ``accept_s`` and ``timeout_s`` a copy sent again carries, ``spent`` seconds
+        after the first: what is left of each, so an outage gives the device no more time
+        than the job has. Once it has accepted, the accept window is the whole one again:
+        the copy only finds the run (attached) or its answer (replayed), never starts it
+        late, and a winner that restarted meanwhile must see it in time to refuse it
+        (``stale_claim``; a node ignores a copy older than its ``accept_s``)."""
+        left = max(accept_s - spent, 0.0)
+        return (accept_s if self.state in ("running", "streaming") else left), max(timeout_s - spent, 0.0)
 
     def _wait_for_return(self, now: float) -> Step:
         if self.streamed:

@@ -185,14 +185,12 @@ class JobLedger:
                 return Replay(declined)
             if job.cancel_check and job.cancel_check in self._cancelled.get(job.rid, ()):
                 return self._decline(job, "cancelled")
-            if not job.claim or self._claim(job.rid, job.origin) != job.claim:
-                # Not remembered: a forged job under a rid someone called for must not
-                # decline the genuine one that comes after it. Before the age: a copy sent
-                # again to a node that restarted since it accepted the job is usually past
-                # its accept_s, and its origin waits for this refusal (agent.dispatch).
-                return self._refuse(job, STALE_CLAIM)
             if age_s > job.accept_s or age_s > job.timeout_s:
                 return Ignore(f"too late to start (sent {age_s:.1f} s ago, accept within {job.accept_s:g} s)")
+            if not job.claim or self._claim(job.rid, job.origin) != job.claim:
+                # Not remembered: a forged job under a rid someone called for must not
+                # decline the genuine one that comes after it.
+                return self._refuse(job, STALE_CLAIM)
             return Admit()
 
     def decline(self, job: Job, reason: str) -> Declined:

@@ -98,6 +98,19 @@ def test_a_winner_that_restarted_after_streaming_fails_at_once_with_the_partial_
     assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.2) == Step(), "once"
 
 
+def test_a_copy_sent_again_carries_what_is_left_and_after_accept_the_whole_accept_window() -> None:
+    """A node ignores a copy older than its accept_s. Before ``accepted`` that keeps a late
+    copy from starting; after it, the copy only attaches or replays, and a winner that
+    restarted (the usual re-send: it came back) must see it to refuse it."""
+    a = attempt()
+    assert a.resend_windows(ACCEPT_S, JOB_S, 2.0) == (ACCEPT_S - 2.0, JOB_S - 2.0)
+    assert a.resend_windows(ACCEPT_S, JOB_S, 5.0) == (0.0, JOB_S - 5.0)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    assert a.resend_windows(ACCEPT_S, JOB_S, 5.0) == (ACCEPT_S, JOB_S - 5.0)
+    a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.2)
+    assert a.resend_windows(ACCEPT_S, JOB_S, 70.0) == (ACCEPT_S, 0.0)
+
+
 def test_a_restarted_winners_refusal_of_another_job_under_our_rid_changes_nothing() -> None:
     a = attempt()
     a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.1)
