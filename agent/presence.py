@@ -85,12 +85,12 @@ class Presence:
         cap, gate = self.capacity, self.jobs.gate
         cpu_up = cap.cpu is not None and cap.cpu.down is None
         depth = gate.depth
-        made_of = (self._sample(), cap.npu_free(), _served(cap.npu), _served(cap.cpu), gate.slots if cpu_up else 0,
+        made_of = (self._sample(), cap.npu_free(), self._served_now(), gate.slots if cpu_up else 0,
                    depth, self.jobs.latency.summary(), gate.backlog_s() if depth else 0.0)  # idle: no backlog
         last = self._last_snapshot
         if last is not None and last[0] == made_of:
             return last[1]
-        host, npu_free, _, _, slots, _, recent, backlog_s = made_of
+        host, npu_free, _, slots, _, recent, backlog_s = made_of
         models = {mode: info for mode, e in (("npu", cap.npu), ("cpu", cap.cpu))
                   if e is not None and e.down is None and (info := e.model_info()) is not None}
         snap = snapshot(host, has_npu=cap.npu is not None, npu_free=npu_free, models=models, cpu_slots=slots,
@@ -131,6 +131,7 @@ class Presence:
             self.changed.set()
 
     def _served_now(self) -> tuple[Any, ...]:
+        """Each mode's (up, warm): what the metrics say of its executor that can change."""
         return _served(self.capacity.npu), _served(self.capacity.cpu)
 
     def publish_metrics(self) -> None:

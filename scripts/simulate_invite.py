@@ -108,11 +108,19 @@ class Policy:
 class Result:
     latencies: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)    # calls for bids per job
-    refreshes: int = 0       # metrics sent on the interval
-    changes: int = 0         # metrics sent for a job's change of state
-    sent: list[tuple[float, str]] = field(default_factory=list)     # (when, device): every metrics sent
-    changed: list[tuple[float, str]] = field(default_factory=list)  # (when, device): a job started or ended
+    sent: list[tuple[float, str, bool]] = field(default_factory=list)  # (when, device, for a change): metrics
+    changed: list[tuple[float, str]] = field(default_factory=list)     # (when, device): a job started or ended
     seconds: float = 0.0     # simulated, to the last arrival
+
+    @property
+    def changes(self) -> int:
+        """Metrics sent for a job's change of state."""
+        return sum(change for _, _, change in self.sent)
+
+    @property
+    def refreshes(self) -> int:
+        """Metrics sent on the interval."""
+        return len(self.sent) - self.changes
 
 
 def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, metrics_s: float,
@@ -161,7 +169,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
     # pending went out with it).
     published = dict.fromkeys(devices, 0)
 
-    def publish(name: str, now: float) -> None:
+    def publish(name: str, now: float, change: bool) -> None:
         nonlocal seq
         dev = devices[name]
         window = sorted(recent[name])
@@ -170,7 +178,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
         sent_at[name] = now
         published[name] += 1
         if now <= end:
-            out.sent.append((now, name))
+            out.sent.append((now, name, change))
             heapq.heappush(events, (now + metrics_s, METRICS, seq, (name, published[name])))
             seq += 1
 
@@ -197,10 +205,7 @@ def run(policy: Policy, devices_n: int, jobs_n: int, load: float, seed: int, met
             name, after = item
             if after != published[name]:
                 continue  # stale: metrics went out since
-            publish(name, now)
-            if now <= end:
-                out.changes += kind == CHANGED
-                out.refreshes += kind == METRICS
+            publish(name, now, kind == CHANGED)
             continue
         if kind == BACKGROUND:
             steps = world.normal(0, BACKGROUND_STEP, len(devices))
@@ -267,9 +272,8 @@ def summarise(result: Result) -> dict[str, float]:
     lat = [x for x in result.latencies[int(len(result.latencies) * WARMUP_SHARE):] if not math.isnan(x)]
     return {"mean": statistics.fmean(lat), "p95": float(np.percentile(lat, 95)),
             "calls_per_job": statistics.fmean(result.calls),
-            "metrics_per_s": (result.refreshes + result.changes) / result.seconds if result.seconds else 0.0,
-            "answered": sum(not math.isnan(x)
-                                                                             for x in result.latencies),
+            "metrics_per_s": len(result.sent) / result.seconds if result.seconds else 0.0,
+            "answered": sum(not math.isnan(x) for x in result.latencies),
             "jobs": len(result.latencies)}
 
 

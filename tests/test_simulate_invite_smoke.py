@@ -45,7 +45,7 @@ def test_metrics_go_out_as_a_node_sends_them(on_change: bool) -> None:
                             warm=True, on_change=on_change)
     assert sum(x == x for x in r.latencies) == jobs, "every job answered"
     times: defaultdict[str, list[float]] = defaultdict(list)
-    for at, name in r.sent:
+    for at, name, _ in r.sent:
         times[name].append(at)
     gaps = [b - a for ts in times.values() for a, b in pairwise(ts)]
     assert len(r.sent) == r.refreshes + r.changes and len(times) == devices
