@@ -79,6 +79,14 @@ class Jobs:
         self._publish(self.topics.result(origin, event.rid, self.me), payload)
         return payload
 
+    def answer(self, run: Run, event: ResultEvent) -> bytes:
+        """Send a run's final event. The ledger has it first: a copy of the job that arrives
+        between this publish and the journal's record is answered with it."""
+        payload = encode_result(event)
+        self.ledger.answered(run, payload)
+        self._publish(self.topics.result(run.job.origin, run.job.rid, self.me), payload)
+        return payload
+
     def expected(self, run: Run) -> float:
         """A queued job's expected time from its start — start-up and service, from this
         device's own records — the basis on which the gate ages a running job."""
@@ -226,7 +234,7 @@ class Jobs:
         job = run.job
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
-        payload = self.send(job.origin, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
+        payload = self.answer(run, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
                                              result.generated_tokens, digest=job.digest,
                                              finish_reason=result.finish_reason, tool_calls=result.tool_calls))
         # The answer first, the bookkeeping after: nobody waits on it. The record fits the
@@ -240,7 +248,7 @@ class Jobs:
 
     def _failed(self, run: Run, exc: ExecutorError) -> bytes:
         log.warning("job %s failed: %s", run.job.rid, exc)
-        return self.send(run.job.origin, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
+        return self.answer(run, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
                                                exit_code=getattr(exc, "returncode", None),
                                                partial_text=exc.partial_text, digest=run.job.digest))
 

@@ -5,8 +5,8 @@ re-sent after a lost session), so the same job can arrive several times, before,
 or after its run, and after a restart. ``JobLedger.receive(job, age_s)`` answers each
 arrival with one verdict:
 
-- ``Replay``: it already finished (in memory or the on-disk journal), or was declined
-  before in the same mode: send the recorded final event again;
+- ``Replay``: it already finished (its final event sent, kept in memory until the on-disk
+  journal has it), or was declined before in the same mode: send that final event again;
 - ``Attach``: it is queued or running: send ``accepted`` again, the stream continues;
 - ``Decline``: its orchestrator cancelled it before it arrived; or its claim is not the
   one this process issued for that rid *and origin* (a restarted node declines stale
@@ -79,6 +79,7 @@ class Run:
     resource: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
     warm: bool = False       # its model was loaded when it started (how its start-up is learnt)
+    answer: bytes | None = None  # its final event, from the moment it is sent until the journal has it
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class JobLedger:
             if run is not None:
                 if run.job.digest != job.digest:
                     return self._refuse(job, "rid_conflict")
-                return Attach(run.accepted)
+                return Attach(run.accepted) if run.answer is None else Replay(run.answer)
             declined = self._declines.get((job.rid, job.mode))
             if declined is not None:
                 return Replay(declined)
@@ -262,6 +263,12 @@ class JobLedger:
         """It waited past its deadline."""
         with self._lock:
             run.fsm.fire("expire")
+
+    def answered(self, run: Run, payload: bytes) -> None:
+        """Its final event is about to be sent: a copy that arrives from now on gets it
+        again, not an ``accepted`` for a run that has nothing more to send."""
+        with self._lock:
+            run.answer = payload
 
     def finish(self, run: Run, ok: bool) -> None:
         """It ran; the journal now answers for it."""

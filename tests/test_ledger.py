@@ -115,6 +115,19 @@ def test_a_copy_that_arrives_while_queued_or_running_attaches() -> None:
     assert isinstance(lg.receive(job(claim), 100.0), Attach), "even long after: it is running"
 
 
+def test_a_copy_that_arrives_after_the_answer_went_out_gets_the_answer_not_accepted() -> None:
+    """Between the final event's publish and the journal's record, a copy is answered with
+    that event: an ``accepted`` then would leave its sender waiting for a stream that ended."""
+    lg = ledger()
+    claim = lg.offer("r1", "hub")
+    run = lg.accept(job(claim), 0.0, 60.0, queue_position=0)
+    assert lg.start(run)
+    lg.answered(run, b'{"type":"done"}')
+    assert lg.receive(job(claim), 100.0) == Replay(b'{"type":"done"}')
+    verdict = lg.receive(job(claim, prompt="someone else's"), 0.0)
+    assert isinstance(verdict, Decline) and verdict.event.reason == "rid_conflict", "nobody gets another's answer"
+
+
 def test_another_job_under_a_running_rid_is_refused_and_not_remembered() -> None:
     lg = ledger()
     claim = lg.offer("r1", "hub")

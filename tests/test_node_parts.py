@@ -7,6 +7,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from agent.messages import (
     Job,
     Metrics,
     Snapshot,
+    Token,
     TriggerRequest,
     decode_result,
 )
@@ -50,11 +52,13 @@ class Wire:
         self.arrived: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.connected = True
         self.qos: dict[str, int] = {}  # the QoS each topic was last published at
+        self.then: Callable[[str, bytes], None] = lambda topic, payload: None  # runs inside publish
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
         self.sent.append((topic, payload, retain))
         self.qos[topic] = qos
         self.arrived.put((topic, payload))
+        self.then(topic, payload)
 
     def topics(self) -> list[str]:
         return [topic for topic, _, _ in self.sent]
@@ -347,6 +351,32 @@ def test_a_job_with_its_claim_is_accepted_run_and_journalled(tmp_path: Path) -> 
         assert done.text and done.digest == job.digest
         assert parts.jobs.gate.wait_idle(WAIT_S)
         assert parts.jobs.journal.get("r1") is not None, "the final event is recorded for a redelivery"
+    finally:
+        parts.jobs.stop()
+
+
+def test_a_copy_that_arrives_as_the_answer_goes_out_gets_the_answer(tmp_path: Path) -> None:
+    """The copy arrives inside the final event's publish, before the journal records it: it
+    gets that event again, not an ``accepted`` for a stream that has ended."""
+    parts = Parts(tmp_path)
+    claim = parts.call("r1")
+    assert claim
+    copy = Job("r1", "hub", "cpu", claim, "hello there", 4, 3.0, 60.0, "p/result/hub/r1")
+
+    def redeliver(topic: str, payload: bytes) -> None:
+        if isinstance(decode_result(payload), Done) and parts.jobs.journal.get("r1") is None:
+            parts.wire.then = lambda topic, payload: None
+            parts.jobs.on_job(Message(T.exec("dev"), copy.to_payload()))
+    parts.wire.then = redeliver
+    parts.jobs.gate.start()
+    try:
+        parts.jobs.on_job(Message(T.exec("dev"), copy.to_payload()))
+        assert parts.jobs.gate.wait_idle(WAIT_S)
+        kinds = [type(event).__name__ for event in parts.results("r1") if not isinstance(event, Token)]
+        assert kinds == ["Accepted", "Done", "Done"], kinds
+        first, again = (p for topic, p, _ in parts.wire.sent if topic == T.result("hub", "r1", "dev")
+                        and isinstance(decode_result(p), Done))
+        assert again == first, "the same answer, byte for byte"
     finally:
         parts.jobs.stop()
 
