@@ -23,7 +23,6 @@ from agent.config import Config
 from agent.executors import estimate_tokens
 from agent.fsm import Machine
 from agent.mailroom import Inbox, collect
-from agent.messages import BidRequest
 from agent.orchestration import Hooks, Request, Wire
 from agent.topics import Topics
 
@@ -83,10 +82,7 @@ class Auctioneer:
             expected = frozenset(invited)  # only the invited bid, and only they are waited for
 
         def call() -> None:
-            request = BidRequest(rid=req.rid, origin=self.me, window_s=window, sent_at=round(self.wall(), 3),
-                                 prompt_tokens=estimate_tokens(req.prompt), max_new_tokens=req.max_new_tokens,
-                                 need=req.need, model=req.model, tools=req.tools)
-            payload = request.to_payload()
+            payload = req.call(self.me, window, self.wall()).to_payload()
             if invited is None:  # a call to everyone at QoS 1, with the MQTT 5 properties, as the seed
                 bus.publish(self.topics.bid_request(req.rid, self.me), payload, qos=1, expiry_s=window,
                             response_topic=self.topics.bid_reply_stem(self.me, req.rid),

@@ -80,7 +80,8 @@ class Delivery:
                 answer, attempt = self._here(req, fsm, choice)
             else:
                 assert wire is not None, "peers come from an auction"
-                answer, attempt = self._peer(req, fsm, wire, choice, bids[choice.device].claim, last, dispatched)
+                answer, attempt, dispatched = self._peer(req, fsm, wire, choice, bids[choice.device].claim, last,
+                                                         dispatched)
             attempts.append(attempt)
             if answer is not None:
                 return Delivered(tuple(attempts), choice, answer, dispatched)
@@ -95,7 +96,10 @@ class Delivery:
         return answer, {"device": self.me, "outcome": outcome}
 
     def _peer(self, req: Request, fsm: Machine, wire: Wire, choice: Choice, claim: str, last: bool,
-              dispatched: float) -> tuple[Answer | None, Attempt]:
+              dispatched: float) -> tuple[Answer | None, Attempt, float]:
+        """The answer (None: the runner-up's turn), the attempt, and when the job went out
+        under the claim it ran with (later than ``dispatched`` if the device restarted and
+        bid again: the time it was away is not its speed)."""
         fsm.fire("dispatch")
         if choice.mode == "cpu" and choice.promise is not None:
             self.sent(choice.device, dispatched, choice.promise)
@@ -104,9 +108,9 @@ class Delivery:
         attempt = {"device": choice.device, "outcome": step.outcome or "?"}
         if step.answer is None:
             fsm.fire("passed")
-            return None, attempt
+            return None, attempt, dispatched
         fsm.fire("answered" if step.answer.ok else "failed")
-        return step.answer, attempt
+        return step.answer, attempt, dispatched if step.since is None else step.since
 
 
 class Dispatcher:
@@ -136,20 +140,27 @@ class Dispatcher:
         bus, events = wire.fleet.bus, wire.inbox.events
         sent = self.clock()
         key = new_cancel_key()  # this job's alone: a cancel sent elsewhere does not fit it
-        job = replace(self.job(req, mode, claim), cancel_check=cancel_check(key))
+        jobs = [replace(self.job(req, mode, claim), cancel_check=cancel_check(key))]  # [-1]: with the claim held now
 
-        def send() -> None:
+        def send(claim: str | None = None) -> None:
+            if claim is not None:  # it restarted and bid again: the job goes with the new claim
+                jobs.append(replace(jobs[-1], claim=claim))
+            job = jobs[-1]
             accept_s, timeout_s = attempt.resend_windows(job.accept_s, job.timeout_s, self.clock() - sent)
             again = replace(job, accept_s=accept_s, timeout_s=timeout_s, sent_at=round(self.wall(), 3))
             bus.publish(self.topics.exec(device), again.to_payload(), qos=1, expiry_s=again.timeout_s,
                         response_topic=job.reply_to, correlation_data=req.rid.encode())
+
+        def ask_again() -> None:  # QoS 0, as invitations: a lost one is asked again when it is back
+            bus.publish(self.topics.bid_invite(device, req.rid, self.me),
+                        req.call(self.me, auction.bid_timeout_s, self.wall()).to_payload(), qos=0)
 
         def cancel(reason: str) -> None:
             bus.publish(self.topics.cancel(device, self.me), Cancel(req.rid, self.me, key, reason).to_payload(),
                         qos=1, expiry_s=auction.job_timeout_s)
 
         attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
-                                job_timeout_s=auction.job_timeout_s, last=last, digest=job.digest)
+                                job_timeout_s=auction.job_timeout_s, last=last, digest=jobs[0].digest)
         next_progress = sent + PROGRESS_EVERY_S
         last_token = float("-inf")
         send()  # then straight to the wait: paho's thread, which writes it, needs the GIL
@@ -171,18 +182,19 @@ class Dispatcher:
                 except queue.Empty:
                     continue
                 step = self._feed(attempt, event, wire)
-            self._carry_out(step, decided, send, cancel)
+            self._carry_out(step, decided, send, cancel, ask_again)
             if step.tokens:
                 last_token = self.clock()
             if step.verdict != "continue":
                 if attempt.gaps:
                     log.info("%s: %d token chunk(s) never arrived; done carries the whole text", req.rid,
                              attempt.gaps)
-                return step
+                return replace(step, since=attempt.claimed if attempt.claimed != attempt.started else None)
 
-    def _carry_out(self, step: Step, decided: Decided, send: Callable[[], None],
-                   cancel: Callable[[str], None]) -> None:
-        """What a step asks of the caller and the wire: progress, the winner, tokens, a re-send, a cancel."""
+    def _carry_out(self, step: Step, decided: Decided, send: Callable[[str | None], None],
+                   cancel: Callable[[str], None], ask_again: Callable[[], None]) -> None:
+        """What a step asks of the caller and the wire: progress, the winner, tokens, a re-send
+        (with a new claim), a cancel, a new bid."""
         if step.progress:
             self.hooks.on_progress(step.progress)
         if step.announce:
@@ -190,9 +202,11 @@ class Dispatcher:
         for text in step.tokens:
             self.hooks.on_token(text)
         if step.send:
-            send()
+            send(step.claim)
         if step.cancel:
             cancel(step.cancel)
+        if step.rebid:
+            ask_again()
 
     def _feed(self, attempt: DispatchState, event: tuple[Any, ...], wire: Wire) -> Step:
         now = self.clock()
@@ -205,6 +219,8 @@ class Dispatcher:
             return attempt.on_link(event[1], now)
         if event[0] == "interrupt":
             return Step()  # the loop sees self.interrupted and cancels the job
+        if event[0] == "bid":
+            return attempt.on_bid(event[1], now)
         msg = event[1]
         parsed = self.topics.parse(msg.topic)
         if parsed is None or parsed.device != attempt.device or parsed.origin != self.me:

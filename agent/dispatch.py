@@ -30,6 +30,10 @@ Rules, each one a line below:
   ``stale_claim`` (the new process never issued that claim). That refusal ends the wait
   at once: ``next`` if nothing streamed, else a failure with the partial text (any other
   decline after ``accepted`` is a stale one, of an earlier copy);
+- with no runner-up, a winner that refuses as ``stale_claim`` before any token (it
+  restarted before or after it accepted) is asked for a new bid, once (``rebid``); its
+  bid's claim goes out with the job again (``claim``). No bid within ``accept_timeout_s``
+  of asking (while it and we are online): ``next``, that is, nobody;
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
   the one chosen, or that do not carry the digest of the job we sent (every event about a
@@ -45,7 +49,7 @@ from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
 from agent.fsm import ATTEMPT, Machine
-from agent.messages import STALE_CLAIM, Accepted, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
+from agent.messages import STALE_CLAIM, Accepted, Bid, Declined, Done, Error, ResultEvent, Timings, Token, ToolCall
 
 # A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
 # margin: after a broker outage that is how long a winner may take to reappear.
@@ -85,6 +89,9 @@ class Step:
     outcome: str | None = None         # for the attempts list: "done", "declined: npu_busy", …
     answer: Answer | None = None       # with verdict finished
     progress: str | None = None        # a line for a user who is waiting
+    rebid: bool = False                # ask the device for a bid again (it restarted and lost the job)
+    claim: str | None = None           # send the job with this claim from now on (with ``send``)
+    since: float | None = None         # the final step: when the job went out with the claim it ran under
 
 
 CONTINUE = Step()
@@ -109,6 +116,10 @@ class DispatchState:
         self.link_up = True                  # our own connection to the broker
         self.winner_online = True
         self.grace_until: float | None = None  # a vanished winner is given until then
+        self.started = now                   # when the job was first sent
+        self.claimed = now                   # when it was first sent with the claim it carries now
+        self.rebid_until: float | None = None  # asked for a new bid: no bid by then, it is given up
+        self.rebids = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -133,6 +144,8 @@ class DispatchState:
             deadline = min(deadline, self.grace_until)
         if self._awaiting_accept:
             deadline = min(deadline, self.accept_deadline)
+        if self.rebid_until is not None:
+            deadline = min(deadline, self.rebid_until)
         return deadline
 
     @property
@@ -146,7 +159,12 @@ class DispatchState:
         if not ev.digest or ev.digest != self.digest:
             return CONTINUE  # no digest, or another job's under our rid (a forged one): not about ours
         self._heard_from(now)
+        if self.state == "rebidding":
+            return CONTINUE  # what the lost run's copies still bring; the new bid comes by on_bid
         if isinstance(ev, Declined):
+            if ev.reason == STALE_CLAIM and self.last and not self.streamed and not self.rebids \
+                    and self.fsm.can("restarted"):
+                return self._ask_again(now)
             if self.state == "dispatched":
                 self.fsm.fire("declined")
                 return Step("next", outcome=f"declined: {ev.reason}")
@@ -180,12 +198,26 @@ class DispatchState:
                         f"{self.device}: {ev.reason}")
         return Step("finished", outcome=f"error: {ev.reason}", answer=answer)
 
+    def on_bid(self, bid: Bid, now: float) -> Step:
+        """A bid from the device, after its auction: the one asked for, if it restarted."""
+        if self.state != "rebidding" or bid.device != self.device or bid.rid != self.rid or not bid.claim:
+            return CONTINUE
+        self.fsm.fire("rebid")
+        self._heard_from(now)
+        self.rebid_until = None
+        self.claimed = now
+        self.accept_deadline = now + self.accept_timeout_s
+        return Step(send=True, claim=bid.claim, progress=f"{self.device} bid again; sending it the job again")
+
     def on_peer(self, online: bool, now: float, steady: Callable[[], bool]) -> Step:
         """The chosen device's availability changed. ``steady()`` asks whether our own link
         to the broker is sound (a round trip); it is called only when the answer matters."""
         if online:
             was_gone = not self.winner_online
             self._heard_from(now)
+            if self.state == "rebidding":  # a bid asked of it while it was away is lost (QoS 0)
+                self.rebid_until = now + self.accept_timeout_s
+                return Step(rebid=was_gone)
             # Back from a blink or a broker restart: its session may have lost the job.
             return Step(send=was_gone and not self.done)
         if not self.winner_online:
@@ -210,6 +242,9 @@ class DispatchState:
             return CONTINUE
         self.link_up = True
         self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
+        if self.state == "rebidding":
+            self.rebid_until = now + self.accept_timeout_s
+            return Step(rebid=True, progress="reconnected to the broker; asking for the bid again")
         step = Step(send=not self.done, progress="reconnected to the broker; sending the job again")
         if not self.winner_online:
             self.grace_until = now + self.accept_timeout_s + PEER_RECONNECT_S
@@ -237,6 +272,10 @@ class DispatchState:
             return self._wait_for_return(now)
         if self._awaiting_accept and now >= self.accept_deadline:
             return self._passed("no answer", event="accept_timeout", cancel="no accept in time")
+        if self.rebid_until is not None and now >= self.rebid_until:
+            self.rebid_until = None
+            if self.link_up and self.winner_online:
+                return self._passed("restarted and lost the job; no new bid", event="no_bid", cancel=None)
         return CONTINUE
 
     # ------------------------------------------------------------------ helpers
@@ -252,6 +291,14 @@ class DispatchState:
                 cancel: str | None = "went offline; failed over") -> Step:
         self.fsm.fire(event)
         return Step("next", cancel=cancel, outcome=outcome)
+
+    def _ask_again(self, now: float) -> Step:
+        """The only candidate restarted and lost the job before any token: ask it for a new
+        bid (once), whose claim the job is sent again with."""
+        self.fsm.fire("restarted")
+        self.rebids += 1
+        self.rebid_until = now + self.accept_timeout_s
+        return Step(rebid=True, progress=f"{self.device} restarted and lost the job; asking it to bid again")
 
     def _lost(self) -> Step:
         """It accepted the job, then restarted: the job sent again after it came back does
@@ -269,8 +316,9 @@ class DispatchState:
         than the job has. Once it has accepted, the accept window is the whole one again:
         the copy only finds the run (attached) or its answer (replayed), never starts it
         late, and a winner that restarted meanwhile must see it in time to refuse it
-        (``stale_claim``; a node ignores a copy older than its ``accept_s``)."""
-        left = max(accept_s - spent, 0.0)
+        (``stale_claim``; a node ignores a copy older than its ``accept_s``). A new claim
+        (after ``rebid``) opens its accept window from when it is first sent."""
+        left = max(accept_s - (spent - (self.claimed - self.started)), 0.0)
         return (accept_s if self.state in ("running", "streaming") else left), max(timeout_s - spent, 0.0)
 
     def _wait_for_return(self, now: float) -> Step:

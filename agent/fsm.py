@@ -60,6 +60,13 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("streaming", "error"): "failed",
     ("streaming", "winner_offline"): "failed",  # partial text: report, never re-run
     ("streaming", "timeout"): "failed",
+    # The only candidate restarted before any token and refused the copy (stale_claim):
+    # asked for a new bid, and sent the job again with its claim.
+    ("dispatched", "restarted"): "rebidding",
+    ("running", "restarted"): "rebidding",
+    ("rebidding", "rebid"): "dispatched",
+    ("rebidding", "no_bid"): "passed",
+    ("rebidding", "timeout"): "failed",
 }
 
 # One job on a node.

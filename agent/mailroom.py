@@ -36,8 +36,9 @@ class BidBook:
     """The bids of one auction, gathered on the network thread."""
 
     def __init__(self, rid: str, origin: str, topics: Topics, max_bytes: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, on_late: Callable[[Bid], None] = lambda bid: None):
         self.rid = rid
+        self._on_late = on_late  # a bid after the window closed (a device asked again: Dispatcher)
         self.origin = origin
         self._topics = topics
         self._max_bytes = max_bytes
@@ -66,21 +67,28 @@ class BidBook:
         with self._lock:
             now = self._clock()
             self._arrived.setdefault(bid.device, now)
-            if not self._open:
+            late = not self._open
+            if late:
                 self._late.add(bid.device)
-                return
-            self._bids[bid.device] = bid
-            if self._expected is None:
-                return
-            missing = self._expected - self._bids.keys()
-            # Wake the orchestrator only when this bid could close the window: the last
-            # one it waits for (measured: a wake-up per bid cost ~120 µs), the last of the
-            # punctual ones, a free NPU, or the first bid once the overdue rule could close
-            # (it needs one; before then the orchestrator looks by itself: auction.wake_at).
-            first = self._first_wakes_at
-            if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free) \
-                    or (len(self._bids) == 1 and first is not None and now >= first):
-                self.wake.set()
+            else:
+                self._take(bid, now)
+        if late:
+            self._on_late(bid)
+
+    def _take(self, bid: Bid, now: float) -> None:
+        """A bid in the window (under the lock)."""
+        self._bids[bid.device] = bid
+        if self._expected is None:
+            return
+        missing = self._expected - self._bids.keys()
+        # Wake the orchestrator only when this bid could close the window: the last
+        # one it waits for (measured: a wake-up per bid cost ~120 µs), the last of the
+        # punctual ones, a free NPU, or the first bid once the overdue rule could close
+        # (it needs one; before then the orchestrator looks by itself: auction.wake_at).
+        first = self._first_wakes_at
+        if not (missing - self._suspects) or (bid.snapshot.has_npu and bid.snapshot.npu_free) \
+                or (len(self._bids) == 1 and first is not None and now >= first):
+            self.wake.set()
 
     def expect(self, devices: Iterable[str], suspects: Iterable[str] = (), opened: float | None = None,
                first_overdue: float | None = None) -> set[str]:
@@ -130,7 +138,8 @@ class BidBook:
 
 
 # ("result", Message) | ("roster", device, online) | ("link", up, session_present)
-# | ("interrupt",): put by Orchestrator.interrupt (Ctrl-C) to cancel the job in flight.
+# | ("bid", Bid): one after its auction closed | ("interrupt",): put by
+# Orchestrator.interrupt (Ctrl-C) to cancel the job in flight.
 Event = tuple[Any, ...]
 
 
@@ -193,7 +202,7 @@ class Inbox:
     @classmethod
     def open(cls, mail: Mailroom, rid: str, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> Inbox:
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        book = BidBook(rid, mail.me, mail.topics, max_bytes, clock)
+        book = BidBook(rid, mail.me, mail.topics, max_bytes, clock, on_late=lambda bid: events.put(("bid", bid)))
 
         def on_link(up: bool, session_present: bool) -> None:
             events.put(("link", up, session_present))

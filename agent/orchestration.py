@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from agent.messages import Chat
+from agent.executors import estimate_tokens
+from agent.messages import BidRequest, Chat
 from agent.outcome import Decided
 
 if TYPE_CHECKING:  # the bus (and paho) only when an auction connects: not on the local NPU path
@@ -36,6 +37,12 @@ class Request:
     @property
     def tools(self) -> bool:
         return self.chat is not None and bool(self.chat.tools)
+
+    def call(self, origin: str, window_s: float, sent_at: float) -> BidRequest:
+        """The call for bids on this prompt (to everyone, an invitee, or a device asked again)."""
+        return BidRequest(rid=self.rid, origin=origin, window_s=window_s, sent_at=round(sent_at, 3),
+                          prompt_tokens=estimate_tokens(self.prompt), max_new_tokens=self.max_new_tokens,
+                          need=self.need, model=self.model, tools=self.tools)
 
 
 class Hooks(Protocol):

@@ -6,7 +6,7 @@ import pytest
 
 from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step, next_to_try, worth_trying
 from agent.errors import ExitCode
-from agent.messages import Accepted, Declined, Done, Error, ResultEvent, Timings, Token
+from agent.messages import Accepted, Bid, Declined, Done, Error, ResultEvent, Snapshot, Timings, Token
 
 ACCEPT_S, JOB_S = 3.0, 60.0
 D = "d1"  # the digest of the job the attempt sent
@@ -65,25 +65,78 @@ def test_a_stale_decline_after_accept_is_ignored() -> None:
     assert a.state == "running"
 
 
-@pytest.mark.parametrize("away", ["alone", "in a broker restart"])
-def test_a_winner_that_restarted_before_any_token_is_passed_over_when_it_refuses_the_copy_sent_again(
-        away: str) -> None:
-    """Restarted after ``accepted``: its run died with the old process. It was being waited
-    for (no runner-up; or everyone was cut off), until the job's deadline at worst; its
-    refusal of the copy sent again ends that."""
-    a = attempt(last=away == "alone")
+def test_a_winner_that_restarted_before_any_token_is_passed_over_when_it_refuses_the_copy_sent_again() -> None:
+    """Restarted after ``accepted`` while everyone was cut off: its run died with the old
+    process. It was being waited for, until the job's deadline at worst; its refusal of the
+    copy sent again ends that, and the runner-up gets the job."""
+    a = attempt()
     a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
-    if away == "alone":
-        a.on_peer(False, 0.5, lambda: True)
-        assert a.on_peer(True, 1.0, lambda: True).send, "back: the job is sent again"
-    else:
-        a.on_link(False, 0.5)
-        a.on_peer(False, 0.5, lambda: pytest.fail("our link is known to be down"))
-        assert a.on_link(True, 0.9).send
-        a.on_peer(True, 1.0, lambda: True)
+    a.on_link(False, 0.5)
+    a.on_peer(False, 0.5, lambda: pytest.fail("our link is known to be down"))
+    assert a.on_link(True, 0.9).send
+    a.on_peer(True, 1.0, lambda: True)
     step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.1)
     assert (step.verdict, step.outcome, step.cancel) == ("next", "restarted and lost the job", None)
     assert a.state == "passed"
+
+
+def bid(claim: str, device: str = "peer", rid: str = "r1") -> Bid:
+    return Bid(rid, device, "hub", claim, Snapshot(False, False, 1, 0.0, 1000.0, 0.0, 0))
+
+
+@pytest.mark.parametrize("when", ["after accepting", "before accepting"])
+def test_the_only_candidate_that_restarted_is_asked_to_bid_again_and_sent_the_job_with_its_claim(when: str) -> None:
+    """No runner-up: a refusal as ``stale_claim`` before any token means the device is back
+    but lost the job (its new process never issued that claim). It is asked for a new bid,
+    once, and the job goes out again with the new claim; its accept window runs from then."""
+    a = attempt(last=True)
+    if when == "after accepting":
+        a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+        a.on_peer(False, 0.5, lambda: True)
+        assert a.on_peer(True, 1.0, lambda: True).send, "back: the job is sent again"
+    step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.1)
+    assert step.rebid and step.verdict == "continue" and not step.send and "bid again" in (step.progress or "")
+    assert a.state == "rebidding" and a.deadline == 1.1 + ACCEPT_S
+    assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.2) == Step(), "an older copy's refusal"
+    assert a.on_bid(bid("x", device="other"), 1.3) == Step() and a.on_bid(bid("x", rid="r2"), 1.3) == Step()
+    step = a.on_bid(bid("new-claim"), 1.5)
+    assert step.send and step.claim == "new-claim" and a.state == "dispatched"
+    assert a.on_bid(bid("another"), 1.6) == Step(), "one new claim"
+    assert a.resend_windows(ACCEPT_S, JOB_S, 2.5) == (ACCEPT_S - 1.0, JOB_S - 2.5), "accept: from the new claim"
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 1.7)
+    step = a.on_result(Done("r1", "peer", "answer", Timings(), 1, 1, digest=D), 2.0)
+    assert step.verdict == "finished" and step.answer is not None and step.answer.ok
+
+
+def test_asked_again_once_a_second_loss_passes_and_no_bid_in_time_passes() -> None:
+    a = attempt(last=True)
+    a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
+    a.on_bid(bid("new"), 0.2)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.3)
+    step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.4)
+    assert (step.verdict, step.outcome) == ("next", "restarted and lost the job"), "asked once, not in a loop"
+    b = attempt(last=True)
+    b.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
+    assert b.on_tick(0.1 + ACCEPT_S - 0.01) == Step()
+    step = b.on_tick(0.1 + ACCEPT_S)
+    assert (step.verdict, step.outcome, step.cancel) == ("next", "restarted and lost the job; no new bid", None)
+
+
+def test_a_device_asked_again_while_it_or_we_were_away_is_asked_again_when_back() -> None:
+    """Bids and invitations are QoS 0: one asked for while either side was away is lost."""
+    a = attempt(last=True)
+    a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
+    a.on_peer(False, 0.5, lambda: True)
+    assert a.on_tick(10.0) == Step(), "offline: not given up on, the job's deadline stands"
+    step = a.on_peer(True, 20.0, lambda: True)
+    assert step.rebid and not step.send and a.deadline == 20.0 + ACCEPT_S
+    a.on_link(False, 21.0)
+    step = a.on_link(True, 30.0)
+    assert step.rebid and not step.send and a.deadline == 30.0 + ACCEPT_S
+    assert a.on_tick(30.0 + ACCEPT_S).verdict == "next"
+    c = attempt(last=True)
+    c.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
+    assert c.on_tick(JOB_S).outcome == "timed out", "the job's deadline, whatever else"
 
 
 def test_a_winner_that_restarted_after_streaming_fails_at_once_with_the_partial_text() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -145,6 +146,20 @@ def test_the_mailroom_subscribes_once_and_sorts_bids_and_results_by_rid() -> Non
     bus.deliver(Message(T.result("hub", "r1", "a"), encode_result(Token("r1", "a", 1, "late"))))
     bus.deliver(bid_msg(bid("b", rid="r9")))
     assert one.events.empty(), "a closed inbox gets nothing more, and unknown rids are dropped"
+
+
+def test_a_bid_after_the_auction_closed_reaches_the_run_as_an_event() -> None:
+    """A device asked to bid again (it restarted and lost the job) answers after the
+    auction: its bid reaches the attempt through the inbox's events, not the closed book."""
+    bus = FakeBus()
+    inbox = Inbox.open(Mailroom(bus, T, "hub"), "r1", 64 * 1024)  # type: ignore[arg-type]
+    inbox.book.expect({"a"})
+    bus.deliver(bid_msg(bid("a")))
+    assert inbox.events.empty(), "in the window: a bid of the auction, not an event"
+    inbox.book.close()
+    again = replace(bid("a"), claim="new")
+    bus.deliver(bid_msg(again))
+    assert inbox.events.get_nowait() == ("bid", again) and inbox.book.close() == {"a": bid("a")}
 
 
 

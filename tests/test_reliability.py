@@ -291,6 +291,32 @@ def test_winner_restarted_after_streaming_fails_at_once_not_at_the_job_deadline(
     assert len(executions(env.tmp / "second.log")) == 1, "only the warm-up: never run a second time"
 
 
+def test_the_only_device_restarted_after_accepting_bids_again_and_answers(env: Env) -> None:
+    """No runner-up: the device is killed after ``accepted`` and started again. Its new
+    process refuses the copy sent again (it never issued that claim), is asked for a new
+    bid, and runs the job under the new claim: the trigger answers instead of exit 3."""
+    log, gate = env.tmp / "runs.log", Gate(env.tmp / "gate")
+    hub = env.config("hub", auction={"accept_timeout_s": 60})
+    node = env.config("worker", cpu=job(log, "hold", gate))
+    with env.node_process(node) as proc, env.spy(f"{env.prefix}#") as spy:
+        bg = Background(env, hub, "the prompt")
+        spy.wait_for(result_of("accepted", "worker"), what="accepted")
+        proc.kill()
+        gate.release()  # the new process's run goes through
+        proc.start()
+        code, out, err = bg.result()
+        said = list(spy.seen)
+    assert code == 0 and out is not None and out["ok"], err
+    assert out["winner"] == "worker" and out["text"].strip() == "the prompt"
+    assert out["attempts"] == [{"device": "worker", "outcome": "done"}]
+    t = env.topics
+    assert len([m for m in said if m.topic == t.bid_invite("worker", out["rid"], "hub")]) == 1, "asked once"
+    claims = [Job.from_payload(m.payload).claim for m in said if m.topic == t.exec("worker")]
+    assert len(set(claims)) == 2 and claims[-1] != claims[0], "sent again with the new claim"
+    assert executions(log)[out["rid"]]["done"] == 1
+    assert "bid again" in err, "the wait is explained"
+
+
 # --------------------------------------------------------------------- 5. broker restart
 
 @pytest.fixture
