@@ -151,7 +151,8 @@ class Dispatcher:
             bus.publish(self.topics.exec(device), again.to_payload(), qos=1, expiry_s=again.timeout_s,
                         response_topic=job.reply_to, correlation_data=req.rid.encode())
 
-        def ask_again() -> None:  # QoS 0, as invitations: a lost one is asked again when it is back
+        def ask_again() -> None:  # QoS 0, as invitations: asked again until it bids
+            wire.inbox.book.want_late(device)
             bus.publish(self.topics.bid_invite(device, req.rid, self.me),
                         req.call(self.me, auction.bid_timeout_s, self.wall()).to_payload(), qos=0)
 

@@ -30,10 +30,18 @@ Rules, each one a line below:
   ``stale_claim`` (the new process never issued that claim). That refusal ends the wait
   at once: ``next`` if nothing streamed, else a failure with the partial text (any other
   decline after ``accepted`` is a stale one, of an earlier copy);
+- with no runner-up, every copy carries the whole ``accept_s``: nobody else will be
+  given the job, so a late start is the only start it can have (with what was left of
+  the window, a device back after longer than that would ignore the copy, and the job
+  would wait out its deadline);
 - with no runner-up, a winner that refuses as ``stale_claim`` before any token (it
-  restarted before or after it accepted) is asked for a new bid, once (``rebid``); its
-  bid's claim goes out with the job again (``claim``). No bid within ``accept_timeout_s``
-  of asking (while it and we are online): ``next``, that is, nobody;
+  restarted before or after it accepted) is asked for a new bid (``rebid``), again each
+  ``REBID_EVERY_S`` (the asks are QoS 0), until ``accept_timeout_s`` after the first ask —
+  after our own link came back, that plus ``PEER_RECONNECT_S``: it may still be
+  reconnecting. Its bid's claim goes out with the job again (``claim``), once per
+  attempt. No bid by then (while it and we are online): ``next``, that is, nobody. A
+  ``done`` or ``error`` meanwhile (a run still alive after all) ends the attempt as
+  usual;
 - at the job's deadline it is a timeout, whatever else is going on;
 - redelivered tokens (same ``seq``) are streamed once; events from any other device than
   the one chosen, or that do not carry the digest of the job we sent (every event about a
@@ -44,7 +52,7 @@ Rules, each one a line below:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from agent.errors import ERROR_KINDS, ExitCode
@@ -54,6 +62,8 @@ from agent.messages import STALE_CLAIM, Accepted, Bid, Declined, Done, Error, Re
 # A node retries a lost broker at least every 5 s (agent.bus, reconnect_max_s), plus a
 # margin: after a broker outage that is how long a winner may take to reappear.
 PEER_RECONNECT_S = 6.0
+# A device asked for a new bid is asked again this often until it bids (bids are QoS 0).
+REBID_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class DispatchState:
         self.started = now                   # when the job was first sent
         self.claimed = now                   # when it was first sent with the claim it carries now
         self.rebid_until: float | None = None  # asked for a new bid: no bid by then, it is given up
+        self.ask_at: float | None = None       # then ask again
         self.rebids = 0
 
     # ------------------------------------------------------------------ queries
@@ -146,6 +157,8 @@ class DispatchState:
             deadline = min(deadline, self.accept_deadline)
         if self.rebid_until is not None:
             deadline = min(deadline, self.rebid_until)
+        if self.ask_at is not None:
+            deadline = min(deadline, self.ask_at)
         return deadline
 
     @property
@@ -159,7 +172,7 @@ class DispatchState:
         if not ev.digest or ev.digest != self.digest:
             return CONTINUE  # no digest, or another job's under our rid (a forged one): not about ours
         self._heard_from(now)
-        if self.state == "rebidding":
+        if self.state == "rebidding" and not isinstance(ev, (Done, Error)):
             return CONTINUE  # what the lost run's copies still bring; the new bid comes by on_bid
         if isinstance(ev, Declined):
             if ev.reason == STALE_CLAIM and self.last and not self.streamed and not self.rebids \
@@ -204,7 +217,7 @@ class DispatchState:
             return CONTINUE
         self.fsm.fire("rebid")
         self._heard_from(now)
-        self.rebid_until = None
+        self.rebid_until = self.ask_at = None
         self.claimed = now
         self.accept_deadline = now + self.accept_timeout_s
         return Step(send=True, claim=bid.claim, progress=f"{self.device} bid again; sending it the job again")
@@ -216,8 +229,8 @@ class DispatchState:
             was_gone = not self.winner_online
             self._heard_from(now)
             if self.state == "rebidding":  # a bid asked of it while it was away is lost (QoS 0)
-                self.rebid_until = now + self.accept_timeout_s
-                return Step(rebid=was_gone)
+                self.rebid_until = max(self.rebid_until or now, now + self.accept_timeout_s)
+                return self._ask(now) if was_gone else CONTINUE
             # Back from a blink or a broker restart: its session may have lost the job.
             return Step(send=was_gone and not self.done)
         if not self.winner_online:
@@ -242,9 +255,9 @@ class DispatchState:
             return CONTINUE
         self.link_up = True
         self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
-        if self.state == "rebidding":
-            self.rebid_until = now + self.accept_timeout_s
-            return Step(rebid=True, progress="reconnected to the broker; asking for the bid again")
+        if self.state == "rebidding":  # it may be reconnecting too: asked until it can have been back
+            self.rebid_until = now + self.accept_timeout_s + PEER_RECONNECT_S
+            return replace(self._ask(now), progress="reconnected to the broker; asking for the bid again")
         step = Step(send=not self.done, progress="reconnected to the broker; sending the job again")
         if not self.winner_online:
             self.grace_until = now + self.accept_timeout_s + PEER_RECONNECT_S
@@ -273,9 +286,11 @@ class DispatchState:
         if self._awaiting_accept and now >= self.accept_deadline:
             return self._passed("no answer", event="accept_timeout", cancel="no accept in time")
         if self.rebid_until is not None and now >= self.rebid_until:
-            self.rebid_until = None
+            self.rebid_until = self.ask_at = None
             if self.link_up and self.winner_online:
                 return self._passed("restarted and lost the job; no new bid", event="no_bid", cancel=None)
+        if self.ask_at is not None and now >= self.ask_at:
+            return self._ask(now) if self.link_up and self.winner_online else CONTINUE
         return CONTINUE
 
     # ------------------------------------------------------------------ helpers
@@ -298,7 +313,12 @@ class DispatchState:
         self.fsm.fire("restarted")
         self.rebids += 1
         self.rebid_until = now + self.accept_timeout_s
-        return Step(rebid=True, progress=f"{self.device} restarted and lost the job; asking it to bid again")
+        return replace(self._ask(now), progress=f"{self.device} restarted and lost the job; asking it to bid again")
+
+    def _ask(self, now: float) -> Step:
+        """Ask for the bid (again in ``REBID_EVERY_S`` while none has come)."""
+        self.ask_at = now + REBID_EVERY_S
+        return Step(rebid=True)
 
     def _lost(self) -> Step:
         """It accepted the job, then restarted: the job sent again after it came back does
@@ -316,10 +336,13 @@ class DispatchState:
         than the job has. Once it has accepted, the accept window is the whole one again:
         the copy only finds the run (attached) or its answer (replayed), never starts it
         late, and a winner that restarted meanwhile must see it in time to refuse it
-        (``stale_claim``; a node ignores a copy older than its ``accept_s``). A new claim
-        (after ``rebid``) opens its accept window from when it is first sent."""
-        left = max(accept_s - (spent - (self.claimed - self.started)), 0.0)
-        return (accept_s if self.state in ("running", "streaming") else left), max(timeout_s - spent, 0.0)
+        (``stale_claim``; a node ignores a copy older than its ``accept_s``). With no
+        runner-up the whole window too: the job is not given to anyone else, so there is
+        no late start to prevent, and a device back after longer than the window would
+        ignore the copy and leave the job to wait out its deadline."""
+        left = max(accept_s - spent, 0.0)
+        whole = self.last or self.state in ("running", "streaming")
+        return (accept_s if whole else left), max(timeout_s - spent, 0.0)
 
     def _wait_for_return(self, now: float) -> Step:
         if self.streamed:

@@ -67,6 +67,8 @@ ATTEMPT: Mapping[tuple[str, str], str] = {
     ("rebidding", "rebid"): "dispatched",
     ("rebidding", "no_bid"): "passed",
     ("rebidding", "timeout"): "failed",
+    ("rebidding", "done"): "done",      # a run alive after all (a refusal not of its own)
+    ("rebidding", "error"): "failed",
 }
 
 # One job on a node.

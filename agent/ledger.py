@@ -5,8 +5,9 @@ re-sent after a lost session), so the same job can arrive several times, before,
 or after its run, and after a restart. ``JobLedger.receive(job, age_s)`` answers each
 arrival with one verdict:
 
-- ``Replay``: it already finished (its final event sent, kept in memory until the on-disk
-  journal has it), or was declined before in the same mode: send that final event again;
+- ``Replay``: it already finished (its final event, from the moment it is sent until the
+  run is over, then from the on-disk journal, if that could record it), or was declined
+  before in the same mode: send that final event again;
 - ``Attach``: it is queued or running: send ``accepted`` again, the stream continues;
 - ``Decline``: its orchestrator cancelled it before it arrived; or its claim is not the
   one this process issued for that rid *and origin* (a restarted node declines stale

@@ -38,7 +38,8 @@ class BidBook:
     def __init__(self, rid: str, origin: str, topics: Topics, max_bytes: int,
                  clock: Callable[[], float] = time.monotonic, on_late: Callable[[Bid], None] = lambda bid: None):
         self.rid = rid
-        self._on_late = on_late  # a bid after the window closed (a device asked again: Dispatcher)
+        self._on_late = on_late  # a bid after the window closed, from the device asked again (want_late)
+        self._wanted_late: str | None = None
         self.origin = origin
         self._topics = topics
         self._max_bytes = max_bytes
@@ -70,10 +71,17 @@ class BidBook:
             late = not self._open
             if late:
                 self._late.add(bid.device)
+                late = bid.device == self._wanted_late
             else:
                 self._take(bid, now)
         if late:
             self._on_late(bid)
+
+    def want_late(self, device: str) -> None:
+        """From now on, a bid from ``device`` after the window closed goes to ``on_late`` (it
+        was asked to bid again); the others' late bids only count as late."""
+        with self._lock:
+            self._wanted_late = device
 
     def _take(self, bid: Bid, now: float) -> None:
         """A bid in the window (under the lock)."""

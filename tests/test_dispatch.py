@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.dispatch import PEER_RECONNECT_S, DispatchState, Step, next_to_try, worth_trying
+from agent.dispatch import PEER_RECONNECT_S, REBID_EVERY_S, DispatchState, Step, next_to_try, worth_trying
 from agent.errors import ExitCode
 from agent.messages import Accepted, Bid, Declined, Done, Error, ResultEvent, Snapshot, Timings, Token
 
@@ -96,13 +96,13 @@ def test_the_only_candidate_that_restarted_is_asked_to_bid_again_and_sent_the_jo
         assert a.on_peer(True, 1.0, lambda: True).send, "back: the job is sent again"
     step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.1)
     assert step.rebid and step.verdict == "continue" and not step.send and "bid again" in (step.progress or "")
-    assert a.state == "rebidding" and a.deadline == 1.1 + ACCEPT_S
+    assert a.state == "rebidding" and a.deadline == 1.1 + REBID_EVERY_S, "asked again if no bid comes"
     assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.2) == Step(), "an older copy's refusal"
     assert a.on_bid(bid("x", device="other"), 1.3) == Step() and a.on_bid(bid("x", rid="r2"), 1.3) == Step()
     step = a.on_bid(bid("new-claim"), 1.5)
     assert step.send and step.claim == "new-claim" and a.state == "dispatched"
     assert a.on_bid(bid("another"), 1.6) == Step(), "one new claim"
-    assert a.resend_windows(ACCEPT_S, JOB_S, 2.5) == (ACCEPT_S - 1.0, JOB_S - 2.5), "accept: from the new claim"
+    assert a.resend_windows(ACCEPT_S, JOB_S, 9.0) == (ACCEPT_S, JOB_S - 9.0), "no runner-up: the whole window"
     a.on_result(Accepted("r1", "peer", "cpu", digest=D), 1.7)
     step = a.on_result(Done("r1", "peer", "answer", Timings(), 1, 1, digest=D), 2.0)
     assert step.verdict == "finished" and step.answer is not None and step.answer.ok
@@ -116,10 +116,15 @@ def test_asked_again_once_a_second_loss_passes_and_no_bid_in_time_passes() -> No
     step = a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.4)
     assert (step.verdict, step.outcome) == ("next", "restarted and lost the job"), "asked once, not in a loop"
     b = attempt(last=True)
-    b.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
-    assert b.on_tick(0.1 + ACCEPT_S - 0.01) == Step()
+    assert b.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1).rebid
+    assert b.on_tick(1.0) == Step() and b.on_tick(1.1) == Step(rebid=True), "asked again each second"
+    assert b.on_tick(2.1) == Step(rebid=True) and b.deadline == 0.1 + ACCEPT_S
     step = b.on_tick(0.1 + ACCEPT_S)
     assert (step.verdict, step.outcome, step.cancel) == ("next", "restarted and lost the job; no new bid", None)
+    c = attempt(last=True)
+    c.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
+    step = c.on_result(Done("r1", "peer", "it ran after all", Timings(), 1, 1, digest=D), 0.5)
+    assert step.verdict == "finished" and step.answer is not None and step.answer.text == "it ran after all"
 
 
 def test_a_device_asked_again_while_it_or_we_were_away_is_asked_again_when_back() -> None:
@@ -129,11 +134,14 @@ def test_a_device_asked_again_while_it_or_we_were_away_is_asked_again_when_back(
     a.on_peer(False, 0.5, lambda: True)
     assert a.on_tick(10.0) == Step(), "offline: not given up on, the job's deadline stands"
     step = a.on_peer(True, 20.0, lambda: True)
-    assert step.rebid and not step.send and a.deadline == 20.0 + ACCEPT_S
+    assert step.rebid and not step.send and a.rebid_until == 20.0 + ACCEPT_S
     a.on_link(False, 21.0)
+    assert a.on_tick(22.5) == Step(), "our link is down: nothing to ask"
     step = a.on_link(True, 30.0)
-    assert step.rebid and not step.send and a.deadline == 30.0 + ACCEPT_S
-    assert a.on_tick(30.0 + ACCEPT_S).verdict == "next"
+    assert step.rebid and not step.send, "back: asked at once"
+    assert a.rebid_until == 30.0 + ACCEPT_S + PEER_RECONNECT_S, "it may be reconnecting after the same outage"
+    assert a.on_tick(30.0 + ACCEPT_S).rebid, "still asked"
+    assert a.on_tick(30.0 + ACCEPT_S + PEER_RECONNECT_S).verdict == "next"
     c = attempt(last=True)
     c.on_result(Declined("r1", "peer", "stale_claim", digest=D), 0.1)
     assert c.on_tick(JOB_S).outcome == "timed out", "the job's deadline, whatever else"
@@ -162,6 +170,9 @@ def test_a_copy_sent_again_carries_what_is_left_and_after_accept_the_whole_accep
     assert a.resend_windows(ACCEPT_S, JOB_S, 5.0) == (ACCEPT_S, JOB_S - 5.0)
     a.on_result(Token("r1", "peer", 0, "partial ", digest=D), 0.2)
     assert a.resend_windows(ACCEPT_S, JOB_S, 70.0) == (ACCEPT_S, 0.0)
+    # No runner-up: nobody else gets the job, and a device back after longer than the
+    # window would ignore what is left of it; the job would wait out its deadline.
+    assert attempt(last=True).resend_windows(ACCEPT_S, JOB_S, 5.0) == (ACCEPT_S, JOB_S - 5.0)
 
 
 def test_a_restarted_winners_refusal_of_another_job_under_our_rid_changes_nothing() -> None:

@@ -159,7 +159,12 @@ def test_a_bid_after_the_auction_closed_reaches_the_run_as_an_event() -> None:
     inbox.book.close()
     again = replace(bid("a"), claim="new")
     bus.deliver(bid_msg(again))
-    assert inbox.events.get_nowait() == ("bid", again) and inbox.book.close() == {"a": bid("a")}
+    assert inbox.events.empty(), "a late bid nobody asked for only counts as late"
+    inbox.book.want_late("a")
+    bus.deliver(bid_msg(bid("b")))
+    bus.deliver(bid_msg(again))
+    assert inbox.events.get_nowait() == ("bid", again) and inbox.events.empty()
+    assert inbox.book.close() == {"a": bid("a")} and inbox.book.all_bidders() == {"a", "b"}
 
 
 

@@ -844,8 +844,10 @@ class Peer:
 
     def run(self, *script: tuple[float, Any], last: bool = True) -> Step:
         from types import SimpleNamespace
+        self.wanted: list[str] = []  # whose late bids the run asked for
         wire = SimpleNamespace(fleet=SimpleNamespace(bus=self.bus), inbox=SimpleNamespace(
-            events=Events(self.clock, *script)), steady=lambda: True)
+            events=Events(self.clock, *script), book=SimpleNamespace(want_late=self.wanted.append)),
+            steady=lambda: True)
         return self.part.run(wire, request(), "a", "cpu", "claim-a", Decided("a", "peer-cpu", 1.5), last)  # type: ignore
 
 
@@ -896,14 +898,14 @@ def test_a_peer_that_restarted_is_asked_to_bid_again_and_timed_from_its_new_clai
     asked = [BidRequest.from_payload(p) for t, p, kw in peer.bus.published if t == T.bid_invite("a", "r1", "hub")]
     assert len(asked) == 1 and asked[0].rid == "r1" and asked[0].origin == "hub"
     assert [kw["qos"] for t, _, kw in peer.bus.published if t == T.bid_invite("a", "r1", "hub")] == [0]
-    assert [job.claim for job in peer.jobs()] == ["claim-a", "claim-new"]
+    assert [job.claim for job in peer.jobs()] == ["claim-a", "claim-new"] and peer.wanted == ["a"]
     assert step.answer is not None and step.answer.ok and step.since == pytest.approx(0.3)
 
 
 def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_left(tmp_path: Path) -> None:
     peer = Peer(tmp_path, wall=1.7e9 + 0.12345)
     peer.clock.t = 10.0
-    step = peer.run((0.5, ("link", False, False)), (0.5, ("link", True, False)), (0.1, peer.says(DONE)))
+    step = peer.run((0.5, ("link", False, False)), (0.5, ("link", True, False)), (0.1, peer.says(DONE)), last=False)
     first, again = peer.jobs()
     assert (first.accept_s, first.timeout_s, first.sent_at) == (0.05, 5.0, round(1.7e9 + 0.12345, 3))
     assert (again.accept_s, again.timeout_s, again.sent_at) == (0.0, 4.0, round(1.7e9 + 0.12345, 3))
@@ -911,6 +913,9 @@ def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_l
     assert [kw["qos"] for t, _, kw in peer.bus.published if t == T.exec("a")] == [1, 1]
     assert peer.progress == [(11.0, "reconnected to the broker; sending the job again"),
                              (11.0, "waiting for a (dispatched, 0 chunks)")]
+    alone = Peer(tmp_path)
+    alone.run((0.5, ("link", False, False)), (0.5, ("link", True, False)), (0.1, alone.says(DONE)), last=True)
+    assert [job.accept_s for job in alone.jobs()] == [0.05, 0.05], "no runner-up: the whole accept window"
 
 
 def test_a_job_past_its_time_is_cancelled_on_its_device(tmp_path: Path) -> None:

@@ -317,6 +317,35 @@ def test_the_only_device_restarted_after_accepting_bids_again_and_answers(env: E
     assert "bid again" in err, "the wait is explained"
 
 
+def test_the_only_device_restarted_before_accepting_gets_the_job_again_and_answers(env: Env) -> None:
+    """The device is frozen once it has bid, so the job waits in its session; a second
+    later it is killed and started again. The copy its session held is too late for its
+    accept window, and is ignored; the copy sent again when it is back carries the whole
+    window (no runner-up), is refused (not a claim the new process issued), and the device
+    is asked to bid again: the job ends answered, not at its deadline."""
+    log = env.tmp / "runs.log"
+    hub = env.config("hub", auction={"accept_timeout_s": 0.2})
+    node = env.config("worker", cpu=job(log, "quick"))
+    t = env.topics
+
+    def is_bid(m: Message) -> bool:
+        parsed = t.parse(m.topic)
+        return parsed is not None and parsed.kind == "bid_reply" and parsed.device == "worker"
+    with env.node_process(node) as proc, env.spy(f"{env.prefix}#") as spy:
+        bg = Background(env, hub, "the prompt")
+        spy.wait_for(is_bid, what="its bid")
+        proc.pause()
+        spy.wait_for(lambda m: m.topic == t.exec("worker"), what="the job, held in its session")
+        bg.progress.clear()
+        assert bg.progress.wait(WAIT_S), "a progress line: a second has passed, five times its accept window"
+        proc.kill()
+        proc.start()
+        code, out, err = bg.result()
+    assert code == 0 and out is not None and out["ok"], err
+    assert out["winner"] == "worker" and out["attempts"] == [{"device": "worker", "outcome": "done"}]
+    assert executions(log)[out["rid"]] == {"start": 1, "done": 1}
+
+
 # --------------------------------------------------------------------- 5. broker restart
 
 @pytest.fixture
