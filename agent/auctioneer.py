@@ -121,11 +121,10 @@ class Auctioneer:
         """Whom to invite (``agent.invite``), or None below the threshold: call everyone."""
         from agent.invite import (  # numpy: only the auction path pays for it
             choose_kept,
-            should_invite,
         )
 
         invite = self.cfg.auction.invite
-        if not should_invite(len(roster.online()), invite.above):
+        if not invite.past(len(roster.online())):
             return None
         memory, view = self._asker_memory(), self._view((req.model, req.need, req.tools))
         with view.lock:  # one view of the fleet per process, kept between auctions

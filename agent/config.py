@@ -189,6 +189,11 @@ class InviteConfig:
     best: int = 16
     explore: int = 4
 
+    def past(self, online: int) -> bool:
+        """Whether a fleet of ``online`` devices is past the threshold (``above`` 0: always):
+        its auctions invite, and its nodes' job changes wait for their metrics' refresh."""
+        return online > self.above
+
 
 @dataclass(frozen=True)
 class AuctionConfig:

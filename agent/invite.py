@@ -98,11 +98,6 @@ class Invitation:
         return ((self.me,) if self.own else ()) + self.npu + self.best + self.explore
 
 
-def should_invite(online: int, above: int) -> bool:
-    """Whether a fleet of ``online`` devices is past the threshold (``above`` 0: always)."""
-    return online > above
-
-
 def expected_s(snapshot: Snapshot) -> float | None:
     """What a device's own metrics say a CPU job would take there from now: its backlog in
     seconds plus its recent median latency; None when it has run nothing yet."""

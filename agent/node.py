@@ -79,7 +79,7 @@ class Node:
                          half_life_jobs=lin.half_life_jobs, max_payload_bytes=cfg.max_payload_bytes,
                          on_change=changed.set)
         self.presence = Presence(cfg, self.capacity, self.jobs, t, self.bus, changed=changed, stop=self._stop,
-                                 wall=wall)
+                                 wall=wall, large=lambda: cfg.auction.invite.past(self.fleet.roster.online_count()))
         self.bids = Bids(me, self.capacity, self.jobs, t, publish=self.bus.publish, age=self._age,
                          snapshot=self.presence.snapshot, max_payload_bytes=cfg.max_payload_bytes)
         self.fronts = Fronts(cfg, t, publish=self.bus.publish, make=self._orchestrator, fleet=lambda: self.fleet,

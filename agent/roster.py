@@ -236,6 +236,10 @@ class Roster:
         with self._lock:
             return frozenset(d for d, up in self._state.items() if up and d != self.self_device)
 
+    def online_count(self) -> int:
+        with self._lock:
+            return len(self._online)
+
     def online(self) -> frozenset[str]:
         """Every online device, this one included (its node daemon, if it runs)."""
         with self._lock:

@@ -14,8 +14,10 @@ workload (same seed) runs under two policies:
 - everyone: every job's auction hears a bid from every device (the seed's call to all);
 - invite k,d: ``agent.invite.choose`` picks whom to call, exactly as the orchestrator
   does past ``auction.invite.above``: from the retained metrics each device publishes as
-  a node does — when a job of its own starts or ends (at most every 0.2 s), and again
-  ``--metrics-s`` seconds after the last (``--periodic-only``: only every ``--metrics-s``) —
+  a node does — every ``--metrics-s`` seconds, and in a fleet at or below
+  ``auction.invite.above`` (100) also when a job of its own starts or ends (at most every
+  0.2 s; the refresh then comes ``--metrics-s`` after the last; ``--on-change`` and
+  ``--periodic-only`` force either way whatever the fleet's size) —
   with its backlog in seconds (aged by the metrics' age, as the node does), its median
   recent latency and each model's ``warm`` flag (a cold one is charged its start-up);
   and from each asker's own memory of the bids it
@@ -74,7 +76,7 @@ from simulate import (  # noqa: E402
     workload,
 )
 
-from agent.config import DEFAULT_METRICS_INTERVAL_S  # noqa: E402
+from agent.config import DEFAULT_METRICS_INTERVAL_S, InviteConfig  # noqa: E402
 from agent.invite import SPREAD, AskerMemory, Rows, choose  # noqa: E402
 from agent.linucb import Arms, residual_target  # noqa: E402
 from agent.messages import LatencySummary, ModelInfo, Snapshot  # noqa: E402
@@ -313,9 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics-s", type=float, default=DEFAULT_METRICS_INTERVAL_S,
                     help="how often each device sends its metrics again, nothing having changed (default "
                          "%(default)g, the shipped metrics_interval_s)")
-    ap.add_argument("--periodic-only", action="store_true",
-                    help="metrics only every --metrics-s, not also at once when a job starts or ends (as this "
-                         "simulator did before; a node sends both)")
+    changes = ap.add_mutually_exclusive_group()
+    changes.add_argument("--periodic-only", action="store_true",
+                         help="metrics only every --metrics-s, whatever the fleet's size (a node does so past "
+                              "auction.invite.above online devices; the default: as a node does)")
+    changes.add_argument("--on-change", action="store_true",
+                         help="metrics also at once when a job starts or ends, whatever the fleet's size (a node "
+                              "does so at or below auction.invite.above online devices)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     if args.quick:
@@ -323,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.devices < 1 or args.seeds < 1 or args.metrics_s <= 0:
         ap.error("--devices and --seeds must be >= 1, --metrics-s > 0")
     jobs = args.jobs or 10 * args.devices
+    # as a node does: a job's change goes out at once only in a fleet at or below the threshold
+    on_change = args.on_change or (not args.periodic_only and not InviteConfig().past(args.devices))
     pairs = [args.invite, *args.also]
     policies = [Policy("everyone", None)] + [Policy(f"invite k={k} d={d}", (k, d), spread=args.spread)
                                              for k, d in pairs]
@@ -334,14 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             spread=args.spread) for k, d in pairs]
     loads = [float(x) for x in args.loads.split(",")]
     results: dict[str, Any] = {"devices": args.devices, "jobs": jobs, "seeds": args.seeds,
-                               "metrics_s": args.metrics_s, "on_change": not args.periodic_only, "warm": args.warm,
+                               "metrics_s": args.metrics_s, "on_change": on_change, "warm": args.warm,
                                "spread": args.spread, "loads": {}}
     began = time.perf_counter()
     for load in loads:
         rows: dict[str, dict[str, float]] = {}
         for policy in policies:
-            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s, args.warm,
-                                  not args.periodic_only))
+            sums = [summarise(run(policy, args.devices, jobs, load, seed, args.metrics_s, args.warm, on_change))
                     for seed in range(args.seeds)]
             rows[policy.label] = {key: statistics.fmean(s[key] for s in sums) for key in sums[0]}
             rows[policy.label]["answered"] = sum(s["answered"] for s in sums)

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.invite import Invitation, Rows, choose, expected_s, should_invite
+from agent.config import InviteConfig
+from agent.invite import Invitation, Rows, choose, expected_s
 from agent.messages import LatencySummary, ModelInfo, Snapshot
 
 
@@ -29,9 +30,9 @@ def fleet(n: int) -> dict[str, Snapshot | None]:
 
 
 def test_threshold() -> None:
-    assert not should_invite(32, 32)
-    assert should_invite(33, 32)
-    assert should_invite(1, 0)  # 0: always invite
+    assert not InviteConfig(above=32).past(32)
+    assert InviteConfig(above=32).past(33)
+    assert InviteConfig(above=0).past(1)  # 0: always invite
 
 
 def test_the_k_best_by_what_the_asker_knows_and_d_at_random() -> None:

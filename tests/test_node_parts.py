@@ -830,8 +830,10 @@ class Ticks(threading.Event):
         return self.is_set()
 
 
-def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | None = None) -> tuple[Ticks, list[float]]:
-    """Run the presence loop for ``steps`` waits; the waits and when metrics went out."""
+def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | None = None, *,
+             large: bool = False) -> tuple[Ticks, list[float]]:
+    """Run the presence loop for ``steps`` waits (``large``: in a fleet past
+    ``auction.invite.above``); the waits and when metrics went out."""
     now, stop = parts.now, threading.Event()
     now[0] = 0.0
     ticks = Ticks(now, stop, steps, script)
@@ -846,7 +848,7 @@ def run_loop(parts: Parts, steps: int, script: dict[int, tuple[float, Any]] | No
                 sent_at.append(round(now[0], 6))
     parts.link = Link()  # type: ignore[attr-defined]
     presence = Presence(parts.cfg, parts.capacity, parts.jobs, T, parts.link,  # type: ignore[attr-defined]
-                        changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host)
+                        changed=ticks, stop=stop, clock=lambda: now[0], sample=quiet_host, large=lambda: large)
     parts.presence = presence  # type: ignore[attr-defined]
     presence.loop()
     return ticks, sent_at
@@ -951,6 +953,22 @@ def test_a_model_going_cold_is_sent_when_it_happens_not_at_the_next_refresh(tmp_
     assert 3.0 < ticks.waits[0] <= 4.05, "it woke when the model would go cold"
     warm = [Metrics.from_payload(p).snapshot.models["cpu"].warm for t, p, _ in parts.wire.sent if t == T.metrics("dev")]
     assert warm == [True, False] and sent_at == [0.0, 4.05]
+
+
+def test_in_a_large_fleet_a_job_change_waits_for_the_refresh_and_a_model_going_cold_does_not(
+        tmp_path: Path) -> None:
+    """Past auction.invite.above, every node would read a thousand devices' job changes;
+    its askers go by the bids they heard. What is not a job's change still goes out soon."""
+    ticks, sent_at = run_loop(Parts(tmp_path), 3, {1: (0.05, job_changed)}, large=True)
+    assert sent_at[:2] == [0.0, 10.0] and ticks.waits[1] == pytest.approx(9.95), "the change waits for the refresh"
+    cpu = served(tmp_path)
+    cpu._warm_until = time.monotonic() + 4.0
+
+    def cooled(ticks: Ticks) -> None:
+        cpu._warm_until = 0.0
+        ticks.set()  # a job ended at the same time
+    _, sent_at = run_loop(Parts(tmp_path, cpu=cpu), 2, {1: (4.05, cooled)}, large=True)
+    assert sent_at == [0.0, 4.05], "a model gone cold is sent at once"
 
 
 def test_a_presence_query_gets_metrics_then_online_at_once_both_retained(tmp_path: Path) -> None:
@@ -1259,3 +1277,18 @@ def test_a_node_with_no_executor_hears_no_calls_for_bids(tmp_path: Path) -> None
     subscribed = subscriptions(tmp_path, {"enabled": False})
     assert T.all_bid_requests() not in subscribed and T.bid_invites("n1") not in subscribed, subscribed
     assert T.exec("n1") in subscribed and T.cancels("n1") in subscribed
+
+
+@pytest.mark.parametrize("above", [0, 2])
+def test_the_node_tells_presence_whether_its_fleet_is_past_the_invitation_threshold(tmp_path: Path,
+                                                                                    above: int) -> None:
+    from agent.node import Node
+
+    cfg = parse_config({"device_id": "n1", "state_dir": str(tmp_path), "topic_prefix": "p/",
+                        "homeassistant": {"enabled": False}, "auction": {"invite": {"above": above}}})
+    node = Node(cfg)
+    large = []
+    for device in ("a", "b", "c"):
+        node.fleet.roster.handle(Message(T.availability(device), b"online", retain=True))
+        large.append(node.presence._large())
+    assert large == [n > above for n in (1, 2, 3)]

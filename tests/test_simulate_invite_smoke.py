@@ -61,6 +61,19 @@ def test_metrics_go_out_as_a_node_sends_them(on_change: bool) -> None:
     assert r.refreshes < devices * r.seconds / interval - devices, "a change puts the next refresh off"
 
 
+@pytest.mark.parametrize(("devices", "flag", "on_change"), [(30, None, True), (101, None, False),
+                                                            (101, "--on-change", True), (30, "--periodic-only", False)])
+def test_metrics_follow_the_fleet_size_as_a_node_s_do_unless_forced(tmp_path: Path, devices: int, flag: str | None,
+                                                                     on_change: bool) -> None:
+    """A node sends a job's change at once only in a fleet at or below auction.invite.above."""
+    import simulate_invite
+
+    out = tmp_path / "results.json"
+    argv = ["--devices", str(devices), "--jobs", "20", "--seeds", "1", "--loads", "0.5", "--json", str(out)]
+    assert simulate_invite.main(argv + ([flag] if flag else [])) == 0
+    assert json.loads(out.read_text())["on_change"] is on_change
+
+
 def test_help() -> None:
     done = subprocess.run([sys.executable, str(SCRIPTS / "simulate_invite.py"), "--help"], capture_output=True,
                           text=True, timeout=60)
