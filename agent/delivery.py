@@ -190,7 +190,7 @@ class Dispatcher:
                 if attempt.gaps:
                     log.info("%s: %d token chunk(s) never arrived; done carries the whole text", req.rid,
                              attempt.gaps)
-                return replace(step, since=attempt.claimed if attempt.claimed != attempt.started else None)
+                return replace(step, since=attempt.reclaimed)
 
     def _carry_out(self, step: Step, decided: Decided, send: Callable[[str | None], None],
                    cancel: Callable[[str], None], ask_again: Callable[[], None]) -> None:

@@ -126,11 +126,10 @@ class DispatchState:
         self.link_up = True                  # our own connection to the broker
         self.winner_online = True
         self.grace_until: float | None = None  # a vanished winner is given until then
-        self.started = now                   # when the job was first sent
-        self.claimed = now                   # when it was first sent with the claim it carries now
+        self.asked = False                   # asked for a new bid (once per attempt)
         self.rebid_until: float | None = None  # asked for a new bid: no bid by then, it is given up
         self.ask_at: float | None = None       # then ask again
-        self.rebids = 0
+        self.reclaimed: float | None = None    # when the job went out under the new bid's claim
 
     # ------------------------------------------------------------------ queries
     @property
@@ -175,7 +174,7 @@ class DispatchState:
         if self.state == "rebidding" and not isinstance(ev, (Done, Error)):
             return CONTINUE  # what the lost run's copies still bring; the new bid comes by on_bid
         if isinstance(ev, Declined):
-            if ev.reason == STALE_CLAIM and self.last and not self.streamed and not self.rebids \
+            if ev.reason == STALE_CLAIM and self.last and not self.streamed and not self.asked \
                     and self.fsm.can("restarted"):
                 return self._ask_again(now)
             if self.state == "dispatched":
@@ -218,7 +217,7 @@ class DispatchState:
         self.fsm.fire("rebid")
         self._heard_from(now)
         self.rebid_until = self.ask_at = None
-        self.claimed = now
+        self.reclaimed = now
         self.accept_deadline = now + self.accept_timeout_s
         return Step(send=True, claim=bid.claim, progress=f"{self.device} bid again; sending it the job again")
 
@@ -311,7 +310,7 @@ class DispatchState:
         """The only candidate restarted and lost the job before any token: ask it for a new
         bid (once), whose claim the job is sent again with."""
         self.fsm.fire("restarted")
-        self.rebids += 1
+        self.asked = True
         self.rebid_until = now + self.accept_timeout_s
         return replace(self._ask(now), progress=f"{self.device} restarted and lost the job; asking it to bid again")
 

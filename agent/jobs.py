@@ -74,17 +74,14 @@ class Jobs:
         self.npu_gate: Gate[Run] = Gate(1 if capacity.npu is not None else 0, 1, lambda run, _: self.execute(run, None),
                                         expected=self.expected, name="npu")
 
-    def send(self, origin: str, event: ResultEvent) -> bytes:
+    def send(self, origin: str, event: ResultEvent, run: Run | None = None) -> bytes:
+        """Publish a result event; with ``run``, it is that run's final one, and the ledger
+        has it first: a copy of the job that arrives between this publish and the journal's
+        record is answered with it."""
         payload = encode_result(event)
+        if run is not None:
+            self.ledger.answered(run, payload)
         self._publish(self.topics.result(origin, event.rid, self.me), payload)
-        return payload
-
-    def answer(self, run: Run, event: ResultEvent) -> bytes:
-        """Send a run's final event. The ledger has it first: a copy of the job that arrives
-        between this publish and the journal's record is answered with it."""
-        payload = encode_result(event)
-        self.ledger.answered(run, payload)
-        self._publish(self.topics.result(run.job.origin, run.job.rid, self.me), payload)
         return payload
 
     def expected(self, run: Run) -> float:
@@ -234,9 +231,9 @@ class Jobs:
         job = run.job
         t = result.timings
         timings = replace(t, queue_ms=queue_ms, total_ms=t.total_ms + queue_ms)
-        payload = self.answer(run, Done(job.rid, self.me, result.text, timings, result.prompt_tokens,
-                                             result.generated_tokens, digest=job.digest,
-                                             finish_reason=result.finish_reason, tool_calls=result.tool_calls))
+        done = Done(job.rid, self.me, result.text, timings, result.prompt_tokens, result.generated_tokens,
+                    digest=job.digest, finish_reason=result.finish_reason, tool_calls=result.tool_calls)
+        payload = self.send(job.origin, done, run)
         # The answer first, the bookkeeping after: nobody waits on it. The record fits the
         # work; start-up (loading a model that was not warm) apart.
         self.latency.add(job.mode, timings.total_ms, result.generated_tokens)
@@ -248,9 +245,9 @@ class Jobs:
 
     def _failed(self, run: Run, exc: ExecutorError) -> bytes:
         log.warning("job %s failed: %s", run.job.rid, exc)
-        return self.answer(run, Error(run.job.rid, self.me, exc.reason, kind=exc.kind,
-                                               exit_code=getattr(exc, "returncode", None),
-                                               partial_text=exc.partial_text, digest=run.job.digest))
+        error = Error(run.job.rid, self.me, exc.reason, kind=exc.kind, exit_code=getattr(exc, "returncode", None),
+                      partial_text=exc.partial_text, digest=run.job.digest)
+        return self.send(run.job.origin, error, run)
 
 
 def retained(msg: Message, what: str) -> bool:

@@ -68,13 +68,13 @@ class BidBook:
         with self._lock:
             now = self._clock()
             self._arrived.setdefault(bid.device, now)
-            late = not self._open
-            if late:
-                self._late.add(bid.device)
-                late = bid.device == self._wanted_late
-            else:
+            hand_over = False
+            if self._open:
                 self._take(bid, now)
-        if late:
+            else:
+                self._late.add(bid.device)
+                hand_over = bid.device == self._wanted_late
+        if hand_over:  # outside the lock: the run's queue
             self._on_late(bid)
 
     def want_late(self, device: str) -> None:
