@@ -343,7 +343,7 @@ class Rows:
         return self._table
 
     def _reshape(self, names: frozenset[str]) -> None:
-        if self._table is None or names != self._names:
+        if self._table is None or (names is not self._names and names != self._names):  # the roster's own: same object
             self._table, self._names = _Table(sorted(names), self._table), names
 
     def sync(self, fleet: Fleet, names: frozenset[str]) -> _Table:
@@ -369,6 +369,12 @@ class Rows:
     def known(self, memory: AskerMemory, now: float, prompt_tokens: int, max_new_tokens: int) -> np.ndarray:
         """``memory.known_s(now, prompt_tokens, max_new_tokens)`` in the current table's row
         order (NaN: not known), reading only the devices it heard from or sent to since."""
+        t = self.read(memory)
+        return memory.price(t.m_values, now, prompt_tokens, max_new_tokens)
+
+    def read(self, memory: AskerMemory) -> _Table:
+        """Read into the current table what ``memory`` says of the devices it heard from or
+        sent to since (``known`` does, and a caller may ahead of the next auction)."""
         t = self.current()
         if self._memory is None or self._memory[0] is not memory:
             self._memory = (memory, memory.feed())
@@ -381,7 +387,7 @@ class Rows:
             self._memory = None  # as in ``sync``: every row again next time
             raise
         t.fresh_memory = set()
-        return memory.price(t.m_values, now, prompt_tokens, max_new_tokens)
+        return t
 
 
 def _service_s(snapshot: Snapshot) -> float | None:

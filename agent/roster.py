@@ -75,7 +75,9 @@ class Roster:
         # invitation views (invite.Rows.sync)
         self._feeds = Feeds(self._lock)
         # per job kind (model, need, tools): who would bid, and the devices changed since it was last worked out
-        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], Changes]] = {}
+        # (the last answer is kept too: the same object while nobody joined or left, so that a
+        # caller comparing it with what it had, as ``invite.Rows`` does, finds them identical at once)
+        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], Changes, list[frozenset[str]]]] = {}
         self._online: set[str] = set()
         self._sent: dict[str, float] = {}    # device -> when its last metrics were sent, on our wall clock
         self._listeners: Listeners[Listener] = Listeners()
@@ -257,17 +259,22 @@ class Roster:
         with self._lock:
             cached = self._bidders.pop(key, None)
             if cached is None:  # worked out whole once per job kind, then only where something changed
-                cached = ({d for d in self._online if expected(d)}, self._feeds.opened())
+                cached = ({d for d in self._online if expected(d)}, self._feeds.opened(), [])
                 while len(self._bidders) >= BIDDER_KINDS:  # a model name is the caller's: bounded
                     del self._bidders[next(iter(self._bidders))]
             self._bidders[key] = cached  # the most recently asked last
-            members, changes = cached
+            members, changes, last = cached
+            before = len(members)
+            moved = False
             for d in changes.drain():
                 if d in self._online and expected(d):
+                    moved = moved or d not in members
                     members.add(d)
                 else:
                     members.discard(d)
-            return frozenset(members)
+            if moved or len(members) != before or not last:
+                last[:] = [frozenset(members)]
+            return last[0]
 
     def _changed(self, device: str) -> None:
         """``device``'s availability or metrics changed (the lock held): each job kind's

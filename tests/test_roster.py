@@ -37,6 +37,26 @@ def test_an_auction_waits_for_online_devices_that_take_work() -> None:
     assert roster.peers_online() == {"a", "b", "c"}
 
 
+def test_the_bidders_are_the_same_object_until_someone_joins_or_leaves() -> None:
+    """An invitation's view compares the bidders with what it had on every auction: while
+    only metrics changed, the roster hands back the very set it gave last time."""
+    roster = roster_of(a=True, b=True, hub=True)
+    roster.handle_metrics(metrics("a"))
+    first = roster.bidders()
+    roster.handle_metrics(metrics("a"))  # new metrics, the same answer
+    roster.handle_metrics(metrics("b"))
+    assert roster.bidders() is first
+    roster.handle_metrics(metrics("b", "draining"))
+    second = roster.bidders()
+    assert second == {"a", "hub"} and first == {"a", "b", "hub"}, "the set handed out earlier is not changed"
+    roster.handle_metrics(metrics("b"))  # one left and one came back in the same changes
+    roster.handle_metrics(metrics("a", "draining"))
+    assert roster.bidders() == {"b", "hub"}
+    roster.handle(Message(TOPICS.availability("c"), b"online", retain=True))
+    assert roster.bidders() == {"b", "c", "hub"}
+    assert roster.bidders("other-model") == {"c", "hub"}, "each job kind its own (b serves no such model)"
+
+
 def test_availability_accepts_online_offline_and_a_cleared_topic_only() -> None:
     roster = roster_of(a=True, b=True)
     heard: list[tuple[str, bool]] = []
