@@ -118,7 +118,7 @@ class Auctioneer:
         # Read before the call: once it is out, paho's thread needs the interpreter to write
         # it and then to take the bids (that hop took 0.27-0.37 ms on serve's path, per-hop
         # timestamps on scripts/bench --serve).
-        (suspects, gone), latency = self.stragglers.suspects_and_absent(), self.latency.load()
+        (suspects, gone), latency = self.stragglers.suspects_and_absent(), self.latency.load(expected)
         call()
         called = self.clock()
         result = collect(wire.inbox, expected=expected, suspects=suspects, window_s=window, need=req.need,

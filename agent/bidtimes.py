@@ -81,10 +81,15 @@ class BidLatency:
         self._unwritten: set[str] = set()             # devices whose average is not what the file holds
         self._written_at: float | None = None
 
-    def load(self) -> dict[str, float]:
+    def load(self, devices: Iterable[str] | None = None) -> dict[str, float]:
+        """Every average known, or those of ``devices`` only (an auction's twenty, not a
+        thousand copied to read twenty)."""
         with self._lock:
             self._refresh()
-            return dict(self._mine)
+            if devices is None:
+                return dict(self._mine)
+            mine = self._mine
+            return {d: mine[d] for d in devices if d in mine}
 
     def update(self, took: Mapping[str, float]) -> None:
         """After an auction: fold each bidder's latency into its average."""

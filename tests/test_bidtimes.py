@@ -48,6 +48,8 @@ def test_bid_latency_is_a_moving_average_shared_through_state_dir(tmp_path: Path
     other = BidLatency(tmp_path).load()
     assert other["slow"] == pytest.approx(2.0), "shared, and kept while it does not bid"
     assert 0.300 < other["a"] < 1.0, "moves towards the newest"
+    assert BidLatency(tmp_path).load(["slow", "never-heard"]) == {"slow": pytest.approx(2.0)}, \
+        "an auction's devices only: those known"
     (tmp_path / "bid_latency.json").write_text('{"a": "fast", "b": -1, "c": 0.5}')
     assert BidLatency(tmp_path).load() == {"c": 0.5}, "garbage is ignored"
 

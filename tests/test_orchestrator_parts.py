@@ -259,6 +259,23 @@ def test_a_peer_that_missed_the_call_is_a_suspect_next_time(tmp_path: Path) -> N
 
 
 
+def test_a_peer_on_a_slow_link_is_waited_for_as_long_as_its_bids_usually_take(tmp_path: Path) -> None:
+    """The auction waits for a missing bid four times as long as that device's bids took
+    before (``BidLatency``, read for the devices it expects), not the second an unknown gets."""
+    from agent.auction import PATIENCE_FACTOR, PATIENCE_NEW_S
+
+    class SlowLink(ScriptedFleet):
+        def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]:
+            return frozenset({*self.peers, "far"})
+
+    cfg = config(tmp_path, bid_timeout_s=30)
+    part = auctioneer(cfg, Heard(), time.monotonic)  # the window closes on its own clock: 2 s
+    part.latency.update({"far": 0.5, "other": 0.01})
+    result, _, _ = held(SlowLink({"a": done}), cfg, part)
+    assert result.closing == "overdue" and result.missing == ("far",)
+    assert result.auction_ms >= 0.5 * PATIENCE_FACTOR * 1000 > PATIENCE_NEW_S * 1000
+
+
 def test_a_peer_that_missed_several_calls_in_a_row_costs_the_next_auction_no_grace(tmp_path: Path) -> None:
     from agent.auction import ABSENT_AFTER, GRACE_MIN_S
 
