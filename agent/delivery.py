@@ -80,8 +80,8 @@ class Delivery:
                 answer, attempt = self._here(req, fsm, choice)
             else:
                 assert wire is not None, "peers come from an auction"
-                answer, attempt, dispatched = self._peer(req, fsm, wire, choice, bids[choice.device].claim, last,
-                                                         dispatched)
+                answer, attempt, dispatched, choice = self._peer(req, fsm, wire, choice, bids[choice.device], last,
+                                                                 dispatched)
             attempts.append(attempt)
             if answer is not None:
                 return Delivered(tuple(attempts), choice, answer, dispatched)
@@ -95,22 +95,28 @@ class Delivery:
             return None, {"device": self.me, "outcome": outcome}  # its model server is down and nothing ran
         return answer, {"device": self.me, "outcome": outcome}
 
-    def _peer(self, req: Request, fsm: Machine, wire: Wire, choice: Choice, claim: str, last: bool,
-              dispatched: float) -> tuple[Answer | None, Attempt, float]:
-        """The answer (None: the runner-up's turn), the attempt, and when the job went out
-        under the claim it ran with (later than ``dispatched`` if the device restarted and
-        bid again: the time it was away is not its speed)."""
+    def _peer(self, req: Request, fsm: Machine, wire: Wire, choice: Choice, bid: Bid, last: bool,
+              dispatched: float) -> tuple[Answer | None, Attempt, float, Choice]:
+        """The answer (None: the runner-up's turn), the attempt, when the job went out under
+        the claim it ran with, and the choice as the learner should see it. If the device
+        restarted and bid again, the job ran from then, and its promise carries the start-up
+        the new bid priced instead of the first one's: the time it was away, or a model it
+        had to load again, is not its speed."""
         fsm.fire("dispatch")
         if choice.mode == "cpu" and choice.promise is not None:
             self.sent(choice.device, dispatched, choice.promise)
         decided = Decided(choice.device, path_of(choice.mode, choice.is_self), choice.score)
-        step = self.peers.run(wire, req, choice.device, choice.mode, claim, decided, last)
+        step = self.peers.run(wire, req, choice.device, choice.mode, bid.claim, decided, last)
         attempt = {"device": choice.device, "outcome": step.outcome or "?"}
         if step.answer is None:
             fsm.fire("passed")
-            return None, attempt, dispatched
+            return None, attempt, dispatched, choice
         fsm.fire("answered" if step.answer.ok else "failed")
-        return step.answer, attempt, dispatched if step.since is None else step.since
+        if step.since is None:
+            return step.answer, attempt, dispatched, choice
+        if step.init_s is not None and choice.promise is not None:
+            choice = replace(choice, promise=max(choice.promise - max(bid.init_s, 0.0) + step.init_s, 0.0))
+        return step.answer, attempt, step.since, choice
 
 
 class Dispatcher:
@@ -190,7 +196,7 @@ class Dispatcher:
                 if attempt.gaps:
                     log.info("%s: %d token chunk(s) never arrived; done carries the whole text", req.rid,
                              attempt.gaps)
-                return replace(step, since=attempt.reclaimed)
+                return replace(step, since=attempt.reclaimed, init_s=attempt.reclaimed_init_s)
 
     def _carry_out(self, step: Step, decided: Decided, send: Callable[[str | None], None],
                    cancel: Callable[[str], None], ask_again: Callable[[], None]) -> None:
