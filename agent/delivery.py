@@ -167,7 +167,8 @@ class Dispatcher:
                         qos=1, expiry_s=auction.job_timeout_s)
 
         attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
-                                job_timeout_s=auction.job_timeout_s, last=last, digest=jobs[0].digest)
+                                job_timeout_s=auction.job_timeout_s, last=last, digest=jobs[0].digest,
+                                link_doubt_s=2.0 * self.cfg.broker.keepalive_s)
         next_progress = sent + PROGRESS_EVERY_S
         last_token = float("-inf")
         send()  # then straight to the wait: paho's thread, which writes it, needs the GIL

@@ -88,6 +88,9 @@ def teaches_the_learner(answer: Answer) -> bool:
     failure cap would make a good device look slow every time someone clicks "Stop"."""
     return answer.exit_code not in (ExitCode.INTERRUPTED, ExitCode.TERMINATED)
 
+# How long a failed round trip leaves our own link in doubt when nothing says more: twice
+# the default MQTT keepalive (the dispatcher passes twice the configured one).
+LINK_DOUBT_S = 10.0
 
 @dataclass(frozen=True)
 class Step:
@@ -112,7 +115,7 @@ class DispatchState:
     """The orchestrator's side of one job on one device."""
 
     def __init__(self, rid: str, device: str, now: float, *, accept_timeout_s: float,
-                 job_timeout_s: float, last: bool, digest: str):
+                 job_timeout_s: float, last: bool, digest: str, link_doubt_s: float = LINK_DOUBT_S):
         self.rid = rid
         self.device = device
         self.digest = digest                 # of the job we sent (messages.Job.digest)
@@ -125,6 +128,11 @@ class DispatchState:
         self.streamed: dict[int, str] = {}
         self.announced = False
         self.link_up = True                  # our own connection to the broker
+        # A round trip that failed says the broker is going away, and then our connection
+        # drops (paho: within 1.5 keepalives). If it has not by then, the broker was only
+        # slow to answer, and the device's Will was its own: acted on as such.
+        self.link_doubt_s = link_doubt_s
+        self.doubt_until: float | None = None
         self.winner_online = True
         self.grace_until: float | None = None  # a vanished winner is given until then
         self.asked = False                   # asked for a new bid (once per attempt)
@@ -160,6 +168,8 @@ class DispatchState:
             deadline = min(deadline, self.rebid_until)
         if self.ask_at is not None:
             deadline = min(deadline, self.ask_at)
+        if self.doubt_until is not None:
+            deadline = min(deadline, self.doubt_until)
         return deadline
 
     @property
@@ -241,13 +251,19 @@ class DispatchState:
             return CONTINUE  # we are cut off too: nothing to conclude until we are back
         if not steady():
             self.link_up = False  # the broker is going away; on_link(True) resumes
+            self.doubt_until = now + self.link_doubt_s
             return Step(progress=f"{self.device} and this device lost the broker; waiting for it to come back")
+        return self._gone(now)
+
+    def _gone(self, now: float) -> Step:
+        """The device's Will fired while our own link held."""
         if not self.streamed and not self.last:
             return self._passed("went offline")  # it died, and someone else can run it
         return self._wait_for_return(now)
 
     def on_link(self, up: bool, now: float) -> Step:
         """Our own connection to the broker went down, or came back."""
+        self.doubt_until = None
         if not up:
             self.link_up = False
             self.grace_until = None
@@ -284,6 +300,11 @@ class DispatchState:
             if not self.last:
                 return self._passed("went offline")
             return self._wait_for_return(now)
+        if self.doubt_until is not None and now >= self.doubt_until:
+            self.doubt_until = None
+            self.link_up = True  # no link event since the round trip failed: it held, the broker was slow
+            if not self.winner_online:
+                return self._gone(now)
         if self._awaiting_accept and now >= self.accept_deadline:
             return self._passed("no answer", event="accept_timeout", cancel="no accept in time")
         if self.rebid_until is not None and now >= self.rebid_until:

@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import pytest
 
-from agent.dispatch import PEER_RECONNECT_S, REBID_EVERY_S, DispatchState, Step, next_to_try, worth_trying
+from agent.dispatch import (
+    LINK_DOUBT_S,
+    PEER_RECONNECT_S,
+    REBID_EVERY_S,
+    DispatchState,
+    Step,
+    next_to_try,
+    worth_trying,
+)
 from agent.errors import ExitCode
 from agent.messages import Accepted, Bid, Declined, Done, Error, ResultEvent, Snapshot, Timings, Token
 
@@ -249,6 +257,7 @@ def test_nothing_is_concluded_while_our_own_link_is_down() -> None:
     a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
     step = a.on_peer(False, 1.0, shaky)
     assert step.verdict == "continue" and step.progress and asked
+    a.on_link(False, 1.2)  # and then our connection drops
     assert a.deadline == JOB_S, "no grace timer runs while we are cut off"
     assert a.on_tick(30.0) == Step(), "however long the broker is down"
     step = a.on_link(True, 31.0)
@@ -256,6 +265,29 @@ def test_nothing_is_concluded_while_our_own_link_is_down() -> None:
     assert a.deadline == 31.0 + ACCEPT_S + PEER_RECONNECT_S, "and the winner gets a grace to reconnect too"
     step = a.on_peer(True, 32.0, shaky)
     assert step.send and a.on_tick(31.0 + ACCEPT_S + PEER_RECONNECT_S) == Step(), "it came back: no grace any more"
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_round_trip_that_failed_while_our_link_held_only_delays_what_the_will_means(last: bool) -> None:
+    """The broker was slow to answer, not going away: no link event comes. Once our
+    connection would have dropped (twice the keepalive here), the Will is taken as the
+    device's own: the runner-up's turn, or, with none, the wait for it to come back."""
+    a = DispatchState("r1", "peer", 0.0, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=last, digest=D,
+                      link_doubt_s=4.0)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    assert a.on_peer(False, 1.0, lambda: False).verdict == "continue"
+    assert a.deadline == 5.0 and a.on_tick(4.9) == Step()
+    step = a.on_tick(5.0)
+    if last:
+        assert step.verdict == "continue" and "waiting for it to come back" in (step.progress or "")
+        assert a.deadline == JOB_S
+    else:
+        assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
+    b = attempt()
+    b.on_peer(False, 1.0, lambda: False)
+    assert b.on_peer(True, 2.0, lambda: True).send, "back within the doubt: sent the job again"
+    b.on_result(Accepted("r1", "peer", "cpu", digest=D), 2.1)
+    assert b.on_tick(1.0 + LINK_DOUBT_S) == Step() and b.deadline == JOB_S, "nothing to conclude"
 
 
 def test_a_winner_still_gone_after_our_link_returns_is_failed_over_after_the_grace() -> None:

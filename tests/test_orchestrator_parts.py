@@ -868,12 +868,12 @@ class Peer:
             return "result", Message(T.result("hub", "r1", "a"), encode_result(ev))
         return message
 
-    def run(self, *script: tuple[float, Any], last: bool = True) -> Step:
+    def run(self, *script: tuple[float, Any], last: bool = True, steady: bool = True) -> Step:
         from types import SimpleNamespace
         self.wanted: list[str] = []  # whose late bids the run asked for
         wire = SimpleNamespace(fleet=SimpleNamespace(bus=self.bus), inbox=SimpleNamespace(
             events=Events(self.clock, *script), book=SimpleNamespace(want_late=self.wanted.append)),
-            steady=lambda: True)
+            steady=lambda: steady)
         return self.part.run(wire, request(), "a", "cpu", "claim-a", Decided("a", "peer-cpu", 1.5), last)  # type: ignore
 
 
@@ -898,6 +898,17 @@ def test_a_silent_peer_is_waited_for_with_a_progress_line_each_second(tmp_path: 
     peer.run((1.0, OTHERS), (0.5, OTHERS), (0.6, None), (0.3, peer.says(DONE)))
     assert peer.progress == [(1.0, "waiting for a (dispatched, 0 chunks)"),
                              (2.1, "waiting for a (dispatched, 0 chunks)")]
+
+
+def test_a_will_met_by_a_slow_round_trip_fails_over_once_our_link_has_held_twice_the_keepalive(
+        tmp_path: Path) -> None:
+    """The round trip failed but our connection never dropped."""
+    peer = Peer(tmp_path)
+    peer.part.cfg = replace(peer.part.cfg, broker=replace(peer.part.cfg.broker, keepalive_s=1))
+    step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, ("roster", "a", False)), (1.9, None),
+                    (0.1, None), last=False, steady=False)
+    assert (step.verdict, step.outcome) == ("next", "went offline") and peer.clock.t == pytest.approx(2.2)
+    assert (0.2, "a and this device lost the broker; waiting for it to come back") in peer.progress
 
 
 def test_a_streaming_answer_is_its_own_progress(tmp_path: Path) -> None:
