@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.dispatch import Answer, DispatchState, Step, worth_trying
+from agent.dispatch import Answer, DispatchState, Step, link_doubt_s, worth_trying
 from agent.errors import ExecutorError, ExitCode
 from agent.executors import Params, Served
 from agent.fsm import Machine
@@ -168,7 +168,7 @@ class Dispatcher:
 
         attempt = DispatchState(req.rid, device, sent, accept_timeout_s=auction.accept_timeout_s,
                                 job_timeout_s=auction.job_timeout_s, last=last, digest=jobs[0].digest,
-                                link_doubt_s=2.0 * self.cfg.broker.keepalive_s)
+                                link_doubt_s=link_doubt_s(self.cfg.broker.keepalive_s))
         next_progress = sent + PROGRESS_EVERY_S
         last_token = float("-inf")
         send()  # then straight to the wait: paho's thread, which writes it, needs the GIL

@@ -17,8 +17,11 @@ Rules, each one a line below:
   so it is not a broker restart) and before any token: ``next`` at once if there is a
   runner-up;
 - nothing is concluded while our own link is down: a broker restart makes everyone look
-  offline. When the link is back the job is sent again (the node attaches to the run or
-  replays the recorded answer: it never runs twice), and a winner still offline gets
+  offline. A failed round trip puts our link in doubt: if our connection has not dropped
+  within ``link_doubt_s`` (twice the keepalive, plus ``PEER_RECONNECT_S``), the broker was
+  only slow and it is as if the link came back. When the link is back the job is sent
+  again (the node attaches to the run or replays the recorded answer: it never runs
+  twice), and a winner still offline gets
   ``accept_timeout_s`` plus the longest a node waits between reconnect attempts
   (``PEER_RECONNECT_S``) to come back — everyone is reconnecting, not just us;
 - with no runner-up the job is never failed over to nobody: the winner is waited for
@@ -89,8 +92,14 @@ def teaches_the_learner(answer: Answer) -> bool:
     return answer.exit_code not in (ExitCode.INTERRUPTED, ExitCode.TERMINATED)
 
 # How long a failed round trip leaves our own link in doubt when nothing says more: twice
-# the default MQTT keepalive (the dispatcher passes twice the configured one).
-LINK_DOUBT_S = 10.0
+# the MQTT keepalive (paho's own limit), plus PEER_RECONNECT_S (its checks' pace, and a
+# peer's reconnect after a reconnect of ours, where the round trip fails too). The
+# dispatcher passes this with the configured keepalive; here, the default's (5 s).
+def link_doubt_s(keepalive_s: float) -> float:
+    return 2 * keepalive_s + PEER_RECONNECT_S
+
+
+LINK_DOUBT_S = link_doubt_s(5)
 
 @dataclass(frozen=True)
 class Step:
@@ -129,8 +138,9 @@ class DispatchState:
         self.announced = False
         self.link_up = True                  # our own connection to the broker
         # A round trip that failed says the broker is going away, and then our connection
-        # drops (paho: within 1.5 keepalives). If it has not by then, the broker was only
-        # slow to answer, and the device's Will was its own: acted on as such.
+        # drops (paho pings after a keepalive of silence and gives up after another, looking
+        # about once a second). If it has not by then, the broker was only slow to answer,
+        # and the device's Will was its own: acted on as such, as after our link came back.
         self.link_doubt_s = link_doubt_s
         self.doubt_until: float | None = None
         self.winner_online = True
@@ -303,8 +313,12 @@ class DispatchState:
         if self.doubt_until is not None and now >= self.doubt_until:
             self.doubt_until = None
             self.link_up = True  # no link event since the round trip failed: it held, the broker was slow
+            self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)  # as on_link(True)
             if not self.winner_online:
                 return self._gone(now)
+            if self.state == "rebidding":  # the asks that were held back while in doubt
+                self.rebid_until = max(self.rebid_until or now, now + self.accept_timeout_s)
+                return self._ask(now)
         if self._awaiting_accept and now >= self.accept_deadline:
             return self._passed("no answer", event="accept_timeout", cancel="no accept in time")
         if self.rebid_until is not None and now >= self.rebid_until:
@@ -312,7 +326,9 @@ class DispatchState:
             if self.link_up and self.winner_online:
                 return self._passed("restarted and lost the job; no new bid", event="no_bid", cancel=None)
         if self.ask_at is not None and now >= self.ask_at:
-            return self._ask(now) if self.link_up and self.winner_online else CONTINUE
+            if self.link_up and self.winner_online:
+                return self._ask(now)
+            self.ask_at = None  # asked again once it or our link is back (on_peer, on_link, the doubt's end)
         return CONTINUE
 
     # ------------------------------------------------------------------ helpers

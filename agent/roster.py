@@ -266,12 +266,16 @@ class Roster:
             members, changes, last = cached
             before = len(members)
             moved = False
-            for d in changes.drain():
-                if d in self._online and expected(d):
-                    moved = moved or d not in members
-                    members.add(d)
-                else:
-                    members.discard(d)
+            try:
+                for d in changes.drain():
+                    if d in self._online and expected(d):
+                        moved = moved or d not in members
+                        members.add(d)
+                    else:
+                        members.discard(d)
+            except BaseException:
+                del self._bidders[key]  # half worked out: whole again next time
+                raise
             if moved or len(members) != before or not last:
                 last[:] = [frozenset(members)]
             return last[0]

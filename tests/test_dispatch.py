@@ -283,11 +283,33 @@ def test_a_round_trip_that_failed_while_our_link_held_only_delays_what_the_will_
         assert a.deadline == JOB_S
     else:
         assert (step.verdict, step.outcome) == ("next", "went offline") and step.cancel
+    assert LINK_DOUBT_S == 2 * 5 + PEER_RECONNECT_S, "paho's limit at the default keepalive, and a margin"
     b = attempt()
     b.on_peer(False, 1.0, lambda: False)
     assert b.on_peer(True, 2.0, lambda: True).send, "back within the doubt: sent the job again"
     b.on_result(Accepted("r1", "peer", "cpu", digest=D), 2.1)
     assert b.on_tick(1.0 + LINK_DOUBT_S) == Step() and b.deadline == JOB_S, "nothing to conclude"
+
+
+def test_an_ask_held_back_while_our_link_was_in_doubt_is_made_when_the_doubt_ends() -> None:
+    """The only candidate blinked while the broker was slow, came back and refused the copy
+    as ``stale_claim``: the asks for its new bid wait while our link is in doubt (no busy
+    wait: ``deadline`` does not stay in the past), then go out, with the rebid window
+    running again from then."""
+    a = DispatchState("r1", "peer", 0.0, accept_timeout_s=ACCEPT_S, job_timeout_s=JOB_S, last=True, digest=D,
+                      link_doubt_s=20.0)
+    a.on_result(Accepted("r1", "peer", "cpu", digest=D), 0.1)
+    a.on_peer(False, 1.0, lambda: False)
+    assert a.on_peer(True, 1.5, lambda: False).send
+    assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.6).rebid and a.state == "rebidding"
+    assert a.on_tick(1.6 + REBID_EVERY_S) == Step(), "not asked while in doubt"
+    assert a.deadline > 1.6 + REBID_EVERY_S, "and not due again at once"
+    assert a.on_tick(1.6 + ACCEPT_S + 1) == Step(), "nor given up"
+    step = a.on_tick(21.0)
+    assert step.rebid and a.state == "rebidding", "the doubt's end: asked"
+    assert a.on_tick(21.0 + ACCEPT_S - 0.01).rebid, "asked each second"
+    step = a.on_tick(21.0 + ACCEPT_S)
+    assert (step.verdict, step.outcome) == ("next", "restarted and lost the job; no new bid")
 
 
 def test_a_winner_still_gone_after_our_link_returns_is_failed_over_after_the_grace() -> None:

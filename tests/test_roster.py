@@ -57,6 +57,26 @@ def test_the_bidders_are_the_same_object_until_someone_joins_or_leaves() -> None
     assert roster.bidders("other-model") == {"c", "hub"}, "each job kind its own (b serves no such model)"
 
 
+def test_bidders_half_worked_out_when_something_raised_are_worked_out_whole_next_time(monkeypatch: Any) -> None:
+    import agent.roster
+    roster = roster_of(a=True, b=True)
+    assert roster.bidders() == {"a", "b"}
+    roster.handle_metrics(metrics("a", "draining"))
+    roster.handle_metrics(metrics("b"))
+
+    def broken(*args: Any) -> bool:
+        raise RuntimeError("a bug")
+    with monkeypatch.context() as m:
+        m.setattr(agent.roster, "can_take", broken)
+        try:
+            roster.bidders()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("the error is not swallowed")
+    assert roster.bidders() == {"b"}
+
+
 def test_availability_accepts_online_offline_and_a_cleared_topic_only() -> None:
     roster = roster_of(a=True, b=True)
     heard: list[tuple[str, bool]] = []
