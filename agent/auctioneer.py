@@ -48,8 +48,7 @@ class Auctioneer:
         self.stragglers = Stragglers(cfg.state_dir)
         self.latency = BidLatency(cfg.state_dir)
         self._asked: Any = None  # agent.invite.AskerMemory, once this orchestrator first invites
-        # the roster and the job kind (model, need, tools) of the last auction that invited
-        self._invited_from: tuple[Roster, tuple[str | None, str, bool]] | None = None
+        self._kept: Any = None  # agent.viewkeeper.ViewKeeper of the last auction that invited
 
     def hold(self, req: Request, wire: Wire, fsm: Machine) -> AuctionResult:
         """Call for bids and collect them. Claims beyond what the operator granted a device
@@ -63,21 +62,8 @@ class Auctioneer:
         self.latency.update(inbox.book.latencies())
         if self._asked is not None:
             self._asked.settle()  # the shapes its bids moved, fitted now rather than in the next auction
-        if self._invited_from is not None:
-            self._read_ahead(*self._invited_from)
-
-    def _read_ahead(self, roster: Roster, kind: tuple[str | None, str, bool]) -> None:
-        """Bring the view of the fleet the last invitation was chosen from up to date with the
-        metrics and the bids that came since, now rather than in the next auction (at N=1000
-        that left the twenty devices' memory rows and the newest metrics to read before the
-        first invitation could leave). Not needed: what fails here is read again then."""
-        view = self._view(kind)
-        try:
-            with view.lock:
-                view.sync(roster, roster.bidders(*kind))
-                view.read(self._asker_memory())
-        except Exception:  # noqa: BLE001  (the next auction reads it, and reports what fails)
-            log.debug("reading the fleet ahead of the next auction failed", exc_info=True)
+        if self._kept is not None:
+            self._kept.nudge()  # what its bids and the metrics since changed, read on the keeper's thread
 
     def sent(self, device: str, at: float, promise: float) -> None:
         """A CPU job went to ``device`` at ``at``: the memory invitations are chosen from
@@ -142,11 +128,10 @@ class Auctioneer:
 
         invite = self.cfg.auction.invite
         if not invite.past(len(roster.online())):
-            self._invited_from = None
+            self._kept = None
             return None
         kind = (req.model, req.need, req.tools)
         memory, view = self._asker_memory(), self._view(kind)
-        self._invited_from = (roster, kind)
         with view.lock:  # one view of the fleet per process, kept between auctions
             # Only the devices whose metrics, or whose standing in this asker's memory,
             # changed since the last auction are read again (at N=1000: a handful, where
@@ -157,6 +142,9 @@ class Auctioneer:
                                      rng=self._rng(), model=req.model, need=req.need, tools=req.tools,
                                      npu_granted=roster.may_have_free_npu, startup_s=memory.startup_s(),
                                      now=self.wall())
+        from agent.viewkeeper import keeper
+        self._kept = keeper(view, kind, memory)
+        self._kept.used(roster)  # kept up to date from now on, between auctions
         log.debug("%s: inviting %d of %d possible bidders (own %s, npu %s, best %s, explore %s)", req.rid,
                   len(invitation.devices), len(bidders), invitation.own, invitation.npu, invitation.best,
                   invitation.explore)

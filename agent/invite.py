@@ -328,6 +328,7 @@ class Rows:
         self._fleet: tuple[Fleet, Changes] | None = None
         self._memory: tuple[AskerMemory, Changes] | None = None
         self.lock = threading.Lock()  # held by a caller that shares one between threads
+        self.keeper: Any = None       # what keeps it up to date between choices (agent.viewkeeper)
 
     def table(self, devices: Mapping[str, Snapshot | None]) -> _Table:
         self._fleet = self._memory = None

@@ -578,6 +578,9 @@ def main() -> int:
                     help="with --scale: a Mosquitto for each size, or a 3-server NATS cluster (default %(default)s)")
     ap.add_argument("--fleet-workers", type=int, metavar="K",
                     help="with --scale: processes for the virtual devices (default 1 up to N=100, else 2)")
+    ap.add_argument("--gap-s", type=float, default=0.0, metavar="S",
+                    help="with --scale: idle S seconds before each measured auction, as a real asker's prompts "
+                         "come apart (default 0: back to back); the CPU columns then include the idle")
     ap.add_argument("--asker-config", metavar="YAML",
                     help="with --scale: node config merged into the asker's, e.g. "
                          "'{auction: {invite: {above: 50}}}'")
@@ -598,10 +601,12 @@ def main() -> int:
             ap.error(f"--sizes: want numbers separated by commas, got {args.sizes!r}")
         if not sizes or min(sizes) < 1 or args.rounds < 1:
             ap.error("--sizes and --rounds must be at least 1")
+        if not 0 <= args.gap_s <= 600:
+            ap.error("--gap-s: want seconds from 0 to 600")
         out = args.out if args.out != "bench-results.json" else "bench-scale.json"
         return scale(sizes, broker_kind=args.broker, rounds=args.rounds, warmup=max(1, args.rounds // 10),
                      out=out, workers=args.fleet_workers, asker_config=args.asker_config,
-                     one_at_a_time=args.one_at_a_time)
+                     one_at_a_time=args.one_at_a_time, gap_s=args.gap_s)
     if args.scheduling:
         return scheduling(args)
     if args.serve:

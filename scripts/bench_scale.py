@@ -122,8 +122,11 @@ class SizeRun:
     at a time (``auctions``), so that sizes can take turns."""
 
     def __init__(self, n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, workers: int,
-                 asker_extra: dict[str, Any], connect_batch: int = 50, broker_cpu: Any = lambda: 0.0):
+                 asker_extra: dict[str, Any], connect_batch: int = 50, broker_cpu: Any = lambda: 0.0,
+                 gap_s: float = 0.0):
         self.n, self.brokers, self.protocol, self.workdir = n, brokers, protocol, workdir
+        self.gap_s = gap_s  # idle before each measured auction, as a real asker's prompts come apart
+        self._idle = threading.Event()  # never set: what the gaps wait on
         self.asker_extra, self.broker_cpu = asker_extra, broker_cpu
         self.prefix = f"scale/{new_nonce()}/"
         log(f"N={n}: starting {n} virtual devices ({workers} worker process(es))")
@@ -217,6 +220,8 @@ class SizeRun:
         fleet, broker = self.devices.cpu_s(), self.broker_cpu()
         asker = self._asker_clocks()
         for _ in range(k):
+            if self.gap_s:
+                self._idle.wait(self.gap_s)
             out = self._auction()
             if out is not None:
                 self.times.append(out.auction_ms)
@@ -256,9 +261,9 @@ class SizeRun:
 
 def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir: Path, rounds: int, warmup: int,
                  workers: int, asker_extra: dict[str, Any], connect_batch: int = 50,
-                 broker_cpu: Any = lambda: 0.0) -> dict[str, Any]:
+                 broker_cpu: Any = lambda: 0.0, gap_s: float = 0.0) -> dict[str, Any]:
     """One size alone: its floor, then its auctions."""
-    run = SizeRun(n, brokers, protocol, workdir, workers, asker_extra, connect_batch, broker_cpu)
+    run = SizeRun(n, brokers, protocol, workdir, workers, asker_extra, connect_batch, broker_cpu, gap_s)
     try:
         run.floor(rounds, warmup)
         run.open_asker(warmup)
@@ -269,7 +274,7 @@ def measure_size(n: int, brokers: list[tuple[str, int]], protocol: str, workdir:
 
 
 def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, workers: int | None,
-                     asker_extra: dict[str, Any]) -> dict[int, dict[str, Any]]:
+                     asker_extra: dict[str, Any], gap_s: float = 0.0) -> dict[int, dict[str, Any]]:
     """Every size at once, each on a Mosquitto of its own, their auctions taking turns in
     ``BLOCKS`` blocks (the order rotating from block to block): this machine's speed drifts by tens of
     percent within minutes, and sizes measured one after the other drifted apart (the same
@@ -283,7 +288,7 @@ def measure_in_turns(sizes: list[int], workdir: Path, rounds: int, warmup: int, 
                 broker, addresses, protocol = start_broker("mosquitto", workdir / f"n{n}")
                 brokers.append(broker)
                 runs.append(SizeRun(n, addresses, protocol, workdir, worker_count(n, workers), asker_extra,
-                                    broker_cpu=lambda b=broker: broker_cpu_s(b)))
+                                    broker_cpu=lambda b=broker: broker_cpu_s(b), gap_s=gap_s))
         for run in runs:
             with stopping(run.n):
                 run.floor(rounds, warmup)
@@ -342,7 +347,8 @@ def start_broker(kind: str, workdir: Path) -> tuple[Any, list[tuple[str, int]], 
 
 
 def one_after_another(sizes: list[int], broker_kind: str, workdir: Path, rounds: int, warmup: int,
-                      workers: int | None, asker_extra: dict[str, Any], results: dict[str, Any]) -> None:
+                      workers: int | None, asker_extra: dict[str, Any], results: dict[str, Any],
+                      gap_s: float = 0.0) -> None:
     """Each size alone, one after the other, on one broker (a fresh NATS cluster for each)."""
     broker, brokers, protocol = start_broker(broker_kind, workdir)
     try:
@@ -359,7 +365,7 @@ def one_after_another(sizes: list[int], broker_kind: str, workdir: Path, rounds:
             batch = 10 if broker_kind == "nats" else 50
             try:
                 results["sizes"][n] = measure_size(n, brokers, protocol, workdir, rounds, warmup, w, asker_extra,
-                                                   batch, broker_cpu=lambda b=broker: broker_cpu_s(b))
+                                                   batch, broker_cpu=lambda b=broker: broker_cpu_s(b), gap_s=gap_s)
             except (RuntimeError, AgentError) as exc:  # as far as it goes: the sizes before it stand
                 log(f"N={n}: stopped: {exc}")
                 results["stopped"] = {"n": n, "error": str(exc)}
@@ -369,7 +375,7 @@ def one_after_another(sizes: list[int], broker_kind: str, workdir: Path, rounds:
 
 
 def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: str, workers: int | None,
-          asker_config: str | None, one_at_a_time: bool = False) -> int:
+          asker_config: str | None, one_at_a_time: bool = False, gap_s: float = 0.0) -> int:
     asker_extra = yaml.safe_load(asker_config) if asker_config else {}
     if not isinstance(asker_extra, dict):
         print("--asker-config: want a YAML/JSON mapping of node config", file=sys.stderr)
@@ -381,17 +387,17 @@ def scale(sizes: list[int], *, broker_kind: str, rounds: int, warmup: int, out: 
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-bench-scale-"))
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "platform": platform.platform()},
-                               "broker": broker_kind, "asker_config": asker_extra, "sizes": {}}
+                               "broker": broker_kind, "asker_config": asker_extra, "gap_s": gap_s, "sizes": {}}
     results["in_turns"] = in_turns = broker_kind == "mosquitto" and not one_at_a_time and len(sizes) > 1
     try:
         if in_turns:
             try:
-                results["sizes"] = measure_in_turns(sizes, workdir, rounds, warmup, workers, asker_extra)
+                results["sizes"] = measure_in_turns(sizes, workdir, rounds, warmup, workers, asker_extra, gap_s)
             except SizeStopped as exc:
                 log(f"N={exc.n}: stopped: {exc.error}")
                 results["stopped"] = {"n": exc.n, "error": exc.error}
         else:
-            one_after_another(sizes, broker_kind, workdir, rounds, warmup, workers, asker_extra, results)
+            one_after_another(sizes, broker_kind, workdir, rounds, warmup, workers, asker_extra, results, gap_s)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["load_average"] = {"before": [round(x, 2) for x in load_before],
@@ -423,6 +429,8 @@ def print_scale(r: dict[str, Any], sizes: list[int]) -> None:
           f"load average {lb[0]:.2f} before, {la[0]:.2f} after)")
     if r["asker_config"]:
         print(f"asker config: {json.dumps(r['asker_config'])}")
+    if r.get("gap_s"):
+        print(f"each measured auction after {r['gap_s']:g} s idle (the CPU columns include it)")
     vs_a, vs_m = f"auction vs N={sizes[0]}", f"msgs vs N={sizes[0]}"
     print(f"\n{'devices':>7} | {'floor p50 ms':>12} | {'auction p50/p95 ms':>19} | {'/floor':>6} | "
           f"{'bids':>6} | {'msgs/orch':>9} | {vs_a:>16} | {vs_m:>13} | {'asker CPU ms':>12} | "

@@ -19,13 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_scale_benchmark_reports_every_size_and_answers_every_auction(tmp_path: Path, in_turns: bool) -> None:
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, "scripts/bench.py", "--scale", "--sizes", "8,20", "--rounds", "3",
-                           "--out", str(out), *([] if in_turns else ["--one-at-a-time"])],
+                           "--out", str(out), *([] if in_turns else ["--one-at-a-time", "--gap-s", "0.05"])],
                           cwd=REPO, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["broker"] == "mosquitto" and set(r["sizes"]) == {"8", "20"} and r["in_turns"] is in_turns
     if in_turns:  # the two fleets' auctions took turns: both were up, measured block by block
         assert "block 10/10 done" in proc.stderr and "taking turns" in proc.stdout
+    else:  # and each auction after an idle spell, said
+        assert r["gap_s"] == 0.05 and "each measured auction after 0.05 s idle" in proc.stdout
     for n in (8, 20):
         row = r["sizes"][str(n)]
         assert row["answered"] == row["rounds"] == 3

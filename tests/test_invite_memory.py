@@ -195,13 +195,18 @@ def test_an_invited_auction_leaves_its_bids_and_the_job_sent_in_the_devices_memo
     assert not memory._unfitted, "the run's end fitted what its bids moved (Auctioneer.closed)"
     assert known[out.winner] == PROMISE_S * 2          # the job sent, then its service
     assert all(s == PROMISE_S for d, s in known.items() if d != out.winner)
-    # ... and the view the next invitation is chosen from has read them already (the run's
-    # end, not the next auction): its rows are the memory's, the job sent included.
+    # ... and the view the next invitation is chosen from reads them before it (its keeper,
+    # nudged at the run's end): its rows become the memory's, the job sent included.
     from agent.invite import shared_rows
-    view = shared_rows(str(cfg.state_dir), (None, "any", False)).current()
+    from agent.viewkeeper import ViewKeeper
+    rows = shared_rows(str(cfg.state_dir), (None, "any", False))
     devices = sorted(known)
-    assert np.array_equal(view.m_values[[view.index[d] for d in devices]], np.array(memory.rows(devices)),
-                          equal_nan=True)
+
+    def read(_: Any) -> bool:
+        t = rows.current()
+        return np.array_equal(t.m_values[[t.index[d] for d in devices]], np.array(memory.rows(devices)),
+                              equal_nan=True)
+    assert isinstance(rows.keeper, ViewKeeper) and rows.keeper.wait(read, 5.0)
 
 
 def test_a_view_kept_in_step_with_the_roster_and_the_memory_chooses_as_choose_does() -> None:

@@ -902,12 +902,18 @@ def test_a_silent_peer_is_waited_for_with_a_progress_line_each_second(tmp_path: 
 
 def test_a_will_met_by_a_slow_round_trip_fails_over_once_our_link_has_held_twice_the_keepalive(
         tmp_path: Path) -> None:
-    """The round trip failed but our connection never dropped."""
+    """The round trip failed but our connection never dropped: twice the keepalive (1 s
+    here) and PEER_RECONNECT_S later, the Will is taken as the device's own."""
+    from agent.dispatch import PEER_RECONNECT_S
     peer = Peer(tmp_path)
-    peer.part.cfg = replace(peer.part.cfg, broker=replace(peer.part.cfg.broker, keepalive_s=1))
-    step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, ("roster", "a", False)), (1.9, None),
-                    (0.1, None), last=False, steady=False)
-    assert (step.verdict, step.outcome) == ("next", "went offline") and peer.clock.t == pytest.approx(2.2)
+    cfg = peer.part.cfg
+    peer.part.cfg = replace(cfg, broker=replace(cfg.broker, keepalive_s=1),
+                            auction=replace(cfg.auction, job_timeout_s=60))
+    doubt = 2 * 1 + PEER_RECONNECT_S
+    step = peer.run((0.1, peer.says(Accepted("r1", "a", "cpu"))), (0.1, ("roster", "a", False)),
+                    (doubt - 0.1, None), (0.1, None), last=False, steady=False)
+    assert (step.verdict, step.outcome) == ("next", "went offline")
+    assert peer.clock.t == pytest.approx(0.2 + doubt)
     assert (0.2, "a and this device lost the broker; waiting for it to come back") in peer.progress
 
 
