@@ -54,8 +54,6 @@ from agent.feeds import Changes, Feeds
 from agent.messages import Snapshot, can_take, serves
 from agent.servicemodel import MIN_SECONDS, _fit_nonneg, decay_for
 
-# auction.invite.above: at or below this many online devices everyone is called (0: always invite).
-DEFAULT_ABOVE, DEFAULT_BEST, DEFAULT_EXPLORE = 100, 16, 4
 # The k "best" are drawn at random among the SPREAD·k best: every asker reads the same
 # retained metrics (up to metrics_interval_s old), and a strict top k would send every
 # job of that interval to the same k devices (scripts/simulate_invite: 1.45x the mean

@@ -1,7 +1,7 @@
 """Invited auctions at scale: is the decision as good as calling everyone?
 
     scripts/simulate_invite [--quick] [--devices 1000] [--jobs N] [--seeds 2]
-                            [--loads 0.3,0.7,0.9] [--invite 16,4] [--also 0,10]
+                            [--loads 0.3,0.7,0.9] [--invite 12,6] [--also 0,10]
                             [--metrics-s 10] [--spread 2] [--warm] [--metrics-only] [--unshaped]
                             [--json FILE]
 
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="jobs per run (default 10 per device)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--loads", default="0.3,0.7,0.9", help="shares of the fleet's capacity")
-    ap.add_argument("--invite", type=pair, default=(16, 4), help="k,d of the invited policy (default 16,4)")
+    ap.add_argument("--invite", type=pair, default=(12, 6), help="k,d of the invited policy (default 12,6)")
     ap.add_argument("--also", type=pair, action="append", default=[],
                     help="another k,d to compare (repeatable; 0,10: ten at random)")
     ap.add_argument("--metrics-only", action="store_true",

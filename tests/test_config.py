@@ -118,7 +118,7 @@ def test_sim_defaults() -> None:
 
 def test_invite_keys() -> None:
     cfg = parse_config({"device_id": "x"})
-    assert (cfg.auction.invite.above, cfg.auction.invite.best, cfg.auction.invite.explore) == (100, 16, 4)
+    assert (cfg.auction.invite.above, cfg.auction.invite.best, cfg.auction.invite.explore) == (100, 12, 6)
     cfg = parse_config({"device_id": "x", "auction": {"invite": {"above": 0, "best": 3, "explore": 0}}})
     assert (cfg.auction.invite.above, cfg.auction.invite.best, cfg.auction.invite.explore) == (0, 3, 0)
     with pytest.raises(ConfigError) as info:
