@@ -15,6 +15,14 @@ from tests.support.broker import Broker, BrokerUnavailableForTests, start_broker
 from tests.support.fleet import Env
 
 
+@pytest.fixture(autouse=True)
+def _no_view_keepers_left() -> Iterator[None]:
+    """A test's invited auctions leave no keeper thread ticking in the next tests."""
+    yield
+    if "agent.viewkeeper" in sys.modules:
+        sys.modules["agent.viewkeeper"].stop_all()
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One real broker for the session (see tests/support/broker.py for the order)."""
