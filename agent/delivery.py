@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config
 from agent.dispatch import Answer, DispatchState, Step, link_doubt_s, worth_trying
 from agent.errors import ExecutorError, ExitCode
-from agent.executors import Params, Served
+from agent.executors import Params, Served, estimate_tokens
 from agent.fsm import Machine
 from agent.locks import CpuSlots, NpuLock
 from agent.messages import Bid, Cancel, Job, cancel_check, decode_result, decoded, new_cancel_key
@@ -114,9 +114,22 @@ class Delivery:
         fsm.fire("answered" if step.answer.ok else "failed")
         if step.since is None:
             return step.answer, attempt, dispatched, choice
-        if step.init_s is not None and choice.promise is not None:
-            choice = replace(choice, promise=max(choice.promise - max(bid.init_s, 0.0) + step.init_s, 0.0))
+        if step.bid is not None and choice.promise is not None:
+            choice = rebid_choice(choice, bid, step.bid, req)
         return step.answer, attempt, step.since, choice
+
+
+def rebid_choice(choice: Choice, first: Bid, again: Bid, req: Request) -> Choice:
+    """The choice as the learner should see a job that went out again under ``again``, a
+    bid from the same device after it restarted: its promise carries the start-up the new
+    bid priced instead of the first one's (a model loaded again is not a slower device),
+    and its context is the device's state as that bid said, with that promise."""
+    from agent.linucb import context  # numpy: as selection, only once an auction decided
+    assert choice.promise is not None
+    promise = max(choice.promise - max(first.init_s, 0.0) + max(again.init_s, 0.0), 0.0)
+    x = None if choice.x is None else tuple(context(again.snapshot, estimate_tokens(req.prompt),
+                                                    req.max_new_tokens, promise))
+    return replace(choice, promise=promise, x=x)
 
 
 class Dispatcher:
@@ -197,7 +210,7 @@ class Dispatcher:
                 if attempt.gaps:
                     log.info("%s: %d token chunk(s) never arrived; done carries the whole text", req.rid,
                              attempt.gaps)
-                return replace(step, since=attempt.reclaimed, init_s=attempt.reclaimed_init_s)
+                return replace(step, since=attempt.reclaimed, bid=attempt.reclaimed_bid)
 
     def _carry_out(self, step: Step, decided: Decided, send: Callable[[str | None], None],
                    cancel: Callable[[str], None], ask_again: Callable[[], None]) -> None:

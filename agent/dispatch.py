@@ -114,7 +114,7 @@ class Step:
     rebid: bool = False                # ask the device for a bid again (it restarted and lost the job)
     claim: str | None = None           # send the job with this claim from now on (with ``send``)
     since: float | None = None         # the final step: when the job went out with the claim it ran under
-    init_s: float | None = None        # ... and, if that was a new bid's, the start-up that bid priced
+    bid: Bid | None = None             # ... and, if that was a new bid's, that bid (a restart: maybe cold)
 
 
 CONTINUE = Step()
@@ -149,7 +149,7 @@ class DispatchState:
         self.rebid_until: float | None = None  # asked for a new bid: no bid by then, it is given up
         self.ask_at: float | None = None       # then ask again
         self.reclaimed: float | None = None    # when the job went out under the new bid's claim
-        self.reclaimed_init_s: float | None = None  # the start-up that bid priced (a restart: maybe cold)
+        self.reclaimed_bid: Bid | None = None  # that bid: its start-up and state (a restart: maybe cold)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -239,7 +239,7 @@ class DispatchState:
         self.fsm.fire("rebid")
         self._heard_from(now)
         self.rebid_until = self.ask_at = None
-        self.reclaimed, self.reclaimed_init_s = now, max(bid.init_s, 0.0)
+        self.reclaimed, self.reclaimed_bid = now, bid
         self.accept_deadline = now + self.accept_timeout_s
         return Step(send=True, claim=bid.claim, progress=f"{self.device} bid again; sending it the job again")
 

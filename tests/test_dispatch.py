@@ -109,9 +109,10 @@ def test_the_only_candidate_that_restarted_is_asked_to_bid_again_and_sent_the_jo
     assert a.state == "rebidding" and a.deadline == 1.1 + REBID_EVERY_S, "asked again if no bid comes"
     assert a.on_result(Declined("r1", "peer", "stale_claim", digest=D), 1.2) == Step(), "an older copy's refusal"
     assert a.on_bid(bid("x", device="other"), 1.3) == Step() and a.on_bid(bid("x", rid="r2"), 1.3) == Step()
-    step = a.on_bid(replace(bid("new-claim"), init_s=3.5), 1.5)
+    again = replace(bid("new-claim"), init_s=3.5)
+    step = a.on_bid(again, 1.5)
     assert step.send and step.claim == "new-claim" and a.state == "dispatched"
-    assert (a.reclaimed, a.reclaimed_init_s) == (1.5, 3.5), "when, and the start-up the new bid priced"
+    assert (a.reclaimed, a.reclaimed_bid) == (1.5, again), "when, and the bid it went out under"
     assert a.on_bid(bid("another"), 1.6) == Step(), "one new claim"
     assert a.resend_windows(ACCEPT_S, JOB_S, 9.0) == (ACCEPT_S, JOB_S - 9.0), "no runner-up: the whole window"
     a.on_result(Accepted("r1", "peer", "cpu", digest=D), 1.7)

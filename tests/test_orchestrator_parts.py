@@ -371,18 +371,26 @@ def test_the_walk_passes_to_the_runner_up_and_stops_at_the_first_answer() -> Non
 
 def test_a_device_that_restarted_and_bid_again_is_timed_from_its_new_claim() -> None:
     """The learner hears how long the job took from when it went out under the claim it
-    ran with, against the start-up the new bid priced: the time a restarted device was
-    away, and a model it had to load again, are not its speed."""
+    ran with, against the start-up the new bid priced, in the context that bid told: the
+    time a restarted device was away, and a model it had to load again, are not its speed."""
+    from agent.executors import estimate_tokens
+    from agent.linucb import context
     walk = Walk(Local(), Peers(a=Step("finished", outcome="done", answer=OK, since=12.5)), Clock(7.0))
     out = walk([cpu("a")], bids("a"))
-    assert out.dispatched == 12.5 and out.choice == cpu("a"), "no new start-up said: the promise as it was"
-    warm = bids("a")
-    warm["a"] = replace(warm["a"], init_s=0.5)
-    out = Walk(Local(), Peers(a=Step("finished", answer=OK, since=12.5, init_s=4.0)), Clock(7.0))([cpu("a")], warm)
+    assert out.dispatched == 12.5 and out.choice == cpu("a"), "no new bid: the choice as it was"
+    first = bids("a")
+    first["a"] = replace(first["a"], init_s=0.5)
+    again = replace(first["a"], claim="claim-new", init_s=4.0,
+                    snapshot=replace(first["a"].snapshot, cpu_percent=80.0))
+    out = Walk(Local(), Peers(a=Step("finished", answer=OK, since=12.5, bid=again)), Clock(7.0))([cpu("a")], first)
     assert out.choice is not None and out.choice.promise == pytest.approx(2.0 - 0.5 + 4.0), "cold after the restart"
-    out = Walk(Local(), Peers(a=Step("finished", answer=OK, since=12.5, init_s=4.0)), Clock())([cpu("a", promise=None)],
-                                                                                            bids("a"))
-    assert out.choice is not None and out.choice.promise is None, "no promise: none made up"
+    assert out.choice.x == tuple(context(again.snapshot, estimate_tokens(request().prompt), 8, 5.5)), \
+        "its state as the new bid told, with that promise"
+    assert out.choice.x != cpu("a").x
+    out = Walk(Local(), Peers(a=Step("finished", answer=OK, since=12.5, bid=again)), Clock())(
+        [cpu("a", promise=None)], bids("a"))
+    assert out.choice is not None and out.choice.promise is None and out.choice.x == (1.0, 2.0), \
+        "no promise: none made up"
 
 
 def test_a_failed_answer_ends_the_walk_and_an_attempt_with_no_outcome_is_a_question_mark() -> None:
@@ -942,7 +950,7 @@ def test_a_peer_that_restarted_is_asked_to_bid_again_and_timed_from_its_new_clai
     assert len(asked) == 1 and asked[0].rid == "r1" and asked[0].origin == "hub"
     assert [kw["qos"] for t, _, kw in peer.bus.published if t == T.bid_invite("a", "r1", "hub")] == [0]
     assert [job.claim for job in peer.jobs()] == ["claim-a", "claim-new"] and peer.wanted == ["a"]
-    assert step.answer is not None and step.answer.ok and step.since == pytest.approx(0.3) and step.init_s == 2.5
+    assert step.answer is not None and step.answer.ok and step.since == pytest.approx(0.3) and step.bid == again
 
 
 def test_after_our_own_link_is_back_the_job_is_sent_again_with_the_time_it_has_left(tmp_path: Path) -> None:
