@@ -576,7 +576,7 @@ def _parse(data: Any, source: str, env: Mapping[str, str], flags: Mapping[str, A
                           half_life_jobs=float(lin_s.number("half_life_jobs", 20.0, minimum=1, maximum=1e6)))
     lin_s.finish()
     inv_s = auction_s.sub("invite")
-    invite = InviteConfig(above=inv_s.number("above", 100, minimum=0, maximum=1_000_000, integer=True),
+    invite = InviteConfig(above=inv_s.number("above", InviteConfig.above, minimum=0, maximum=1_000_000, integer=True),
                           best=inv_s.number("best", InviteConfig.best, minimum=0, maximum=1000, integer=True),
                           explore=inv_s.number("explore", InviteConfig.explore, minimum=0, maximum=1000,
                                                integer=True))

@@ -112,11 +112,9 @@ class Delivery:
             fsm.fire("passed")
             return None, attempt, dispatched, choice
         fsm.fire("answered" if step.answer.ok else "failed")
-        if step.since is None:
-            return step.answer, attempt, dispatched, choice
         if step.bid is not None and choice.promise is not None:
             choice = rebid_choice(choice, bid, step.bid, req)
-        return step.answer, attempt, step.since, choice
+        return step.answer, attempt, dispatched if step.since is None else step.since, choice
 
 
 def rebid_choice(choice: Choice, first: Bid, again: Bid, req: Request) -> Choice:
@@ -126,7 +124,7 @@ def rebid_choice(choice: Choice, first: Bid, again: Bid, req: Request) -> Choice
     and its context is the device's state as that bid said, with that promise."""
     from agent.linucb import context  # numpy: as selection, only once an auction decided
     assert choice.promise is not None
-    promise = max(choice.promise - max(first.init_s, 0.0) + max(again.init_s, 0.0), 0.0)
+    promise = max(choice.promise - first.init_s + again.init_s, 0.0)  # init_s: >= 0 (Bid.from_payload)
     x = None if choice.x is None else tuple(context(again.snapshot, estimate_tokens(req.prompt),
                                                     req.max_new_tokens, promise))
     return replace(choice, promise=promise, x=x)

@@ -265,6 +265,11 @@ class DispatchState:
             return Step(progress=f"{self.device} and this device lost the broker; waiting for it to come back")
         return self._gone(now)
 
+    def _link_back(self, now: float) -> None:
+        """Our link is up again (or held): the accept window, suspended meanwhile, runs again."""
+        self.link_up = True
+        self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
+
     def _gone(self, now: float) -> Step:
         """The device's Will fired while our own link held."""
         if not self.streamed and not self.last:
@@ -280,8 +285,7 @@ class DispatchState:
             return CONTINUE
         if self.link_up:
             return CONTINUE
-        self.link_up = True
-        self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)
+        self._link_back(now)
         if self.state == "rebidding":  # it may be reconnecting too: asked until it can have been back
             self.rebid_until = now + self.accept_timeout_s + PEER_RECONNECT_S
             return replace(self._ask(now), progress="reconnected to the broker; asking for the bid again")
@@ -312,8 +316,7 @@ class DispatchState:
             return self._wait_for_return(now)
         if self.doubt_until is not None and now >= self.doubt_until:
             self.doubt_until = None
-            self.link_up = True  # no link event since the round trip failed: it held, the broker was slow
-            self.accept_deadline = max(self.accept_deadline, now + self.accept_timeout_s)  # as on_link(True)
+            self._link_back(now)  # no link event since the round trip failed: it held, the broker was slow
             if not self.winner_online:
                 return self._gone(now)
             if self.state == "rebidding":  # the asks that were held back while in doubt

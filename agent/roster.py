@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from agent.bus import Message
 from agent.clock import ClockOffsets
@@ -59,6 +59,31 @@ Listener = Callable[[str, bool], None]
 BIDDER_KINDS = 16  # job kinds (model, need, tools) whose bidders are kept worked out
 
 
+
+@dataclass
+class _Bidders:
+    """One job kind's bidders, kept between auctions, and the set last handed out: the same
+    object while nobody joined or left, so that a caller comparing it with what it had (as
+    ``invite.Rows`` does) finds them identical at once."""
+
+    members: set[str]
+    changes: Changes
+    _frozen: frozenset[str] | None = None
+
+    def mark(self, device: str, bids: bool) -> None:
+        if bids == (device in self.members):
+            return
+        if bids:
+            self.members.add(device)
+        else:
+            self.members.discard(device)
+        self._frozen = None
+
+    def frozen(self) -> frozenset[str]:
+        if self._frozen is None:
+            self._frozen = frozenset(self.members)
+        return self._frozen
+
 class Roster:
     def __init__(self, topics: Topics, self_device: str, *, max_bytes: int = 256 * 1024,
                  wall: Callable[[], float] = time.time):
@@ -75,9 +100,7 @@ class Roster:
         # invitation views (invite.Rows.sync)
         self._feeds = Feeds(self._lock)
         # per job kind (model, need, tools): who would bid, and the devices changed since it was last worked out
-        # (the last answer is kept too: the same object while nobody joined or left, so that a
-        # caller comparing it with what it had, as ``invite.Rows`` does, finds them identical at once)
-        self._bidders: dict[tuple[str | None, str, bool], tuple[set[str], Changes, list[frozenset[str]]]] = {}
+        self._bidders: dict[tuple[str | None, str, bool], _Bidders] = {}
         self._online: set[str] = set()
         self._sent: dict[str, float] = {}    # device -> when its last metrics were sent, on our wall clock
         self._listeners: Listeners[Listener] = Listeners()
@@ -259,26 +282,17 @@ class Roster:
         with self._lock:
             cached = self._bidders.pop(key, None)
             if cached is None:  # worked out whole once per job kind, then only where something changed
-                cached = ({d for d in self._online if expected(d)}, self._feeds.opened(), [])
+                cached = _Bidders({d for d in self._online if expected(d)}, self._feeds.opened())
                 while len(self._bidders) >= BIDDER_KINDS:  # a model name is the caller's: bounded
                     del self._bidders[next(iter(self._bidders))]
             self._bidders[key] = cached  # the most recently asked last
-            members, changes, last = cached
-            before = len(members)
-            moved = False
             try:
-                for d in changes.drain():
-                    if d in self._online and expected(d):
-                        moved = moved or d not in members
-                        members.add(d)
-                    else:
-                        members.discard(d)
+                for d in cached.changes.drain():
+                    cached.mark(d, d in self._online and expected(d))
             except BaseException:
                 del self._bidders[key]  # half worked out: whole again next time
                 raise
-            if moved or len(members) != before or not last:
-                last[:] = [frozenset(members)]
-            return last[0]
+            return cached.frozen()
 
     def _changed(self, device: str) -> None:
         """``device``'s availability or metrics changed (the lock held): each job kind's

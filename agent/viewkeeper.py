@@ -37,7 +37,9 @@ MAX_KEPT = 8          # views kept at once in a process (fewer than roster.BIDDE
 Kind = tuple[str | None, str, bool]  # (model, need, tools)
 
 
-class Roster(Fleet, Protocol):
+class Source(Fleet, Protocol):
+    """What the keeper reads: the roster (``agent.roster.Roster``)."""
+
     def bidders(self, model: str | None = None, need: str = "any", tools: bool = False) -> frozenset[str]: ...
 
 
@@ -49,7 +51,7 @@ class ViewKeeper:
         self.view, self.kind, self.memory = view, kind, memory
         self.every_s, self.idle_s, self._clock = every_s, idle_s, clock
         self._lock = threading.Condition()
-        self._roster: Roster | None = None
+        self._roster: Source | None = None
         self._used = clock()
         self._nudged = False
         self._thread: threading.Thread | None = None
@@ -58,7 +60,7 @@ class ViewKeeper:
         self.rounds = 0  # rounds that brought the view up to date
         self.tries = 0   # rounds begun (one that finds an auction reading the view steps aside)
 
-    def used(self, roster: Roster) -> None:
+    def used(self, roster: Source) -> None:
         """An auction chose from the view just now, with ``roster``: keep it from now on."""
         with self._lock:
             self._roster = roster
@@ -111,7 +113,7 @@ class ViewKeeper:
                 self._lock.notify_all()
             self._round(roster)
 
-    def _round(self, roster: Roster) -> None:
+    def _round(self, roster: Source) -> None:
         if not self.view.lock.acquire(blocking=False):
             return  # an auction is reading it
         try:
